@@ -1,0 +1,3 @@
+"""aecompress: offline compression of pretrained transformer language models."""
+
+__version__ = "0.1.0"

