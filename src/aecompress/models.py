@@ -79,13 +79,16 @@ def resolve_embedded(name: str) -> Path:
     return path
 
 
-def auto_class_for(config: transformers.PretrainedConfig) -> str:
-    """The transformers auto class that keeps the model's own head (LM head if any)."""
+def auto_class_for(config: transformers.PretrainedConfig, gguf: bool = False) -> str:
+    """The transformers auto class that keeps the model's own head (LM head if any).
+
+    GGUF files name no architecture; they hold generative LMs, so they get a causal LM head.
+    """
     for arch in config.architectures or []:
         for suffix, auto in _HEAD_CLASSES:
             if arch.endswith(suffix):
                 return auto
-    return "AutoModel"
+    return "AutoModelForCausalLM" if gguf else "AutoModel"
 
 
 def _load_tokenizer(where: str, **kwargs: object) -> PreTrainedTokenizerBase | None:
@@ -128,7 +131,7 @@ def load_model(name: str, auto_class: str | None = None) -> LoadedModel:
         where = name
     try:
         config = transformers.AutoConfig.from_pretrained(where, **kwargs)
-        auto_name = auto_class or auto_class_for(config)
+        auto_name = auto_class or auto_class_for(config, gguf="gguf_file" in kwargs)
         auto = getattr(transformers, auto_name)
         model = auto.from_pretrained(where, dtype=torch.float32, **kwargs)
     except (OSError, ValueError) as error:
