@@ -8,6 +8,7 @@ the original bias, is an ordinary parameter of the model.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -97,3 +98,142 @@ def dense_embedding(weight: torch.Tensor, padding_idx: int | None) -> nn.Embeddi
     return nn.Embedding.from_pretrained(
         weight.detach().clone(), freeze=False, padding_idx=padding_idx
     )
+
+
+# Activations a decoder may use, by the name recorded in an artifact's metadata.
+DECODER_ACTIVATIONS = ("leaky_relu", "relu", "gelu", "silu", "tanh")
+DECODER_OUTPUTS = ("tanh", "none")
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """How a decoder's layers are joined: the activation between layers (LeakyReLU takes
+    `negative_slope`), the activation after the last layer, and norm enforcement.
+
+    A decoder with one layer is linear: it applies no activation at all.
+    """
+
+    activation: str = "leaky_relu"
+    negative_slope: float = 0.01
+    output: str = "tanh"
+    norm: bool = True
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activation == "leaky_relu":
+            return F.leaky_relu(x, self.negative_slope)
+        if self.activation == "relu":
+            return F.relu(x)
+        if self.activation == "gelu":
+            return F.gelu(x)
+        if self.activation == "silu":
+            return F.silu(x)
+        if self.activation == "tanh":
+            return torch.tanh(x)
+        raise ValueError(f"unknown activation '{self.activation}'")
+
+    def final(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x) if self.output == "tanh" else x
+
+
+def decode_rows(
+    codes: torch.Tensor,
+    layers: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    spec: DecoderSpec,
+    norms: torch.Tensor | None,
+) -> torch.Tensor:
+    """Rows [n, m] decoded from codes [n, x] by the (weight [out, in], bias) layers.
+
+    With `norms` (norm enforcement) each decoded row is rescaled to its stored L2 norm.
+    """
+    out = codes
+    for index, (weight, bias) in enumerate(layers):
+        out = F.linear(out, weight, bias)
+        if len(layers) > 1:
+            out = spec.hidden(out) if index < len(layers) - 1 else spec.final(out)
+    if norms is not None:
+        out = out * (norms / out.norm(dim=1).clamp_min(1e-12)).unsqueeze(1)
+    return out
+
+
+class _Decoded(nn.Module):
+    """Shared decoder layers + this member's codes (and row norms), as parameters.
+
+    The decoder tensors are the group's shared parameters (one set for all members), so
+    fine-tuning updates the one decoder that is saved.
+    """
+
+    def __init__(
+        self,
+        codes: torch.Tensor,
+        layers: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        spec: DecoderSpec,
+        norms: torch.Tensor | None,
+    ) -> None:
+        super().__init__()
+        self.codes, self.norms, self.spec = codes, norms, spec
+        self.layer_count = len(layers)
+        for index, (weight, bias) in enumerate(layers):
+            setattr(self, f"w{index}", weight)
+            setattr(self, f"b{index}", bias)
+        names = ["codes"] + [f"{k}{i}" for i in range(len(layers)) for k in ("w", "b")]
+        self.stored_names: tuple[str, ...] = (*names, *(["norms"] if norms is not None else []))
+
+    def layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(getattr(self, f"w{i}"), getattr(self, f"b{i}")) for i in range(self.layer_count)]
+
+    def decode(self, codes: torch.Tensor, norms: torch.Tensor | None) -> torch.Tensor:
+        return decode_rows(codes, self.layers(), self.spec, norms)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense matrix [rows, cols] this module computes with (decoded on demand)."""
+        return self.decode(self.codes, self.norms)
+
+
+class DecodedLinear(_Decoded):
+    """y = x W^T + bias with W decoded from the codes on every forward pass."""
+
+    def __init__(
+        self,
+        codes: torch.Tensor,
+        layers: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        spec: DecoderSpec,
+        norms: torch.Tensor | None,
+        bias: torch.Tensor | None,
+    ) -> None:
+        super().__init__(codes, layers, spec, norms)
+        self.bias = bias
+        self.out_features, self.in_features = codes.shape[0], layers[-1][0].shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        widths = [self.codes.shape[1]] + [w.shape[0] for w, _ in self.layers()]
+        return f"in={self.in_features}, out={self.out_features}, decoder={widths}"
+
+
+class DecodedEmbedding(_Decoded):
+    """Embedding lookup that decodes only the rows asked for (codes -> decoder -> norms)."""
+
+    def __init__(
+        self,
+        codes: torch.Tensor,
+        layers: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        spec: DecoderSpec,
+        norms: torch.Tensor | None,
+        padding_idx: int | None,
+    ) -> None:
+        super().__init__(codes, layers, spec, norms)
+        self.padding_idx = padding_idx
+        self.num_embeddings, self.embedding_dim = codes.shape[0], layers[-1][0].shape[0]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        norms = None if self.norms is None else self.norms[flat]
+        rows = self.decode(self.codes[flat], norms)
+        return rows.reshape(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        widths = [self.codes.shape[1]] + [w.shape[0] for w, _ in self.layers()]
+        return f"{self.num_embeddings}, {self.embedding_dim}, decoder={widths}"

@@ -1,0 +1,526 @@
+"""The paper's autoencoder (AE) method: rows of a matrix are samples; store codes + decoder.
+
+Each row of the group's row-stacked matrix [L*n, m] is one sample. An encoder maps it to
+a code of width x, a decoder maps the code back; with norm enforcement every decoded row
+is rescaled to the stored L2 norm of the original row. Stored: the codes of every row
+(per member), the decoder's weights and biases (shared by the group) and the row norms
+(per member). The encoder is thrown away. x is the largest width whose stored size fits
+the budget (hidden sizes relative to x make the decoder's cost quadratic in x).
+
+Two trainers: `autoencoder` (the paper: encoder + decoder, codes = encoder output) and
+`autodecoder` (decoder only: the codes are parameters optimised directly, initialised
+from the SVD projection of the rows). Presets: `fast` (default) and `paper`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from itertools import pairwise
+from typing import Any, Literal, cast
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+from tqdm.auto import tqdm
+
+from aecompress.budget import solve_width
+from aecompress.errors import AecompressError
+from aecompress.methods.base import FitContext, Method, MethodOptions, Stored, register
+from aecompress.methods.losses import LossConfig, powered_l1_alpha, reconstruction_loss
+from aecompress.modules import DecodedEmbedding, DecodedLinear, DecoderSpec, decode_rows
+
+# The reference implementation's settings (PAPER.md), selected by `preset: paper`.
+PAPER_PRESET: dict[str, Any] = {
+    "trainer": "autoencoder",
+    "init": "random",
+    "encoder": [8, 4],
+    "decoder": [2, 4],
+    "epochs": 30,
+    "batch_size": 16,
+    "lr": 1e-3,
+    "schedule": "step",
+    "step_size": 10,
+    "gamma": 0.8,
+}
+PRESETS: dict[str, dict[str, Any]] = {"fast": {}, "paper": PAPER_PRESET}
+
+Layers = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+class AutoencoderOptions(MethodOptions):
+    """Options of `--method ae`. Field defaults are the `fast` preset; `preset: paper`
+    replaces every option not given explicitly by the paper's value (PAPER_PRESET)."""
+
+    preset: Literal["fast", "paper"] = "fast"
+    # Architecture. Hidden sizes (empty list: a single Linear, no activation = linear).
+    encoder: list[float] = Field(default_factory=lambda: [8.0, 4.0])
+    decoder: list[float] = Field(default_factory=lambda: [2.0, 4.0])
+    sizes: Literal["relative", "absolute"] = "relative"  # hidden sizes: multiples of x or not
+    activation: Literal["leaky_relu", "relu", "gelu", "silu", "tanh"] = "leaky_relu"
+    negative_slope: float = Field(0.01, ge=0)
+    output: Literal["tanh", "none"] = "tanh"  # after a non-linear decoder's last layer
+    norm: bool = True  # norm enforcement: store row norms, rescale decoded rows to them
+    # Training.
+    trainer: Literal["autoencoder", "autodecoder"] = "autodecoder"
+    init: Literal["random", "svd"] = "svd"
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(1024, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    schedule: Literal["step", "onecycle", "constant"] = "onecycle"
+    step_size: int = Field(10, ge=1)  # StepLR, in epochs
+    gamma: float = Field(0.8, gt=0)
+    loss: LossConfig = Field(default_factory=lambda: LossConfig.model_validate({}))
+    threads: int | None = Field(None, ge=1)
+    # Row importance: calibration token counts (embeddings), Fisher or L1 sensitivity.
+    row_weights: Literal["none", "counts", "fisher", "l1"] = "none"
+    row_weight_power: float = Field(1.0, ge=0)
+    # Epoch selection: reconstruction loss on the weights, the model's validation metric
+    # (context.validate, never the reported split), or simply the last epoch.
+    selection: Literal["reconstruction", "validation", "last"] = "reconstruction"
+    validate_every: int = Field(1, ge=1)
+    # Run time: decode once into a dense weight, or keep codes + decoder in the module.
+    runtime: Literal["dense", "decoder"] = "dense"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") in PRESETS:
+            return {**PRESETS[data["preset"]], **data}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> AutoencoderOptions:
+        for side in ("encoder", "decoder"):
+            sizes = getattr(self, side)
+            if any(not s > 0 for s in sizes):
+                raise ValueError(f"{side} hidden sizes must be positive (got {sizes})")
+            if self.sizes == "absolute" and any(s != int(s) for s in sizes):
+                raise ValueError(f"absolute {side} hidden sizes must be whole (got {sizes})")
+        if self.trainer == "autoencoder" and self.init == "svd" and (self.encoder or self.decoder):
+            raise ValueError("init: svd needs a linear autoencoder (encoder: [], decoder: [])")
+        return self
+
+    def spec(self) -> DecoderSpec:
+        return DecoderSpec(self.activation, self.negative_slope, self.output, self.norm)
+
+
+def hidden_widths(sizes: Sequence[float], x: int, mode: str) -> list[int]:
+    """Hidden layer widths: multiples of x (rounded, at least 1) or absolute."""
+    if mode == "absolute":
+        return [int(s) for s in sizes]
+    return [max(1, round(s * x)) for s in sizes]
+
+
+def decoder_widths(options: AutoencoderOptions, x: int, cols: int) -> list[int]:
+    """Widths of the decoder from code to row: [x, hidden..., cols]."""
+    return [x, *hidden_widths(options.decoder, x, options.sizes), cols]
+
+
+def encoder_widths(options: AutoencoderOptions, x: int, cols: int) -> list[int]:
+    return [cols, *hidden_widths(options.encoder, x, options.sizes), x]
+
+
+def layers_numel(widths: Sequence[int]) -> int:
+    """Weights and biases of a stack of Linear layers with these widths."""
+    return sum(a * b + b for a, b in pairwise(widths))
+
+
+def stored_cost(options: AutoencoderOptions, rows: int, cols: int, x: int) -> int:
+    """Numbers stored for `rows` stacked rows of width `cols` at latent width x."""
+    norms = rows if options.norm else 0
+    return rows * x + layers_numel(decoder_widths(options, x, cols)) + norms
+
+
+def solve_latent_width(
+    options: AutoencoderOptions, rows: int, cols: int, budget: float, group: str
+) -> int:
+    """The largest x in [1, cols] whose codes + decoder + norms fit `budget`."""
+    return solve_width(lambda x: stored_cost(options, rows, cols, x), budget, cols, group)
+
+
+# --- row importance -------------------------------------------------------------------
+
+
+def _statistic(statistics: Sequence[Any] | None, index: int, name: str, group: str) -> Any:
+    stats = None if statistics is None or index >= len(statistics) else statistics[index]
+    value = getattr(stats, name, None) if stats is not None else None
+    if value is None:
+        raise AecompressError(
+            f"{group}: row_weights needs '{name}' calibration statistics, which were not "
+            "collected for this matrix"
+            + (" (token counts exist for embeddings only)" if name == "counts" else "")
+        )
+    return value
+
+
+def row_importance(kind: str, statistics: Sequence[Any] | None, rows: int, group: str) -> Any:
+    """Per-row importance c_i of each member, concatenated in stacking order (None: uniform).
+
+    counts: sqrt(count + 1) of each token in calibration text (embedding rows);
+    fisher: sqrt(sum_j F_ij), F the summed squared gradients of the LM loss;
+    l1: sum_j |g_ij|, the summed absolute gradients.
+    """
+    if kind == "none":
+        return None
+    count = len(statistics) if statistics is not None else 0
+    parts = []
+    for index in range(max(count, 1)):
+        if kind == "counts":
+            counts = torch.as_tensor(_statistic(statistics, index, "counts", group))
+            weight = (counts.double() + 1).sqrt()
+        elif kind == "fisher":
+            fisher = torch.as_tensor(_statistic(statistics, index, "fisher", group))
+            weight = fisher.double().sum(dim=1).clamp_min(0).sqrt()
+        else:
+            weight = torch.as_tensor(_statistic(statistics, index, "l1", group)).double()
+            weight = weight.abs().sum(dim=1)
+        if weight.shape != (rows,):
+            raise AecompressError(
+                f"{group}: '{kind}' statistics of member {index} cover {weight.shape[0]} rows, "
+                f"the matrix has {rows}"
+            )
+        parts.append(weight)
+    weights = torch.cat(parts)
+    if not torch.isfinite(weights).all() or not (weights > 0).any():
+        raise AecompressError(f"{group}: '{kind}' row weights are not finite and positive")
+    return weights
+
+
+# --- training -------------------------------------------------------------------------
+
+
+def _linear_stack(widths: Sequence[int]) -> nn.ModuleList:
+    return nn.ModuleList(nn.Linear(a, b) for a, b in pairwise(widths))
+
+
+def _encode(encoder: nn.ModuleList, rows: torch.Tensor, spec: DecoderSpec) -> torch.Tensor:
+    """The paper's encoder: every Linear followed by the activation, the last one included
+    (a single-layer encoder is linear)."""
+    out = rows
+    for layer in encoder:
+        out = layer(out)
+        if len(encoder) > 1:
+            out = spec.hidden(out)
+    return out
+
+
+def _linears(stack: nn.ModuleList) -> list[nn.Linear]:
+    return [cast(nn.Linear, layer) for layer in stack]
+
+
+def _layer_tensors(decoder: nn.ModuleList) -> Layers:
+    return [(layer.weight, layer.bias) for layer in _linears(decoder)]
+
+
+def _set_linear(layer: nn.Linear, weight: torch.Tensor) -> None:
+    layer.weight.copy_(weight)
+    layer.bias.zero_()
+
+
+@contextmanager
+def _threads(count: int | None) -> Iterator[None]:
+    if count is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def svd_basis(rows: torch.Tensor, x: int, scale: torch.Tensor | None) -> torch.Tensor:
+    """The top-x right singular vectors [m, x] of diag(scale) rows (row-weighted SVD).
+
+    Computed in float64 from the m x m Gram matrix when the matrix is tall (fast)."""
+    weighted = rows.double() if scale is None else rows.double() * scale.double().unsqueeze(1)
+    if weighted.shape[0] >= weighted.shape[1]:
+        _, vectors = torch.linalg.eigh(weighted.T @ weighted)
+        return vectors.flip(1)[:, :x].to(rows.dtype).contiguous()
+    _, _, vh = torch.linalg.svd(weighted, full_matrices=False)
+    return vh[:x].T.to(rows.dtype).contiguous()
+
+
+class _Trainer:
+    """Fits codes and decoder on the stacked rows; keeps the best epoch's state."""
+
+    def __init__(
+        self,
+        options: AutoencoderOptions,
+        rows: torch.Tensor,
+        x: int,
+        weights: torch.Tensor | None,
+        context: FitContext,
+        validate: Callable[[torch.Tensor], float] | None,
+    ) -> None:
+        self.options, self.rows, self.x, self.context = options, rows, x, context
+        self.validate = validate
+        self.spec = options.spec()
+        self.loss_weights = None if weights is None else weights.pow(options.row_weight_power)
+        self.norms = rows.norm(dim=1) if options.norm else None
+        self.generator = torch.Generator().manual_seed(context.seed)
+        cols = rows.shape[1]
+        torch.manual_seed(context.seed)  # nn.Linear initialisation draws from the global RNG
+        self.decoder = _linear_stack(decoder_widths(options, x, cols))
+        self.encoder: nn.ModuleList | None = None
+        self.codes: nn.Parameter | None = None
+        basis = None
+        if options.init == "svd":
+            scale = None if self.loss_weights is None else self.loss_weights.sqrt()
+            basis = svd_basis(rows, x, None if scale is None else scale.to(rows.dtype))
+        if options.trainer == "autoencoder":
+            self.encoder = _linear_stack(encoder_widths(options, x, cols))
+            if basis is not None:  # linear AE from the (weighted) SVD: W ~ W V V^T
+                with torch.no_grad():
+                    _set_linear(_linears(self.encoder)[0], basis.T)
+                    _set_linear(_linears(self.decoder)[0], basis)
+        else:
+            if basis is not None:
+                codes = rows @ basis
+                if len(self.decoder) == 1:
+                    with torch.no_grad():
+                        _set_linear(_linears(self.decoder)[0], basis)
+                else:  # a non-linear decoder expects codes of unit scale
+                    codes = codes / codes.std().clamp_min(1e-12)
+            else:
+                codes = torch.randn(rows.shape[0], x, generator=self.generator)
+            self.codes = nn.Parameter(codes.contiguous())
+
+    def parameters(self) -> list[nn.Parameter]:
+        params = list(self.decoder.parameters())
+        if self.encoder is not None:
+            params += list(self.encoder.parameters())
+        if self.codes is not None:
+            params.append(self.codes)
+        return params
+
+    def batch_codes(self, index: torch.Tensor) -> torch.Tensor:
+        if self.encoder is not None:
+            return _encode(self.encoder, self.rows[index], self.spec)
+        assert self.codes is not None
+        return self.codes[index]
+
+    @torch.no_grad()
+    def all_codes(self) -> torch.Tensor:
+        if self.encoder is not None:
+            return torch.cat(
+                [_encode(self.encoder, part, self.spec) for part in self.rows.split(8192)]
+            )
+        assert self.codes is not None
+        return self.codes.detach().clone()
+
+    def decode(self, codes: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        norms = None
+        if self.norms is not None:
+            norms = self.norms if index is None else self.norms[index]
+        return decode_rows(codes, _layer_tensors(self.decoder), self.spec, norms)
+
+    @torch.no_grad()
+    def full_loss(self, codes: torch.Tensor, alpha: float) -> float:
+        decoded = self.decode(codes)
+        return reconstruction_loss(
+            self.rows, decoded, self.options.loss, self.loss_weights, alpha
+        ).item()
+
+    def train(self) -> dict[str, Any]:
+        options, rows = self.options, self.rows
+        count = rows.shape[0]
+        batch = min(options.batch_size, count)
+        steps = math.ceil(count / batch)
+        optimiser = torch.optim.Adam(self.parameters(), lr=options.lr)
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+        if options.schedule == "step":
+            scheduler = torch.optim.lr_scheduler.StepLR(optimiser, options.step_size, options.gamma)
+        elif options.schedule == "onecycle":
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(
+                optimiser, max_lr=options.lr, total_steps=options.epochs * steps
+            )
+        best: dict[str, Any] = {"score": math.inf}
+        history = []
+        bar = tqdm(
+            range(options.epochs),
+            desc=f"ae {self.context.group}",
+            disable=not self.context.progress,
+            leave=False,
+        )
+        for epoch in bar:
+            alpha = powered_l1_alpha(options.loss, epoch, options.epochs)
+            order = torch.randperm(count, generator=self.generator)
+            total = 0.0
+            for index in order.split(batch):
+                decoded = self.decode(self.batch_codes(index), index)
+                weights = None if self.loss_weights is None else self.loss_weights[index]
+                loss = reconstruction_loss(rows[index], decoded, options.loss, weights, alpha)
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                if options.schedule == "onecycle" and scheduler is not None:
+                    scheduler.step()
+                total += loss.item() * index.numel()
+            if options.schedule == "step" and scheduler is not None:
+                scheduler.step()
+            score = self.score(epoch)
+            history.append(round(score, 6))
+            bar.set_postfix(loss=f"{total / count:.4f}", select=f"{score:.4f}")
+            if score <= best["score"] or options.selection == "last":
+                best = {
+                    "score": score,
+                    "epoch": epoch + 1,
+                    "codes": self.all_codes(),
+                    "decoder": copy.deepcopy(self.decoder.state_dict()),
+                }
+        self.decoder.load_state_dict(best["decoder"])
+        return {"best": best, "history": history}
+
+    def score(self, epoch: int) -> float:
+        """The selection signal after `epoch` (lower is better; the powered L1 term, if on,
+        at its final alpha so that epochs compare)."""
+        options = self.options
+        last = epoch == options.epochs - 1
+        if options.selection == "last":
+            return 0.0
+        if options.selection == "validation":
+            if (epoch + 1) % options.validate_every and not last:
+                return math.inf
+            assert self.validate is not None
+            with torch.no_grad():
+                return self.validate(self.decode(self.all_codes()))
+        return self.full_loss(self.all_codes(), options.loss.l1_alpha_end)
+
+
+@register
+class Autoencoder(Method):
+    """The paper's AE (PAPER.md), behind the common interface: see the module docstring."""
+
+    name = "ae"
+    Options = AutoencoderOptions
+    options: AutoencoderOptions
+
+    def statistics_needed(self) -> set[str]:
+        """Calibration statistics the fit reads from context.statistics."""
+        return set() if self.options.row_weights == "none" else {self.options.row_weights}
+
+    def fit(self, matrices: Sequence[torch.Tensor], budget: float, context: FitContext) -> Stored:
+        options = self.options
+        rows, cols = matrices[0].shape
+        stacked = torch.cat([m.detach().float() for m in matrices])
+        x = solve_latent_width(options, stacked.shape[0], cols, budget, context.group)
+        weights = row_importance(options.row_weights, context.statistics, rows, context.group)
+        if weights is not None and weights.shape[0] != stacked.shape[0]:
+            raise AecompressError(
+                f"{context.group}: statistics cover {weights.shape[0]} rows, the group "
+                f"stacks {stacked.shape[0]}"
+            )
+        validate = self._validator(matrices, context, rows)
+        start = time.perf_counter()
+        with _threads(options.threads):
+            trainer = _Trainer(
+                options,
+                stacked,
+                x,
+                None if weights is None else weights.float(),
+                context,
+                validate,
+            )
+            result = trainer.train()
+        best = result["best"]
+        layers = _layer_tensors(trainer.decoder)
+        shared: dict[str, torch.Tensor] = {}
+        for index, (weight, bias) in enumerate(layers):
+            shared[f"w{index}"] = weight.detach().clone()
+            shared[f"b{index}"] = bias.detach().clone()
+        members: list[dict[str, torch.Tensor]] = []
+        for part, norm in zip(
+            best["codes"].split(rows),
+            (trainer.norms.split(rows) if trainer.norms is not None else [None] * len(matrices)),
+            strict=True,
+        ):
+            member = {"codes": part.contiguous()}
+            if norm is not None:
+                member["norms"] = norm.contiguous()
+            members.append(member)
+        meta = {
+            "x": x,
+            "preset": options.preset,
+            "trainer": options.trainer,
+            "encoder": encoder_widths(options, x, cols),
+            "decoder": decoder_widths(options, x, cols),
+            "activation": options.activation,
+            "negative_slope": options.negative_slope,
+            "output": options.output,
+            "norm": options.norm,
+            "row_weights": options.row_weights,
+            "epochs": options.epochs,
+            "epoch": best["epoch"],
+            "selection": options.selection,
+            "selection_value": None if math.isinf(best["score"]) else round(best["score"], 6),
+            "fit_seconds": round(time.perf_counter() - start, 2),
+        }
+        return Stored(shared, members, meta)
+
+    def _validator(
+        self, matrices: Sequence[torch.Tensor], context: FitContext, rows: int
+    ) -> Callable[[torch.Tensor], float] | None:
+        """Turn the decoded stacked rows into the model's validation metric (if selected)."""
+        if self.options.selection != "validation":
+            return None
+        callback = context.validate
+        if callback is None:
+            raise AecompressError(
+                f"{context.group}: selection: validation needs the model's validation metric, "
+                "which this caller does not provide (use selection: reconstruction)"
+            )
+
+        def validate(decoded: torch.Tensor) -> float:
+            return callback(list(decoded.split(rows)))
+
+        return validate
+
+    # --- run time -----------------------------------------------------------------------
+
+    @staticmethod
+    def _spec(stored: Stored) -> DecoderSpec:
+        meta = stored.meta
+        return DecoderSpec(
+            meta.get("activation", "leaky_relu"),
+            meta.get("negative_slope", 0.01),
+            meta.get("output", "tanh"),
+            meta.get("norm", True),
+        )
+
+    @staticmethod
+    def _layers(stored: Stored) -> Layers:
+        count = sum(1 for name in stored.shared if name.startswith("w"))
+        return [(stored.shared[f"w{i}"], stored.shared[f"b{i}"]) for i in range(count)]
+
+    def reconstruct(self, stored: Stored, index: int) -> torch.Tensor:
+        member = stored.members[index]
+        with torch.no_grad():
+            return decode_rows(
+                member["codes"], self._layers(stored), self._spec(stored), member.get("norms")
+            )
+
+    def linear(self, stored: Stored, index: int, bias: torch.Tensor | None) -> nn.Module:
+        if self.options.runtime == "dense":
+            return super().linear(stored, index, bias)
+        member = stored.members[index]
+        return DecodedLinear(
+            member["codes"], self._layers(stored), self._spec(stored), member.get("norms"), bias
+        )
+
+    def embedding(self, stored: Stored, index: int, padding_idx: int | None) -> nn.Module:
+        if self.options.runtime == "dense":
+            return super().embedding(stored, index, padding_idx)
+        member = stored.members[index]
+        return DecodedEmbedding(
+            member["codes"],
+            self._layers(stored),
+            self._spec(stored),
+            member.get("norms"),
+            padding_idx,
+        )
