@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from aecompress.budget import check_ratio, stored_numel
+from aecompress.calibration import TargetStatistics, cached_statistics
 from aecompress.errors import AecompressError
 from aecompress.methods import FitContext, Method, Stored, make_method
 from aecompress.models import LoadedModel, auto_class_for, load_model
@@ -168,7 +169,11 @@ def inject(
 
 
 def fit_group(
-    method: Method, model: PreTrainedModel, group: Group, recipe: Recipe
+    method: Method,
+    model: PreTrainedModel,
+    group: Group,
+    recipe: Recipe,
+    statistics: dict[str, TargetStatistics] | None = None,
 ) -> CompressedGroup:
     """Fit `method` on the group's matrices within the recipe's budget."""
     matrices = [weight_matrix(model, t).float() for t in group.members]
@@ -180,6 +185,8 @@ def fit_group(
     shape = (matrices[0].shape[0], matrices[0].shape[1])
     budget = len(matrices) * shape[0] * shape[1] / recipe.ratio
     context = FitContext(group=group.name, seed=recipe.seed)
+    if statistics is not None:
+        context.statistics = [statistics[t.name] for t in group.members]
     stored = method.fit(matrices, budget, context).as_parameters()
     fitted = CompressedGroup(group, stored, shape)
     if fitted.stored_numel > budget:
@@ -217,11 +224,17 @@ def compress(
     base_sha256 = weights_sha256(model)
     if recipe.untie_embeddings:
         untie_embeddings(model)
-    groups = group_targets(model, resolve_targets(model, recipe.targets), recipe.group)
+    targets = resolve_targets(model, recipe.targets)
+    groups = group_targets(model, targets, recipe.group)
     tied = output_head_path(model) if any(g.family == "embed" for g in groups) else None
+    statistics = None
+    if needed := method.statistics_needed():
+        statistics = cached_statistics(
+            model, tokenizer, targets, needed, recipe.calibration, base_sha256, progress=progress
+        )
     fitted_groups = []
     for group in tqdm(groups, desc=f"compress ({method.name})", disable=not progress):
-        fitted = fit_group(method, model, group, recipe)
+        fitted = fit_group(method, model, group, recipe, statistics)
         inject(model, fitted, method, tied if group.family == "embed" else None)
         fitted_groups.append(fitted)
     return CompressedModel(

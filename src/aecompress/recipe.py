@@ -8,6 +8,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from aecompress.calibration import CalibrationConfig
 from aecompress.errors import AecompressError
 from aecompress.targets import parse_grouping
 
@@ -25,6 +26,7 @@ class Recipe(BaseModel):
     group: str = "none"
     untie_embeddings: bool = False
     seed: int = 0
+    calibration: CalibrationConfig = CalibrationConfig()
 
     @field_validator("targets", mode="before")
     @classmethod

@@ -16,6 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
+from aecompress.calibration import TargetStatistics
 from aecompress.errors import AecompressError
 from aecompress.modules import dense_embedding, dense_linear
 from aecompress.recipe import describe
@@ -74,11 +75,11 @@ class Stored:
 @dataclass
 class FitContext:
     """What a method may use beyond the weights: a name for messages, the seed, per-member
-    calibration statistics (None when not collected), and progress reporting."""
+    calibration statistics (when the method asked for some), and progress reporting."""
 
     group: str
     seed: int = 0
-    statistics: Sequence[Any] | None = None
+    statistics: Sequence[TargetStatistics] | None = None
     progress: bool = True
     validate: Callable[[list[torch.Tensor]], float] | None = None
 
@@ -91,6 +92,10 @@ class Method(ABC):
 
     def __init__(self, options: MethodOptions) -> None:
         self.options = options
+
+    def statistics_needed(self) -> set[str]:
+        """Calibration statistics `fit` reads from context.statistics (see calibration.py)."""
+        return set()
 
     @abstractmethod
     def fit(self, matrices: Sequence[torch.Tensor], budget: float, context: FitContext) -> Stored:

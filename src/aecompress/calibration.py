@@ -1,0 +1,277 @@
+"""Calibration statistics: what the data-aware methods know about a target's inputs.
+
+Calibration text is WikiText-2 *train* text (never the reported split), cut into random
+windows with a fixed seed. One pass through the dense model collects, per target:
+- `xtx`: the input second moment sum_t x_t x_t^T [in, in] (float64, accumulated, no
+  activations kept) and `abs_mean`: mean |x| per input channel [in];
+- `counts`: for an embedding, how often each token occurs [vocab]: the diagonal of X^T X
+  for its one-hot inputs, so activation-aware methods weight the rows of frequent tokens;
+- `fisher` / `l1`: sums over calibration sequences of the squared / absolute gradient of
+  the model's own LM loss with respect to the weight [out, in] (one sequence per step).
+Statistics are cached in a safetensors file keyed by the weights, targets and settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from aecompress.data import wikitext2_text
+from aecompress.errors import AecompressError
+from aecompress.targets import Target, dense_weight
+
+ACTIVATION_STATISTICS = frozenset({"xtx", "abs_mean", "counts"})
+GRADIENT_STATISTICS = frozenset({"fisher", "l1"})
+
+
+class CalibrationConfig(BaseModel):
+    """Which text, how much of it, and the seed that picks the windows."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    samples: int = Field(64, ge=1)
+    seq_len: int = Field(256, ge=8)
+    split: Literal["train", "validation"] = "train"
+    batch_size: int = Field(8, ge=1)
+    seed: int = 0
+
+
+@dataclass
+class TargetStatistics:
+    """Calibration statistics of one target; fields not asked for stay None."""
+
+    tokens: int = 0
+    xtx: torch.Tensor | None = None
+    abs_mean: torch.Tensor | None = None
+    counts: torch.Tensor | None = None
+    fisher: torch.Tensor | None = None
+    l1: torch.Tensor | None = None
+
+
+def calibration_windows(
+    tokenizer: PreTrainedTokenizerBase, config: CalibrationConfig
+) -> torch.Tensor:
+    """`samples` random windows [samples, seq_len] of the split's token ids (seeded)."""
+    ids = torch.tensor(tokenizer(wikitext2_text(config.split))["input_ids"], dtype=torch.long)
+    if ids.numel() < config.seq_len + 1:
+        raise AecompressError(f"calibration text has fewer than {config.seq_len} tokens")
+    generator = torch.Generator().manual_seed(config.seed)
+    starts = torch.randint(0, ids.numel() - config.seq_len, (config.samples,), generator=generator)
+    return torch.stack([ids[s : s + config.seq_len] for s in starts.tolist()])
+
+
+def _unique_paths(targets: list[Target]) -> dict[str, str]:
+    """Module path -> kind, once per module (the parts of a fused module share inputs)."""
+    return {t.path: t.kind for t in targets if t.kind != "embedding"}
+
+
+@contextmanager
+def _input_hooks(
+    model: nn.Module, targets: list[Target], stats: dict[str, TargetStatistics]
+) -> Iterator[None]:
+    """Accumulate xtx / abs_mean of each module's input while the context is open."""
+
+    def hook(path: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
+        def accumulate(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
+            entry = stats[path]
+            entry.xtx = x.T @ x + (entry.xtx if entry.xtx is not None else 0)
+            sums = x.abs().sum(0)
+            entry.abs_mean = sums + (entry.abs_mean if entry.abs_mean is not None else 0)
+            entry.tokens += x.shape[0]
+
+        return accumulate
+
+    handles = [
+        model.get_submodule(path).register_forward_pre_hook(hook(path))
+        for path in _unique_paths(targets)
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _lm_loss(
+    model: PreTrainedModel, batch: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    """The model's own LM loss on `batch`: causal, or masked (15% of tokens) for MLM heads."""
+    name = type(model).__name__
+    if name.endswith(("ForCausalLM", "LMHeadModel")):
+        return model(input_ids=batch, labels=batch).loss
+    if name.endswith("ForMaskedLM"):
+        mask_id = model.config.to_dict().get("mask_token_id") or 103
+        chosen = torch.rand(batch.shape, generator=generator) < 0.15
+        labels = torch.where(chosen, batch, torch.full_like(batch, -100))
+        return model(input_ids=torch.where(chosen, mask_id, batch), labels=labels).loss
+    raise AecompressError(
+        f"Fisher / L1 statistics need the model's LM loss, and {name} has no LM head "
+        "(load it with its causal or masked LM head)"
+    )
+
+
+def _weight_slice(grad: torch.Tensor, target: Target) -> torch.Tensor:
+    grad = grad.T if target.kind == "conv1d" else grad
+    if target.part is not None:
+        index, count = target.part
+        rows = grad.shape[0] // count
+        grad = grad[index * rows : (index + 1) * rows]
+    return grad
+
+
+def _collect_gradients(
+    model: PreTrainedModel,
+    windows: torch.Tensor,
+    targets: list[Target],
+    needed: set[str],
+    stats: dict[str, TargetStatistics],
+    progress: bool,
+) -> None:
+    weights = {t.name: dense_weight(model.get_submodule(t.path), "linear") for t in targets}
+    flags = {p: p.requires_grad for p in model.parameters()}
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    for weight in weights.values():
+        weight.requires_grad_(True)
+    generator = torch.Generator().manual_seed(0)
+    try:
+        for sequence in tqdm(windows, desc="calibration gradients", disable=not progress):
+            model.zero_grad(set_to_none=True)
+            _lm_loss(model, sequence[None], generator).backward()
+            for target in targets:
+                grad = weights[target.name].grad
+                if grad is None:
+                    continue
+                grad = _weight_slice(grad, target).double()
+                entry = stats[target.name]
+                if "fisher" in needed:
+                    entry.fisher = grad.pow(2) + (entry.fisher if entry.fisher is not None else 0)
+                if "l1" in needed:
+                    entry.l1 = grad.abs() + (entry.l1 if entry.l1 is not None else 0)
+    finally:
+        model.zero_grad(set_to_none=True)
+        for parameter, flag in flags.items():
+            parameter.requires_grad_(flag)
+
+
+def collect_statistics(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase | None,
+    targets: list[Target],
+    needed: set[str],
+    config: CalibrationConfig,
+    *,
+    progress: bool = True,
+) -> dict[str, TargetStatistics]:
+    """Statistics of each target (by Target.name) that `needed` names, from one pass."""
+    unknown = needed - ACTIVATION_STATISTICS - GRADIENT_STATISTICS
+    if unknown:
+        raise ValueError(f"unknown calibration statistics {sorted(unknown)}")
+    if tokenizer is None:
+        raise AecompressError("calibration needs the model's tokenizer")
+    windows = calibration_windows(tokenizer, config)
+    by_path = {t.path: TargetStatistics() for t in targets}
+    if needed & ACTIVATION_STATISTICS and _unique_paths(targets):
+        batches = windows.split(config.batch_size)
+        with torch.inference_mode(), _input_hooks(model, targets, by_path):
+            for batch in tqdm(batches, desc="calibration activations", disable=not progress):
+                model(input_ids=batch)
+        for entry in by_path.values():
+            if entry.abs_mean is not None:
+                entry.abs_mean = entry.abs_mean / entry.tokens
+    vocab = int(dense_weight(model.get_input_embeddings(), "embedding").shape[0])
+    counts = torch.bincount(windows.flatten(), minlength=vocab).double()
+    stats = {}
+    for target in targets:
+        source = by_path[target.path]
+        entry = TargetStatistics(source.tokens, source.xtx, source.abs_mean)
+        if target.kind == "embedding" and needed & ACTIVATION_STATISTICS:
+            entry.counts, entry.tokens = counts, windows.numel()
+        stats[target.name] = entry
+    if needed & GRADIENT_STATISTICS:
+        _collect_gradients(model, windows, targets, needed, stats, progress)
+    return stats
+
+
+def cache_key(
+    base_sha256: str, targets: list[Target], needed: set[str], config: CalibrationConfig
+) -> str:
+    """A key that changes whenever the weights, targets, statistics or settings do."""
+    payload = {
+        "weights": base_sha256,
+        "targets": [t.name for t in targets],
+        "needed": sorted(needed),
+        "config": config.model_dump(),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("AECOMPRESS_CACHE", Path.home() / ".cache" / "aecompress"))
+
+
+_TENSOR_FIELDS = [f.name for f in fields(TargetStatistics) if f.name != "tokens"]
+
+
+def save_statistics(stats: dict[str, TargetStatistics], path: Path) -> None:
+    """Write statistics to a safetensors file (atomically)."""
+    tensors, tokens = {}, {}
+    for name, entry in stats.items():
+        tokens[name] = entry.tokens
+        for field in _TENSOR_FIELDS:
+            value = getattr(entry, field)
+            if value is not None:
+                tensors[f"{name}::{field}"] = value.contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    save_file(tensors, str(partial), metadata={"tokens": json.dumps(tokens)})
+    os.replace(partial, path)
+
+
+def load_statistics(path: Path) -> dict[str, TargetStatistics]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        tokens = json.loads(handle.metadata()["tokens"])
+    stats = {name: TargetStatistics(count) for name, count in tokens.items()}
+    for key, tensor in load_file(str(path)).items():
+        name, _, field = key.rpartition("::")
+        setattr(stats[name], field, tensor)
+    return stats
+
+
+def cached_statistics(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase | None,
+    targets: list[Target],
+    needed: set[str],
+    config: CalibrationConfig,
+    base_sha256: str,
+    *,
+    progress: bool = True,
+) -> dict[str, TargetStatistics]:
+    """collect_statistics, reusing an earlier run's file when everything matches."""
+    path = (
+        cache_dir()
+        / "calibration"
+        / f"{cache_key(base_sha256, targets, needed, config)}.safetensors"
+    )
+    if path.is_file():
+        return load_statistics(path)
+    stats = collect_statistics(model, tokenizer, targets, needed, config, progress=progress)
+    save_statistics(stats, path)
+    return stats
