@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from aecompress.budget import check_ratio, stored_numel
 from aecompress.calibration import TargetStatistics, cached_statistics
+from aecompress.data import wikitext2_text
 from aecompress.errors import AecompressError
+from aecompress.evaluate.perplexity import window_ids
 from aecompress.methods import FitContext, Method, Stored, make_method
 from aecompress.models import LoadedModel, auto_class_for, load_model
 from aecompress.modules import FusedLinear, dense_embedding, dense_linear
@@ -168,15 +173,107 @@ def inject(
             place(model, head, partial(build, kind="linear"))
 
 
+# The validation signal a method may select with (context.validate): few, short windows.
+VALIDATION_WINDOWS = 8
+VALIDATION_SEQ_LEN = 256
+
+
+def validation_metric(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None
+) -> Callable[[], float]:
+    """The model's validation metric as it stands, lower is better; never a reported split.
+
+    Causal LMs: WikiText-2 *validation* perplexity over the first VALIDATION_WINDOWS
+    windows of VALIDATION_SEQ_LEN tokens. Other models (sentence encoders): minus the STS-B
+    *dev* Spearman, which needs the STS-B task (aecompress.evaluate.sts).
+    """
+    if tokenizer is None:
+        raise AecompressError("selection by the validation metric needs the model's tokenizer")
+    if type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")):
+        ids = window_ids(
+            tokenizer, wikitext2_text("validation"), VALIDATION_SEQ_LEN, VALIDATION_WINDOWS
+        )
+
+        @torch.inference_mode()
+        def validation_perplexity() -> float:
+            nll = 0.0
+            for batch in ids.split(4):
+                logits = model(input_ids=batch).logits[:, :-1].float()
+                nll += F.cross_entropy(
+                    logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum"
+                ).item()
+            return math.exp(nll / ids[:, 1:].numel())
+
+        return validation_perplexity
+    try:
+        from aecompress.evaluate.sts import stsb  # type: ignore[import-not-found, unused-ignore]
+    except ImportError as error:
+        raise AecompressError(
+            f"{type(model).__name__} is not a causal LM, and its validation metric (STS-B dev "
+            "Spearman) needs aecompress.evaluate.sts, which this installation lacks: select by "
+            "reconstruction error instead"
+        ) from error
+
+    def sts_dev() -> float:
+        return -float(stsb(model, tokenizer, split="dev", progress=False)["spearman"])
+
+    return sts_dev
+
+
+@contextmanager
+def swapped_weights(
+    model: nn.Module, targets: Sequence[Target], matrices: Sequence[torch.Tensor]
+) -> Iterator[None]:
+    """Temporarily put dense `matrices` ([out, in]) in place of the targets' weights."""
+    live = [weight_matrix(model, t) for t in targets]
+    for target, weight, matrix in zip(targets, live, matrices, strict=True):
+        if weight.shape != matrix.shape:
+            raise ValueError(f"{target.name}: got {tuple(matrix.shape)}, is {tuple(weight.shape)}")
+    saved = [w.clone() for w in live]
+    try:
+        with torch.no_grad():
+            for weight, matrix in zip(live, matrices, strict=True):
+                weight.copy_(matrix)
+        yield
+    finally:
+        with torch.no_grad():
+            for weight, original in zip(live, saved, strict=True):
+                weight.copy_(original)
+
+
+def make_validate(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, group: Group
+) -> Callable[[list[torch.Tensor]], float]:
+    """context.validate for a group: the validation metric with the group's matrices
+    replaced by the given dense ones (prepared on first use, so unused it costs nothing)."""
+    metric: Callable[[], float] | None = None
+
+    def validate(matrices: list[torch.Tensor]) -> float:
+        nonlocal metric
+        if metric is None:
+            metric = validation_metric(model, tokenizer)
+        was_training = model.training
+        model.eval()
+        try:
+            with swapped_weights(model, group.members, matrices):
+                return metric()
+        finally:
+            model.train(was_training)
+
+    return validate
+
+
 def fit_group(
     method: Method,
     model: PreTrainedModel,
     group: Group,
     recipe: Recipe,
     statistics: dict[str, TargetStatistics] | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    progress: bool = True,
 ) -> CompressedGroup:
     """Fit `method` on the group's matrices within the recipe's budget."""
-    matrices = [weight_matrix(model, t).float() for t in group.members]
+    matrices = [weight_matrix(model, t).float().clone() for t in group.members]
     for target, matrix in zip(group.members, matrices, strict=True):
         if not torch.isfinite(matrix).all():
             raise AecompressError(
@@ -184,7 +281,12 @@ def fit_group(
             )
     shape = (matrices[0].shape[0], matrices[0].shape[1])
     budget = len(matrices) * shape[0] * shape[1] / recipe.ratio
-    context = FitContext(group=group.name, seed=recipe.seed)
+    context = FitContext(
+        group=group.name,
+        seed=recipe.seed,
+        progress=progress,
+        validate=make_validate(model, tokenizer, group),
+    )
     if statistics is not None:
         context.statistics = [statistics[t.name] for t in group.members]
     stored = method.fit(matrices, budget, context).as_parameters()
@@ -234,7 +336,7 @@ def compress(
         )
     fitted_groups = []
     for group in tqdm(groups, desc=f"compress ({method.name})", disable=not progress):
-        fitted = fit_group(method, model, group, recipe, statistics)
+        fitted = fit_group(method, model, group, recipe, statistics, tokenizer, progress)
         inject(model, fitted, method, tied if group.family == "embed" else None)
         fitted_groups.append(fitted)
     return CompressedModel(

@@ -1,0 +1,230 @@
+"""The paper's AE method: budget, norms, grouping, determinism, options, row weights."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from aecompress.errors import AecompressError
+from aecompress.methods import FitContext, make_method
+from aecompress.methods.autoencoder import (
+    PAPER_PRESET,
+    Autoencoder,
+    AutoencoderOptions,
+    row_importance,
+    solve_latent_width,
+    stored_cost,
+)
+from aecompress.modules import DecodedEmbedding, DecodedLinear
+
+QUICK = {"epochs": 2, "batch_size": 64}
+
+
+def matrices(count: int, rows: int = 40, cols: int = 24, seed: int = 0) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(rows, cols, generator=generator) * 0.1 for _ in range(count)]
+
+
+def fit(options: dict, mats: list[torch.Tensor], ratio: float = 3.0, seed: int = 0, **ctx):
+    method = make_method("ae", {**QUICK, **options})
+    assert isinstance(method, Autoencoder)
+    budget = len(mats) * mats[0].numel() / ratio
+    stored = method.fit(mats, budget, FitContext("g", seed, progress=False, **ctx))
+    return method, stored, budget
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"decoder": [], "encoder": []},
+        {"norm": False},
+        {"decoder": [3, 5], "sizes": "relative"},
+        {"decoder": [16, 32], "sizes": "absolute"},
+    ],
+)
+@pytest.mark.parametrize(
+    ("rows", "cols", "ratio"), [(30522, 384, 10), (768, 768, 3), (40, 24, 2), (5000, 64, 25)]
+)
+def test_latent_width_fits_the_budget_and_is_tight(options, rows, cols, ratio):
+    opts = AutoencoderOptions(**options)
+    budget = rows * cols / ratio
+    if stored_cost(opts, rows, cols, 1) > budget:
+        with pytest.raises(AecompressError, match="ratio is too large"):
+            solve_latent_width(opts, rows, cols, budget, "g")
+        return
+    x = solve_latent_width(opts, rows, cols, budget, "g")
+    assert stored_cost(opts, rows, cols, x) <= budget
+    assert x == cols or stored_cost(opts, rows, cols, x + 1) > budget
+
+
+def test_stored_numbers_match_the_accounting_and_the_budget():
+    mats = matrices(3)
+    _, stored, budget = fit({}, mats)
+    x = stored.meta["x"]
+    numel = sum(t.numel() for t in stored.tensors().values())
+    assert numel == stored_cost(AutoencoderOptions(), 120, 24, x) <= budget
+    assert stored.meta["decoder"] == [x, 2 * x, 4 * x, 24]
+    assert stored.meta["encoder"] == [24, 8 * x, 4 * x, x]
+
+
+def test_ratio_too_large_is_a_clear_error():
+    with pytest.raises(AecompressError, match="ratio is too large"):
+        fit({}, matrices(1, rows=4, cols=4), ratio=50)
+
+
+def test_norm_enforcement_gives_exact_row_norms():
+    mats = matrices(2)
+    method, stored, _ = fit({"norm": True}, mats)
+    for index, matrix in enumerate(mats):
+        rebuilt = method.reconstruct(stored, index)
+        torch.testing.assert_close(rebuilt.norm(dim=1), matrix.norm(dim=1), rtol=1e-5, atol=1e-7)
+        assert torch.equal(stored.members[index]["norms"], matrix.norm(dim=1))
+    _, plain, _ = fit({"norm": False}, mats)
+    assert all("norms" not in member for member in plain.members)
+
+
+def test_grouped_codes_split_back_to_their_layers():
+    generator = torch.Generator().manual_seed(3)
+    basis = torch.randn(6, 16, generator=generator)  # low-rank members: rows share a basis
+    mats = [torch.randn(30, 6, generator=generator) @ basis for _ in range(3)]
+    # a linear auto-decoder from the SVD at a mild ratio reproduces every member
+    method, stored, _ = fit({"decoder": [], "epochs": 1, "lr": 1e-4}, mats, ratio=1.3)
+    assert [m["codes"].shape for m in stored.members] == [(30, stored.meta["x"])] * 3
+    for index, matrix in enumerate(mats):
+        rebuilt = method.reconstruct(stored, index)
+        own = (rebuilt - matrix).norm() / matrix.norm()
+        other = (rebuilt - mats[(index + 1) % 3]).norm() / matrix.norm()
+        assert own < 0.01 and other > 0.5
+
+
+@pytest.mark.parametrize("trainer", ["autoencoder", "autodecoder"])
+def test_training_is_deterministic_per_seed(trainer):
+    mats = matrices(2)
+    options = {"trainer": trainer, "init": "random"}
+    _, first, _ = fit(options, mats, seed=5)
+    _, again, _ = fit(options, mats, seed=5)
+    _, other, _ = fit(options, mats, seed=6)
+    for key, tensor in first.tensors().items():
+        assert torch.equal(tensor, again.tensors()[key]), key
+    assert not torch.equal(first.members[0]["codes"], other.members[0]["codes"])
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"decoder": [2, -4]}, "decoder"),
+        ({"encoder": [0]}, "encoder"),
+        ({"epochs": 0}, "epochs"),
+        ({"activation": "swish"}, "activation"),
+        ({"batch_size": -1}, "batch_size"),
+        ({"lr": 0}, "lr"),
+        ({"sizes": "absolute", "decoder": [2.5]}, "whole"),
+        ({"trainer": "autoencoder", "init": "svd"}, "linear autoencoder"),
+        ({"epoch": 3}, "epoch"),
+        ({"preset": "slow"}, "preset"),
+        ({"loss": {"cosine": 1}}, "loss"),
+    ],
+)
+def test_bad_options_are_clear_errors(options, message):
+    with pytest.raises(AecompressError, match=message):
+        make_method("ae", options)
+
+
+def test_paper_preset_fills_what_is_not_given():
+    paper = make_method("ae", {"preset": "paper"}).options
+    assert isinstance(paper, AutoencoderOptions)
+    for key, value in PAPER_PRESET.items():
+        assert getattr(paper, key) == value
+    assert paper.activation == "leaky_relu" and paper.negative_slope == 0.01
+    assert paper.output == "tanh" and paper.norm
+    assert paper.loss.cosine_weight == 0.9091 and paper.loss.rmse_weight == 0.0909
+    override = make_method("ae", {"preset": "paper", "epochs": 3}).options
+    assert isinstance(override, AutoencoderOptions)
+    assert override.epochs == 3 and override.batch_size == 16
+
+
+def test_paper_preset_trains():
+    method, stored, _ = fit({"preset": "paper", "epochs": 2}, matrices(1, rows=32, cols=12), 2)
+    assert stored.meta["trainer"] == "autoencoder" and stored.meta["epoch"] in (1, 2)
+    assert method.reconstruct(stored, 0).shape == (32, 12)
+
+
+def test_row_importance_from_statistics():
+    counts = torch.tensor([0.0, 3.0, 8.0])
+    fisher = torch.tensor([[1.0, 3.0], [0.0, 4.0], [2.0, 2.0]])
+    grads = torch.tensor([[1.0, -2.0], [0.5, 0.5], [-3.0, 0.0]])
+    stats = [SimpleNamespace(counts=counts, fisher=fisher, l1=grads.abs())] * 2
+    torch.testing.assert_close(
+        row_importance("counts", stats, 3, "g"), (counts.double() + 1).sqrt().repeat(2)
+    )
+    torch.testing.assert_close(
+        row_importance("fisher", stats, 3, "g"), torch.tensor([2.0, 2.0, 2.0]).double().repeat(2)
+    )
+    torch.testing.assert_close(
+        row_importance("l1", stats, 3, "g"), torch.tensor([3.0, 1.0, 3.0]).double().repeat(2)
+    )
+    assert row_importance("none", None, 3, "g") is None
+    with pytest.raises(AecompressError, match="'fisher' calibration statistics"):
+        row_importance("fisher", [SimpleNamespace(fisher=None)], 3, "g")
+    with pytest.raises(AecompressError, match="cover 3 rows"):
+        row_importance("counts", stats, 4, "g")
+
+
+def test_row_weights_steer_the_fit():
+    mats = matrices(1, rows=64, cols=16, seed=2)
+    counts = torch.zeros(64)
+    counts[:8] = 1e6  # eight very frequent rows
+    stats = [SimpleNamespace(counts=counts)]
+    options = {"decoder": [], "epochs": 3, "row_weights": "counts", "row_weight_power": 2}
+    method, weighted, _ = fit(options, mats, ratio=1.4, statistics=stats)
+    plain_method, plain, _ = fit({"decoder": [], "epochs": 3}, mats, ratio=1.4)
+
+    def error(m, s):
+        return (m.reconstruct(s, 0)[:8] - mats[0][:8]).norm()
+
+    assert weighted.meta["x"] == 8
+    assert error(method, weighted) < 0.2 * error(plain_method, plain)
+    assert method.statistics_needed() == {"counts"}
+    assert plain_method.statistics_needed() == set()
+
+
+def test_missing_statistics_are_a_clear_error():
+    with pytest.raises(AecompressError, match="'counts' calibration statistics"):
+        fit({"row_weights": "counts"}, matrices(1))
+
+
+def test_validation_selection_uses_the_callback_and_never_needs_it_otherwise():
+    mats = matrices(2)
+    calls: list[list[torch.Tensor]] = []
+
+    def validate(decoded: list[torch.Tensor]) -> float:
+        calls.append(decoded)
+        return [3.0, 1.0, 2.0][len(calls) - 1]
+
+    _, stored, _ = fit({"epochs": 3, "selection": "validation"}, mats, validate=validate)
+    assert len(calls) == 3 and [d.shape for d in calls[0]] == [(40, 24), (40, 24)]
+    assert stored.meta["epoch"] == 2 and stored.meta["selection_value"] == 1.0
+    with pytest.raises(AecompressError, match="validation metric"):
+        fit({"selection": "validation"}, mats)
+
+
+def test_runtime_modules_decode_like_reconstruct():
+    mats = matrices(2)
+    method, stored, _ = fit({"runtime": "decoder"}, mats)
+    stored = stored.as_parameters()
+    first = method.linear(stored, 0, None)
+    second = method.linear(stored, 1, None)
+    assert isinstance(first, DecodedLinear) and isinstance(second, DecodedLinear)
+    assert first.w0 is second.w0 and first.codes is not second.codes  # one shared decoder
+    assert set(first.stored_names) == {"codes", "norms", "w0", "b0", "w1", "b1", "w2", "b2"}
+    inputs = torch.randn(5, 24)
+    torch.testing.assert_close(first(inputs), inputs @ method.reconstruct(stored, 0).T)
+    table = method.embedding(stored, 1, None)
+    assert isinstance(table, DecodedEmbedding)
+    ids = torch.tensor([[0, 5, 39], [7, 7, 1]])
+    torch.testing.assert_close(table(ids), method.reconstruct(stored, 1)[ids])
+    dense = make_method("ae", {}).linear(stored, 0, None)
+    assert isinstance(dense, torch.nn.Linear)
