@@ -229,7 +229,11 @@ def load_compressed(path: str | Path, decode: bool = False) -> CompressedModel:
     groups = []
     for entry in manifest["groups"]:
         prefix = f"{PREFIX}{entry['name']}."
-        flat = {k[len(prefix) :]: tensors.pop(k) for k in list(tensors) if k.startswith(prefix)}
+        # clone: tensors read from the file may sit at unaligned offsets, and matmuls on
+        # them can round differently from the same values in freshly allocated memory
+        flat = {
+            k[len(prefix) :]: tensors.pop(k).clone() for k in list(tensors) if k.startswith(prefix)
+        }
         stored = Stored.from_tensors(flat, len(entry["members"]), entry["meta"]).as_parameters()
         fitted = CompressedGroup(_group_from_entry(entry), stored, tuple(entry["shape"]))
         tied = manifest["tied_output"] if entry["family"] == "embed" else None

@@ -440,9 +440,9 @@ class Autoencoder(Method):
             (trainer.norms.split(rows) if trainer.norms is not None else [None] * len(matrices)),
             strict=True,
         ):
-            member = {"codes": part.contiguous()}
+            member = {"codes": part.clone()}
             if norm is not None:
-                member["norms"] = norm.contiguous()
+                member["norms"] = norm.clone()
             members.append(member)
         meta = {
             "x": x,

@@ -1,0 +1,185 @@
+"""The AE through the engine, artifact and report on tiny models of every architecture."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+import transformers
+
+import aecompress
+from aecompress.artifact import load_compressed, read_manifest
+from aecompress.engine import make_validate
+from aecompress.errors import AecompressError
+from aecompress.models import resolve_embedded
+from aecompress.modules import DecodedEmbedding, DecodedLinear
+from aecompress.report import describe_manifest
+from aecompress.targets import group_targets, resolve_targets, weight_matrix
+from tests.conftest import make_tiny
+
+QUICK = {"epochs": 2, "batch_size": 32}
+FAMILIES = {
+    "bert": ["embed", "q", "k", "v", "o", "up", "down"],
+    "gpt2": ["embed", "q", "k", "v", "o", "up", "down"],
+    "llama": ["embed", "q", "k", "v", "o", "up", "gate", "down"],
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> transformers.PreTrainedTokenizerBase:
+    return transformers.AutoTokenizer.from_pretrained(str(resolve_embedded("minilm-l6")))
+
+
+@pytest.mark.parametrize("grouping", ["none", "layers"])
+@pytest.mark.parametrize("arch", sorted(FAMILIES))
+def test_every_family_compresses_within_budget(arch, grouping, small_ids):
+    cm = aecompress.compress(
+        make_tiny(arch),
+        method="ae",
+        options={**QUICK, "epochs": 1},
+        ratio=2,
+        targets=FAMILIES[arch],
+        group=grouping,
+        progress=False,
+    )
+    assert all(g.stored_numel <= g.original_numel / 2 for g in cm.groups)
+    members = {len(g.group.members) for g in cm.groups}
+    assert members == ({1} if grouping == "none" else {1, 2})  # embed alone, layers stacked
+    assert torch.isfinite(cm.model(input_ids=small_ids).logits).all()
+
+
+@pytest.mark.parametrize("runtime", ["dense", "decoder"])
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_round_trip_gives_identical_logits(arch, runtime, tmp_path, small_ids):
+    cm = aecompress.compress(
+        make_tiny(arch),
+        method="ae",
+        options={**QUICK, "runtime": runtime},
+        ratio=2,
+        targets=["embed", "k", "down"],
+        group="layers",
+        progress=False,
+    )
+    expected = cm.model(input_ids=small_ids).logits
+    cm.save_pretrained(str(tmp_path / "art"))
+    loaded = load_compressed(tmp_path / "art")
+    torch.testing.assert_close(loaded.model(input_ids=small_ids).logits, expected, rtol=0, atol=0)
+    decoded = load_compressed(tmp_path / "art", decode=True)
+    torch.testing.assert_close(
+        decoded.model(input_ids=small_ids).logits, expected, rtol=1e-5, atol=1e-5
+    )
+    kinds = {type(m) for m in loaded.model.modules()}
+    assert (DecodedLinear in kinds and DecodedEmbedding in kinds) == (runtime == "decoder")
+
+
+def test_decoder_runtime_shares_one_decoder_per_group_and_fine_tunes_it(small_ids):
+    cm = aecompress.compress(
+        make_tiny("llama"),
+        method="ae",
+        options={**QUICK, "runtime": "decoder"},
+        ratio=2,
+        targets=["k"],
+        group="layers",
+        progress=False,
+    )
+    layers = [cm.model.model.layers[i].self_attn.k_proj for i in range(2)]
+    assert all(isinstance(m, DecodedLinear) for m in layers)
+    assert layers[0].w0 is layers[1].w0 and layers[0].codes is not layers[1].codes
+    assert layers[0].w0 is cm.groups[0].stored.shared["w0"]
+    assert sum(p is layers[0].w0 for p in cm.model.parameters()) == 1
+    before = layers[0].w0.detach().clone()
+    torch.optim.SGD(cm.model.parameters(), lr=0.1).zero_grad()
+    cm.model(input_ids=small_ids, labels=small_ids).loss.backward()
+    assert layers[0].w0.grad is not None and layers[0].codes.grad is not None
+    with torch.no_grad():
+        layers[0].w0 -= 0.1 * layers[0].w0.grad
+    assert not torch.equal(layers[1].w0, before)  # the other layer sees the update
+
+
+def test_inspect_shows_width_decoder_and_ratio(tmp_path):
+    cm = aecompress.compress(
+        make_tiny("bert"), method="ae", options=QUICK, ratio=2, targets=["k"], group="layers"
+    )
+    cm.save_pretrained(str(tmp_path / "art"))
+    manifest = read_manifest(tmp_path / "art")
+    meta = manifest["groups"][0]["meta"]
+    x = meta["x"]
+    assert meta["decoder"] == [x, 2 * x, 4 * x, 32] and meta["epoch"] in (1, 2)
+    text = describe_manifest(manifest)
+    assert f"x={x}" in text and "decoder=" in text and "selection=reconstruction" in text
+    assert f"{manifest['groups'][0]['ratio']:.3f}" in text
+
+
+def test_validate_swaps_the_matrices_in_and_restores_them(tokenizer):
+    model = make_tiny("llama", vocab=tokenizer.vocab_size)
+    group = group_targets(model, resolve_targets(model, ["k"]), "layers")[0]
+    originals = [weight_matrix(model, t).clone() for t in group.members]
+    validate = make_validate(model, tokenizer, group)
+    dense = validate(originals)
+    assert dense > 1
+    assert validate([torch.zeros_like(m) for m in originals]) != dense
+    for target, original in zip(group.members, originals, strict=True):
+        assert torch.equal(weight_matrix(model, target), original)
+    assert validate(originals) == pytest.approx(dense)
+
+
+def test_selection_by_validation_perplexity(tokenizer):
+    model = make_tiny("llama", vocab=tokenizer.vocab_size)
+    cm = aecompress.compress(
+        model,
+        method="ae",
+        options={**QUICK, "selection": "validation"},
+        ratio=2,
+        targets=["k"],
+        group="layers",
+        tokenizer=tokenizer,
+        progress=False,
+    )
+    meta = cm.groups[0].stored.meta
+    assert meta["selection"] == "validation" and meta["selection_value"] > 1
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("aecompress.evaluate.sts") is not None,
+    reason="the STS-B task is installed: encoders select on STS-B dev",
+)
+def test_encoder_validation_without_sts_is_a_clear_error(tokenizer):
+    with pytest.raises(AecompressError, match="STS-B dev"):
+        aecompress.compress(
+            make_tiny("bert-encoder", vocab=tokenizer.vocab_size),
+            method="ae",
+            options={**QUICK, "selection": "validation"},
+            ratio=2,
+            targets=["k"],
+            tokenizer=tokenizer,
+            progress=False,
+        )
+
+
+def test_fisher_weights_need_an_lm_head(tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("AECOMPRESS_CACHE", str(tmp_path))
+    calibration = {"samples": 2, "seq_len": 16}
+    with pytest.raises(AecompressError, match="no LM head"):
+        aecompress.compress(
+            make_tiny("bert-encoder", vocab=tokenizer.vocab_size),
+            method="ae",
+            options={**QUICK, "row_weights": "fisher"},
+            ratio=2,
+            targets=["k"],
+            tokenizer=tokenizer,
+            calibration=calibration,
+            progress=False,
+        )
+    cm = aecompress.compress(
+        make_tiny("llama", vocab=tokenizer.vocab_size),
+        method="ae",
+        options={**QUICK, "row_weights": "fisher"},
+        ratio=2,
+        targets=["k"],
+        group="layers",
+        tokenizer=tokenizer,
+        calibration=calibration,
+        progress=False,
+    )
+    assert cm.groups[0].stored.meta["row_weights"] == "fisher"
