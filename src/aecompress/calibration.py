@@ -185,7 +185,7 @@ def collect_statistics(
         raise AecompressError("calibration needs the model's tokenizer")
     windows = calibration_windows(tokenizer, config)
     by_path = {t.path: TargetStatistics() for t in targets}
-    if needed & ACTIVATION_STATISTICS and _unique_paths(targets):
+    if needed & {"xtx", "abs_mean"} and _unique_paths(targets):  # counts need no pass
         batches = windows.split(config.batch_size)
         with torch.inference_mode(), _input_hooks(model, targets, by_path):
             for batch in tqdm(batches, desc="calibration activations", disable=not progress):

@@ -7,7 +7,7 @@ the original bias, is an ordinary parameter of the model.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -135,28 +135,39 @@ class DecoderSpec:
         return torch.tanh(x) if self.output == "tanh" else x
 
 
+def decoder_layers(decoder: Mapping[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The (weight [out, in], bias) pairs of a decoder stored as w0, b0, w1, b1, ..."""
+    count = sum(1 for name in decoder if name.startswith("w") and name[1:].isdigit())
+    return [(decoder[f"w{i}"], decoder[f"b{i}"]) for i in range(count)]
+
+
 def decode_rows(
     codes: torch.Tensor,
-    layers: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    decoder: Mapping[str, torch.Tensor],
     spec: DecoderSpec,
     norms: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Rows [n, m] decoded from codes [n, x] by the (weight [out, in], bias) layers.
+    """Rows [n, m] decoded from codes [n, x] by the decoder's layers w0, b0, w1, b1, ...
 
-    With `norms` (norm enforcement) each decoded row is rescaled to its stored L2 norm.
+    A decoder with a `skip` weight [m, x] adds the linear path codes @ skip^T to the
+    layers' output. With `norms` (norm enforcement) each decoded row is rescaled to its
+    stored L2 norm.
     """
+    layers = decoder_layers(decoder)
     out = codes
     for index, (weight, bias) in enumerate(layers):
         out = F.linear(out, weight, bias)
         if len(layers) > 1:
             out = spec.hidden(out) if index < len(layers) - 1 else spec.final(out)
+    if "skip" in decoder:
+        out = out + F.linear(codes, decoder["skip"])
     if norms is not None:
         out = out * (norms / out.norm(dim=1).clamp_min(1e-12)).unsqueeze(1)
     return out
 
 
 class _Decoded(nn.Module):
-    """Shared decoder layers + this member's codes (and row norms), as parameters.
+    """Shared decoder tensors + this member's codes (and row norms), as parameters.
 
     The decoder tensors are the group's shared parameters (one set for all members), so
     fine-tuning updates the one decoder that is saved.
@@ -165,29 +176,31 @@ class _Decoded(nn.Module):
     def __init__(
         self,
         codes: torch.Tensor,
-        layers: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        decoder: Mapping[str, torch.Tensor],
         spec: DecoderSpec,
         norms: torch.Tensor | None,
     ) -> None:
         super().__init__()
         self.codes, self.norms, self.spec = codes, norms, spec
-        self.layer_count = len(layers)
-        for index, (weight, bias) in enumerate(layers):
-            setattr(self, f"w{index}", weight)
-            setattr(self, f"b{index}", bias)
-        names = ["codes"] + [f"{k}{i}" for i in range(len(layers)) for k in ("w", "b")]
-        self.stored_names: tuple[str, ...] = (*names, *(["norms"] if norms is not None else []))
+        self.decoder_names = tuple(decoder)
+        for name, tensor in decoder.items():
+            setattr(self, name, tensor)
+        optional = ["norms"] if norms is not None else []
+        self.stored_names: tuple[str, ...] = ("codes", *decoder, *optional)
 
-    def layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [(getattr(self, f"w{i}"), getattr(self, f"b{i}")) for i in range(self.layer_count)]
+    def decoder(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in self.decoder_names}
 
     def decode(self, codes: torch.Tensor, norms: torch.Tensor | None) -> torch.Tensor:
-        return decode_rows(codes, self.layers(), self.spec, norms)
+        return decode_rows(codes, self.decoder(), self.spec, norms)
 
     @property
     def weight(self) -> torch.Tensor:
         """The dense matrix [rows, cols] this module computes with (decoded on demand)."""
         return self.decode(self.codes, self.norms)
+
+    def widths(self) -> list[int]:
+        return [self.codes.shape[1]] + [w.shape[0] for w, _ in decoder_layers(self.decoder())]
 
 
 class DecodedLinear(_Decoded):
@@ -196,21 +209,20 @@ class DecodedLinear(_Decoded):
     def __init__(
         self,
         codes: torch.Tensor,
-        layers: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        decoder: Mapping[str, torch.Tensor],
         spec: DecoderSpec,
         norms: torch.Tensor | None,
         bias: torch.Tensor | None,
     ) -> None:
-        super().__init__(codes, layers, spec, norms)
+        super().__init__(codes, decoder, spec, norms)
         self.bias = bias
-        self.out_features, self.in_features = codes.shape[0], layers[-1][0].shape[0]
+        self.out_features, self.in_features = codes.shape[0], self.widths()[-1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
-        widths = [self.codes.shape[1]] + [w.shape[0] for w, _ in self.layers()]
-        return f"in={self.in_features}, out={self.out_features}, decoder={widths}"
+        return f"in={self.in_features}, out={self.out_features}, decoder={self.widths()}"
 
 
 class DecodedEmbedding(_Decoded):
@@ -219,14 +231,14 @@ class DecodedEmbedding(_Decoded):
     def __init__(
         self,
         codes: torch.Tensor,
-        layers: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        decoder: Mapping[str, torch.Tensor],
         spec: DecoderSpec,
         norms: torch.Tensor | None,
         padding_idx: int | None,
     ) -> None:
-        super().__init__(codes, layers, spec, norms)
+        super().__init__(codes, decoder, spec, norms)
         self.padding_idx = padding_idx
-        self.num_embeddings, self.embedding_dim = codes.shape[0], layers[-1][0].shape[0]
+        self.num_embeddings, self.embedding_dim = codes.shape[0], self.widths()[-1]
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
@@ -235,5 +247,4 @@ class DecodedEmbedding(_Decoded):
         return rows.reshape(*ids.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:
-        widths = [self.codes.shape[1]] + [w.shape[0] for w, _ in self.layers()]
-        return f"{self.num_embeddings}, {self.embedding_dim}, decoder={widths}"
+        return f"{self.num_embeddings}, {self.embedding_dim}, decoder={self.widths()}"

@@ -16,6 +16,7 @@ from aecompress.methods.autoencoder import (
     row_importance,
     solve_latent_width,
     stored_cost,
+    svd_basis,
 )
 from aecompress.modules import DecodedEmbedding, DecodedLinear
 
@@ -43,6 +44,7 @@ def fit(options: dict, mats: list[torch.Tensor], ratio: float = 3.0, seed: int =
         {"norm": False},
         {"decoder": [3, 5], "sizes": "relative"},
         {"decoder": [16, 32], "sizes": "absolute"},
+        {"skip": True},
     ],
 )
 @pytest.mark.parametrize(
@@ -126,6 +128,7 @@ def test_training_is_deterministic_per_seed(trainer):
         ({"epoch": 3}, "epoch"),
         ({"preset": "slow"}, "preset"),
         ({"loss": {"cosine": 1}}, "loss"),
+        ({"skip": True, "decoder": []}, "skip"),
     ],
 )
 def test_bad_options_are_clear_errors(options, message):
@@ -180,7 +183,8 @@ def test_row_weights_steer_the_fit():
     stats = [SimpleNamespace(counts=counts)]
     options = {"decoder": [], "epochs": 3, "row_weights": "counts", "row_weight_power": 2}
     method, weighted, _ = fit(options, mats, ratio=1.4, statistics=stats)
-    plain_method, plain, _ = fit({"decoder": [], "epochs": 3}, mats, ratio=1.4)
+    plain_options = {"decoder": [], "epochs": 3, "row_weights": "none"}
+    plain_method, plain, _ = fit(plain_options, mats, ratio=1.4)
 
     def error(m, s):
         return (m.reconstruct(s, 0)[:8] - mats[0][:8]).norm()
@@ -189,6 +193,28 @@ def test_row_weights_steer_the_fit():
     assert error(method, weighted) < 0.2 * error(plain_method, plain)
     assert method.statistics_needed() == {"counts"}
     assert plain_method.statistics_needed() == set()
+
+
+def test_auto_row_weights_use_counts_where_there_are_some():
+    mats = matrices(1)
+    stats = [SimpleNamespace(counts=torch.arange(40.0))]
+    _, with_counts, _ = fit({}, mats, statistics=stats)
+    assert with_counts.meta["row_weights"] == "counts"
+    _, without, _ = fit({}, mats, statistics=[SimpleNamespace(counts=None)])
+    assert without.meta["row_weights"] == "none"
+    assert make_method("ae", {}).statistics_needed() == {"counts"}
+
+
+def test_skip_decoder_starts_at_the_svd_and_counts_its_path():
+    mats = matrices(2)
+    options = {"skip": True, "epochs": 1, "lr": 1e-12, "schedule": "constant"}
+    method, stored, budget = fit({**options, "norm": False}, mats)
+    x = stored.meta["x"]
+    assert stored.shared["skip"].shape == (24, x) and stored.meta["skip"]
+    numel = sum(t.numel() for t in stored.tensors().values())
+    assert numel == stored_cost(AutoencoderOptions(skip=True, norm=False), 80, 24, x) <= budget
+    basis = svd_basis(torch.cat(mats), x, None)  # the MLP starts at zero: W V V^T
+    torch.testing.assert_close(method.reconstruct(stored, 1), mats[1] @ basis @ basis.T)
 
 
 def test_missing_statistics_are_a_clear_error():

@@ -14,7 +14,6 @@ from the SVD projection of the rows). Presets: `fast` (default) and `paper`.
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -48,8 +47,6 @@ PAPER_PRESET: dict[str, Any] = {
 }
 PRESETS: dict[str, dict[str, Any]] = {"fast": {}, "paper": PAPER_PRESET}
 
-Layers = list[tuple[torch.Tensor, torch.Tensor]]
-
 
 class AutoencoderOptions(MethodOptions):
     """Options of `--method ae`. Field defaults are the `fast` preset; `preset: paper`
@@ -64,6 +61,7 @@ class AutoencoderOptions(MethodOptions):
     negative_slope: float = Field(0.01, ge=0)
     output: Literal["tanh", "none"] = "tanh"  # after a non-linear decoder's last layer
     norm: bool = True  # norm enforcement: store row norms, rescale decoded rows to them
+    skip: bool = False  # a non-linear decoder plus a linear path from code to row (x*m more)
     # Training.
     trainer: Literal["autoencoder", "autodecoder"] = "autodecoder"
     init: Literal["random", "svd"] = "svd"
@@ -74,9 +72,13 @@ class AutoencoderOptions(MethodOptions):
     step_size: int = Field(10, ge=1)  # StepLR, in epochs
     gamma: float = Field(0.8, gt=0)
     loss: LossConfig = Field(default_factory=lambda: LossConfig.model_validate({}))
-    threads: int | None = Field(None, ge=1)
-    # Row importance: calibration token counts (embeddings), Fisher or L1 sensitivity.
-    row_weights: Literal["none", "counts", "fisher", "l1"] = "none"
+    # Threads for the fit (None: torch's setting). The fit's matmuls are small: one thread
+    # is about as fast, and far faster when other processes share the cores.
+    threads: int | None = Field(1, ge=1)
+    # Row importance: calibration token counts (embeddings), Fisher or L1 sensitivity;
+    # auto = token counts for embeddings, uniform for other matrices. The loss weights
+    # are c ** row_weight_power (2: the weighted squared error of the row-weighted SVD).
+    row_weights: Literal["auto", "none", "counts", "fisher", "l1"] = "auto"
     row_weight_power: float = Field(1.0, ge=0)
     # Epoch selection: reconstruction loss on the weights, the model's validation metric
     # (context.validate, never the reported split), or simply the last epoch.
@@ -102,6 +104,8 @@ class AutoencoderOptions(MethodOptions):
                 raise ValueError(f"absolute {side} hidden sizes must be whole (got {sizes})")
         if self.trainer == "autoencoder" and self.init == "svd" and (self.encoder or self.decoder):
             raise ValueError("init: svd needs a linear autoencoder (encoder: [], decoder: [])")
+        if self.skip and not self.decoder:
+            raise ValueError("skip needs a non-linear decoder (a linear one is its own skip)")
         return self
 
     def spec(self) -> DecoderSpec:
@@ -132,7 +136,8 @@ def layers_numel(widths: Sequence[int]) -> int:
 def stored_cost(options: AutoencoderOptions, rows: int, cols: int, x: int) -> int:
     """Numbers stored for `rows` stacked rows of width `cols` at latent width x."""
     norms = rows if options.norm else 0
-    return rows * x + layers_numel(decoder_widths(options, x, cols)) + norms
+    skip = x * cols if options.skip else 0
+    return rows * x + layers_numel(decoder_widths(options, x, cols)) + skip + norms
 
 
 def solve_latent_width(
@@ -212,8 +217,14 @@ def _linears(stack: nn.ModuleList) -> list[nn.Linear]:
     return [cast(nn.Linear, layer) for layer in stack]
 
 
-def _layer_tensors(decoder: nn.ModuleList) -> Layers:
-    return [(layer.weight, layer.bias) for layer in _linears(decoder)]
+def _decoder_tensors(decoder: nn.ModuleList, skip: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The decoder as stored: w0, b0, w1, b1, ... (+ skip)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for index, layer in enumerate(_linears(decoder)):
+        tensors[f"w{index}"], tensors[f"b{index}"] = layer.weight, layer.bias
+    if skip is not None:
+        tensors["skip"] = skip
+    return tensors
 
 
 def _set_linear(layer: nn.Linear, weight: torch.Tensor) -> None:
@@ -269,6 +280,11 @@ class _Trainer:
         self.decoder = _linear_stack(decoder_widths(options, x, cols))
         self.encoder: nn.ModuleList | None = None
         self.codes: nn.Parameter | None = None
+        self.skip: nn.Parameter | None = None
+        if options.skip:
+            bound = 1 / math.sqrt(x)
+            skip = (torch.rand(cols, x, generator=self.generator) * 2 - 1) * bound
+            self.skip = nn.Parameter(skip)
         basis = None
         if options.init == "svd":
             scale = None if self.loss_weights is None else self.loss_weights.sqrt()
@@ -285,6 +301,11 @@ class _Trainer:
                 if len(self.decoder) == 1:
                     with torch.no_grad():
                         _set_linear(_linears(self.decoder)[0], basis)
+                elif self.skip is not None:  # start from the SVD: linear path + zero MLP
+                    with torch.no_grad():
+                        self.skip.copy_(basis)
+                        last = _linears(self.decoder)[-1]
+                        _set_linear(last, torch.zeros_like(last.weight))
                 else:  # a non-linear decoder expects codes of unit scale
                     codes = codes / codes.std().clamp_min(1e-12)
             else:
@@ -297,7 +318,12 @@ class _Trainer:
             params += list(self.encoder.parameters())
         if self.codes is not None:
             params.append(self.codes)
+        if self.skip is not None:
+            params.append(self.skip)
         return params
+
+    def decoder_tensors(self) -> dict[str, torch.Tensor]:
+        return _decoder_tensors(self.decoder, self.skip)
 
     def batch_codes(self, index: torch.Tensor) -> torch.Tensor:
         if self.encoder is not None:
@@ -318,7 +344,7 @@ class _Trainer:
         norms = None
         if self.norms is not None:
             norms = self.norms if index is None else self.norms[index]
-        return decode_rows(codes, _layer_tensors(self.decoder), self.spec, norms)
+        return decode_rows(codes, self.decoder_tensors(), self.spec, norms)
 
     @torch.no_grad()
     def full_loss(self, codes: torch.Tensor, alpha: float) -> float:
@@ -372,9 +398,8 @@ class _Trainer:
                     "score": score,
                     "epoch": epoch + 1,
                     "codes": self.all_codes(),
-                    "decoder": copy.deepcopy(self.decoder.state_dict()),
+                    "decoder": {k: v.detach().clone() for k, v in self.decoder_tensors().items()},
                 }
-        self.decoder.load_state_dict(best["decoder"])
         return {"best": best, "history": history}
 
     def score(self, epoch: int) -> float:
@@ -403,14 +428,20 @@ class Autoencoder(Method):
 
     def statistics_needed(self) -> set[str]:
         """Calibration statistics the fit reads from context.statistics."""
-        return set() if self.options.row_weights == "none" else {self.options.row_weights}
+        kind = self.options.row_weights
+        return set() if kind == "none" else {"counts" if kind == "auto" else kind}
 
     def fit(self, matrices: Sequence[torch.Tensor], budget: float, context: FitContext) -> Stored:
         options = self.options
         rows, cols = matrices[0].shape
         stacked = torch.cat([m.detach().float() for m in matrices])
         x = solve_latent_width(options, stacked.shape[0], cols, budget, context.group)
-        weights = row_importance(options.row_weights, context.statistics, rows, context.group)
+        kind = options.row_weights
+        if kind == "auto":  # token counts where there are some (embeddings), else uniform
+            stats = context.statistics or []
+            has_counts = bool(stats) and all(getattr(s, "counts", None) is not None for s in stats)
+            kind = "counts" if has_counts else "none"
+        weights = row_importance(kind, context.statistics, rows, context.group)
         if weights is not None and weights.shape[0] != stacked.shape[0]:
             raise AecompressError(
                 f"{context.group}: statistics cover {weights.shape[0]} rows, the group "
@@ -429,11 +460,7 @@ class Autoencoder(Method):
             )
             result = trainer.train()
         best = result["best"]
-        layers = _layer_tensors(trainer.decoder)
-        shared: dict[str, torch.Tensor] = {}
-        for index, (weight, bias) in enumerate(layers):
-            shared[f"w{index}"] = weight.detach().clone()
-            shared[f"b{index}"] = bias.detach().clone()
+        shared: dict[str, torch.Tensor] = best["decoder"]
         members: list[dict[str, torch.Tensor]] = []
         for part, norm in zip(
             best["codes"].split(rows),
@@ -454,7 +481,8 @@ class Autoencoder(Method):
             "negative_slope": options.negative_slope,
             "output": options.output,
             "norm": options.norm,
-            "row_weights": options.row_weights,
+            "skip": options.skip,
+            "row_weights": kind,
             "epochs": options.epochs,
             "epoch": best["epoch"],
             "selection": options.selection,
@@ -493,16 +521,11 @@ class Autoencoder(Method):
             meta.get("norm", True),
         )
 
-    @staticmethod
-    def _layers(stored: Stored) -> Layers:
-        count = sum(1 for name in stored.shared if name.startswith("w"))
-        return [(stored.shared[f"w{i}"], stored.shared[f"b{i}"]) for i in range(count)]
-
     def reconstruct(self, stored: Stored, index: int) -> torch.Tensor:
         member = stored.members[index]
         with torch.no_grad():
             return decode_rows(
-                member["codes"], self._layers(stored), self._spec(stored), member.get("norms")
+                member["codes"], stored.shared, self._spec(stored), member.get("norms")
             )
 
     def linear(self, stored: Stored, index: int, bias: torch.Tensor | None) -> nn.Module:
@@ -510,7 +533,7 @@ class Autoencoder(Method):
             return super().linear(stored, index, bias)
         member = stored.members[index]
         return DecodedLinear(
-            member["codes"], self._layers(stored), self._spec(stored), member.get("norms"), bias
+            member["codes"], stored.shared, self._spec(stored), member.get("norms"), bias
         )
 
     def embedding(self, stored: Stored, index: int, padding_idx: int | None) -> nn.Module:
@@ -519,7 +542,7 @@ class Autoencoder(Method):
         member = stored.members[index]
         return DecodedEmbedding(
             member["codes"],
-            self._layers(stored),
+            stored.shared,
             self._spec(stored),
             member.get("norms"),
             padding_idx,
