@@ -128,7 +128,6 @@ def test_training_is_deterministic_per_seed(trainer):
         ({"epoch": 3}, "epoch"),
         ({"preset": "slow"}, "preset"),
         ({"loss": {"cosine": 1}}, "loss"),
-        ({"skip": True, "decoder": []}, "skip"),
     ],
 )
 def test_bad_options_are_clear_errors(options, message):
@@ -241,11 +240,15 @@ def test_runtime_modules_decode_like_reconstruct():
     mats = matrices(2)
     method, stored, _ = fit({"runtime": "decoder"}, mats)
     stored = stored.as_parameters()
+    normed = make_method("ae", {**QUICK, "norm": True, "runtime": "decoder"})
+    normed_stored = normed.fit(mats, 640, FitContext("g", progress=False)).as_parameters()
+    assert "norms" in normed.linear(normed_stored, 0, None).stored_names
     first = method.linear(stored, 0, None)
     second = method.linear(stored, 1, None)
     assert isinstance(first, DecodedLinear) and isinstance(second, DecodedLinear)
     assert first.w0 is second.w0 and first.codes is not second.codes  # one shared decoder
-    assert set(first.stored_names) == {"codes", "norms", "w0", "b0", "w1", "b1", "w2", "b2"}
+    names = {"codes", "w0", "b0", "w1", "b1", "w2", "b2", "skip"}
+    assert set(first.stored_names) == names
     inputs = torch.randn(5, 24)
     torch.testing.assert_close(first(inputs), inputs @ method.reconstruct(stored, 0).T)
     table = method.embedding(stored, 1, None)

@@ -18,7 +18,7 @@ from aecompress.report import describe_manifest
 from aecompress.targets import group_targets, resolve_targets, weight_matrix
 from tests.conftest import make_tiny
 
-QUICK = {"epochs": 2, "batch_size": 32}
+QUICK = {"epochs": 2, "batch_size": 32, "row_weights": "none"}
 FAMILIES = {
     "bert": ["embed", "q", "k", "v", "o", "up", "down"],
     "gpt2": ["embed", "q", "k", "v", "o", "up", "down"],
@@ -155,6 +155,22 @@ def test_encoder_validation_without_sts_is_a_clear_error(tokenizer):
             tokenizer=tokenizer,
             progress=False,
         )
+
+
+def test_default_row_weights_are_token_counts_for_embeddings(tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("AECOMPRESS_CACHE", str(tmp_path))
+    cm = aecompress.compress(
+        make_tiny("bert", vocab=tokenizer.vocab_size),
+        method="ae",
+        options={"epochs": 1},
+        ratio=4,
+        targets=["embed", "k"],
+        tokenizer=tokenizer,
+        calibration={"samples": 4, "seq_len": 32},
+        progress=False,
+    )
+    weights = {g.group.family: g.stored.meta["row_weights"] for g in cm.groups}
+    assert weights == {"embed": "counts", "k": "none"}
 
 
 def test_fisher_weights_need_an_lm_head(tokenizer, tmp_path, monkeypatch):
