@@ -229,11 +229,26 @@ def test_validation_selection_uses_the_callback_and_never_needs_it_otherwise():
         calls.append(decoded)
         return [3.0, 1.0, 2.0][len(calls) - 1]
 
-    _, stored, _ = fit({"epochs": 3, "selection": "validation"}, mats, validate=validate)
+    options = {"epochs": 3, "selection": "validation", "select_from": 0}
+    _, stored, _ = fit(options, mats, validate=validate)
     assert len(calls) == 3 and [d.shape for d in calls[0]] == [(40, 24), (40, 24)]
     assert stored.meta["epoch"] == 2 and stored.meta["selection_value"] == 1.0
     with pytest.raises(AecompressError, match="validation metric"):
         fit({"selection": "validation"}, mats)
+
+
+def test_selection_skips_early_epochs_and_keeps_the_best():
+    calls: list[int] = []
+
+    def validate(decoded: list[torch.Tensor]) -> float:
+        calls.append(1)
+        return 5.0 - len(calls) if len(calls) < 3 else 9.0
+
+    options = {"epochs": 6, "selection": "validation", "select_from": 0.5}
+    _, stored, _ = fit(options, matrices(1), validate=validate)
+    assert len(calls) == 3 and stored.meta["epoch"] == 5  # epochs 4, 5, 6 scored
+    _, last, _ = fit({"epochs": 3, "selection": "last"}, matrices(1))
+    assert last.meta["epoch"] == 3 and last.meta["selection_value"] == 0.0
 
 
 def test_runtime_modules_decode_like_reconstruct():

@@ -48,6 +48,7 @@ PAPER_PRESET: dict[str, Any] = {
     "skip": False,
     "row_weights": "none",
     "row_weight_power": 1.0,
+    "select_from": 0.0,
 }
 PRESETS: dict[str, dict[str, Any]] = {"fast": {}, "paper": PAPER_PRESET}
 
@@ -73,7 +74,7 @@ class AutoencoderOptions(MethodOptions):
     # Training.
     trainer: Literal["autoencoder", "autodecoder"] = "autodecoder"
     init: Literal["random", "svd"] = "svd"
-    epochs: int = Field(30, ge=1)
+    epochs: int = Field(25, ge=1)
     batch_size: int = Field(1024, ge=1)
     lr: float = Field(3e-3, gt=0)
     schedule: Literal["step", "onecycle", "constant"] = "onecycle"
@@ -92,6 +93,9 @@ class AutoencoderOptions(MethodOptions):
     # (context.validate, never the reported split), or simply the last epoch.
     selection: Literal["reconstruction", "validation", "last"] = "reconstruction"
     validate_every: int = Field(1, ge=1)
+    # Epochs before this fraction of training are not candidates (their signal is not
+    # computed): with a one-cycle schedule the early epochs are never the best.
+    select_from: float = Field(0.5, ge=0, lt=1)
     # Run time: decode once into a dense weight, or keep codes + decoder in the module.
     runtime: Literal["dense", "decoder"] = "dense"
 
@@ -404,7 +408,7 @@ class _Trainer:
             score = self.score(epoch)
             history.append(round(score, 6))
             bar.set_postfix(loss=f"{total / count:.4f}", select=f"{score:.4f}")
-            if score <= best["score"] or options.selection == "last":
+            if options.selection == "last" or score < best["score"]:
                 best = {
                     "score": score,
                     "epoch": epoch + 1,
@@ -420,6 +424,8 @@ class _Trainer:
         last = epoch == options.epochs - 1
         if options.selection == "last":
             return 0.0
+        if epoch < int(options.select_from * options.epochs) and not last:
+            return math.inf
         if options.selection == "validation":
             if (epoch + 1) % options.validate_every and not last:
                 return math.inf
