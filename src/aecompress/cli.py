@@ -129,6 +129,38 @@ def inspect(
     typer.echo(json.dumps(manifest, indent=2) if as_json else describe_manifest(manifest))
 
 
+@app.command()
+def sweep(
+    recipe: Annotated[Path, typer.Argument(help="sweep recipe (YAML)")],
+    results: Annotated[
+        Path | None, typer.Option(help="results JSONL (default: beside the recipe)")
+    ] = None,
+) -> None:
+    """Run a grid of compressions and evaluations; resumable; then write the report."""
+    from aecompress.report import write_report
+    from aecompress.sweep import SweepRecipe, run_sweep
+
+    plan = SweepRecipe.from_yaml(recipe)
+    path = results or recipe.parent / "results" / plan.name / "results.jsonl"
+    start = time.perf_counter()
+    records = run_sweep(plan, path)
+    typer.echo(f"{len(records)} records in {path} ({time.perf_counter() - start:.0f} s this run)")
+    for written in write_report(path, records):
+        typer.echo(f"wrote {written}")
+
+
+@app.command()
+def report(results: Annotated[Path, typer.Argument(help="results JSONL of a sweep")]) -> None:
+    """Write Markdown/CSV tables and PNG plots next to a sweep's results file."""
+    from aecompress.report import write_report
+    from aecompress.sweep import read_results
+
+    if not results.is_file():
+        raise AecompressError(f"no such results file: {results}")
+    for written in write_report(results, read_results(results)):
+        typer.echo(f"wrote {written}")
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit status 2."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import csv
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 
@@ -59,3 +62,146 @@ def _stored_shapes(tensors: dict[str, list[int]]) -> str:
             members[name] = (shape, members.get(name, (shape, 0))[1] + 1)
     per_member = [f"{n} {_shape(s)} (x{count})" for n, (s, count) in members.items()]
     return ", ".join(shared + per_member)
+
+
+def metric_values(record: dict[str, Any]) -> dict[str, float]:
+    """The metrics of one result record ({metric: value})."""
+    if "metrics" in record:
+        return dict(record["metrics"])
+    return {record["metric"]: record["value"]}
+
+
+def flatten_results(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per successful record and metric, with the cell's fields."""
+    rows = []
+    for record in records:
+        if record.get("status") != "ok":
+            continue
+        cell = record["cell"]
+        for metric, value in metric_values(record).items():
+            rows.append(
+                {
+                    "model": cell["model"],
+                    "label": cell["label"],
+                    "targets": cell.get("targets", ""),
+                    "group": cell.get("group", ""),
+                    "ratio": cell["ratio"],
+                    "seed": cell.get("seed", 0),
+                    "task": record["task"],
+                    "split": record.get("split", ""),
+                    "metric": metric,
+                    "value": value,
+                    "compress_seconds": record.get("compress_seconds", 0.0),
+                    "achieved_ratio": record.get("ratio", 1.0),
+                }
+            )
+    return rows
+
+
+def _method_name(row: dict[str, Any]) -> str:
+    return row["label"] if row["group"] in ("", "none") else f"{row['label']} ({row['group']})"
+
+
+def _tables(
+    rows: list[dict[str, Any]],
+) -> Iterator[tuple[tuple[str, str, str, str, str], list[dict[str, Any]], float | None]]:
+    """(model, targets, task, split, metric), its compressed rows, and the dense value."""
+    dense = {
+        (r["model"], r["task"], r["metric"]): r["value"] for r in rows if r["label"] == "dense"
+    }
+    compressed = [r for r in rows if r["label"] != "dense"]
+    keys = sorted(
+        {(r["model"], r["targets"], r["task"], r["split"], r["metric"]) for r in compressed}
+    )
+    for key in keys:
+        model, _targets, task, _split, metric = key
+        subset = [
+            r
+            for r in compressed
+            if (r["model"], r["targets"], r["task"], r["split"], r["metric"]) == key
+        ]
+        yield key, subset, dense.get((model, task, metric))
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def results_tables(rows: list[dict[str, Any]]) -> str:
+    """Markdown: per model, target and task metric, methods x ratios (delta to dense)."""
+    sections = []
+    for (model, targets, task, split, metric), subset, reference in _tables(rows):
+        ratios = sorted({r["ratio"] for r in subset})
+        lines = [
+            f"### {model}: {targets}, {task} {metric} ({split})",
+            "",
+            f"dense: {reference:.4g}" if reference is not None else "dense: not measured",
+            "",
+            "| method | " + " | ".join(f"ratio {r:g}" for r in ratios) + " |",
+            "|---" * (len(ratios) + 1) + "|",
+        ]
+        for name in sorted({_method_name(r) for r in subset}):
+            cells = []
+            for ratio in ratios:
+                values = [
+                    r["value"] for r in subset if _method_name(r) == name and r["ratio"] == ratio
+                ]
+                delta = (
+                    ""
+                    if reference is None or not values
+                    else f" ({_mean(values) - reference:+.3g})"
+                )
+                cells.append(f"{_mean(values):.4g}{delta}" if values else "")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        sections.append("\n".join(lines))
+    return "\n\n".join(sections) + "\n"
+
+
+def _plot(
+    path: Path, title: str, ylabel: str, subset: list[dict[str, Any]], reference: float | None
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(5, 3.5))
+    for name in sorted({_method_name(r) for r in subset}):
+        points = sorted((r["ratio"], r["value"]) for r in subset if _method_name(r) == name)
+        axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+    if reference is not None:
+        axes.axhline(reference, color="black", linestyle="--", label="dense")
+    axes.set_xscale("log")
+    axes.set_xlabel("compression ratio")
+    axes.set_ylabel(ylabel)
+    axes.set_title(title, fontsize=9)
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def write_report(results: Path, records: list[dict[str, Any]]) -> list[Path]:
+    """Write report.md, results.csv and one PNG per table next to the results file."""
+    rows = flatten_results(records)
+    folder = results.parent
+    text = results_tables(rows)
+    failed = [r for r in records if r.get("status") == "failed"]
+    if failed:
+        text += "\n### Failed cells\n\n" + "".join(
+            f"- {r['cell']['label']} {r['cell'].get('targets', '')} ratio {r['cell']['ratio']} "
+            f"{r['task']}: {r['error']}\n"
+            for r in failed
+        )
+    written = [folder / "report.md", folder / "results.csv"]
+    written[0].write_text(text)
+    with written[1].open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["model"])
+        writer.writeheader()
+        writer.writerows(rows)
+    for (model, targets, task, _split, metric), subset, reference in _tables(rows):
+        parts = (model, targets, task, metric)
+        path = folder / ("_".join(p.replace(",", "+").replace("/", "-") for p in parts) + ".png")
+        _plot(path, f"{model}: {targets}", f"{task} {metric}", subset, reference)
+        written.append(path)
+    return written

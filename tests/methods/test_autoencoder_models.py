@@ -6,13 +6,11 @@ import importlib.util
 
 import pytest
 import torch
-import transformers
 
 import aecompress
 from aecompress.artifact import load_compressed, read_manifest
 from aecompress.engine import make_validate
 from aecompress.errors import AecompressError
-from aecompress.models import resolve_embedded
 from aecompress.modules import DecodedEmbedding, DecodedLinear
 from aecompress.report import describe_manifest
 from aecompress.targets import group_targets, resolve_targets, weight_matrix
@@ -24,11 +22,6 @@ FAMILIES = {
     "gpt2": ["embed", "q", "k", "v", "o", "up", "down"],
     "llama": ["embed", "q", "k", "v", "o", "up", "gate", "down"],
 }
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> transformers.PreTrainedTokenizerBase:
-    return transformers.AutoTokenizer.from_pretrained(str(resolve_embedded("minilm-l6")))
 
 
 @pytest.mark.parametrize("grouping", ["none", "layers"])

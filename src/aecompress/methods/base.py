@@ -63,7 +63,8 @@ class Stored:
         def wrap(t: torch.Tensor) -> torch.Tensor:
             if isinstance(t, nn.Parameter) or not t.is_floating_point():
                 return t
-            return nn.Parameter(t.detach(), requires_grad=trainable)
+            fresh = t.detach().clone(memory_format=torch.contiguous_format)
+            return nn.Parameter(fresh, requires_grad=trainable)
 
         return Stored(
             {k: wrap(t) for k, t in self.shared.items()},

@@ -1,0 +1,31 @@
+import pytest
+import torch
+
+from aecompress.errors import AecompressError
+from aecompress.methods import FitContext, make_method
+from aecompress.methods.svd import truncated_svd
+
+
+def test_truncated_svd_is_the_eckart_young_optimum():
+    torch.manual_seed(0)
+    matrix = torch.randn(20, 12, dtype=torch.float64)
+    a, b = truncated_svd(matrix, 4)
+    singular = torch.linalg.svdvals(matrix)
+    error = torch.linalg.matrix_norm(matrix - a @ b)
+    assert error == pytest.approx(singular[4:].pow(2).sum().sqrt().item(), rel=1e-10)
+
+
+def test_stacked_group_shares_one_basis_and_splits_codes_per_member():
+    torch.manual_seed(0)
+    matrices = [torch.randn(8, 6) for _ in range(3)]
+    method = make_method("svd")
+    stored = method.fit(matrices, float("inf"), FitContext("k"))
+    assert set(stored.shared) == {"b"} and stored.shared["b"].shape == (6, 6)
+    assert [m["a"].shape for m in stored.members] == [(8, 6)] * 3
+    for index, matrix in enumerate(matrices):
+        torch.testing.assert_close(method.reconstruct(stored, index), matrix, atol=1e-5, rtol=0)
+
+
+def test_svd_has_no_options():
+    with pytest.raises(AecompressError, match="rank"):
+        make_method("svd", {"rank": 3})

@@ -1,0 +1,57 @@
+import torch
+
+from aecompress.calibration import CalibrationConfig, cached_statistics, collect_statistics
+from aecompress.errors import AecompressError
+from aecompress.targets import resolve_targets
+from tests.conftest import tiny_model
+
+CONFIG = CalibrationConfig(samples=3, seq_len=16, batch_size=2)
+
+
+def test_statistics_are_reproducible_and_correct(tokenizer):
+    model = tiny_model("llama")
+    targets = resolve_targets(model, ["embed", "down"])
+    first = collect_statistics(
+        model, tokenizer, targets, {"xtx", "abs_mean", "counts", "fisher"}, CONFIG, progress=False
+    )
+    again = collect_statistics(
+        model, tokenizer, targets, {"xtx", "abs_mean", "counts", "fisher"}, CONFIG, progress=False
+    )
+    for name, entry in first.items():
+        for field in ("xtx", "abs_mean", "counts", "fisher"):
+            a, b = getattr(entry, field), getattr(again[name], field)
+            assert (a is None and b is None) or torch.equal(a, b), (name, field)
+    down = first["model.layers.0.mlp.down_proj"]
+    assert down.tokens == 3 * 16 and down.xtx.shape == (64, 64) and down.xtx.dtype == torch.float64
+    torch.testing.assert_close(down.xtx, down.xtx.T)
+    assert torch.all(torch.linalg.eigvalsh(down.xtx) > -1e-6)
+    embed = first["model.embed_tokens"]
+    assert embed.counts.sum() == 3 * 16 and embed.fisher.shape == (30522, 32)
+
+
+def test_fisher_needs_an_lm_head(tokenizer):
+    model = tiny_model("bert").bert
+    targets = resolve_targets(model, ["k"])
+    try:
+        collect_statistics(model, tokenizer, targets, {"fisher"}, CONFIG, progress=False)
+    except AecompressError as error:
+        assert "no LM head" in str(error)
+    else:
+        raise AssertionError("expected an error")
+
+
+def test_cache_returns_the_same_statistics(tokenizer, monkeypatch):
+    model = tiny_model("gpt2")
+    targets = resolve_targets(model, ["k"])
+    stats = cached_statistics(model, tokenizer, targets, {"xtx"}, CONFIG, "hash", progress=False)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("recomputed")
+
+    monkeypatch.setattr("aecompress.calibration.collect_statistics", fail)
+    again = cached_statistics(model, tokenizer, targets, {"xtx"}, CONFIG, "hash", progress=False)
+    for name in stats:
+        assert (
+            torch.equal(stats[name].xtx, again[name].xtx)
+            and stats[name].tokens == again[name].tokens
+        )

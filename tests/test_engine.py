@@ -1,0 +1,79 @@
+"""Contract tests: every architecture, every family, through the one engine."""
+
+import pytest
+import torch
+
+import aecompress
+from aecompress.engine import CompressedGroup, inject, output_head_path
+from aecompress.errors import AecompressError
+from aecompress.methods import FitContext, make_method
+from aecompress.targets import group_targets, resolve_targets, weight_matrix
+from tests.conftest import FAMILIES, tiny_model
+
+
+@pytest.mark.parametrize("grouping", ["none", "layers"])
+def test_full_rank_svd_reproduces_outputs(arch, grouping, input_ids):
+    """SVD at full rank through the real substitution path: outputs equal the original's."""
+    model = tiny_model(arch)
+    reference = model(input_ids=input_ids).logits
+    method = make_method("svd")
+    tied = output_head_path(model)
+    groups = group_targets(model, resolve_targets(model, FAMILIES[arch]), grouping)
+    for group in groups:
+        matrices = [weight_matrix(model, t).float() for t in group.members]
+        stored = method.fit(matrices, float("inf"), FitContext(group.name)).as_parameters()
+        fitted = CompressedGroup(group, stored, tuple(matrices[0].shape))
+        inject(model, fitted, method, tied if group.family == "embed" else None)
+    assert not any(
+        isinstance(m, torch.nn.Linear) and m.weight.shape[0] == 30522 for m in model.modules()
+    )
+    torch.testing.assert_close(model(input_ids=input_ids).logits, reference, atol=2e-4, rtol=1e-4)
+
+
+def test_compress_meets_the_budget_and_reports_ratio(arch):
+    model = tiny_model(arch)
+    cm = aecompress.compress(model, method="svd", ratio=3, targets=FAMILIES[arch], progress=False)
+    for fitted in cm.groups:
+        assert fitted.stored_numel <= fitted.original_numel / 3
+        assert fitted.ratio >= 3
+    totals = cm.totals()
+    assert totals["ratio"] == totals["target_params"] / totals["stored_params"]
+
+
+def test_tied_output_head_shares_the_embedding_factors(input_ids):
+    model = tiny_model("llama")
+    cm = aecompress.compress(model, method="svd", ratio=4, targets=["embed"], progress=False)
+    assert cm.tied_output == "lm_head"
+    assert model.lm_head.a is model.model.embed_tokens.a
+    assert model.lm_head.b is model.model.embed_tokens.b
+
+
+def test_untie_keeps_the_output_head_dense():
+    model = tiny_model("llama")
+    head = model.lm_head.weight.detach().clone()
+    cm = aecompress.compress(
+        model, method="svd", ratio=4, targets=["embed"], untie_embeddings=True, progress=False
+    )
+    assert cm.tied_output is None
+    assert torch.equal(model.lm_head.weight, head)
+    assert model.config.tie_word_embeddings is False
+
+
+def test_nan_weights_are_refused():
+    model = tiny_model("bert")
+    with torch.no_grad():
+        model.bert.encoder.layer[1].attention.self.key.weight[0, 0] = float("nan")
+    with pytest.raises(AecompressError, match="NaN"):
+        aecompress.compress(model, method="svd", ratio=2, targets=["k"], progress=False)
+
+
+def test_bad_recipe_values_are_clear():
+    model = tiny_model("bert")
+    with pytest.raises(AecompressError, match="ratio"):
+        aecompress.compress(model, method="svd", ratio=0.5, targets=["k"])
+    with pytest.raises(AecompressError, match="unknown method 'svdd'"):
+        aecompress.compress(model, method="svdd", ratio=2, targets=["k"])
+    with pytest.raises(AecompressError, match="ratio is too large"):
+        aecompress.compress(model, method="svd", ratio=1000, targets=["k"], progress=False)
+    with pytest.raises(AecompressError, match="recipe: colour"):
+        aecompress.compress(model, method="svd", ratio=2, targets=["k"], colour="red")

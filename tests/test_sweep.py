@@ -1,0 +1,126 @@
+import json
+
+import pytest
+
+from aecompress.errors import AecompressError
+from aecompress.report import write_report
+from aecompress.sweep import SweepRecipe, read_results, run_sweep
+
+
+@pytest.fixture
+def tiny_folder(tmp_path, tokenizer):
+    from tests.conftest import tiny_model
+
+    tiny_model("llama").save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    return str(tmp_path / "tiny")
+
+
+def recipe(model: str) -> SweepRecipe:
+    return SweepRecipe.model_validate(
+        {
+            "name": "two-cells",
+            "models": [model],
+            "methods": [{"method": "svd"}],
+            "ratios": [2, 4],
+            "targets": ["k,down"],
+            "tasks": [{"task": "wikitext2", "options": {"windows": 1, "seq_len": 16}}],
+        }
+    )
+
+
+def test_interrupted_sweep_resumes_without_recomputing(tiny_folder, tmp_path, monkeypatch):
+    results = tmp_path / "out" / "results.jsonl"
+    import aecompress.sweep as sweep_module
+
+    real_compress, calls = sweep_module.compress, []
+
+    def counting(model, plan, **kwargs):
+        calls.append(plan.ratio)
+        if plan.ratio == 4 and len(calls) == 2:
+            raise KeyboardInterrupt  # the sweep is interrupted during the second cell
+        return real_compress(model, plan, **kwargs)
+
+    monkeypatch.setattr(sweep_module, "compress", counting)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(recipe(tiny_folder), results, progress=False)
+    assert [r["cell"]["label"] for r in read_results(results)] == ["dense", "svd"]
+    records = run_sweep(recipe(tiny_folder), results, progress=False)
+    assert calls == [2, 4, 4]  # the finished cell was not recomputed
+    assert [(r["cell"]["label"], r["cell"]["ratio"]) for r in records] == [
+        ("dense", 1.0),
+        ("svd", 2),
+        ("svd", 4),
+    ]
+    assert all(r["status"] == "ok" for r in records)
+
+
+def test_a_failing_cell_is_recorded_and_the_sweep_goes_on(tiny_folder, tmp_path):
+    plan = recipe(tiny_folder).model_copy(update={"ratios": [1e9, 2]})
+    records = run_sweep(plan, tmp_path / "results.jsonl", progress=False)
+    statuses = [(r["cell"]["ratio"], r["status"]) for r in records]
+    assert statuses == [(1.0, "ok"), (1e9, "failed"), (2, "ok")]
+    assert "ratio is too large" in records[1]["error"]
+
+
+def test_report_renders_tables_and_plots(tmp_path):
+    results = tmp_path / "results.jsonl"
+    cell = {
+        "model": "m",
+        "targets": "k",
+        "group": "none",
+        "seed": 0,
+        "method": "svd",
+        "options": {},
+    }
+    records = [
+        {
+            "cell": {"model": "m", "label": "dense", "ratio": 1.0},
+            "status": "ok",
+            "task": "stsb",
+            "split": "test",
+            "metric": "spearman",
+            "value": 82.0,
+        },
+        {
+            "cell": {**cell, "label": "svd", "ratio": 3},
+            "status": "ok",
+            "task": "stsb",
+            "split": "test",
+            "metric": "spearman",
+            "value": 75.0,
+        },
+        {
+            "cell": {**cell, "label": "svd", "ratio": 10},
+            "status": "ok",
+            "task": "stsb",
+            "split": "test",
+            "metric": "spearman",
+            "value": 61.5,
+        },
+        {
+            "cell": {**cell, "label": "ae", "ratio": 10},
+            "status": "failed",
+            "task": "stsb",
+            "error": "boom",
+        },
+    ]
+    results.write_text("".join(json.dumps(r) + "\n" for r in records))
+    written = write_report(results, read_results(results))
+    report = (tmp_path / "report.md").read_text()
+    assert "dense: 82" in report
+    assert "| svd | 75 (-7) | 61.5 (-20.5) |" in report
+    assert "ae k ratio 10 stsb: boom" in report
+    assert (tmp_path / "results.csv").read_text().count("\n") == 4
+    png = [p for p in written if p.suffix == ".png"]
+    assert len(png) == 1 and png[0].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_unknown_recipe_key_is_named(tmp_path):
+    path = tmp_path / "grid.yaml"
+    path.write_text(
+        "name: g\nmodels: [m]\nmethods: [{method: svd}]\nratios: [2]\ntargets: [k]\n"
+        "tasks: [{task: wikitext2}]\nratio: 3\n"
+    )
+    with pytest.raises(AecompressError, match="ratio: Extra inputs are not permitted"):
+        SweepRecipe.from_yaml(path)
