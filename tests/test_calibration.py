@@ -1,6 +1,11 @@
 import torch
 
-from aecompress.calibration import CalibrationConfig, cached_statistics, collect_statistics
+from aecompress.calibration import (
+    CalibrationConfig,
+    cached_statistics,
+    collect_statistics,
+    split_ids,
+)
 from aecompress.errors import AecompressError
 from aecompress.targets import resolve_targets
 from tests.conftest import tiny_model
@@ -26,7 +31,9 @@ def test_statistics_are_reproducible_and_correct(tokenizer):
     torch.testing.assert_close(down.xtx, down.xtx.T)
     assert torch.all(torch.linalg.eigvalsh(down.xtx) > -1e-6)
     embed = first["model.embed_tokens"]
-    assert embed.counts.sum() == 3 * 16 and embed.fisher.shape == (30522, 32)
+    split_tokens = split_ids(tokenizer, "train").numel()  # counts cover the whole split
+    assert embed.counts.sum() == embed.tokens == split_tokens > 3 * 16
+    assert embed.fisher.shape == (30522, 32)
 
 
 def test_fisher_needs_an_lm_head(tokenizer):
