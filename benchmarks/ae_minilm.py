@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 
 import aecompress
-from aecompress.calibration import CalibrationConfig, calibration_windows
+from aecompress.calibration import CalibrationConfig, split_ids
 from aecompress.data import data_file
 from aecompress.methods.svd import truncated_svd
 from aecompress.models import load_model
@@ -71,14 +71,14 @@ def stsb_spearman(model: Any, tokenizer: Any, split: str = "test", batch: int = 
 
 
 def weighted_svd_embeddings(ratio: float) -> tuple[float, float]:
-    """Reference row-weighted SVD of the embedding (weights sqrt(count + 1), counts from the
-    default calibration windows of WikiText-2 train): (STS-B test, seconds)."""
+    """Reference row-weighted SVD of the embedding (weights sqrt(count + 1), token counts
+    over the WikiText-2 train text, as the AE's calibration statistics): (STS-B, seconds)."""
     loaded = load_model("minilm-l6")
     start = time.perf_counter()
     table = loaded.model.get_input_embeddings().weight
     rows, cols = table.shape
-    windows = calibration_windows(loaded.tokenizer, CalibrationConfig())
-    counts = torch.bincount(windows.flatten(), minlength=rows).double()
+    ids = split_ids(loaded.tokenizer, CalibrationConfig().split)
+    counts = torch.bincount(ids, minlength=rows).double()
     scale = (counts + 1).sqrt().unsqueeze(1)
     rank = int(rows * cols / ratio // (rows + cols))
     a, b = truncated_svd(table.detach().double() * scale, rank)
