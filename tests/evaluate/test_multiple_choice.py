@@ -1,5 +1,6 @@
 import pytest
 import torch
+from torch import nn
 
 from aecompress.evaluate import multiple_choice as mc
 from aecompress.evaluate.multiple_choice import (
@@ -37,11 +38,24 @@ def _manual_logprob(model, context: list[int], continuation: list[int]) -> float
     return sum(logprobs[len(context) + i - 1, token].item() for i, token in enumerate(continuation))
 
 
+class WithoutLogitsToKeep(nn.Module):
+    """A causal LM whose forward does not take logits_to_keep (all logits are computed)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask)
+
+
 @pytest.mark.parametrize("name", ["tiny_llama", "tiny_gpt2"])
-def test_batched_scores_equal_a_manual_log_prob_sum(request, name: str) -> None:
+@pytest.mark.parametrize("trim", [True, False])
+def test_batched_scores_equal_a_manual_log_prob_sum(request, name: str, trim: bool) -> None:
     model = request.getfixturevalue(name)
     pairs = [([5, 6, 7, 8], [9, 10]), ([11], [12, 13, 14]), ([15, 16], [17]), ([3] * 9, [4])]
-    scores = continuation_logprobs(model, pairs, pad_id=0, batch_size=3, progress=False)
+    scorer = model if trim else WithoutLogitsToKeep(model)
+    scores = continuation_logprobs(scorer, pairs, pad_id=0, batch_size=2, progress=False)
     expected = [_manual_logprob(model, c, x) for c, x in pairs]
     assert scores == pytest.approx(expected, abs=1e-4)
 

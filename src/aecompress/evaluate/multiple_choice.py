@@ -5,11 +5,13 @@ the context. The continuation's tokens are those of tokenize(context + continuat
 the context's tokens; no special tokens are added. `acc` takes the best sum, `acc_norm` the
 best sum divided by the continuation's length in characters (lm-eval's acc_norm), both in
 percent. Prompts follow lm-eval: ARC and PIQA "Question: {q}\\nAnswer:" + " {choice}",
-HellaSwag "{activity}: {context}" + " {ending}" (the text is already preprocessed).
+HellaSwag "{activity}: {context}" + " {ending}" (the data file is already preprocessed the
+lm-eval way, except that ctx_b is not capitalised: see data/hellaswag/SOURCE.md).
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -120,9 +122,12 @@ def continuation_logprobs(
 ) -> list[float]:
     """Sum of log p(continuation token | previous tokens) for each (context, continuation).
 
-    Sequences longer than the model's context keep their last tokens.
+    Sequences longer than the model's context keep their last tokens. When the model takes
+    `logits_to_keep`, only the positions from the batch's first predicting one go through
+    the LM head (a large share of the work for small models with big vocabularies).
     """
     model.eval()
+    trim = "logits_to_keep" in inspect.signature(model.forward).parameters
     keep = model.config.max_position_embeddings + 1
     sequences = [(context + cont)[-keep:] for context, cont in pairs]
     scores = [0.0] * len(pairs)
@@ -132,11 +137,14 @@ def continuation_logprobs(
         disable=not progress,
     ):
         ids, mask = pad_batch([sequences[i][:-1] for i in batch], pad_id)
-        logits = model(input_ids=ids, attention_mask=mask).logits
+        starts = [len(sequences[i]) - 1 - len(pairs[i][1]) for i in batch]
+        first = min(starts) if trim else 0
+        kept = {"logits_to_keep": torch.arange(first, ids.shape[1])} if trim else {}
+        logits = model(input_ids=ids, attention_mask=mask, **kept).logits
         for row, index in enumerate(batch):
             targets = torch.as_tensor(pairs[index][1])
-            end = len(sequences[index]) - 1
-            window = logits[row, end - len(targets) : end].float().log_softmax(dim=-1)
+            start = starts[row] - first
+            window = logits[row, start : start + len(targets)].float().log_softmax(dim=-1)
             scores[index] = window.gather(1, targets[:, None]).sum().item()
     return scores
 
