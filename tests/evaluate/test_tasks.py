@@ -59,7 +59,8 @@ def test_bad_options_and_missing_reference(tiny_bert, tiny_llama, tokenizer) -> 
 def test_run_task_records_split_hashes_and_settings(tiny_llama, tokenizer) -> None:
     result = run_task("wikitext2", tiny_llama, tokenizer, windows=2, seq_len=64, progress=False)
     assert result.task == "wikitext2" and result.split == "test"
-    assert set(result.metrics) == {"perplexity"} and result.metrics["perplexity"] > 1
+    assert tuple(result.metrics) == TASKS["wikitext2"].metrics
+    assert result.metrics["perplexity"] > 1
     assert result.data_sha256 == {"wikitext-2-raw/wiki.test.raw": WIKITEXT2_TEST_SHA256}
     assert result.settings == {
         "split": "test",
@@ -76,10 +77,18 @@ def test_default_split_is_filled_in(tiny_llama, tokenizer) -> None:
     result = run_task("piqa", tiny_llama, tokenizer, limit=2, progress=False)
     assert result.split == result.settings["split"] == "validation"
     assert set(result.data_sha256) == {"piqa/valid.jsonl", "piqa/valid-labels.lst"}
+    assert tuple(result.metrics) == TASKS["piqa"].metrics
+
+
+def test_mlm_through_the_registry(tiny_bert_mlm, tokenizer) -> None:
+    result = run_task("mlm", tiny_bert_mlm, tokenizer, limit=3, progress=False)
+    assert result.split == "test" and tuple(result.metrics) == TASKS["mlm"].metrics
+    assert result.settings["mask_prob"] == 0.15 and result.settings["seed"] == 0
 
 
 def test_fidelity_with_a_reference(tiny_bert, tokenizer) -> None:
     result = run_task(
         "fidelity", tiny_bert, tokenizer, reference=tiny_bert, sentences=8, progress=False
     )
-    assert result.split == "dev" and result.metrics["cosine"] == pytest.approx(1.0, abs=1e-5)
+    assert result.split == "dev" and tuple(result.metrics) == TASKS["fidelity"].metrics
+    assert result.metrics["cosine"] == pytest.approx(1.0, abs=1e-5)

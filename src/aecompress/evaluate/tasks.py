@@ -31,7 +31,7 @@ class Task:
 
     @property
     def needs(self) -> str:
-        """ "causal-lm", "masked-lm" or "encoder"."""
+        """What the model must be: one of "causal-lm", "masked-lm", "encoder"."""
         return TASK_NEEDS[self.name]
 
     @property
