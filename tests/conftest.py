@@ -130,5 +130,7 @@ def tiny_llama() -> transformers.LlamaForCausalLM:
 
 @pytest.fixture(scope="session")
 def tiny_gpt2() -> transformers.GPT2LMHeadModel:
-    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=512)
+    config = transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=512
+    )
     return _tiny(transformers.GPT2LMHeadModel, config)

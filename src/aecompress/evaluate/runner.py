@@ -1,80 +1,122 @@
-"""Evaluate a model or an artifact, and the artifact's dense base model in the same run."""
+"""Evaluate a model or an artifact, beside the artifact's dense base model (cached)."""
 
 from __future__ import annotations
 
-import time
+import hashlib
+import json
+import os
+from pathlib import Path
 from typing import Any
 
-from aecompress.artifact import is_artifact, load_compressed
-from aecompress.data import WIKITEXT2_FILES, data_file, file_sha256
+from aecompress.artifact import is_artifact, load_compressed, read_manifest
+from aecompress.calibration import cache_dir
+from aecompress.data import data_file, file_sha256
 from aecompress.errors import AecompressError
-from aecompress.evaluate.perplexity import perplexity
+from aecompress.evaluate.results import TaskResult
+from aecompress.evaluate.tasks import TASKS, check_task, run_task
 from aecompress.models import LoadedModel, load_model
 
-TASK_NAMES = ("wikitext2",)
+
+def task_options(task: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The subset of `options` that `task` accepts (shared flags reach only their tasks)."""
+    accepted = TASKS[task].defaults()
+    return {k: v for k, v in options.items() if k in accepted and v is not None}
 
 
-def run_task(loaded: LoadedModel, task: str, options: dict[str, Any]) -> dict[str, Any]:
-    """One task on one model: a JSON-ready record with metric, split, settings, wall time."""
-    if task not in TASK_NAMES:
-        raise AecompressError(f"unknown task '{task}': use {', '.join(TASK_NAMES)}")
-    if loaded.tokenizer is None:
-        raise AecompressError(f"{loaded.source} has no tokenizer: cannot evaluate")
-    start = time.perf_counter()
-    result = perplexity(
-        loaded.model,
-        loaded.tokenizer,
-        split=options.get("split", "test"),
-        seq_len=options.get("seq_len", 512),
-        windows=options.get("windows"),
-    )
-    return {
-        "task": task,
-        "metric": "perplexity",
-        "value": result.perplexity,
-        "split": result.split,
-        "settings": {"seq_len": result.seq_len, "windows": result.windows, "tokens": result.tokens},
-        "data_sha256": file_sha256(data_file(WIKITEXT2_FILES[result.split])),
-        "seconds": time.perf_counter() - start,
-    }
+def _check_options(tasks: list[str], options: dict[str, Any]) -> None:
+    accepted = set().union(*(TASKS[t].defaults() for t in tasks))
+    unused = sorted(k for k, v in options.items() if v is not None and k not in accepted)
+    if unused:
+        raise AecompressError(f"no task of {', '.join(tasks)} takes the option {', '.join(unused)}")
+
+
+def _dense_cache(base_sha256: str, task: str, options: dict[str, Any]) -> Path:
+    key = json.dumps({"weights": base_sha256, "task": task, "options": options}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:24]
+    return cache_dir() / "dense" / f"{digest}.json"
+
+
+def cached_dense_result(
+    load_dense: Any, base_sha256: str, task: str, options: dict[str, Any], progress: bool
+) -> TaskResult:
+    """The dense model's result, measured once per weights, task, options (and data hashes).
+
+    `load_dense()` returns the dense LoadedModel; it is called only on a cache miss.
+    """
+    path = _dense_cache(base_sha256, task, options)
+    if path.is_file():
+        cached = TaskResult.from_json(path.read_text())
+        current = {f: file_sha256(data_file(f)) for f in cached.data_sha256}
+        if current == cached.data_sha256:  # the data files are unchanged
+            return cached
+    dense: LoadedModel = load_dense()
+    result = run_task(task, dense.model, dense.tokenizer, progress=progress, **options)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    partial.write_text(result.to_json())
+    os.replace(partial, path)
+    return result
 
 
 def evaluate(
-    model: str, tasks: list[str], options: dict[str, Any], dense: bool = True
-) -> list[dict[str, Any]]:
-    """Run `tasks` on a model or an artifact; with `dense`, on the artifact's base model too."""
+    model: str,
+    tasks: list[str],
+    options: dict[str, Any] | None = None,
+    *,
+    dense: bool = True,
+    progress: bool = True,
+) -> tuple[list[TaskResult], list[TaskResult]]:
+    """Run `tasks` on a model (name, folder, .gguf) or an artifact folder.
+
+    Returns (results, dense_results). For an artifact, dense_results are those of its base
+    model (cached per base weights, task and options; empty with dense=False); for a plain
+    model, results are its own and dense_results is empty.
+    """
+    options = options or {}
     for task in tasks:
-        if task not in TASK_NAMES:
-            raise AecompressError(f"unknown task '{task}': use {', '.join(TASK_NAMES)}")
-    runs: list[tuple[str, LoadedModel]] = []
-    if is_artifact(model):
-        compressed = load_compressed(model)
-        if dense:
-            runs.append(("dense", load_model(compressed.base_model, compressed.auto_class)))
-        loaded = LoadedModel(compressed.model, compressed.tokenizer, model, compressed.auto_class)
-        runs.append(("compressed", loaded))
-    else:
-        runs.append(("dense", load_model(model)))
-    results = []
-    for role, loaded in runs:
-        for task in tasks:
-            record = run_task(loaded, task, options)
-            results.append({"model": loaded.source, "role": role, **record})
-    return results
+        if task not in TASKS:
+            raise AecompressError(f"unknown task '{task}': known tasks are {', '.join(TASKS)}")
+    _check_options(tasks, options)
+    if not is_artifact(model):
+        loaded = load_model(model)
+        return [_run(loaded, t, options, None, progress) for t in tasks], []
+    manifest = read_manifest(model)
+    compressed = load_compressed(model)
+    loaded = LoadedModel(compressed.model, compressed.tokenizer, model, compressed.auto_class)
+    base: list[LoadedModel] = []
+
+    def load_base() -> LoadedModel:
+        if not base:
+            base.append(load_model(manifest["base_model"], manifest["auto_class"]))
+        return base[0]
+
+    results, dense_results = [], []
+    for task in tasks:
+        check_task(task, compressed.model)
+        reference = load_base() if TASKS[task].needs_reference else None
+        results.append(_run(loaded, task, options, reference, progress))
+        if dense and not TASKS[task].needs_reference:
+            settings = task_options(task, options)
+            dense_results.append(
+                cached_dense_result(
+                    load_base, manifest["base_weights_sha256"], task, settings, progress
+                )
+            )
+    return results, dense_results
 
 
-def format_table(results: list[dict[str, Any]]) -> str:
-    """Markdown: one row per task and metric, dense beside compressed with the difference."""
-    rows: dict[tuple[str, str, str], dict[str, float]] = {}
-    for r in results:
-        rows.setdefault((r["task"], r["metric"], r["split"]), {})[r["role"]] = r["value"]
-    lines = [
-        "| task | metric | split | dense | compressed | difference |",
-        "|---|---|---|---|---|---|",
-    ]
-    for (task, metric, split), values in rows.items():
-        dense, comp = values.get("dense"), values.get("compressed")
-        diff = f"{comp - dense:+.4g}" if dense is not None and comp is not None else ""
-        cells = [f"{v:.4g}" if v is not None else "" for v in (dense, comp)]
-        lines.append(f"| {task} | {metric} | {split} | {cells[0]} | {cells[1]} | {diff} |")
-    return "\n".join(lines)
+def _run(
+    loaded: LoadedModel,
+    task: str,
+    options: dict[str, Any],
+    reference: LoadedModel | None,
+    progress: bool,
+) -> TaskResult:
+    return run_task(
+        task,
+        loaded.model,
+        loaded.tokenizer,
+        reference=reference.model if reference else None,
+        progress=progress,
+        **task_options(task, options),
+    )
