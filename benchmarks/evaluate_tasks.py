@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from aecompress.evaluate.results import format_table
-from aecompress.evaluate.tasks import run_task
+from aecompress.evaluation.results import format_table
+from aecompress.evaluation.tasks import run_task
 from aecompress.models import load_model
 
 

@@ -110,8 +110,8 @@ def evaluate(
     json_out: Annotated[Path | None, typer.Option("--json", help="write results here")] = None,
 ) -> None:
     """Evaluate a model or an artifact (beside its dense base model, cached)."""
-    from aecompress.evaluate.results import format_table
-    from aecompress.evaluate.runner import evaluate as run_evaluate
+    from aecompress.evaluation.results import format_table
+    from aecompress.evaluation.runner import evaluate as run_evaluate
 
     options = {
         "split": split,

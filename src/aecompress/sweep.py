@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from aecompress.calibration import CalibrationConfig
 from aecompress.engine import compress
 from aecompress.errors import AecompressError
-from aecompress.evaluate.tasks import TASKS, run_task
+from aecompress.evaluation.tasks import TASKS, run_task
 from aecompress.models import LoadedModel, load_model
 from aecompress.recipe import Recipe, describe
 

@@ -1,4 +1,4 @@
-from aecompress.evaluate.results import TaskResult, format_table
+from aecompress.evaluation.results import TaskResult, format_table
 
 
 def _result(task: str, value: float, split: str = "test") -> TaskResult:

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from aecompress.evaluate.sts import (
+from aecompress.evaluation.sts import (
     Pooling,
     embed,
     fidelity,

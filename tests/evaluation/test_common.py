@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from aecompress.errors import AecompressError
-from aecompress.evaluate.common import length_batches, pad_batch, pool
+from aecompress.evaluation.common import length_batches, pad_batch, pool
 
 
 def test_length_batches_longest_first() -> None:

@@ -22,8 +22,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from aecompress.data import WIKITEXT2_FILES, data_file
 from aecompress.errors import AecompressError
-from aecompress.evaluate.common import length_batches, pad, pad_batch, pad_token_id
-from aecompress.evaluate.kinds import require
+from aecompress.evaluation.common import length_batches, pad, pad_batch, pad_token_id
+from aecompress.evaluation.kinds import require
 
 IGNORE = -100  # label of positions that are not predicted
 

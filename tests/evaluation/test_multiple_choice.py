@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from aecompress.evaluate import multiple_choice as mc
-from aecompress.evaluate.multiple_choice import (
+from aecompress.evaluation import multiple_choice as mc
+from aecompress.evaluation.multiple_choice import (
     Item,
     continuation_logprobs,
     encode_pairs,

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from aecompress.evaluate.metrics import accuracy, f1, matthews, pearson, spearman
+from aecompress.evaluation.metrics import accuracy, f1, matthews, pearson, spearman
 
 PREDICTED = np.array([1, 1, 0, 0, 1])
 GOLD = np.array([1, 0, 0, 1, 1])  # tp 2, tn 1, fp 1, fn 1

@@ -30,7 +30,7 @@ from transformers import (
 
 from aecompress.data import data_file
 from aecompress.errors import AecompressError
-from aecompress.evaluate.common import (
+from aecompress.evaluation.common import (
     POOLING_MODES,
     length_batches,
     pad,
@@ -38,8 +38,8 @@ from aecompress.evaluate.common import (
     pad_token_id,
     pool,
 )
-from aecompress.evaluate.kinds import require
-from aecompress.evaluate.metrics import METRICS
+from aecompress.evaluation.kinds import require
+from aecompress.evaluation.metrics import METRICS
 
 Batch = dict[str, torch.Tensor]
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from aecompress.errors import AecompressError
-from aecompress.evaluate.glue import (
+from aecompress.evaluation.glue import (
     GLUE_TASKS,
     SequenceClassifier,
     finetune,

@@ -12,8 +12,8 @@ from aecompress.artifact import is_artifact, load_compressed, read_manifest
 from aecompress.calibration import cache_dir
 from aecompress.data import data_file, file_sha256
 from aecompress.errors import AecompressError
-from aecompress.evaluate.results import TaskResult
-from aecompress.evaluate.tasks import TASKS, check_task, run_task
+from aecompress.evaluation.results import TaskResult
+from aecompress.evaluation.tasks import TASKS, check_task, run_task
 from aecompress.models import LoadedModel, load_model
 
 

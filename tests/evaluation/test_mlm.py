@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from aecompress.errors import AecompressError
-from aecompress.evaluate.mlm import IGNORE, masked_lm_perplexity, masked_sequences, wikitext2_rows
+from aecompress.evaluation.mlm import IGNORE, masked_lm_perplexity, masked_sequences, wikitext2_rows
 
 ROWS = [
     " The unaffable Valkyria Chronicles III is a tactical role @-@ playing video game . \n",

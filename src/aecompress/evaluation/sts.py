@@ -20,9 +20,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from aecompress.data import data_file
 from aecompress.errors import AecompressError
-from aecompress.evaluate.common import length_batches, pad_batch, pad_token_id, pool
-from aecompress.evaluate.kinds import require
-from aecompress.evaluate.metrics import pearson, spearman
+from aecompress.evaluation.common import length_batches, pad_batch, pad_token_id, pool
+from aecompress.evaluation.kinds import require
+from aecompress.evaluation.metrics import pearson, spearman
 
 STSB_FILES = {
     "train": "stsb/sts-train.csv",

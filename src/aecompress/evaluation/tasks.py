@@ -14,11 +14,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from aecompress.data import WIKITEXT2_FILES, data_file, file_sha256
 from aecompress.errors import AecompressError
-from aecompress.evaluate import glue, multiple_choice, sts
-from aecompress.evaluate.kinds import TASK_NEEDS, require
-from aecompress.evaluate.mlm import masked_lm_perplexity
-from aecompress.evaluate.perplexity import perplexity
-from aecompress.evaluate.results import TaskResult
+from aecompress.evaluation import glue, multiple_choice, sts
+from aecompress.evaluation.kinds import TASK_NEEDS, require
+from aecompress.evaluation.mlm import masked_lm_perplexity
+from aecompress.evaluation.perplexity import perplexity
+from aecompress.evaluation.results import TaskResult
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from aecompress.data import data_file
 from aecompress.errors import AecompressError
-from aecompress.evaluate.common import length_batches, pad_batch, pad_token_id
-from aecompress.evaluate.kinds import require
+from aecompress.evaluation.common import length_batches, pad_batch, pad_token_id
+from aecompress.evaluation.kinds import require
 
 
 @dataclass(frozen=True)

@@ -3,9 +3,9 @@ import inspect
 import pytest
 
 from aecompress.errors import AecompressError
-from aecompress.evaluate.kinds import TASK_NEEDS, model_kinds
-from aecompress.evaluate.results import TaskResult
-from aecompress.evaluate.tasks import TASKS, check_task, run_task
+from aecompress.evaluation.kinds import TASK_NEEDS, model_kinds
+from aecompress.evaluation.results import TaskResult
+from aecompress.evaluation.tasks import TASKS, check_task, run_task
 
 WIKITEXT2_TEST_SHA256 = "173c87a53759e0201f33e0ccf978e510c2042d7f2cb78229d9a50d79b9e7dd08"
 
