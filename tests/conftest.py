@@ -11,6 +11,11 @@ import transformers
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Tiny models run many small ops: one thread is faster than two, and immune to the
+# barrier stalls that oversubscribed OpenMP threads suffer on a shared CI machine
+# (measured: a tiny GLUE run 1.0 s with one thread, 8.7 s with two, under load).
+torch.set_num_threads(1)
+
 VOCAB = 30522  # the all-MiniLM-L6-v2 (bert-base-uncased) vocabulary
 
 
