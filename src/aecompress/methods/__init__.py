@@ -1,6 +1,17 @@
 """Compression methods; importing this package registers them all."""
 
-from aecompress.methods import svd
+from aecompress.methods import kronecker, pruning, svd, tucker
 from aecompress.methods.base import METHODS, FitContext, Method, MethodOptions, Stored, make_method
 
-__all__ = ["METHODS", "FitContext", "Method", "MethodOptions", "Stored", "make_method", "svd"]
+__all__ = [
+    "METHODS",
+    "FitContext",
+    "Method",
+    "MethodOptions",
+    "Stored",
+    "kronecker",
+    "make_method",
+    "pruning",
+    "svd",
+    "tucker",
+]
