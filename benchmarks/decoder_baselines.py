@@ -32,7 +32,7 @@ import torch
 import aecompress
 from aecompress.calibration import cached_statistics
 from aecompress.engine import weights_sha256
-from aecompress.evaluate.perplexity import perplexity
+from aecompress.evaluation.perplexity import perplexity
 from aecompress.methods import make_method
 from aecompress.models import LoadedModel, load_model
 from aecompress.recipe import Recipe
