@@ -50,7 +50,7 @@ def read_stsb(split: str) -> tuple[list[str], list[str], np.ndarray]:
 @torch.inference_mode()
 def stsb_spearman(model: Any, tokenizer: Any, split: str = "test", batch: int = 64) -> float:
     """Spearman x100 of cosine(mean-pooled embeddings) vs gold (replaced by
-    aecompress.evaluate once the STS task lands)."""
+    aecompress.evaluation.sts, which gives the same numbers)."""
     first, second, gold = read_stsb(split)
     unique = sorted(set(first) | set(second), key=len)
     vectors: dict[str, torch.Tensor] = {}

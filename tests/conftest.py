@@ -136,3 +136,51 @@ def make_tiny(arch: str, vocab: int = SMALL_VOCAB, seed: int = 0) -> transformer
 @pytest.fixture
 def small_ids() -> torch.Tensor:
     return torch.randint(0, SMALL_VOCAB, (2, 10), generator=torch.Generator().manual_seed(1))
+
+
+def _tiny(model_class: type, config: transformers.PretrainedConfig) -> transformers.PreTrainedModel:
+    torch.manual_seed(0)
+    return model_class(config).eval()
+
+
+def _bert_config() -> transformers.BertConfig:
+    return transformers.BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_bert() -> transformers.BertModel:
+    return _tiny(transformers.BertModel, _bert_config())
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_mlm() -> transformers.BertForMaskedLM:
+    return _tiny(transformers.BertForMaskedLM, _bert_config())
+
+
+@pytest.fixture(scope="session")
+def tiny_llama() -> transformers.LlamaForCausalLM:
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+    )
+    return _tiny(transformers.LlamaForCausalLM, config)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2() -> transformers.GPT2LMHeadModel:
+    config = transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=512
+    )
+    return _tiny(transformers.GPT2LMHeadModel, config)

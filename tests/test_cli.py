@@ -62,7 +62,7 @@ def test_compress_inspect_evaluate(monkeypatch, capsys, tiny_folder, tmp_path):
     )
     assert code == 0
     row = next(line for line in stdout.splitlines() if line.startswith("| wikitext2"))
-    dense, compressed = (float(cell) for cell in row.split("|")[4:6])
+    compressed, dense = (float(cell) for cell in row.split("|")[4:6])
     assert dense > 1 and compressed > 1
 
 

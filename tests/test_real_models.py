@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import aecompress
-from aecompress.evaluate.perplexity import perplexity
+from aecompress.evaluation.perplexity import perplexity
 
 pytestmark = pytest.mark.real
 

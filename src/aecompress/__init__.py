@@ -14,6 +14,7 @@ from transformers import PreTrainedModel
 from aecompress.artifact import load_compressed
 from aecompress.engine import CompressedModel, compress
 from aecompress.errors import AecompressError
+from aecompress.evaluation.runner import evaluate
 from aecompress.models import load_model
 from aecompress.recipe import Recipe
 from aecompress.version import __version__
@@ -24,6 +25,7 @@ __all__ = [
     "Recipe",
     "__version__",
     "compress",
+    "evaluate",
     "load",
     "load_compressed",
     "load_model",

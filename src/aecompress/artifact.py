@@ -125,6 +125,7 @@ def save_artifact(cm: CompressedModel, path: str | Path) -> Path:
         _strip_quantization(work / "config.json")
         if cm.tokenizer is not None:
             cm.tokenizer.save_pretrained(work)
+        _copy_sentence_transformers_files(Path(str(cm.model.name_or_path)), work)
         save_file(tensors, str(work / WEIGHTS), metadata={"format": "pt", "producer": FORMAT})
         manifest["weights_file"] = {
             "name": WEIGHTS,
@@ -140,6 +141,18 @@ def save_artifact(cm: CompressedModel, path: str | Path) -> Path:
         shutil.rmtree(work, ignore_errors=True)
         raise
     return path
+
+
+def _copy_sentence_transformers_files(source: Path, work: Path) -> None:
+    """Keep a sentence encoder's pooling set-up (modules.json, 1_Pooling/, ...) with it."""
+    if not (source / "modules.json").is_file():
+        return
+    for name in ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json"):
+        if (source / name).is_file():
+            shutil.copy2(source / name, work / name)
+    for folder in source.glob("[0-9]_*"):
+        if folder.is_dir():
+            shutil.copytree(folder, work / folder.name)
 
 
 def _strip_quantization(config_file: Path) -> None:

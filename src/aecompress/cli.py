@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -98,21 +99,36 @@ def compress(
 def evaluate(
     model: Annotated[str, typer.Argument(help="an artifact folder or a model (as for compress)")],
     task: Annotated[list[str] | None, typer.Option(help="task to run (repeatable)")] = None,
-    windows: Annotated[int | None, typer.Option(help="wikitext2: first N windows only")] = None,
-    seq_len: Annotated[int, typer.Option(help="wikitext2: window length in tokens")] = 512,
-    split: Annotated[str, typer.Option(help="wikitext2 split: test | validation")] = "test",
-    dense: Annotated[bool, typer.Option(help="also evaluate the artifact's base model")] = True,
+    split: Annotated[str | None, typer.Option(help="split, where a task has several")] = None,
+    windows: Annotated[int | None, typer.Option(help="wikitext2: first N windows")] = None,
+    seq_len: Annotated[int | None, typer.Option(help="wikitext2: window length")] = None,
+    full: Annotated[bool | None, typer.Option("--full", help="wikitext2: every window")] = None,
+    limit: Annotated[int | None, typer.Option(help="multiple choice / mlm: first N items")] = None,
+    train_fraction: Annotated[float | None, typer.Option(help="glue: train on a fraction")] = None,
+    seed: Annotated[int | None, typer.Option(help="seed of tasks that sample or train")] = None,
+    dense: Annotated[bool, typer.Option(help="also report the artifact's base model")] = True,
     json_out: Annotated[Path | None, typer.Option("--json", help="write results here")] = None,
 ) -> None:
-    """Evaluate a model or an artifact (and its dense base model, in the same run)."""
-    from aecompress.evaluate.runner import evaluate as run_evaluate
-    from aecompress.evaluate.runner import format_table
+    """Evaluate a model or an artifact (beside its dense base model, cached)."""
+    from aecompress.evaluation.results import format_table
+    from aecompress.evaluation.runner import evaluate as run_evaluate
 
-    options = {"windows": windows, "seq_len": seq_len, "split": split}
-    results = run_evaluate(model, task or ["wikitext2"], options, dense=dense)
-    typer.echo(format_table(results))
+    options = {
+        "split": split,
+        "windows": windows,
+        "seq_len": seq_len,
+        "full": full,
+        "limit": limit,
+        "train_fraction": train_fraction,
+        "seed": seed,
+    }
+    tasks = task or ["wikitext2"]
+    results, dense_results = run_evaluate(model, tasks, options, dense=dense)
+    typer.echo(format_table(results, dense_results if dense_results else None))
     if json_out is not None:
-        json_out.write_text(json.dumps(results, indent=2) + "\n")
+        records = [{"model": model, "role": "compressed", **asdict(r)} for r in results]
+        records += [{"model": model, "role": "dense", **asdict(r)} for r in dense_results]
+        json_out.write_text(json.dumps(records, indent=2) + "\n")
         typer.echo(f"wrote {json_out}")
 
 

@@ -20,7 +20,9 @@ from aecompress.budget import check_ratio, stored_numel
 from aecompress.calibration import TargetStatistics, cached_statistics
 from aecompress.data import wikitext2_text
 from aecompress.errors import AecompressError
-from aecompress.evaluate.perplexity import window_ids
+from aecompress.evaluation.kinds import require
+from aecompress.evaluation.perplexity import window_ids
+from aecompress.evaluation.sts import stsb
 from aecompress.methods import FitContext, Method, Stored, make_method
 from aecompress.models import LoadedModel, auto_class_for, load_model
 from aecompress.modules import FusedLinear, dense_embedding, dense_linear
@@ -185,7 +187,7 @@ def validation_metric(
 
     Causal LMs: WikiText-2 *validation* perplexity over the first VALIDATION_WINDOWS
     windows of VALIDATION_SEQ_LEN tokens. Other models (sentence encoders): minus the STS-B
-    *dev* Spearman, which needs the STS-B task (aecompress.evaluate.sts).
+    *dev* Spearman (a model that can run neither gets the STS task's one-line error).
     """
     if tokenizer is None:
         raise AecompressError("selection by the validation metric needs the model's tokenizer")
@@ -205,14 +207,7 @@ def validation_metric(
             return math.exp(nll / ids[:, 1:].numel())
 
         return validation_perplexity
-    try:
-        from aecompress.evaluate.sts import stsb  # type: ignore[import-not-found, unused-ignore]
-    except ImportError as error:
-        raise AecompressError(
-            f"{type(model).__name__} is not a causal LM, and its validation metric (STS-B dev "
-            "Spearman) needs aecompress.evaluate.sts, which this installation lacks: select by "
-            "reconstruction error instead"
-        ) from error
+    require("stsb", model)
 
     def sts_dev() -> float:
         return -float(stsb(model, tokenizer, split="dev", progress=False)["spearman"])

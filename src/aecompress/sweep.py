@@ -14,6 +14,7 @@ import json
 import time
 import traceback
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from aecompress.calibration import CalibrationConfig
 from aecompress.engine import compress
 from aecompress.errors import AecompressError
-from aecompress.evaluate.runner import run_task
+from aecompress.evaluation.tasks import TASKS, run_task
 from aecompress.models import LoadedModel, load_model
 from aecompress.recipe import Recipe, describe
 
@@ -138,7 +139,9 @@ def run_sweep(sweep: SweepRecipe, results: Path, progress: bool = True) -> list[
         for spec in _tasks_for(sweep, None):
             dense_cell = {"model": model_name, "label": "dense", "ratio": 1.0}
             if cell_key(dense_cell, spec.task) not in done:
-                _run_and_record(results, dense_cell, loaded, spec, {"compress_seconds": 0.0})
+                _run_and_record(
+                    results, dense_cell, loaded, loaded, spec, {"compress_seconds": 0.0}
+                )
     for cell in cells(sweep):
         pending = [
             t for t in _tasks_for(sweep, cell["ratio"]) if cell_key(cell, t.task) not in done
@@ -180,18 +183,31 @@ def _run_cell(
     extra = {"compress_seconds": time.perf_counter() - start, **compressed.totals()}
     loaded = LoadedModel(compressed.model, dense.tokenizer, dense.source, dense.auto_class)
     for spec in tasks:
-        _run_and_record(results, cell, loaded, spec, extra)
+        _run_and_record(results, cell, loaded, dense, spec, extra)
 
 
 def _run_and_record(
-    results: Path, cell: dict[str, Any], loaded: LoadedModel, spec: TaskSpec, extra: dict[str, Any]
+    results: Path,
+    cell: dict[str, Any],
+    loaded: LoadedModel,
+    dense: LoadedModel,
+    spec: TaskSpec,
+    extra: dict[str, Any],
 ) -> None:
+    """Run one task (the dense model is the reference of tasks that compare with it)."""
     try:
-        record = run_task(loaded, spec.task, spec.options)
+        result = run_task(
+            spec.task,
+            loaded.model,
+            loaded.tokenizer,
+            reference=dense.model if TASKS[spec.task].needs_reference else None,
+            progress=False,
+            **spec.options,
+        )
     except Exception as error:
         _append(results, _failure(cell, spec.task, error))
         return
-    _append(results, {"cell": cell, "status": "ok", **extra, **record})
+    _append(results, {"cell": cell, "status": "ok", **extra, **asdict(result)})
 
 
 def _failure(cell: dict[str, Any], task: str, error: Exception) -> dict[str, Any]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 
@@ -133,21 +131,19 @@ def test_selection_by_validation_perplexity(tokenizer):
     assert meta["selection"] == "validation" and meta["selection_value"] > 1
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("aecompress.evaluate.sts") is not None,
-    reason="the STS-B task is installed: encoders select on STS-B dev",
-)
-def test_encoder_validation_without_sts_is_a_clear_error(tokenizer):
-    with pytest.raises(AecompressError, match="STS-B dev"):
-        aecompress.compress(
-            make_tiny("bert-encoder", vocab=tokenizer.vocab_size),
-            method="ae",
-            options={**QUICK, "selection": "validation"},
-            ratio=2,
-            targets=["k"],
-            tokenizer=tokenizer,
-            progress=False,
-        )
+def test_encoder_selection_by_stsb_dev(tokenizer):
+    cm = aecompress.compress(
+        make_tiny("bert-encoder", vocab=tokenizer.vocab_size),
+        method="ae",
+        options={**QUICK, "selection": "validation"},
+        ratio=2,
+        targets=["k"],
+        group="layers",
+        tokenizer=tokenizer,
+        progress=False,
+    )
+    meta = cm.groups[0].stored.meta
+    assert meta["selection"] == "validation" and -100 <= meta["selection_value"] <= 100
 
 
 def test_default_row_weights_are_token_counts_for_embeddings(tokenizer, tmp_path, monkeypatch):

@@ -1,6 +1,6 @@
 """Compression methods; importing this package registers them all."""
 
-from aecompress.methods import autoencoder, svd
+from aecompress.methods import autoencoder, kronecker, pruning, svd, tucker
 from aecompress.methods.base import METHODS, FitContext, Method, MethodOptions, Stored, make_method
 
 __all__ = [
@@ -10,6 +10,9 @@ __all__ = [
     "MethodOptions",
     "Stored",
     "autoencoder",
+    "kronecker",
     "make_method",
+    "pruning",
     "svd",
+    "tucker",
 ]

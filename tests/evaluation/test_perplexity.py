@@ -5,7 +5,7 @@ import torch
 
 from aecompress.data import wikitext2_text
 from aecompress.errors import AecompressError
-from aecompress.evaluate.perplexity import perplexity, window_ids
+from aecompress.evaluation.perplexity import perplexity, window_ids
 from tests.conftest import tiny_model
 
 

@@ -1,0 +1,51 @@
+"""Helpers shared by the evaluation tasks: length-bucketed batches, padding, pooling."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from aecompress.errors import AecompressError
+
+POOLING_MODES = ("mean", "cls", "max")
+
+
+def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length, longest first (little padding)."""
+    if batch_size < 1:
+        raise AecompressError("batch_size must be at least 1")
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def pad(sequences: Sequence[Sequence[int]], value: int) -> torch.Tensor:
+    """Right-pad integer sequences with `value` into a [batch, longest] long tensor."""
+    out = torch.full((len(sequences), max(map(len, sequences))), value, dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        out[row, : len(sequence)] = torch.as_tensor(sequence, dtype=torch.long)
+    return out
+
+
+def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded input ids and their attention mask."""
+    return pad(sequences, pad_id), pad([[1] * len(s) for s in sequences], 0)
+
+
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The tokenizer's pad id, else 0 (padded positions are always masked out)."""
+    pad_id = tokenizer.pad_token_id
+    return pad_id if isinstance(pad_id, int) else 0
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """Pool [batch, length, dim] hidden states over the unmasked positions."""
+    if mode == "cls":
+        return hidden[:, 0]
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    if mode == "max":
+        return hidden.masked_fill(weights == 0, float("-inf")).amax(dim=1)
+    if mode == "mean":
+        return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+    raise AecompressError(f"unknown pooling '{mode}' (use one of {', '.join(POOLING_MODES)})")

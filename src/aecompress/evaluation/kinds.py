@@ -1,0 +1,73 @@
+"""What a model can be evaluated on: causal LM, masked-LM head, bidirectional encoder."""
+
+from __future__ import annotations
+
+from torch import nn
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+)
+
+from aecompress.errors import AecompressError
+
+KINDS: dict[str, str] = {
+    "causal-lm": "a causal LM",
+    "masked-lm": "a masked-LM head",
+    "encoder": "a bidirectional (BERT-like) encoder",
+}
+
+# What each task needs; the registry in tasks.py takes its requirements from here so that
+# the task modules can name the runnable tasks without importing the registry.
+TASK_NEEDS: dict[str, str] = {
+    "wikitext2": "causal-lm",
+    "arc-easy": "causal-lm",
+    "piqa": "causal-lm",
+    "hellaswag": "causal-lm",
+    "mlm": "masked-lm",
+    "stsb": "encoder",
+    "fidelity": "encoder",
+    "glue-mrpc": "encoder",
+    "glue-rte": "encoder",
+    "glue-stsb": "encoder",
+    "glue-sst2": "encoder",
+    "glue-cola": "encoder",
+}
+
+
+def model_kinds(model: nn.Module) -> frozenset[str]:
+    """The kinds a model is, judged by its transformers class and model type.
+
+    A model whose family has a masked-LM class in transformers (BERT, RoBERTa, ...) and
+    that is not a causal LM is an encoder, with or without its MLM head.
+    """
+    name = type(model).__name__
+    config = getattr(model, "config", None)
+    kinds = set()
+    if name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        kinds.add("causal-lm")
+    if name in MODEL_FOR_MASKED_LM_MAPPING_NAMES.values():
+        kinds.add("masked-lm")
+    if (
+        "causal-lm" not in kinds
+        and getattr(config, "model_type", None) in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+        and not getattr(config, "is_decoder", False)
+    ):
+        kinds.add("encoder")
+    return frozenset(kinds)
+
+
+def runnable_tasks(model: nn.Module) -> list[str]:
+    kinds = model_kinds(model)
+    return [task for task, need in TASK_NEEDS.items() if need in kinds]
+
+
+def require(task: str, model: nn.Module) -> None:
+    """Raise a one-line error unless `model` is of the kind `task` needs."""
+    need = TASK_NEEDS[task]
+    if need in model_kinds(model):
+        return
+    runnable = ", ".join(runnable_tasks(model)) or "none of the tasks"
+    raise AecompressError(
+        f"task '{task}' needs {KINDS[need]}; this model ({type(model).__name__}) can run: "
+        f"{runnable}"
+    )

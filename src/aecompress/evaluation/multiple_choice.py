@@ -1,0 +1,184 @@
+"""Zero-shot multiple choice for causal LMs: ARC-Easy, PIQA, HellaSwag (lm-eval-harness style).
+
+Each choice is scored by the sum of the log-probabilities of its continuation tokens given
+the context. The continuation's tokens are those of tokenize(context + continuation) after
+the context's tokens; no special tokens are added. `acc` takes the best sum, `acc_norm` the
+best sum divided by the continuation's length in characters (lm-eval's acc_norm), both in
+percent. Prompts follow lm-eval: ARC and PIQA "Question: {q}\\nAnswer:" + " {choice}",
+HellaSwag "{activity}: {context}" + " {ending}" (the data file is already preprocessed the
+lm-eval way, except that ctx_b is not capitalised: see data/hellaswag/SOURCE.md).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from aecompress.data import data_file
+from aecompress.errors import AecompressError
+from aecompress.evaluation.common import length_batches, pad_batch, pad_token_id
+from aecompress.evaluation.kinds import require
+
+
+@dataclass(frozen=True)
+class Item:
+    context: str
+    choices: list[str]  # continuations, each with its leading space
+    label: int
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def _arc(paths: list[Path]) -> list[Item]:
+    items = []
+    for row in _jsonl(paths[0]):
+        choices = row["question"]["choices"]
+        labels = [choice["label"] for choice in choices]
+        items.append(
+            Item(
+                f"Question: {row['question']['stem']}\nAnswer:",
+                [" " + choice["text"] for choice in choices],
+                labels.index(row["answerKey"]),
+            )
+        )
+    return items
+
+
+def _piqa(paths: list[Path]) -> list[Item]:
+    labels = paths[1].read_text().split()
+    return [
+        Item(f"Question: {row['goal']}\nAnswer:", [" " + row["sol1"], " " + row["sol2"]], int(y))
+        for row, y in zip(_jsonl(paths[0]), labels, strict=True)
+    ]
+
+
+def _hellaswag(paths: list[Path]) -> list[Item]:
+    """Six lines per item: context, gold index, four endings."""
+    lines = paths[0].read_text(encoding="utf-8").splitlines()
+    return [
+        Item(lines[i], [" " + ending for ending in lines[i + 2 : i + 6]], int(lines[i + 1]))
+        for i in range(0, len(lines) - 5, 6)
+    ]
+
+
+@dataclass(frozen=True)
+class ChoiceDataset:
+    files: dict[str, tuple[str, ...]]  # split -> data files
+    load: Callable[[list[Path]], list[Item]]
+
+
+DATASETS: dict[str, ChoiceDataset] = {
+    "arc-easy": ChoiceDataset(
+        {
+            "test": ("arc_easy/ARC-Easy-Test.jsonl",),
+            "validation": ("arc_easy/ARC-Easy-Dev.jsonl",),
+        },
+        _arc,
+    ),
+    "piqa": ChoiceDataset({"validation": ("piqa/valid.jsonl", "piqa/valid-labels.lst")}, _piqa),
+    "hellaswag": ChoiceDataset({"validation": ("hellaswag/hellaswag_val_full.txt",)}, _hellaswag),
+}
+
+
+def load_items(dataset: str, split: str) -> list[Item]:
+    files = DATASETS[dataset].files
+    if split not in files:
+        raise AecompressError(f"{dataset} has no split '{split}': {', '.join(files)}")
+    return DATASETS[dataset].load([data_file(f) for f in files[split]])
+
+
+def encode_pairs(
+    tokenizer: PreTrainedTokenizerBase, pairs: list[tuple[str, str]]
+) -> list[tuple[list[int], list[int]]]:
+    """(context tokens, continuation tokens) of each (context, continuation) pair."""
+    contexts = tokenizer([c for c, _ in pairs], add_special_tokens=False)["input_ids"]
+    wholes = tokenizer([c + x for c, x in pairs], add_special_tokens=False)["input_ids"]
+    encoded = []
+    for context, whole in zip(contexts, wholes, strict=True):
+        if len(whole) <= len(context):
+            raise AecompressError("a continuation encodes to no tokens")
+        encoded.append((context, whole[len(context) :]))
+    return encoded
+
+
+@torch.inference_mode()
+def continuation_logprobs(
+    model: PreTrainedModel,
+    pairs: list[tuple[list[int], list[int]]],
+    *,
+    pad_id: int,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> list[float]:
+    """Sum of log p(continuation token | previous tokens) for each (context, continuation).
+
+    Sequences longer than the model's context keep their last tokens. When the model takes
+    `logits_to_keep`, only the positions from the batch's first predicting one go through
+    the LM head (a large share of the work for small models with big vocabularies).
+    """
+    model.eval()
+    trim = "logits_to_keep" in inspect.signature(model.forward).parameters
+    keep = model.config.max_position_embeddings + 1
+    sequences = [(context + cont)[-keep:] for context, cont in pairs]
+    scores = [0.0] * len(pairs)
+    for batch in tqdm(
+        length_batches([len(s) for s in sequences], batch_size),
+        desc="multiple choice",
+        disable=not progress,
+    ):
+        ids, mask = pad_batch([sequences[i][:-1] for i in batch], pad_id)
+        starts = [len(sequences[i]) - 1 - len(pairs[i][1]) for i in batch]
+        first = min(starts) if trim else 0
+        kept = {"logits_to_keep": torch.arange(first, ids.shape[1])} if trim else {}
+        logits = model(input_ids=ids, attention_mask=mask, **kept).logits
+        for row, index in enumerate(batch):
+            targets = torch.as_tensor(pairs[index][1])
+            start = starts[row] - first
+            window = logits[row, start : start + len(targets)].float().log_softmax(dim=-1)
+            scores[index] = window.gather(1, targets[:, None]).sum().item()
+    return scores
+
+
+def multiple_choice(
+    dataset: str,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    split: str | None = None,
+    limit: int | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Accuracy and length-normalised accuracy on the first `limit` items of a split.
+
+    The default split is the one lm-eval reports: ARC-Easy test, PIQA and HellaSwag validation.
+    """
+    require(dataset, model)
+    items = load_items(dataset, split or next(iter(DATASETS[dataset].files)))[:limit]
+    pairs = [(item.context, choice) for item in items for choice in item.choices]
+    scores = continuation_logprobs(
+        model,
+        encode_pairs(tokenizer, pairs),
+        pad_id=pad_token_id(tokenizer),
+        batch_size=batch_size,
+        progress=progress,
+    )
+    correct = correct_norm = 0
+    start = 0
+    for item in items:
+        score = np.array(scores[start : start + len(item.choices)])
+        chars = np.array([len(choice) for choice in item.choices])
+        correct += int(np.argmax(score)) == item.label
+        correct_norm += int(np.argmax(score / chars)) == item.label
+        start += len(item.choices)
+    return {"acc": 100.0 * correct / len(items), "acc_norm": 100.0 * correct_norm / len(items)}

@@ -1,0 +1,52 @@
+"""One task's measured result, and Markdown tables comparing results with the dense model's."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    task: str
+    metrics: dict[str, float]
+    split: str  # the split the metrics are measured on
+    data_sha256: dict[str, str]  # data file (relative to the data folder) -> sha256
+    settings: dict[str, Any]  # every option of the run, defaults included
+    seconds: float  # wall time of the run
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> TaskResult:
+        return cls(**json.loads(text))
+
+
+def _number(value: float) -> str:
+    return f"{value:.2f}"
+
+
+def format_table(
+    results: Sequence[TaskResult], dense_results: Sequence[TaskResult] | None = None
+) -> str:
+    """Markdown table: task, split, metric, value (and the dense value and the difference)."""
+    header = ["task", "split", "metric", "value"]
+    dense = {(r.task, r.split): r.metrics for r in dense_results or []}
+    if dense_results is not None:
+        header += ["dense", "difference"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 3 + "---:|" * (len(header) - 3)]
+    for result in results:
+        for metric, value in result.metrics.items():
+            cells = [result.task, result.split, metric, _number(value)]
+            if dense_results is not None:
+                reference = dense.get((result.task, result.split), {}).get(metric)
+                cells += (
+                    ["", ""]
+                    if reference is None
+                    else [_number(reference), f"{value - reference:+.2f}"]
+                )
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,122 @@
+"""Evaluate a model or an artifact, beside the artifact's dense base model (cached)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from aecompress.artifact import is_artifact, load_compressed, read_manifest
+from aecompress.calibration import cache_dir
+from aecompress.data import data_file, file_sha256
+from aecompress.errors import AecompressError
+from aecompress.evaluation.results import TaskResult
+from aecompress.evaluation.tasks import TASKS, check_task, run_task
+from aecompress.models import LoadedModel, load_model
+
+
+def task_options(task: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The subset of `options` that `task` accepts (shared flags reach only their tasks)."""
+    accepted = TASKS[task].defaults()
+    return {k: v for k, v in options.items() if k in accepted and v is not None}
+
+
+def _check_options(tasks: list[str], options: dict[str, Any]) -> None:
+    accepted = set().union(*(TASKS[t].defaults() for t in tasks))
+    unused = sorted(k for k, v in options.items() if v is not None and k not in accepted)
+    if unused:
+        raise AecompressError(f"no task of {', '.join(tasks)} takes the option {', '.join(unused)}")
+
+
+def _dense_cache(base_sha256: str, task: str, options: dict[str, Any]) -> Path:
+    key = json.dumps({"weights": base_sha256, "task": task, "options": options}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:24]
+    return cache_dir() / "dense" / f"{digest}.json"
+
+
+def cached_dense_result(
+    load_dense: Any, base_sha256: str, task: str, options: dict[str, Any], progress: bool
+) -> TaskResult:
+    """The dense model's result, measured once per weights, task, options (and data hashes).
+
+    `load_dense()` returns the dense LoadedModel; it is called only on a cache miss.
+    """
+    path = _dense_cache(base_sha256, task, options)
+    if path.is_file():
+        cached = TaskResult.from_json(path.read_text())
+        current = {f: file_sha256(data_file(f)) for f in cached.data_sha256}
+        if current == cached.data_sha256:  # the data files are unchanged
+            return cached
+    dense: LoadedModel = load_dense()
+    result = run_task(task, dense.model, dense.tokenizer, progress=progress, **options)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    partial.write_text(result.to_json())
+    os.replace(partial, path)
+    return result
+
+
+def evaluate(
+    model: str,
+    tasks: list[str],
+    options: dict[str, Any] | None = None,
+    *,
+    dense: bool = True,
+    progress: bool = True,
+) -> tuple[list[TaskResult], list[TaskResult]]:
+    """Run `tasks` on a model (name, folder, .gguf) or an artifact folder.
+
+    Returns (results, dense_results). For an artifact, dense_results are those of its base
+    model (cached per base weights, task and options; empty with dense=False); for a plain
+    model, results are its own and dense_results is empty.
+    """
+    options = options or {}
+    for task in tasks:
+        if task not in TASKS:
+            raise AecompressError(f"unknown task '{task}': known tasks are {', '.join(TASKS)}")
+    _check_options(tasks, options)
+    if not is_artifact(model):
+        loaded = load_model(model)
+        return [_run(loaded, t, options, None, progress) for t in tasks], []
+    manifest = read_manifest(model)
+    compressed = load_compressed(model)
+    loaded = LoadedModel(compressed.model, compressed.tokenizer, model, compressed.auto_class)
+    base: list[LoadedModel] = []
+
+    def load_base() -> LoadedModel:
+        if not base:
+            base.append(load_model(manifest["base_model"], manifest["auto_class"]))
+        return base[0]
+
+    results, dense_results = [], []
+    for task in tasks:
+        check_task(task, compressed.model)
+        reference = load_base() if TASKS[task].needs_reference else None
+        results.append(_run(loaded, task, options, reference, progress))
+        if dense and not TASKS[task].needs_reference:
+            settings = task_options(task, options)
+            dense_results.append(
+                cached_dense_result(
+                    load_base, manifest["base_weights_sha256"], task, settings, progress
+                )
+            )
+    return results, dense_results
+
+
+def _run(
+    loaded: LoadedModel,
+    task: str,
+    options: dict[str, Any],
+    reference: LoadedModel | None,
+    progress: bool,
+) -> TaskResult:
+    return run_task(
+        task,
+        loaded.model,
+        loaded.tokenizer,
+        reference=reference.model if reference else None,
+        progress=progress,
+        **task_options(task, options),
+    )

@@ -1,0 +1,154 @@
+"""The task registry: what each evaluation task needs, reads and reports, and how to run it."""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from aecompress.data import WIKITEXT2_FILES, data_file, file_sha256
+from aecompress.errors import AecompressError
+from aecompress.evaluation import glue, multiple_choice, sts
+from aecompress.evaluation.kinds import TASK_NEEDS, require
+from aecompress.evaluation.mlm import masked_lm_perplexity
+from aecompress.evaluation.perplexity import perplexity
+from aecompress.evaluation.results import TaskResult
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    run: Callable[..., dict[str, float]]  # run(model, tokenizer, **options) -> metrics
+    metrics: tuple[str, ...]
+    files: Mapping[str, tuple[str, ...]]  # split -> data files it reads; first = default split
+    needs_reference: bool = False  # run also takes reference=<the dense model>
+
+    @property
+    def needs(self) -> str:
+        """What the model must be: one of "causal-lm", "masked-lm", "encoder"."""
+        return TASK_NEEDS[self.name]
+
+    @property
+    def split(self) -> str:
+        return next(iter(self.files))
+
+    def defaults(self) -> dict[str, Any]:
+        """The run's options and their default values (progress excluded)."""
+        return {
+            name: p.default
+            for name, p in inspect.signature(self.run).parameters.items()
+            if p.kind is p.KEYWORD_ONLY and p.default is not p.empty and name != "progress"
+        }
+
+
+def wikitext2(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    split: str = "test",
+    seq_len: int = 512,
+    windows: int | None = 16,
+    full: bool = False,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Token-level perplexity on the joined WikiText-2 raw split: the first `windows`
+    non-overlapping windows of `seq_len` tokens, or all of them with `full`."""
+    require("wikitext2", model)
+    result = perplexity(
+        model,
+        tokenizer,
+        split=split,
+        seq_len=seq_len,
+        windows=None if full else windows,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    return {"perplexity": result.perplexity}
+
+
+def _wikitext2_files() -> dict[str, tuple[str, ...]]:
+    return {split: (WIKITEXT2_FILES[split],) for split in ("test", "validation", "train")}
+
+
+def _glue_task(name: str) -> Task:
+    spec = glue.GLUE_TASKS[name]
+    return Task(f"glue-{name}", partial(glue.glue, name), spec.metrics, {"dev": spec.files})
+
+
+def _choice_task(name: str) -> Task:
+    files = multiple_choice.DATASETS[name].files
+    return Task(name, partial(multiple_choice.multiple_choice, name), ("acc", "acc_norm"), files)
+
+
+_STSB_FILES = {split: (sts.STSB_FILES[split],) for split in ("test", "dev", "train")}
+
+TASKS: dict[str, Task] = {
+    task.name: task
+    for task in [
+        Task("wikitext2", wikitext2, ("perplexity",), _wikitext2_files()),
+        Task("mlm", masked_lm_perplexity, ("perplexity",), _wikitext2_files()),
+        Task("stsb", sts.stsb, ("spearman", "pearson"), _STSB_FILES),
+        Task("fidelity", sts.fidelity, ("cosine",), {"dev": _STSB_FILES["dev"]}, True),
+        *(_choice_task(name) for name in multiple_choice.DATASETS),
+        *(_glue_task(name) for name in glue.GLUE_TASKS),
+    ]
+}
+
+
+def check_task(name: str, model: nn.Module) -> Task:
+    """The task called `name`, if `model` can run it; else a one-line AecompressError."""
+    if name not in TASKS:
+        raise AecompressError(f"unknown task '{name}': known tasks are {', '.join(TASKS)}")
+    require(name, model)
+    return TASKS[name]
+
+
+def _settings(task: Task, options: dict[str, Any]) -> dict[str, Any]:
+    defaults = task.defaults()
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise AecompressError(
+            f"task '{task.name}' has no option {', '.join(unknown)} "
+            f"(options: {', '.join(defaults) or 'none'})"
+        )
+    settings = {**defaults, **options}
+    if "split" in settings:
+        settings["split"] = settings["split"] or task.split
+        if settings["split"] not in task.files:
+            raise AecompressError(
+                f"task '{task.name}' has no split '{settings['split']}': {', '.join(task.files)}"
+            )
+    return settings
+
+
+def run_task(
+    name: str,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase | None,
+    *,
+    reference: PreTrainedModel | None = None,
+    progress: bool = True,
+    **options: Any,
+) -> TaskResult:
+    """Check, run and time one task; `reference` is the dense model for tasks that need it."""
+    task = check_task(name, model)
+    if tokenizer is None:
+        raise AecompressError(f"task '{name}' needs the model's tokenizer, and none was found")
+    settings = _settings(task, options)
+    split = settings.get("split", task.split)
+    hashes = {f: file_sha256(data_file(f)) for f in task.files[split]}
+    extra: dict[str, Any] = {}
+    if task.needs_reference:
+        if reference is None:
+            raise AecompressError(f"task '{name}' needs the dense reference model")
+        extra["reference"] = reference
+    start = time.perf_counter()
+    metrics = task.run(model, tokenizer, progress=progress, **settings, **extra)
+    return TaskResult(name, metrics, split, hashes, settings, time.perf_counter() - start)
