@@ -272,3 +272,28 @@ def test_runtime_modules_decode_like_reconstruct():
     torch.testing.assert_close(table(ids), method.reconstruct(stored, 1)[ids])
     dense = make_method("ae", {}).linear(stored, 0, None)
     assert isinstance(dense, torch.nn.Linear)
+
+
+def test_data_aware_ae_starts_at_svdllm_and_lowers_the_output_error():
+    """ae-data minimises ||(W - W_hat) L||: never worse than SVD-LLM at the same width."""
+    from aecompress.calibration import TargetStatistics
+    from aecompress.methods.svd import whitening
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(48, 16, generator=generator)
+    inputs = torch.randn(400, 16, generator=generator) * torch.linspace(0.1, 3, 16)
+    xtx = (inputs.T @ inputs).double()
+    stats = [TargetStatistics(tokens=400, xtx=xtx)]
+    method = make_method("ae-data", {"epochs": 30, "threads": 1})
+    context = FitContext("g", statistics=stats, progress=False)
+    stored = method.fit([weight], 48 * 16 / 1.5, context)
+    x = stored.meta["x"]
+    factor, _ = whitening(xtx / 400, 1e-4)
+    factor = factor.float()
+
+    def output_error(estimate: torch.Tensor) -> float:
+        return torch.linalg.matrix_norm((weight - estimate) @ factor).item()
+
+    u, s, vh = torch.linalg.svd(weight.double() @ factor.double())
+    svdllm = ((u[:, :x] * s[:x]) @ vh[:x]).float() @ torch.linalg.inv(factor)
+    assert output_error(method.reconstruct(stored, 0)) < output_error(svdllm)

@@ -30,6 +30,7 @@ from aecompress.budget import solve_width
 from aecompress.errors import AecompressError
 from aecompress.methods.base import FitContext, Method, MethodOptions, Stored, register
 from aecompress.methods.losses import LossConfig, powered_l1_alpha, reconstruction_loss
+from aecompress.methods.svd import whitening
 from aecompress.modules import DecodedEmbedding, DecodedLinear, DecoderSpec, decode_rows
 
 # The reference implementation's settings (PAPER.md), selected by `preset: paper`.
@@ -272,8 +273,25 @@ def svd_basis(rows: torch.Tensor, x: int, scale: torch.Tensor | None) -> torch.T
     return vh[:x].T.to(rows.dtype).contiguous()
 
 
+def whitened_svd_bases(
+    rows: torch.Tensor, x: int, factor: torch.Tensor, inverse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encode / decode bases [m, x] of SVD-LLM's optimum: rows L V_x (V_x^T L^-1).
+
+    With W L = U S V^T, codes = W (L V_x) and W_hat = codes (L^-T V_x)^T minimise
+    ||(W - W_hat) L||_F at rank x.
+    """
+    factor, inverse = factor.double(), inverse.double()
+    vectors = svd_basis(rows.double() @ factor, x, None).double()
+    return (factor @ vectors).to(rows.dtype), (inverse.T @ vectors).to(rows.dtype)
+
+
 class _Trainer:
-    """Fits codes and decoder on the stacked rows; keeps the best epoch's state."""
+    """Fits codes and decoder on the stacked rows; keeps the best epoch's state.
+
+    With `whitening` = (L, L^-1), the loss compares rows after multiplying by L, i.e. it
+    measures the module's output error ||(w - w_hat) X^T|| instead of the weight error.
+    """
 
     def __init__(
         self,
@@ -283,9 +301,12 @@ class _Trainer:
         weights: torch.Tensor | None,
         context: FitContext,
         validate: Callable[[torch.Tensor], float] | None,
+        whitening: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         self.options, self.rows, self.x, self.context = options, rows, x, context
         self.validate = validate
+        self.metric = None if whitening is None else whitening[0].to(rows.dtype)
+        self.targets = rows if self.metric is None else rows @ self.metric
         self.spec = options.spec()
         self.loss_weights = None if weights is None else weights.pow(options.row_weight_power)
         self.norms = rows.norm(dim=1) if options.norm else None
@@ -300,25 +321,29 @@ class _Trainer:
             bound = 1 / math.sqrt(x)
             skip = (torch.rand(cols, x, generator=self.generator) * 2 - 1) * bound
             self.skip = nn.Parameter(skip)
-        basis = None
-        if options.init == "svd":
+        basis = decode_basis = None
+        if options.init == "svd" and whitening is not None:
+            basis, decode_basis = whitened_svd_bases(rows, x, *whitening)
+        elif options.init == "svd":
             scale = None if self.loss_weights is None else self.loss_weights.sqrt()
-            basis = svd_basis(rows, x, None if scale is None else scale.to(rows.dtype))
+            basis = decode_basis = svd_basis(
+                rows, x, None if scale is None else scale.to(rows.dtype)
+            )
         if options.trainer == "autoencoder":
             self.encoder = _linear_stack(encoder_widths(options, x, cols))
-            if basis is not None:  # linear AE from the (weighted) SVD: W ~ W V V^T
+            if basis is not None and decode_basis is not None:  # linear AE from the SVD
                 with torch.no_grad():
                     _set_linear(_linears(self.encoder)[0], basis.T)
-                    _set_linear(_linears(self.decoder)[0], basis)
+                    _set_linear(_linears(self.decoder)[0], decode_basis)
         else:
-            if basis is not None:
+            if basis is not None and decode_basis is not None:
                 codes = rows @ basis
                 if len(self.decoder) == 1:
                     with torch.no_grad():
-                        _set_linear(_linears(self.decoder)[0], basis)
+                        _set_linear(_linears(self.decoder)[0], decode_basis)
                 elif self.skip is not None:  # start from the SVD: linear path + zero MLP
                     with torch.no_grad():
-                        self.skip.copy_(basis)
+                        self.skip.copy_(decode_basis)
                         last = _linears(self.decoder)[-1]
                         _set_linear(last, torch.zeros_like(last.weight))
                 else:  # a non-linear decoder expects codes of unit scale
@@ -361,12 +386,18 @@ class _Trainer:
             norms = self.norms if index is None else self.norms[index]
         return decode_rows(codes, self.decoder_tensors(), self.spec, norms)
 
+    def loss(self, decoded: torch.Tensor, index: torch.Tensor | None, alpha: float) -> torch.Tensor:
+        """The loss of decoded rows (all rows, or those of `index`), in the trainer's metric."""
+        targets = self.targets if index is None else self.targets[index]
+        weights = self.loss_weights
+        if weights is not None and index is not None:
+            weights = weights[index]
+        measured = decoded if self.metric is None else decoded @ self.metric
+        return reconstruction_loss(targets, measured, self.options.loss, weights, alpha)
+
     @torch.no_grad()
     def full_loss(self, codes: torch.Tensor, alpha: float) -> float:
-        decoded = self.decode(codes)
-        return reconstruction_loss(
-            self.rows, decoded, self.options.loss, self.loss_weights, alpha
-        ).item()
+        return self.loss(self.decode(codes), None, alpha).item()
 
     def train(self) -> dict[str, Any]:
         options, rows = self.options, self.rows
@@ -394,9 +425,7 @@ class _Trainer:
             order = torch.randperm(count, generator=self.generator)
             total = 0.0
             for index in order.split(batch):
-                decoded = self.decode(self.batch_codes(index), index)
-                weights = None if self.loss_weights is None else self.loss_weights[index]
-                loss = reconstruction_loss(rows[index], decoded, options.loss, weights, alpha)
+                loss = self.loss(self.decode(self.batch_codes(index), index), index, alpha)
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 optimiser.step()
@@ -448,6 +477,12 @@ class Autoencoder(Method):
         kind = self.options.row_weights
         return set() if kind == "none" else {"counts" if kind == "auto" else kind}
 
+    def whitening(
+        self, matrices: Sequence[torch.Tensor], context: FitContext
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(L, L^-1) of the output metric the loss is measured in; None: the weights'."""
+        return None
+
     def fit(self, matrices: Sequence[torch.Tensor], budget: float, context: FitContext) -> Stored:
         options = self.options
         rows, cols = matrices[0].shape
@@ -474,6 +509,7 @@ class Autoencoder(Method):
                 None if weights is None else weights.float(),
                 context,
                 validate,
+                self.whitening(matrices, context),
             )
             result = trainer.train()
         best = result["best"]
@@ -564,3 +600,45 @@ class Autoencoder(Method):
             member.get("norms"),
             padding_idx,
         )
+
+
+class DataAwareOptions(AutoencoderOptions):
+    """`ae` options, defaults changed: the loss is the (whitened) squared error alone, which
+    is what the output error is; `ridge` is SVD-LLM's (relative to X^T X's mean diagonal)."""
+
+    loss: LossConfig = Field(
+        default_factory=lambda: LossConfig.model_validate({"cosine_weight": 0, "rmse_weight": 1})
+    )
+    ridge: float = Field(1e-4, ge=0)
+
+
+@register
+class DataAwareAutoencoder(Autoencoder):
+    """The AE trained on the module's output error instead of its weights (our own method).
+
+    Stores exactly what `ae` stores (codes, shared decoder, optional norms, same budget),
+    but minimises ||(W - W_hat) L||_F, L L^T = X^T X (+ ridge) of the calibration inputs:
+    the error SVD-LLM minimises, so the non-linear decoder spends its capacity where the
+    activations are. It starts at SVD-LLM's solution (the skip path holds L^-T V_x, the
+    codes W L V_x) and the non-linear part can only lower that loss. A stacked group is
+    whitened with the X^T X pooled over its layers. Embeddings have one-hot inputs, whose
+    X^T X is diag(token counts): there it is `ae` with token-count row weights.
+    """
+
+    name = "ae-data"
+    Options = DataAwareOptions
+    options: DataAwareOptions
+
+    def statistics_needed(self) -> set[str]:
+        return super().statistics_needed() | {"xtx", "counts"}
+
+    def whitening(
+        self, matrices: Sequence[torch.Tensor], context: FitContext
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        statistics = context.statistics or []
+        if not statistics or any(s.xtx is None for s in statistics):
+            return None  # embeddings: their row weights (token counts) are the whitening
+        pooled = torch.stack([s.xtx for s in statistics if s.xtx is not None]).sum(0)
+        tokens = sum(s.tokens for s in statistics) or 1
+        factor, inverse = whitening(pooled / tokens, self.options.ridge)
+        return factor.float(), inverse.float()
