@@ -57,7 +57,9 @@ ROWS = [
     # Further rows, run with --rows NAME: not in the committed table unless listed there.
     Row("shared-basis:2", "shared-basis", group="layers:2"),
     Row("prune", "prune"),
-    # Row("ae", "ae"), Row("ae-data", "ae-data"),  # once the AE branch has merged
+    Row("ae", "ae"),
+    Row("ae-data", "ae-data"),
+    Row("ae-data:small", "ae-data", {"decoder": [0.25]}),  # a cheaper non-linear decoder
 ]
 DEFAULT_ROWS = ["svd", "fwsvd", "asvd", "svdllm"]
 
