@@ -15,33 +15,7 @@ from aecompress.models import LoadedModel, load_model, resolve_embedded
 
 VOCAB = 30522  # the minilm-l6 (BERT uncased) tokenizer serves every tiny model
 
-TINY_CONFIGS = {
-    "bert": lambda: transformers.BertForMaskedLM(
-        transformers.BertConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-        )
-    ),
-    "gpt2": lambda: transformers.GPT2LMHeadModel(
-        transformers.GPT2Config(
-            vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, bos_token_id=101, eos_token_id=102
-        )
-    ),
-    "llama": lambda: transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            tie_word_embeddings=True,
-        )
-    ),
-}
+ARCHITECTURES = ("bert", "gpt2", "llama")  # every contract test runs on each
 
 # The families each tiny architecture has (GPT-2 and BERT have no gate).
 FAMILIES = {
@@ -52,8 +26,8 @@ FAMILIES = {
 
 
 def tiny_model(arch: str, seed: int = 0) -> transformers.PreTrainedModel:
-    torch.manual_seed(seed)
-    return TINY_CONFIGS[arch]().eval()
+    """A tiny random model on the full MiniLM vocabulary (see make_tiny)."""
+    return make_tiny(arch, VOCAB, seed)
 
 
 @pytest.fixture(scope="session")
@@ -61,7 +35,7 @@ def tokenizer() -> transformers.PreTrainedTokenizerBase:
     return transformers.AutoTokenizer.from_pretrained(str(resolve_embedded("minilm-l6")))
 
 
-@pytest.fixture(params=sorted(TINY_CONFIGS))
+@pytest.fixture(params=ARCHITECTURES)
 def arch(request: pytest.FixtureRequest) -> str:
     return request.param
 
@@ -103,7 +77,7 @@ def make_tiny(arch: str, vocab: int = SMALL_VOCAB, seed: int = 0) -> transformer
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
-        max_position_embeddings=64,
+        max_position_embeddings=512,
     )
     if arch == "bert":
         model: transformers.PreTrainedModel = transformers.BertForMaskedLM(bert)
@@ -112,7 +86,13 @@ def make_tiny(arch: str, vocab: int = SMALL_VOCAB, seed: int = 0) -> transformer
     elif arch == "gpt2":
         model = transformers.GPT2LMHeadModel(
             transformers.GPT2Config(
-                vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=64
+                vocab_size=vocab,
+                n_embd=32,
+                n_layer=2,
+                n_head=4,
+                n_positions=512,
+                bos_token_id=1,
+                eos_token_id=2,
             )
         )
     elif arch == "llama":
@@ -138,49 +118,21 @@ def small_ids() -> torch.Tensor:
     return torch.randint(0, SMALL_VOCAB, (2, 10), generator=torch.Generator().manual_seed(1))
 
 
-def _tiny(model_class: type, config: transformers.PretrainedConfig) -> transformers.PreTrainedModel:
-    torch.manual_seed(0)
-    return model_class(config).eval()
-
-
-def _bert_config() -> transformers.BertConfig:
-    return transformers.BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=512,
-    )
+@pytest.fixture(scope="session")
+def tiny_bert() -> transformers.PreTrainedModel:
+    return tiny_model("bert-encoder")
 
 
 @pytest.fixture(scope="session")
-def tiny_bert() -> transformers.BertModel:
-    return _tiny(transformers.BertModel, _bert_config())
+def tiny_bert_mlm() -> transformers.PreTrainedModel:
+    return tiny_model("bert")
 
 
 @pytest.fixture(scope="session")
-def tiny_bert_mlm() -> transformers.BertForMaskedLM:
-    return _tiny(transformers.BertForMaskedLM, _bert_config())
+def tiny_llama() -> transformers.PreTrainedModel:
+    return tiny_model("llama")
 
 
 @pytest.fixture(scope="session")
-def tiny_llama() -> transformers.LlamaForCausalLM:
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=512,
-    )
-    return _tiny(transformers.LlamaForCausalLM, config)
-
-
-@pytest.fixture(scope="session")
-def tiny_gpt2() -> transformers.GPT2LMHeadModel:
-    config = transformers.GPT2Config(
-        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=512
-    )
-    return _tiny(transformers.GPT2LMHeadModel, config)
+def tiny_gpt2() -> transformers.PreTrainedModel:
+    return tiny_model("gpt2")

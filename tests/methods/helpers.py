@@ -6,8 +6,7 @@ import torch
 import transformers
 
 from aecompress.calibration import TargetStatistics
-
-VOCAB = 30522  # the minilm-l6 (BERT uncased) tokenizer serves the tiny model
+from tests.conftest import tiny_model
 
 
 def synthetic_statistics(
@@ -32,14 +31,4 @@ def embedding_statistics(vocab: int, seed: int = 0) -> TargetStatistics:
 
 def tiny_llama(seed: int = 0) -> transformers.PreTrainedModel:
     """Llama with GQA, tied embeddings, head_dim 8: every family, in a fraction of a second."""
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
+    return tiny_model("llama", seed)

@@ -139,11 +139,11 @@ def test_calibration_statistics_repeat_with_the_same_seed(tiny: LoadedModel):
     assert not torch.equal(first[down].xtx, other[down].xtx)
 
 
-def test_a_fresh_model_gives_the_same_compression(minilm_tokenizer):
+def test_a_fresh_model_gives_the_same_compression(tokenizer):
     """Same model, recipe and seed: identical stored tensors (statistics from the cache)."""
     results = []
     for _ in range(2):
-        loaded = LoadedModel(tiny_llama(), minilm_tokenizer, "tiny-llama", "AutoModelForCausalLM")
+        loaded = LoadedModel(tiny_llama(), tokenizer, "tiny-llama", "AutoModelForCausalLM")
         cm = compress(loaded, "svdllm", "k,up", 2.0)
         results.append(cm.groups[0].stored.tensors())
     for key, tensor in results[0].items():
