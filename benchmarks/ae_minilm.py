@@ -24,50 +24,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from scipy.stats import spearmanr
 
 import aecompress
 from aecompress.calibration import CalibrationConfig, split_ids
-from aecompress.data import data_file
+from aecompress.evaluation.sts import stsb
 from aecompress.methods.svd import truncated_svd
 from aecompress.models import load_model
 
 LINEAR_AE = {"encoder": [], "decoder": []}
 
 
-def read_stsb(split: str) -> tuple[list[str], list[str], np.ndarray]:
-    """STS-B pairs: TAB separated, score = field 5, sentences = fields 6 and 7 (1-based)."""
-    rows = [
-        line.split("\t")
-        for line in data_file(f"stsb/sts-{split}.csv").read_text(encoding="utf-8").splitlines()
-    ]
-    return [r[5] for r in rows], [r[6] for r in rows], np.array([float(r[4]) for r in rows])
-
-
-@torch.inference_mode()
-def stsb_spearman(model: Any, tokenizer: Any, split: str = "test", batch: int = 64) -> float:
-    """Spearman x100 of cosine(mean-pooled embeddings) vs gold (replaced by
-    aecompress.evaluation.sts, which gives the same numbers)."""
-    first, second, gold = read_stsb(split)
-    unique = sorted(set(first) | set(second), key=len)
-    vectors: dict[str, torch.Tensor] = {}
-    model.eval()
-    for start in range(0, len(unique), batch):
-        chunk = unique[start : start + batch]
-        encoded = tokenizer(
-            chunk, padding=True, truncation=True, max_length=256, return_tensors="pt"
-        )
-        hidden = model(**encoded).last_hidden_state
-        mask = encoded["attention_mask"].unsqueeze(-1).float()
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
-        vectors.update(zip(chunk, pooled, strict=True))
-    cosine = F.cosine_similarity(
-        torch.stack([vectors[s] for s in first]), torch.stack([vectors[s] for s in second])
-    )
-    return 100 * float(spearmanr(cosine.numpy(), gold).statistic)
+def stsb_spearman(model: Any, tokenizer: Any) -> float:
+    """STS-B test Spearman x100 (aecompress.evaluation.sts: the model's own pooling)."""
+    return stsb(model, tokenizer, split="test", progress=False)["spearman"]
 
 
 def weighted_svd_embeddings(ratio: float) -> dict[str, Any]:
