@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import csv
+import os
+import platform
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -185,7 +188,14 @@ def write_report(results: Path, records: list[dict[str, Any]]) -> list[Path]:
     """Write report.md, results.csv and one PNG per table next to the results file."""
     rows = flatten_results(records)
     folder = results.parent
-    text = results_tables(rows)
+    seconds = sum(r.get("compress_seconds", 0.0) + r.get("seconds", 0.0) for r in records)
+    text = (
+        f"# {results.parent.name}\n\n"
+        f"Written {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {platform.machine()}, "
+        f"{os.cpu_count()} CPUs ({platform.platform()}), from {results.name}; compression + "
+        f"evaluation time of the cells: {seconds / 60:.1f} min. Values: mean over seeds; "
+        "(difference to dense).\n\n"
+    ) + results_tables(rows)
     failed = [r for r in records if r.get("status") == "failed"]
     if failed:
         text += "\n### Failed cells\n\n" + "".join(
