@@ -60,6 +60,7 @@ ROWS = [
     Row("ae", "ae"),
     Row("ae-data", "ae-data"),
     Row("ae-data:small", "ae-data", {"decoder": [0.25]}),  # a cheaper non-linear decoder
+    Row("ae-data:small-b256", "ae-data", {"decoder": [0.25], "batch_size": 256}),  # more steps
 ]
 DEFAULT_ROWS = ["svd", "fwsvd", "asvd", "svdllm"]
 
