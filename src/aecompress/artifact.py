@@ -20,7 +20,7 @@ import transformers
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from aecompress.engine import CompressedGroup, CompressedModel, inject, member_path
+from aecompress.engine import CompressedGroup, CompressedModel, inject
 from aecompress.errors import AecompressError
 from aecompress.methods import Stored, make_method
 from aecompress.recipe import Recipe
@@ -252,12 +252,10 @@ def load_compressed(path: str | Path, decode: bool = False) -> CompressedModel:
         tied = manifest["tied_output"] if entry["family"] == "embed" else None
         inject(model, fitted, method, tied, decode=decode)
         groups.append(fitted)
-    _load_untouched(model, tensors, manifest, groups)
-    model.eval()
     tokenizer = None
     if (path / "tokenizer_config.json").is_file():
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
-    return CompressedModel(
+    cm = CompressedModel(
         model,
         tokenizer,
         recipe,
@@ -269,26 +267,22 @@ def load_compressed(path: str | Path, decode: bool = False) -> CompressedModel:
         decoded=decode,
         aliases=manifest["aliases"],
     )
+    _load_untouched(cm, tensors)
+    model.eval()
+    return cm
 
 
-def _load_untouched(
-    model: torch.nn.Module,
-    tensors: dict[str, torch.Tensor],
-    manifest: dict[str, Any],
-    groups: list[CompressedGroup],
-) -> None:
+def _load_untouched(cm: CompressedModel, tensors: dict[str, torch.Tensor]) -> None:
     """Load untouched tensors; every key of the model must come from the file or a group."""
-    result = model.load_state_dict(tensors, strict=False)
+    result = cm.model.load_state_dict(tensors, strict=False)
     if result.unexpected_keys:
         raise AecompressError(f"artifact holds unknown tensors: {result.unexpected_keys[:3]}")
-    replaced = [member_path(t) + "." for g in groups for t in g.group.members]
-    if manifest["tied_output"]:
-        replaced.append(manifest["tied_output"] + ".")
-    state = model.state_dict()
+    replaced = [p + "." for p in cm.replaced_paths()]
+    state = cm.model.state_dict()
     for key in result.missing_keys:
         if any(key.startswith(p) for p in replaced):
             continue
-        kept = manifest["aliases"].get(key)
+        kept = cm.aliases.get(key)
         if kept is None:
             raise AecompressError(f"artifact is missing the tensor {key}")
         if state[key].data_ptr() != state[kept].data_ptr():
