@@ -67,13 +67,6 @@ def _stored_shapes(tensors: dict[str, list[int]]) -> str:
     return ", ".join(shared + per_member)
 
 
-def metric_values(record: dict[str, Any]) -> dict[str, float]:
-    """The metrics of one result record ({metric: value})."""
-    if "metrics" in record:
-        return dict(record["metrics"])
-    return {record["metric"]: record["value"]}
-
-
 def flatten_results(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per successful record and metric, with the cell's fields."""
     rows = []
@@ -81,7 +74,7 @@ def flatten_results(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if record.get("status") != "ok":
             continue
         cell = record["cell"]
-        for metric, value in metric_values(record).items():
+        for metric, value in record["metrics"].items():
             rows.append(
                 {
                     "model": cell["model"],
