@@ -227,14 +227,24 @@ def test_validation_selection_uses_the_callback_and_never_needs_it_otherwise():
 
     def validate(decoded: list[torch.Tensor]) -> float:
         calls.append(decoded)
-        return [3.0, 1.0, 2.0][len(calls) - 1]
+        return [4.0, 3.0, 1.0, 2.0][len(calls) - 1]  # the start, then epochs 1..3
 
     options = {"epochs": 3, "selection": "validation", "select_from": 0}
     _, stored, _ = fit(options, mats, validate=validate)
-    assert len(calls) == 3 and [d.shape for d in calls[0]] == [(40, 24), (40, 24)]
+    assert len(calls) == 4 and [d.shape for d in calls[0]] == [(40, 24), (40, 24)]
     assert stored.meta["epoch"] == 2 and stored.meta["selection_value"] == 1.0
     with pytest.raises(AecompressError, match="validation metric"):
         fit({"selection": "validation"}, mats)
+
+
+def test_training_keeps_its_start_when_no_epoch_beats_it():
+    mats = matrices(2)
+    scores = iter([1.0, 3.0, 2.0])
+    options = {"epochs": 2, "selection": "validation", "select_from": 0, "norm": False}
+    method, stored, _ = fit(options, mats, validate=lambda decoded: next(scores))
+    assert stored.meta["epoch"] == 0
+    basis = svd_basis(torch.cat(mats), stored.meta["x"], None)  # the start: W V V^T
+    torch.testing.assert_close(method.reconstruct(stored, 0), mats[0] @ basis @ basis.T)
 
 
 def test_selection_skips_early_epochs_and_keeps_the_best():
@@ -242,11 +252,11 @@ def test_selection_skips_early_epochs_and_keeps_the_best():
 
     def validate(decoded: list[torch.Tensor]) -> float:
         calls.append(1)
-        return 5.0 - len(calls) if len(calls) < 3 else 9.0
+        return [9.0, 4.0, 3.0, 9.0][len(calls) - 1]
 
     options = {"epochs": 6, "selection": "validation", "select_from": 0.5}
     _, stored, _ = fit(options, matrices(1), validate=validate)
-    assert len(calls) == 3 and stored.meta["epoch"] == 5  # epochs 4, 5, 6 scored
+    assert len(calls) == 4 and stored.meta["epoch"] == 5  # the start, epochs 4, 5, 6 scored
     _, last, _ = fit({"epochs": 3, "selection": "last"}, matrices(1))
     assert last.meta["epoch"] == 3 and last.meta["selection_value"] == 0.0
 
@@ -297,3 +307,31 @@ def test_data_aware_ae_starts_at_svdllm_and_lowers_the_output_error():
     u, s, vh = torch.linalg.svd(weight.double() @ factor.double())
     svdllm = ((u[:, :x] * s[:x]) @ vh[:x]).float() @ torch.linalg.inv(factor)
     assert output_error(method.reconstruct(stored, 0)) < output_error(svdllm)
+
+
+def test_data_aware_ae_measures_each_layer_of_a_stack_in_its_own_inputs():
+    """A stack shares the decoder, but layer i's codes minimise ||(W_i - W_hat_i) X_i^T||."""
+    from aecompress.calibration import TargetStatistics
+    from aecompress.methods.autoencoder import whitened_svd_bases
+    from aecompress.methods.svd import whitening
+
+    generator = torch.Generator().manual_seed(0)
+    weights = [torch.randn(48, 16, generator=generator) for _ in range(2)]
+    scales = [torch.linspace(0.1, 3, 16), torch.linspace(3, 0.1, 16)]  # opposite channels
+    moments = [
+        (x.T @ x).double() for x in (torch.randn(400, 16, generator=generator) * s for s in scales)
+    ]
+    stats = [TargetStatistics(tokens=400, xtx=m) for m in moments]
+    frozen = {"epochs": 1, "lr": 1e-12, "schedule": "constant", "decoder": [], "encoder": []}
+    method = make_method("ae-data", frozen)
+    stored = method.fit(weights, 2 * 48 * 16 / 2, FitContext("g", statistics=stats))
+    factors = [whitening(m / 400, 1e-4)[0].float() for m in moments]
+    pooled = whitening((moments[0] + moments[1]) / 800, 1e-4)
+    basis, decode = whitened_svd_bases(torch.cat(weights), stored.meta["x"], *pooled)
+    for index, (weight, factor) in enumerate(zip(weights, factors, strict=True)):
+        estimate = method.reconstruct(stored, index)
+        residual = (weight - estimate) @ factor @ factor.T @ decode  # normal equations
+        assert residual.abs().max() < 1e-3 * weight.abs().max()
+        projected = weight @ basis @ decode.T  # codes from the pooled projection
+        error = torch.linalg.matrix_norm((weight - estimate) @ factor)
+        assert error < torch.linalg.matrix_norm((weight - projected) @ factor)

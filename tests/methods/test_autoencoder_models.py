@@ -79,13 +79,14 @@ def test_decoder_runtime_shares_one_decoder_per_group_and_fine_tunes_it(small_id
     assert layers[0].w0 is layers[1].w0 and layers[0].codes is not layers[1].codes
     assert layers[0].w0 is cm.groups[0].stored.shared["w0"]
     assert sum(p is layers[0].w0 for p in cm.model.parameters()) == 1
-    before = layers[0].w0.detach().clone()
+    last = layers[0].w2  # decoder [x, 2x, 4x, 32]: the output layer always gets a gradient
+    before = last.detach().clone()
     torch.optim.SGD(cm.model.parameters(), lr=0.1).zero_grad()
     cm.model(input_ids=small_ids, labels=small_ids).loss.backward()
-    assert layers[0].w0.grad is not None and layers[0].codes.grad is not None
+    assert last.grad is not None and layers[0].codes.grad is not None
     with torch.no_grad():
-        layers[0].w0 -= 0.1 * layers[0].w0.grad
-    assert not torch.equal(layers[1].w0, before)  # the other layer sees the update
+        last -= 0.1 * last.grad
+    assert not torch.equal(layers[1].w2, before)  # the other layer sees the update
 
 
 def test_inspect_shows_width_decoder_and_ratio(tmp_path):

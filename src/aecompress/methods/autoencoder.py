@@ -18,6 +18,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any, Literal, cast
 
@@ -30,7 +31,7 @@ from aecompress.budget import solve_width
 from aecompress.errors import AecompressError
 from aecompress.methods.base import FitContext, Method, MethodOptions, Stored, register
 from aecompress.methods.losses import LossConfig, powered_l1_alpha, reconstruction_loss
-from aecompress.methods.svd import whitening
+from aecompress.methods.svd import refit_coefficients, whitening
 from aecompress.modules import DecodedEmbedding, DecodedLinear, DecoderSpec, decode_rows
 
 # The reference implementation's settings (PAPER.md), selected by `preset: paper`.
@@ -286,11 +287,34 @@ def whitened_svd_bases(
     return (factor @ vectors).to(rows.dtype), (inverse.T @ vectors).to(rows.dtype)
 
 
+@dataclass(frozen=True)
+class OutputMetric:
+    """Whitening factors L_i (L_i L_i^T = X_i^T X_i / tokens + ridge), one per member of
+    the group, and the pooled (L, L^-1) of the whole stack that picks the starting basis.
+
+    Member i's rows are compared after multiplying by L_i: the loss is each layer's own
+    output error ||(W_i - W_hat_i) X_i^T||, even when the layers share one decoder.
+    """
+
+    factors: list[torch.Tensor]
+    pooled: tuple[torch.Tensor, torch.Tensor]
+
+    def apply(self, rows: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+        """rows @ L_member for each row (members: the member index of every row)."""
+        if len(self.factors) == 1:
+            return rows @ self.factors[0]
+        out = torch.empty_like(rows)
+        for member in members.unique().tolist():
+            chosen = members == member
+            out[chosen] = rows[chosen] @ self.factors[member]
+        return out
+
+
 class _Trainer:
     """Fits codes and decoder on the stacked rows; keeps the best epoch's state.
 
-    With `whitening` = (L, L^-1), the loss compares rows after multiplying by L, i.e. it
-    measures the module's output error ||(w - w_hat) X^T|| instead of the weight error.
+    With an output `metric`, the loss compares rows after whitening (OutputMetric), i.e.
+    it measures the module's output error ||(w - w_hat) X^T|| instead of the weight error.
     """
 
     def __init__(
@@ -301,12 +325,14 @@ class _Trainer:
         weights: torch.Tensor | None,
         context: FitContext,
         validate: Callable[[torch.Tensor], float] | None,
-        whitening: tuple[torch.Tensor, torch.Tensor] | None = None,
+        metric: OutputMetric | None = None,
     ) -> None:
         self.options, self.rows, self.x, self.context = options, rows, x, context
         self.validate = validate
-        self.metric = None if whitening is None else whitening[0].to(rows.dtype)
-        self.targets = rows if self.metric is None else rows @ self.metric
+        self.metric = metric
+        count = 1 if metric is None else len(metric.factors)
+        self.members = torch.arange(rows.shape[0]) // (rows.shape[0] // count)
+        self.targets = rows if metric is None else metric.apply(rows, self.members)
         self.spec = options.spec()
         self.loss_weights = None if weights is None else weights.pow(options.row_weight_power)
         self.norms = rows.norm(dim=1) if options.norm else None
@@ -322,8 +348,8 @@ class _Trainer:
             skip = (torch.rand(cols, x, generator=self.generator) * 2 - 1) * bound
             self.skip = nn.Parameter(skip)
         basis = decode_basis = None
-        if options.init == "svd" and whitening is not None:
-            basis, decode_basis = whitened_svd_bases(rows, x, *whitening)
+        if options.init == "svd" and metric is not None:
+            basis, decode_basis = whitened_svd_bases(rows, x, *metric.pooled)
         elif options.init == "svd":
             scale = None if self.loss_weights is None else self.loss_weights.sqrt()
             basis = decode_basis = svd_basis(
@@ -337,7 +363,7 @@ class _Trainer:
                     _set_linear(_linears(self.decoder)[0], decode_basis)
         else:
             if basis is not None and decode_basis is not None:
-                codes = rows @ basis
+                codes = self._start_codes(basis, decode_basis)
                 if len(self.decoder) == 1:
                     with torch.no_grad():
                         _set_linear(_linears(self.decoder)[0], decode_basis)
@@ -351,6 +377,21 @@ class _Trainer:
             else:
                 codes = torch.randn(rows.shape[0], x, generator=self.generator)
             self.codes = nn.Parameter(codes.contiguous())
+
+    def _start_codes(self, basis: torch.Tensor, decode_basis: torch.Tensor) -> torch.Tensor:
+        """Codes of the linear start: the projection on the basis, or, for a stack with
+        per-layer metrics, each layer's least-squares codes in its own output error."""
+        if self.metric is None or len(self.metric.factors) == 1:
+            return self.rows @ basis
+        parts = []
+        for part, factor in zip(
+            self.rows.split(self.rows.shape[0] // len(self.metric.factors)),
+            self.metric.factors,
+            strict=True,
+        ):
+            gram = factor.double() @ factor.double().T
+            parts.append(refit_coefficients(part, decode_basis.T, gram))
+        return torch.cat(parts)
 
     def parameters(self) -> list[nn.Parameter]:
         params = list(self.decoder.parameters())
@@ -392,7 +433,8 @@ class _Trainer:
         weights = self.loss_weights
         if weights is not None and index is not None:
             weights = weights[index]
-        measured = decoded if self.metric is None else decoded @ self.metric
+        members = self.members if index is None else self.members[index]
+        measured = decoded if self.metric is None else self.metric.apply(decoded, members)
         return reconstruction_loss(targets, measured, self.options.loss, weights, alpha)
 
     @torch.no_grad()
@@ -413,6 +455,8 @@ class _Trainer:
                 optimiser, max_lr=options.lr, total_steps=options.epochs * steps
             )
         best: dict[str, Any] = {"score": math.inf}
+        if options.init == "svd" and options.selection != "last":
+            best = self._candidate(0, self.signal())  # training must beat its start
         history = []
         bar = tqdm(
             range(options.epochs),
@@ -438,13 +482,17 @@ class _Trainer:
             history.append(round(score, 6))
             bar.set_postfix(loss=f"{total / count:.4f}", select=f"{score:.4f}")
             if options.selection == "last" or score < best["score"]:
-                best = {
-                    "score": score,
-                    "epoch": epoch + 1,
-                    "codes": self.all_codes(),
-                    "decoder": {k: v.detach().clone() for k, v in self.decoder_tensors().items()},
-                }
+                best = self._candidate(epoch + 1, score)
         return {"best": best, "history": history}
+
+    def _candidate(self, epoch: int, score: float) -> dict[str, Any]:
+        """A copy of the current state (epoch 0: the starting point)."""
+        return {
+            "score": score,
+            "epoch": epoch,
+            "codes": self.all_codes(),
+            "decoder": {k: v.detach().clone() for k, v in self.decoder_tensors().items()},
+        }
 
     def score(self, epoch: int) -> float:
         """The selection signal after `epoch` (lower is better; the powered L1 term, if on,
@@ -455,13 +503,17 @@ class _Trainer:
             return 0.0
         if epoch < int(options.select_from * options.epochs) and not last:
             return math.inf
-        if options.selection == "validation":
-            if (epoch + 1) % options.validate_every and not last:
-                return math.inf
+        if options.selection == "validation" and (epoch + 1) % options.validate_every and not last:
+            return math.inf
+        return self.signal()
+
+    def signal(self) -> float:
+        """The selection signal of the current state: validation metric or training loss."""
+        if self.options.selection == "validation":
             assert self.validate is not None
             with torch.no_grad():
                 return self.validate(self.decode(self.all_codes()))
-        return self.full_loss(self.all_codes(), options.loss.l1_alpha_end)
+        return self.full_loss(self.all_codes(), self.options.loss.l1_alpha_end)
 
 
 @register
@@ -477,10 +529,8 @@ class Autoencoder(Method):
         kind = self.options.row_weights
         return set() if kind == "none" else {"counts" if kind == "auto" else kind}
 
-    def whitening(
-        self, matrices: Sequence[torch.Tensor], context: FitContext
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(L, L^-1) of the output metric the loss is measured in; None: the weights'."""
+    def output_metric(self, context: FitContext) -> OutputMetric | None:
+        """The output metric the loss is measured in; None: the weights' own."""
         return None
 
     def fit(self, matrices: Sequence[torch.Tensor], budget: float, context: FitContext) -> Stored:
@@ -509,7 +559,7 @@ class Autoencoder(Method):
                 None if weights is None else weights.float(),
                 context,
                 validate,
-                self.whitening(matrices, context),
+                self.output_metric(context),
             )
             result = trainer.train()
         best = result["best"]
@@ -620,9 +670,11 @@ class DataAwareAutoencoder(Autoencoder):
     but minimises ||(W - W_hat) L||_F, L L^T = X^T X (+ ridge) of the calibration inputs:
     the error SVD-LLM minimises, so the non-linear decoder spends its capacity where the
     activations are. It starts at SVD-LLM's solution (the skip path holds L^-T V_x, the
-    codes W L V_x) and the non-linear part can only lower that loss. A stacked group is
-    whitened with the X^T X pooled over its layers. Embeddings have one-hot inputs, whose
-    X^T X is diag(token counts): there it is `ae` with token-count row weights.
+    codes W L V_x); training keeps that start unless it lowers the loss. In a stack
+    (`--group layers`) each layer's rows are measured in its own X_i^T X_i, the shared
+    starting basis comes from the pooled X^T X and each layer's codes are refitted to it.
+    Embeddings have one-hot inputs, whose X^T X is diag(token counts): there it is `ae`
+    with token-count row weights.
     """
 
     name = "ae-data"
@@ -632,13 +684,17 @@ class DataAwareAutoencoder(Autoencoder):
     def statistics_needed(self) -> set[str]:
         return super().statistics_needed() | {"xtx", "counts"}
 
-    def whitening(
-        self, matrices: Sequence[torch.Tensor], context: FitContext
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def output_metric(self, context: FitContext) -> OutputMetric | None:
         statistics = context.statistics or []
-        if not statistics or any(s.xtx is None for s in statistics):
+        moments = [s.xtx for s in statistics if s.xtx is not None]
+        if not statistics or len(moments) < len(statistics):
             return None  # embeddings: their row weights (token counts) are the whitening
-        pooled = torch.stack([s.xtx for s in statistics if s.xtx is not None]).sum(0)
+        ridge = self.options.ridge
+        factors = [
+            whitening(xtx / max(s.tokens, 1), ridge)[0].float()
+            for xtx, s in zip(moments, statistics, strict=True)
+        ]
+        pooled = torch.stack(moments).sum(0)
         tokens = sum(s.tokens for s in statistics) or 1
-        factor, inverse = whitening(pooled / tokens, self.options.ridge)
-        return factor.float(), inverse.float()
+        factor, inverse = whitening(pooled / tokens, ridge)
+        return OutputMetric(factors, (factor.float(), inverse.float()))

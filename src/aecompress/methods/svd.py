@@ -128,6 +128,20 @@ def whitening(xtx: torch.Tensor, ridge: float = 1e-4) -> tuple[torch.Tensor, tor
     return factor, inverse
 
 
+def refit_coefficients(
+    matrix: torch.Tensor, basis: torch.Tensor, gram: torch.Tensor
+) -> torch.Tensor:
+    """A [n, r] minimising ||(W - A B) L||_F given the basis B [r, m], gram = L L^T.
+
+    The normal equations A (B G B^T) = W G B^T, solved in float64 (the output error of
+    one layer's inputs for a basis chosen on other data, e.g. a stack of layers).
+    """
+    basis, gram = basis.double(), gram.double()
+    projected = basis @ gram  # [r, m]
+    normal = projected @ basis.T  # B G B^T, [r, r]
+    return torch.linalg.solve(normal, projected @ matrix.double().T).T.to(matrix.dtype)
+
+
 def stacked_rank(count: int, rows: int, cols: int, budget: float, group: str) -> int:
     """Largest rank r with count*rows*r (per-member A) + r*cols (shared B) within budget."""
     return solve_width(
@@ -323,12 +337,9 @@ class SharedBasis(SVDLLM):
     def fit(self, matrices: Sequence[torch.Tensor], budget: float, context: FitContext) -> Stored:
         stored = SVD.fit(self, matrices, budget, context)
         if self.options.refit and len(matrices) > 1 and not is_embedding(context):
-            basis = stored.shared["b"].double()
             for index, matrix in enumerate(matrices):
                 factor, _ = whitening(_field(context, index, "xtx"), self.options.ridge)
                 gram = factor @ factor.T  # X_i^T X_i + ridge
-                projected = basis @ gram  # [r, m]
-                normal = projected @ basis.T  # B G B^T, [r, r]
-                coefficients = torch.linalg.solve(normal, projected @ matrix.double().T).T
-                stored.members[index]["a"] = coefficients.to(matrix.dtype).contiguous()
+                coefficients = refit_coefficients(matrix, stored.shared["b"], gram)
+                stored.members[index]["a"] = coefficients.contiguous()
         return stored
