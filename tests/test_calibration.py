@@ -62,3 +62,19 @@ def test_cache_returns_the_same_statistics(tokenizer, monkeypatch):
             torch.equal(stats[name].xtx, again[name].xtx)
             and stats[name].tokens == again[name].tokens
         )
+
+
+def test_one_cached_pass_serves_every_statistic_it_collects(tokenizer, monkeypatch):
+    model = tiny_model("llama")
+    targets = resolve_targets(model, ["k"])
+    first = cached_statistics(model, tokenizer, targets, {"xtx"}, CONFIG, "hash", progress=False)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("recomputed")
+
+    monkeypatch.setattr("aecompress.calibration.collect_statistics", fail)
+    asvd = cached_statistics(
+        model, tokenizer, targets, {"abs_mean"}, CONFIG, "hash", progress=False
+    )
+    for name, entry in asvd.items():
+        assert entry.abs_mean is not None and torch.equal(entry.xtx, first[name].xtx)

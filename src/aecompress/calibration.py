@@ -275,7 +275,16 @@ def cached_statistics(
     *,
     progress: bool = True,
 ) -> dict[str, TargetStatistics]:
-    """collect_statistics, reusing an earlier run's file when everything matches."""
+    """collect_statistics, reusing an earlier run's file when everything matches.
+
+    A pass collects everything it gets for free, so that methods asking for part of it
+    share one file: an activation pass gives xtx, abs_mean and counts, a gradient pass
+    Fisher and L1.
+    """
+    if needed & {"xtx", "abs_mean"}:
+        needed = needed | ACTIVATION_STATISTICS
+    if needed & GRADIENT_STATISTICS:
+        needed = needed | GRADIENT_STATISTICS
     path = (
         cache_dir()
         / "calibration"

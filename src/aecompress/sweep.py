@@ -81,9 +81,13 @@ class SweepRecipe(BaseModel):
 
 
 def cells(sweep: SweepRecipe) -> Iterator[dict[str, Any]]:
-    """Every cell of the grid as a JSON-ready dict (its identity in the results file)."""
-    for model, spec, targets, ratio, seed in itertools.product(
-        sweep.models, sweep.methods, sweep.targets, sweep.ratios, sweep.seeds
+    """Every cell of the grid as a JSON-ready dict (its identity in the results file).
+
+    Ordered model, targets, ratio, then method: each comparison of methods is complete
+    before the next begins, so a sweep stopped early leaves whole tables behind.
+    """
+    for model, targets, ratio, spec, seed in itertools.product(
+        sweep.models, sweep.targets, sweep.ratios, sweep.methods, sweep.seeds
     ):
         for group in spec.groups or sweep.groups:
             yield {
