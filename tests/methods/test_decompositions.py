@@ -105,6 +105,16 @@ def test_tucker_ranks_fit_the_budget_tightly():
         )
 
 
+@pytest.mark.parametrize("tail", ["rows", "cols"])  # which mode's spectrum decays faster
+def test_tucker_of_a_single_matrix_is_an_svd_of_the_budgeted_rank(tail):
+    dims = [3000, 64]  # an embedding-like matrix: two modes, so the ranks must be equal
+    spectra = [torch.linspace(1, 0.5, d) for d in dims]
+    spectra[0 if tail == "rows" else 1] = spectra[0 if tail == "rows" else 1] ** 4
+    budget = math.prod(dims) / 3
+    rank = max(r for r in range(1, 65) if r * r + r * sum(dims) <= budget)
+    assert tucker_ranks(dims, spectra, budget, "embed") == [rank, rank]
+
+
 def test_tucker_recovers_a_low_rank_tensor():
     torch.manual_seed(4)
     core = torch.randn(2, 2, 3, 4)

@@ -72,14 +72,17 @@ def tucker_ranks(
 ) -> list[int]:
     """Ranks within the budget, greedily: from full ranks, drop the component with the least
     energy (squared singular value of its unfolding) per number saved until the cost fits,
-    then add back the best components that still fit, so that no single rank can grow."""
+    then add back the best components that still fit, so that no single rank can grow.
+    A mode wider than the product of the others is narrowed first (two modes: equal ranks,
+    an SVD)."""
     ranks = list(dims)
     while tucker_cost(dims, ranks) > budget or not _valid(dims, ranks):
         cost = tucker_cost(dims, ranks)
+        too_wide = [j for j, r in enumerate(ranks) if r * r > math.prod(ranks)]
         prices = {
             j: spectra[j][ranks[j] - 1].item()
             / max(cost - tucker_cost(dims, _step(ranks, j, -1)), 1)
-            for j in range(len(dims))
+            for j in (too_wide or range(len(dims)))
             if ranks[j] > 1
         }
         if not prices:
