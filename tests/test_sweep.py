@@ -101,14 +101,28 @@ def test_report_renders_tables_and_plots(tmp_path):
             "task": "stsb",
             "error": "boom",
         },
+        {  # failed once, then succeeded when the sweep was re-run: not a failure
+            "cell": {**cell, "label": "prune", "ratio": 3},
+            "status": "failed",
+            "task": "stsb",
+            "error": "interrupted",
+        },
+        {
+            "cell": {**cell, "label": "prune", "ratio": 3},
+            "status": "ok",
+            "task": "stsb",
+            "split": "test",
+            "metrics": {"spearman": 80.0},
+        },
     ]
     results.write_text("".join(json.dumps(r) + "\n" for r in records))
     written = write_report(results, read_results(results))
     report = (tmp_path / "report.md").read_text()
     assert "dense: 82" in report
     assert "| svd | 75 (-7) | 61.5 (-20.5) |" in report
-    assert "ae k ratio 10 stsb: boom" in report
-    assert (tmp_path / "results.csv").read_text().count("\n") == 4
+    assert "ae k ratio 10 stsb: boom" in report and "interrupted" not in report
+    assert report.index("| svd |") < report.index("| prune | 80 (-2) |  |")  # recipe order
+    assert (tmp_path / "results.csv").read_text().count("\n") == 5
     png = [p for p in written if p.suffix == ".png"]
     assert len(png) == 1 and png[0].read_bytes()[:4] == b"\x89PNG"
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import platform
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,11 @@ def _tables(
         yield key, subset, dense.get((model, task, metric))
 
 
+def _in_order(names: Iterable[str]) -> list[str]:
+    """Distinct names in the order they first appear (a sweep's: the recipe's order)."""
+    return list(dict.fromkeys(names))
+
+
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
@@ -136,7 +142,7 @@ def results_tables(rows: list[dict[str, Any]]) -> str:
             "| method | " + " | ".join(f"ratio {r:g}" for r in ratios) + " |",
             "|---" * (len(ratios) + 1) + "|",
         ]
-        for name in sorted({_method_name(r) for r in subset}):
+        for name in _in_order(_method_name(r) for r in subset):
             cells = []
             for ratio in ratios:
                 values = [
@@ -162,7 +168,7 @@ def _plot(
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(5, 3.5))
-    for name in sorted({_method_name(r) for r in subset}):
+    for name in _in_order(_method_name(r) for r in subset):
         points = sorted((r["ratio"], r["value"]) for r in subset if _method_name(r) == name)
         axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
     if reference is not None:
@@ -177,6 +183,10 @@ def _plot(
     plt.close(figure)
 
 
+def _record_key(record: dict[str, Any]) -> str:
+    return json.dumps([record.get("cell"), record.get("task")], sort_keys=True)
+
+
 def write_report(results: Path, records: list[dict[str, Any]]) -> list[Path]:
     """Write report.md, results.csv and one PNG per table next to the results file."""
     rows = flatten_results(records)
@@ -189,7 +199,8 @@ def write_report(results: Path, records: list[dict[str, Any]]) -> list[Path]:
         f"evaluation time of the cells: {seconds / 60:.1f} min. Values: mean over seeds; "
         "(difference to dense).\n\n"
     ) + results_tables(rows)
-    failed = [r for r in records if r.get("status") == "failed"]
+    succeeded = {_record_key(r) for r in records if r.get("status") == "ok"}
+    failed = [r for r in records if r.get("status") == "failed" and _record_key(r) not in succeeded]
     if failed:
         text += "\n### Failed cells\n\n" + "".join(
             f"- {r['cell']['label']} {r['cell'].get('targets', '')} ratio {r['cell']['ratio']} "
