@@ -135,3 +135,18 @@ def test_unknown_recipe_key_is_named(tmp_path):
     )
     with pytest.raises(AecompressError, match="ratio: Extra inputs are not permitted"):
         SweepRecipe.from_yaml(path)
+
+
+def test_report_of_a_single_ratio_draws_bars(tmp_path):
+    results = tmp_path / "results.jsonl"
+    cell = {"model": "m", "targets": "k", "group": "none", "seed": 0, "ratio": 10}
+    records = [
+        {"cell": {**cell, "label": name}, "status": "ok", "task": "stsb", "split": "test"}
+        | {"metrics": {"spearman": value}}
+        for name, value in [("svd", 61.5), ("ae", 77.7)]
+    ]
+    results.write_text("".join(json.dumps(r) + "\n" for r in records))
+    written = write_report(results, read_results(results))
+    assert "| svd | 61.5 |" in (tmp_path / "report.md").read_text()
+    png = [p for p in written if p.suffix == ".png"]
+    assert len(png) == 1 and png[0].read_bytes()[:4] == b"\x89PNG"

@@ -162,22 +162,41 @@ def results_tables(rows: list[dict[str, Any]]) -> str:
 def _plot(
     path: Path, title: str, ylabel: str, subset: list[dict[str, Any]], reference: float | None
 ) -> None:
+    """Metric versus ratio per method (log ratio axis); bars when there is one ratio."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(5, 3.5))
-    for name in _in_order(_method_name(r) for r in subset):
-        points = sorted((r["ratio"], r["value"]) for r in subset if _method_name(r) == name)
-        axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
-    if reference is not None:
-        axes.axhline(reference, color="black", linestyle="--", label="dense")
-    axes.set_xscale("log")
-    axes.set_xlabel("compression ratio")
-    axes.set_ylabel(ylabel)
+    names = _in_order(_method_name(r) for r in subset)
+    if len({r["ratio"] for r in subset}) == 1:
+        figure, axes = plt.subplots(figsize=(6, 0.6 + 0.3 * len(names)))
+        values = [_mean([r["value"] for r in subset if _method_name(r) == n]) for n in names]
+        axes.barh(names, values, color="tab:blue")
+        axes.invert_yaxis()
+        if reference is not None:
+            axes.axvline(reference, color="black", linestyle="--", label="dense")
+            axes.legend(fontsize=7)
+        axes.set_xlabel(f"{ylabel} (ratio {subset[0]['ratio']:g})")
+        axes.tick_params(axis="y", labelsize=7)
+    else:
+        figure, axes = plt.subplots(figsize=(5, 3.5))
+        markers = "osD^vP*X"
+        for number, name in enumerate(names):
+            points = sorted((r["ratio"], r["value"]) for r in subset if _method_name(r) == name)
+            axes.plot(
+                [p[0] for p in points],
+                [p[1] for p in points],
+                marker=markers[number % len(markers)],
+                label=name,
+            )
+        if reference is not None:
+            axes.axhline(reference, color="black", linestyle="--", label="dense")
+        axes.set_xscale("log")
+        axes.set_xlabel("compression ratio")
+        axes.set_ylabel(ylabel)
+        axes.legend(fontsize=7)
     axes.set_title(title, fontsize=9)
-    axes.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
