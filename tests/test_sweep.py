@@ -4,7 +4,7 @@ import pytest
 
 from aecompress.errors import AecompressError
 from aecompress.report import write_report
-from aecompress.sweep import SweepRecipe, read_results, run_sweep
+from aecompress.sweep import SweepRecipe, parse_shard, read_results, run_sweep
 
 
 @pytest.fixture
@@ -150,3 +150,14 @@ def test_report_of_a_single_ratio_draws_bars(tmp_path):
     assert "| svd | 61.5 |" in (tmp_path / "report.md").read_text()
     png = [p for p in written if p.suffix == ".png"]
     assert len(png) == 1 and png[0].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_shards_share_the_grid_and_the_dense_model_is_evaluated_once(tiny_folder, tmp_path):
+    results = tmp_path / "results.jsonl"
+    plan = recipe(tiny_folder).model_copy(update={"ratios": [2, 3, 4]})
+    run_sweep(plan, results, progress=False, shard=parse_shard("1/2"))
+    assert [r["cell"]["ratio"] for r in read_results(results)] == [3]
+    records = run_sweep(plan, results, progress=False, shard=parse_shard("0/2"))
+    assert sorted(r["cell"]["ratio"] for r in records) == [1.0, 2, 3, 4]
+    with pytest.raises(AecompressError, match="I/N"):
+        parse_shard("2/2")

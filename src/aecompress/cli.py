@@ -151,15 +151,18 @@ def sweep(
     results: Annotated[
         Path | None, typer.Option(help="results JSONL (default: beside the recipe)")
     ] = None,
+    shard: Annotated[
+        str, typer.Option(help="I/N: run every N-th cell from the I-th (N parallel processes)")
+    ] = "0/1",
 ) -> None:
     """Run a grid of compressions and evaluations; resumable; then write the report."""
     from aecompress.report import write_report
-    from aecompress.sweep import SweepRecipe, run_sweep
+    from aecompress.sweep import SweepRecipe, parse_shard, run_sweep
 
     plan = SweepRecipe.from_yaml(recipe)
     path = results or recipe.parent / "results" / plan.name / "results.jsonl"
     start = time.perf_counter()
-    records = run_sweep(plan, path)
+    records = run_sweep(plan, path, shard=parse_shard(shard))
     typer.echo(f"{len(records)} records in {path} ({time.perf_counter() - start:.0f} s this run)")
     for written in write_report(path, records):
         typer.echo(f"wrote {written}")

@@ -129,8 +129,23 @@ def _tasks_for(sweep: SweepRecipe, ratio: float | None) -> list[TaskSpec]:
     return [t for t in sweep.tasks if ratio is None or t.ratios is None or ratio in t.ratios]
 
 
-def run_sweep(sweep: SweepRecipe, results: Path, progress: bool = True) -> list[dict[str, Any]]:
-    """Run every cell not yet in `results`; returns all records."""
+def parse_shard(text: str) -> tuple[int, int]:
+    """'I/N' -> (I, N) with 0 <= I < N: this process runs every N-th cell from the I-th."""
+    index, _, count = text.partition("/")
+    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+        raise AecompressError(f"shard must be I/N with 0 <= I < N (got '{text}')")
+    return int(index), int(count)
+
+
+def run_sweep(
+    sweep: SweepRecipe, results: Path, progress: bool = True, shard: tuple[int, int] = (0, 1)
+) -> list[dict[str, Any]]:
+    """Run every cell not yet in `results`; returns all records.
+
+    With shard (I, N), only every N-th cell from the I-th (and the dense model only in
+    shard 0): N processes with the same results file share the grid between them.
+    """
+    index, count = shard
     results.parent.mkdir(parents=True, exist_ok=True)
     done = {
         cell_key(r["cell"], r["task"])
@@ -140,13 +155,15 @@ def run_sweep(sweep: SweepRecipe, results: Path, progress: bool = True) -> list[
     dense_models: dict[str, LoadedModel] = {}
     for model_name in sweep.models:
         loaded = dense_models.setdefault(model_name, load_model(model_name))
-        for spec in _tasks_for(sweep, None):
+        for spec in _tasks_for(sweep, None) if index == 0 else []:
             dense_cell = {"model": model_name, "label": "dense", "ratio": 1.0}
             if cell_key(dense_cell, spec.task) not in done:
                 _run_and_record(
                     results, dense_cell, loaded, loaded, spec, {"compress_seconds": 0.0}
                 )
-    for cell in cells(sweep):
+    for number, cell in enumerate(cells(sweep)):
+        if number % count != index:
+            continue
         pending = [
             t for t in _tasks_for(sweep, cell["ratio"]) if cell_key(cell, t.task) not in done
         ]
