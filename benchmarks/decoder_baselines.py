@@ -136,6 +136,11 @@ def calibrate(dense: LoadedModel, rows: list[Row], args: argparse.Namespace) -> 
     return seconds
 
 
+def _width(meta: dict[str, Any]) -> int:
+    """A group's rank (factorisations), kept weights (pruning) or latent width x (AE)."""
+    return int(meta.get("rank", meta.get("kept", meta.get("x", 0))))
+
+
 def run_row(row: Row, ratio: float, dense: LoadedModel, args: argparse.Namespace) -> dict[str, Any]:
     fresh = LoadedModel(copy.deepcopy(dense.model), dense.tokenizer, dense.source, dense.auto_class)
     start = time.perf_counter()
@@ -143,7 +148,7 @@ def run_row(row: Row, ratio: float, dense: LoadedModel, args: argparse.Namespace
     compress_seconds = time.perf_counter() - start
     start = time.perf_counter()
     ppl = measure(cm.model, dense, args)
-    widths = sorted({g.stored.meta.get("rank", g.stored.meta.get("kept", 0)) for g in cm.groups})
+    widths = sorted({_width(g.stored.meta) for g in cm.groups})
     result = {
         "row": row.name,
         "method": row.method,
@@ -171,7 +176,7 @@ def load_average() -> str:
 def table(results: list[dict[str, Any]], args: argparse.Namespace, header: list[str]) -> str:
     lines = [*header, ""]
     lines += [
-        "| method | options | grouping | ratio | stored ratio | rank / kept | "
+        "| method | options | grouping | ratio | stored ratio | rank / kept / x | "
         f"ppl ({args.split}) | compress s | eval s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
