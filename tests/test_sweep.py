@@ -141,15 +141,17 @@ def test_report_of_a_single_ratio_draws_bars(tmp_path):
     results = tmp_path / "results.jsonl"
     cell = {"model": "m", "targets": "k", "group": "none", "seed": 0, "ratio": 10}
     records = [
-        {"cell": {**cell, "label": name}, "status": "ok", "task": "stsb", "split": "test"}
-        | {"metrics": {"spearman": value}}
-        for name, value in [("svd", 61.5), ("ae", 77.7)]
+        {"cell": {**cell, "label": name}, "status": "ok", "task": task, "split": "test"}
+        | {"metrics": {"spearman": value}, "compress_seconds": 60, "seconds": 30}
+        for name, task, value in [("svd", "stsb", 61.5), ("svd", "x", 1), ("ae", "stsb", 77.7)]
     ]
     results.write_text("".join(json.dumps(r) + "\n" for r in records))
     written = write_report(results, read_results(results))
-    assert "| svd | 61.5 |" in (tmp_path / "report.md").read_text()
+    report = (tmp_path / "report.md").read_text()
+    assert "| svd | 61.5 |" in report
+    assert "time of the cells: 3.5 min" in report  # each cell's compression counted once
     png = [p for p in written if p.suffix == ".png"]
-    assert len(png) == 1 and png[0].read_bytes()[:4] == b"\x89PNG"
+    assert len(png) == 2 and all(p.read_bytes()[:4] == b"\x89PNG" for p in png)
 
 
 def test_shards_share_the_grid_and_the_dense_model_is_evaluated_once(tiny_folder, tmp_path):

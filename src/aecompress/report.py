@@ -170,7 +170,7 @@ def _plot(
 
     names = _in_order(_method_name(r) for r in subset)
     if len({r["ratio"] for r in subset}) == 1:
-        figure, axes = plt.subplots(figsize=(6, 0.6 + 0.3 * len(names)))
+        figure, axes = plt.subplots(figsize=(6, 1.5 + 0.3 * len(names)))
         values = [_mean([r["value"] for r in subset if _method_name(r) == n]) for n in names]
         axes.barh(names, values, color="tab:blue")
         axes.invert_yaxis()
@@ -203,6 +203,7 @@ def _plot(
 
 
 def _record_key(record: dict[str, Any]) -> str:
+    """A cell and task (every task record of a cell repeats the cell's compression time)."""
     return json.dumps([record.get("cell"), record.get("task")], sort_keys=True)
 
 
@@ -210,7 +211,10 @@ def write_report(results: Path, records: list[dict[str, Any]]) -> list[Path]:
     """Write report.md, results.csv and one PNG per table next to the results file."""
     rows = flatten_results(records)
     folder = results.parent
-    seconds = sum(r.get("compress_seconds", 0.0) + r.get("seconds", 0.0) for r in records)
+    compress = {
+        _record_key({"cell": r.get("cell")}): r.get("compress_seconds", 0.0) for r in records
+    }
+    seconds = sum(compress.values()) + sum(r.get("seconds", 0.0) for r in records)
     text = (
         f"# {results.parent.name}\n\n"
         f"Written {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {platform.machine()}, "
