@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import csv
-import json
 import os
 import platform
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from aecompress.sweep import cell_id, cell_key
 
 
 def _shape(shape: list[int]) -> str:
@@ -202,18 +203,12 @@ def _plot(
     plt.close(figure)
 
 
-def _record_key(record: dict[str, Any]) -> str:
-    """A cell and task (every task record of a cell repeats the cell's compression time)."""
-    return json.dumps([record.get("cell"), record.get("task")], sort_keys=True)
-
-
 def write_report(results: Path, records: list[dict[str, Any]]) -> list[Path]:
     """Write report.md, results.csv and one PNG per table next to the results file."""
     rows = flatten_results(records)
     folder = results.parent
-    compress = {
-        _record_key({"cell": r.get("cell")}): r.get("compress_seconds", 0.0) for r in records
-    }
+    # every task record of a cell repeats the cell's compression time: count it once
+    compress = {cell_id(r["cell"]): r.get("compress_seconds", 0.0) for r in records}
     seconds = sum(compress.values()) + sum(r.get("seconds", 0.0) for r in records)
     text = (
         f"# {results.parent.name}\n\n"
@@ -222,8 +217,12 @@ def write_report(results: Path, records: list[dict[str, Any]]) -> list[Path]:
         f"evaluation time of the cells: {seconds / 60:.1f} min. Values: mean over seeds; "
         "(difference to dense).\n\n"
     ) + results_tables(rows)
-    succeeded = {_record_key(r) for r in records if r.get("status") == "ok"}
-    failed = [r for r in records if r.get("status") == "failed" and _record_key(r) not in succeeded]
+    succeeded = {cell_key(r["cell"], r["task"]) for r in records if r.get("status") == "ok"}
+    failed = [
+        r
+        for r in records
+        if r.get("status") == "failed" and cell_key(r["cell"], r["task"]) not in succeeded
+    ]
     if failed:
         text += "\n### Failed cells\n\n" + "".join(
             f"- {r['cell']['label']} {r['cell'].get('targets', '')} ratio {r['cell']['ratio']} "

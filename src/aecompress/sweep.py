@@ -102,8 +102,14 @@ def cells(sweep: SweepRecipe) -> Iterator[dict[str, Any]]:
             }
 
 
+def cell_id(cell: dict[str, Any]) -> str:
+    """A cell's identity in the results file: its fields as JSON, keys sorted."""
+    return json.dumps(cell, sort_keys=True)
+
+
 def cell_key(cell: dict[str, Any], task: str) -> str:
-    return json.dumps({**cell, "task": task}, sort_keys=True)
+    """One task of one cell: what a re-run skips when it is already recorded as ok."""
+    return cell_id({**cell, "task": task})
 
 
 def read_results(path: Path) -> list[dict[str, Any]]:
