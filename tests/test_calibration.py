@@ -13,6 +13,15 @@ from tests.conftest import tiny_model
 CONFIG = CalibrationConfig(samples=3, seq_len=16, batch_size=2)
 
 
+def forbid_collection(monkeypatch) -> None:
+    """From now on a calibration pass fails the test: statistics must come from the cache."""
+
+    def fail(*args, **kwargs):
+        raise AssertionError("recomputed")
+
+    monkeypatch.setattr("aecompress.calibration.collect_statistics", fail)
+
+
 def test_statistics_are_reproducible_and_correct(tokenizer):
     model = tiny_model("llama")
     targets = resolve_targets(model, ["embed", "down"])
@@ -52,10 +61,7 @@ def test_cache_returns_the_same_statistics(tokenizer, monkeypatch):
     targets = resolve_targets(model, ["k"])
     stats = cached_statistics(model, tokenizer, targets, {"xtx"}, CONFIG, "hash", progress=False)
 
-    def fail(*args, **kwargs):
-        raise AssertionError("recomputed")
-
-    monkeypatch.setattr("aecompress.calibration.collect_statistics", fail)
+    forbid_collection(monkeypatch)
     again = cached_statistics(model, tokenizer, targets, {"xtx"}, CONFIG, "hash", progress=False)
     for name in stats:
         assert (
@@ -69,10 +75,7 @@ def test_one_cached_pass_serves_every_statistic_it_collects(tokenizer, monkeypat
     targets = resolve_targets(model, ["k"])
     first = cached_statistics(model, tokenizer, targets, {"xtx"}, CONFIG, "hash", progress=False)
 
-    def fail(*args, **kwargs):
-        raise AssertionError("recomputed")
-
-    monkeypatch.setattr("aecompress.calibration.collect_statistics", fail)
+    forbid_collection(monkeypatch)
     asvd = cached_statistics(
         model, tokenizer, targets, {"abs_mean"}, CONFIG, "hash", progress=False
     )
