@@ -78,14 +78,15 @@ def run(
             progress=False,
         )
         seconds = time.perf_counter() - start
-    metas = [g.stored.meta for g in cm.groups]
-    x = sorted({m.get("x", m.get("rank")) for m in metas})
+    x = sorted({g.stored.width for g in cm.groups})
     return {
         "stsb": stsb_spearman(cm.model, loaded.tokenizer),
         "seconds": seconds,
         "ratio": cm.totals()["ratio"],
         "width": "/".join(str(v) for v in x),
-        "epoch": "/".join(str(m["epoch"]) for m in metas if "epoch" in m),
+        "epoch": "/".join(
+            str(g.stored.info["epoch"]) for g in cm.groups if "epoch" in g.stored.info
+        ),
     }
 
 

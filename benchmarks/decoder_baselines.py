@@ -31,10 +31,9 @@ import torch
 
 import aecompress
 from aecompress.calibration import cached_statistics
-from aecompress.engine import weights_sha256
 from aecompress.evaluation.perplexity import perplexity
 from aecompress.methods import make_method
-from aecompress.models import LoadedModel, load_model
+from aecompress.models import LoadedModel, load_model, weights_sha256
 from aecompress.recipe import Recipe
 from aecompress.targets import resolve_targets
 
@@ -137,11 +136,6 @@ def calibrate(dense: LoadedModel, rows: list[Row], args: argparse.Namespace) -> 
     return seconds
 
 
-def _width(meta: dict[str, Any]) -> int:
-    """A group's rank (factorisations), kept weights (pruning) or latent width x (AE)."""
-    return int(meta.get("rank", meta.get("kept", meta.get("x", 0))))
-
-
 def run_row(row: Row, ratio: float, dense: LoadedModel, args: argparse.Namespace) -> dict[str, Any]:
     fresh = LoadedModel(copy.deepcopy(dense.model), dense.tokenizer, dense.source, dense.auto_class)
     start = time.perf_counter()
@@ -149,7 +143,7 @@ def run_row(row: Row, ratio: float, dense: LoadedModel, args: argparse.Namespace
     compress_seconds = time.perf_counter() - start
     start = time.perf_counter()
     ppl = measure(cm.model, dense, args)
-    widths = sorted({_width(g.stored.meta) for g in cm.groups})
+    widths = sorted({str(g.stored.width) for g in cm.groups})
     result = {
         "row": row.name,
         "method": row.method,

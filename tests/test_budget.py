@@ -2,7 +2,7 @@ import pytest
 
 from aecompress.budget import check_ratio, solve_width
 from aecompress.errors import AecompressError
-from aecompress.methods.svd import stacked_rank
+from aecompress.methods import FitContext, GroupSpec, make_method
 
 
 @pytest.mark.parametrize(
@@ -10,7 +10,8 @@ from aecompress.methods.svd import stacked_rank
 )
 def test_rank_is_the_largest_that_fits(count, rows, cols, ratio):
     budget = count * rows * cols / ratio
-    rank = stacked_rank(count, rows, cols, budget, "g")
+    spec = GroupSpec("g", "k", "linear", count, rows, cols)
+    rank = make_method("svd").solve_width([], FitContext(spec, budget))
     assert count * rows * rank + rank * cols <= budget
     assert count * rows * (rank + 1) + (rank + 1) * cols > budget
 

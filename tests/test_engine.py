@@ -4,10 +4,11 @@ import pytest
 import torch
 
 import aecompress
-from aecompress.engine import CompressedGroup, inject, output_head_path
 from aecompress.errors import AecompressError
 from aecompress.methods import FitContext, make_method
-from aecompress.targets import group_targets, resolve_targets, weight_matrix
+from aecompress.pipeline.plan import group_spec
+from aecompress.substitution import inject
+from aecompress.targets import group_targets, output_head_path, resolve_targets, weight_matrix
 from tests.conftest import FAMILIES, tiny_model
 
 
@@ -21,9 +22,10 @@ def test_full_rank_svd_reproduces_outputs(arch, grouping, input_ids):
     groups = group_targets(model, resolve_targets(model, FAMILIES[arch]), grouping)
     for group in groups:
         matrices = [weight_matrix(model, t).float() for t in group.members]
-        stored = method.fit(matrices, float("inf"), FitContext(group.name)).as_parameters()
-        fitted = CompressedGroup(group, stored, tuple(matrices[0].shape))
-        inject(model, fitted, method, tied if group.family == "embed" else None)
+        spec = group_spec(model, group, None)
+        full = method.max_width(spec)
+        stored = method.fit(matrices, full, FitContext(spec)).as_parameters()
+        inject(model, group, method, stored, tied if group.family == "embed" else None)
     assert not any(
         isinstance(m, torch.nn.Linear) and m.weight.shape[0] == 30522 for m in model.modules()
     )

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from transformers import PreTrainedModel
 
-from aecompress.artifact import load_compressed
-from aecompress.engine import CompressedModel, compress
+from aecompress.artifact import CompressedModel, load_compressed
+from aecompress.engine import compress
 from aecompress.errors import AecompressError
 from aecompress.evaluation.runner import evaluate
 from aecompress.models import load_model

@@ -1,8 +1,10 @@
-"""The artifact: a folder with config, tokenizer, model.safetensors and a JSON manifest.
+"""Compressed models and their artifact: a folder with config, tokenizer, model.safetensors
+and a JSON manifest.
 
 model.safetensors holds the untouched parameters under their usual names and each group's
-stored tensors under `aecompress.<group>.<shared|member index>.<name>`. The manifest says
-how to rebuild the model; it is written last, and the folder appears atomically.
+stored tensors under `aecompress.<group>.<shared|member index>.<name>`. The manifest (a
+validated schema: unknown keys, wrong types and forged sizes are refused) says which
+method rebuilds each group and how; it is written last, and the folder appears atomically.
 """
 
 from __future__ import annotations
@@ -10,36 +12,170 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import transformers
-from safetensors import SafetensorError
+from accelerate import init_empty_weights
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from aecompress.engine import CompressedGroup, CompressedModel, inject
-from aecompress.errors import AecompressError
-from aecompress.methods import Stored, make_method
-from aecompress.recipe import Recipe
+from aecompress.budget import stored_numel
+from aecompress.errors import AecompressError, describe
+from aecompress.methods import Method, Stored, make_method
+from aecompress.substitution import Serving, inject
 from aecompress.targets import Group, Target
 from aecompress.version import __version__
 
 FORMAT = "aecompress-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "aecompress.json"
 WEIGHTS = "model.safetensors"
 PREFIX = "aecompress."
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+@dataclass
+class CompressedGroup:
+    """One fitted group: its targets, the method that fitted it, what it stored."""
+
+    group: Group
+    method: Method
+    stored: Stored
+    shape: tuple[int, int]  # of each member, [out, in]
+
+    @property
+    def original_numel(self) -> int:
+        return len(self.group.members) * self.shape[0] * self.shape[1]
+
+    @property
+    def stored_numel(self) -> int:
+        return stored_numel(self.stored.tensors().values())
+
+    @property
+    def ratio(self) -> float:
+        return self.original_numel / self.stored_numel
+
+
+@dataclass
+class CompressedModel:
+    """A transformers model whose targets were replaced, and everything needed to save it."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase | None
+    recipe: dict[str, Any]  # as given (a Recipe dumped to JSON)
+    groups: list[CompressedGroup]
+    base_model: str
+    auto_class: str
+    base_sha256: str
+    tied_output: str | None = None  # path of an output head that shares the embedding's factors
+    decoded: bool = False  # True when loaded with every matrix decoded to a dense weight
+    aliases: dict[str, str] = field(default_factory=dict)  # tied untouched keys -> kept key
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write the artifact folder (atomically)."""
+        save_artifact(self, path)
+
+    def replaced_paths(self) -> list[str]:
+        """Module paths whose weights now come from a group's stored tensors."""
+        paths = [member_path(t) for g in self.groups for t in g.group.members]
+        return paths + ([self.tied_output] if self.tied_output else [])
+
+    def totals(self) -> dict[str, Any]:
+        original = sum(g.original_numel for g in self.groups)
+        stored = sum(g.stored_numel for g in self.groups)
+        return {"target_params": original, "stored_params": stored, "ratio": original / stored}
+
+
+def member_path(target: Target) -> str:
+    """Path of the module that serves a target (a fused target's part lives inside)."""
+    return target.path if target.part is None else f"{target.path}.parts.{target.part[0]}"
+
+
+# --- the manifest -----------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MemberEntry(_Strict):
+    path: str = Field(pattern=r"^[A-Za-z0-9_.]+$")
+    layer: int | None
+    kind: Literal["linear", "conv1d", "embedding"]
+    part: tuple[int, int] | None
+
+
+class GroupEntry(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.+\-\[\]/]+$")
+    family: str
+    method: str
+    options: dict[str, Any]
+    members: list[MemberEntry] = Field(min_length=1)
+    shape: tuple[int, int]
+    width: int | list[int]
+    layout: dict[str, Any]
+    info: dict[str, Any]
+    tensors: dict[str, list[int]]
+    original_params: int
+    stored_params: int
+    ratio: float
+
+
+class WeightsFile(_Strict):
+    name: str
+    bytes: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+    @field_validator("name")
+    @classmethod
+    def _inside_the_folder(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_.\-]+", value) or value.startswith("."):
+            raise ValueError(f"'{value}' is not a file name inside the artifact folder")
+        return value
+
+
+class Manifest(_Strict):
+    format: Literal["aecompress-artifact"]
+    format_version: int
+    aecompress_version: str
+    base_model: str
+    auto_class: Literal["AutoModel", "AutoModelForCausalLM", "AutoModelForMaskedLM"]
+    base_weights_sha256: str
+    recipe: dict[str, Any]
+    tied_output: str | None
+    aliases: dict[str, str]
+    groups: list[GroupEntry]
+    totals: dict[str, float]
+    weights_file: WeightsFile
+
+
+def group_entry(fitted: CompressedGroup) -> dict[str, Any]:
+    width = fitted.stored.width
+    return {
+        "name": fitted.group.name,
+        "family": fitted.group.family,
+        "method": fitted.method.name,
+        "options": fitted.method.options.model_dump(mode="json"),
+        "members": [
+            {"path": t.path, "layer": t.layer, "kind": t.kind, "part": t.part}
+            for t in fitted.group.members
+        ],
+        "shape": list(fitted.shape),
+        "width": list(width) if isinstance(width, tuple) else width,
+        "layout": fitted.stored.layout.model_dump(mode="json"),
+        "info": fitted.stored.info,
+        "tensors": {k: list(t.shape) for k, t in fitted.stored.tensors().items()},
+        "original_params": fitted.original_numel,
+        "stored_params": fitted.stored_numel,
+        "ratio": fitted.ratio,
+    }
 
 
 def untouched_state(cm: CompressedModel) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -63,24 +199,6 @@ def untouched_state(cm: CompressedModel) -> tuple[dict[str, torch.Tensor], dict[
     return state, aliases
 
 
-def group_entry(fitted: CompressedGroup, method: str) -> dict[str, Any]:
-    return {
-        "name": fitted.group.name,
-        "family": fitted.group.family,
-        "method": method,
-        "members": [
-            {"path": t.path, "layer": t.layer, "kind": t.kind, "part": t.part}
-            for t in fitted.group.members
-        ],
-        "shape": list(fitted.shape),
-        "meta": fitted.stored.meta,
-        "tensors": {k: list(t.shape) for k, t in fitted.stored.tensors().items()},
-        "original_params": fitted.original_numel,
-        "stored_params": fitted.stored_numel,
-        "ratio": fitted.ratio,
-    }
-
-
 def build_manifest(cm: CompressedModel, untouched: dict[str, torch.Tensor]) -> dict[str, Any]:
     untouched_numel = sum(t.numel() for t in untouched.values())
     totals = cm.totals()
@@ -91,16 +209,24 @@ def build_manifest(cm: CompressedModel, untouched: dict[str, torch.Tensor]) -> d
         "base_model": cm.base_model,
         "auto_class": cm.auto_class,
         "base_weights_sha256": cm.base_sha256,
-        "recipe": cm.recipe.model_dump(),
+        "recipe": cm.recipe,
         "tied_output": cm.tied_output,
         "aliases": cm.aliases,
-        "groups": [group_entry(g, cm.recipe.method) for g in cm.groups],
+        "groups": [group_entry(g) for g in cm.groups],
         "totals": {
             **totals,
             "model_params_dense": untouched_numel + totals["target_params"],
             "model_params_artifact": untouched_numel + totals["stored_params"],
         },
     }
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def save_artifact(cm: CompressedModel, path: str | Path) -> Path:
@@ -120,8 +246,7 @@ def save_artifact(cm: CompressedModel, path: str | Path) -> Path:
     manifest = build_manifest(cm, untouched)
     work = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        config = cm.model.config
-        config.save_pretrained(work)
+        cm.model.config.save_pretrained(work)
         _strip_quantization(work / "config.json")
         if cm.tokenizer is not None:
             cm.tokenizer.save_pretrained(work)
@@ -172,119 +297,240 @@ def _swap_into_place(work: Path, path: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def read_manifest(path: str | Path) -> dict[str, Any]:
-    """The manifest of an artifact folder, checked for format and version."""
+# --- reading ----------------------------------------------------------------------------
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    """The validated manifest of an artifact folder."""
     manifest_file = Path(path) / MANIFEST
     if not manifest_file.is_file():
         raise AecompressError(f"{path} is not an aecompress artifact (no {MANIFEST})")
     try:
-        manifest = json.loads(manifest_file.read_text())
-    except json.JSONDecodeError as error:
+        data = json.loads(manifest_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise AecompressError(f"{manifest_file} is not valid JSON: {error}") from error
-    if manifest.get("format") != FORMAT:
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise AecompressError(f"{path} is not an aecompress artifact (format {found!r})")
+    version = data.get("format_version")
+    if not isinstance(version, int):
+        raise AecompressError(f"{manifest_file}: format_version must be an integer")
+    if version > FORMAT_VERSION:
         raise AecompressError(
-            f"{path} is not an aecompress artifact (format {manifest.get('format')!r})"
+            f"{path} has format version {version}; this aecompress reads up to "
+            f"{FORMAT_VERSION}: upgrade aecompress"
         )
-    if manifest.get("format_version", 0) > FORMAT_VERSION:
+    if version < FORMAT_VERSION:
         raise AecompressError(
-            f"{path} has format version {manifest['format_version']}; this aecompress reads "
-            f"up to {FORMAT_VERSION}: upgrade aecompress"
+            f"{path} has format version {version}, written by an older aecompress: "
+            "compress the model again"
         )
-    return manifest
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as error:
+        raise AecompressError(describe(error, f"{manifest_file}")) from error
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The validated manifest of an artifact folder, as JSON data."""
+    return load_manifest(path).model_dump(mode="json")
 
 
 def is_artifact(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
-def _read_weights(path: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
-    weights = path / manifest["weights_file"]["name"]
+def verify_weights(path: str | Path, manifest: Manifest) -> Path:
+    """The artifact's weights file, after checking its size and sha256 against the manifest."""
+    weights = Path(path) / manifest.weights_file.name
     if not weights.is_file():
         raise AecompressError(f"{path}: {weights.name} is missing")
     if (
-        weights.stat().st_size != manifest["weights_file"]["bytes"]
-        or _file_sha256(weights) != manifest["weights_file"]["sha256"]
+        weights.stat().st_size != manifest.weights_file.bytes
+        or _file_sha256(weights) != manifest.weights_file.sha256
     ):
         raise AecompressError(f"{weights} is truncated or altered (size or sha256 mismatch)")
+    return weights
+
+
+def read_weights(path: str | Path, manifest: Manifest) -> dict[str, torch.Tensor]:
+    """The artifact's tensors (size and sha256 checked)."""
+    weights = verify_weights(path, manifest)
     try:
         return load_file(str(weights))
     except SafetensorError as error:
         raise AecompressError(f"cannot read {weights}: {error}") from error
 
 
-def _group_from_entry(entry: dict[str, Any]) -> Group:
-    members = tuple(
-        Target(
-            m["path"],
-            entry["family"],
-            m["layer"],
-            m["kind"],
-            tuple(m["part"]) if m["part"] else None,
-        )
-        for m in entry["members"]
-    )
-    return Group(entry["name"], entry["family"], members)
+def weights_header(path: str | Path, manifest: Manifest) -> dict[str, tuple[list[int], int]]:
+    """Shape and bytes per element of every tensor in the (verified) weights file, read
+    from its header without loading the tensors."""
+    weights = verify_weights(path, manifest)
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            header = {}
+            for key in handle.keys():  # noqa: SIM118
+                view = handle.get_slice(key)
+                itemsize = _DTYPE_BYTES.get(view.get_dtype(), 4)
+                header[key] = (list(view.get_shape()), itemsize)
+            return header
+    except (SafetensorError, OSError) as error:
+        raise AecompressError(f"cannot read {weights}: {error}") from error
+
+
+_DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
+
+
+def check_groups(manifest: Manifest, shapes: dict[str, list[int]]) -> None:
+    """Every group's tensors, counts and ratio as the weights file says (no forged sizes)."""
+    for entry in manifest.groups:
+        prefix = f"{PREFIX}{entry.name}."
+        found = {k[len(prefix) :]: s for k, s in shapes.items() if k.startswith(prefix)}
+        if found != entry.tensors:
+            raise AecompressError(
+                f"group {entry.name}: the manifest's tensors do not match the weights file"
+            )
+        stored = sum(torch.Size(s).numel() for s in found.values())
+        original = len(entry.members) * entry.shape[0] * entry.shape[1]
+        if stored != entry.stored_params or original != entry.original_params or stored == 0:
+            raise AecompressError(f"group {entry.name}: the manifest's counts are wrong")
+        if abs(entry.ratio - original / stored) > 1e-6 * entry.ratio:
+            raise AecompressError(f"group {entry.name}: the manifest's ratio is wrong")
+
+
+def _group_from_entry(entry: GroupEntry) -> Group:
+    members = tuple(Target(m.path, entry.family, m.layer, m.kind, m.part) for m in entry.members)
+    return Group(entry.name, entry.family, members)
+
+
+def _stored_from_entry(
+    entry: GroupEntry, method: Method, tensors: dict[str, torch.Tensor]
+) -> Stored:
+    prefix = f"{PREFIX}{entry.name}."
+    # clone: tensors read from the file may sit at unaligned offsets, and matmuls on
+    # them can round differently from the same values in freshly allocated memory
+    flat = {k[len(prefix) :]: tensors.pop(k).clone() for k in list(tensors) if k.startswith(prefix)}
+    try:
+        layout = method.Layout.model_validate(entry.layout)
+    except ValidationError as error:
+        raise AecompressError(describe(error, f"group {entry.name} layout")) from error
+    width = tuple(entry.width) if isinstance(entry.width, list) else entry.width
+    try:
+        stored = Stored.from_tensors(flat, len(entry.members), width, layout)
+    except (ValueError, IndexError) as error:
+        raise AecompressError(f"group {entry.name}: malformed stored tensor names") from error
+    stored.info = entry.info
+    return stored.as_parameters()
 
 
 def load_compressed(path: str | Path, decode: bool = False) -> CompressedModel:
     """Rebuild the CompressedModel of an artifact folder.
 
-    With decode=True each matrix is decoded once into a dense weight (fastest to run, no
-    longer compressed in memory); otherwise the methods' own runtime modules are used.
+    The model's skeleton is built without memory (meta device), each group's modules are
+    rebuilt from its stored tensors, then the untouched tensors are assigned. With
+    decode=True each matrix is decoded once into a dense weight (fastest to run, no longer
+    compressed in memory); otherwise the methods' own runtime modules are used.
     """
     path = Path(path)
-    manifest = read_manifest(path)
-    tensors = _read_weights(path, manifest)
-    config = transformers.AutoConfig.from_pretrained(str(path))
-    model = getattr(transformers, manifest["auto_class"]).from_config(config)
-    recipe = Recipe.parse(manifest["recipe"])
-    method = make_method(recipe.method, recipe.options)
+    manifest = load_manifest(path)
+    tensors = read_weights(path, manifest)
+    check_groups(manifest, {k: list(t.shape) for k, t in tensors.items()})
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError) as error:
+        raise AecompressError(f"{path}: cannot read config.json: {_first_line(error)}") from error
+    try:
+        with init_empty_weights():
+            model = getattr(transformers, manifest.auto_class).from_config(config)
+    except (ValueError, KeyError, AttributeError) as error:
+        raise AecompressError(f"{path}: config.json does not describe a model: {error}") from error
+    serving: Serving = "decoded" if decode else "runtime"
     groups = []
-    for entry in manifest["groups"]:
-        prefix = f"{PREFIX}{entry['name']}."
-        # clone: tensors read from the file may sit at unaligned offsets, and matmuls on
-        # them can round differently from the same values in freshly allocated memory
-        flat = {
-            k[len(prefix) :]: tensors.pop(k).clone() for k in list(tensors) if k.startswith(prefix)
-        }
-        stored = Stored.from_tensors(flat, len(entry["members"]), entry["meta"]).as_parameters()
-        fitted = CompressedGroup(_group_from_entry(entry), stored, tuple(entry["shape"]))
-        tied = manifest["tied_output"] if entry["family"] == "embed" else None
-        inject(model, fitted, method, tied, decode=decode)
+    for entry in manifest.groups:
+        method = make_method(entry.method, entry.options)
+        stored = _stored_from_entry(entry, method, tensors)
+        fitted = CompressedGroup(_group_from_entry(entry), method, stored, entry.shape)
+        tied = manifest.tied_output if entry.family == "embed" else None
+        try:
+            inject(model, fitted.group, method, stored, tied, serving)
+        except (AttributeError, KeyError, IndexError, RuntimeError) as error:
+            raise AecompressError(f"group {entry.name} does not fit this model: {error}") from error
         groups.append(fitted)
-    tokenizer = None
-    if (path / "tokenizer_config.json").is_file():
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
     cm = CompressedModel(
         model,
-        tokenizer,
-        recipe,
+        _load_tokenizer(path),
+        manifest.recipe,
         groups,
-        base_model=manifest["base_model"],
-        auto_class=manifest["auto_class"],
-        base_sha256=manifest["base_weights_sha256"],
-        tied_output=manifest["tied_output"],
+        base_model=manifest.base_model,
+        auto_class=manifest.auto_class,
+        base_sha256=manifest.base_weights_sha256,
+        tied_output=manifest.tied_output,
         decoded=decode,
-        aliases=manifest["aliases"],
+        aliases=manifest.aliases,
     )
     _load_untouched(cm, tensors)
     model.eval()
     return cm
 
 
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _load_tokenizer(path: Path) -> PreTrainedTokenizerBase | None:
+    if not (path / "tokenizer_config.json").is_file():
+        return None
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise AecompressError(f"{path}: cannot read the tokenizer: {_first_line(error)}") from error
+    except Exception as error:  # the tokenizers library raises its own exception type
+        raise AecompressError(f"{path}: cannot read the tokenizer: {_first_line(error)}") from error
+
+
 def _load_untouched(cm: CompressedModel, tensors: dict[str, torch.Tensor]) -> None:
-    """Load untouched tensors; every key of the model must come from the file or a group."""
-    result = cm.model.load_state_dict(tensors, strict=False)
+    """Assign the untouched tensors (tied ones share one); every parameter and persistent
+    buffer of the model must come from the file or a group."""
+    for key, kept in cm.aliases.items():
+        if kept not in tensors:
+            raise AecompressError(f"artifact alias {key} -> {kept}: no such tensor")
+        tensors[key] = tensors[kept]
+    try:
+        result = cm.model.load_state_dict(tensors, strict=False, assign=True)
+    except RuntimeError as error:
+        raise AecompressError(
+            f"artifact tensors do not fit the model: {_first_line(error)}"
+        ) from error
     if result.unexpected_keys:
         raise AecompressError(f"artifact holds unknown tensors: {result.unexpected_keys[:3]}")
     replaced = [p + "." for p in cm.replaced_paths()]
-    state = cm.model.state_dict()
-    for key in result.missing_keys:
-        if any(key.startswith(p) for p in replaced):
-            continue
-        kept = cm.aliases.get(key)
-        if kept is None:
-            raise AecompressError(f"artifact is missing the tensor {key}")
-        if state[key].data_ptr() != state[kept].data_ptr():
-            with torch.no_grad():
-                state[key].copy_(tensors[kept])
+    missing = [k for k in result.missing_keys if not any(k.startswith(p) for p in replaced)]
+    if missing:
+        raise AecompressError(f"artifact is missing the tensor {missing[0]}")
+    for key, kept in cm.aliases.items():  # tied tensors: one object again, as when saved
+        _set_tensor(cm.model, key, _get_tensor(cm.model, kept))
+    for name, tensor in [*cm.model.named_parameters(), *cm.model.named_buffers()]:
+        if tensor.is_meta:
+            raise AecompressError(f"artifact leaves {name} without a value")
+
+
+def _get_tensor(model: torch.nn.Module, key: str) -> torch.Tensor:
+    owner, _, name = key.rpartition(".")
+    return getattr(model.get_submodule(owner), name)
+
+
+def _set_tensor(model: torch.nn.Module, key: str, tensor: torch.Tensor) -> None:
+    owner, _, name = key.rpartition(".")
+    setattr(model.get_submodule(owner), name, tensor)

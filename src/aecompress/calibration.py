@@ -8,7 +8,9 @@ windows with a fixed seed. One pass through the dense model collects, per target
   text (not only the windows): the diagonal of X^T X for its one-hot inputs, so
   activation-aware methods weight the rows of frequent tokens;
 - `fisher` / `l1`: sums over calibration sequences of the squared / absolute gradient of
-  the model's own LM loss with respect to the weight [out, in] (one sequence per step).
+  the model's own LM loss with respect to the weight [out, in] (one sequence per step);
+  `out_fisher`: the sum over tokens of the squared gradient of that loss with respect to
+  each output of the module [out] (how much the loss reacts to each output).
 Statistics are cached in a safetensors file keyed by the weights, targets and settings.
 """
 
@@ -32,10 +34,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from aecompress.data import wikitext2_text
 from aecompress.errors import AecompressError
+from aecompress.models import is_causal_lm, is_masked_lm
 from aecompress.targets import Target, dense_weight
 
 ACTIVATION_STATISTICS = frozenset({"xtx", "abs_mean", "counts"})
-GRADIENT_STATISTICS = frozenset({"fisher", "l1"})
+GRADIENT_STATISTICS = frozenset({"fisher", "l1", "out_fisher"})
 
 
 class CalibrationConfig(BaseModel):
@@ -60,6 +63,7 @@ class TargetStatistics:
     counts: torch.Tensor | None = None
     fisher: torch.Tensor | None = None
     l1: torch.Tensor | None = None
+    out_fisher: torch.Tensor | None = None
 
 
 def split_ids(tokenizer: PreTrainedTokenizerBase, split: str) -> torch.Tensor:
@@ -90,10 +94,21 @@ def _unique_paths(targets: list[Target]) -> dict[str, str]:
 def _input_hooks(
     model: nn.Module, targets: list[Target], stats: dict[str, TargetStatistics]
 ) -> Iterator[None]:
-    """Accumulate xtx / abs_mean of each module's input while the context is open."""
+    """Accumulate xtx / abs_mean of each module's input while the context is open.
+
+    Modules that read the same input tensor in a forward pass (q, k, v; up, gate) share one
+    entry: their statistics are computed and held once."""
+    current: dict[int, tuple[torch.Tensor, str]] = {}  # id(input) -> (input, first path)
+
+    def new_pass(_module: nn.Module, _args: tuple[object, ...]) -> None:
+        current.clear()
 
     def hook(path: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
         def accumulate(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            first = current.setdefault(id(inputs[0]), (inputs[0], path))[1]
+            if first != path:  # the same input as an earlier module of this pass
+                stats[path] = stats[first]
+                return
             x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
             entry = stats[path]
             entry.xtx = x.T @ x + (entry.xtx if entry.xtx is not None else 0)
@@ -103,7 +118,8 @@ def _input_hooks(
 
         return accumulate
 
-    handles = [
+    handles = [model.register_forward_pre_hook(new_pass)]
+    handles += [
         model.get_submodule(path).register_forward_pre_hook(hook(path))
         for path in _unique_paths(targets)
     ]
@@ -118,16 +134,16 @@ def _lm_loss(
     model: PreTrainedModel, batch: torch.Tensor, generator: torch.Generator
 ) -> torch.Tensor:
     """The model's own LM loss on `batch`: causal, or masked (15% of tokens) for MLM heads."""
-    name = type(model).__name__
-    if name.endswith(("ForCausalLM", "LMHeadModel")):
+    if is_causal_lm(model):
         return model(input_ids=batch, labels=batch).loss
-    if name.endswith("ForMaskedLM"):
+    if is_masked_lm(model):
         mask_id = model.config.to_dict().get("mask_token_id") or 103
         chosen = torch.rand(batch.shape, generator=generator) < 0.15
         labels = torch.where(chosen, batch, torch.full_like(batch, -100))
         return model(input_ids=torch.where(chosen, mask_id, batch), labels=labels).loss
     raise AecompressError(
-        f"Fisher / L1 statistics need the model's LM loss, and {name} has no LM head "
+        f"Fisher / L1 statistics need the model's LM loss, and {type(model).__name__} has "
+        "no LM head "
         "(load it with its causal or masked LM head)"
     )
 
@@ -139,6 +155,61 @@ def _weight_slice(grad: torch.Tensor, target: Target) -> torch.Tensor:
         rows = grad.shape[0] // count
         grad = grad[index * rows : (index + 1) * rows]
     return grad
+
+
+def _row_slice(values: torch.Tensor, target: Target) -> torch.Tensor:
+    """A fused target's part of per-output values [out] (others: unchanged)."""
+    if target.part is None:
+        return values
+    index, count = target.part
+    rows = values.shape[0] // count
+    return values[index * rows : (index + 1) * rows]
+
+
+@contextmanager
+def _output_gradient_hooks(
+    model: nn.Module, targets: list[Target], sums: dict[str, torch.Tensor]
+) -> Iterator[None]:
+    """Accumulate, per module, the squared gradient of the loss w.r.t. each output."""
+
+    def forward_hook(path: str) -> Callable[[nn.Module, object, torch.Tensor], None]:
+        def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
+            if not output.requires_grad:
+                return
+
+            def accumulate(grad: torch.Tensor) -> None:
+                squares = grad.detach().double().pow(2).reshape(-1, grad.shape[-1]).sum(0)
+                sums[path] = squares + sums[path] if path in sums else squares
+
+            output.register_hook(accumulate)
+
+        return hook
+
+    paths = {t.path for t in targets if t.kind != "embedding"}
+    handles = [model.get_submodule(p).register_forward_hook(forward_hook(p)) for p in paths]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _accumulate_weight_gradients(
+    weights: dict[str, torch.Tensor],
+    targets: list[Target],
+    needed: set[str],
+    stats: dict[str, TargetStatistics],
+) -> None:
+    for target in targets:
+        grad = weights[target.name].grad
+        if grad is None:
+            continue
+        grad = _weight_slice(grad, target).double()
+        entry = stats[target.name]
+        if "fisher" in needed:
+            entry.fisher = grad.pow(2) + (entry.fisher if entry.fisher is not None else 0)
+        if "l1" in needed:
+            entry.l1 = grad.abs() + (entry.l1 if entry.l1 is not None else 0)
 
 
 def _collect_gradients(
@@ -156,20 +227,16 @@ def _collect_gradients(
     for weight in weights.values():
         weight.requires_grad_(True)
     generator = torch.Generator().manual_seed(0)
+    outputs: dict[str, torch.Tensor] = {}
     try:
-        for sequence in tqdm(windows, desc="calibration gradients", disable=not progress):
-            model.zero_grad(set_to_none=True)
-            _lm_loss(model, sequence[None], generator).backward()
-            for target in targets:
-                grad = weights[target.name].grad
-                if grad is None:
-                    continue
-                grad = _weight_slice(grad, target).double()
-                entry = stats[target.name]
-                if "fisher" in needed:
-                    entry.fisher = grad.pow(2) + (entry.fisher if entry.fisher is not None else 0)
-                if "l1" in needed:
-                    entry.l1 = grad.abs() + (entry.l1 if entry.l1 is not None else 0)
+        with _output_gradient_hooks(model, targets, outputs):
+            for sequence in tqdm(windows, desc="calibration gradients", disable=not progress):
+                model.zero_grad(set_to_none=True)
+                _lm_loss(model, sequence[None], generator).backward()
+                _accumulate_weight_gradients(weights, targets, needed, stats)
+        for target in targets:
+            if "out_fisher" in needed and target.path in outputs:
+                stats[target.name].out_fisher = _row_slice(outputs[target.path], target)
     finally:
         model.zero_grad(set_to_none=True)
         for parameter, flag in flags.items():
@@ -199,7 +266,7 @@ def collect_statistics(
         with torch.inference_mode(), _input_hooks(model, targets, by_path):
             for batch in tqdm(batches, desc="calibration activations", disable=not progress):
                 model(input_ids=batch)
-        for entry in by_path.values():
+        for entry in {id(e): e for e in by_path.values()}.values():
             if entry.abs_mean is not None:
                 entry.abs_mean = entry.abs_mean / entry.tokens
     vocab = int(dense_weight(model.get_input_embeddings(), "embedding").shape[0])
@@ -239,17 +306,26 @@ _TENSOR_FIELDS = [f.name for f in fields(TargetStatistics) if f.name != "tokens"
 
 
 def save_statistics(stats: dict[str, TargetStatistics], path: Path) -> None:
-    """Write statistics to a safetensors file (atomically)."""
-    tensors, tokens = {}, {}
+    """Write statistics to a safetensors file (atomically); a tensor shared by several
+    targets (one input read by several modules) is written once."""
+    tensors, tokens, aliases = {}, {}, {}
+    written: dict[int, str] = {}
     for name, entry in stats.items():
         tokens[name] = entry.tokens
         for field in _TENSOR_FIELDS:
             value = getattr(entry, field)
-            if value is not None:
-                tensors[f"{name}::{field}"] = value.contiguous()
+            if value is None:
+                continue
+            key = f"{name}::{field}"
+            if id(value) in written:
+                aliases[key] = written[id(value)]
+                continue
+            written[id(value)] = key
+            tensors[key] = value.contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
-    save_file(tensors, str(partial), metadata={"tokens": json.dumps(tokens)})
+    metadata = {"tokens": json.dumps(tokens), "aliases": json.dumps(aliases)}
+    save_file(tensors, str(partial), metadata=metadata)
     os.replace(partial, path)
 
 
@@ -257,9 +333,11 @@ def load_statistics(path: Path) -> dict[str, TargetStatistics]:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as handle:
-        tokens = json.loads(handle.metadata()["tokens"])
+        metadata = handle.metadata()
+    tokens, aliases = json.loads(metadata["tokens"]), json.loads(metadata.get("aliases", "{}"))
     stats = {name: TargetStatistics(count) for name, count in tokens.items()}
-    for key, tensor in load_file(str(path)).items():
+    loaded = load_file(str(path))
+    for key, tensor in [*loaded.items(), *((k, loaded[v]) for k, v in aliases.items())]:
         name, _, field = key.rpartition("::")
         setattr(stats[name], field, tensor)
     return stats

@@ -25,13 +25,27 @@ app = typer.Typer(
 
 
 def _parse_options(pairs: list[str]) -> dict[str, Any]:
-    """KEY=VALUE pairs; values are read as YAML scalars (numbers, booleans, lists)."""
-    options = {}
+    """KEY=VALUE pairs; values are read as YAML (numbers, booleans, lists); a dotted key
+    sets a nested field (loss.rmse_weight=1, or sparsegpt.damp=0.1 for one of several
+    methods)."""
+    options: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep or not key:
+        if not sep or not key.strip():
             raise AecompressError(f"--option takes KEY=VALUE, got '{pair}'")
-        options[key.strip()] = yaml.safe_load(value)
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            first = str(error).splitlines()[0]
+            raise AecompressError(f"--option {key}: cannot read '{value}' ({first})") from error
+        *parents, leaf = key.strip().split(".")
+        node = options
+        for parent in parents:
+            child = node.setdefault(parent, {})
+            if not isinstance(child, dict):
+                raise AecompressError(f"--option {key}: {parent} is already set to a value")
+            node = child
+        node[leaf] = parsed
     return options
 
 
@@ -41,13 +55,16 @@ def compress(
         str, typer.Argument(help="minilm-l6, smollm2-135m, a folder, a .gguf file or a hub id")
     ],
     output: Annotated[Path, typer.Option("--output", "-o", help="artifact folder to write")],
-    method: Annotated[str, typer.Option(help="compression method")] = "svd",
+    method: Annotated[
+        str, typer.Option(help="method, or FAMILIES=METHOD;FAMILIES=METHOD (see `methods`)")
+    ] = "svd",
     ratio: Annotated[
         float, typer.Option(help="original / stored numbers of each group (> 1)")
     ] = 2.0,
     targets: Annotated[
-        str, typer.Option(help="families embed,q,k,v,o,up,gate,down or re:REGEX")
-    ] = "embed",
+        str | None,
+        typer.Option(help="families embed,q,k,v,o,up,gate,down or re:REGEX (default: embed)"),
+    ] = None,
     group: Annotated[
         str, typer.Option(help="none | layers | layers:K (stack a family across layers)")
     ] = "none",
@@ -75,7 +92,7 @@ def compress(
                 "method": method,
                 "options": _parse_options(option or []),
                 "ratio": ratio,
-                "targets": targets,
+                "targets": targets if targets or "=" in method else "embed",
                 "group": group,
                 "untie_embeddings": untie_embeddings,
                 "seed": seed,
@@ -135,14 +152,33 @@ def evaluate(
 @app.command()
 def inspect(
     artifact: Annotated[Path, typer.Argument(help="artifact folder")],
-    as_json: Annotated[bool, typer.Option("--json", help="print the manifest")] = False,
+    per_matrix: Annotated[
+        bool, typer.Option("--per-matrix", help="one row per group of matrices")
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="the manifest with verified sizes, as JSON")
+    ] = False,
 ) -> None:
-    """Show what an artifact stores: groups, tensor shapes, true ratios and bytes."""
-    from aecompress.artifact import read_manifest
-    from aecompress.report import describe_manifest
+    """Show what an artifact stores: per family (or matrix), stored numbers, bytes, ratios."""
+    from aecompress.summary import artifact_facts, describe_artifact
 
-    manifest = read_manifest(artifact)
-    typer.echo(json.dumps(manifest, indent=2) if as_json else describe_manifest(manifest))
+    if as_json:
+        typer.echo(json.dumps(artifact_facts(artifact), indent=2))
+    else:
+        typer.echo(describe_artifact(artifact, per_matrix=per_matrix))
+
+
+@app.command()
+def methods() -> None:
+    """List the compression methods: what each stores and minimises, and its options."""
+    from aecompress.methods import METHODS
+
+    typer.echo("| method | what it stores and minimises | options |")
+    typer.echo("|---|---|---|")
+    for name, cls in sorted(METHODS.items()):
+        summary = " ".join((cls.__doc__ or "").split("\n\n")[0].split()).replace("|", "\\|")
+        options = ", ".join(cls.Options.model_fields) or "-"
+        typer.echo(f"| {name} | {summary} | {options} |")
 
 
 @app.command()

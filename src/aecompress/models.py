@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -10,7 +11,12 @@ from pathlib import Path
 
 import torch
 import transformers
+from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+)
 
 from aecompress.errors import AecompressError
 
@@ -143,3 +149,25 @@ def load_model(name: str, auto_class: str | None = None) -> LoadedModel:
         raise AecompressError(f"cannot load model '{name}': {first_line}") from error
     model.eval()
     return LoadedModel(model, _load_tokenizer(where, **kwargs), name, auto_name)
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether `model` is a transformers causal LM (with its LM head)."""
+    return type(model).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+
+
+def is_masked_lm(model: nn.Module) -> bool:
+    """Whether `model` is a transformers masked LM (with its MLM head)."""
+    return type(model).__name__ in MODEL_FOR_MASKED_LM_MAPPING_NAMES.values()
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """sha256 over the model's named parameters and buffers (shared tensors once)."""
+    digest, seen = hashlib.sha256(), set()
+    for name, tensor in sorted(model.state_dict().items()):
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()

@@ -3,27 +3,95 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from aecompress.calibration import CalibrationConfig
-from aecompress.errors import AecompressError
+from aecompress.errors import AecompressError, describe
 from aecompress.targets import parse_grouping
 
 
+class MethodRule(BaseModel):
+    """One method for some target families (several rules: several methods, one budget)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    targets: list[str] = Field(min_length=1)
+    method: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("targets", mode="before")
+    @classmethod
+    def _split_targets(cls, value: Any) -> Any:
+        return split_list(value)
+
+
+def split_list(value: Any) -> Any:
+    """'a,b' -> ['a', 'b'] (other values unchanged)."""
+    if isinstance(value, str):
+        return [t.strip() for t in value.split(",") if t.strip()]
+    return value
+
+
+def parse_rules(text: str) -> list[tuple[list[str], str]]:
+    """'embed=ae-data;up,gate,down=sparsegpt' -> [(['embed'], 'ae-data'), ...]."""
+    rules = []
+    for part in text.split(";"):
+        families, sep, method = part.partition("=")
+        if not sep or not families.strip() or not method.strip():
+            raise ValueError(f"'{part}' is not FAMILIES=METHOD")
+        rules.append((split_list(families), method.strip()))
+    return rules
+
+
+class SequentialConfig(BaseModel):
+    """`target`: `dense` fits each layer to the dense model's outputs on the dense stream
+    (compensating upstream error), `local` to the layer's own outputs on the compressed
+    stream (GPTQ's target); `damp`: lambda relative to H's mean diagonal."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    target: Literal["dense", "local"] = "dense"
+    damp: float = Field(0.01, ge=0)
+
+
+class RefineConfig(BaseModel):
+    """`steps` Adam steps per stage at `lr` (0: no refinement), one calibration batch a
+    step; every `eval_every` steps the held-out batches (`holdout`, a fraction of the
+    calibration batches, at least one) are scored, and training ends after `patience`
+    scores without improvement."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    steps: int = Field(0, ge=0)
+    lr: float = Field(1e-4, gt=0)
+    holdout: float = Field(0.125, gt=0, lt=1)
+    eval_every: int = Field(10, ge=1)
+    patience: int = Field(3, ge=1)
+
+
 class Recipe(BaseModel):
-    """Model, method and its options, ratio, targets, grouping and seed."""
+    """Model, method(s) and options, ratio, targets, grouping, pipeline and seed.
+
+    `method` is a method name (its options in `options`), rules
+    'FAMILIES=METHOD;FAMILIES=METHOD' (each method's options under its name in `options`),
+    or a list of MethodRule. With rules, `targets` defaults to the rules' families.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: str | None = None
-    method: str = "svd"
+    method: str | list[MethodRule] = "svd"
     options: dict[str, Any] = Field(default_factory=dict)
     ratio: float = Field(gt=1)
-    targets: list[str] = Field(min_length=1)
+    targets: list[str] = Field(default_factory=list)
     group: str = "none"
+    pipeline: Literal["auto", "independent", "sequential"] = "auto"
+    sequential: SequentialConfig = SequentialConfig()
+    refine: RefineConfig = RefineConfig()
+    allocate: Literal["uniform", "sensitivity"] = "uniform"
     untie_embeddings: bool = False
     seed: int = 0
     calibration: CalibrationConfig = CalibrationConfig()
@@ -31,9 +99,7 @@ class Recipe(BaseModel):
     @field_validator("targets", mode="before")
     @classmethod
     def _split_targets(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return [t.strip() for t in value.split(",") if t.strip()]
-        return value
+        return split_list(value)
 
     @field_validator("group")
     @classmethod
@@ -41,12 +107,51 @@ class Recipe(BaseModel):
         parse_grouping(value)
         return value
 
+    @field_validator("refine", mode="before")
+    @classmethod
+    def _refine_steps(cls, value: Any) -> Any:
+        return {"steps": value} if isinstance(value, int) else value
+
+    @model_validator(mode="after")
+    def _check_rules(self) -> Recipe:
+        rules = self.rules()
+        if not rules or not all(r.targets for r in rules):
+            raise ValueError("targets: give the target families (e.g. targets: [k, down])")
+        if isinstance(self.method, str) and "=" in self.method:
+            unknown = set(self.options) - {r.method for r in rules}
+            if unknown:
+                raise ValueError(
+                    f"options: with several methods, options go under a method's name "
+                    f"(got {', '.join(sorted(unknown))})"
+                )
+        return self
+
+    def rules(self) -> list[MethodRule]:
+        """The method rules this recipe means, each with its targets and options."""
+        if isinstance(self.method, list):
+            return self.method
+        if "=" not in self.method:
+            return [MethodRule(targets=self.targets, method=self.method, options=self.options)]
+        return [
+            MethodRule(targets=families, method=name, options=self.options.get(name, {}))
+            for families, name in parse_rules(self.method)
+        ]
+
+    def all_targets(self) -> list[str]:
+        """Every target family or regex, in the order given (recipe targets first)."""
+        found = list(self.targets)
+        for rule in self.rules():
+            found += [t for t in rule.targets if t not in found]
+        return found
+
     @classmethod
     def from_yaml(cls, path: str | Path) -> Recipe:
         try:
             data = yaml.safe_load(Path(path).read_text())
         except (OSError, yaml.YAMLError) as error:
             raise AecompressError(f"cannot read recipe {path}: {error}") from error
+        if data is not None and not isinstance(data, dict):
+            raise AecompressError(f"recipe {path} must be a mapping of fields")
         return cls.parse(data or {})
 
     @classmethod
@@ -56,11 +161,3 @@ class Recipe(BaseModel):
             return cls.model_validate(data)
         except ValidationError as error:
             raise AecompressError(describe(error, "recipe")) from error
-
-
-def describe(error: ValidationError, what: str) -> str:
-    """One line naming every invalid or unknown key of a validation error."""
-    problems = "; ".join(
-        f"{'.'.join(str(p) for p in e['loc']) or what}: {e['msg']}" for e in error.errors()
-    )
-    return f"{what}: {problems}"

@@ -23,10 +23,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from aecompress.calibration import CalibrationConfig
 from aecompress.engine import compress
-from aecompress.errors import AecompressError
+from aecompress.errors import AecompressError, describe
 from aecompress.evaluation.tasks import TASKS, run_task
 from aecompress.models import LoadedModel, load_model
-from aecompress.recipe import Recipe, describe
+from aecompress.recipe import Recipe
 
 
 class MethodSpec(BaseModel):

@@ -29,16 +29,19 @@ _LAYER = r"(?P<layer>\d+)"
 
 @dataclass(frozen=True)
 class Architecture:
-    """Module-path patterns of each family; `fused` maps a family to (pattern, part, parts)."""
+    """Module-path patterns of each family; `fused` maps a family to (pattern, part, parts);
+    `blocks` is the pattern of the ModuleList of transformer blocks (layers)."""
 
     families: dict[str, str]
     fused: dict[str, tuple[str, int, int]] = field(default_factory=dict)
+    blocks: str = r"model\.layers"
 
 
 def _bert_like(prefix: str) -> Architecture:
     layer = rf"{prefix}encoder\.layer\.{_LAYER}\."
     return Architecture(
-        {
+        blocks=rf"{prefix}encoder\.layer",
+        families={
             "embed": rf"{prefix}embeddings\.word_embeddings",
             "q": layer + r"attention\.self\.query",
             "k": layer + r"attention\.self\.key",
@@ -46,7 +49,7 @@ def _bert_like(prefix: str) -> Architecture:
             "o": layer + r"attention\.output\.dense",
             "up": layer + r"intermediate\.dense",
             "down": layer + r"output\.dense",
-        }
+        },
     )
 
 
@@ -70,7 +73,8 @@ _LLAMA = Architecture(
 
 _GPT2_ATTN = rf"transformer\.h\.{_LAYER}\.attn\.c_attn"
 _GPT2 = Architecture(
-    {
+    blocks=r"transformer\.h",
+    families={
         "embed": r"transformer\.wte",
         "o": rf"transformer\.h\.{_LAYER}\.attn\.c_proj",
         "up": rf"transformer\.h\.{_LAYER}\.mlp\.c_fc",
@@ -81,7 +85,8 @@ _GPT2 = Architecture(
 
 _DISTILBERT_LAYER = rf"distilbert\.transformer\.layer\.{_LAYER}\."
 _DISTILBERT = Architecture(
-    {
+    blocks=r"distilbert\.transformer\.layer",
+    families={
         "embed": r"distilbert\.embeddings\.word_embeddings",
         "q": _DISTILBERT_LAYER + r"attention\.q_lin",
         "k": _DISTILBERT_LAYER + r"attention\.k_lin",
@@ -89,7 +94,7 @@ _DISTILBERT = Architecture(
         "o": _DISTILBERT_LAYER + r"attention\.out_lin",
         "up": _DISTILBERT_LAYER + r"ffn\.lin1",
         "down": _DISTILBERT_LAYER + r"ffn\.lin2",
-    }
+    },
 )
 
 # model_type -> architecture; module paths may carry a head prefix ("bert.", "roberta.").
@@ -268,3 +273,51 @@ def _group_name(family: str, stack: tuple[Target, ...], family_size: int) -> str
         only = stack[0]
         return f"{family}.{only.layer}" if only.layer is not None else only.path
     return f"{family}.{stack[0].layer}-{stack[-1].layer}"
+
+
+def output_head_path(model: PreTrainedModel) -> str | None:
+    """Path of the output embedding when it shares its weight with the input embedding."""
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or getattr(head, "weight", None) is not embed.weight:
+        return None
+    return next(path for path, module in model.named_modules() if module is head)
+
+
+def untie_embeddings(model: PreTrainedModel) -> None:
+    """Give the output head its own copy of the embedding so only the input is compressed."""
+    head = model.get_output_embeddings()
+    if head is not None:
+        head.weight = nn.Parameter(head.weight.detach().clone())
+    model.config.tie_word_embeddings = False
+    if hasattr(model.config, "get_text_config"):
+        model.config.get_text_config().tie_word_embeddings = False
+
+
+def head_dim(model: PreTrainedModel) -> int | None:
+    """The attention head size of the model (None when its config names no heads)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else None
+    config = config or model.config
+    explicit = getattr(config, "head_dim", None)
+    if isinstance(explicit, int):
+        return explicit
+    hidden = getattr(config, "hidden_size", None)
+    heads = getattr(config, "num_attention_heads", None)
+    if isinstance(hidden, int) and isinstance(heads, int) and heads > 0:
+        return hidden // heads
+    return None
+
+
+def transformer_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """The path and ModuleList of the model's transformer blocks (its layers), found by the
+    architecture's pattern, else as the ModuleList with num_hidden_layers children."""
+    pattern = architecture_for(model).blocks if isinstance(model, PreTrainedModel) else None
+    layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    fallback = None
+    for path, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList):
+            continue
+        if pattern is not None and _match(pattern, path):
+            return path, module
+        if fallback is None and layers is not None and len(module) == layers:
+            fallback = (path, module)
+    return fallback

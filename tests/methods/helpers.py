@@ -1,12 +1,55 @@
-"""Helpers of the method tests: synthetic calibration statistics and a tiny Llama model."""
+"""Helpers of the method tests: one fit through the Method interface, synthetic
+calibration statistics, and a tiny Llama model."""
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import torch
 import transformers
 
 from aecompress.calibration import TargetStatistics
+from aecompress.methods import FitContext, GroupSpec, Method, Stored, make_method
 from tests.conftest import tiny_model
+
+
+def spec_of(
+    matrices: Sequence[torch.Tensor],
+    kind: Literal["linear", "embedding"] = "linear",
+    family: str = "k",
+    head_dim: int | None = None,
+) -> GroupSpec:
+    rows, cols = matrices[0].shape
+    return GroupSpec("g", family, kind, len(matrices), rows, cols, head_dim)
+
+
+def fit(
+    name: str,
+    matrices: Sequence[torch.Tensor],
+    *,
+    ratio: float | None = None,
+    width: Any = None,
+    options: dict[str, Any] | None = None,
+    statistics: Sequence[Any] | None = None,
+    kind: Literal["linear", "embedding"] = "linear",
+    family: str = "k",
+    head_dim: int | None = None,
+    seed: int = 0,
+    validate: Callable[[list[torch.Tensor]], float] | None = None,
+) -> tuple[Method, Stored, float]:
+    """Fit method `name` on `matrices` at `ratio` (its solved width) or at `width`;
+    returns the method, what it stored, and the budget."""
+    method = make_method(name, options)
+    spec = spec_of(matrices, kind, family, head_dim)
+    method.check(spec)
+    budget = spec.numel / ratio if ratio is not None else float("inf")
+    if width is not None and ratio is None:
+        budget = float(method.cost(width, spec))
+    context = FitContext(spec, budget, seed, statistics, validate, progress=False)
+    if width is None:
+        width = method.solve_width(matrices, context)
+    return method, method.fit(matrices, width, context), budget
 
 
 def synthetic_statistics(

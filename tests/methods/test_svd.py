@@ -2,8 +2,9 @@ import pytest
 import torch
 
 from aecompress.errors import AecompressError
-from aecompress.methods import FitContext, make_method
-from aecompress.methods.svd import truncated_svd
+from aecompress.methods import make_method
+from aecompress.methods.linalg import truncated_svd
+from tests.methods.helpers import fit
 
 
 def test_truncated_svd_is_the_eckart_young_optimum():
@@ -18,8 +19,7 @@ def test_truncated_svd_is_the_eckart_young_optimum():
 def test_stacked_group_shares_one_basis_and_splits_codes_per_member():
     torch.manual_seed(0)
     matrices = [torch.randn(8, 6) for _ in range(3)]
-    method = make_method("svd")
-    stored = method.fit(matrices, float("inf"), FitContext("k"))
+    method, stored, _ = fit("svd", matrices)
     assert set(stored.shared) == {"b"} and stored.shared["b"].shape == (6, 6)
     assert [m["a"].shape for m in stored.members] == [(8, 6)] * 3
     for index, matrix in enumerate(matrices):

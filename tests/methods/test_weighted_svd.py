@@ -7,9 +7,11 @@ import torch
 
 from aecompress.calibration import TargetStatistics
 from aecompress.errors import AecompressError
-from aecompress.methods import FitContext, make_method
-from aecompress.methods.svd import Scaling, weighted_svd, whitening
-from tests.methods.helpers import embedding_statistics, synthetic_statistics
+from aecompress.methods import make_method
+from aecompress.methods.linalg import Scaling, weighted_svd, whitening
+from aecompress.pipeline.plan import plan_groups
+from aecompress.recipe import Recipe
+from tests.methods.helpers import embedding_statistics, fit, synthetic_statistics, tiny_llama
 
 
 def tail_norm(matrix: torch.Tensor, rank: int) -> float:
@@ -17,16 +19,12 @@ def tail_norm(matrix: torch.Tensor, rank: int) -> float:
     return torch.linalg.svdvals(matrix)[rank:].pow(2).sum().sqrt().item()
 
 
-def budget_for(rank: int, count: int, rows: int, cols: int) -> float:
-    return rank * (count * rows + cols)
-
-
-def fit(name: str, matrices: list[torch.Tensor], rank: int, stats: list, **options: object):
-    method = make_method(name, options)
-    rows, cols = matrices[0].shape
-    budget = budget_for(rank, len(matrices), rows, cols)
-    stored = method.fit(matrices, budget, FitContext("k", statistics=stats))
-    assert stored.meta["rank"] == rank
+def fit_rank(name: str, matrices: list[torch.Tensor], rank: int, stats: list, **options: object):
+    kind = "embedding" if stats[0].counts is not None else "linear"
+    method, stored, _ = fit(
+        name, matrices, width=rank, options=options, statistics=stats, kind=kind
+    )
+    assert stored.width == rank
     return [method.reconstruct(stored, i).double() for i in range(len(matrices))]
 
 
@@ -37,11 +35,11 @@ def test_whitening_reproduces_the_exact_output_error_optimum():
     weight = torch.randn(12, 10, dtype=torch.float64)
     stats = synthetic_statistics(10, tokens=200)
     x = torch.linalg.cholesky(stats.xtx).T  # any X with X^T X = xtx gives the same errors
-    (approx,) = fit("svdllm", [weight.float()], 4, [stats], ridge=0.0)
+    (approx,) = fit_rank("svdllm", [weight.float()], 4, [stats], ridge=0.0)
     error = torch.linalg.matrix_norm((weight - approx) @ x.T).item()
     assert error == pytest.approx(tail_norm(weight @ x.T, 4), rel=1e-5)
     # and plain SVD, optimal for ||W - W_hat||, is clearly worse on the output error
-    (plain,) = fit("svd", [weight.float()], 4, [stats])
+    (plain,) = fit_rank("svd", [weight.float()], 4, [stats])
     assert torch.linalg.matrix_norm((weight - plain) @ x.T).item() > 1.05 * error
 
 
@@ -50,7 +48,7 @@ def test_brute_force_never_beats_the_whitened_optimum():
     weight = torch.randn(6, 5, dtype=torch.float64)
     stats = synthetic_statistics(5, tokens=50, seed=1)
     x = torch.linalg.cholesky(stats.xtx).T
-    (approx,) = fit("svdllm", [weight.float()], 2, [stats], ridge=0.0)
+    (approx,) = fit_rank("svdllm", [weight.float()], 2, [stats], ridge=0.0)
     best = torch.linalg.matrix_norm((weight - approx) @ x.T).item()
     a = torch.randn(6, 2, dtype=torch.float64, requires_grad=True)
     b = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
@@ -69,7 +67,7 @@ def test_fwsvd_is_the_optimum_of_the_row_weighted_error():
     weight = torch.randn(12, 10, dtype=torch.float64)
     stats = synthetic_statistics(10, rows=12)
     rows = stats.fisher.sum(1).sqrt()
-    (approx,) = fit("fwsvd", [weight.float()], 3, [stats])
+    (approx,) = fit_rank("fwsvd", [weight.float()], 3, [stats])
     error = torch.linalg.matrix_norm(rows[:, None] * (weight - approx)).item()
     assert error == pytest.approx(tail_norm(rows[:, None] * weight, 3), rel=1e-5)
 
@@ -79,7 +77,7 @@ def test_asvd_is_the_optimum_of_the_column_scaled_error():
     weight = torch.randn(12, 10, dtype=torch.float64)
     stats = synthetic_statistics(10)
     scale = stats.abs_mean.pow(0.7)
-    (approx,) = fit("asvd", [weight.float()], 3, [stats], alpha=0.7)
+    (approx,) = fit_rank("asvd", [weight.float()], 3, [stats], alpha=0.7)
     error = torch.linalg.matrix_norm((weight - approx) * scale).item()
     assert error == pytest.approx(tail_norm(weight * scale, 3), rel=1e-5)
 
@@ -91,7 +89,7 @@ def test_embeddings_weight_rows_by_sqrt_counts(name: str):
     table = torch.randn(40, 8, dtype=torch.float64)
     stats = embedding_statistics(40)
     weights = (stats.counts + 0.1 * stats.counts.mean()).sqrt()
-    (approx,) = fit(name, [table.float()], 3, [stats])
+    (approx,) = fit_rank(name, [table.float()], 3, [stats])
     error = torch.linalg.matrix_norm(weights[:, None] * (table - approx)).item()
     assert error == pytest.approx(tail_norm(weights[:, None] * table, 3), rel=1e-5)
 
@@ -101,8 +99,14 @@ def test_tokens_unseen_in_calibration_are_projected_on_the_basis():
     table = torch.randn(30, 8)
     stats = embedding_statistics(30)
     stats.counts[:10] = 0
-    method = make_method("svdllm", {"count_ridge": 0.0})
-    stored = method.fit([table], budget_for(3, 1, 30, 8), FitContext("embed", statistics=[stats]))
+    method, stored, _ = fit(
+        "svdllm",
+        [table],
+        width=3,
+        options={"count_ridge": 0.0},
+        statistics=[stats],
+        kind="embedding",
+    )
     basis = stored.shared["b"]  # orthonormal rows for a row scaling
     torch.testing.assert_close(method.reconstruct(stored, 0), table @ basis.T @ basis)
 
@@ -117,11 +121,11 @@ def test_singular_xtx_does_not_crash():
     torch.testing.assert_close(factor @ inverse, torch.eye(10, dtype=torch.float64))
     weight = torch.randn(12, 10)
     for name, options in (("svdllm", {"ridge": 0.0}), ("asvd", {})):
-        (approx,) = fit(name, [weight], 3, [singular], **options)
+        (approx,) = fit_rank(name, [weight], 3, [singular], **options)
         assert torch.isfinite(approx).all()
     zero = TargetStatistics(0, torch.zeros(10, 10, dtype=torch.float64), torch.zeros(10))
-    (approx,) = fit("svdllm", [weight], 3, [zero])
-    (plain,) = fit("svd", [weight], 3, [zero])
+    (approx,) = fit_rank("svdllm", [weight], 3, [zero])
+    (plain,) = fit_rank("svd", [weight], 3, [zero])
     torch.testing.assert_close(approx, plain)
 
 
@@ -142,11 +146,11 @@ def test_weighted_svd_without_scaling_is_truncated_svd():
     torch.testing.assert_close(a2 @ b2, a @ b)
 
 
-def test_svdllm_refuses_a_stack_and_points_to_shared_basis():
-    matrices = [torch.randn(6, 5) for _ in range(2)]
-    stats = [synthetic_statistics(5, seed=i) for i in range(2)]
+def test_svdllm_refuses_a_stack_before_any_work_and_points_to_shared_basis():
+    recipe = Recipe(method="svdllm", ratio=2, targets=["k"], group="layers")
     with pytest.raises(AecompressError, match="shared-basis"):
-        make_method("svdllm").fit(matrices, 1e9, FitContext("k.0-1", statistics=stats))
+        plan_groups(tiny_llama(), recipe)
+    make_method("shared-basis")  # the method it points to exists
 
 
 def whitened_errors(matrices, approx, stats) -> list[float]:
@@ -162,8 +166,8 @@ def test_shared_basis_refit_lowers_every_layers_output_error():
     matrices = [torch.randn(12, 10) for _ in range(3)]
     stats = [synthetic_statistics(10, seed=i) for i in range(3)]
     stats[2].xtx = stats[2].xtx.flip(0, 1)  # a layer whose large channels are elsewhere
-    pooled = fit("shared-basis", matrices, 4, stats, refit=False, ridge=0.0)
-    refit = fit("shared-basis", matrices, 4, stats, ridge=0.0)
+    pooled = fit_rank("shared-basis", matrices, 4, stats, refit=False, ridge=0.0)
+    refit = fit_rank("shared-basis", matrices, 4, stats, ridge=0.0)
     before = whitened_errors(matrices, pooled, stats)
     after = whitened_errors(matrices, refit, stats)
     assert all(a <= b * (1 + 1e-9) for a, b in zip(after, before, strict=True))
@@ -174,6 +178,6 @@ def test_shared_basis_of_one_matrix_is_svdllm():
     torch.manual_seed(9)
     weight = torch.randn(12, 10)
     stats = [synthetic_statistics(10)]
-    (shared,) = fit("shared-basis", [weight], 4, stats)
-    (single,) = fit("svdllm", [weight], 4, stats)
+    (shared,) = fit_rank("shared-basis", [weight], 4, stats)
+    (single,) = fit_rank("svdllm", [weight], 4, stats)
     torch.testing.assert_close(shared, single)

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from torch import nn
-from transformers.models.auto.modeling_auto import (
-    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-    MODEL_FOR_MASKED_LM_MAPPING_NAMES,
-)
+from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from aecompress.errors import AecompressError
+from aecompress.models import is_causal_lm, is_masked_lm
 
 KINDS: dict[str, str] = {
     "causal-lm": "a causal LM",
@@ -40,12 +38,11 @@ def model_kinds(model: nn.Module) -> frozenset[str]:
     A model whose family has a masked-LM class in transformers (BERT, RoBERTa, ...) and
     that is not a causal LM is an encoder, with or without its MLM head.
     """
-    name = type(model).__name__
     config = getattr(model, "config", None)
     kinds = set()
-    if name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+    if is_causal_lm(model):
         kinds.add("causal-lm")
-    if name in MODEL_FOR_MASKED_LM_MAPPING_NAMES.values():
+    if is_masked_lm(model):
         kinds.add("masked-lm")
     if (
         "causal-lm" not in kinds

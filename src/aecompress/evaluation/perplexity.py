@@ -12,6 +12,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from aecompress.data import wikitext2_text
 from aecompress.errors import AecompressError
+from aecompress.models import is_causal_lm
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,7 @@ class PerplexityResult:
 
 
 def require_causal_lm(model: PreTrainedModel) -> None:
-    if model.get_output_embeddings() is None or not getattr(model, "can_generate", bool)():
+    if not is_causal_lm(model):
         raise AecompressError(
             f"{type(model).__name__} has no causal LM head: perplexity needs a causal LM"
         )
@@ -44,6 +45,28 @@ def window_ids(
 
 
 @torch.inference_mode()
+def windows_perplexity(
+    model: PreTrainedModel,
+    ids: torch.Tensor,
+    batch_size: int = 4,
+    *,
+    desc: str = "perplexity",
+    progress: bool = False,
+) -> float:
+    """exp(mean NLL) over every predicted token of the windows `ids` [count, seq_len]."""
+    was_training = model.training
+    model.eval()
+    total_nll = 0.0
+    try:
+        for batch in tqdm(ids.split(batch_size), desc=desc, disable=not progress):
+            logits = model(input_ids=batch).logits[:, :-1].float()
+            nll = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
+            total_nll += nll.item()
+    finally:
+        model.train(was_training)
+    return math.exp(total_nll / ids[:, 1:].numel())
+
+
 def perplexity(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -58,16 +81,8 @@ def perplexity(
     require_causal_lm(model)
     if seq_len < 2:
         raise AecompressError("seq_len must be at least 2")
-    batches = window_ids(tokenizer, wikitext2_text(split), seq_len, windows)
-    model.eval()
-    total_nll, total_tokens = 0.0, 0
-    for batch in tqdm(
-        batches.split(batch_size), desc=f"perplexity ({split})", disable=not progress
-    ):
-        logits = model(input_ids=batch).logits[:, :-1].float()
-        nll = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
-        total_nll += nll.item()
-        total_tokens += batch[:, 1:].numel()
-    return PerplexityResult(
-        math.exp(total_nll / total_tokens), split, seq_len, batches.shape[0], total_tokens
+    ids = window_ids(tokenizer, wikitext2_text(split), seq_len, windows)
+    value = windows_perplexity(
+        model, ids, batch_size, desc=f"perplexity ({split})", progress=progress
     )
+    return PerplexityResult(value, split, seq_len, ids.shape[0], ids[:, 1:].numel())

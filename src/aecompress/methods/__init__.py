@@ -1,18 +1,33 @@
-"""Compression methods; importing this package registers them all."""
+"""Compression methods; importing this package registers every module in it."""
 
-from aecompress.methods import autoencoder, kronecker, pruning, svd, tucker
-from aecompress.methods.base import METHODS, FitContext, Method, MethodOptions, Stored, make_method
+import importlib
+import pkgutil
+
+from aecompress.methods.base import (
+    METHODS,
+    FitContext,
+    GroupSpec,
+    Method,
+    MethodLayout,
+    MethodOptions,
+    Stored,
+    Width,
+    make_method,
+    register,
+)
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
     "METHODS",
     "FitContext",
+    "GroupSpec",
     "Method",
+    "MethodLayout",
     "MethodOptions",
     "Stored",
-    "autoencoder",
-    "kronecker",
+    "Width",
     "make_method",
-    "pruning",
-    "svd",
-    "tucker",
+    "register",
 ]

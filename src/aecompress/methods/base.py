@@ -1,8 +1,12 @@
 """The one interface every compression method implements, and the method registry.
 
 A method fits one group of same-shape matrices ([out, in] layout, stacked row-wise when
-the group spans layers) under a budget of stored numbers, and returns what it stores.
-It can rebuild each matrix densely, and may serve it with a cheaper factorised module.
+the group spans layers) at a width (rank, latent width, kept weights, ...) and returns
+what it stores. It declares what a width costs in stored numbers, so that the engine
+solves the largest width within a budget and checks the declaration against what was
+stored. It rebuilds each matrix densely, and may serve it with a cheaper module.
+
+Adding a method is one file in this package: a `Method` subclass decorated `@register`.
 """
 
 from __future__ import annotations
@@ -10,16 +14,20 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
+from aecompress.budget import solve_width
 from aecompress.calibration import TargetStatistics
-from aecompress.errors import AecompressError
+from aecompress.errors import AecompressError, describe
 from aecompress.modules import dense_embedding, dense_linear
-from aecompress.recipe import describe
+
+# A width is one integer (rank, latent width, terms, kept weights) or, for methods sized
+# along several axes (Tucker ranks, sparse + low-rank), a tuple of them.
+Width = int | tuple[int, ...]
 
 
 class MethodOptions(BaseModel):
@@ -28,15 +36,74 @@ class MethodOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class MethodLayout(BaseModel):
+    """What rebuilding a group needs beyond its tensors and shapes (per method; usually
+    nothing). Saved in the manifest and validated when read back: no defaults to guess."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """What a method fits: `count` matrices of [rows, cols] of one family, stacked row-wise.
+
+    `kind` says how the matrices are used (an embedding's rows are looked up by token),
+    `head_dim` is the model's attention head size (None when the model has none).
+    """
+
+    name: str
+    family: str
+    kind: Literal["linear", "embedding"]
+    count: int
+    rows: int
+    cols: int
+    head_dim: int | None = None
+
+    @property
+    def numel(self) -> int:
+        """Numbers in the group's original matrices."""
+        return self.count * self.rows * self.cols
+
+
+@dataclass
+class FitContext:
+    """What a fit may use beyond the weights: the group, its budget (stored numbers), the
+    seed, per-member calibration statistics (when the method asked for some), a callback
+    giving the model's validation metric with other matrices swapped in, and progress."""
+
+    spec: GroupSpec
+    budget: float = float("inf")
+    seed: int = 0
+    statistics: Sequence[TargetStatistics] | None = None
+    validate: Callable[[list[torch.Tensor]], float] | None = None
+    progress: bool = True
+
+    def member_statistics(self, index: int) -> TargetStatistics:
+        """Calibration statistics of member `index` (a clear error when there are none)."""
+        if self.statistics is None or index >= len(self.statistics):
+            raise AecompressError(f"{self.spec.name}: this method needs calibration statistics")
+        return self.statistics[index]
+
+    def statistic(self, index: int, name: str) -> torch.Tensor:
+        """One calibration statistic of member `index`, float64 (a clear error if missing)."""
+        value = getattr(self.member_statistics(index), name)
+        if value is None:
+            raise AecompressError(f"{self.spec.name}: calibration statistic '{name}' is missing")
+        return value.double()
+
+
 @dataclass
 class Stored:
-    """What a method stores for one group: tensors shared by all members, per-member tensors,
-    and JSON metadata (rank, latent width, ...). Tensors become nn.Parameters once fitted so
-    that runtime modules share them and fine-tuning updates what is saved."""
+    """What a method stores for one group: tensors shared by all members, per-member
+    tensors, the width they were fitted at, the layout rebuilding needs, and report figures
+    (`info`: losses, selected epoch, ...; never read back). Tensors become nn.Parameters
+    once fitted so that runtime modules share them and training updates what is saved."""
 
     shared: dict[str, torch.Tensor]
     members: list[dict[str, torch.Tensor]]
-    meta: dict[str, Any] = field(default_factory=dict)
+    width: Width
+    layout: MethodLayout = field(default_factory=MethodLayout)
+    info: dict[str, Any] = field(default_factory=dict)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Flat view: shared tensors as 'shared.NAME', member i's as 'i.NAME'."""
@@ -47,7 +114,7 @@ class Stored:
 
     @classmethod
     def from_tensors(
-        cls, flat: dict[str, torch.Tensor], count: int, meta: dict[str, Any]
+        cls, flat: dict[str, torch.Tensor], count: int, width: Width, layout: MethodLayout
     ) -> Stored:
         shared = {k.removeprefix("shared."): t for k, t in flat.items() if k.startswith("shared.")}
         members: list[dict[str, torch.Tensor]] = [{} for _ in range(count)]
@@ -55,7 +122,7 @@ class Stored:
             head, _, name = key.partition(".")
             if head != "shared":
                 members[int(head)][name] = tensor
-        return cls(shared, members, meta)
+        return cls(shared, members, width, layout)
 
     def as_parameters(self, trainable: bool = True) -> Stored:
         """The same tensors wrapped as nn.Parameters (float tensors only: indices stay)."""
@@ -69,27 +136,18 @@ class Stored:
         return Stored(
             {k: wrap(t) for k, t in self.shared.items()},
             [{k: wrap(t) for k, t in m.items()} for m in self.members],
-            self.meta,
+            self.width,
+            self.layout,
+            self.info,
         )
 
 
-@dataclass
-class FitContext:
-    """What a method may use beyond the weights: a name for messages, the seed, per-member
-    calibration statistics (when the method asked for some), and progress reporting."""
-
-    group: str
-    seed: int = 0
-    statistics: Sequence[TargetStatistics] | None = None
-    progress: bool = True
-    validate: Callable[[list[torch.Tensor]], float] | None = None
-
-
 class Method(ABC):
-    """A compression method: options + fit + rebuild (+ optional factorised modules)."""
+    """A compression method: options, the cost of a width, fit, rebuild, runtime modules."""
 
     name: ClassVar[str]
     Options: ClassVar[type[MethodOptions]] = MethodOptions
+    Layout: ClassVar[type[MethodLayout]] = MethodLayout
 
     def __init__(self, options: MethodOptions) -> None:
         self.options = options
@@ -98,21 +156,56 @@ class Method(ABC):
         """Calibration statistics `fit` reads from context.statistics (see calibration.py)."""
         return set()
 
+    def allocation_proxy(self) -> Method:
+        """The method that scores candidate sizes in budget allocation: itself, or a
+        faster one whose errors follow it (e.g. the AE's SVD starting point)."""
+        return self
+
+    def check(self, spec: GroupSpec) -> None:  # noqa: B027 (optional hook)
+        """Raise a one-line AecompressError if the method cannot fit this group at all
+        (called before any calibration or fitting work)."""
+
     @abstractmethod
-    def fit(self, matrices: Sequence[torch.Tensor], budget: float, context: FitContext) -> Stored:
-        """Compress `matrices` (same shape, [out, in]) into at most `budget` stored numbers."""
+    def cost(self, width: Width, spec: GroupSpec) -> int:
+        """Numbers stored for the group at `width` (must not decrease as width grows)."""
+
+    @abstractmethod
+    def max_width(self, spec: GroupSpec) -> int:
+        """The largest meaningful width (e.g. full rank)."""
+
+    def larger(self, width: Width, spec: GroupSpec) -> list[Width]:
+        """The widths one step larger than `width` (none at the maximum): a solved width is
+        tight when every one of them costs more than the budget."""
+        assert isinstance(width, int)
+        return [width + 1] if width < self.max_width(spec) else []
+
+    def solve_width(self, matrices: Sequence[torch.Tensor], context: FitContext) -> Width:
+        """The width to fit at: by default the largest whose cost fits context.budget
+        (one-line error if none does). Methods sized along several axes choose from the
+        data (e.g. Tucker ranks by the energy of each mode)."""
+        spec = context.spec
+        return solve_width(
+            lambda w: self.cost(w, spec), context.budget, self.max_width(spec), spec.name
+        )
+
+    @abstractmethod
+    def fit(self, matrices: Sequence[torch.Tensor], width: Width, context: FitContext) -> Stored:
+        """Compress `matrices` (same shape, [out, in]) at `width`."""
 
     @abstractmethod
     def reconstruct(self, stored: Stored, index: int) -> torch.Tensor:
-        """Member `index` rebuilt as a dense [out, in] matrix."""
+        """Member `index` rebuilt as a dense [out, in] matrix (differentiable in the stored
+        float tensors, so that block refinement can train them)."""
 
     def linear(self, stored: Stored, index: int, bias: torch.Tensor | None) -> nn.Module:
         """The runtime module serving member `index` as a Linear (default: decoded once)."""
-        return dense_linear(self.reconstruct(stored, index), bias)
+        with torch.no_grad():
+            return dense_linear(self.reconstruct(stored, index), bias)
 
     def embedding(self, stored: Stored, index: int, padding_idx: int | None) -> nn.Module:
         """The runtime module serving member `index` as an Embedding (default: decoded once)."""
-        return dense_embedding(self.reconstruct(stored, index), padding_idx)
+        with torch.no_grad():
+            return dense_embedding(self.reconstruct(stored, index), padding_idx)
 
 
 METHODS: dict[str, type[Method]] = {}
@@ -133,3 +226,5 @@ def make_method(name: str, options: dict[str, Any] | None = None) -> Method:
         return cls(cls.Options(**(options or {})))
     except ValidationError as error:
         raise AecompressError(describe(error, f"method '{name}' options")) from error
+    except TypeError as error:
+        raise AecompressError(f"method '{name}' options: {error}") from error

@@ -6,11 +6,18 @@ from collections.abc import Sequence
 
 import torch
 
-from aecompress.budget import solve_width
 from aecompress.errors import AecompressError
-from aecompress.methods.base import FitContext, Method, Stored, register
-from aecompress.methods.refine import RefineOptions, refine
-from aecompress.methods.svd import truncated_svd
+from aecompress.methods.base import (
+    FitContext,
+    GroupSpec,
+    Method,
+    MethodLayout,
+    Stored,
+    Width,
+    register,
+)
+from aecompress.methods.linalg import truncated_svd
+from aecompress.methods.losses import RefineOptions, refine_factors
 
 
 def _divisors(value: int) -> list[int]:
@@ -54,50 +61,67 @@ class KroneckerOptions(RefineOptions):
     shape: tuple[int, int] | None = None
 
 
+class KroneckerLayout(MethodLayout):
+    """(n1, m1) of the A factors."""
+
+    shape_a: tuple[int, int]
+
+
 @register
 class Kronecker(Method):
     """W_i ~ sum_{r<R} A_{i,r} (x) B_r: stores per member A_i [R, n1, m1] and, shared by
-    the group's members, B [R, n2, m2] (n = n1*n2, m = m1*m2).
+    the group's members, B [R, n2, m2] (n = n1*n2, m = m1*m2); the width is R.
 
-    R is the largest number of terms within the budget. Initialised with the Frobenius
-    optimum (Van Loan: truncated SVD of the stacked rearranged matrices [R(W_1); ...]),
-    then refined by the paper's AE loss over the rows (cosine + RMSE) with Adam, keeping
-    the best factors. Served as a decoded dense weight.
+    Initialised with the Frobenius optimum (Van Loan: truncated SVD of the stacked
+    rearranged matrices [R(W_1); ...]), then refined by the paper's AE loss over the rows
+    (cosine + RMSE) with Adam, keeping the best factors. Served as a decoded dense weight.
     """
 
     name = "kronecker"
     Options = KroneckerOptions
     options: KroneckerOptions
+    Layout = KroneckerLayout
 
-    def fit(self, matrices: Sequence[torch.Tensor], budget: float, context: FitContext) -> Stored:
-        count, (rows, cols) = len(matrices), matrices[0].shape
-        n1, m1 = self.options.shape or factor_shapes(rows, cols, count)
-        if rows % n1 or cols % m1:
+    def factor_shape(self, spec: GroupSpec) -> tuple[int, int]:
+        return self.options.shape or factor_shapes(spec.rows, spec.cols, spec.count)
+
+    def check(self, spec: GroupSpec) -> None:
+        n1, m1 = self.factor_shape(spec)
+        if spec.rows % n1 or spec.cols % m1:
             raise AecompressError(
-                f"{context.group}: shape ({n1}, {m1}) does not divide {rows}x{cols}"
+                f"{spec.name}: shape ({n1}, {m1}) does not divide {spec.rows}x{spec.cols}"
             )
-        n2, m2 = rows // n1, cols // m1
-        terms = solve_width(
-            lambda r: r * (count * n1 * m1 + n2 * m2),
-            budget,
-            min(count * n1 * m1, n2 * m2),
-            context.group,
-        )
+
+    def cost(self, width: Width, spec: GroupSpec) -> int:
+        assert isinstance(width, int)
+        n1, m1 = self.factor_shape(spec)
+        return width * (spec.count * n1 * m1 + (spec.rows // n1) * (spec.cols // m1))
+
+    def max_width(self, spec: GroupSpec) -> int:
+        n1, m1 = self.factor_shape(spec)
+        return min(spec.count * n1 * m1, (spec.rows // n1) * (spec.cols // m1))
+
+    def fit(self, matrices: Sequence[torch.Tensor], width: Width, context: FitContext) -> Stored:
+        assert isinstance(width, int)
+        spec = context.spec
+        count, terms = spec.count, width
+        n1, m1 = self.factor_shape(spec)
+        n2, m2 = spec.rows // n1, spec.cols // m1
         stacked = torch.cat([rearrange(m, n1, m1) for m in matrices])
         u, v = truncated_svd(stacked, terms)
         scale = u.norm(dim=0).clamp_min(1e-30).sqrt()  # balance the two factors' norms
         a = (u / scale).T.reshape(terms, count, n1, m1).transpose(0, 1)
         b = (v * scale[:, None]).reshape(terms, n2, m2)
-        (a, b), losses = refine(
+        (a, b), losses = refine_factors(
             [a, b],
             lambda f: torch.cat([kronecker_sum(f[0][i], f[1]) for i in range(count)]),
             torch.cat(list(matrices)),
             self.options,
-            desc=f"kronecker {context.group}",
+            desc=f"kronecker {spec.name}",
             progress=context.progress,
         )
         members = [{"a": a[i].contiguous()} for i in range(count)]
-        return Stored({"b": b}, members, {"terms": terms, "shape_a": [n1, m1], **losses})
+        return Stored({"b": b}, members, terms, KroneckerLayout(shape_a=(n1, m1)), losses)
 
     def reconstruct(self, stored: Stored, index: int) -> torch.Tensor:
         return kronecker_sum(stored.members[index]["a"], stored.shared["b"])

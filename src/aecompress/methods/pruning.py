@@ -1,111 +1,253 @@
-"""Magnitude pruning with every stored number counted, positions included."""
+"""Sparse methods: kept weights plus their positions, every stored number counted.
+
+A sparse method keeps `width` weights of the group (its width) and stores per member the
+kept values (row-major order) and their positions, in one of:
+- `bitmap`: one bit per entry of the matrix, in int32 words: ceil(n*m/32) numbers;
+- `int32`: one flat index per kept weight: one number each;
+- `N:M` (e.g. 2:4; a method option): N kept in every M consecutive weights of a row, each
+  kept weight's place in its group in ceil(log2 M) bits, in int32 words.
+`auto` takes whichever of bitmap / int32 is cheaper for the kept count. Methods differ in
+which weights they keep and what values they give them (`select`).
+"""
 
 from __future__ import annotations
 
+import math
+from abc import abstractmethod
 from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
 import torch
+from pydantic import Field, field_validator
 
 from aecompress.errors import AecompressError
-from aecompress.methods.base import FitContext, Method, MethodOptions, Stored, register
+from aecompress.methods.base import (
+    FitContext,
+    GroupSpec,
+    Method,
+    MethodLayout,
+    MethodOptions,
+    Stored,
+    Width,
+    register,
+)
 
-BITS = 32  # a position bitmap is stored as int32 words: n*m bits count as ceil(n*m/32) numbers
+BITS = 32  # positions are packed into int32 words
 
 
-def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """A flat bool mask [N] packed little-endian into int32 words [ceil(N/32)]."""
-    packed = np.packbits(mask.numpy().astype(np.uint8), bitorder="little")
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """A flat bool tensor [N] packed little-endian into int32 words [ceil(N/32)]."""
+    packed = np.packbits(bits.numpy().astype(np.uint8), bitorder="little")
     packed = np.pad(packed, (0, -packed.size % 4))
     return torch.from_numpy(packed.view("<i4").copy())
 
 
 def unpack_bits(words: torch.Tensor, size: int) -> torch.Tensor:
-    """The flat bool mask [size] packed in `words` by pack_bits."""
+    """The flat bool tensor [size] packed in `words` by pack_bits."""
     raw = words.numpy().astype("<i4").view(np.uint8)
     return torch.from_numpy(np.unpackbits(raw, bitorder="little")[:size].astype(bool))
 
 
-def index_cost(scheme: str, numel: int) -> int:
-    """Numbers spent on positions for one member: the bitmap's words (int32 indices are
-    counted per kept weight instead)."""
-    return -(-numel // BITS) if scheme == "bitmap" else 0
+def words(bits: int) -> int:
+    return -(-bits // BITS)
 
 
-def kept_count(scheme: str, count: int, numel: int, budget: float) -> int:
-    """Weights that fit: bitmap, budget - words; int32 indices, one value + one index each."""
-    if scheme == "bitmap":
-        return int(budget) - count * index_cost(scheme, numel)
-    return int(budget) // 2
+def parse_pattern(pattern: str) -> tuple[int, int] | None:
+    """'unstructured' -> None, 'N:M' -> (N, M) with 0 < N < M."""
+    if pattern == "unstructured":
+        return None
+    n, _, m = pattern.partition(":")
+    if not (n.isdigit() and m.isdigit() and 0 < int(n) < int(m)):
+        raise ValueError(f"pattern must be 'unstructured' or N:M with 0 < N < M (got '{pattern}')")
+    return int(n), int(m)
 
 
-class PruneOptions(MethodOptions):
-    """`index`: how positions are stored; `auto` picks whichever keeps more weights (the
-    bitmap below ratio 16, int32 indices above)."""
+class SparseOptions(MethodOptions):
+    """`index`: how positions are stored (auto: the cheaper of bitmap and int32 for the
+    kept count); `pattern`: unstructured, or N:M (N kept in every M weights of a row)."""
 
     index: Literal["bitmap", "int32", "auto"] = "auto"
+    pattern: str = "unstructured"
+
+    @field_validator("pattern")
+    @classmethod
+    def _check_pattern(cls, value: str) -> str:
+        parse_pattern(value)
+        return value
+
+    @property
+    def n_m(self) -> tuple[int, int] | None:
+        return parse_pattern(self.pattern)
+
+
+class SparseLayout(MethodLayout):
+    """Each member's [rows, cols] and how its positions are stored."""
+
+    shape: tuple[int, int]
+    index: Literal["bitmap", "int32", "nm"]
+    n_m: tuple[int, int] | None = None
+
+
+def position_cost(scheme: str, kept: int, spec: GroupSpec, n_m: tuple[int, int] | None) -> int:
+    """Numbers spent on the positions of `kept` weights of the group under `scheme`."""
+    if scheme == "bitmap":
+        return spec.count * words(spec.rows * spec.cols)
+    if scheme == "int32":
+        return kept
+    assert n_m is not None
+    per_member = kept // spec.count
+    return spec.count * words(per_member * math.ceil(math.log2(n_m[1])))
+
+
+class SparseMethod(Method):
+    """Keeps `width` weights of the group; stores values + positions (module docstring).
+    Subclasses choose the kept weights and their values (`select`). Served decoded."""
+
+    Options = SparseOptions
+    options: SparseOptions
+    Layout = SparseLayout
+
+    def schemes(self) -> list[str]:
+        if self.options.n_m is not None:
+            return ["nm"]
+        return ["bitmap", "int32"] if self.options.index == "auto" else [self.options.index]
+
+    def scheme(self, kept: int, spec: GroupSpec) -> str:
+        return min(self.schemes(), key=lambda s: position_cost(s, kept, spec, self.options.n_m))
+
+    def check(self, spec: GroupSpec) -> None:
+        if spec.rows * spec.cols >= 2**31:
+            raise AecompressError(f"{spec.name}: matrices over 2^31 entries cannot be indexed")
+        if self.options.n_m is not None and spec.cols % self.options.n_m[1]:
+            raise AecompressError(
+                f"{spec.name}: {spec.cols} columns do not split into groups of "
+                f"{self.options.n_m[1]} ({self.options.pattern})"
+            )
+
+    def cost(self, width: Width, spec: GroupSpec) -> int:
+        assert isinstance(width, int)
+        return width + position_cost(self.scheme(width, spec), width, spec, self.options.n_m)
+
+    def max_width(self, spec: GroupSpec) -> int:
+        if self.options.n_m is not None:
+            n, m = self.options.n_m
+            return spec.numel * n // m
+        return spec.numel
+
+    def solve_width(self, matrices: Sequence[torch.Tensor], context: FitContext) -> Width:
+        if self.options.n_m is None:
+            return super().solve_width(matrices, context)
+        spec, budget = context.spec, context.budget
+        kept = self.max_width(spec)  # N:M fixes the kept count
+        if self.cost(kept, spec) > budget:
+            raise AecompressError(
+                f"{spec.name}: the ratio is too large for {self.options.pattern} sparsity, "
+                f"which stores {self.cost(kept, spec)} numbers against a budget of {int(budget)}"
+            )
+        return kept
+
+    def larger(self, width: Width, spec: GroupSpec) -> list[Width]:
+        return [] if self.options.n_m is not None else super().larger(width, spec)
+
+    @abstractmethod
+    def select(
+        self, matrices: Sequence[torch.Tensor], kept: int, context: FitContext
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(mask [n, m] bool, values [n, m]) of each member, `kept` True entries in all."""
+
+    def fit(self, matrices: Sequence[torch.Tensor], width: Width, context: FitContext) -> Stored:
+        assert isinstance(width, int)
+        spec = context.spec
+        scheme = self.scheme(width, spec)
+        members = [
+            encode_sparse(mask, values, scheme, self.options.n_m)
+            for mask, values in self.select(matrices, width, context)
+        ]
+        if sum(m["values"].numel() for m in members) != width:
+            raise RuntimeError(f"{self.name} kept the wrong number of weights for {spec.name}")
+        layout = SparseLayout(shape=(spec.rows, spec.cols), index=scheme, n_m=self.options.n_m)
+        info = {
+            "density": width / spec.numel,
+            "position_numbers": position_cost(scheme, width, spec, self.options.n_m),
+            "ratio_without_positions": spec.numel / width,
+        }
+        return Stored({}, members, width, layout, info)
+
+    def reconstruct(self, stored: Stored, index: int) -> torch.Tensor:
+        assert isinstance(stored.layout, SparseLayout)
+        return decode_sparse(stored.members[index], stored.layout)
+
+
+def encode_sparse(
+    mask: torch.Tensor, values: torch.Tensor, scheme: str, n_m: tuple[int, int] | None
+) -> dict[str, torch.Tensor]:
+    """The kept `values` (where `mask`) and their positions as stored under `scheme`."""
+    kept = values.reshape(-1)[mask.reshape(-1)].clone()
+    if scheme == "bitmap":
+        return {"values": kept, "mask": pack_bits(mask.reshape(-1))}
+    if scheme == "int32":
+        return {"values": kept, "indices": mask.reshape(-1).nonzero().squeeze(1).int()}
+    assert n_m is not None
+    places = mask.reshape(-1, n_m[1]).nonzero()[:, 1]  # each kept weight's place in its group
+    bits = ((places[:, None] >> torch.arange(math.ceil(math.log2(n_m[1])))) & 1).bool()
+    return {"values": kept, "places": pack_bits(bits.reshape(-1))}
+
+
+def decode_sparse(member: dict[str, torch.Tensor], layout: SparseLayout) -> torch.Tensor:
+    """The dense [rows, cols] matrix of a member's kept values (differentiable in them)."""
+    rows, cols = layout.shape
+    values = member["values"]
+    flat = positions(member, layout, values.numel())
+    return values.new_zeros(rows * cols).index_put((flat,), values).view(rows, cols)
+
+
+def positions(member: dict[str, torch.Tensor], layout: SparseLayout, kept: int) -> torch.Tensor:
+    """Flat positions (int64, row-major) of a member's kept values."""
+    rows, cols = layout.shape
+    if layout.index == "bitmap":
+        return unpack_bits(member["mask"], rows * cols).nonzero().squeeze(1)
+    if layout.index == "int32":
+        return member["indices"].long()
+    assert layout.n_m is not None
+    n, m = layout.n_m
+    width = math.ceil(math.log2(m))
+    bits = unpack_bits(member["places"], kept * width).view(kept, width).long()
+    places = (bits << torch.arange(width)).sum(1)
+    return torch.arange(kept) // n * m + places
+
+
+def keep_largest(scores: torch.Tensor, kept: int) -> torch.Tensor:
+    """A bool mask of the `kept` largest entries of `scores` (any shape)."""
+    mask = torch.zeros(scores.numel(), dtype=torch.bool)
+    if kept:
+        mask[scores.reshape(-1).topk(kept, sorted=False).indices] = True
+    return mask.view(scores.shape)
+
+
+def keep_largest_per_group(scores: torch.Tensor, n_m: tuple[int, int]) -> torch.Tensor:
+    """N:M: a bool mask keeping the N largest scores in every M consecutive entries of a row."""
+    n, m = n_m
+    groups = scores.reshape(-1, m)
+    mask = torch.zeros_like(groups, dtype=torch.bool)
+    mask.scatter_(1, groups.topk(n, dim=1).indices, True)
+    return mask.view(scores.shape)
 
 
 @register
-class MagnitudePruning(Method):
-    """Magnitude pruning: keep the largest |w| of the group that fit, zero the rest.
-
-    Stores per member the kept values (row-major order) and their positions: a bitmap over
-    the matrix (n*m bits in int32 words, ceil(n*m/32) numbers) or int32 flat indices (one
-    number per kept weight); both count against the budget. A stack of layers keeps the
-    largest |w| over the whole stack (one threshold). Minimises ||W - W_hat||_F for the
-    number of kept weights. `meta` records also the size without positions (the paper's
-    bookkeeping). Served as a decoded dense weight.
-    """
+class MagnitudePruning(SparseMethod):
+    """Magnitude pruning: keep the largest |w| of the group (one threshold over a stack of
+    layers; N:M per group of M), zero the rest. Minimises ||W - W_hat||_F for the number of
+    kept weights. Stores values + positions (module docstring); served decoded."""
 
     name = "prune"
-    Options = PruneOptions
-    options: PruneOptions
 
-    def fit(self, matrices: Sequence[torch.Tensor], budget: float, context: FitContext) -> Stored:
-        count, (rows, cols) = len(matrices), matrices[0].shape
-        numel = rows * cols
-        if numel >= 2**31:
-            raise AecompressError(f"{context.group}: matrices over 2^31 entries cannot be indexed")
-        schemes = ["bitmap", "int32"] if self.options.index == "auto" else [self.options.index]
-        scheme = max(schemes, key=lambda s: kept_count(s, count, numel, budget))
-        kept = min(kept_count(scheme, count, numel, budget), count * numel)
-        if kept < 1:
-            raise AecompressError(
-                f"{context.group}: the ratio is too large, the {scheme} positions alone "
-                f"fill the budget of {int(budget)} numbers"
-            )
-        flat = torch.cat([m.reshape(-1) for m in matrices])
-        chosen = torch.zeros(flat.numel(), dtype=torch.bool)
-        chosen[flat.abs().topk(kept, sorted=False).indices] = True
-        members = []
-        for index in range(count):
-            mask = chosen[index * numel : (index + 1) * numel]
-            values = matrices[index].reshape(-1)[mask].clone()
-            if scheme == "bitmap":
-                members.append({"values": values, "mask": pack_bits(mask)})
-            else:
-                positions = mask.nonzero().squeeze(1).to(torch.int32)
-                members.append({"values": values, "indices": positions})
-        meta = {
-            "index": scheme,
-            "kept": kept,
-            "density": kept / (count * numel),
-            "index_numbers": count * index_cost(scheme, numel) if scheme == "bitmap" else kept,
-            "stored_without_index": kept,
-            "ratio_without_index": count * numel / kept,
-            "shape": [rows, cols],
-        }
-        return Stored({}, members, meta)
+    def select(
+        self, matrices: Sequence[torch.Tensor], kept: int, context: FitContext
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if self.options.n_m is not None:
+            return [(keep_largest_per_group(w.abs(), self.options.n_m), w) for w in matrices]
+        stacked = torch.stack(list(matrices))
+        masks = keep_largest(stacked.abs(), kept)
+        return list(zip(masks.unbind(0), matrices, strict=True))
 
-    def reconstruct(self, stored: Stored, index: int) -> torch.Tensor:
-        rows, cols = stored.meta["shape"]
-        member = stored.members[index]
-        values = member["values"]
-        dense = torch.zeros(rows * cols, dtype=values.dtype)
-        if "mask" in member:
-            dense[unpack_bits(member["mask"], rows * cols)] = values
-        else:
-            dense[member["indices"].long()] = values
-        return dense.view(rows, cols)

@@ -2,9 +2,9 @@
 
 Every method here stores, for a group of matrices stacked row-wise [K*n, m], one shared
 basis B [r, m] and per member the coefficients A_i [n, r] (any scaling is folded into A
-and B: nothing else is stored), at the largest rank r whose K*n*r + r*m numbers fit the
-budget. Each is served as a LowRankLinear / LowRankEmbedding. They differ in the error
-they minimise, i.e. in the scaling chosen before the SVD:
+and B: nothing else is stored); the width is the rank r, costing K*n*r + r*m numbers.
+Each is served as a LowRankLinear / LowRankEmbedding. They differ in the error they
+minimise, i.e. in the scaling chosen before the SVD (see linalg.weighted_bases):
 
   svd            ||W - W_hat||_F                       no scaling
   fwsvd          ||diag(c) (W - W_hat)||_F             rows, c_i = sqrt(sum_j Fisher_ij)
@@ -15,162 +15,39 @@ they minimise, i.e. in the scaling chosen before the SVD:
 Embeddings ([vocab, hidden], one row per token): the input of a lookup is one-hot, so its
 X^T X is diag(token counts) and an activation-aware scaling weights ROWS: svdllm by
 sqrt(counts + ridge), asvd by (counts + ridge)^alpha (the same for alpha 0.5).
-
-A row scaling never needs inverting: with D W S = U S V^T, the optimum is
-W_hat = W S V_r V_r^T S^-1, so A = W S V_r and B = V_r^T S^-1 (rows with zero weight are
-projected on the basis like the others). Only the column scaling S must be invertible.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from pydantic import Field
 from torch import nn
 
-from aecompress.budget import solve_width
-from aecompress.calibration import TargetStatistics
 from aecompress.errors import AecompressError
-from aecompress.methods.base import FitContext, Method, MethodOptions, Stored, register
+from aecompress.methods.base import (
+    FitContext,
+    GroupSpec,
+    Method,
+    MethodOptions,
+    Stored,
+    Width,
+    register,
+)
+from aecompress.methods.linalg import (
+    Scaling,
+    refit_coefficients,
+    row_weights,
+    weighted_svd,
+    whitening,
+)
 from aecompress.modules import LowRankEmbedding, LowRankLinear
-
-logger = logging.getLogger(__name__)
-
-
-def truncated_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best rank-`rank` factors (A = U_r S_r, B = V_r^T) of `matrix` in Frobenius norm."""
-    u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
-    return (u[:, :rank] * s[:rank]).to(matrix.dtype), vh[:rank].to(matrix.dtype)
-
-
-@dataclass(frozen=True)
-class Scaling:
-    """An invertible right scaling S of a matrix's columns and its inverse (float64).
-
-    A vector stands for a diagonal matrix (ASVD), a square matrix is applied as W @ S
-    (the whitening factor of SVD-LLM).
-    """
-
-    forward: torch.Tensor
-    inverse: torch.Tensor
-
-    @classmethod
-    def diagonal(cls, scale: torch.Tensor) -> Scaling:
-        scale = scale.double()
-        return cls(scale, 1 / scale)
-
-    @staticmethod
-    def _apply(matrix: torch.Tensor, by: torch.Tensor) -> torch.Tensor:
-        return matrix * by if by.dim() == 1 else matrix @ by
-
-    def apply(self, matrix: torch.Tensor) -> torch.Tensor:
-        return self._apply(matrix, self.forward)
-
-    def undo(self, matrix: torch.Tensor) -> torch.Tensor:
-        return self._apply(matrix, self.inverse)
-
-
-def weighted_svd(
-    matrix: torch.Tensor,
-    rank: int,
-    rows: torch.Tensor | None = None,
-    cols: Scaling | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rank-`rank` factors A [N, r], B [r, m] minimising ||diag(rows) (M - A B) S||_F.
-
-    Scale, truncated SVD, unscale: V_r are the top right singular vectors of
-    diag(rows) M S; A = M S V_r, B = V_r^T S^-1. `rows` are non-negative row weights,
-    `cols` an invertible column scaling; None means no scaling on that side.
-    """
-    scaled = matrix.double()
-    if cols is not None:
-        scaled = cols.apply(scaled)
-    weighted = scaled if rows is None else scaled * rows.double()[:, None]
-    _, _, vh = torch.linalg.svd(weighted, full_matrices=False)
-    basis = vh[:rank]
-    a, b = scaled @ basis.T, basis
-    if cols is not None:
-        b = cols.undo(b)
-    return a.to(matrix.dtype), b.to(matrix.dtype)
-
-
-def whitening(xtx: torch.Tensor, ridge: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
-    """L (lower triangular) with L L^T = X^T X + lambda I, and L^-1, both float64.
-
-    lambda = ridge * trace(X^T X) / in (relative to the mean input energy). When the
-    Cholesky factorisation still fails (X^T X singular or not quite PSD numerically),
-    lambda grows tenfold until it succeeds. An all-zero X^T X (an input never seen) gives
-    the identity. Then ||(W - W_hat) L||_F^2 = ||(W - W_hat) X^T||_F^2 + lambda ||W - W_hat||_F^2.
-    """
-    xtx = xtx.double()
-    if not torch.isfinite(xtx).all():
-        raise AecompressError("X^T X has NaN or infinite entries: cannot whiten")
-    size = xtx.shape[0]
-    eye = torch.eye(size, dtype=torch.float64)
-    mean = (torch.trace(xtx) / size).item()
-    if mean <= 0:
-        logger.warning("X^T X is zero (input never seen): whitening with the identity")
-        return eye, eye
-    symmetric = (xtx + xtx.T) / 2
-    shift = ridge * mean
-    while True:
-        factor, info = torch.linalg.cholesky_ex(symmetric + shift * eye)
-        if info.item() == 0:
-            break
-        if shift > mean:  # cannot happen for a PSD input; guards against a bad one
-            raise AecompressError("X^T X is not positive semi-definite: cannot whiten")
-        shift = max(10 * shift, 1e-10 * mean)
-        logger.warning("X^T X is singular: ridge raised to %.1e of its mean diagonal", shift / mean)
-    inverse = torch.linalg.solve_triangular(factor, eye, upper=False)
-    return factor, inverse
-
-
-def refit_coefficients(
-    matrix: torch.Tensor, basis: torch.Tensor, gram: torch.Tensor
-) -> torch.Tensor:
-    """A [n, r] minimising ||(W - A B) L||_F given the basis B [r, m], gram = L L^T.
-
-    The normal equations A (B G B^T) = W G B^T, solved in float64 (the output error of
-    one layer's inputs for a basis chosen on other data, e.g. a stack of layers).
-    """
-    basis, gram = basis.double(), gram.double()
-    projected = basis @ gram  # [r, m]
-    normal = projected @ basis.T  # B G B^T, [r, r]
-    return torch.linalg.solve(normal, projected @ matrix.double().T).T.to(matrix.dtype)
-
-
-def stacked_rank(count: int, rows: int, cols: int, budget: float, group: str) -> int:
-    """Largest rank r with count*rows*r (per-member A) + r*cols (shared B) within budget."""
-    return solve_width(
-        lambda r: count * rows * r + r * cols, budget, min(count * rows, cols), group
-    )
-
-
-def member_statistics(context: FitContext, index: int) -> TargetStatistics:
-    """Calibration statistics of member `index` (a clear error when there are none)."""
-    if context.statistics is None or index >= len(context.statistics):
-        raise AecompressError(f"{context.group}: this method needs calibration statistics")
-    return context.statistics[index]
-
-
-def _field(context: FitContext, index: int, name: str) -> torch.Tensor:
-    value = getattr(member_statistics(context, index), name)
-    if value is None:
-        raise AecompressError(f"{context.group}: calibration statistic '{name}' is missing")
-    return value.double()
-
-
-def is_embedding(context: FitContext) -> bool:
-    """Whether the group is a token embedding: calibration gives token counts only there."""
-    return context.statistics is not None and context.statistics[0].counts is not None
 
 
 def count_weights(context: FitContext, ridge: float) -> torch.Tensor:
     """Token counts + ridge * mean count: the diagonal of an embedding's X^T X (+ ridge)."""
-    counts = _field(context, 0, "counts")
+    counts = context.statistic(0, "counts")
     return counts + ridge * counts.mean()
 
 
@@ -185,18 +62,24 @@ class SVD(Method):
 
     name = "svd"
 
+    def cost(self, width: Width, spec: GroupSpec) -> int:
+        assert isinstance(width, int)
+        return spec.count * spec.rows * width + width * spec.cols
+
+    def max_width(self, spec: GroupSpec) -> int:
+        return min(spec.count * spec.rows, spec.cols)
+
     def scaling(
         self, matrices: Sequence[torch.Tensor], context: FitContext
     ) -> tuple[torch.Tensor | None, Scaling | None]:
         """Row weights [K*n] and column scaling of the stacked matrix (None: unscaled)."""
         return None, None
 
-    def fit(self, matrices: Sequence[torch.Tensor], budget: float, context: FitContext) -> Stored:
-        rows, cols = matrices[0].shape
-        rank = stacked_rank(len(matrices), rows, cols, budget, context.group)
-        row_weights, col_scaling = self.scaling(matrices, context)
-        a, b = weighted_svd(torch.cat(list(matrices)), rank, row_weights, col_scaling)
-        return Stored({"b": b}, [{"a": part} for part in a.split(rows)], {"rank": rank})
+    def fit(self, matrices: Sequence[torch.Tensor], width: Width, context: FitContext) -> Stored:
+        assert isinstance(width, int)
+        row_scale, col_scaling = self.scaling(matrices, context)
+        a, b = weighted_svd(torch.cat(list(matrices)), width, row_scale, col_scaling)
+        return Stored({"b": b}, [{"a": part} for part in a.split(context.spec.rows)], width)
 
     def reconstruct(self, stored: Stored, index: int) -> torch.Tensor:
         return stored.members[index]["a"] @ stored.shared["b"]
@@ -225,8 +108,7 @@ class FWSVD(SVD):
     def scaling(
         self, matrices: Sequence[torch.Tensor], context: FitContext
     ) -> tuple[torch.Tensor | None, Scaling | None]:
-        weights = [_field(context, i, "fisher").sum(1).sqrt() for i in range(len(matrices))]
-        return torch.cat(weights), None
+        return row_weights("fisher", context), None
 
 
 class ActivationOptions(MethodOptions):
@@ -261,17 +143,17 @@ class ASVD(SVD):
         self, matrices: Sequence[torch.Tensor], context: FitContext
     ) -> tuple[torch.Tensor | None, Scaling | None]:
         alpha = self.options.alpha
-        if is_embedding(context):
+        if context.spec.kind == "embedding":
             return count_weights(context, self.options.count_ridge).pow(alpha), None
-        tokens = [member_statistics(context, i).tokens for i in range(len(matrices))]
-        pooled = sum(t * _field(context, i, "abs_mean") for i, t in enumerate(tokens))
+        tokens = [context.member_statistics(i).tokens for i in range(len(matrices))]
+        pooled = sum(t * context.statistic(i, "abs_mean") for i, t in enumerate(tokens))
         mean = torch.as_tensor(pooled) / max(sum(tokens), 1)
         mean = mean.clamp_min(1e-6 * mean.mean().item() + 1e-30)
         return None, Scaling.diagonal(mean.pow(alpha))
 
 
 class WhiteningOptions(ActivationOptions):
-    """`ridge`: added to X^T X relative to its mean diagonal (see `whitening`)."""
+    """`ridge`: added to X^T X relative to its mean diagonal (see linalg.whitening)."""
 
     ridge: float = Field(1e-4, ge=0)
 
@@ -293,24 +175,21 @@ class SVDLLM(SVD):
     def statistics_needed(self) -> set[str]:
         return {"xtx", "counts"}
 
-    def fit(self, matrices: Sequence[torch.Tensor], budget: float, context: FitContext) -> Stored:
-        if len(matrices) > 1:
+    def check(self, spec: GroupSpec) -> None:
+        if spec.count > 1 and spec.kind != "embedding":
             raise AecompressError(
-                f"{context.group}: svdllm whitens each matrix with its own X^T X, so "
-                f"{len(matrices)} stacked layers cannot share its basis: use --method "
+                f"{spec.name}: svdllm whitens each matrix with its own X^T X, so "
+                f"{spec.count} stacked layers cannot share its basis: use --method "
                 "shared-basis (one basis, pooled whitening) or --group none"
             )
-        return super().fit(matrices, budget, context)
-
-    def pooled_xtx(self, count: int, context: FitContext) -> torch.Tensor:
-        return torch.stack([_field(context, i, "xtx") for i in range(count)]).sum(0)
 
     def scaling(
         self, matrices: Sequence[torch.Tensor], context: FitContext
     ) -> tuple[torch.Tensor | None, Scaling | None]:
-        if is_embedding(context):
+        if context.spec.kind == "embedding":
             return count_weights(context, self.options.count_ridge).sqrt(), None
-        factor, inverse = whitening(self.pooled_xtx(len(matrices), context), self.options.ridge)
+        pooled = torch.stack([context.statistic(i, "xtx") for i in range(len(matrices))]).sum(0)
+        factor, inverse = whitening(pooled, self.options.ridge)
         return None, Scaling(factor, inverse)
 
 
@@ -334,11 +213,14 @@ class SharedBasis(SVDLLM):
     Options = SharedBasisOptions
     options: SharedBasisOptions
 
-    def fit(self, matrices: Sequence[torch.Tensor], budget: float, context: FitContext) -> Stored:
-        stored = SVD.fit(self, matrices, budget, context)
-        if self.options.refit and len(matrices) > 1 and not is_embedding(context):
+    def check(self, spec: GroupSpec) -> None:
+        """Any stack is fine."""
+
+    def fit(self, matrices: Sequence[torch.Tensor], width: Width, context: FitContext) -> Stored:
+        stored = super().fit(matrices, width, context)
+        if self.options.refit and len(matrices) > 1 and context.spec.kind != "embedding":
             for index, matrix in enumerate(matrices):
-                factor, _ = whitening(_field(context, index, "xtx"), self.options.ridge)
+                factor, _ = whitening(context.statistic(index, "xtx"), self.options.ridge)
                 gram = factor @ factor.T  # X_i^T X_i + ridge
                 coefficients = refit_coefficients(matrix, stored.shared["b"], gram)
                 stored.members[index]["a"] = coefficients.contiguous()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import tensorly as tl
 import torch
@@ -12,8 +12,16 @@ from pydantic import Field
 from tensorly.decomposition import tucker
 
 from aecompress.errors import AecompressError
-from aecompress.methods.base import FitContext, Method, Stored, register
-from aecompress.methods.refine import RefineOptions, refine
+from aecompress.methods.base import (
+    FitContext,
+    GroupSpec,
+    Method,
+    MethodLayout,
+    Stored,
+    Width,
+    register,
+)
+from aecompress.methods.losses import RefineOptions, refine_factors
 
 ATTENTION_ROWS = ("q", "k", "v")  # [heads * head_dim, in]: heads split the rows
 ATTENTION_COLS = ("o",)  # [hidden, heads * head_dim]: heads split the columns
@@ -113,12 +121,21 @@ def tucker_to_tensor(core: torch.Tensor, factors: Sequence[torch.Tensor]) -> tor
 
 class TuckerOptions(RefineOptions):
     """`heads`: how rows/columns split into heads (auto: q, k, v by rows, o by columns,
-    other families not at all); `head_dim`: the model's head size (64 for SmolLM2, GPT-2,
-    BERT-base; 32 for MiniLM-L6); `iterations`: HOOI iterations of tensorly's tucker."""
+    other families not at all); `head_dim`: head size (default: the model's);
+    `iterations`: HOOI iterations of tensorly's tucker."""
 
     heads: Literal["auto", "rows", "cols", "none"] = "auto"
-    head_dim: int = Field(64, ge=1)
+    head_dim: int | None = Field(None, ge=1)
     iterations: int = Field(10, ge=1)
+
+
+class TuckerLayout(MethodLayout):
+    """The tensor's dims (see tensor_dims), the member count (a layer mode when > 1) and
+    each member's shape."""
+
+    dims: list[int]
+    layers: int
+    shape: tuple[int, int]  # of each member, [rows, cols]
 
 
 @register
@@ -127,51 +144,79 @@ class Tucker(Method):
     head_dim, in] for attention q/k/v, [layers, out, heads, head_dim] for o, [layers, out,
     in] otherwise (no layer mode for a single matrix).
 
-    Stores the core and one factor per mode (all shared by the group); ranks chosen greedily
-    by the modes' singular values within the budget (core + factors counted). Initialised by
-    HOOI (tensorly), refined by the paper's AE loss over the rows with Adam, keeping the best.
-    Served as a decoded dense weight.
+    Stores the core and one factor per mode (all shared by the group); the width is the
+    ranks, chosen greedily by the modes' singular values within the budget (core + factors
+    counted). Initialised by HOOI (tensorly), refined by the paper's AE loss over the rows
+    with Adam, keeping the best. Served as a decoded dense weight.
     """
 
     name = "tucker"
     Options = TuckerOptions
     options: TuckerOptions
+    Layout = TuckerLayout
 
-    def _heads(self, group: str) -> str:
+    def _heads(self, spec: GroupSpec) -> str:
         if self.options.heads != "auto":
             return self.options.heads
-        family = group.split(".")[0]  # group names are FAMILY, FAMILY.LAYER or FAMILY.A-B
-        if family in ATTENTION_ROWS:
+        if spec.family in ATTENTION_ROWS:
             return "rows"
-        return "cols" if family in ATTENTION_COLS else "none"
+        return "cols" if spec.family in ATTENTION_COLS else "none"
 
-    def fit(self, matrices: Sequence[torch.Tensor], budget: float, context: FitContext) -> Stored:
-        count, (rows, cols) = len(matrices), matrices[0].shape
-        heads = self._heads(context.group)
-        dims = tensor_dims(count, rows, cols, heads, self.options.head_dim, context.group)
+    def dims(self, spec: GroupSpec) -> list[int]:
+        heads = self._heads(spec)
+        head_dim = self.options.head_dim or spec.head_dim
+        if heads != "none" and head_dim is None:
+            raise AecompressError(f"{spec.name}: the model has no head size: set head_dim")
+        return tensor_dims(spec.count, spec.rows, spec.cols, heads, head_dim or 1, spec.name)
+
+    def check(self, spec: GroupSpec) -> None:
+        self.dims(spec)
+
+    def cost(self, width: Width, spec: GroupSpec) -> int:
+        assert isinstance(width, tuple)
+        return tucker_cost(self.dims(spec), width)
+
+    def max_width(self, spec: GroupSpec) -> int:
+        return max(self.dims(spec))
+
+    def larger(self, width: Width, spec: GroupSpec) -> list[Width]:
+        assert isinstance(width, tuple)
+        dims = self.dims(spec)
+        grown = [tuple(_step(list(width), mode, 1)) for mode in range(len(dims))]
+        return [ranks for ranks in grown if _valid(dims, ranks)]
+
+    def solve_width(self, matrices: Sequence[torch.Tensor], context: FitContext) -> Width:
+        dims = self.dims(context.spec)
         tensor = torch.stack(list(matrices)).double().reshape(dims)
-        ranks = tucker_ranks(dims, mode_spectra(tensor), budget, context.group)
+        return tuple(tucker_ranks(dims, mode_spectra(tensor), context.budget, context.spec.name))
+
+    def fit(self, matrices: Sequence[torch.Tensor], width: Width, context: FitContext) -> Stored:
+        assert isinstance(width, tuple)
+        spec = context.spec
+        dims = self.dims(spec)
+        tensor = torch.stack(list(matrices)).double().reshape(dims)
         with tl.backend_context("numpy"):
             core, factors = tucker(
-                tensor.numpy(), rank=ranks, n_iter_max=self.options.iterations, init="svd"
+                tensor.numpy(), rank=list(width), n_iter_max=self.options.iterations, init="svd"
             )
         start = [torch.from_numpy(core).float()] + [torch.from_numpy(f).float() for f in factors]
-        refined, losses = refine(
+        refined, losses = refine_factors(
             start,
-            lambda f: tucker_to_tensor(f[0], f[1:]).reshape(count * rows, cols),
+            lambda f: tucker_to_tensor(f[0], f[1:]).reshape(spec.count * spec.rows, spec.cols),
             torch.cat(list(matrices)),
             self.options,
-            desc=f"tucker {context.group}",
+            desc=f"tucker {spec.name}",
             progress=context.progress,
         )
         shared = {"core": refined[0]} | {f"factor{j}": f for j, f in enumerate(refined[1:])}
-        meta: dict[str, Any] = {"dims": dims, "ranks": ranks, "shape": [rows, cols], "heads": heads}
-        meta |= {"layers": count, **losses}
-        return Stored(shared, [{} for _ in range(count)], meta)
+        layout = TuckerLayout(dims=dims, layers=spec.count, shape=(spec.rows, spec.cols))
+        return Stored(shared, [{} for _ in range(spec.count)], width, layout, losses)
 
     def reconstruct(self, stored: Stored, index: int) -> torch.Tensor:
-        factors = [stored.shared[f"factor{j}"] for j in range(len(stored.meta["dims"]))]
-        if stored.meta["layers"] > 1:
+        layout = stored.layout
+        assert isinstance(layout, TuckerLayout)
+        factors = [stored.shared[f"factor{j}"] for j in range(len(layout.dims))]
+        if layout.layers > 1:
             factors[0] = factors[0][index : index + 1]
         tensor = tucker_to_tensor(stored.shared["core"], factors)
-        return tensor.reshape(stored.meta["shape"])
+        return tensor.reshape(layout.shape)

@@ -2,23 +2,24 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
+from aecompress.calibration import TargetStatistics
 from aecompress.errors import AecompressError
 from aecompress.methods import FitContext, make_method
 from aecompress.methods.autoencoder import (
     PAPER_PRESET,
     Autoencoder,
     AutoencoderOptions,
-    row_importance,
     solve_latent_width,
     stored_cost,
-    svd_basis,
 )
+from aecompress.methods.autoencoder.trainer import OutputMetric, starting_bases
+from aecompress.methods.linalg import row_weights, top_right_singular_vectors, whitening
 from aecompress.modules import DecodedEmbedding, DecodedLinear
+from tests.methods.helpers import fit as fit_method
+from tests.methods.helpers import spec_of
 
 QUICK = {"epochs": 2, "batch_size": 64}
 
@@ -29,11 +30,15 @@ def matrices(count: int, rows: int = 40, cols: int = 24, seed: int = 0) -> list[
 
 
 def fit(options: dict, mats: list[torch.Tensor], ratio: float = 3.0, seed: int = 0, **ctx):
-    method = make_method("ae", {**QUICK, **options})
+    method, stored, budget = fit_method(
+        "ae", mats, ratio=ratio, options={**QUICK, **options}, seed=seed, **ctx
+    )
     assert isinstance(method, Autoencoder)
-    budget = len(mats) * mats[0].numel() / ratio
-    stored = method.fit(mats, budget, FitContext("g", seed, progress=False, **ctx))
     return method, stored, budget
+
+
+def svd_basis(rows: torch.Tensor, x: int) -> torch.Tensor:
+    return top_right_singular_vectors(rows, x).float()
 
 
 @pytest.mark.parametrize(
@@ -65,11 +70,11 @@ def test_latent_width_fits_the_budget_and_is_tight(options, rows, cols, ratio):
 def test_stored_numbers_match_the_accounting_and_the_budget():
     mats = matrices(3)
     _, stored, budget = fit({}, mats)
-    x = stored.meta["x"]
+    x = stored.width
     numel = sum(t.numel() for t in stored.tensors().values())
     assert numel == stored_cost(AutoencoderOptions(), 120, 24, x) <= budget
-    assert stored.meta["decoder"] == [x, 2 * x, 4 * x, 24]
-    assert stored.meta["encoder"] == [24, 8 * x, 4 * x, x]
+    assert stored.info["decoder"] == [x, 2 * x, 4 * x, 24]
+    assert stored.info["encoder"] == [24, 8 * x, 4 * x, x]
 
 
 def test_ratio_too_large_is_a_clear_error():
@@ -94,7 +99,7 @@ def test_grouped_codes_split_back_to_their_layers():
     mats = [torch.randn(30, 6, generator=generator) @ basis for _ in range(3)]
     # a linear auto-decoder from the SVD at a mild ratio reproduces every member
     method, stored, _ = fit({"decoder": [], "epochs": 1, "lr": 1e-4}, mats, ratio=1.3)
-    assert [m["codes"].shape for m in stored.members] == [(30, stored.meta["x"])] * 3
+    assert [m["codes"].shape for m in stored.members] == [(30, stored.width)] * 3
     for index, matrix in enumerate(mats):
         rebuilt = method.reconstruct(stored, index)
         own = (rebuilt - matrix).norm() / matrix.norm()
@@ -150,57 +155,61 @@ def test_paper_preset_fills_what_is_not_given():
 
 def test_paper_preset_trains():
     method, stored, _ = fit({"preset": "paper", "epochs": 2}, matrices(1, rows=32, cols=12), 2)
-    assert stored.meta["trainer"] == "autoencoder" and stored.meta["epoch"] in (1, 2)
+    assert method.options.trainer == "autoencoder" and stored.info["epoch"] in (1, 2)
     assert method.reconstruct(stored, 0).shape == (32, 12)
 
 
-def test_row_importance_from_statistics():
+def test_row_weights_from_statistics():
     counts = torch.tensor([0.0, 3.0, 8.0])
     fisher = torch.tensor([[1.0, 3.0], [0.0, 4.0], [2.0, 2.0]])
     grads = torch.tensor([[1.0, -2.0], [0.5, 0.5], [-3.0, 0.0]])
-    stats = [SimpleNamespace(counts=counts, fisher=fisher, l1=grads.abs())] * 2
+    stats = [TargetStatistics(1, counts=counts, fisher=fisher, l1=grads.abs())] * 2
+    mats = [torch.zeros(3, 2)] * 2
+    table = FitContext(spec_of(mats, "embedding"), statistics=stats)
+    linear = FitContext(spec_of(mats), statistics=stats)
+    torch.testing.assert_close(row_weights("counts", table), (counts.double() + 1).sqrt().repeat(2))
     torch.testing.assert_close(
-        row_importance("counts", stats, 3, "g"), (counts.double() + 1).sqrt().repeat(2)
+        row_weights("fisher", linear), torch.tensor([2.0, 2.0, 2.0]).double().repeat(2)
     )
     torch.testing.assert_close(
-        row_importance("fisher", stats, 3, "g"), torch.tensor([2.0, 2.0, 2.0]).double().repeat(2)
+        row_weights("l1", linear), torch.tensor([3.0, 1.0, 3.0]).double().repeat(2)
     )
-    torch.testing.assert_close(
-        row_importance("l1", stats, 3, "g"), torch.tensor([3.0, 1.0, 3.0]).double().repeat(2)
-    )
-    assert row_importance("none", None, 3, "g") is None
-    with pytest.raises(AecompressError, match="'fisher' calibration statistics"):
-        row_importance("fisher", [SimpleNamespace(fisher=None)], 3, "g")
+    with pytest.raises(AecompressError, match="embeddings only"):
+        row_weights("counts", linear)
+    with pytest.raises(AecompressError, match="'fisher' is missing"):
+        row_weights("fisher", FitContext(spec_of(mats[:1]), statistics=[TargetStatistics(1)]))
     with pytest.raises(AecompressError, match="cover 3 rows"):
-        row_importance("counts", stats, 4, "g")
+        row_weights(
+            "counts", FitContext(spec_of([torch.zeros(4, 2)] * 2, "embedding"), statistics=stats)
+        )
 
 
 def test_row_weights_steer_the_fit():
     mats = matrices(1, rows=64, cols=16, seed=2)
     counts = torch.zeros(64)
     counts[:8] = 1e6  # eight very frequent rows
-    stats = [SimpleNamespace(counts=counts)]
+    stats = [TargetStatistics(1, counts=counts)]
     options = {"decoder": [], "epochs": 3, "row_weights": "counts", "row_weight_power": 2}
-    method, weighted, _ = fit(options, mats, ratio=1.4, statistics=stats)
+    method, weighted, _ = fit(options, mats, ratio=1.4, statistics=stats, kind="embedding")
     plain_options = {"decoder": [], "epochs": 3, "row_weights": "none"}
-    plain_method, plain, _ = fit(plain_options, mats, ratio=1.4)
+    plain_method, plain, _ = fit(plain_options, mats, ratio=1.4, kind="embedding")
 
     def error(m, s):
         return (m.reconstruct(s, 0)[:8] - mats[0][:8]).norm()
 
-    assert weighted.meta["x"] == 8
+    assert weighted.width == 8
     assert error(method, weighted) < 0.2 * error(plain_method, plain)
     assert method.statistics_needed() == {"counts"}
     assert plain_method.statistics_needed() == set()
 
 
-def test_auto_row_weights_use_counts_where_there_are_some():
+def test_auto_row_weights_are_counts_for_embeddings_only():
     mats = matrices(1)
-    stats = [SimpleNamespace(counts=torch.arange(40.0))]
-    _, with_counts, _ = fit({}, mats, statistics=stats)
-    assert with_counts.meta["row_weights"] == "counts"
-    _, without, _ = fit({}, mats, statistics=[SimpleNamespace(counts=None)])
-    assert without.meta["row_weights"] == "none"
+    stats = [TargetStatistics(1, counts=torch.arange(40.0))]
+    _, with_counts, _ = fit({}, mats, statistics=stats, kind="embedding")
+    assert with_counts.info["row_weights"] == "counts"
+    _, without, _ = fit({}, mats, statistics=stats)
+    assert without.info["row_weights"] == "none"
     assert make_method("ae", {}).statistics_needed() == {"counts"}
 
 
@@ -208,17 +217,17 @@ def test_skip_decoder_starts_at_the_svd_and_counts_its_path():
     mats = matrices(2)
     options = {"skip": True, "epochs": 1, "lr": 1e-12, "schedule": "constant"}
     method, stored, budget = fit({**options, "norm": False}, mats)
-    x = stored.meta["x"]
-    assert stored.shared["skip"].shape == (24, x) and stored.meta["skip"]
+    x = stored.width
+    assert stored.shared["skip"].shape == (24, x) and stored.info["skip"]
     numel = sum(t.numel() for t in stored.tensors().values())
     assert numel == stored_cost(AutoencoderOptions(skip=True, norm=False), 80, 24, x) <= budget
-    basis = svd_basis(torch.cat(mats), x, None)  # the MLP starts at zero: W V V^T
+    basis = svd_basis(torch.cat(mats), x)  # the MLP starts at zero: W V V^T
     torch.testing.assert_close(method.reconstruct(stored, 1), mats[1] @ basis @ basis.T)
 
 
 def test_missing_statistics_are_a_clear_error():
-    with pytest.raises(AecompressError, match="'counts' calibration statistics"):
-        fit({"row_weights": "counts"}, matrices(1))
+    with pytest.raises(AecompressError, match="needs calibration statistics"):
+        fit({"row_weights": "counts"}, matrices(1), kind="embedding")
 
 
 def test_validation_selection_uses_the_callback_and_never_needs_it_otherwise():
@@ -232,7 +241,7 @@ def test_validation_selection_uses_the_callback_and_never_needs_it_otherwise():
     options = {"epochs": 3, "selection": "validation", "select_from": 0}
     _, stored, _ = fit(options, mats, validate=validate)
     assert len(calls) == 4 and [d.shape for d in calls[0]] == [(40, 24), (40, 24)]
-    assert stored.meta["epoch"] == 2 and stored.meta["selection_value"] == 1.0
+    assert stored.info["epoch"] == 2 and stored.info["selection_value"] == 1.0
     with pytest.raises(AecompressError, match="validation metric"):
         fit({"selection": "validation"}, mats)
 
@@ -242,8 +251,8 @@ def test_training_keeps_its_start_when_no_epoch_beats_it():
     scores = iter([1.0, 3.0, 2.0])
     options = {"epochs": 2, "selection": "validation", "select_from": 0, "norm": False}
     method, stored, _ = fit(options, mats, validate=lambda decoded: next(scores))
-    assert stored.meta["epoch"] == 0
-    basis = svd_basis(torch.cat(mats), stored.meta["x"], None)  # the start: W V V^T
+    assert stored.info["epoch"] == 0
+    basis = svd_basis(torch.cat(mats), stored.width)  # the start: W V V^T
     torch.testing.assert_close(method.reconstruct(stored, 0), mats[0] @ basis @ basis.T)
 
 
@@ -256,17 +265,17 @@ def test_selection_skips_early_epochs_and_keeps_the_best():
 
     options = {"epochs": 6, "selection": "validation", "select_from": 0.5}
     _, stored, _ = fit(options, matrices(1), validate=validate)
-    assert len(calls) == 4 and stored.meta["epoch"] == 5  # the start, epochs 4, 5, 6 scored
+    assert len(calls) == 4 and stored.info["epoch"] == 5  # the start, epochs 4, 5, 6 scored
     _, last, _ = fit({"epochs": 3, "selection": "last"}, matrices(1))
-    assert last.meta["epoch"] == 3 and last.meta["selection_value"] == 0.0
+    assert last.info["epoch"] == 3 and last.info["selection_value"] == 0.0
 
 
 def test_runtime_modules_decode_like_reconstruct():
     mats = matrices(2)
     method, stored, _ = fit({"runtime": "decoder"}, mats)
     stored = stored.as_parameters()
-    normed = make_method("ae", {**QUICK, "norm": True, "runtime": "decoder"})
-    normed_stored = normed.fit(mats, 640, FitContext("g", progress=False)).as_parameters()
+    normed, normed_stored, _ = fit({"norm": True, "runtime": "decoder"}, mats)
+    normed_stored = normed_stored.as_parameters()
     assert "norms" in normed.linear(normed_stored, 0, None).stored_names
     first = method.linear(stored, 0, None)
     second = method.linear(stored, 1, None)
@@ -286,18 +295,15 @@ def test_runtime_modules_decode_like_reconstruct():
 
 def test_data_aware_ae_starts_at_svdllm_and_lowers_the_output_error():
     """ae-data minimises ||(W - W_hat) L||: never worse than SVD-LLM at the same width."""
-    from aecompress.calibration import TargetStatistics
-    from aecompress.methods.svd import whitening
-
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(48, 16, generator=generator)
     inputs = torch.randn(400, 16, generator=generator) * torch.linspace(0.1, 3, 16)
     xtx = (inputs.T @ inputs).double()
     stats = [TargetStatistics(tokens=400, xtx=xtx)]
-    method = make_method("ae-data", {"epochs": 30, "threads": 1})
-    context = FitContext("g", statistics=stats, progress=False)
-    stored = method.fit([weight], 48 * 16 / 1.5, context)
-    x = stored.meta["x"]
+    method, stored, _ = fit_method(
+        "ae-data", [weight], ratio=1.5, options={"epochs": 30, "threads": 1}, statistics=stats
+    )
+    x = stored.width
     factor, _ = whitening(xtx / 400, 1e-4)
     factor = factor.float()
 
@@ -311,10 +317,6 @@ def test_data_aware_ae_starts_at_svdllm_and_lowers_the_output_error():
 
 def test_data_aware_ae_measures_each_layer_of_a_stack_in_its_own_inputs():
     """A stack shares the decoder, but layer i's codes minimise ||(W_i - W_hat_i) X_i^T||."""
-    from aecompress.calibration import TargetStatistics
-    from aecompress.methods.autoencoder import whitened_svd_bases
-    from aecompress.methods.svd import whitening
-
     generator = torch.Generator().manual_seed(0)
     weights = [torch.randn(48, 16, generator=generator) for _ in range(2)]
     scales = [torch.linspace(0.1, 3, 16), torch.linspace(3, 0.1, 16)]  # opposite channels
@@ -323,11 +325,12 @@ def test_data_aware_ae_measures_each_layer_of_a_stack_in_its_own_inputs():
     ]
     stats = [TargetStatistics(tokens=400, xtx=m) for m in moments]
     frozen = {"epochs": 1, "lr": 1e-12, "schedule": "constant", "decoder": [], "encoder": []}
-    method = make_method("ae-data", frozen)
-    stored = method.fit(weights, 2 * 48 * 16 / 2, FitContext("g", statistics=stats))
+    method, stored, _ = fit_method("ae-data", weights, ratio=2, options=frozen, statistics=stats)
     factors = [whitening(m / 400, 1e-4)[0].float() for m in moments]
     pooled = whitening((moments[0] + moments[1]) / 800, 1e-4)
-    basis, decode = whitened_svd_bases(torch.cat(weights), stored.meta["x"], *pooled)
+    basis, decode = starting_bases(
+        torch.cat(weights), stored.width, OutputMetric(factors, pooled), None
+    )
     for index, (weight, factor) in enumerate(zip(weights, factors, strict=True)):
         estimate = method.reconstruct(stored, index)
         residual = (weight - estimate) @ factor @ factor.T @ decode  # normal equations

@@ -1,0 +1,158 @@
+"""Options of the AE methods (presets `fast` and `paper`) and their budget arithmetic.
+
+Stored for a group of stacked rows [N, m] at latent width x: the codes N*x, the decoder's
+weights and biases (hidden widths multiples of x, or absolute), the skip path x*m beside
+a non-linear decoder, and the N row norms with norm enforcement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import pairwise
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from aecompress.budget import solve_width
+from aecompress.methods.base import MethodOptions
+from aecompress.methods.losses import LossConfig
+from aecompress.modules import DecoderSpec
+
+# The reference implementation's settings (PAPER.md), selected by `preset: paper`.
+PAPER_PRESET: dict[str, Any] = {
+    "trainer": "autoencoder",
+    "init": "random",
+    "encoder": [8, 4],
+    "decoder": [2, 4],
+    "epochs": 30,
+    "batch_size": 16,
+    "lr": 1e-3,
+    "schedule": "step",
+    "step_size": 10,
+    "gamma": 0.8,
+    "norm": True,
+    "skip": False,
+    "row_weights": "none",
+    "row_weight_power": 1.0,
+    "select_from": 0.0,
+}
+PRESETS: dict[str, dict[str, Any]] = {"fast": {}, "paper": PAPER_PRESET}
+
+
+class AutoencoderOptions(MethodOptions):
+    """Options of `--method ae`. Field defaults are the `fast` preset; `preset: paper`
+    replaces every option not given explicitly by the paper's value (PAPER_PRESET)."""
+
+    preset: Literal["fast", "paper"] = "fast"
+    # Architecture. Hidden sizes (empty list: a single Linear, no activation = linear).
+    encoder: list[float] = Field(default_factory=lambda: [8.0, 4.0])
+    decoder: list[float] = Field(default_factory=lambda: [2.0, 4.0])
+    sizes: Literal["relative", "absolute"] = "relative"  # hidden sizes: multiples of x or not
+    activation: Literal["leaky_relu", "relu", "gelu", "silu", "tanh"] = "leaky_relu"
+    negative_slope: float = Field(0.01, ge=0)
+    output: Literal["tanh", "none"] = "tanh"  # after a non-linear decoder's last layer
+    # Norm enforcement: store the row norms, rescale decoded rows to them (the paper's
+    # default; with row weights it measured worse on MiniLM embeddings, so off here).
+    norm: bool = False
+    # A linear path from code to row beside a non-linear decoder (costs x*m; ignored for a
+    # linear decoder). With init: svd it starts the decoder at the row-weighted SVD.
+    skip: bool = True
+    # Training.
+    trainer: Literal["autoencoder", "autodecoder"] = "autodecoder"
+    init: Literal["random", "svd"] = "svd"
+    epochs: int = Field(25, ge=1)
+    batch_size: int = Field(1024, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    schedule: Literal["step", "onecycle", "constant"] = "onecycle"
+    step_size: int = Field(10, ge=1)  # StepLR, in epochs
+    gamma: float = Field(0.8, gt=0)
+    loss: LossConfig = Field(default_factory=lambda: LossConfig.model_validate({}))
+    # Threads for the fit (None: torch's setting). The fit's matmuls are small: one thread
+    # is about as fast, and far faster when other processes share the cores.
+    threads: int | None = Field(1, ge=1)
+    # Row importance: calibration token counts (embeddings), Fisher or L1 sensitivity;
+    # auto = token counts for embeddings, uniform for other matrices. The loss weights
+    # are c ** row_weight_power (2: the weighted squared error of the row-weighted SVD).
+    row_weights: Literal["auto", "none", "counts", "fisher", "l1"] = "auto"
+    row_weight_power: float = Field(2.0, ge=0)
+    # Epoch selection: reconstruction loss on the weights, the model's validation metric
+    # (context.validate, never the reported split), or simply the last epoch.
+    selection: Literal["reconstruction", "validation", "last"] = "reconstruction"
+    validate_every: int = Field(1, ge=1)
+    # Epochs before this fraction of training are not candidates (their signal is not
+    # computed): with a one-cycle schedule the early epochs are never the best.
+    select_from: float = Field(0.5, ge=0, lt=1)
+    # Run time: decode once into a dense weight, or keep codes + decoder in the module.
+    runtime: Literal["dense", "decoder"] = "dense"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") in PRESETS:
+            return {**PRESETS[data["preset"]], **data}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> AutoencoderOptions:
+        for side in ("encoder", "decoder"):
+            sizes = getattr(self, side)
+            if any(not s > 0 for s in sizes):
+                raise ValueError(f"{side} hidden sizes must be positive (got {sizes})")
+            if self.sizes == "absolute" and any(s != int(s) for s in sizes):
+                raise ValueError(f"absolute {side} hidden sizes must be whole (got {sizes})")
+        if self.trainer == "autoencoder" and self.init == "svd" and (self.encoder or self.decoder):
+            raise ValueError("init: svd needs a linear autoencoder (encoder: [], decoder: [])")
+        return self
+
+    @property
+    def has_skip(self) -> bool:
+        """A linear path beside a non-linear decoder (a linear decoder is its own path)."""
+        return self.skip and bool(self.decoder)
+
+    def spec(self) -> DecoderSpec:
+        return DecoderSpec(self.activation, self.negative_slope, self.output, self.norm)
+
+
+class DataAwareOptions(AutoencoderOptions):
+    """`ae` options, defaults changed: the loss is the (whitened) squared error alone, which
+    is what the output error is; `ridge` is SVD-LLM's (relative to X^T X's mean diagonal)."""
+
+    loss: LossConfig = Field(
+        default_factory=lambda: LossConfig.model_validate({"cosine_weight": 0, "rmse_weight": 1})
+    )
+    ridge: float = Field(1e-4, ge=0)
+
+
+def hidden_widths(sizes: Sequence[float], x: int, mode: str) -> list[int]:
+    """Hidden layer widths: multiples of x (rounded, at least 1) or absolute."""
+    if mode == "absolute":
+        return [int(s) for s in sizes]
+    return [max(1, round(s * x)) for s in sizes]
+
+
+def decoder_widths(options: AutoencoderOptions, x: int, cols: int) -> list[int]:
+    """Widths of the decoder from code to row: [x, hidden..., cols]."""
+    return [x, *hidden_widths(options.decoder, x, options.sizes), cols]
+
+
+def encoder_widths(options: AutoencoderOptions, x: int, cols: int) -> list[int]:
+    return [cols, *hidden_widths(options.encoder, x, options.sizes), x]
+
+
+def layers_numel(widths: Sequence[int]) -> int:
+    """Weights and biases of a stack of Linear layers with these widths."""
+    return sum(a * b + b for a, b in pairwise(widths))
+
+
+def stored_cost(options: AutoencoderOptions, rows: int, cols: int, x: int) -> int:
+    """Numbers stored for `rows` stacked rows of width `cols` at latent width x."""
+    norms = rows if options.norm else 0
+    skip = x * cols if options.has_skip else 0
+    return rows * x + layers_numel(decoder_widths(options, x, cols)) + skip + norms
+
+
+def solve_latent_width(
+    options: AutoencoderOptions, rows: int, cols: int, budget: float, group: str
+) -> int:
+    """The largest x in [1, cols] whose codes + decoder + norms fit `budget`."""
+    return solve_width(lambda x: stored_cost(options, rows, cols, x), budget, cols, group)

@@ -1,0 +1,183 @@
+"""Linear algebra the methods share: weighted truncated SVD, whitening, least-squares refits,
+and per-row importance weights from calibration statistics.
+
+A weighted SVD scales the matrix, truncates, and unscales. A row scaling never needs
+inverting: with D M S = U S V^T, the optimum of ||D (M - M_hat) S||_F at rank r is
+M_hat = M S V_r V_r^T S^-1, i.e. A = M (S V_r) and B = V_r^T S^-1. Only the column scaling
+S must be invertible.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from aecompress.errors import AecompressError
+from aecompress.methods.base import FitContext
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """An invertible right scaling S of a matrix's columns and its inverse (float64).
+
+    A vector stands for a diagonal matrix (ASVD), a square matrix is applied as M @ S
+    (the whitening factor of SVD-LLM).
+    """
+
+    forward: torch.Tensor
+    inverse: torch.Tensor
+
+    @classmethod
+    def diagonal(cls, scale: torch.Tensor) -> Scaling:
+        scale = scale.double()
+        return cls(scale, 1 / scale)
+
+    @staticmethod
+    def _apply(matrix: torch.Tensor, by: torch.Tensor) -> torch.Tensor:
+        return matrix * by if by.dim() == 1 else matrix @ by
+
+    def apply(self, matrix: torch.Tensor) -> torch.Tensor:
+        return self._apply(matrix, self.forward)
+
+    def undo(self, matrix: torch.Tensor) -> torch.Tensor:
+        return self._apply(matrix, self.inverse)
+
+    def left(self, matrix: torch.Tensor) -> torch.Tensor:
+        """S @ matrix."""
+        return self.forward[:, None] * matrix if self.forward.dim() == 1 else self.forward @ matrix
+
+
+def top_right_singular_vectors(matrix: torch.Tensor, rank: int) -> torch.Tensor:
+    """The top-`rank` right singular vectors [m, rank] of `matrix`, float64 (from the m x m
+    Gram matrix when the matrix is tall, which is much faster)."""
+    matrix = matrix.double()
+    if matrix.shape[0] >= matrix.shape[1]:
+        _, vectors = torch.linalg.eigh(matrix.T @ matrix)
+        return vectors.flip(1)[:, :rank].contiguous()
+    _, _, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return vh[:rank].T.contiguous()
+
+
+def weighted_bases(
+    matrix: torch.Tensor,
+    rank: int,
+    rows: torch.Tensor | None = None,
+    cols: Scaling | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encode [m, r] and decode [r, m] bases of the rank-r optimum of
+    ||diag(rows) (M - M_hat) S||_F: M_hat = (M @ encode) @ decode, float64.
+
+    encode = S V_r and decode = V_r^T S^-1, V_r the top right singular vectors of
+    diag(rows) M S. `rows` are non-negative row weights, `cols` an invertible column
+    scaling; None means no scaling on that side.
+    """
+    scaled = matrix.double()
+    if cols is not None:
+        scaled = cols.apply(scaled)
+    weighted = scaled if rows is None else scaled * rows.double()[:, None]
+    vectors = top_right_singular_vectors(weighted, rank)
+    encode = vectors if cols is None else cols.left(vectors)
+    decode = vectors.T if cols is None else cols.undo(vectors.T)
+    return encode, decode
+
+
+def weighted_svd(
+    matrix: torch.Tensor,
+    rank: int,
+    rows: torch.Tensor | None = None,
+    cols: Scaling | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-`rank` factors A [N, r], B [r, m] minimising ||diag(rows) (M - A B) S||_F
+    (see weighted_bases), in the matrix's dtype."""
+    encode, decode = weighted_bases(matrix, rank, rows, cols)
+    return (matrix.double() @ encode).to(matrix.dtype), decode.to(matrix.dtype)
+
+
+def truncated_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-`rank` factors (A = U_r S_r, B = V_r^T) of `matrix` in Frobenius norm."""
+    return weighted_svd(matrix, rank)
+
+
+def whitening(xtx: torch.Tensor, ridge: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+    """L (lower triangular) with L L^T = X^T X + lambda I, and L^-1, both float64.
+
+    lambda = ridge * trace(X^T X) / in (relative to the mean input energy). When the
+    Cholesky factorisation still fails (X^T X singular or not quite PSD numerically),
+    lambda grows tenfold until it succeeds. An all-zero X^T X (an input never seen) gives
+    the identity. Then ||(W - W_hat) L||_F^2 = ||(W - W_hat) X^T||_F^2 + lambda ||W - W_hat||_F^2.
+    """
+    xtx = xtx.double()
+    if not torch.isfinite(xtx).all():
+        raise AecompressError("X^T X has NaN or infinite entries: cannot whiten")
+    size = xtx.shape[0]
+    eye = torch.eye(size, dtype=torch.float64)
+    mean = (torch.trace(xtx) / size).item()
+    if mean <= 0:
+        logger.warning("X^T X is zero (input never seen): whitening with the identity")
+        return eye, eye
+    symmetric = (xtx + xtx.T) / 2
+    shift = ridge * mean
+    while True:
+        factor, info = torch.linalg.cholesky_ex(symmetric + shift * eye)
+        if info.item() == 0:
+            break
+        if shift > mean:  # cannot happen for a PSD input; guards against a bad one
+            raise AecompressError("X^T X is not positive semi-definite: cannot whiten")
+        shift = max(10 * shift, 1e-10 * mean)
+        logger.warning("X^T X is singular: ridge raised to %.1e of its mean diagonal", shift / mean)
+    inverse = torch.linalg.solve_triangular(factor, eye, upper=False)
+    return factor, inverse
+
+
+def refit_coefficients(
+    matrix: torch.Tensor, basis: torch.Tensor, gram: torch.Tensor
+) -> torch.Tensor:
+    """A [n, r] minimising ||(W - A B) L||_F given the basis B [r, m], gram = L L^T.
+
+    The normal equations A (B G B^T) = W G B^T, solved in float64 (the output error of
+    one layer's inputs for a basis chosen on other data, e.g. a stack of layers).
+    """
+    basis, gram = basis.double(), gram.double()
+    projected = basis @ gram  # [r, m]
+    normal = projected @ basis.T  # B G B^T, [r, r]
+    return torch.linalg.solve(normal, projected @ matrix.double().T).T.to(matrix.dtype)
+
+
+ROW_WEIGHTS = ("counts", "fisher", "l1")
+
+
+def row_weights(kind: str, context: FitContext) -> torch.Tensor:
+    """Per-row importance c_i of every member, concatenated in stacking order (float64).
+
+    counts: sqrt(count + 1) of each token in calibration text (embedding rows);
+    fisher: sqrt(sum_j F_ij), F the summed squared gradients of the LM loss;
+    l1: sum_j |g_ij|, the summed absolute gradients.
+    """
+    spec = context.spec
+    if kind == "counts" and spec.kind != "embedding":
+        raise AecompressError(
+            f"{spec.name}: row weights 'counts' exist for embeddings only (token counts)"
+        )
+    parts = []
+    for index in range(spec.count):
+        value = context.statistic(index, kind)
+        if kind == "counts":
+            weight = (value + 1).sqrt()
+        elif kind == "fisher":
+            weight = value.sum(dim=1).clamp_min(0).sqrt()
+        else:
+            weight = value.abs().sum(dim=1)
+        if weight.shape != (spec.rows,):
+            raise AecompressError(
+                f"{spec.name}: '{kind}' statistics of member {index} cover {weight.shape[0]} "
+                f"rows, the matrix has {spec.rows}"
+            )
+        parts.append(weight)
+    weights = torch.cat(parts)
+    if not torch.isfinite(weights).all() or not (weights > 0).any():
+        raise AecompressError(f"{spec.name}: '{kind}' row weights are not finite and positive")
+    return weights

@@ -1,0 +1,145 @@
+"""Budget allocation: each group's own ratio under the recipe's total budget, chosen from
+calibration data alone.
+
+Each layer group is fitted at a few sizes around the uniform one (multiples in
+CANDIDATES of its uniform budget) on the dense model's statistics, and each fit is scored
+by the loss increase it predicts,
+
+    e = sum_i s_i ((W - W_hat) H (W - W_hat)^T)_ii,
+
+with H = X^T X of the layer's calibration inputs and s_i the summed squared gradient of
+the LM loss with respect to output i (a Gauss-Newton estimate: an output error weighs what
+the loss reacts to it, so layers compare on one scale). The sizes minimising the summed
+score within the total budget are chosen by a Lagrangian sweep, the leftover filled
+greedily. Embedding groups keep the uniform ratio. A method whose fits are slow (the AE)
+is scored through its cheaper starting point (Method.allocation_proxy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from aecompress.calibration import CalibrationConfig, TargetStatistics, cached_statistics
+from aecompress.errors import AecompressError
+from aecompress.methods import FitContext
+from aecompress.pipeline.plan import PlannedGroup, finite_matrices
+
+CANDIDATES = (0.5, 0.65, 0.8, 1.0, 1.2, 1.4, 1.6)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One candidate size of a group: its budget and predicted loss increase."""
+
+    budget: float
+    score: float
+
+
+def predicted_increase(
+    matrices: list[torch.Tensor], estimates: list[torch.Tensor], stats: list[TargetStatistics]
+) -> float:
+    """sum over members and outputs of s_i ((W - W_hat) H (W - W_hat)^T)_ii."""
+    total = 0.0
+    for weight, estimate, entry in zip(matrices, estimates, stats, strict=True):
+        assert entry.xtx is not None and entry.out_fisher is not None
+        error = (weight - estimate).double()
+        per_output = ((error @ entry.xtx.double()) * error).sum(1)
+        total += float((entry.out_fisher.double() * per_output).sum())
+    return total
+
+
+def candidate_options(
+    plan: PlannedGroup, matrices: list[torch.Tensor], stats: list[TargetStatistics], seed: int
+) -> list[Option]:
+    """The group's candidate sizes that fit (ratio > 1), each fitted and scored."""
+    method = plan.method.allocation_proxy()
+    options = []
+    for multiple in CANDIDATES:
+        budget = plan.budget * multiple
+        if budget >= plan.spec.numel:
+            continue
+        context = FitContext(plan.spec, budget, seed, stats, progress=False)
+        try:
+            width = method.solve_width(matrices, context)
+        except AecompressError:  # too small for this method
+            continue
+        stored = method.fit(matrices, width, context)
+        with torch.no_grad():
+            estimates = [method.reconstruct(stored, i) for i in range(plan.spec.count)]
+        options.append(Option(budget, predicted_increase(matrices, estimates, stats)))
+    if not options:
+        raise AecompressError(f"{plan.spec.name}: no candidate size fits for allocation")
+    return options
+
+
+def choose(options: list[list[Option]], total: float) -> list[Option]:
+    """One option per group minimising the summed score with summed budgets <= total:
+    the cheapest Lagrangian choice that fits, then the best upgrades the rest affords."""
+
+    def pick(weight: float) -> list[Option]:
+        return [min(group, key=lambda o: o.score + weight * o.budget) for group in options]
+
+    low, high = 0.0, 1.0
+    while sum(o.budget for o in pick(high)) > total:
+        high *= 4
+        if high > 1e30:
+            raise AecompressError("allocation: even the smallest sizes exceed the budget")
+    for _ in range(60):
+        middle = (low + high) / 2
+        low, high = (
+            (low, middle) if sum(o.budget for o in pick(middle)) <= total else (middle, high)
+        )
+    chosen = pick(high)
+    while True:
+        spare = total - sum(o.budget for o in chosen)
+        upgrades = [
+            ((chosen[g].score - o.score) / (o.budget - chosen[g].budget), g, o)
+            for g, group in enumerate(options)
+            for o in group
+            if chosen[g].budget < o.budget <= chosen[g].budget + spare and o.score < chosen[g].score
+        ]
+        if not upgrades:
+            return chosen
+        _, index, option = max(upgrades, key=lambda u: u[0])
+        chosen[index] = option
+
+
+def allocate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase | None,
+    planned: list[PlannedGroup],
+    *,
+    calibration: CalibrationConfig,
+    base_sha256: str,
+    seed: int,
+    progress: bool = True,
+) -> list[PlannedGroup]:
+    """The planned groups with budgets re-allocated by predicted loss (module docstring)."""
+    layers = [p for p in planned if p.spec.kind == "linear"]
+    if not layers:
+        return planned
+    targets = [t for p in layers for t in p.group.members]
+    stats = cached_statistics(
+        model,
+        tokenizer,
+        targets,
+        {"xtx", "out_fisher"},
+        calibration,
+        base_sha256,
+        progress=progress,
+    )
+    options = []
+    for plan in tqdm(layers, desc="allocate", disable=not progress):
+        members = plan.group.members
+        options.append(
+            candidate_options(
+                plan, finite_matrices(model, members), [stats[t.name] for t in members], seed
+            )
+        )
+    chosen = choose(options, sum(p.budget for p in layers))
+    budgets = {id(p): o.budget for p, o in zip(layers, chosen, strict=True)}
+    return [p.with_budget(budgets[id(p)]) if id(p) in budgets else p for p in planned]

@@ -1,0 +1,160 @@
+"""Planning a compression: which method fits which group, within which budget; and the
+one function that fits a planned group and checks what it stored."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from aecompress.artifact import CompressedGroup
+from aecompress.calibration import TargetStatistics
+from aecompress.errors import AecompressError
+from aecompress.evaluation.validation import validation_metric
+from aecompress.methods import FitContext, GroupSpec, Method, make_method
+from aecompress.recipe import Recipe
+from aecompress.targets import (
+    Group,
+    Target,
+    group_targets,
+    head_dim,
+    resolve_targets,
+    weight_matrix,
+)
+
+
+@dataclass(frozen=True)
+class PlannedGroup:
+    """A group of targets, the method that will fit it, and its budget of stored numbers."""
+
+    group: Group
+    method: Method
+    spec: GroupSpec
+    budget: float
+
+    @property
+    def ratio(self) -> float:
+        return self.spec.numel / self.budget
+
+    def with_budget(self, budget: float) -> PlannedGroup:
+        return replace(self, budget=budget)
+
+
+def group_spec(model: nn.Module, group: Group, head: int | None) -> GroupSpec:
+    rows, cols = weight_matrix(model, group.members[0]).shape
+    embedding = group.members[0].kind == "embedding"
+    return GroupSpec(
+        group.name,
+        group.family,
+        "embedding" if embedding else "linear",
+        len(group.members),
+        rows,
+        cols,
+        head,
+    )
+
+
+def plan_groups(model: PreTrainedModel, recipe: Recipe) -> list[PlannedGroup]:
+    """Every group of the recipe with its method and the recipe's ratio; each method checks
+    its groups here, before any calibration or fitting work."""
+    planned: list[PlannedGroup] = []
+    claimed: dict[str, str] = {}
+    head = head_dim(model)
+    for rule in recipe.rules():
+        method = make_method(rule.method, rule.options)
+        targets = resolve_targets(model, rule.targets)
+        for target in targets:
+            if target.name in claimed:
+                raise AecompressError(
+                    f"{target.name} is a target of both {claimed[target.name]} and {rule.method}"
+                )
+            claimed[target.name] = rule.method
+        for group in group_targets(model, targets, recipe.group):
+            spec = group_spec(model, group, head)
+            method.check(spec)
+            planned.append(PlannedGroup(group, method, spec, spec.numel / recipe.ratio))
+    return planned
+
+
+def finite_matrices(model: nn.Module, targets: Sequence[Target]) -> list[torch.Tensor]:
+    """Copies of the targets' weights ([out, in], float32), refused if not finite."""
+    matrices = [weight_matrix(model, t).float().clone() for t in targets]
+    for target, matrix in zip(targets, matrices, strict=True):
+        if not torch.isfinite(matrix).all():
+            raise AecompressError(
+                f"{target.name} has NaN or infinite weights: refusing to compress"
+            )
+    return matrices
+
+
+def fit_group(
+    planned: PlannedGroup,
+    matrices: list[torch.Tensor],
+    statistics: Sequence[TargetStatistics] | None,
+    *,
+    seed: int,
+    validate: Callable[[list[torch.Tensor]], float] | None = None,
+    progress: bool = True,
+) -> CompressedGroup:
+    """Fit the planned method on `matrices` (the group's, or targets standing in for them),
+    and check that it stored what its width costs, within budget, all finite."""
+    method, spec = planned.method, planned.spec
+    context = FitContext(spec, planned.budget, seed, statistics, validate, progress)
+    width = method.solve_width(matrices, context)
+    stored = method.fit(matrices, width, context).as_parameters()
+    fitted = CompressedGroup(planned.group, method, stored, (spec.rows, spec.cols))
+    declared = method.cost(stored.width, spec)
+    if fitted.stored_numel != declared or declared > planned.budget:
+        raise RuntimeError(
+            f"method {method.name} stored {fitted.stored_numel} numbers for {spec.name} "
+            f"(its width costs {declared}; budget {planned.budget:.0f})"
+        )
+    for name, tensor in stored.tensors().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise AecompressError(
+                f"{method.name} produced non-finite values for {spec.name} ({name}): "
+                "not saving them"
+            )
+    return fitted
+
+
+@contextmanager
+def swapped_weights(
+    model: nn.Module, targets: Sequence[Target], matrices: Sequence[torch.Tensor]
+) -> Iterator[None]:
+    """Temporarily put dense `matrices` ([out, in]) in place of the targets' weights."""
+    live = [weight_matrix(model, t) for t in targets]
+    for target, weight, matrix in zip(targets, live, matrices, strict=True):
+        if weight.shape != matrix.shape:
+            raise ValueError(f"{target.name}: got {tuple(matrix.shape)}, is {tuple(weight.shape)}")
+    saved = [w.clone() for w in live]
+    try:
+        with torch.no_grad():
+            for weight, matrix in zip(live, matrices, strict=True):
+                weight.copy_(matrix)
+        yield
+    finally:
+        with torch.no_grad():
+            for weight, original in zip(live, saved, strict=True):
+                weight.copy_(original)
+
+
+def make_validate(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, group: Group
+) -> Callable[[list[torch.Tensor]], float]:
+    """context.validate for a group: the validation metric with the group's matrices
+    replaced by the given dense ones (prepared on first use, so unused it costs nothing)."""
+    metric: Callable[[], float] | None = None
+
+    def validate(matrices: list[torch.Tensor]) -> float:
+        nonlocal metric
+        if metric is None:
+            metric = validation_metric(model, tokenizer)
+        with swapped_weights(model, group.members, matrices):
+            return metric()
+
+    return validate

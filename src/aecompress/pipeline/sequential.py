@@ -1,0 +1,365 @@
+"""The sequential pipeline: blocks compressed in order, each on the inputs that the blocks
+before it produce as already compressed, and fitted to what the dense model computes.
+
+Two hidden-state streams run over the calibration windows side by side: the compressed
+one (blocks 0..i-1 as compressed) and the dense one (the original model). Targets outside
+the blocks (token embeddings and a tied head) are fitted first, on dense statistics.
+Then each stage (one block, or the adjacent blocks a stacked group spans) is processed
+position by position in its forward order (q, k, v; o; up, gate; down): one pass of both
+streams up to that position collects, per target, the compressed-stream Gram
+H = X_c^T X_c and the cross moment C = X_d^T X_c, the groups at that position are fitted
+and swapped in, and the next position sees their outputs. A method that measures output
+error (it asks for `xtx`) fits the compensated target
+
+    W' = W (C + lambda I) (H + lambda I)^-1
+
+with X^T X = H + lambda I: minimising its ||(W' - W_hat) L||, L L^T = H + lambda I, is
+minimising ||X_c W_hat^T - X_d W^T||^2 + lambda ||W_hat - W||^2, i.e. the error against the
+dense layer's output on the dense stream, including what the blocks before lost (lambda =
+`damp` times the mean diagonal of H). Other methods fit the weights as they are. After a
+stage, optional block refinement trains its stored tensors on the stage's output error
+(pipeline/refine.py); then both streams move past it and its statistics are freed, so the
+working set is one stage's statistics and the two streams' hidden states.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from aecompress.artifact import CompressedGroup
+from aecompress.calibration import (
+    GRADIENT_STATISTICS,
+    CalibrationConfig,
+    TargetStatistics,
+    cached_statistics,
+    calibration_windows,
+)
+from aecompress.errors import AecompressError
+from aecompress.pipeline.independent import run_independent
+from aecompress.pipeline.plan import PlannedGroup, finite_matrices, fit_group, make_validate
+from aecompress.pipeline.refine import refine_stage
+from aecompress.pipeline.streams import (
+    BlockInputs,
+    Streams,
+    advance,
+    capture_block_inputs,
+    capturing,
+    run_blocks,
+    run_until_stop,
+)
+from aecompress.recipe import RefineConfig, SequentialConfig
+from aecompress.substitution import inject
+from aecompress.targets import Target, transformer_blocks
+
+
+@dataclass
+class Moments:
+    """Accumulated input statistics of one target module."""
+
+    tokens: int = 0
+    gram: torch.Tensor | None = None  # X_c^T X_c, float64
+    cross: torch.Tensor | None = None  # X_d^T X_c, float64
+    abs_sum: torch.Tensor | None = None  # sum |x_c|, float64
+
+    def add(self, compressed: torch.Tensor, dense: torch.Tensor | None) -> None:
+        xc = compressed.reshape(-1, compressed.shape[-1]).float()
+        gram = (xc.T @ xc).double()
+        self.gram = gram if self.gram is None else self.gram + gram
+        abs_sum = xc.abs().sum(0).double()
+        self.abs_sum = abs_sum if self.abs_sum is None else self.abs_sum + abs_sum
+        if dense is not None:
+            xd = dense.reshape(-1, dense.shape[-1]).float()
+            cross = (xd.T @ xc).double()
+            self.cross = cross if self.cross is None else self.cross + cross
+        self.tokens += xc.shape[0]
+
+    def damped_gram(self, damp: float) -> torch.Tensor:
+        assert self.gram is not None
+        ridge = damp * self.gram.diagonal().mean().clamp_min(1e-12)
+        return self.gram + ridge * torch.eye(self.gram.shape[0], dtype=self.gram.dtype)
+
+    def statistics(self, damp: float) -> TargetStatistics:
+        assert self.abs_sum is not None
+        return TargetStatistics(self.tokens, self.damped_gram(damp), self.abs_sum / self.tokens)
+
+    def compensated(self, weight: torch.Tensor, damp: float) -> torch.Tensor:
+        """W (C + lambda I) (H + lambda I)^-1 (see the module docstring), float32."""
+        assert self.gram is not None and self.cross is not None
+        damped = self.damped_gram(damp)
+        ridge = damped - self.gram
+        rhs = (self.cross + ridge).T @ weight.double().T
+        return torch.linalg.solve(damped, rhs).T.float()
+
+
+@dataclass
+class Stage:
+    """Adjacent blocks compressed together, with their planned groups."""
+
+    first: int
+    last: int
+    groups: list[PlannedGroup] = field(default_factory=list)
+
+
+def _layer(target: Target, blocks_path: str) -> int | None:
+    prefix = f"{blocks_path}."
+    if target.layer is None or not target.path.startswith(prefix):
+        return None
+    return target.layer
+
+
+def plan_stages(
+    planned: list[PlannedGroup], blocks_path: str, count: int
+) -> tuple[list[PlannedGroup], list[Stage]]:
+    """Groups outside the blocks, and the stages: runs of adjacent blocks that no group
+    straddles (a block without targets is a stage of its own, run only to move on)."""
+    outside, spans = [], []
+    for plan in planned:
+        layers = [_layer(t, blocks_path) for t in plan.group.members]
+        if any(layer is None for layer in layers):
+            outside.append(plan)
+            continue
+        found = [layer for layer in layers if layer is not None]
+        spans.append((min(found), max(found), plan))
+    stages = [Stage(i, i) for i in range(count)]
+    for first, last, plan in spans:
+        merged = [s for s in stages if s.last >= first and s.first <= last]
+        start, end = merged[0].first, merged[-1].last
+        groups = [g for s in merged for g in s.groups] + [plan]
+        stages = [s for s in stages if s not in merged] + [Stage(start, end, groups)]
+        stages.sort(key=lambda s: s.first)
+    return outside, stages
+
+
+def _relative(target: Target, blocks_path: str) -> tuple[int, str]:
+    assert target.layer is not None
+    return target.layer, target.path.removeprefix(f"{blocks_path}.{target.layer}.")
+
+
+def forward_positions(
+    blocks: Sequence[nn.Module],
+    stage: Stage,
+    blocks_path: str,
+    hidden: torch.Tensor,
+    inputs: BlockInputs,
+) -> list[list[PlannedGroup]]:
+    """The stage's groups by position: groups whose modules read the same input tensor share
+    a position, positions in the order the forward pass reaches them."""
+    relative = {
+        t.path: _relative(t, blocks_path) for plan in stage.groups for t in plan.group.members
+    }
+    modules = {
+        path: blocks[layer - stage.first].get_submodule(rest)
+        for path, (layer, rest) in relative.items()
+    }
+    with torch.no_grad(), capturing(modules, stop_when_complete=False) as seen:
+        run_blocks(blocks, hidden, inputs)
+    order: dict[tuple[int, int], int] = {}  # (block, id of input) -> position in its block
+    position: dict[str, int] = {}
+    for path, tensor in seen.items():  # insertion order = forward order
+        block = relative[path][0]
+        key = (block, id(tensor))
+        if key not in order:
+            order[key] = sum(1 for b, _ in order if b == block)
+        position[path] = order[key]
+    by_position: dict[int, list[PlannedGroup]] = {}
+    for plan in stage.groups:
+        places = {position[t.path] for t in plan.group.members}
+        if len(places) != 1:
+            raise AecompressError(f"{plan.group.name}: its layers read different positions")
+        by_position.setdefault(places.pop(), []).append(plan)
+    return [by_position[p] for p in sorted(by_position)]
+
+
+def collect_moments(
+    live: Sequence[nn.Module],
+    dense: Sequence[nn.Module] | None,
+    stage: Stage,
+    groups: list[PlannedGroup],
+    blocks_path: str,
+    streams: Streams,
+) -> dict[str, Moments]:
+    """Moments of every module the groups target, from one pass of both streams (the dense
+    one only when some group compensates), each pass ending once its inputs are seen."""
+    relative = {t.path: _relative(t, blocks_path) for plan in groups for t in plan.group.members}
+    moments = {path: Moments() for path in relative}
+
+    def modules(blocks: Sequence[nn.Module]) -> dict[str, nn.Module]:
+        return {
+            p: blocks[layer - stage.first].get_submodule(r) for p, (layer, r) in relative.items()
+        }
+
+    for index, hidden in enumerate(streams.compressed):
+        dense_inputs: dict[str, torch.Tensor] = {}
+        if dense is not None:
+            with torch.no_grad(), capturing(modules(dense)) as dense_inputs:
+                run_until_stop(dense, streams.dense[index], streams.inputs[index])
+        with torch.no_grad(), capturing(modules(live)) as live_inputs:
+            run_until_stop(live, hidden, streams.inputs[index])
+        by_input: dict[int, Moments] = {}  # q, k, v (up, gate) read one input: one entry
+        added: set[int] = set()
+        for path in relative:
+            entry = moments[path] = by_input.setdefault(id(live_inputs[path]), moments[path])
+            if id(entry) not in added:
+                entry.add(live_inputs[path], dense_inputs.get(path))
+                added.add(id(entry))
+    return moments
+
+
+def compensates(plan: PlannedGroup) -> bool:
+    """Whether the group's method measures output error (it asks for X^T X)."""
+    return "xtx" in plan.method.statistics_needed() and plan.spec.kind != "embedding"
+
+
+def fit_position(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase | None,
+    groups: list[PlannedGroup],
+    moments: dict[str, Moments],
+    gradients: dict[str, TargetStatistics] | None,
+    config: SequentialConfig,
+    *,
+    seed: int,
+    progress: bool,
+) -> list[CompressedGroup]:
+    """Fit each group on its (compensated) matrices and statistics, and swap it in."""
+    fitted = []
+    for plan in groups:
+        members = plan.group.members
+        matrices = finite_matrices(model, members)
+        statistics = []
+        for index, target in enumerate(members):
+            entry = moments[target.path]
+            stats = entry.statistics(config.damp)
+            if gradients is not None:
+                stats.fisher, stats.l1 = gradients[target.name].fisher, gradients[target.name].l1
+            statistics.append(stats)
+            if compensates(plan) and config.target == "dense":
+                matrices[index] = entry.compensated(matrices[index], config.damp)
+        group = fit_group(
+            plan,
+            matrices,
+            statistics,
+            seed=seed,
+            validate=make_validate(model, tokenizer, plan.group),
+            progress=progress,
+        )
+        inject(model, plan.group, plan.method, group.stored)
+        fitted.append(group)
+    return fitted
+
+
+def run_sequential(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase | None,
+    planned: list[PlannedGroup],
+    *,
+    calibration: CalibrationConfig,
+    config: SequentialConfig,
+    refine: RefineConfig,
+    base_sha256: str,
+    tied_output: str | None,
+    seed: int,
+    progress: bool = True,
+) -> list[CompressedGroup]:
+    """Fit every planned group block by block (see the module docstring)."""
+    found = transformer_blocks(model)
+    if found is None:
+        raise AecompressError(
+            f"{type(model).__name__}: no transformer blocks found for the sequential "
+            "pipeline: use --pipeline independent"
+        )
+    if tokenizer is None:
+        raise AecompressError("the sequential pipeline needs the model's tokenizer")
+    blocks_path, blocks = found
+    outside, stages = plan_stages(planned, blocks_path, len(blocks))
+    gradients = _gradient_statistics(model, tokenizer, planned, calibration, base_sha256, progress)
+    windows = calibration_windows(tokenizer, calibration)
+    dense_hidden, inputs = capture_block_inputs(model, blocks[0], windows, calibration.batch_size)
+    fitted = _fit_outside(
+        model, tokenizer, outside, calibration, base_sha256, tied_output, seed, progress
+    )
+    compressed_hidden, _ = capture_block_inputs(model, blocks[0], windows, calibration.batch_size)
+    streams = Streams(compressed_hidden, dense_hidden, inputs)
+    for stage in tqdm(stages, desc="compress (sequential)", disable=not progress):
+        live = list(blocks[stage.first : stage.last + 1])
+        dense = [copy.deepcopy(block) for block in live] if stage.groups else live
+        stage_groups: list[CompressedGroup] = []
+        if stage.groups:
+            positions = forward_positions(
+                live, stage, blocks_path, streams.compressed[0], inputs[0]
+            )
+            for groups in positions:
+                needs_dense = config.target == "dense" and any(compensates(g) for g in groups)
+                moments = collect_moments(
+                    live, dense if needs_dense else None, stage, groups, blocks_path, streams
+                )
+                stage_groups += fit_position(
+                    model,
+                    tokenizer,
+                    groups,
+                    moments,
+                    gradients,
+                    config,
+                    seed=seed,
+                    progress=progress,
+                )
+                del moments
+            if refine.steps:
+                refine_stage(
+                    model, live, dense, stage_groups, streams, refine, seed=seed, progress=progress
+                )
+        advance(live, dense, streams)
+        fitted += stage_groups
+    order = {id(plan.group): index for index, plan in enumerate(planned)}
+    return sorted(fitted, key=lambda g: order[id(g.group)])
+
+
+def _gradient_statistics(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    planned: list[PlannedGroup],
+    calibration: CalibrationConfig,
+    base_sha256: str,
+    progress: bool,
+) -> dict[str, TargetStatistics] | None:
+    """Fisher / L1 statistics of the dense model, when a method asks for them (they need
+    the whole model's loss, so they come from one pass before anything is compressed)."""
+    needed = set().union(*(p.method.statistics_needed() for p in planned)) & GRADIENT_STATISTICS
+    if not needed:
+        return None
+    targets = [t for p in planned for t in p.group.members]
+    return cached_statistics(
+        model, tokenizer, targets, needed, calibration, base_sha256, progress=progress
+    )
+
+
+def _fit_outside(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    outside: list[PlannedGroup],
+    calibration: CalibrationConfig,
+    base_sha256: str,
+    tied_output: str | None,
+    seed: int,
+    progress: bool,
+) -> list[CompressedGroup]:
+    """Targets outside the blocks (token embeddings, a tied head): dense statistics."""
+    if not outside:
+        return []
+    return run_independent(
+        model,
+        tokenizer,
+        outside,
+        calibration=calibration,
+        base_sha256=base_sha256,
+        tied_output=tied_output,
+        seed=seed,
+        progress=progress,
+    )

@@ -1,0 +1,126 @@
+"""Swapping modules: a fitted group's runtime modules take the places of its targets.
+
+The one place where modules of a model are replaced (like peft's _create_and_replace):
+for each member of a group, the method builds the module that serves it (factorised,
+decoded once, or rebuilt from the stored tensors on every call while training), and it
+is set at the target's path; a fused target (GPT-2's c_attn) is split into parts first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+
+from aecompress.methods import Method, Stored
+from aecompress.modules import FusedLinear, dense_embedding, dense_linear
+from aecompress.targets import Group, Target, dense_weight
+
+# How members are served: the method's runtime module, decoded once into a dense weight,
+# or rebuilt from the stored tensors on every call (differentiable: refinement trains them).
+Serving = Literal["runtime", "decoded", "trainable"]
+
+
+class RebuiltLinear(nn.Module):
+    """y = x W^T + bias, W = method.reconstruct(stored, index) on every call (training)."""
+
+    def __init__(self, method: Method, stored: Stored, index: int, bias: torch.Tensor | None):
+        super().__init__()
+        self.method, self.stored, self.index, self.bias = method, stored, index, bias
+        self.params = nn.ParameterList(_parameters(stored, index))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.method.reconstruct(self.stored, self.index)
+        return F.linear(x, weight.to(x.dtype), self.bias)
+
+
+class RebuiltEmbedding(nn.Module):
+    """Lookup in method.reconstruct(stored, index), rebuilt on every call (training)."""
+
+    def __init__(self, method: Method, stored: Stored, index: int, padding_idx: int | None):
+        super().__init__()
+        self.method, self.stored, self.index, self.padding_idx = method, stored, index, padding_idx
+        self.params = nn.ParameterList(_parameters(stored, index))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.method.reconstruct(self.stored, self.index), self.padding_idx)
+
+
+def _parameters(stored: Stored, index: int) -> list[nn.Parameter]:
+    tensors = [*stored.shared.values(), *stored.members[index].values()]
+    return [t for t in tensors if isinstance(t, nn.Parameter)]
+
+
+def bias_of(module: nn.Module) -> torch.Tensor | None:
+    bias = getattr(module, "bias", None)
+    return bias if isinstance(bias, nn.Parameter) else None
+
+
+def serving_module(
+    method: Method,
+    stored: Stored,
+    index: int,
+    original: nn.Module,
+    *,
+    kind: str,
+    serving: Serving,
+) -> nn.Module:
+    """The module serving member `index` in place of `original`."""
+    if kind == "embedding":
+        padding_idx = getattr(original, "padding_idx", None)
+        if serving == "trainable":
+            return RebuiltEmbedding(method, stored, index, padding_idx)
+        if serving == "decoded":
+            with torch.no_grad():
+                return dense_embedding(method.reconstruct(stored, index), padding_idx)
+        return method.embedding(stored, index, padding_idx)
+    bias = bias_of(original)
+    if serving == "trainable":
+        return RebuiltLinear(method, stored, index, bias)
+    if serving == "decoded":
+        with torch.no_grad():
+            return dense_linear(method.reconstruct(stored, index), bias)
+    return method.linear(stored, index, bias)
+
+
+def place(model: nn.Module, target: Target, build: Callable[[nn.Module], nn.Module]) -> None:
+    """Replace the target's module by `build(original)` (a fused target: only its part)."""
+    if target.part is None:
+        model.set_submodule(target.path, build(model.get_submodule(target.path)))
+        return
+    fused = model.get_submodule(target.path)
+    if not isinstance(fused, FusedLinear):
+        weight = dense_weight(fused, target.kind)
+        fused = FusedLinear.split(weight, bias_of(fused), target.part[1])
+        model.set_submodule(target.path, fused)
+    index = target.part[0]
+    fused.parts[index] = build(fused.parts[index])
+
+
+def inject(
+    model: PreTrainedModel | nn.Module,
+    group: Group,
+    method: Method,
+    stored: Stored,
+    tied_output: str | None = None,
+    serving: Serving = "runtime",
+) -> None:
+    """Put the group's serving modules in place of its targets (and of a tied output head,
+    which then shares the embedding's stored tensors)."""
+    for index, target in enumerate(group.members):
+        kind = "embedding" if target.kind == "embedding" else "linear"
+        place(model, target, partial(_build, method, stored, index, kind, serving))
+        if kind == "embedding" and tied_output is not None:
+            head = Target(tied_output, target.family, None, "linear")
+            place(model, head, partial(_build, method, stored, index, "linear", serving))
+
+
+def _build(
+    method: Method, stored: Stored, index: int, kind: str, serving: Serving, original: nn.Module
+) -> nn.Module:
+    return serving_module(method, stored, index, original, kind=kind, serving=serving)

@@ -1,0 +1,150 @@
+"""What an artifact stores, as `inspect` prints it: checked against the weights file.
+
+By default one row per family (members, shapes, methods, stored numbers and bytes, true
+ratio); per matrix group on request; or the manifest with the verified figures as JSON.
+Sizes come from the weights file's header, never from the manifest alone.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from aecompress.artifact import (
+    PREFIX,
+    GroupEntry,
+    Manifest,
+    check_groups,
+    load_manifest,
+    weights_header,
+)
+
+
+def _shape(shape: list[int] | tuple[int, ...]) -> str:
+    return "x".join(str(s) for s in shape)
+
+
+def _group_bytes(entry: GroupEntry, header: dict[str, tuple[list[int], int]]) -> int:
+    prefix = f"{PREFIX}{entry.name}."
+    return sum(
+        _numel(shape) * size for key, (shape, size) in header.items() if key.startswith(prefix)
+    )
+
+
+def artifact_facts(path: str | Path) -> dict[str, Any]:
+    """The manifest as JSON data, with each group's stored bytes from the weights file
+    (raises if the file is missing, altered, or disagrees with the manifest)."""
+    manifest = load_manifest(path)
+    header = weights_header(path, manifest)
+    check_groups(manifest, {k: shape for k, (shape, _) in header.items()})
+    data = manifest.model_dump(mode="json")
+    for entry, group in zip(manifest.groups, data["groups"], strict=True):
+        group["stored_bytes"] = _group_bytes(entry, header)
+    target = sum(g.original_params for g in manifest.groups)
+    stored = sum(g.stored_params for g in manifest.groups)
+    artifact = sum(_numel(shape) for shape, _ in header.values())
+    data["totals"] = {
+        "target_params": target,
+        "stored_params": stored,
+        "ratio": target / stored if stored else None,
+        "model_params_artifact": artifact,
+        "model_params_dense": artifact - stored + target,
+        "artifact_bytes": manifest.weights_file.bytes,
+        "dense_fp32_bytes": 4 * (artifact - stored + target),
+    }
+    return data
+
+
+def _numel(shape: list[int]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+def _header_lines(manifest: Manifest) -> list[str]:
+    recipe = manifest.recipe
+    lines = [
+        f"base model: {manifest.base_model} ({manifest.auto_class})",
+        f"targets: {','.join(recipe.get('targets') or [])}  grouping: {recipe.get('group')}  "
+        f"requested ratio: {recipe.get('ratio')}",
+    ]
+    if manifest.tied_output:
+        lines.append(f"tied output head {manifest.tied_output} shares the embedding's factors")
+    return lines
+
+
+def _family_rows(data: dict[str, Any]) -> list[str]:
+    by_family: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for group in data["groups"]:
+        by_family[group["family"]].append(group)
+    rows = [
+        "| family | matrices | shape | method | original | stored | stored bytes | ratio |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for family, groups in by_family.items():
+        original = sum(g["original_params"] for g in groups)
+        stored = sum(g["stored_params"] for g in groups)
+        shapes = sorted({_shape(g["shape"]) for g in groups})
+        methods = sorted({g["method"] for g in groups})
+        matrices = sum(len(g["members"]) for g in groups)
+        size = sum(g["stored_bytes"] for g in groups)
+        rows.append(
+            f"| {family} | {matrices} | {', '.join(shapes)} | {', '.join(methods)} | "
+            f"{original:,} | {stored:,} | {size:,} | {original / stored:.3f} |"
+        )
+    return rows
+
+
+def _group_rows(data: dict[str, Any]) -> list[str]:
+    rows = [
+        "| group | members | matrix | method | width | stored tensors | original | stored "
+        "| ratio | info |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for g in data["groups"]:
+        info = ", ".join(f"{k}={v}" for k, v in g["info"].items())
+        rows.append(
+            f"| {g['name']} | {len(g['members'])} | {_shape(g['shape'])} | {g['method']} | "
+            f"{g['width']} | {_stored_shapes(g['tensors'])} | {g['original_params']:,} | "
+            f"{g['stored_params']:,} | {g['ratio']:.3f} | {info} |"
+        )
+    return rows
+
+
+def _stored_shapes(tensors: dict[str, list[int]]) -> str:
+    """Shared tensors by name, member tensors once with a count (they share one shape)."""
+    shared = [
+        f"{k.removeprefix('shared.')} {_shape(s)}"
+        for k, s in tensors.items()
+        if k.startswith("shared.")
+    ]
+    members: dict[str, tuple[list[int], int]] = {}
+    for key, shape in tensors.items():
+        if not key.startswith("shared."):
+            name = key.partition(".")[2]
+            members[name] = (shape, members.get(name, (shape, 0))[1] + 1)
+    per_member = [f"{n} {_shape(s)} (x{count})" for n, (s, count) in members.items()]
+    return ", ".join(shared + per_member)
+
+
+def describe_artifact(path: str | Path, per_matrix: bool = False) -> str:
+    """A Markdown summary of what the artifact stores, then whole-model totals."""
+    manifest = load_manifest(path)
+    data = artifact_facts(path)
+    rows = _group_rows(data) if per_matrix else _family_rows(data)
+    t = data["totals"]
+    lines = [
+        *_header_lines(manifest),
+        "",
+        *rows,
+        "",
+        f"targets: {t['target_params']:,} -> {t['stored_params']:,} numbers, "
+        f"ratio {t['ratio']:.3f}",
+        f"whole model: {t['model_params_dense']:,} -> {t['model_params_artifact']:,} "
+        f"parameters, ratio {t['model_params_dense'] / t['model_params_artifact']:.3f}",
+        f"bytes: dense fp32 {t['dense_fp32_bytes']:,} -> {manifest.weights_file.name} "
+        f"{t['artifact_bytes']:,} (ratio {t['dense_fp32_bytes'] / t['artifact_bytes']:.3f})",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,122 @@
+"""The sequential pipeline: compensation maths, stages, positions, streams, end to end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import aecompress
+from aecompress.models import LoadedModel
+from aecompress.pipeline.plan import plan_groups
+from aecompress.pipeline.sequential import Moments, forward_positions, plan_stages
+from aecompress.pipeline.streams import capture_block_inputs
+from aecompress.recipe import Recipe
+from aecompress.targets import transformer_blocks
+from tests.conftest import make_tiny
+
+CALIBRATION = {"samples": 8, "seq_len": 32, "batch_size": 4}
+
+
+def moments_of(compressed: torch.Tensor, dense: torch.Tensor) -> Moments:
+    moments = Moments()
+    for xc, xd in zip(compressed.split(50), dense.split(50), strict=True):
+        moments.add(xc, xd)
+    return moments
+
+
+def test_the_compensated_target_is_the_ridge_least_squares_optimum():
+    """W' minimises ||X_c W'^T - X_d W^T||^2 + lambda ||W' - W||^2 (normal equations)."""
+    generator = torch.Generator().manual_seed(0)
+    dense = torch.randn(200, 6, generator=generator, dtype=torch.float64)
+    compressed = dense + 0.3 * torch.randn(200, 6, generator=generator, dtype=torch.float64)
+    weight = torch.randn(4, 6, generator=generator)
+    moments = moments_of(compressed, dense)
+    target = moments.compensated(weight, damp=0.05).double()
+    ridge = 0.05 * (compressed.T @ compressed).diagonal().mean()
+    gradient = (compressed @ target.T - dense @ weight.double().T).T @ compressed
+    gradient += ridge * (target - weight.double())
+    assert gradient.abs().max() < 1e-4 * weight.abs().max() * ridge
+    # its Gram is the damped one the methods whiten with
+    expected = compressed.T @ compressed + ridge * torch.eye(6, dtype=torch.float64)
+    torch.testing.assert_close(moments.statistics(0.05).xtx, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_without_upstream_error_the_target_is_the_weight_itself():
+    inputs = torch.randn(120, 5, generator=torch.Generator().manual_seed(1))
+    weight = torch.randn(3, 5)
+    target = moments_of(inputs, inputs).compensated(weight, damp=0.01)
+    torch.testing.assert_close(target, weight, atol=1e-5, rtol=1e-5)
+
+
+def test_stages_merge_the_blocks_a_stacked_group_spans(tokenizer):
+    model = make_tiny("llama", vocab=tokenizer.vocab_size)
+    recipe = Recipe(
+        method="shared-basis", ratio=2, targets=["embed", "k", "down"], group="layers:2"
+    )
+    path, blocks = transformer_blocks(model)
+    outside, stages = plan_stages(plan_groups(model, recipe), path, len(blocks))
+    assert [p.group.family for p in outside] == ["embed"]
+    assert [(s.first, s.last) for s in stages] == [(0, 1)]
+    single = Recipe(method="svdllm", ratio=2, targets=["down"])
+    _, stages = plan_stages(plan_groups(model, single), path, len(blocks))
+    assert [(s.first, s.last, len(s.groups)) for s in stages] == [(0, 0, 1), (1, 1, 1)]
+
+
+@pytest.mark.parametrize(
+    ("arch", "order"),
+    [
+        ("llama", [{"q", "k", "v"}, {"o"}, {"up", "gate"}, {"down"}]),
+        ("gpt2", [{"q", "k", "v"}, {"o"}, {"up"}, {"down"}]),
+        ("bert", [{"q", "k", "v"}, {"o"}, {"up"}, {"down"}]),
+    ],
+)
+def test_positions_follow_the_forward_order_and_shared_inputs(tokenizer, arch, order):
+    model = make_tiny(arch, vocab=tokenizer.vocab_size)
+    families = ["q", "k", "v", "o", "up", "down"] + (["gate"] if arch == "llama" else [])
+    recipe = Recipe(method="svd", ratio=2, targets=families)
+    path, blocks = transformer_blocks(model)
+    _, stages = plan_stages(plan_groups(model, recipe), path, len(blocks))
+    ids = torch.randint(
+        0, tokenizer.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0)
+    )
+    hidden, inputs = capture_block_inputs(model, blocks[0], ids, 2)
+    stage = stages[0]
+    positions = forward_positions(blocks[:1], stage, path, hidden[0], inputs[0])
+    assert [{p.group.family for p in groups} for groups in positions] == order
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+def test_sequential_compression_round_trips_and_reads_shared_inputs_once(
+    tokenizer, arch, tmp_path, monkeypatch
+):
+    calls = []
+    original = Moments.add
+
+    def counting(self, compressed, dense):
+        calls.append(compressed.shape[-1])
+        original(self, compressed, dense)
+
+    monkeypatch.setattr(Moments, "add", counting)
+    model = make_tiny(arch, vocab=tokenizer.vocab_size)
+    loaded = LoadedModel(model, tokenizer, "tiny", "AutoModelForCausalLM")
+    targets = ["q", "k", "v", "o", "up", "down"]
+    cm = aecompress.compress(
+        loaded,
+        method="svdllm",
+        ratio=2,
+        targets=targets,
+        pipeline="sequential",
+        calibration=CALIBRATION,
+        progress=False,
+    )
+    # per block and batch: one input for q,k,v, one for o, one for up, one for down
+    assert len(calls) == 4 * 2 * 2
+    ids = torch.randint(
+        0, tokenizer.vocab_size, (2, 12), generator=torch.Generator().manual_seed(2)
+    )
+    with torch.no_grad():
+        expected = cm.model(input_ids=ids).logits
+    cm.save_pretrained(tmp_path / "art")
+    again = aecompress.load(tmp_path / "art")
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits, expected)
