@@ -7,8 +7,10 @@ import math
 import pytest
 import torch
 
-from aecompress.methods.pruning import pack_bits, unpack_bits
-from tests.methods.helpers import fit
+from aecompress.calibration import TargetStatistics
+from aecompress.errors import AecompressError
+from aecompress.methods.pruning import obs_prune, pack_bits, unpack_bits
+from tests.methods.helpers import fit, spec_of
 
 
 def stored_numel(stored) -> int:
@@ -46,3 +48,68 @@ def test_prune_auto_prefers_the_bitmap_at_low_ratios():
     assert stored.layout.index == "bitmap"
     assert stored.width == int(8 * 64 / 1.25) - 8 * 64 // 32
 
+
+def correlated_inputs(cols: int, tokens: int = 400, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(cols, cols, generator=generator, dtype=torch.float64)
+    scales = torch.linspace(0.2, 3.0, cols, dtype=torch.float64)
+    return torch.randn(tokens, cols, generator=generator, dtype=torch.float64) @ mixing * scales
+
+
+def output_error(weight: torch.Tensor, estimate: torch.Tensor, x: torch.Tensor) -> float:
+    return torch.linalg.matrix_norm((weight.double() - estimate.double()) @ x.T).item()
+
+
+def test_obs_pruning_with_white_inputs_is_magnitude_pruning_per_block():
+    weight = torch.randn(12, 16, generator=torch.Generator().manual_seed(0))
+    mask, values = obs_prune(weight, torch.eye(16, dtype=torch.float64), 96, block_size=8)
+    assert int(mask.sum()) == 96
+    for block in (slice(0, 8), slice(8, 16)):
+        part = weight[:, block].abs()
+        threshold = part.flatten().topk(48).values.min()
+        assert torch.equal(mask[:, block], part >= threshold)
+    torch.testing.assert_close(values[mask], weight[mask])
+
+
+def test_sparsegpt_beats_wanda_and_magnitude_on_the_output_error():
+    weight = torch.randn(24, 16, generator=torch.Generator().manual_seed(1))
+    x = correlated_inputs(16)
+    stats = [TargetStatistics(400, x.T @ x, x.abs().mean(0))]
+    errors = {}
+    for name in ("prune", "wanda", "sparsegpt"):
+        method, stored, _ = fit(name, [weight], ratio=1.6, statistics=stats)
+        errors[name] = output_error(weight, method.reconstruct(stored, 0), x)
+    assert errors["sparsegpt"] < 0.8 * errors["wanda"]
+    assert errors["sparsegpt"] < 0.8 * errors["prune"]
+
+
+def test_wanda_keeps_equal_counts_per_row_by_weight_times_input_norm():
+    weight = torch.randn(10, 16, generator=torch.Generator().manual_seed(2))
+    x = correlated_inputs(16, seed=2)
+    stats = [TargetStatistics(400, x.T @ x, None)]
+    method, stored, _ = fit("wanda", [weight], ratio=1.8, statistics=stats)
+    rebuilt = method.reconstruct(stored, 0)
+    kept = (rebuilt != 0).sum(1)
+    assert int(kept.max() - kept.min()) <= 1 and int(kept.sum()) == stored.width
+    scores = weight.abs() * (x.T @ x).diagonal().sqrt().float()
+    for row in range(10):
+        chosen = rebuilt[row] != 0
+        assert scores[row][chosen].min() >= scores[row][~chosen].max()
+
+
+@pytest.mark.parametrize("name", ["prune", "wanda", "sparsegpt"])
+def test_n_m_keeps_n_of_every_m_and_counts_two_bits_per_kept_weight(name):
+    weight = torch.randn(8, 32, generator=torch.Generator().manual_seed(3))
+    x = correlated_inputs(32, seed=3)
+    stats = [TargetStatistics(400, x.T @ x, None)]
+    method, stored, _ = fit(name, [weight], ratio=1.5, options={"pattern": "2:4"}, statistics=stats)
+    rebuilt = method.reconstruct(stored, 0)
+    assert ((rebuilt.reshape(-1, 4) != 0).sum(1) <= 2).all()
+    assert stored.width == 8 * 32 // 2
+    assert stored_numel(stored) == 128 + math.ceil(128 * 2 / 32)
+    assert method.larger(stored.width, spec_of([weight])) == []
+
+
+def test_n_m_refuses_a_ratio_it_cannot_reach():
+    with pytest.raises(AecompressError, match="2:4"):
+        fit("prune", [torch.randn(8, 32)], ratio=2.5, options={"pattern": "2:4"})

@@ -251,3 +251,161 @@ class MagnitudePruning(SparseMethod):
         masks = keep_largest(stacked.abs(), kept)
         return list(zip(masks.unbind(0), matrices, strict=True))
 
+
+def split_evenly(total: int, parts: int) -> list[int]:
+    """`total` as `parts` whole numbers differing by at most one (the first ones larger)."""
+    return [total // parts + (index < total % parts) for index in range(parts)]
+
+
+def keep_largest_per_row(scores: torch.Tensor, kept: int) -> torch.Tensor:
+    """A bool mask keeping `kept` entries in all, the largest scores of each row, rows
+    keeping as equal counts as possible (the first rows one more)."""
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    order = scores.argsort(dim=1, descending=True)
+    for count in sorted(set(split_evenly(kept, scores.shape[0]))):
+        rows = torch.tensor([c == count for c in split_evenly(kept, scores.shape[0])])
+        mask[rows] = mask[rows].scatter(1, order[rows, :count], True)
+    return mask
+
+
+class CalibratedSparseOptions(SparseOptions):
+    """`damp`: added to X^T X's diagonal, relative to its mean (as in SparseGPT)."""
+
+    damp: float = Field(0.01, ge=0)
+
+
+def input_norms(context: FitContext, index: int) -> torch.Tensor:
+    """||x_j|| of each input channel over the calibration tokens: sqrt of X^T X's diagonal."""
+    return context.statistic(index, "xtx").diagonal().clamp_min(0).sqrt().float()
+
+
+class CalibratedSparseMethod(SparseMethod):
+    """A sparse method that reads the inputs of each layer (X^T X of calibration text)."""
+
+    options: CalibratedSparseOptions
+
+    def statistics_needed(self) -> set[str]:
+        return {"xtx"}
+
+    def check(self, spec: GroupSpec) -> None:
+        super().check(spec)
+        if spec.kind == "embedding":
+            raise AecompressError(
+                f"{spec.name}: {self.name} needs a layer's inputs; an embedding has none "
+                "(use prune or another method for embed)"
+            )
+
+
+@register
+class Wanda(CalibratedSparseMethod):
+    """Wanda (Sun et al. 2023): keep the weights of largest |w_ij| * ||x_j|| in each output
+    row (rows keep equal counts; N:M per group of M), no update of the kept values.
+    Stores values + positions (module docstring); served decoded."""
+
+    name = "wanda"
+    Options = CalibratedSparseOptions
+
+    def select(
+        self, matrices: Sequence[torch.Tensor], kept: int, context: FitContext
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        chosen = []
+        for index, (weight, count) in enumerate(
+            zip(matrices, split_evenly(kept, len(matrices)), strict=True)
+        ):
+            scores = weight.abs() * input_norms(context, index)
+            if self.options.n_m is not None:
+                mask = keep_largest_per_group(scores, self.options.n_m)
+            else:
+                mask = keep_largest_per_row(scores, count)
+            chosen.append((mask, weight))
+        return chosen
+
+
+class SparseGPTOptions(CalibratedSparseOptions):
+    """`block_size`: columns pruned and updated together (lazy batch updates)."""
+
+    block_size: int = Field(128, ge=1)
+
+
+def obs_prune(
+    weight: torch.Tensor,
+    xtx: torch.Tensor,
+    kept: int,
+    *,
+    damp: float = 0.01,
+    block_size: int = 128,
+    n_m: tuple[int, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseGPT's pruning of `weight` [n, m] to `kept` weights under inputs with Gram
+    `xtx` [m, m]: column by column, the weights of least w^2 / [U]_jj^2 (U the upper
+    Cholesky factor of (X^T X + damp)^-1) are zeroed and the error they make is spread
+    onto the columns not yet visited (the optimal brain surgeon update), in blocks of
+    columns with lazy updates. Each block prunes its share of the budget (unstructured),
+    or M - N of every M weights of a row (N:M). Returns (kept mask, updated values)."""
+    rows, cols = weight.shape
+    work = weight.detach().clone().float()
+    gram = xtx.detach().clone().double()
+    dead = gram.diagonal() == 0
+    gram[dead, dead] = 1
+    work[:, dead] = 0
+    gram += damp * gram.diagonal().mean() * torch.eye(cols, dtype=gram.dtype)
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(gram))
+    upper = torch.linalg.cholesky(inverse, upper=True).float()
+    pruned_total = rows * cols - kept
+    pruned = torch.zeros(rows, cols, dtype=torch.bool)
+    for start in range(0, cols, block_size):
+        end = min(start + block_size, cols)
+        block, factor = work[:, start:end].clone(), upper[start:end, start:end]
+        errors = torch.zeros_like(block)
+        diagonal = factor.diagonal()
+        if n_m is None:
+            share = round(pruned_total * end / cols) - round(pruned_total * start / cols)
+            scores = block.pow(2) / diagonal.pow(2)
+            chosen = torch.zeros(block.numel(), dtype=torch.bool)
+            if share:
+                chosen[scores.reshape(-1).topk(share, largest=False).indices] = True
+            pruned[:, start:end] = chosen.view_as(block)
+        for column in range(end - start):
+            if n_m is not None and column % n_m[1] == 0:
+                span = slice(column, column + n_m[1])
+                scores = block[:, span].pow(2) / diagonal[span].pow(2)
+                keep = keep_largest_per_group(scores, n_m)
+                pruned[:, start + column : start + column + n_m[1]] = ~keep
+            values = block[:, column]
+            quantised = torch.where(pruned[:, start + column], 0.0, values)
+            error = (values - quantised) / factor[column, column]
+            block[:, column:] -= error[:, None] * factor[column, column:][None, :]
+            block[:, column] = quantised
+            errors[:, column] = error
+        work[:, start:end] = block
+        work[:, end:] -= errors @ upper[start:end, end:]
+    return ~pruned, work
+
+
+@register
+class SparseGPT(CalibratedSparseMethod):
+    """SparseGPT (Frantar & Alistarh 2023): OBS pruning that updates the kept weights to
+    compensate what it removes, minimising the output error ||(W - W_hat) X^T|| column by
+    column (obs_prune). A stack of layers: each member pruned under its own X^T X, the
+    kept weights shared equally. Stores values + positions (module docstring)."""
+
+    name = "sparsegpt"
+    Options = SparseGPTOptions
+    options: SparseGPTOptions
+
+    def select(
+        self, matrices: Sequence[torch.Tensor], kept: int, context: FitContext
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [
+            obs_prune(
+                weight,
+                context.statistic(index, "xtx"),
+                count,
+                damp=self.options.damp,
+                block_size=self.options.block_size,
+                n_m=self.options.n_m,
+            )
+            for index, (weight, count) in enumerate(
+                zip(matrices, split_evenly(kept, len(matrices)), strict=True)
+            )
+        ]
