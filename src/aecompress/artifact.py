@@ -36,6 +36,7 @@ from aecompress.version import __version__
 
 FORMAT = "aecompress-artifact"
 FORMAT_VERSION = 2
+STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MANIFEST = "aecompress.json"
 WEIGHTS = "model.safetensors"
 PREFIX = "aecompress."
@@ -77,6 +78,7 @@ class CompressedModel:
     tied_output: str | None = None  # path of an output head that shares the embedding's factors
     decoded: bool = False  # True when loaded with every matrix decoded to a dense weight
     aliases: dict[str, str] = field(default_factory=dict)  # tied untouched keys -> kept key
+    storage_dtype: str = "float32"  # of the floating tensors in the file (integers stay)
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write the artifact folder (atomically)."""
@@ -143,6 +145,7 @@ class WeightsFile(_Strict):
 
 class Manifest(_Strict):
     format: Literal["aecompress-artifact"]
+    storage_dtype: Literal["float32", "bfloat16", "float16"]
     format_version: int
     aecompress_version: str
     base_model: str
@@ -210,6 +213,7 @@ def build_manifest(cm: CompressedModel, untouched: dict[str, torch.Tensor]) -> d
         "auto_class": cm.auto_class,
         "base_weights_sha256": cm.base_sha256,
         "recipe": cm.recipe,
+        "storage_dtype": cm.storage_dtype,
         "tied_output": cm.tied_output,
         "aliases": cm.aliases,
         "groups": [group_entry(g) for g in cm.groups],
@@ -243,6 +247,8 @@ def save_artifact(cm: CompressedModel, path: str | Path) -> Path:
     for fitted in cm.groups:
         for key, tensor in fitted.stored.tensors().items():
             tensors[f"{PREFIX}{fitted.group.name}.{key}"] = tensor.detach().contiguous()
+    dtype = STORAGE_DTYPES[cm.storage_dtype]
+    tensors = {k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}
     manifest = build_manifest(cm, untouched)
     work = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
@@ -257,8 +263,10 @@ def save_artifact(cm: CompressedModel, path: str | Path) -> Path:
             "bytes": (work / WEIGHTS).stat().st_size,
             "sha256": _file_sha256(work / WEIGHTS),
         }
-        manifest["totals"]["artifact_bytes"] = manifest["weights_file"]["bytes"]
-        manifest["totals"]["dense_fp32_bytes"] = 4 * manifest["totals"]["model_params_dense"]
+        totals = manifest["totals"]
+        totals["artifact_bytes"] = manifest["weights_file"]["bytes"]
+        totals["dense_fp32_bytes"] = 4 * totals["model_params_dense"]
+        totals["dense_storage_dtype_bytes"] = dtype.itemsize * totals["model_params_dense"]
         (work / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         work.chmod(0o755)
         _swap_into_place(work, path)
@@ -446,6 +454,7 @@ def load_compressed(path: str | Path, decode: bool = False) -> CompressedModel:
     manifest = load_manifest(path)
     tensors = read_weights(path, manifest)
     check_groups(manifest, {k: list(t.shape) for k, t in tensors.items()})
+    tensors = {k: t.float() if t.is_floating_point() else t for k, t in tensors.items()}
     try:
         config = transformers.AutoConfig.from_pretrained(str(path))
     except (OSError, ValueError) as error:
@@ -478,10 +487,27 @@ def load_compressed(path: str | Path, decode: bool = False) -> CompressedModel:
         tied_output=manifest.tied_output,
         decoded=decode,
         aliases=manifest.aliases,
+        storage_dtype=manifest.storage_dtype,
     )
     _load_untouched(cm, tensors)
     model.eval()
     return cm
+
+
+def round_to_storage(cm: CompressedModel, dtype_name: str) -> None:
+    """Give every floating tensor of the model the precision it will be stored with (kept
+    in its own dtype), so that the model in memory computes what the artifact will."""
+    cm.storage_dtype = dtype_name
+    dtype = STORAGE_DTYPES[dtype_name]
+    tensors = list(cm.model.state_dict(keep_vars=True).values())  # what is saved
+    tensors += [t for g in cm.groups for t in g.stored.tensors().values()]
+    with torch.no_grad():
+        for tensor in {id(t): t for t in tensors}.values():
+            if tensor.is_floating_point() and tensor.dtype != dtype:
+                tensor.copy_(tensor.to(dtype))
+    for fitted in cm.groups:  # modules decoded from the stored tensors: decode them again
+        tied = cm.tied_output if fitted.group.family == "embed" else None
+        inject(cm.model, fitted.group, fitted.method, fitted.stored, tied)
 
 
 def _first_line(error: BaseException) -> str:

@@ -7,10 +7,10 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from aecompress.artifact import CompressedModel
+from aecompress.artifact import CompressedModel, round_to_storage
 from aecompress.budget import check_ratio
 from aecompress.errors import AecompressError
-from aecompress.models import LoadedModel, auto_class_for, load_model, weights_sha256
+from aecompress.models import LoadedModel, auto_class_for, is_causal_lm, load_model, weights_sha256
 from aecompress.pipeline.allocate import allocate
 from aecompress.pipeline.independent import run_independent
 from aecompress.pipeline.plan import PlannedGroup, plan_groups
@@ -81,7 +81,7 @@ def compress(
         )
     else:
         groups = run_independent(model, tokenizer, planned, **common)
-    return CompressedModel(
+    compressed = CompressedModel(
         model,
         tokenizer,
         recipe.model_dump(mode="json"),
@@ -91,3 +91,13 @@ def compress(
         base_sha256=base_sha256,
         tied_output=tied,
     )
+    round_to_storage(compressed, storage_dtype(recipe, model))
+    return compressed
+
+
+def storage_dtype(recipe: Recipe, model: PreTrainedModel) -> str:
+    """The recipe's storage dtype; `auto` is bfloat16 for causal LMs (measured to move
+    WikiText-2 validation perplexity by less than 0.5%), float32 otherwise."""
+    if recipe.storage_dtype != "auto":
+        return recipe.storage_dtype
+    return "bfloat16" if is_causal_lm(model) else "float32"

@@ -92,6 +92,7 @@ class Recipe(BaseModel):
     sequential: SequentialConfig = SequentialConfig()
     refine: RefineConfig = RefineConfig()
     allocate: Literal["uniform", "sensitivity"] = "uniform"
+    storage_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     untie_embeddings: bool = False
     seed: int = 0
     calibration: CalibrationConfig = CalibrationConfig()

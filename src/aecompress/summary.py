@@ -13,6 +13,7 @@ from typing import Any
 
 from aecompress.artifact import (
     PREFIX,
+    STORAGE_DTYPES,
     GroupEntry,
     Manifest,
     check_groups,
@@ -52,6 +53,8 @@ def artifact_facts(path: str | Path) -> dict[str, Any]:
         "model_params_dense": artifact - stored + target,
         "artifact_bytes": manifest.weights_file.bytes,
         "dense_fp32_bytes": 4 * (artifact - stored + target),
+        "dense_storage_dtype_bytes": STORAGE_DTYPES[manifest.storage_dtype].itemsize
+        * (artifact - stored + target),
     }
     return data
 
@@ -144,7 +147,10 @@ def describe_artifact(path: str | Path, per_matrix: bool = False) -> str:
         f"ratio {t['ratio']:.3f}",
         f"whole model: {t['model_params_dense']:,} -> {t['model_params_artifact']:,} "
         f"parameters, ratio {t['model_params_dense'] / t['model_params_artifact']:.3f}",
-        f"bytes: dense fp32 {t['dense_fp32_bytes']:,} -> {manifest.weights_file.name} "
-        f"{t['artifact_bytes']:,} (ratio {t['dense_fp32_bytes'] / t['artifact_bytes']:.3f})",
+        f"bytes ({manifest.storage_dtype} stored): {manifest.weights_file.name} "
+        f"{t['artifact_bytes']:,}; dense fp32 {t['dense_fp32_bytes']:,} (ratio "
+        f"{t['dense_fp32_bytes'] / t['artifact_bytes']:.3f}); dense {manifest.storage_dtype} "
+        f"{t['dense_storage_dtype_bytes']:,} (ratio "
+        f"{t['dense_storage_dtype_bytes'] / t['artifact_bytes']:.3f})",
     ]
     return "\n".join(lines)

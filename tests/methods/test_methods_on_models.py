@@ -44,7 +44,7 @@ def compress(tiny: LoadedModel, method: str, targets: str, ratio: float, **field
 
 
 @pytest.mark.parametrize("method", METHOD_NAMES)
-@pytest.mark.parametrize("ratio", [1.25, 3.0])
+@pytest.mark.parametrize("ratio", [1.25, 1.6])
 def test_every_method_stores_what_its_width_costs_and_the_width_is_tight(
     tokenizer, method: str, ratio: float
 ):
@@ -73,13 +73,13 @@ def test_every_method_stores_what_its_width_costs_and_the_width_is_tight(
 def test_every_method_round_trips_through_the_artifact(
     tiny: LoadedModel, method: str, tmp_path: Path
 ):
-    targets = "embed,k,o,gate"
+    targets = "embed,q,o,gate"
     try:
-        plan_groups(tiny.model, Recipe(method=method, ratio=2, targets=targets))
+        plan_groups(tiny.model, Recipe(method=method, ratio=1.6, targets=targets))
     except AecompressError as error:  # a method may refuse embeddings, before any work
         assert "embedding" in str(error)
-        targets = "k,o,gate"
-    cm = compress(tiny, method, targets, 2.0)
+        targets = "q,o,gate"
+    cm = compress(tiny, method, targets, 1.6)
     ids = torch.randint(0, 30522, (2, 10), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         before = cm.model(input_ids=ids).logits

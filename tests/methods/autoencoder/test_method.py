@@ -21,7 +21,7 @@ from aecompress.modules import DecodedEmbedding, DecodedLinear
 from tests.methods.helpers import fit as fit_method
 from tests.methods.helpers import spec_of
 
-QUICK = {"epochs": 2, "batch_size": 64}
+QUICK = {"epochs": 2, "batch_size": 64, "decoder": [2, 4]}  # the embeddings' default
 
 
 def matrices(count: int, rows: int = 40, cols: int = 24, seed: int = 0) -> list[torch.Tensor]:
@@ -56,7 +56,7 @@ def svd_basis(rows: torch.Tensor, x: int) -> torch.Tensor:
     ("rows", "cols", "ratio"), [(30522, 384, 10), (768, 768, 3), (40, 24, 2), (5000, 64, 25)]
 )
 def test_latent_width_fits_the_budget_and_is_tight(options, rows, cols, ratio):
-    opts = AutoencoderOptions(**options)
+    opts = AutoencoderOptions(**options).for_kind("embedding")
     budget = rows * cols / ratio
     if stored_cost(opts, rows, cols, 1) > budget:
         with pytest.raises(AecompressError, match="ratio is too large"):
@@ -72,7 +72,7 @@ def test_stored_numbers_match_the_accounting_and_the_budget():
     _, stored, budget = fit({}, mats)
     x = stored.width
     numel = sum(t.numel() for t in stored.tensors().values())
-    assert numel == stored_cost(AutoencoderOptions(), 120, 24, x) <= budget
+    assert numel == stored_cost(AutoencoderOptions(decoder=[2, 4]), 120, 24, x) <= budget
     assert stored.info["decoder"] == [x, 2 * x, 4 * x, 24]
     assert stored.info["encoder"] == [24, 8 * x, 4 * x, x]
 
@@ -220,7 +220,11 @@ def test_skip_decoder_starts_at_the_svd_and_counts_its_path():
     x = stored.width
     assert stored.shared["skip"].shape == (24, x) and stored.info["skip"]
     numel = sum(t.numel() for t in stored.tensors().values())
-    assert numel == stored_cost(AutoencoderOptions(skip=True, norm=False), 80, 24, x) <= budget
+    assert (
+        numel
+        == stored_cost(AutoencoderOptions(decoder=[2, 4], skip=True, norm=False), 80, 24, x)
+        <= budget
+    )
     basis = svd_basis(torch.cat(mats), x)  # the MLP starts at zero: W V V^T
     torch.testing.assert_close(method.reconstruct(stored, 1), mats[1] @ basis @ basis.T)
 
@@ -338,3 +342,17 @@ def test_data_aware_ae_measures_each_layer_of_a_stack_in_its_own_inputs():
         projected = weight @ basis @ decode.T  # codes from the pooled projection
         error = torch.linalg.matrix_norm((weight - estimate) @ factor)
         assert error < torch.linalg.matrix_norm((weight - projected) @ factor)
+
+
+def test_the_default_decoder_depends_on_the_kind_of_matrix():
+    """Embeddings: hidden sizes 2x, 4x (the paper's); layers: 16 hidden units."""
+    table, layer = (
+        AutoencoderOptions().for_kind("embedding"),
+        AutoencoderOptions().for_kind("linear"),
+    )
+    assert (table.decoder, table.sizes) == ([2.0, 4.0], "relative")
+    assert (layer.decoder, layer.sizes) == ([16.0], "absolute")
+    given = AutoencoderOptions(decoder=[3]).for_kind("linear")
+    assert (given.decoder, given.sizes) == ([3.0], "relative")
+    _, stored, _ = fit_method("ae", matrices(1, rows=64, cols=32), ratio=2, options={"epochs": 1})
+    assert stored.info["decoder"] == [stored.width, 16, 32]

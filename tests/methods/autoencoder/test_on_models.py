@@ -12,7 +12,7 @@ from aecompress.modules import DecodedEmbedding, DecodedLinear
 from aecompress.summary import describe_artifact
 from tests.conftest import make_tiny
 
-QUICK = {"epochs": 2, "batch_size": 32, "row_weights": "none"}
+QUICK = {"epochs": 2, "batch_size": 32, "row_weights": "none", "decoder": [2, 4]}
 FAMILIES = {
     "bert": ["embed", "q", "k", "v", "o", "up", "down"],
     "gpt2": ["embed", "q", "k", "v", "o", "up", "down"],
@@ -137,7 +137,7 @@ def test_default_row_weights_are_token_counts_for_embeddings(tokenizer, tmp_path
     cm = aecompress.compress(
         make_tiny("bert", vocab=tokenizer.vocab_size),
         method="ae",
-        options={"epochs": 1},
+        options={"epochs": 1, "decoder": [2, 4]},
         ratio=4,
         targets=["embed", "k"],
         tokenizer=tokenizer,

@@ -73,7 +73,9 @@ class Autoencoder(Method):
 
     def cost(self, width: Width, spec: GroupSpec) -> int:
         assert isinstance(width, int)
-        return stored_cost(self.options, spec.count * spec.rows, spec.cols, width)
+        return stored_cost(
+            self.options.for_kind(spec.kind), spec.count * spec.rows, spec.cols, width
+        )
 
     def allocation_proxy(self) -> Method:
         """Its starting point, the (row-weighted) SVD: training is too slow to score sizes."""
@@ -95,7 +97,8 @@ class Autoencoder(Method):
 
     def fit(self, matrices: Sequence[torch.Tensor], width: Width, context: FitContext) -> Stored:
         assert isinstance(width, int)
-        options, spec, x = self.options, context.spec, width
+        spec, x = context.spec, width
+        options = self.options.for_kind(spec.kind)
         stacked = torch.cat([m.detach().float() for m in matrices])
         kind = self.row_weight_kind(spec)
         weights = None if kind == "none" else row_weights(kind, context).float()

@@ -24,6 +24,7 @@ PAPER_PRESET: dict[str, Any] = {
     "init": "random",
     "encoder": [8, 4],
     "decoder": [2, 4],
+    "sizes": "relative",
     "epochs": 30,
     "batch_size": 16,
     "lr": 1e-3,
@@ -38,16 +39,27 @@ PAPER_PRESET: dict[str, Any] = {
 }
 PRESETS: dict[str, dict[str, Any]] = {"fast": {}, "paper": PAPER_PRESET}
 
+# The decoder of each kind of matrix when none is given, as (hidden sizes, sizes). Rows of a
+# tall embedding share the decoder, whose cost is nothing next to their codes; a layer's
+# matrix has few rows, so a wide decoder would eat its budget (WikiText-2 validation on
+# SmolLM2, benchmarks/results/compensation.md).
+DEFAULT_DECODERS: dict[str, tuple[list[float], Literal["relative", "absolute"]]] = {
+    "embedding": ([2.0, 4.0], "relative"),
+    "linear": ([16.0], "absolute"),
+}
+
 
 class AutoencoderOptions(MethodOptions):
     """Options of `--method ae`. Field defaults are the `fast` preset; `preset: paper`
     replaces every option not given explicitly by the paper's value (PAPER_PRESET)."""
 
     preset: Literal["fast", "paper"] = "fast"
-    # Architecture. Hidden sizes (empty list: a single Linear, no activation = linear).
+    # Architecture. Hidden sizes (empty list: a single Linear, no activation = linear),
+    # multiples of x (relative) or absolute; the decoder's default depends on the kind of
+    # matrix (DEFAULT_DECODERS: measured on validation data).
     encoder: list[float] = Field(default_factory=lambda: [8.0, 4.0])
-    decoder: list[float] = Field(default_factory=lambda: [2.0, 4.0])
-    sizes: Literal["relative", "absolute"] = "relative"  # hidden sizes: multiples of x or not
+    decoder: list[float] | None = None
+    sizes: Literal["relative", "absolute"] | None = None
     activation: Literal["leaky_relu", "relu", "gelu", "silu", "tanh"] = "leaky_relu"
     negative_slope: float = Field(0.01, ge=0)
     output: Literal["tanh", "none"] = "tanh"  # after a non-linear decoder's last layer
@@ -95,7 +107,7 @@ class AutoencoderOptions(MethodOptions):
     @model_validator(mode="after")
     def _check(self) -> AutoencoderOptions:
         for side in ("encoder", "decoder"):
-            sizes = getattr(self, side)
+            sizes = getattr(self, side) or []
             if any(not s > 0 for s in sizes):
                 raise ValueError(f"{side} hidden sizes must be positive (got {sizes})")
             if self.sizes == "absolute" and any(s != int(s) for s in sizes):
@@ -103,6 +115,14 @@ class AutoencoderOptions(MethodOptions):
         if self.trainer == "autoencoder" and self.init == "svd" and (self.encoder or self.decoder):
             raise ValueError("init: svd needs a linear autoencoder (encoder: [], decoder: [])")
         return self
+
+    def for_kind(self, kind: str) -> AutoencoderOptions:
+        """These options with the decoder (and its sizes) of the kind of matrix filled in
+        where they were not given."""
+        decoder, sizes = DEFAULT_DECODERS[kind]
+        if self.decoder is not None:
+            decoder, sizes = self.decoder, self.sizes or "relative"
+        return self.model_copy(update={"decoder": decoder, "sizes": self.sizes or sizes})
 
     @property
     def has_skip(self) -> bool:
@@ -123,8 +143,9 @@ class DataAwareOptions(AutoencoderOptions):
     ridge: float = Field(1e-4, ge=0)
 
 
-def hidden_widths(sizes: Sequence[float], x: int, mode: str) -> list[int]:
+def hidden_widths(sizes: Sequence[float] | None, x: int, mode: str | None) -> list[int]:
     """Hidden layer widths: multiples of x (rounded, at least 1) or absolute."""
+    assert sizes is not None, "resolve the options with for_kind first"
     if mode == "absolute":
         return [int(s) for s in sizes]
     return [max(1, round(s * x)) for s in sizes]

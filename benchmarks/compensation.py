@@ -1,0 +1,276 @@
+"""Issue 10's benchmark: methods that compensate their own error, at equal stored size.
+
+SmolLM2-135M with its MLP matrices (or all linear layers) compressed by each row's recipe:
+WikiText-2 test perplexity (16 x 512) for every cell, ARC-Easy and PIQA (first 200) for the
+rows marked `zero_shot`, wall time and peak resident memory of each cell, the dense model
+measured in the same run. Each cell runs in its own process (peak RSS is the cell's own)
+on a fp32 copy of the model written once; results are appended to a JSONL file as they
+finish, so an interrupted run resumes where it stopped.
+
+    PYTHONPATH=src python benchmarks/compensation.py --out benchmarks/results/compensation
+    PYTHONPATH=src python benchmarks/compensation.py --rows sparsegpt:seq --ratios 1.25 --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+MLP = "up,gate,down"
+LINEAR = "q,k,v,o,up,gate,down"
+ZERO_SHOT = ("arc-easy", "piqa")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One recipe of the table (fields of aecompress.Recipe besides ratio and targets)."""
+
+    name: str
+    recipe: dict[str, Any]
+    zero_shot: bool = False  # also ARC-Easy and PIQA (first 200)
+    ratios: tuple[float, ...] | None = None  # None: every ratio of the run
+
+
+def row(name: str, method: str, zero_shot: bool = False, **fields: Any) -> Row:
+    ratios = fields.pop("ratios", None)
+    return Row(name, {"method": method, **fields}, zero_shot, ratios)
+
+
+SEQ = {"pipeline": "sequential"}
+IND = {"pipeline": "independent"}
+REFINE = {"refine": {"steps": 40}}
+ROWS = [
+    # factorisations, as before (independent) and compensated (sequential)
+    row("svd", "svd", **IND),
+    row("fwsvd", "fwsvd", **IND, ratios=(1.25,)),
+    row("asvd", "asvd", **IND, ratios=(1.25,)),
+    row("svdllm", "svdllm", **IND),
+    row("svdllm:seq", "svdllm", **SEQ),
+    row("svdllm:seq+refine", "svdllm", zero_shot=True, **SEQ, **REFINE),
+    row("svdllm:seq+alloc", "svdllm", **SEQ, allocate="sensitivity"),
+    row("shared-basis:2", "shared-basis", group="layers:2", **IND),
+    row("shared-basis:2:seq", "shared-basis", group="layers:2", **SEQ),
+    # the AE
+    row("ae", "ae", **IND, ratios=(1.25,)),
+    row("ae-data", "ae-data", **IND),
+    row("ae-data:seq", "ae-data", **SEQ),
+    row("ae-data:seq+refine", "ae-data", zero_shot=True, **SEQ, **REFINE),
+    row("ae-data:2:seq", "ae-data", group="layers:2", **SEQ),
+    # sparse
+    row("prune", "prune", **IND),
+    row("prune:seq+refine", "prune", **SEQ, **REFINE),
+    row("wanda:seq", "wanda", **SEQ),
+    row("sparsegpt", "sparsegpt", **IND),
+    row("sparsegpt:seq", "sparsegpt", zero_shot=True, **SEQ),
+    row("sparsegpt:seq+refine", "sparsegpt", zero_shot=True, **SEQ, **REFINE),
+    row("sparsegpt:seq+alloc", "sparsegpt", **SEQ, allocate="sensitivity"),
+    # sparse + low rank
+    row("sparse-lowrank:seq", "sparse-lowrank", zero_shot=True, **SEQ),
+    row("sparse-lowrank(ae):seq", "sparse-lowrank", options={"lowrank": "ae-data"}, **SEQ),
+    row("sparse-lowrank:seq+refine", "sparse-lowrank", zero_shot=True, **SEQ, **REFINE),
+]
+
+
+ROW_ORDER = {entry.name: index for index, entry in enumerate(ROWS)}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", nargs="+", default=[r.name for r in ROWS])
+    parser.add_argument("--ratios", type=float, nargs="+", default=[1.25, 1.67, 2.5])
+    parser.add_argument("--targets", default=MLP, help=f"{MLP} (MLPs) or {LINEAR} (all linear)")
+    parser.add_argument("--split", default="test", choices=["test", "validation"])
+    parser.add_argument("--windows", type=int, default=16)
+    parser.add_argument("--limit", type=int, default=200, help="zero-shot: first N items")
+    parser.add_argument("--quick", action="store_true", help="4 windows, no zero-shot")
+    parser.add_argument("--out", type=Path, help="folder for results.jsonl and report.md")
+    parser.add_argument("--cell", help=argparse.SUPPRESS)  # internal: run one cell
+    args = parser.parse_args()
+    if args.quick:
+        args.windows = 4
+    unknown = set(args.rows) - {r.name for r in ROWS} - {"dense"}
+    if unknown:
+        parser.error(f"unknown rows {sorted(unknown)}: use {[r.name for r in ROWS]}")
+    return args
+
+
+def fp32_copy(folder: Path) -> Path:
+    """SmolLM2-135M de-quantised once into a plain fp32 folder (fast to load per cell)."""
+    import transformers
+
+    from aecompress.models import load_model
+
+    if (folder / "config.json").is_file():
+        return folder
+    loaded = load_model("smollm2-135m")
+    config = loaded.model.config.to_dict()
+    config.pop("quantization_config", None)
+    plain = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config))
+    plain.load_state_dict(loaded.model.state_dict())
+    plain.save_pretrained(folder)
+    assert loaded.tokenizer is not None
+    loaded.tokenizer.save_pretrained(folder)
+    return folder
+
+
+def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
+    """In this process: load, compress (unless dense), evaluate; times and peak RSS."""
+    import aecompress
+    from aecompress.evaluation.tasks import run_task
+    from aecompress.models import load_model
+
+    loaded = load_model(cell["model"])
+    start = time.perf_counter()
+    ratio = None
+    if cell["recipe"] is not None:
+        recipe = {**cell["recipe"], "ratio": cell["ratio"], "targets": cell["targets"]}
+        compressed = aecompress.compress(loaded, progress=False, **recipe)
+        ratio = compressed.totals()["ratio"]
+    compress_seconds = time.perf_counter() - start
+    peak_compress = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    metrics: dict[str, Any] = {}
+    wikitext = {"split": cell["split"], "windows": cell["windows"], "seq_len": 512}
+    metrics["wikitext2"] = run_task(
+        "wikitext2", loaded.model, loaded.tokenizer, progress=False, **wikitext
+    ).metrics["perplexity"]
+    for task in cell["zero_shot"]:
+        result = run_task(task, loaded.model, loaded.tokenizer, progress=False, limit=cell["limit"])
+        metrics[task] = result.metrics["acc_norm"]
+    return {
+        **cell,
+        "stored_ratio": ratio,
+        "metrics": metrics,
+        "compress_seconds": round(compress_seconds, 1),
+        "peak_rss_mb_compress": peak_compress,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def cells(args: argparse.Namespace, model: str) -> list[dict[str, Any]]:
+    zero_shot = [] if args.quick else list(ZERO_SHOT)
+    base = {"model": model, "split": args.split, "windows": args.windows, "limit": args.limit}
+    dense = {"row": "dense", "recipe": None, "ratio": None, "targets": None}
+    found = [{**base, **dense, "zero_shot": zero_shot}]
+    for ratio in args.ratios:
+        for entry in ROWS:
+            if entry.name not in args.rows or (entry.ratios and ratio not in entry.ratios):
+                continue
+            found.append(
+                {
+                    **base,
+                    "row": entry.name,
+                    "recipe": entry.recipe,
+                    "ratio": ratio,
+                    "targets": args.targets,
+                    "zero_shot": zero_shot if entry.zero_shot else [],
+                }
+            )
+    return found
+
+
+IDENTITY = ("row", "recipe", "ratio", "targets", "split", "windows", "limit", "zero_shot")
+
+
+def key(cell: dict[str, Any]) -> str:
+    """What makes a cell itself (not where the model was copied to)."""
+    return json.dumps({k: cell[k] for k in IDENTITY}, sort_keys=True)
+
+
+def machine() -> str:
+    return (
+        f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads "
+        f"{os.environ.get('OMP_NUM_THREADS', 'default')}, Python {platform.python_version()}"
+    )
+
+
+def report(records: list[dict[str, Any]], args: argparse.Namespace, began: str) -> str:
+    dense = next((r for r in records if r["row"] == "dense"), None)
+    lines = [
+        f"# Compensation benchmark: smollm2-135m, targets {args.targets}",
+        "",
+        f"- started: {began}; machine: {machine()}; load average now "
+        f"{' / '.join(f'{x:.1f}' for x in os.getloadavg())} (other processes may share the CPUs)",
+        f"- command: `PYTHONPATH=src python benchmarks/compensation.py {' '.join(sys.argv[1:])}`",
+        f"- WikiText-2 raw {args.split}, first {args.windows} windows of 512 tokens; zero-shot "
+        f"acc_norm on the first {args.limit} items (ARC-Easy test, PIQA validation); calibration "
+        "64 x 256 WikiText-2 train tokens, seed 0; every choice of setting made on validation",
+        "- stored ratio counts every stored number of the compressed groups, positions included;"
+        " seconds: compression alone; peak RSS: the cell's own process",
+        "",
+        "| row | ratio | stored ratio | ppl | arc-easy | piqa | compress s | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    if dense is not None:
+        m = dense["metrics"]
+        lines.append(
+            f"| dense | - | - | {m['wikitext2']:.2f} | {_acc(m, 'arc-easy')} | "
+            f"{_acc(m, 'piqa')} | - | {dense['peak_rss_mb']} |"
+        )
+    compressed = [r for r in records if r["row"] != "dense"]
+    for r in sorted(compressed, key=lambda r: (r["ratio"], ROW_ORDER.get(r["row"], 0))):
+        if "error" in r:
+            lines.append(f"| {r['row']} | {r['ratio']} | failed: {r['error']} | | | | | |")
+            continue
+        m = r["metrics"]
+        lines.append(
+            f"| {r['row']} | {r['ratio']} | {r['stored_ratio']:.4f} | {m['wikitext2']:.2f} | "
+            f"{_acc(m, 'arc-easy')} | {_acc(m, 'piqa')} | {r['compress_seconds']:.0f} | "
+            f"{r['peak_rss_mb_compress']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _acc(metrics: dict[str, Any], task: str) -> str:
+    return f"{100 * metrics[task]:.1f}" if task in metrics else "-"
+
+
+def main() -> None:
+    args = parse_args()
+    if args.cell:
+        print(json.dumps(run_cell(json.loads(args.cell))), flush=True)
+        return
+    out = args.out or Path(tempfile.mkdtemp(prefix="compensation-"))
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / "results.jsonl"
+    began = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    model = str(fp32_copy(Path(tempfile.gettempdir()) / "aecompress-smollm2-fp32"))
+    done = {}
+    if results.is_file():
+        for line in results.read_text().splitlines():
+            record = json.loads(line)
+            if "error" not in record:
+                done[key(record)] = record
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    for cell in cells(args, model):
+        identity = key(cell)
+        if identity in done:
+            continue
+        command = [sys.executable, __file__, "--cell", json.dumps(cell)]
+        finished = subprocess.run(command, capture_output=True, text=True, env=env)
+        if finished.returncode == 0:
+            record = json.loads(finished.stdout.strip().splitlines()[-1])
+        else:
+            record = {**cell, "error": finished.stderr.strip().splitlines()[-1][:200]}
+        with results.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        done[identity] = record
+        shown = ("row", "ratio", "metrics", "compress_seconds", "error")
+        print(json.dumps({k: record.get(k) for k in shown}), flush=True)
+    (out / "report.md").write_text(report(list(done.values()), args, began))
+    print(f"wrote {out / 'report.md'}")
+
+
+if __name__ == "__main__":
+    main()
