@@ -248,7 +248,7 @@ def save_artifact(cm: CompressedModel, path: str | Path) -> Path:
         for key, tensor in fitted.stored.tensors().items():
             tensors[f"{PREFIX}{fitted.group.name}.{key}"] = tensor.detach().contiguous()
     dtype = STORAGE_DTYPES[cm.storage_dtype]
-    tensors = {k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}
+    tensors = {k: (t.to(dtype) if t.is_floating_point() else t).cpu() for k, t in tensors.items()}
     manifest = build_manifest(cm, untouched)
     work = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:

@@ -34,7 +34,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from aecompress.data import wikitext2_text
 from aecompress.errors import AecompressError
-from aecompress.models import is_causal_lm, is_masked_lm
+from aecompress.models import is_causal_lm, is_masked_lm, model_device
 from aecompress.targets import Target, dense_weight
 
 ACTIVATION_STATISTICS = frozenset({"xtx", "abs_mean", "counts"})
@@ -138,7 +138,7 @@ def _lm_loss(
         return model(input_ids=batch, labels=batch).loss
     if is_masked_lm(model):
         mask_id = model.config.to_dict().get("mask_token_id") or 103
-        chosen = torch.rand(batch.shape, generator=generator) < 0.15
+        chosen = (torch.rand(batch.shape, generator=generator) < 0.15).to(batch.device)
         labels = torch.where(chosen, batch, torch.full_like(batch, -100))
         return model(input_ids=torch.where(chosen, mask_id, batch), labels=labels).loss
     raise AecompressError(
@@ -232,7 +232,7 @@ def _collect_gradients(
         with _output_gradient_hooks(model, targets, outputs):
             for sequence in tqdm(windows, desc="calibration gradients", disable=not progress):
                 model.zero_grad(set_to_none=True)
-                _lm_loss(model, sequence[None], generator).backward()
+                _lm_loss(model, sequence[None].to(model_device(model)), generator).backward()
                 _accumulate_weight_gradients(weights, targets, needed, stats)
         for target in targets:
             if "out_fisher" in needed and target.path in outputs:
@@ -265,7 +265,7 @@ def collect_statistics(
         batches = windows.split(config.batch_size)
         with torch.inference_mode(), _input_hooks(model, targets, by_path):
             for batch in tqdm(batches, desc="calibration activations", disable=not progress):
-                model(input_ids=batch)
+                model(input_ids=batch.to(model_device(model)))
         for entry in {id(e): e for e in by_path.values()}.values():
             if entry.abs_mean is not None:
                 entry.abs_mean = entry.abs_mean / entry.tokens

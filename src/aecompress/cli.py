@@ -75,6 +75,19 @@ def compress(
         Path | None, typer.Option(help="YAML recipe; command-line flags are ignored")
     ] = None,
     untie_embeddings: Annotated[bool, typer.Option(help="keep a tied output head dense")] = False,
+    pipeline: Annotated[
+        str, typer.Option(help="auto | independent | sequential (compensates upstream error)")
+    ] = "auto",
+    refine: Annotated[
+        int, typer.Option(help="Adam steps per block on its output error (sequential)")
+    ] = 0,
+    allocate: Annotated[
+        str, typer.Option(help="uniform | sensitivity (per-matrix ratios, same total)")
+    ] = "uniform",
+    storage_dtype: Annotated[
+        str, typer.Option(help="auto | float32 | bfloat16 | float16 (stored floats)")
+    ] = "auto",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
 ) -> None:
     """Compress MODEL and write an artifact folder."""
@@ -95,6 +108,11 @@ def compress(
                 "targets": targets if targets or "=" in method else "embed",
                 "group": group,
                 "untie_embeddings": untie_embeddings,
+                "pipeline": pipeline,
+                "refine": refine,
+                "allocate": allocate,
+                "storage_dtype": storage_dtype,
+                "device": device,
                 "seed": seed,
             }
         )

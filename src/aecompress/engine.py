@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
+from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from aecompress.artifact import CompressedModel, round_to_storage
 from aecompress.budget import check_ratio
 from aecompress.errors import AecompressError
-from aecompress.models import LoadedModel, auto_class_for, is_causal_lm, load_model, weights_sha256
+from aecompress.models import (
+    LoadedModel,
+    auto_class_for,
+    is_causal_lm,
+    load_model,
+    resolve_device,
+    weights_sha256,
+)
 from aecompress.pipeline.allocate import allocate
 from aecompress.pipeline.independent import run_independent
 from aecompress.pipeline.plan import PlannedGroup, plan_groups
@@ -51,8 +59,10 @@ def compress(
         tokenizer = tokenizer or model.tokenizer
         source, auto_class = model.source, model.auto_class
         model = model.model
+    device = resolve_device(recipe.device)
     torch.manual_seed(recipe.seed)
     base_sha256 = weights_sha256(model)
+    cast(nn.Module, model).to(device)
     if recipe.untie_embeddings:
         untie_embeddings(model)
     planned = plan_groups(model, recipe)

@@ -171,3 +171,29 @@ def weights_sha256(model: nn.Module) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
     return digest.hexdigest()
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` (a CUDA device when there is one, else the CPU), `cpu`, `cuda` or `cuda:N`;
+    a device this machine lacks is a one-line error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise AecompressError(f"unknown device '{name}': use auto, cpu, cuda or cuda:N") from error
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise AecompressError(f"device {name}: no CUDA device is available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise AecompressError(
+                f"device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    elif device.type != "cpu":
+        raise AecompressError(f"unknown device '{name}': use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's parameters are (the CPU for a model without any)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))

@@ -93,6 +93,7 @@ class Recipe(BaseModel):
     refine: RefineConfig = RefineConfig()
     allocate: Literal["uniform", "sensitivity"] = "uniform"
     storage_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "auto"  # auto (CUDA when there is one), cpu, cuda, cuda:N
     untie_embeddings: bool = False
     seed: int = 0
     calibration: CalibrationConfig = CalibrationConfig()

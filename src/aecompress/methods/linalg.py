@@ -114,7 +114,7 @@ def whitening(xtx: torch.Tensor, ridge: float = 1e-4) -> tuple[torch.Tensor, tor
     if not torch.isfinite(xtx).all():
         raise AecompressError("X^T X has NaN or infinite entries: cannot whiten")
     size = xtx.shape[0]
-    eye = torch.eye(size, dtype=torch.float64)
+    eye = torch.eye(size, dtype=torch.float64, device=xtx.device)
     mean = (torch.trace(xtx) / size).item()
     if mean <= 0:
         logger.warning("X^T X is zero (input never seen): whitening with the identity")

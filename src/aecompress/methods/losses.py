@@ -51,7 +51,9 @@ def reconstruction_loss(
     RMSE is the square root of the (weighted) mean squared element error.
     """
     if row_weights is None:
-        weights = torch.full((target.shape[0],), 1 / target.shape[0], dtype=target.dtype)
+        weights = torch.full(
+            (target.shape[0],), 1 / target.shape[0], dtype=target.dtype, device=target.device
+        )
     else:
         weights = row_weights / row_weights.sum()
     error = target - decoded

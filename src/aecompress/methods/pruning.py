@@ -37,16 +37,18 @@ BITS = 32  # positions are packed into int32 words
 
 
 def pack_bits(bits: torch.Tensor) -> torch.Tensor:
-    """A flat bool tensor [N] packed little-endian into int32 words [ceil(N/32)]."""
-    packed = np.packbits(bits.numpy().astype(np.uint8), bitorder="little")
+    """A flat bool tensor [N] packed little-endian into int32 words [ceil(N/32)] (on the
+    tensor's device)."""
+    packed = np.packbits(bits.cpu().numpy().astype(np.uint8), bitorder="little")
     packed = np.pad(packed, (0, -packed.size % 4))
-    return torch.from_numpy(packed.view("<i4").copy())
+    return torch.from_numpy(packed.view("<i4").copy()).to(bits.device)
 
 
 def unpack_bits(words: torch.Tensor, size: int) -> torch.Tensor:
-    """The flat bool tensor [size] packed in `words` by pack_bits."""
-    raw = words.numpy().astype("<i4").view(np.uint8)
-    return torch.from_numpy(np.unpackbits(raw, bitorder="little")[:size].astype(bool))
+    """The flat bool tensor [size] packed in `words` by pack_bits (on their device)."""
+    raw = words.cpu().numpy().astype("<i4").view(np.uint8)
+    unpacked = np.unpackbits(raw, bitorder="little")[:size].astype(bool)
+    return torch.from_numpy(unpacked).to(words.device)
 
 
 def words(bits: int) -> int:
@@ -190,7 +192,8 @@ def encode_sparse(
         return {"values": kept, "indices": mask.reshape(-1).nonzero().squeeze(1).int()}
     assert n_m is not None
     places = mask.reshape(-1, n_m[1]).nonzero()[:, 1]  # each kept weight's place in its group
-    bits = ((places[:, None] >> torch.arange(math.ceil(math.log2(n_m[1])))) & 1).bool()
+    shifts = torch.arange(math.ceil(math.log2(n_m[1])), device=places.device)
+    bits = ((places[:, None] >> shifts) & 1).bool()
     return {"values": kept, "places": pack_bits(bits.reshape(-1))}
 
 
@@ -213,13 +216,13 @@ def positions(member: dict[str, torch.Tensor], layout: SparseLayout, kept: int) 
     n, m = layout.n_m
     width = math.ceil(math.log2(m))
     bits = unpack_bits(member["places"], kept * width).view(kept, width).long()
-    places = (bits << torch.arange(width)).sum(1)
-    return torch.arange(kept) // n * m + places
+    places = (bits << torch.arange(width, device=bits.device)).sum(1)
+    return torch.arange(kept, device=bits.device) // n * m + places
 
 
 def keep_largest(scores: torch.Tensor, kept: int) -> torch.Tensor:
     """A bool mask of the `kept` largest entries of `scores` (any shape)."""
-    mask = torch.zeros(scores.numel(), dtype=torch.bool)
+    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
     if kept:
         mask[scores.reshape(-1).topk(kept, sorted=False).indices] = True
     return mask.view(scores.shape)
@@ -263,7 +266,9 @@ def keep_largest_per_row(scores: torch.Tensor, kept: int) -> torch.Tensor:
     mask = torch.zeros_like(scores, dtype=torch.bool)
     order = scores.argsort(dim=1, descending=True)
     for count in sorted(set(split_evenly(kept, scores.shape[0]))):
-        rows = torch.tensor([c == count for c in split_evenly(kept, scores.shape[0])])
+        rows = torch.tensor(
+            [c == count for c in split_evenly(kept, scores.shape[0])], device=scores.device
+        )
         mask[rows] = mask[rows].scatter(1, order[rows, :count], True)
     return mask
 
@@ -348,11 +353,11 @@ def obs_prune(
     dead = gram.diagonal() == 0
     gram[dead, dead] = 1
     work[:, dead] = 0
-    gram += damp * gram.diagonal().mean() * torch.eye(cols, dtype=gram.dtype)
+    gram += damp * gram.diagonal().mean() * torch.eye(cols, dtype=gram.dtype, device=gram.device)
     inverse = torch.cholesky_inverse(torch.linalg.cholesky(gram))
     upper = torch.linalg.cholesky(inverse, upper=True).float()
     pruned_total = rows * cols - kept
-    pruned = torch.zeros(rows, cols, dtype=torch.bool)
+    pruned = torch.zeros(rows, cols, dtype=torch.bool, device=weight.device)
     for start in range(0, cols, block_size):
         end = min(start + block_size, cols)
         block, factor = work[:, start:end].clone(), upper[start:end, start:end]
@@ -361,7 +366,7 @@ def obs_prune(
         if n_m is None:
             share = round(pruned_total * end / cols) - round(pruned_total * start / cols)
             scores = block.pow(2) / diagonal.pow(2)
-            chosen = torch.zeros(block.numel(), dtype=torch.bool)
+            chosen = torch.zeros(block.numel(), dtype=torch.bool, device=block.device)
             if share:
                 chosen[scores.reshape(-1).topk(share, largest=False).indices] = True
             pruned[:, start:end] = chosen.view_as(block)

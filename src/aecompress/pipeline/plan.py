@@ -3,9 +3,10 @@ one function that fits a planned group and checks what it stored."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import nn
@@ -103,6 +104,8 @@ def fit_group(
     """Fit the planned method on `matrices` (the group's, or targets standing in for them),
     and check that it stored what its width costs, within budget, all finite."""
     method, spec = planned.method, planned.spec
+    if statistics is not None:  # where the matrices are (cached statistics are on the CPU)
+        statistics = [on_device(s, matrices[0].device) for s in statistics]
     context = FitContext(spec, planned.budget, seed, statistics, validate, progress)
     width = method.solve_width(matrices, context)
     stored = method.fit(matrices, width, context).as_parameters()
@@ -120,6 +123,16 @@ def fit_group(
                 "not saving them"
             )
     return fitted
+
+
+def on_device(statistics: TargetStatistics, device: torch.device) -> TargetStatistics:
+    """The statistics with every tensor on `device`."""
+    moved = copy.copy(statistics)
+    for field in fields(statistics):
+        value = getattr(statistics, field.name)
+        if isinstance(value, torch.Tensor):
+            setattr(moved, field.name, value.to(device))
+    return moved
 
 
 @contextmanager

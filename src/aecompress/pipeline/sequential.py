@@ -83,7 +83,8 @@ class Moments:
     def damped_gram(self, damp: float) -> torch.Tensor:
         assert self.gram is not None
         ridge = damp * self.gram.diagonal().mean().clamp_min(1e-12)
-        return self.gram + ridge * torch.eye(self.gram.shape[0], dtype=self.gram.dtype)
+        eye = torch.eye(self.gram.shape[0], dtype=self.gram.dtype, device=self.gram.device)
+        return self.gram + ridge * eye
 
     def statistics(self, damp: float) -> TargetStatistics:
         assert self.abs_sum is not None

@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from aecompress.models import model_device
+
 
 class _Stop(Exception):
     """Raised by a hook to end a forward pass once the inputs it needs are captured."""
@@ -55,7 +57,7 @@ def capture_block_inputs(
         with torch.no_grad():
             for batch in windows.split(batch_size):
                 try:
-                    model(input_ids=batch, use_cache=False)
+                    model(input_ids=batch.to(model_device(model)), use_cache=False)
                 except _Stop:
                     continue
     finally:

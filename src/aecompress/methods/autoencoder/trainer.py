@@ -129,7 +129,9 @@ class Trainer:
         self.validate = validate
         self.metric = metric
         count = 1 if metric is None else len(metric.factors)
-        self.member_of_row = torch.arange(rows.shape[0]) // (rows.shape[0] // count)
+        self.member_of_row = torch.arange(rows.shape[0], device=rows.device) // (
+            rows.shape[0] // count
+        )
         self.reference = rows if metric is None else metric.apply(rows, self.member_of_row)
         self.spec = options.spec()
         self.loss_weights = None if weights is None else weights.pow(options.row_weight_power)
@@ -143,7 +145,7 @@ class Trainer:
         self.skip: nn.Parameter | None = None
         if options.has_skip:
             bound = 1 / math.sqrt(x)
-            skip = (torch.rand(cols, x, generator=self.generator) * 2 - 1) * bound
+            skip = (torch.rand(cols, x, generator=self.generator) * 2 - 1).to(rows.device) * bound
             self.skip = nn.Parameter(skip)
         bases = None
         if options.init == "svd":
@@ -157,7 +159,7 @@ class Trainer:
                     _set_linear(_linears(self.decoder)[0], bases[1])
             return
         if bases is None:
-            codes = torch.randn(rows.shape[0], x, generator=self.generator)
+            codes = torch.randn(rows.shape[0], x, generator=self.generator).to(rows.device)
         else:
             codes = self._start(*bases)
         self.codes = nn.Parameter(codes.contiguous())
@@ -270,7 +272,7 @@ class Trainer:
         )
         for epoch in bar:
             alpha = powered_l1_alpha(options.loss, epoch, options.epochs)
-            order = torch.randperm(count, generator=self.generator)
+            order = torch.randperm(count, generator=self.generator).to(rows.device)
             total = 0.0
             for index in order.split(batch):
                 loss = self.loss(self.decode(self.batch_codes(index), index), index, alpha)
