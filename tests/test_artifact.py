@@ -96,3 +96,70 @@ def test_overwriting_an_artifact_replaces_it(tmp_path, input_ids):
         cm.save_pretrained(str(tmp_path / "art"))
     assert read_manifest(tmp_path / "art")["recipe"]["ratio"] == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+
+
+@pytest.fixture
+def artifact(tmp_path):
+    cm = aecompress.compress(
+        tiny_model("bert"), method="svd", ratio=2, targets=["k"], progress=False
+    )
+    cm.save_pretrained(str(tmp_path / "art"))
+    return tmp_path / "art"
+
+
+def edit_manifest(folder, change) -> None:
+    manifest = json.loads((folder / MANIFEST).read_text())
+    change(manifest)
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda m: m.pop("groups"), "groups"),
+        (lambda m: m.update(format_version="2"), "format_version"),
+        (lambda m: m.update(auto_class="AutoModelForSpeechSeq2Seq"), "auto_class"),
+        (lambda m: m["weights_file"].update(name="../elsewhere.safetensors"), "file name"),
+        (lambda m: m.update(colour="red"), "colour"),
+        (lambda m: m["groups"][0]["members"][0].update(path="no.such.module"), "does not fit"),
+        (lambda m: m["groups"][0].update(ratio=99.0), "ratio is wrong"),
+        (lambda m: m["groups"][0].update(stored_params=1), "counts are wrong"),
+        (lambda m: m["groups"][0]["tensors"].update({"0.a": [1, 1]}), "tensors do not match"),
+    ],
+)
+def test_a_forged_or_damaged_manifest_is_one_clear_error(artifact, change, message):
+    from aecompress.summary import describe_artifact
+
+    edit_manifest(artifact, change)
+    with pytest.raises(AecompressError, match=message):
+        aecompress.load(artifact)
+    if message not in ("does not fit",):  # inspect reads no module paths
+        with pytest.raises(AecompressError, match=message):
+            describe_artifact(artifact)
+
+
+def test_a_manifest_that_is_a_list_or_missing_weights_is_refused(artifact):
+    from aecompress.summary import describe_artifact
+
+    (artifact / WEIGHTS).unlink()
+    with pytest.raises(AecompressError, match="missing"):
+        describe_artifact(artifact)
+    (artifact / MANIFEST).write_text("[1, 2]")
+    with pytest.raises(AecompressError, match="not an aecompress artifact"):
+        aecompress.load(artifact)
+
+
+def test_overwriting_refuses_a_folder_with_foreign_files_and_cleans_leftovers(artifact, tmp_path):
+    cm = aecompress.compress(
+        tiny_model("bert"), method="svd", ratio=3, targets=["k"], progress=False
+    )
+    (artifact / "notes.txt").write_text("mine")
+    with pytest.raises(AecompressError, match=r"notes\.txt"):
+        cm.save_pretrained(str(artifact))
+    (artifact / "notes.txt").unlink()
+    stale = [tmp_path / ".art.tmp-999999999-x", tmp_path / ".art.old-999999999"]
+    for folder in stale:
+        folder.mkdir()
+    cm.save_pretrained(str(artifact))
+    assert not any(folder.exists() for folder in stale)
+    assert read_manifest(artifact)["recipe"]["ratio"] == 3

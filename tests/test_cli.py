@@ -1,6 +1,9 @@
+import signal
+import subprocess
 import sys
 
 import pytest
+import torch
 
 from aecompress.cli import main
 from tests.conftest import tiny_model
@@ -108,3 +111,131 @@ def test_unknown_model_and_empty_folder(monkeypatch, capsys, tmp_path):
     (tmp_path / "empty").mkdir()
     code, _, err = run(monkeypatch, capsys, "evaluate", str(tmp_path / "empty"))
     assert code == 2 and "has no model weights" in err
+
+
+def one_error(code: int, err: str) -> str:
+    """The one `aecompress: error:` line of a failed run (exit status 2, no traceback)."""
+    errors = [line for line in err.splitlines() if line.startswith("aecompress: error:")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, (code, err)
+    return errors[0]
+
+
+def forbid_loading(monkeypatch) -> None:
+    """From now on loading a model fails the test: the command must stop before."""
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr("aecompress.models.load_model", fail)
+
+
+@pytest.mark.parametrize(
+    "output,message",
+    [
+        ("file", "exists and is not a folder"),
+        ("file/art", "is not a folder"),
+        ("full", "exists and is not an aecompress artifact"),
+        (".", "cannot replace the current folder"),
+        ("..", "cannot replace the current folder"),
+        ("/proc/art", "cannot write in /proc"),
+    ],
+)
+def test_an_unwritable_output_is_refused_before_any_work(
+    monkeypatch, capsys, tiny_folder, tmp_path, output, message
+):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("mine")
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    forbid_loading(monkeypatch)
+    target = output if output in (".", "..") or output.startswith("/") else f"../{output}"
+    code, _, err = run(monkeypatch, capsys, "compress", str(tiny_folder), "-o", target)
+    assert message in one_error(code, err)
+    assert (tmp_path / "full" / "notes.txt").read_text() == "mine"
+
+
+def test_invalid_yaml_is_one_line(monkeypatch, capsys, tiny_folder, tmp_path):
+    forbid_loading(monkeypatch)
+    args = ["compress", str(tiny_folder), "-o", str(tmp_path / "o"), "--method", "ae"]
+    code, _, err = run(monkeypatch, capsys, *args, "--option", "decoder=[1,")
+    assert "--option 'decoder=[1,' is not valid YAML" in one_error(code, err)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("method: svd\nratio: [2\n")
+    code, _, err = run(monkeypatch, capsys, *args, "--recipe", str(recipe))
+    assert f"recipe {recipe} is not valid YAML" in one_error(code, err)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["compress", "--rati", "2"], "No such option: --rati"),
+        (["compress", "m", "-o", "o", "--ratio", "two"], "Invalid value for '--ratio'"),
+        (["evaluate"], "Missing argument 'model'"),
+        (["nonsense"], "No such command 'nonsense'"),
+        ([], "Missing command"),
+    ],
+)
+def test_command_line_usage_errors_are_one_line(monkeypatch, capsys, args, message):
+    code, _, err = run(monkeypatch, capsys, *args)
+    assert message in one_error(code, err)
+
+
+def test_calibration_that_overflows_is_one_line(monkeypatch, capsys, tmp_path, tokenizer):
+    model = tiny_model("llama")
+    for layer in model.model.layers:  # huge, finite weights outside the targets
+        layer.input_layernorm.weight.data.fill_(1e30)
+    model.save_pretrained(tmp_path / "huge")
+    tokenizer.save_pretrained(tmp_path / "huge")
+    for method in ("fwsvd", "asvd"):
+        args = ["compress", str(tmp_path / "huge"), "--targets", "k", "--method", method]
+        code, _, err = run(monkeypatch, capsys, *args, "-o", str(tmp_path / method))
+        assert "calibration statistics" in one_error(code, err)
+        assert not (tmp_path / method).exists()
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tiny_folder, tmp_path):
+    """SIGINT while compressing (stood in for by a long sleep) in a real process."""
+    script = (
+        "import sys, time\n"
+        "import aecompress.engine\n"
+        "def slow(*args, **kwargs):\n"
+        "    print('compressing', flush=True)\n"
+        "    time.sleep(120)\n"
+        "aecompress.engine.compress = slow\n"
+        "from aecompress.cli import main\n"
+        f"sys.argv = ['aecompress', 'compress', {str(tiny_folder)!r}, '-o', "
+        f"{str(tmp_path / 'art')!r}]\n"
+        "main()\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert process.stdout.readline() == "compressing\n"
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert err.splitlines()[-1] == "aecompress: interrupted" and "Traceback" not in err
+    assert not (tmp_path / "art").exists()
+
+
+def test_a_numerical_failure_is_one_line(monkeypatch, capsys, tiny_folder, tmp_path):
+    def fail(*args, **kwargs):
+        raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+
+    monkeypatch.setattr("aecompress.engine.compress", fail)
+    args = ["compress", str(tiny_folder), "--method", "asvd", "-o", str(tmp_path / "o")]
+    code, _, err = run(monkeypatch, capsys, *args)
+    assert "asvd failed numerically: linalg.svd" in one_error(code, err)
+
+
+def test_an_environment_error_is_one_line(monkeypatch, capsys, tmp_path):
+    recipe = tmp_path / "grid.yaml"
+    recipe.write_text(
+        "name: g\nmodels: [m]\nmethods: [{method: svd}]\nratios: [2]\ntargets: [k]\n"
+        "tasks: [{task: wikitext2}]\n"
+    )
+    forbid_loading(monkeypatch)
+    args = ["sweep", str(recipe), "--results", "/proc/aecompress/results.jsonl"]
+    code, _, err = run(monkeypatch, capsys, *args)
+    assert "/proc/aecompress" in one_error(code, err)

@@ -54,7 +54,13 @@ def test_untie_keeps_the_output_head_dense():
     model = tiny_model("llama")
     head = model.lm_head.weight.detach().clone()
     cm = aecompress.compress(
-        model, method="svd", ratio=4, targets=["embed"], untie_embeddings=True, progress=False
+        model,
+        method="svd",
+        ratio=4,
+        targets=["embed"],
+        untie_embeddings=True,
+        storage_dtype="float32",
+        progress=False,
     )
     assert cm.tied_output is None
     assert torch.equal(model.lm_head.weight, head)

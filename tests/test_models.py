@@ -1,7 +1,15 @@
-import pytest
+import json
+from functools import partial
+from pathlib import Path
 
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from aecompress.engine import compress
 from aecompress.errors import AecompressError
 from aecompress.models import EMBEDDED, load_model, resolve_embedded
+from tests.conftest import tiny_model
 
 
 def test_missing_package_is_named(monkeypatch):
@@ -24,3 +32,72 @@ def test_embedded_models_load_with_their_heads(smollm2, minilm):
     assert smollm2.model.config.num_key_value_heads == 3
     assert next(smollm2.model.parameters()).dtype.is_floating_point
     assert minilm.auto_class == "AutoModel" and minilm.model.config.hidden_size == 384
+
+
+@pytest.fixture
+def folder(tmp_path, tokenizer) -> Path:
+    tiny_model("llama").save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    return tmp_path / "model"
+
+
+def drop_tensor(folder: Path) -> None:
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["model.layers.0.mlp.down_proj.weight"]
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def edit_config(folder: Path, **changes: int) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+
+
+def truncate_weights(folder: Path) -> None:
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+
+
+def pickle_weights(folder: Path) -> None:
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+
+
+def corrupt_tokenizer(folder: Path) -> None:
+    (folder / "tokenizer.json").write_text('{"version": ')
+
+
+DAMAGES = {
+    "missing tensor": (
+        drop_tensor,
+        "lack 1 tensor(s) of the model its config describes, e.g. "
+        "model.layers.0.mlp.down_proj.weight",
+    ),
+    "more layers in the config": (partial(edit_config, num_hidden_layers=3), "model.layers.2."),
+    "other sizes in the config": (
+        partial(edit_config, intermediate_size=48),
+        "its config does not match its weights "
+        "(model.layers.0.mlp.down_proj.weight is [32, 64] in the weights, [32, 48] by",
+    ),
+    "fewer layers in the config": (
+        partial(edit_config, num_hidden_layers=1),
+        "hold layers its config does not have",
+    ),
+    "truncated weights": (truncate_weights, "cannot load model"),
+    "pickle only": (pickle_weights, "holds only pickle weights (*.bin), which aecompress never"),
+    "corrupt tokenizer": (corrupt_tokenizer, "cannot load the tokenizer"),
+}
+
+
+@pytest.mark.parametrize("damage,message", DAMAGES.values(), ids=DAMAGES.keys())
+def test_a_damaged_model_folder_is_refused(folder, damage, message):
+    damage(folder)
+    with pytest.raises(AecompressError) as refused:
+        load_model(str(folder))
+    assert message in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_an_artifact_is_not_a_model_to_compress(folder, tmp_path):
+    compressed = compress(load_model(str(folder)), method="svd", ratio=2, targets=["k"])
+    compressed.save_pretrained(str(tmp_path / "art"))
+    with pytest.raises(AecompressError, match="weights lack 2 tensor"):
+        load_model(str(tmp_path / "art"))

@@ -2,9 +2,10 @@ import json
 
 import pytest
 
+from aecompress.calibration import CalibrationConfig
 from aecompress.errors import AecompressError
 from aecompress.report import write_report
-from aecompress.sweep import SweepRecipe, parse_shard, read_results, run_sweep
+from aecompress.sweep import SweepRecipe, TaskSpec, parse_shard, read_results, run_sweep
 
 
 @pytest.fixture
@@ -163,3 +164,99 @@ def test_shards_share_the_grid_and_the_dense_model_is_evaluated_once(tiny_folder
     assert sorted(r["cell"]["ratio"] for r in records) == [1.0, 2, 3, 4]
     with pytest.raises(AecompressError, match="I/N"):
         parse_shard("2/2")
+
+
+def counting_compress(monkeypatch) -> list[float]:
+    """From now on, the ratio of every cell the sweep compresses is appended to the list."""
+    import aecompress.sweep as sweep_module
+
+    real_compress, calls = sweep_module.compress, []
+
+    def counting(model, plan, **kwargs):
+        calls.append(plan.ratio)
+        return real_compress(model, plan, **kwargs)
+
+    monkeypatch.setattr(sweep_module, "compress", counting)
+    return calls
+
+
+def test_a_torn_last_line_loses_no_record(tiny_folder, tmp_path, monkeypatch):
+    results = tmp_path / "results.jsonl"
+    run_sweep(recipe(tiny_folder), results, progress=False)
+    text = results.read_text()
+    results.write_text(text[: text.rindex("\n", 0, -1) + 40])  # the last write was killed
+    calls = counting_compress(monkeypatch)
+    run_sweep(recipe(tiny_folder), results, progress=False)
+    assert calls == [4]  # the torn cell again, on a line of its own
+    records = run_sweep(recipe(tiny_folder), results, progress=False)
+    assert calls == [4]
+    assert [(r["cell"]["ratio"], r["status"]) for r in records] == [
+        (1.0, "ok"),
+        (2, "ok"),
+        (4, "ok"),
+    ]
+
+
+def test_a_record_glued_onto_a_torn_line_is_read(tmp_path):
+    record = {"cell": {"model": "m", "label": "dense", "ratio": 1.0}, "task": "t", "status": "ok"}
+    line = json.dumps(record, sort_keys=True)
+    results = tmp_path / "results.jsonl"
+    results.write_text(line[:30] + line + "\n" + line[:10])
+    assert read_results(results) == [record]
+
+
+def test_changed_task_options_or_calibration_are_recomputed(tiny_folder, tmp_path, monkeypatch):
+    results = tmp_path / "results.jsonl"
+    plan = recipe(tiny_folder).model_copy(update={"ratios": [2]})
+    first = run_sweep(plan, results, progress=False)
+    calls = counting_compress(monkeypatch)
+    longer = plan.model_copy(
+        update={"tasks": [TaskSpec(task="wikitext2", options={"windows": 2, "seq_len": 16})]}
+    )
+    records = run_sweep(longer, results, progress=False)
+    assert calls == [2] and len(records) == 4  # the dense model and the cell again
+    calibrated = longer.model_copy(update={"calibration": CalibrationConfig(samples=2)})
+    run_sweep(calibrated, results, progress=False)
+    assert calls == [2, 2]
+    write_report(results, read_results(results))
+    report = (tmp_path / "report.md").read_text()
+    old = first[1]["metrics"]["perplexity"]
+    new = read_results(results)[-1]["metrics"]["perplexity"]
+    assert f"{new:.4g}" in report and f"{old:.4g}" not in report  # the latest only
+
+
+def test_a_failure_is_recorded_and_reported_once(tiny_folder, tmp_path):
+    results = tmp_path / "results.jsonl"
+    plan = recipe(tiny_folder).model_copy(update={"ratios": [1e9]})
+    for _ in range(2):
+        records = run_sweep(plan, results, progress=False)
+    assert [r["status"] for r in records] == ["ok", "failed"]
+    write_report(results, records + records)
+    assert (tmp_path / "report.md").read_text().count("ratio is too large") == 1
+
+
+def test_a_method_carries_its_own_recipe_fields(tiny_folder, tmp_path):
+    grid = SweepRecipe.model_validate(
+        {
+            "name": "pipelines",
+            "models": [tiny_folder],
+            "methods": [
+                {"method": "svdllm", "label": "independent", "recipe": {"pipeline": "independent"}},
+                {"method": "svdllm", "label": "sequential", "recipe": {"pipeline": "sequential"}},
+            ],
+            "ratios": [2],
+            "targets": ["down"],
+            "calibration": {"samples": 4, "seq_len": 16, "batch_size": 2},
+            "tasks": [{"task": "wikitext2", "options": {"windows": 1, "seq_len": 16}}],
+        }
+    )
+    records = run_sweep(grid, tmp_path / "results.jsonl", progress=False)
+    compressed = [r for r in records if r["cell"]["label"] != "dense"]
+    assert {r["cell"]["recipe"]["pipeline"] for r in compressed} == {"independent", "sequential"}
+    assert all(r["status"] == "ok" for r in compressed)
+    perplexities = {r["metrics"]["perplexity"] for r in compressed}
+    assert len(perplexities) == 2  # the two pipelines compress differently
+    with pytest.raises(ValueError, match="pipeline"):
+        SweepRecipe.model_validate(
+            {**grid.model_dump(), "methods": [{"method": "svd", "recipe": {"ratio": 2}}]}
+        )

@@ -146,6 +146,7 @@ class WeightsFile(_Strict):
 class Manifest(_Strict):
     format: Literal["aecompress-artifact"]
     storage_dtype: Literal["float32", "bfloat16", "float16"]
+    files: list[str]
     format_version: int
     aecompress_version: str
     base_model: str
@@ -234,13 +235,15 @@ def _file_sha256(path: Path) -> str:
 
 
 def save_artifact(cm: CompressedModel, path: str | Path) -> Path:
-    """Write `cm` to the folder `path` atomically (a crash leaves no half artifact)."""
+    """Write `cm` to the folder `path` atomically (a crash leaves no half artifact).
+
+    An existing artifact there is replaced; a folder holding anything else is refused."""
     if cm.decoded:
         raise AecompressError("a model loaded with decode=True has no stored form to save")
     path = Path(path)
-    if path.exists() and not (path / MANIFEST).is_file() and any(path.iterdir()):
-        raise AecompressError(f"{path} exists and is not an aecompress artifact: not overwriting")
+    check_replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(path)
     untouched, aliases = untouched_state(cm)
     cm.aliases = aliases
     tensors = dict(untouched)
@@ -250,7 +253,7 @@ def save_artifact(cm: CompressedModel, path: str | Path) -> Path:
     dtype = STORAGE_DTYPES[cm.storage_dtype]
     tensors = {k: (t.to(dtype) if t.is_floating_point() else t).cpu() for k, t in tensors.items()}
     manifest = build_manifest(cm, untouched)
-    work = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    work = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
     try:
         cm.model.config.save_pretrained(work)
         _strip_quantization(work / "config.json")
@@ -267,6 +270,7 @@ def save_artifact(cm: CompressedModel, path: str | Path) -> Path:
         totals["artifact_bytes"] = manifest["weights_file"]["bytes"]
         totals["dense_fp32_bytes"] = 4 * totals["model_params_dense"]
         totals["dense_storage_dtype_bytes"] = dtype.itemsize * totals["model_params_dense"]
+        manifest["files"] = sorted([*(p.name for p in work.iterdir()), MANIFEST])
         (work / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         work.chmod(0o755)
         _swap_into_place(work, path)
@@ -274,6 +278,47 @@ def save_artifact(cm: CompressedModel, path: str | Path) -> Path:
         shutil.rmtree(work, ignore_errors=True)
         raise
     return path
+
+
+def check_replaceable(path: Path) -> None:
+    """Refuse to write over a folder that holds more than an artifact's own files."""
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        return
+    if not path.is_dir():
+        raise AecompressError(f"{path} exists and is not a folder: not overwriting")
+    if not (path / MANIFEST).is_file():
+        raise AecompressError(f"{path} exists and is not an aecompress artifact: not overwriting")
+    try:
+        own = set(json.loads((path / MANIFEST).read_text()).get("files", []))
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        own = set()
+    foreign = sorted(p.name for p in path.iterdir() if p.name not in own)
+    if foreign:
+        raise AecompressError(
+            f"{path} holds files that are not part of its artifact ({', '.join(foreign[:3])}"
+            f"{', ...' if len(foreign) > 3 else ''}): move them or write elsewhere"
+        )
+
+
+def remove_leftovers(path: Path) -> None:
+    """Delete `.NAME.tmp-PID-*` and `.NAME.old-PID` folders that interrupted writes of this
+    artifact left, unless the process that made them still runs."""
+    for leftover in path.parent.glob(f".{path.name}.*"):
+        match = re.fullmatch(rf"\.{re.escape(path.name)}\.(?:tmp|old)-(\d+)(?:-.*)?", leftover.name)
+        if match and leftover.is_dir() and not _running(int(match.group(1))):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _copy_sentence_transformers_files(source: Path, work: Path) -> None:

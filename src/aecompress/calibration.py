@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -32,9 +32,10 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from aecompress.cache import cache_dir, read_entry, write_entry
 from aecompress.data import wikitext2_text
 from aecompress.errors import AecompressError
-from aecompress.models import is_causal_lm, is_masked_lm, model_device
+from aecompress.models import check_positions, is_causal_lm, is_masked_lm, model_device
 from aecompress.targets import Target, dense_weight
 
 ACTIVATION_STATISTICS = frozenset({"xtx", "abs_mean", "counts"})
@@ -64,6 +65,21 @@ class TargetStatistics:
     fisher: torch.Tensor | None = None
     l1: torch.Tensor | None = None
     out_fisher: torch.Tensor | None = None
+
+
+_TENSOR_FIELDS = [f.name for f in fields(TargetStatistics) if f.name != "tokens"]
+
+
+def _check_finite(stats: dict[str, TargetStatistics]) -> None:
+    """Refuse statistics that overflowed (huge weights before a target)."""
+    for name, entry in stats.items():
+        for field in _TENSOR_FIELDS:
+            value = getattr(entry, field)
+            if value is not None and not torch.isfinite(value).all():
+                raise AecompressError(
+                    f"calibration statistics ({field}) of {name} are not finite: the "
+                    "model's activations or gradients overflow"
+                )
 
 
 def split_ids(tokenizer: PreTrainedTokenizerBase, split: str) -> torch.Tensor:
@@ -258,6 +274,7 @@ def collect_statistics(
         raise ValueError(f"unknown calibration statistics {sorted(unknown)}")
     if tokenizer is None:
         raise AecompressError("calibration needs the model's tokenizer")
+    check_positions(model, config.seq_len)
     ids = split_ids(tokenizer, config.split)
     windows = calibration_windows(tokenizer, config, ids)
     by_path = {t.path: TargetStatistics() for t in targets}
@@ -282,6 +299,7 @@ def collect_statistics(
         stats[target.name] = entry
     if needed & GRADIENT_STATISTICS:
         _collect_gradients(model, windows, targets, needed, stats, progress)
+    _check_finite(stats)
     return stats
 
 
@@ -298,15 +316,8 @@ def cache_key(
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("AECOMPRESS_CACHE", Path.home() / ".cache" / "aecompress"))
-
-
-_TENSOR_FIELDS = [f.name for f in fields(TargetStatistics) if f.name != "tokens"]
-
-
 def save_statistics(stats: dict[str, TargetStatistics], path: Path) -> None:
-    """Write statistics to a safetensors file (atomically); a tensor shared by several
+    """Write statistics to a safetensors file; a tensor shared by several
     targets (one input read by several modules) is written once."""
     tensors, tokens, aliases = {}, {}, {}
     written: dict[int, str] = {}
@@ -321,12 +332,9 @@ def save_statistics(stats: dict[str, TargetStatistics], path: Path) -> None:
                 aliases[key] = written[id(value)]
                 continue
             written[id(value)] = key
-            tensors[key] = value.contiguous()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
+            tensors[key] = value.contiguous().cpu()
     metadata = {"tokens": json.dumps(tokens), "aliases": json.dumps(aliases)}
-    save_file(tensors, str(partial), metadata=metadata)
-    os.replace(partial, path)
+    save_file(tensors, str(path), metadata=metadata)
 
 
 def load_statistics(path: Path) -> dict[str, TargetStatistics]:
@@ -368,8 +376,9 @@ def cached_statistics(
         / "calibration"
         / f"{cache_key(base_sha256, targets, needed, config)}.safetensors"
     )
-    if path.is_file():
-        return load_statistics(path)
+    cached = read_entry(path, load_statistics)
+    if cached is not None:
+        return cached
     stats = collect_statistics(model, tokenizer, targets, needed, config, progress=progress)
-    save_statistics(stats, path)
+    write_entry(path, partial(save_statistics, stats))
     return stats

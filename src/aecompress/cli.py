@@ -6,19 +6,21 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
-import yaml
+from typer._click.exceptions import ClickException  # the click that typer bundles
 
-from aecompress.errors import AecompressError
+from aecompress.errors import AecompressError, first_line
+
+INTERRUPTED = 130  # the exit status after Ctrl-C
 
 app = typer.Typer(
     add_completion=False,
-    no_args_is_help=True,
     pretty_exceptions_enable=False,
     help="Compress pretrained transformer language models offline and measure what was lost.",
 )
@@ -28,16 +30,14 @@ def _parse_options(pairs: list[str]) -> dict[str, Any]:
     """KEY=VALUE pairs; values are read as YAML (numbers, booleans, lists); a dotted key
     sets a nested field (loss.rmse_weight=1, or sparsegpt.damp=0.1 for one of several
     methods)."""
+    from aecompress.recipe import parse_yaml
+
     options: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise AecompressError(f"--option takes KEY=VALUE, got '{pair}'")
-        try:
-            parsed = yaml.safe_load(value)
-        except yaml.YAMLError as error:
-            first = str(error).splitlines()[0]
-            raise AecompressError(f"--option {key}: cannot read '{value}' ({first})") from error
+        parsed = parse_yaml(value, f"--option '{pair}'")
         *parents, leaf = key.strip().split(".")
         node = options
         for parent in parents:
@@ -47,6 +47,27 @@ def _parse_options(pairs: list[str]) -> dict[str, Any]:
             node = child
         node[leaf] = parsed
     return options
+
+
+def _check_output(output: Path) -> None:
+    """Refuse an artifact folder that cannot be written, before any compression work."""
+    from aecompress.artifact import is_artifact
+
+    target, here = output.resolve(), Path.cwd().resolve()
+    if target == here or target in here.parents:
+        raise AecompressError(f"-o {output}: the artifact cannot replace the current folder")
+    if target.exists() and not target.is_dir():
+        raise AecompressError(f"-o {output} exists and is not a folder")
+    if target.is_dir() and any(target.iterdir()) and not is_artifact(target):
+        raise AecompressError(f"-o {output} exists and is not an aecompress artifact")
+    nearest = next(p for p in [target.parent, *target.parent.parents] if p.exists())
+    if not nearest.is_dir():
+        raise AecompressError(f"-o {output}: {nearest} is not a folder")
+    try:  # the artifact is written beside its place, then renamed into it
+        Path(tempfile.mkdtemp(prefix=".aecompress-check-", dir=nearest)).rmdir()
+    except OSError as error:
+        message = f"-o {output}: cannot write in {nearest} ({error.strerror})"
+        raise AecompressError(message) from error
 
 
 @app.command()
@@ -91,10 +112,13 @@ def compress(
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
 ) -> None:
     """Compress MODEL and write an artifact folder."""
+    import torch
+
     from aecompress.engine import compress as run_compress
     from aecompress.models import load_model
     from aecompress.recipe import Recipe
 
+    _check_output(output)
     if recipe is not None:
         plan = Recipe.from_yaml(recipe)
         model = plan.model or model
@@ -117,7 +141,10 @@ def compress(
             }
         )
     start = time.perf_counter()
-    compressed = run_compress(load_model(model), plan)
+    try:
+        compressed = run_compress(load_model(model), plan)
+    except torch.linalg.LinAlgError as error:
+        raise AecompressError(f"{plan.method} failed numerically: {first_line(error)}") from error
     seconds = time.perf_counter() - start
     compressed.save_pretrained(str(output))
     totals = compressed.totals()
@@ -234,15 +261,33 @@ def report(results: Annotated[Path, typer.Argument(help="results JSONL of a swee
         typer.echo(f"wrote {written}")
 
 
+def _fail(message: str) -> NoReturn:
+    """Print one `aecompress: error:` line (whatever the message's line breaks) and exit 2."""
+    typer.echo(f"aecompress: error: {' '.join(message.split())}", err=True)
+    sys.exit(2)
+
+
+def _usage_error(error: ClickException) -> str:
+    ctx = getattr(error, "ctx", None)
+    hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+    return error.format_message() + hint
+
+
 def main() -> None:
-    """Entry point: user errors become one line on stderr and exit status 2."""
+    """Entry point: user errors become one line on stderr and exit status 2, Ctrl-C exits 130."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        app()
+        # not standalone: errors reach this function; typer returns 130 on KeyboardInterrupt
+        code = app(standalone_mode=False)
     except AecompressError as error:
-        typer.echo(f"aecompress: error: {error}", err=True)
-        sys.exit(2)
+        _fail(str(error))
+    except OSError as error:  # the environment: permissions, a full disk, a vanished file
+        _fail(str(error))
+    except ClickException as error:  # command-line usage
+        _fail(_usage_error(error))
     except KeyboardInterrupt:
+        code = INTERRUPTED
+    if code == INTERRUPTED:
         typer.echo("aecompress: interrupted", err=True)
-        sys.exit(130)
+    sys.exit(code or 0)

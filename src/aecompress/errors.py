@@ -13,3 +13,9 @@ def describe(error: ValidationError, what: str) -> str:
         f"{'.'.join(str(p) for p in e['loc']) or what}: {e['msg']}" for e in error.errors()
     )
     return f"{what}: {problems}".replace("\n", " ")
+
+
+def first_line(error: BaseException) -> str:
+    """The first non-empty line of an exception's message (its repr when it has none)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else repr(error)

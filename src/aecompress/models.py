@@ -6,19 +6,22 @@ import hashlib
 import importlib.util
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
+from safetensors import SafetensorError
 from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.models.auto.modeling_auto import (
     MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
     MODEL_FOR_MASKED_LM_MAPPING_NAMES,
 )
 
-from aecompress.errors import AecompressError
+from aecompress.errors import AecompressError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +60,7 @@ class LoadedModel:
 
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase | None
-    source: str
+    source: str  # embedded alias, hub id, or absolute path
     auto_class: str
 
 
@@ -101,20 +104,67 @@ def auto_class_for(
     return "AutoModelForCausalLM" if gguf else "AutoModel"
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")
+
+
 def _load_tokenizer(where: str, **kwargs: object) -> PreTrainedTokenizerBase | None:
+    """The tokenizer in `where`; None (with a warning) if there is none, an error if a
+    folder's tokenizer files cannot be read."""
     try:
         return transformers.AutoTokenizer.from_pretrained(where, **kwargs)
-    except (OSError, ValueError) as error:
-        logger.warning("no tokenizer found for %s (%s)", where, error)
+    except Exception as error:  # the tokenizers library raises plain Exceptions
+        if any((Path(where) / name).is_file() for name in _TOKENIZER_FILES):
+            message = f"cannot load the tokenizer in {where}: {first_line(error)}"
+            raise AecompressError(message) from error
+        logger.warning("no tokenizer found for %s (%s)", where, first_line(error))
         return None
+
+
+def _check_folder(path: Path) -> None:
+    """A model folder must hold safetensors weights: pickles are never loaded."""
+    if any(path.glob("*.safetensors")):
+        return
+    if any(path.glob("*.bin")):
+        raise AecompressError(
+            f"folder {path} holds only pickle weights (*.bin), which aecompress never loads: "
+            "convert them to safetensors"
+        )
+    raise AecompressError(f"folder {path} has no model weights (*.safetensors)")
+
+
+def _layout(key: str) -> str:
+    """A parameter name with its layer indices blanked: model.layers.#.mlp.up_proj.weight."""
+    return re.sub(r"\.\d+\.", ".#.", key)
+
+
+def _loading_problem(model: PreTrainedModel, info: dict[str, Any]) -> str | None:
+    """What keeps the weights from filling, exactly, the model its config describes."""
+    if info["mismatched_keys"]:
+        key, stored, expected = sorted(info["mismatched_keys"])[0]
+        return (
+            f"its config does not match its weights ({key} is {list(stored)} in the "
+            f"weights, {list(expected)} by the config)"
+        )
+    if missing := sorted(info["missing_keys"]):
+        return (
+            f"its weights lack {len(missing)} tensor(s) of the model its config describes, "
+            f"e.g. {missing[0]}"
+        )
+    layout = {_layout(key) for key in model.state_dict()}
+    if extra := sorted(k for k in info["unexpected_keys"] if _layout(k) in layout):
+        return f"its weights hold layers its config does not have, e.g. {extra[0]}"
+    return None
 
 
 def load_model(name: str, auto_class: str | None = None) -> LoadedModel:
     """Load `name`: an embedded alias, a local folder, a .gguf file or a hub id, in fp32.
 
+    Its source (recorded in artifacts) is the absolute path of a folder or .gguf file.
+
     `auto_class` forces the transformers auto class (default: the config's own head).
     """
     kwargs: dict[str, object] = {}
+    source = name
     if name in EMBEDDED:
         path = resolve_embedded(name)
         where = str(path.parent if EMBEDDED[name].gguf else path)
@@ -125,13 +175,13 @@ def load_model(name: str, auto_class: str | None = None) -> LoadedModel:
         if not path.is_file():
             raise AecompressError(f"no such GGUF file: {name}")
         where, kwargs["gguf_file"] = str(path.parent), path.name
+        source = str(path.resolve())
     elif Path(name).exists():
         path = Path(name)
         if not path.is_dir():
             raise AecompressError(f"{name} is neither a model folder nor a .gguf file")
-        if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
-            raise AecompressError(f"folder {name} has no model weights (*.safetensors / *.bin)")
-        where = str(path)
+        _check_folder(path)
+        where = source = str(path.resolve())
     else:
         if os.environ.get("HF_HUB_OFFLINE") == "1" and "/" not in name:
             raise AecompressError(
@@ -143,12 +193,20 @@ def load_model(name: str, auto_class: str | None = None) -> LoadedModel:
         config = transformers.AutoConfig.from_pretrained(where, **kwargs)
         auto_name = auto_class or auto_class_for(config, gguf="gguf_file" in kwargs)
         auto = getattr(transformers, auto_name)
-        model = auto.from_pretrained(where, dtype=torch.float32, **kwargs)
-    except (OSError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-        raise AecompressError(f"cannot load model '{name}': {first_line}") from error
+        model, info = auto.from_pretrained(
+            where,
+            dtype=torch.float32,
+            use_safetensors=True,  # never a pickle
+            ignore_mismatched_sizes=True,  # reported in `info`, refused below
+            output_loading_info=True,
+            **kwargs,
+        )
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError, SafetensorError) as error:
+        raise AecompressError(f"cannot load model '{name}': {first_line(error)}") from error
+    if problem := _loading_problem(model, info):
+        raise AecompressError(f"cannot load model '{name}': {problem}")
     model.eval()
-    return LoadedModel(model, _load_tokenizer(where, **kwargs), name, auto_name)
+    return LoadedModel(model, _load_tokenizer(where, **kwargs), source, auto_name)
 
 
 def is_causal_lm(model: nn.Module) -> bool:
@@ -197,3 +255,21 @@ def resolve_device(name: str) -> torch.device:
 def model_device(model: nn.Module) -> torch.device:
     """Where the model's parameters are (the CPU for a model without any)."""
     return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def max_positions(config: PretrainedConfig) -> int | None:
+    """The longest sequence the model's position embeddings cover (None: not stated)."""
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def check_positions(model: PreTrainedModel, seq_len: int) -> None:
+    """Refuse windows longer than the model's positions."""
+    limit = max_positions(model.config)
+    if limit is not None and seq_len > limit:
+        raise AecompressError(
+            f"seq_len={seq_len} is longer than the {limit} positions of {type(model).__name__}"
+        )

@@ -9,7 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from aecompress.calibration import CalibrationConfig
-from aecompress.errors import AecompressError, describe
+from aecompress.errors import AecompressError, describe, first_line
 from aecompress.targets import parse_grouping
 
 
@@ -54,7 +54,7 @@ class SequentialConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     target: Literal["dense", "local"] = "dense"
-    damp: float = Field(0.01, ge=0)
+    damp: float = Field(1e-3, ge=0)
 
 
 class RefineConfig(BaseModel):
@@ -148,10 +148,7 @@ class Recipe(BaseModel):
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Recipe:
-        try:
-            data = yaml.safe_load(Path(path).read_text())
-        except (OSError, yaml.YAMLError) as error:
-            raise AecompressError(f"cannot read recipe {path}: {error}") from error
+        data = read_yaml(path, "recipe")
         if data is not None and not isinstance(data, dict):
             raise AecompressError(f"recipe {path} must be a mapping of fields")
         return cls.parse(data or {})
@@ -163,3 +160,23 @@ class Recipe(BaseModel):
             return cls.model_validate(data)
         except ValidationError as error:
             raise AecompressError(describe(error, "recipe")) from error
+
+
+def parse_yaml(text: str, what: str) -> Any:
+    """YAML text (what: where it comes from); invalid YAML is a one-line AecompressError."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(error, "problem", None) or first_line(error)
+        raise AecompressError(f"{what} is not valid YAML: {problem}{where}") from error
+
+
+def read_yaml(path: str | Path, what: str) -> Any:
+    """A YAML file's content; an unreadable file or invalid YAML is a one-line error."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise AecompressError(f"cannot read {what} {path}: {error}") from error
+    return parse_yaml(text, f"{what} {path}")

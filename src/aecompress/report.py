@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from aecompress.sweep import cell_id, cell_key
+from aecompress.sweep import cell_id, current
 
 
 def flatten_results(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -148,7 +148,9 @@ def _plot(
 
 
 def write_report(results: Path, records: list[dict[str, Any]]) -> list[Path]:
-    """Write report.md, results.csv and one PNG per table next to the results file."""
+    """Write report.md, results.csv and one PNG per table next to the results file, from
+    the latest record of each cell and task (a failure re-run successfully is gone)."""
+    records = current(records)
     rows = flatten_results(records)
     folder = results.parent
     # every task record of a cell repeats the cell's compression time: count it once
@@ -161,12 +163,7 @@ def write_report(results: Path, records: list[dict[str, Any]]) -> list[Path]:
         f"evaluation time of the cells: {seconds / 60:.1f} min. Values: mean over seeds; "
         "(difference to dense).\n\n"
     ) + results_tables(rows)
-    succeeded = {cell_key(r["cell"], r["task"]) for r in records if r.get("status") == "ok"}
-    failed = [
-        r
-        for r in records
-        if r.get("status") == "failed" and cell_key(r["cell"], r["task"]) not in succeeded
-    ]
+    failed = [r for r in records if r.get("status") == "failed"]
     if failed:
         text += "\n### Failed cells\n\n" + "".join(
             f"- {r['cell']['label']} {r['cell'].get('targets', '')} ratio {r['cell']['ratio']} "

@@ -1,7 +1,9 @@
 """Grids of compression runs: every cell compresses, evaluates, and appends to a JSONL file.
 
-A sweep is resumable: re-running it skips the cells (and dense evaluations) already in
-the results file. A failing cell is recorded with its error and the sweep goes on. The
+A sweep is resumable: re-running it skips the cells (and dense evaluations) whose latest
+record in the results file is ok with the same method options, calibration and task
+settings. A failing cell is recorded with its error (once: a re-run that fails in the
+same way appends nothing) and the sweep goes on. The
 dense model of each model is evaluated once per task; calibration statistics are cached
 on disk by the engine, so methods that share them compute them once.
 """
@@ -11,22 +13,24 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import os
+import re
 import time
 import traceback
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from aecompress.calibration import CalibrationConfig
 from aecompress.engine import compress
 from aecompress.errors import AecompressError, describe
-from aecompress.evaluation.tasks import TASKS, run_task
+from aecompress.evaluation.results import TaskResult
+from aecompress.evaluation.tasks import TASKS, run_task, task_settings
 from aecompress.models import LoadedModel, load_model
-from aecompress.recipe import Recipe
+from aecompress.recipe import Recipe, read_yaml
 
 
 class MethodSpec(BaseModel):
@@ -38,10 +42,31 @@ class MethodSpec(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict)
     label: str | None = None
     groups: list[str] | None = None  # overrides the sweep's groups for this method
+    # further recipe fields of this method's cells (e.g. pipeline: sequential, refine: 40)
+    recipe: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("recipe")
+    @classmethod
+    def _recipe_fields(cls, value: dict[str, Any]) -> dict[str, Any]:
+        unknown = set(value) - RECIPE_FIELDS
+        if unknown:
+            raise ValueError(f"use {', '.join(sorted(RECIPE_FIELDS))} (got {sorted(unknown)})")
+        return value
 
     @property
     def name(self) -> str:
         return self.label or self.method
+
+
+RECIPE_FIELDS = {
+    "pipeline",
+    "sequential",
+    "refine",
+    "allocate",
+    "storage_dtype",
+    "untie_embeddings",
+    "device",
+}
 
 
 class TaskSpec(BaseModel):
@@ -71,11 +96,9 @@ class SweepRecipe(BaseModel):
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> SweepRecipe:
+        data = read_yaml(path, "sweep recipe")
         try:
-            data = yaml.safe_load(Path(path).read_text())
             return cls.model_validate(data or {})
-        except (OSError, yaml.YAMLError) as error:
-            raise AecompressError(f"cannot read sweep recipe {path}: {error}") from error
         except ValidationError as error:
             raise AecompressError(describe(error, f"sweep recipe {path}")) from error
 
@@ -86,6 +109,9 @@ def cells(sweep: SweepRecipe) -> Iterator[dict[str, Any]]:
     Ordered model, targets, ratio, then method: each comparison of methods is complete
     before the next begins, so a sweep stopped early leaves whole tables behind.
     """
+    # a calibration other than the default is part of every cell's identity
+    calibration = sweep.calibration.model_dump()
+    custom = {"calibration": calibration} if sweep.calibration != CalibrationConfig() else {}
     for model, targets, ratio, spec, seed in itertools.product(
         sweep.models, sweep.targets, sweep.ratios, sweep.methods, sweep.seeds
     ):
@@ -99,6 +125,8 @@ def cells(sweep: SweepRecipe) -> Iterator[dict[str, Any]]:
                 "group": group,
                 "ratio": ratio,
                 "seed": seed,
+                **({"recipe": spec.recipe} if spec.recipe else {}),
+                **custom,
             }
 
 
@@ -107,28 +135,59 @@ def cell_id(cell: dict[str, Any]) -> str:
     return json.dumps(cell, sort_keys=True)
 
 
-def cell_key(cell: dict[str, Any], task: str) -> str:
-    """One task of one cell: what a re-run skips when it is already recorded as ok."""
-    return cell_id({**cell, "task": task})
+def cell_key(cell: dict[str, Any], task: str, settings: dict[str, Any] | None) -> str:
+    """One task of one cell with its settings: what a re-run skips when recorded as ok."""
+    return cell_id({**cell, "task": task, "settings": settings})
+
+
+def record_key(record: dict[str, Any]) -> str:
+    """cell_key of a record (failures written before settings were recorded have none)."""
+    return cell_key(record["cell"], record["task"], record.get("settings"))
+
+
+_SLOT_FIELDS = ("model", "label", "targets", "group", "ratio", "seed")
+
+
+def current(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The latest record of each place in the report (model, label, targets, group, ratio,
+    seed, task), in order of first appearance: a re-run supersedes earlier records."""
+    latest: dict[str, dict[str, Any]] = {}
+    for record in records:
+        slot = [record["cell"].get(f) for f in _SLOT_FIELDS] + [record["task"]]
+        latest[json.dumps(slot)] = record
+    return list(latest.values())
+
+
+def _parse(line: str) -> dict[str, Any] | None:
+    """A record, also when glued onto a torn line that an interrupted writer left."""
+    for start in [0, *(match.start() for match in re.finditer(r'(?<=.)\{"cell"', line))]:
+        try:
+            record = json.loads(line[start:])
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and "cell" in record and "task" in record:
+            return record
+    return None
 
 
 def read_results(path: Path) -> list[dict[str, Any]]:
-    """Records of a results file; a torn last line (interrupted write) is ignored."""
+    """Records of a results file; torn lines (interrupted writes) are skipped."""
     if not path.is_file():
         return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
+    return [r for line in path.read_text().splitlines() if (r := _parse(line)) is not None]
 
 
 def _append(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a") as handle:
-        handle.write(json.dumps(record, sort_keys=True) + "\n")
-        handle.flush()
+    """Append one line in one write, after ending a torn last line if there is one."""
+    data = (json.dumps(record, sort_keys=True) + "\n").encode()
+    handle = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(handle).st_size
+        if size and os.pread(handle, 1, size - 1) != b"\n":
+            data = b"\n" + data
+        os.write(handle, data)
+    finally:
+        os.close(handle)
 
 
 def _tasks_for(sweep: SweepRecipe, ratio: float | None) -> list[TaskSpec]:
@@ -143,39 +202,73 @@ def parse_shard(text: str) -> tuple[int, int]:
     return int(index), int(count)
 
 
+def _settings(spec: TaskSpec) -> dict[str, Any]:
+    return task_settings(spec.task, spec.options)
+
+
+@dataclass
+class _Log:
+    """The results file, and what the latest records say about each cell, task, settings."""
+
+    path: Path
+    done: set[str] = field(default_factory=set)  # recorded as ok
+    failed: dict[str, str] = field(default_factory=dict)  # key -> error of its failure
+
+    @classmethod
+    def read(cls, path: Path) -> _Log:
+        log = cls(path)
+        for record in current(read_results(path)):
+            if record.get("status") == "ok":
+                log.done.add(record_key(record))
+            else:
+                log.failed[record_key(record)] = record.get("error", "")
+        return log
+
+    def pending(self, cell: dict[str, Any], specs: list[TaskSpec]) -> list[TaskSpec]:
+        return [s for s in specs if cell_key(cell, s.task, _settings(s)) not in self.done]
+
+    def success(self, cell: dict[str, Any], result: TaskResult, extra: dict[str, Any]) -> None:
+        _append(self.path, {"cell": cell, "status": "ok", **extra, **asdict(result)})
+
+    def failure(self, cell: dict[str, Any], spec: TaskSpec, error: Exception) -> None:
+        """Record a failure, unless the cell last failed in the same way (a re-run)."""
+        record = {
+            "cell": cell,
+            "task": spec.task,
+            "settings": _settings(spec),
+            "status": "failed",
+            "error": f"{type(error).__name__}: {error}",
+            "traceback": traceback.format_exc(limit=5),
+        }
+        if self.failed.get(record_key(record)) != record["error"]:
+            _append(self.path, record)
+
+
 def run_sweep(
     sweep: SweepRecipe, results: Path, progress: bool = True, shard: tuple[int, int] = (0, 1)
 ) -> list[dict[str, Any]]:
-    """Run every cell not yet in `results`; returns all records.
+    """Run every cell whose latest record in `results` is not an ok one with the recipe's
+    settings (failures are retried); returns all records.
 
     With shard (I, N), only every N-th cell from the I-th (and the dense model only in
     shard 0): N processes with the same results file share the grid between them.
     """
+    for spec in sweep.tasks:  # unknown tasks, options and splits fail before any work
+        _settings(spec)
     index, count = shard
     results.parent.mkdir(parents=True, exist_ok=True)
-    done = {
-        cell_key(r["cell"], r["task"])
-        for r in read_results(results)
-        if r.get("status") == "ok" and "cell" in r
-    }
+    log = _Log.read(results)
     dense_models: dict[str, LoadedModel] = {}
     for model_name in sweep.models:
         loaded = dense_models.setdefault(model_name, load_model(model_name))
-        for spec in _tasks_for(sweep, None) if index == 0 else []:
-            dense_cell = {"model": model_name, "label": "dense", "ratio": 1.0}
-            if cell_key(dense_cell, spec.task) not in done:
-                _run_and_record(
-                    results, dense_cell, loaded, loaded, spec, {"compress_seconds": 0.0}
-                )
+        dense_cell = {"model": model_name, "label": "dense", "ratio": 1.0}
+        for spec in log.pending(dense_cell, _tasks_for(sweep, None)) if index == 0 else []:
+            _run_and_record(log, dense_cell, loaded, loaded, spec, {"compress_seconds": 0.0})
     for number, cell in enumerate(cells(sweep)):
         if number % count != index:
             continue
-        pending = [
-            t for t in _tasks_for(sweep, cell["ratio"]) if cell_key(cell, t.task) not in done
-        ]
-        if not pending:
-            continue
-        _run_cell(sweep, cell, dense_models[cell["model"]], pending, results, progress)
+        if pending := log.pending(cell, _tasks_for(sweep, cell["ratio"])):
+            _run_cell(sweep, cell, dense_models[cell["model"]], pending, log, progress)
     return read_results(results)
 
 
@@ -184,7 +277,7 @@ def _run_cell(
     cell: dict[str, Any],
     dense: LoadedModel,
     tasks: list[TaskSpec],
-    results: Path,
+    log: _Log,
     progress: bool,
 ) -> None:
     start = time.perf_counter()
@@ -198,6 +291,7 @@ def _run_cell(
             group=cell["group"],
             seed=cell["seed"],
             calibration=sweep.calibration,
+            **cell.get("recipe", {}),
         )
         fresh = LoadedModel(
             copy.deepcopy(dense.model), dense.tokenizer, dense.source, dense.auto_class
@@ -205,16 +299,16 @@ def _run_cell(
         compressed = compress(fresh, recipe, progress=progress)
     except Exception as error:  # a failing cell is recorded, the sweep goes on
         for spec in tasks:
-            _append(results, _failure(cell, spec.task, error))
+            log.failure(cell, spec, error)
         return
     extra = {"compress_seconds": time.perf_counter() - start, **compressed.totals()}
     loaded = LoadedModel(compressed.model, dense.tokenizer, dense.source, dense.auto_class)
     for spec in tasks:
-        _run_and_record(results, cell, loaded, dense, spec, extra)
+        _run_and_record(log, cell, loaded, dense, spec, extra)
 
 
 def _run_and_record(
-    results: Path,
+    log: _Log,
     cell: dict[str, Any],
     loaded: LoadedModel,
     dense: LoadedModel,
@@ -232,16 +326,6 @@ def _run_and_record(
             **spec.options,
         )
     except Exception as error:
-        _append(results, _failure(cell, spec.task, error))
+        log.failure(cell, spec, error)
         return
-    _append(results, {"cell": cell, "status": "ok", **extra, **asdict(result)})
-
-
-def _failure(cell: dict[str, Any], task: str, error: Exception) -> dict[str, Any]:
-    return {
-        "cell": cell,
-        "task": task,
-        "status": "failed",
-        "error": f"{type(error).__name__}: {error}",
-        "traceback": traceback.format_exc(limit=5),
-    }
+    log.success(cell, result, extra)

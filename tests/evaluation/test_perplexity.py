@@ -2,9 +2,11 @@ import math
 
 import pytest
 import torch
+import transformers
 
 from aecompress.data import wikitext2_text
 from aecompress.errors import AecompressError
+from aecompress.evaluation import perplexity as perplexity_module
 from aecompress.evaluation.perplexity import perplexity, window_ids, windows_perplexity
 from tests.conftest import tiny_model
 
@@ -15,6 +17,7 @@ class Uniform(torch.nn.Module):
     def __init__(self, vocab: int) -> None:
         super().__init__()
         self.vocab = vocab
+        self.config = transformers.PretrainedConfig(vocab_size=vocab)
 
     def forward(self, input_ids):
         logits = torch.zeros(*input_ids.shape, self.vocab)
@@ -56,3 +59,17 @@ def test_wikitext2_rows_are_joined_the_gptq_way():
 def test_encoder_without_lm_head_is_refused(tokenizer):
     with pytest.raises(AecompressError, match="no causal LM head"):
         perplexity(tiny_model("bert").bert, tokenizer, windows=1, seq_len=16)
+
+
+def test_windows_longer_than_the_model_positions_are_refused(tokenizer):
+    with pytest.raises(AecompressError, match="seq_len=513 is longer than the 512 positions"):
+        perplexity(tiny_model("gpt2"), tokenizer, windows=1, seq_len=513, progress=False)
+
+
+def test_a_batch_that_cannot_fit_in_memory_is_refused(tokenizer, monkeypatch):
+    monkeypatch.setattr(perplexity_module, "available_memory", lambda: 2**30)
+    model = tiny_model("llama")  # 4 windows x 512 tokens x 30522 logits: about 0.7 GiB
+    perplexity(model, tokenizer, windows=4, seq_len=512, progress=False)
+    model.config.vocab_size = 200_000  # a large vocabulary: about 4.6 GiB
+    with pytest.raises(AecompressError, match=r"4 x 512 tokens needs about 4\.6 GiB, more than"):
+        perplexity(model, tokenizer, windows=4, seq_len=512, progress=False)

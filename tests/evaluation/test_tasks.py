@@ -92,3 +92,12 @@ def test_fidelity_with_a_reference(tiny_bert, tokenizer) -> None:
     )
     assert result.split == "dev" and tuple(result.metrics) == TASKS["fidelity"].metrics
     assert result.metrics["cosine"] == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("windows", [0, -3, 1.5, "2", True])
+def test_counts_must_be_whole_numbers_of_at_least_one(tiny_llama, tokenizer, windows) -> None:
+    with pytest.raises(AecompressError) as refused:
+        run_task("wikitext2", tiny_llama, tokenizer, windows=windows, seq_len=16)
+    assert str(refused.value) == (
+        f"task 'wikitext2': windows must be a whole number >= 1 (got {windows!r})"
+    )

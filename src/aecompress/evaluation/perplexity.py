@@ -5,14 +5,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import psutil
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from aecompress.data import wikitext2_text
 from aecompress.errors import AecompressError
-from aecompress.models import is_causal_lm
+from aecompress.models import check_positions, is_causal_lm
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,30 @@ def require_causal_lm(model: PreTrainedModel) -> None:
     if not is_causal_lm(model):
         raise AecompressError(
             f"{type(model).__name__} has no causal LM head: perplexity needs a causal LM"
+        )
+
+
+def batch_bytes(config: PretrainedConfig, batch: int, seq_len: int) -> int:
+    """Rough peak memory (fp32) of a forward pass over [batch, seq_len] tokens: the logits
+    three times (logits, their flattened copy, the log-softmax) and one layer's attention
+    scores twice (scores, probabilities)."""
+    vocab = getattr(config, "vocab_size", 0) or 0
+    heads = getattr(config, "num_attention_heads", 1) or 1
+    return 4 * batch * seq_len * (3 * vocab + 2 * heads * seq_len)
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation."""
+    return int(psutil.virtual_memory().available)
+
+
+def check_memory(model: PreTrainedModel, batch: int, seq_len: int) -> None:
+    """Refuse a perplexity batch whose estimated memory exceeds what is available."""
+    need, free = batch_bytes(model.config, batch, seq_len), available_memory()
+    if need > free:
+        raise AecompressError(
+            f"a batch of {batch} x {seq_len} tokens needs about {need / 2**30:.1f} GiB, more "
+            f"than the {free / 2**30:.1f} GiB available: lower seq_len or batch_size"
         )
 
 
@@ -81,6 +106,8 @@ def perplexity(
     require_causal_lm(model)
     if seq_len < 2:
         raise AecompressError("seq_len must be at least 2")
+    check_positions(model, seq_len)
+    check_memory(model, min(batch_size, windows or batch_size), seq_len)
     ids = window_ids(tokenizer, wikitext2_text(split), seq_len, windows)
     value = windows_perplexity(
         model, ids, batch_size, desc=f"perplexity ({split})", progress=progress

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from aecompress.artifact import is_artifact, load_compressed, read_manifest
-from aecompress.calibration import cache_dir
+from aecompress.cache import cache_dir, read_entry, write_entry
 from aecompress.data import data_file, file_sha256
 from aecompress.errors import AecompressError
 from aecompress.evaluation.results import TaskResult
 from aecompress.evaluation.tasks import TASKS, check_task, run_task
-from aecompress.models import LoadedModel, load_model
+from aecompress.models import LoadedModel, load_model, weights_sha256
 
 
 def task_options(task: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -44,18 +43,28 @@ def cached_dense_result(
     `load_dense()` returns the dense LoadedModel; it is called only on a cache miss.
     """
     path = _dense_cache(base_sha256, task, options)
-    if path.is_file():
-        cached = TaskResult.from_json(path.read_text())
+    cached = read_entry(path, lambda p: TaskResult.from_json(p.read_text()))
+    if cached is not None:
         current = {f: file_sha256(data_file(f)) for f in cached.data_sha256}
         if current == cached.data_sha256:  # the data files are unchanged
             return cached
     dense: LoadedModel = load_dense()
     result = run_task(task, dense.model, dense.tokenizer, progress=progress, **options)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    partial.write_text(result.to_json())
-    os.replace(partial, path)
+    write_entry(path, lambda p: p.write_text(result.to_json()))
     return result
+
+
+def load_base_model(artifact: str, manifest: dict[str, Any]) -> LoadedModel:
+    """The artifact's base model, refused unless its weights are the ones it was made from."""
+    name = manifest["base_model"]
+    base = load_model(name, manifest["auto_class"])
+    if weights_sha256(base.model) != manifest["base_weights_sha256"]:
+        raise AecompressError(
+            f"base model '{name}' does not hold the weights {artifact} was compressed from "
+            "(sha256 differs; a relative path is read from the current folder): "
+            "restore it, or use --no-dense"
+        )
+    return base
 
 
 def evaluate(
@@ -87,7 +96,7 @@ def evaluate(
 
     def load_base() -> LoadedModel:
         if not base:
-            base.append(load_model(manifest["base_model"], manifest["auto_class"]))
+            base.append(load_base_model(model, manifest))
         return base[0]
 
     results, dense_results = [], []

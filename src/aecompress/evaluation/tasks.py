@@ -102,12 +102,36 @@ TASKS: dict[str, Task] = {
 }
 
 
-def check_task(name: str, model: nn.Module) -> Task:
-    """The task called `name`, if `model` can run it; else a one-line AecompressError."""
+def known_task(name: str) -> Task:
+    """The task called `name`; else a one-line AecompressError listing the known tasks."""
     if name not in TASKS:
         raise AecompressError(f"unknown task '{name}': known tasks are {', '.join(TASKS)}")
-    require(name, model)
     return TASKS[name]
+
+
+def check_task(name: str, model: nn.Module) -> Task:
+    """The task called `name`, if `model` can run it; else a one-line AecompressError."""
+    task = known_task(name)
+    require(name, model)
+    return task
+
+
+def task_settings(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Every setting of a run of task `name` with `options`: defaults filled in, checked."""
+    return _settings(known_task(name), options)
+
+
+# Options that count something: whole numbers >= 1 (or None where a task allows it).
+_COUNTS = (
+    "windows",
+    "seq_len",
+    "limit",
+    "batch_size",
+    "sentences",
+    "epochs",
+    "grad_accum",
+    "max_length",
+)
 
 
 def _settings(task: Task, options: dict[str, Any]) -> dict[str, Any]:
@@ -118,6 +142,12 @@ def _settings(task: Task, options: dict[str, Any]) -> dict[str, Any]:
             f"task '{task.name}' has no option {', '.join(unknown)} "
             f"(options: {', '.join(defaults) or 'none'})"
         )
+    for name in _COUNTS:
+        value = options.get(name)
+        if value is not None and (type(value) is not int or value < 1):
+            raise AecompressError(
+                f"task '{task.name}': {name} must be a whole number >= 1 (got {value!r})"
+            )
     settings = {**defaults, **options}
     if "split" in settings:
         settings["split"] = settings["split"] or task.split

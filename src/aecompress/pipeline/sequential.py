@@ -13,10 +13,13 @@ error (it asks for `xtx`) fits the compensated target
 
     W' = W (C + lambda I) (H + lambda I)^-1
 
-with X^T X = H + lambda I: minimising its ||(W' - W_hat) L||, L L^T = H + lambda I, is
-minimising ||X_c W_hat^T - X_d W^T||^2 + lambda ||W_hat - W||^2, i.e. the error against the
-dense layer's output on the dense stream, including what the blocks before lost (lambda =
-`damp` times the mean diagonal of H). Other methods fit the weights as they are. After a
+under X^T X = H: minimising its ||(W' - W_hat) L||, L L^T = H, is minimising
+||X_c W_hat^T - X_d W^T||^2 (up to the small ridge lambda, which keeps W' at W in directions
+the inputs never take), i.e. the error against the dense layer's output on the dense
+stream, including what the blocks before lost (lambda = `damp` times the mean diagonal of
+H). Other methods fit the weights as they are; every method gets H itself as X^T X (the
+methods add their own ridge: a large one would flatten the metric of heavy-tailed
+activations towards the plain Frobenius norm). After a
 stage, optional block refinement trains its stored tensors on the stage's output error
 (pipeline/refine.py); then both streams move past it and its statistics are freed, so the
 working set is one stage's statistics and the two streams' hidden states.
@@ -86,9 +89,9 @@ class Moments:
         eye = torch.eye(self.gram.shape[0], dtype=self.gram.dtype, device=self.gram.device)
         return self.gram + ridge * eye
 
-    def statistics(self, damp: float) -> TargetStatistics:
-        assert self.abs_sum is not None
-        return TargetStatistics(self.tokens, self.damped_gram(damp), self.abs_sum / self.tokens)
+    def statistics(self) -> TargetStatistics:
+        assert self.gram is not None and self.abs_sum is not None
+        return TargetStatistics(self.tokens, self.gram, self.abs_sum / self.tokens)
 
     def compensated(self, weight: torch.Tensor, damp: float) -> torch.Tensor:
         """W (C + lambda I) (H + lambda I)^-1 (see the module docstring), float32."""
@@ -237,7 +240,7 @@ def fit_position(
         statistics = []
         for index, target in enumerate(members):
             entry = moments[target.path]
-            stats = entry.statistics(config.damp)
+            stats = entry.statistics()
             if gradients is not None:
                 stats.fisher, stats.l1 = gradients[target.name].fisher, gradients[target.name].l1
             statistics.append(stats)
