@@ -1,7 +1,8 @@
 """Issue 10's benchmark: methods that compensate their own error, at equal stored size.
 
 SmolLM2-135M with its MLP matrices (or all linear layers) compressed by each row's recipe:
-WikiText-2 test perplexity (16 x 512) for every cell, ARC-Easy and PIQA (first 200) for the
+WikiText-2 validation and test perplexity (16 x 512) for every cell (settings are chosen
+on validation, test is what is reported), ARC-Easy and PIQA (first 200) for the
 rows marked `zero_shot`, wall time and peak resident memory of each cell, the dense model
 measured in the same run. Each cell runs in its own process (peak RSS is the cell's own)
 on a fp32 copy of the model written once; results are appended to a JSONL file as they
@@ -9,6 +10,7 @@ finish, so an interrupted run resumes where it stopped.
 
     PYTHONPATH=src python benchmarks/compensation.py --out benchmarks/results/compensation
     PYTHONPATH=src python benchmarks/compensation.py --rows sparsegpt:seq --ratios 1.25 --quick
+    PYTHONPATH=src python benchmarks/compensation.py --list   # the rows
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import Any
 MLP = "up,gate,down"
 LINEAR = "q,k,v,o,up,gate,down"
 ZERO_SHOT = ("arc-easy", "piqa")
+SPLITS = ("validation", "test")
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,7 @@ ROWS = [
     row("asvd", "asvd", **IND, ratios=(1.25,)),
     row("svdllm", "svdllm", **IND),
     row("svdllm:seq", "svdllm", **SEQ),
+    row("svdllm:seq:local", "svdllm", **SEQ, sequential={"target": "local"}),
     row("svdllm:seq+refine", "svdllm", zero_shot=True, **SEQ, **REFINE),
     row("svdllm:seq+alloc", "svdllm", **SEQ, allocate="sensitivity"),
     row("shared-basis:2", "shared-basis", group="layers:2", **IND),
@@ -73,6 +77,8 @@ ROWS = [
     row("wanda:seq", "wanda", **SEQ),
     row("sparsegpt", "sparsegpt", **IND),
     row("sparsegpt:seq", "sparsegpt", zero_shot=True, **SEQ),
+    row("sparsegpt:seq:local", "sparsegpt", **SEQ, sequential={"target": "local"}),
+    row("sparsegpt:seq:fp32", "sparsegpt", **SEQ, storage_dtype="float32"),
     row("sparsegpt:seq+refine", "sparsegpt", zero_shot=True, **SEQ, **REFINE),
     row("sparsegpt:seq+alloc", "sparsegpt", **SEQ, allocate="sensitivity"),
     # sparse + low rank
@@ -90,13 +96,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rows", nargs="+", default=[r.name for r in ROWS])
     parser.add_argument("--ratios", type=float, nargs="+", default=[1.25, 1.67, 2.5])
     parser.add_argument("--targets", default=MLP, help=f"{MLP} (MLPs) or {LINEAR} (all linear)")
-    parser.add_argument("--split", default="test", choices=["test", "validation"])
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--limit", type=int, default=200, help="zero-shot: first N items")
     parser.add_argument("--quick", action="store_true", help="4 windows, no zero-shot")
     parser.add_argument("--out", type=Path, help="folder for results.jsonl and report.md")
+    parser.add_argument("--list", action="store_true", help="print the rows and exit")
     parser.add_argument("--cell", help=argparse.SUPPRESS)  # internal: run one cell
     args = parser.parse_args()
+    if args.list:
+        for entry in ROWS:
+            print(f"{entry.name}: {json.dumps(entry.recipe)}")
+        sys.exit(0)
     if args.quick:
         args.windows = 4
     unknown = set(args.rows) - {r.name for r in ROWS} - {"dense"}
@@ -140,10 +150,11 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
     compress_seconds = time.perf_counter() - start
     peak_compress = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
     metrics: dict[str, Any] = {}
-    wikitext = {"split": cell["split"], "windows": cell["windows"], "seq_len": 512}
-    metrics["wikitext2"] = run_task(
-        "wikitext2", loaded.model, loaded.tokenizer, progress=False, **wikitext
-    ).metrics["perplexity"]
+    for split in SPLITS:
+        wikitext = {"split": split, "windows": cell["windows"], "seq_len": 512}
+        metrics[f"wikitext2:{split}"] = run_task(
+            "wikitext2", loaded.model, loaded.tokenizer, progress=False, **wikitext
+        ).metrics["perplexity"]
     for task in cell["zero_shot"]:
         result = run_task(task, loaded.model, loaded.tokenizer, progress=False, limit=cell["limit"])
         metrics[task] = result.metrics["acc_norm"]
@@ -160,7 +171,7 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
 
 def cells(args: argparse.Namespace, model: str) -> list[dict[str, Any]]:
     zero_shot = [] if args.quick else list(ZERO_SHOT)
-    base = {"model": model, "split": args.split, "windows": args.windows, "limit": args.limit}
+    base = {"model": model, "windows": args.windows, "limit": args.limit}
     dense = {"row": "dense", "recipe": None, "ratio": None, "targets": None}
     found = [{**base, **dense, "zero_shot": zero_shot}]
     for ratio in args.ratios:
@@ -180,7 +191,7 @@ def cells(args: argparse.Namespace, model: str) -> list[dict[str, Any]]:
     return found
 
 
-IDENTITY = ("row", "recipe", "ratio", "targets", "split", "windows", "limit", "zero_shot")
+IDENTITY = ("row", "recipe", "ratio", "targets", "windows", "limit", "zero_shot")
 
 
 def key(cell: dict[str, Any]) -> str:
@@ -203,33 +214,40 @@ def report(records: list[dict[str, Any]], args: argparse.Namespace, began: str) 
         f"- started: {began}; machine: {machine()}; load average now "
         f"{' / '.join(f'{x:.1f}' for x in os.getloadavg())} (other processes may share the CPUs)",
         f"- command: `PYTHONPATH=src python benchmarks/compensation.py {' '.join(sys.argv[1:])}`",
-        f"- WikiText-2 raw {args.split}, first {args.windows} windows of 512 tokens; zero-shot "
+        f"- WikiText-2 raw validation / test, first {args.windows} windows of 512 tokens each "
+        "(settings and defaults chosen on validation; test reported); zero-shot "
         f"acc_norm on the first {args.limit} items (ARC-Easy test, PIQA validation); calibration "
         "64 x 256 WikiText-2 train tokens, seed 0; every choice of setting made on validation",
         "- stored ratio counts every stored number of the compressed groups, positions included;"
         " seconds: compression alone; peak RSS: the cell's own process",
         "",
-        "| row | ratio | stored ratio | ppl | arc-easy | piqa | compress s | peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| row | ratio | stored ratio | val ppl | test ppl | arc-easy | piqa | compress s "
+        "| peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     if dense is not None:
         m = dense["metrics"]
         lines.append(
-            f"| dense | - | - | {m['wikitext2']:.2f} | {_acc(m, 'arc-easy')} | "
-            f"{_acc(m, 'piqa')} | - | {dense['peak_rss_mb']} |"
+            f"| dense | - | - | {_ppl(m, 'validation')} | {_ppl(m, 'test')} | "
+            f"{_acc(m, 'arc-easy')} | {_acc(m, 'piqa')} | - | {dense['peak_rss_mb']} |"
         )
     compressed = [r for r in records if r["row"] != "dense"]
     for r in sorted(compressed, key=lambda r: (r["ratio"], ROW_ORDER.get(r["row"], 0))):
         if "error" in r:
-            lines.append(f"| {r['row']} | {r['ratio']} | failed: {r['error']} | | | | | |")
+            lines.append(f"| {r['row']} | {r['ratio']} | failed: {r['error']} | | | | | | |")
             continue
         m = r["metrics"]
         lines.append(
-            f"| {r['row']} | {r['ratio']} | {r['stored_ratio']:.4f} | {m['wikitext2']:.2f} | "
+            f"| {r['row']} | {r['ratio']} | {r['stored_ratio']:.4f} | {_ppl(m, 'validation')} | "
+            f"{_ppl(m, 'test')} | "
             f"{_acc(m, 'arc-easy')} | {_acc(m, 'piqa')} | {r['compress_seconds']:.0f} | "
             f"{r['peak_rss_mb_compress']} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _ppl(metrics: dict[str, Any], split: str) -> str:
+    return f"{metrics[f'wikitext2:{split}']:.2f}"
 
 
 def _acc(metrics: dict[str, Any], task: str) -> str:
