@@ -77,6 +77,7 @@ def test_compress_inspect_evaluate(monkeypatch, capsys, tiny_folder, tmp_path):
         (["--targets", "kk"], "unknown target family 'kk'"),
         (["--targets", "gate", "--group", "layerz"], "unknown grouping 'layerz'"),
         (["--method", "svd", "--option", "rank=3"], "rank: Extra inputs are not permitted"),
+        (["--targets", ""], "targets: List should have at least 1 item"),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(
@@ -138,14 +139,17 @@ def forbid_loading(monkeypatch) -> None:
         (".", "cannot replace the current folder"),
         ("..", "cannot replace the current folder"),
         ("/proc/art", "cannot write in /proc"),
+        ("art", "holds files that are not part of its artifact (notes.txt)"),
     ],
 )
 def test_an_unwritable_output_is_refused_before_any_work(
     monkeypatch, capsys, tiny_folder, tmp_path, output, message
 ):
     (tmp_path / "file").write_text("x")
-    (tmp_path / "full").mkdir()
-    (tmp_path / "full" / "notes.txt").write_text("mine")
+    for folder in ("full", "art"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "notes.txt").write_text("mine")
+    (tmp_path / "art" / "aecompress.json").write_text('{"files": ["aecompress.json"]}')
     (tmp_path / "cwd").mkdir()
     monkeypatch.chdir(tmp_path / "cwd")
     forbid_loading(monkeypatch)
@@ -239,3 +243,24 @@ def test_an_environment_error_is_one_line(monkeypatch, capsys, tmp_path):
     args = ["sweep", str(recipe), "--results", "/proc/aecompress/results.jsonl"]
     code, _, err = run(monkeypatch, capsys, *args)
     assert "/proc/aecompress" in one_error(code, err)
+
+
+def test_an_unwritable_json_file_is_refused_before_any_work(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr("aecompress.evaluation.runner.evaluate", forbid_loading)
+    for path, message in [(tmp_path, "is a folder"), ("/proc/x.json", "cannot write in /proc")]:
+        code, _, err = run(monkeypatch, capsys, "evaluate", "m", "--json", str(path))
+        assert message in one_error(code, err)
+
+
+def test_rules_take_their_families_as_targets(monkeypatch, capsys, tiny_folder, tmp_path):
+    args = ["compress", str(tiny_folder), "--method", "k=svd;down=prune", "-o", str(tmp_path / "o")]
+    code, stdout, err = run(monkeypatch, capsys, *args)
+    assert code == 0, err
+    assert "4 groups" in stdout
+
+
+def test_a_report_of_a_file_without_records_is_refused(monkeypatch, capsys, tmp_path):
+    (tmp_path / "grid.yaml").write_text("name: g\n")
+    code, _, err = run(monkeypatch, capsys, "report", str(tmp_path / "grid.yaml"))
+    assert "holds no sweep records" in one_error(code, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.yaml"]

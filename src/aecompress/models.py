@@ -110,20 +110,24 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "voc
 def load_tokenizer(where: str, **kwargs: object) -> PreTrainedTokenizerBase | None:
     """The tokenizer in `where`; None (with a warning) if there is none, an error if a
     folder's tokenizer files cannot be read or hold no vocabulary beyond special tokens."""
+    has_files = any((Path(where) / name).is_file() for name in _TOKENIZER_FILES)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(where, **kwargs)
     except Exception as error:  # the tokenizers library raises plain Exceptions
-        if any((Path(where) / name).is_file() for name in _TOKENIZER_FILES):
+        if has_files:
             message = f"cannot load the tokenizer in {where}: {first_line(error)}"
             raise AecompressError(message) from error
         logger.warning("no tokenizer found for %s (%s)", where, first_line(error))
         return None
-    if len(tokenizer) <= len(tokenizer.all_special_ids):  # e.g. tokenizer.json deleted
+    if len(tokenizer) > len(tokenizer.all_special_ids):
+        return tokenizer
+    if has_files:  # e.g. tokenizer_config.json without its tokenizer.json
         raise AecompressError(
             f"the tokenizer in {where} has no vocabulary besides its special tokens "
             "(a missing or damaged tokenizer.json or vocab file)"
         )
-    return tokenizer
+    logger.warning("no tokenizer found for %s", where)
+    return None
 
 
 def _check_folder(path: Path) -> None:
