@@ -130,6 +130,7 @@ def edit_manifest(folder, change) -> None:
         (lambda m: m.update(storage_dtype="float16"), "holds float32 tensors"),
         (lambda m: m.update(tied_output="bert.encoder"), "not the output head"),
         (lambda m: m["files"].append("vocab.json"), "vocab.json, a file of the artifact"),
+        (lambda m: m["recipe"].update(targets=[None]), "recipe.targets.0"),
         (lambda m: m["groups"][0].update(ratio=99.0), "ratio is wrong"),
         (lambda m: m["groups"][0].update(stored_params=1), "counts are wrong"),
         (lambda m: m["groups"][0]["tensors"].update({"0.a": [1, 1]}), "tensors do not match"),

@@ -32,6 +32,7 @@ from aecompress.errors import AecompressError, describe, first_line
 from aecompress.methods import Method, Stored, make_method
 from aecompress.methods.base import GroupSpec
 from aecompress.models import load_tokenizer
+from aecompress.recipe import Recipe
 from aecompress.substitution import Serving, inject
 from aecompress.targets import (
     CUSTOM_FAMILY,
@@ -168,6 +169,12 @@ class Manifest(_Strict):
     groups: list[GroupEntry]
     totals: dict[str, float]
     weights_file: WeightsFile
+
+    @field_validator("recipe")
+    @classmethod
+    def _a_recipe(cls, value: dict[str, Any]) -> dict[str, Any]:
+        Recipe.model_validate(value)  # kept as given, but a valid recipe
+        return value
 
 
 def group_entry(fitted: CompressedGroup) -> dict[str, Any]:
