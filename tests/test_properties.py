@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 import aecompress
 from aecompress.artifact import MANIFEST
+from aecompress.sweep import SweepRecipe, cells, current, read_results
 from tests.conftest import SMALL_VOCAB, make_tiny, tiny_tokenizer
 from tests.helpers import invoke, one_error
 
@@ -301,3 +302,62 @@ def test_a_fuzzed_command_line_is_refused_in_one_line_or_gives_an_artifact(
         event(f"-o {kind}")
         one_error(result[0], result[2])
         assert sorted(folder.rglob("*")) == before
+
+
+# --- sweep recipes ------------------------------------------------------------------
+
+TASK = {"task": "wikitext2", "options": {"windows": 1, "seq_len": 8}}
+SWEEP_INVALID: dict[str, st.SearchStrategy[Any]] = {
+    "methods": st.sampled_from([[{"method": "svdd"}], [{"method": "svd", "x": 1}], []]),
+    "ratios": st.sampled_from([[0.5], ["two"], []]),
+    "targets": st.sampled_from([["kk"], [3]]),
+    "tasks": st.sampled_from(
+        [[{"task": "nope"}], [{"task": "wikitext2", "options": {"windows": 0}}]]
+    ),
+    "models": st.sampled_from([["no-such-model"], []]),
+    "colour": st.just("red"),
+}
+
+
+@st.composite
+def sweeps(draw: st.DrawFn) -> dict[str, Any]:
+    """A small grid on the tiny model (MODEL), with one field made invalid half the time;
+    some valid cells fail (a ratio too large, a window longer than the model's)."""
+    names = draw(
+        st.lists(st.sampled_from(sorted(FAST_OPTIONS)), min_size=1, max_size=2, unique=True)
+    )
+    fields: dict[str, Any] = {
+        "name": "grid",
+        "models": ["MODEL"],
+        "methods": [{"method": m, "options": FAST_OPTIONS[m]} for m in names],
+        "ratios": draw(st.lists(st.sampled_from([2, 4, 1e9]), min_size=1, max_size=2, unique=True)),
+        "targets": [draw(st.sampled_from(["k", "down", "embed"]))],
+        "groups": [draw(st.sampled_from(["none", "layers"]))],
+        "tasks": [draw(st.sampled_from([TASK, {**TASK, "options": {"seq_len": 100000}}]))],
+        "calibration": CALIBRATION,
+    }
+    if draw(st.booleans()):
+        broken = draw(st.sampled_from(sorted(SWEEP_INVALID)))
+        fields[broken] = draw(SWEEP_INVALID[broken])
+    return fields
+
+
+@fuzz(20)
+@given(grid=sweeps())
+def test_a_fuzzed_sweep_is_refused_in_one_line_or_records_every_cell(model_folder, scratch, grid):
+    folder = fresh(scratch)
+    text = yaml.safe_dump(grid).replace("MODEL", str(model_folder))
+    (folder / "grid.yaml").write_text(text)
+    results = folder / "results.jsonl"
+    code, _, err = invoke("sweep", str(folder / "grid.yaml"), "--results", str(results))
+    event(f"exit status {code}")
+    if code:
+        one_error(code, err)
+        assert not results.exists()
+        return
+    records = read_results(results)
+    grid_cells = list(cells(SweepRecipe.from_yaml(folder / "grid.yaml")))
+    assert len(current(records)) == 1 + len(grid_cells)  # the dense model and every cell
+    assert (folder / "report.md").is_file()
+    assert invoke("sweep", str(folder / "grid.yaml"), "--results", str(results))[0] == 0
+    assert read_results(results) == records  # nothing recomputed, nothing lost
