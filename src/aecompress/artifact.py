@@ -534,8 +534,8 @@ def _stored_from_entry(
 
 def checked_skeleton(path: Path, manifest: Manifest) -> PreTrainedModel:
     """The model its config describes, built without memory (meta device), after checking
-    every group against it: members are modules of the recorded kind and shape, widths
-    cost what the groups store, a tied output head is the model's own."""
+    every group against it: members are matrices of its family with the recorded kind and
+    shape, widths cost what the groups store, a tied output head is the model's own."""
     try:
         config = transformers.AutoConfig.from_pretrained(str(path))
     except (OSError, ValueError) as error:
@@ -557,33 +557,43 @@ def checked_skeleton(path: Path, manifest: Manifest) -> PreTrainedModel:
 def _group_spec(entry: GroupEntry, model: PreTrainedModel) -> GroupSpec:
     """What the group's method fitted, after checking each member against the model."""
     members = _group_from_entry(entry).members
-    if entry.family != CUSTOM_FAMILY:  # a family's members are the model's own
-        try:
-            own = set(resolve_targets(model, [entry.family]))
-        except AecompressError as error:
-            raise AecompressError(f"group {entry.name}: {error}") from error
-        if strangers := [t.name for t in members if t not in own]:
-            raise AecompressError(
-                f"group {entry.name}: {strangers[0]} is not a '{entry.family}' matrix of this "
-                "model (layer, kind or part as recorded)"
-            )
+    if entry.family != CUSTOM_FAMILY:  # a regex's matrices have no family to check
+        _check_family(entry, members, model)
     for target in members:
-        try:
-            kind = module_kind(model.get_submodule(target.path))
-            shape = tuple(weight_matrix(model, target).shape)
-        except (AttributeError, AecompressError, ValueError, ZeroDivisionError) as error:
-            message = f"group {entry.name} does not fit this model: {first_line(error)}"
-            raise AecompressError(message) from error
-        if (kind, shape) != (target.kind, entry.shape):
-            raise AecompressError(
-                f"group {entry.name} does not fit this model: {target.name} is a {kind} of "
-                f"shape {list(shape)}, the manifest says a {target.kind} of {list(entry.shape)}"
-            )
+        _check_member(entry, target, model)
     use: Literal["linear", "embedding"] = (
         "embedding" if members[0].kind == "embedding" else "linear"
     )
     count, (rows, cols) = len(members), entry.shape
     return GroupSpec(entry.name, entry.family, use, count, rows, cols, head_dim(model))
+
+
+def _check_family(entry: GroupEntry, members: tuple[Target, ...], model: PreTrainedModel) -> None:
+    """Each member is a matrix of the group's family in the model (path, layer, kind, part)."""
+    try:
+        own = set(resolve_targets(model, [entry.family]))
+    except AecompressError as error:
+        raise AecompressError(f"group {entry.name}: {error}") from error
+    if strangers := [t.name for t in members if t not in own]:
+        raise AecompressError(
+            f"group {entry.name}: {strangers[0]} is not a '{entry.family}' matrix of this "
+            "model (layer, kind or part as recorded)"
+        )
+
+
+def _check_member(entry: GroupEntry, target: Target, model: PreTrainedModel) -> None:
+    """The member's module exists and has the recorded kind and the group's shape."""
+    try:
+        kind = module_kind(model.get_submodule(target.path))
+        shape = tuple(weight_matrix(model, target).shape)
+    except (AttributeError, AecompressError, ValueError, ZeroDivisionError) as error:
+        message = f"group {entry.name} does not fit this model: {first_line(error)}"
+        raise AecompressError(message) from error
+    if (kind, shape) != (target.kind, entry.shape):
+        raise AecompressError(
+            f"group {entry.name} does not fit this model: {target.name} is a {kind} of "
+            f"shape {list(shape)}, the manifest says a {target.kind} of {list(entry.shape)}"
+        )
 
 
 def _check_width(entry: GroupEntry, spec: GroupSpec) -> None:

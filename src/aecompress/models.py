@@ -276,10 +276,10 @@ def max_positions(config: PretrainedConfig) -> int | None:
     return None
 
 
-def check_positions(model: PreTrainedModel, seq_len: int, option: str = "seq_len") -> None:
+def check_positions(model: PreTrainedModel, length: int, option: str = "seq_len") -> None:
     """Refuse windows longer than the model's positions (`option`: the setting's name)."""
     limit = max_positions(model.config)
-    if limit is not None and seq_len > limit:
+    if limit is not None and length > limit:
         raise AecompressError(
-            f"{option}={seq_len} is longer than the {limit} positions of {type(model).__name__}"
+            f"{option}={length} is longer than the {limit} positions of {type(model).__name__}"
         )
