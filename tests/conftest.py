@@ -136,3 +136,24 @@ def tiny_llama() -> transformers.PreTrainedModel:
 @pytest.fixture(scope="session")
 def tiny_gpt2() -> transformers.PreTrainedModel:
     return tiny_model("gpt2")
+
+
+def tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """A word-level tokenizer of SMALL_VOCAB entries (specials, frequent English words,
+    fillers): every tiny model's vocabulary, tokenising WikiText in a blink."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    common = "the , . of and in to a was is on as for with by that he at from it his an"
+    words = specials + common.split()
+    words += [f"w{i}" for i in range(SMALL_VOCAB - len(words))]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )

@@ -5,19 +5,8 @@ import sys
 import pytest
 import torch
 
-from aecompress.cli import main
 from tests.conftest import tiny_model
-
-
-def run(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["aecompress", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as stop:
-        code = stop.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
+from tests.helpers import invoke, one_error
 
 
 @pytest.fixture
@@ -28,11 +17,9 @@ def tiny_folder(tmp_path, tokenizer):
     return tmp_path / "tiny"
 
 
-def test_compress_inspect_evaluate(monkeypatch, capsys, tiny_folder, tmp_path):
+def test_compress_inspect_evaluate(tiny_folder, tmp_path):
     out = tmp_path / "art"
-    code, stdout, _ = run(
-        monkeypatch,
-        capsys,
+    code, stdout, _ = invoke(
         "compress",
         str(tiny_folder),
         "--method",
@@ -48,12 +35,10 @@ def test_compress_inspect_evaluate(monkeypatch, capsys, tiny_folder, tmp_path):
     )
     assert code == 0, stdout
     assert "ratio" in stdout and out.is_dir()
-    code, stdout, _ = run(monkeypatch, capsys, "inspect", str(out))
+    code, stdout, _ = invoke("inspect", str(out))
     assert code == 0
     assert "| k | 2 | 16x32 |" in stdout and "whole model" in stdout
-    code, stdout, _ = run(
-        monkeypatch,
-        capsys,
+    code, stdout, _ = invoke(
         "evaluate",
         str(out),
         "--task",
@@ -77,24 +62,19 @@ def test_compress_inspect_evaluate(monkeypatch, capsys, tiny_folder, tmp_path):
         (["--targets", "kk"], "unknown target family 'kk'"),
         (["--targets", "gate", "--group", "layerz"], "unknown grouping 'layerz'"),
         (["--method", "svd", "--option", "rank=3"], "rank: Extra inputs are not permitted"),
+        (["--targets", ""], "targets: List should have at least 1 item"),
     ],
 )
-def test_bad_input_is_one_line_and_nonzero(
-    monkeypatch, capsys, tiny_folder, tmp_path, args, message
-):
-    code, _, err = run(
-        monkeypatch, capsys, "compress", str(tiny_folder), "-o", str(tmp_path / "o"), *args
-    )
+def test_bad_input_is_one_line_and_nonzero(tiny_folder, tmp_path, args, message):
+    code, _, err = invoke("compress", str(tiny_folder), "-o", str(tmp_path / "o"), *args)
     assert code == 2
     errors = [line for line in err.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in err
 
 
-def test_model_with_no_such_family(monkeypatch, capsys, tmp_path, tokenizer):
+def test_model_with_no_such_family(tmp_path, tokenizer):
     tiny_model("bert").save_pretrained(tmp_path / "bert")
-    code, _, err = run(
-        monkeypatch,
-        capsys,
+    code, _, err = invoke(
         "compress",
         str(tmp_path / "bert"),
         "--targets",
@@ -105,19 +85,12 @@ def test_model_with_no_such_family(monkeypatch, capsys, tmp_path, tokenizer):
     assert code == 2 and "model type 'bert' has no 'gate' matrices" in err
 
 
-def test_unknown_model_and_empty_folder(monkeypatch, capsys, tmp_path):
-    code, _, err = run(monkeypatch, capsys, "compress", "no-such-model", "-o", str(tmp_path / "o"))
+def test_unknown_model_and_empty_folder(tmp_path):
+    code, _, err = invoke("compress", "no-such-model", "-o", str(tmp_path / "o"))
     assert code == 2 and "unknown model 'no-such-model'" in err
     (tmp_path / "empty").mkdir()
-    code, _, err = run(monkeypatch, capsys, "evaluate", str(tmp_path / "empty"))
+    code, _, err = invoke("evaluate", str(tmp_path / "empty"))
     assert code == 2 and "has no model weights" in err
-
-
-def one_error(code: int, err: str) -> str:
-    """The one `aecompress: error:` line of a failed run (exit status 2, no traceback)."""
-    errors = [line for line in err.splitlines() if line.startswith("aecompress: error:")]
-    assert code == 2 and len(errors) == 1 and "Traceback" not in err, (code, err)
-    return errors[0]
 
 
 def forbid_loading(monkeypatch) -> None:
@@ -138,31 +111,34 @@ def forbid_loading(monkeypatch) -> None:
         (".", "cannot replace the current folder"),
         ("..", "cannot replace the current folder"),
         ("/proc/art", "cannot write in /proc"),
+        ("art", "holds files that are not part of its artifact (notes.txt)"),
     ],
 )
 def test_an_unwritable_output_is_refused_before_any_work(
-    monkeypatch, capsys, tiny_folder, tmp_path, output, message
+    monkeypatch, tiny_folder, tmp_path, output, message
 ):
     (tmp_path / "file").write_text("x")
-    (tmp_path / "full").mkdir()
-    (tmp_path / "full" / "notes.txt").write_text("mine")
+    for folder in ("full", "art"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "notes.txt").write_text("mine")
+    (tmp_path / "art" / "aecompress.json").write_text('{"files": ["aecompress.json"]}')
     (tmp_path / "cwd").mkdir()
     monkeypatch.chdir(tmp_path / "cwd")
     forbid_loading(monkeypatch)
     target = output if output in (".", "..") or output.startswith("/") else f"../{output}"
-    code, _, err = run(monkeypatch, capsys, "compress", str(tiny_folder), "-o", target)
+    code, _, err = invoke("compress", str(tiny_folder), "-o", target)
     assert message in one_error(code, err)
     assert (tmp_path / "full" / "notes.txt").read_text() == "mine"
 
 
-def test_invalid_yaml_is_one_line(monkeypatch, capsys, tiny_folder, tmp_path):
+def test_invalid_yaml_is_one_line(monkeypatch, tiny_folder, tmp_path):
     forbid_loading(monkeypatch)
     args = ["compress", str(tiny_folder), "-o", str(tmp_path / "o"), "--method", "ae"]
-    code, _, err = run(monkeypatch, capsys, *args, "--option", "decoder=[1,")
+    code, _, err = invoke(*args, "--option", "decoder=[1,")
     assert "--option 'decoder=[1,' is not valid YAML" in one_error(code, err)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("method: svd\nratio: [2\n")
-    code, _, err = run(monkeypatch, capsys, *args, "--recipe", str(recipe))
+    code, _, err = invoke(*args, "--recipe", str(recipe))
     assert f"recipe {recipe} is not valid YAML" in one_error(code, err)
 
 
@@ -176,12 +152,12 @@ def test_invalid_yaml_is_one_line(monkeypatch, capsys, tiny_folder, tmp_path):
         ([], "Missing command"),
     ],
 )
-def test_command_line_usage_errors_are_one_line(monkeypatch, capsys, args, message):
-    code, _, err = run(monkeypatch, capsys, *args)
+def test_command_line_usage_errors_are_one_line(args, message):
+    code, _, err = invoke(*args)
     assert message in one_error(code, err)
 
 
-def test_calibration_that_overflows_is_one_line(monkeypatch, capsys, tmp_path, tokenizer):
+def test_calibration_that_overflows_is_one_line(tmp_path, tokenizer):
     model = tiny_model("llama")
     for layer in model.model.layers:  # huge, finite weights outside the targets
         layer.input_layernorm.weight.data.fill_(1e30)
@@ -189,7 +165,7 @@ def test_calibration_that_overflows_is_one_line(monkeypatch, capsys, tmp_path, t
     tokenizer.save_pretrained(tmp_path / "huge")
     for method in ("fwsvd", "asvd"):
         args = ["compress", str(tmp_path / "huge"), "--targets", "k", "--method", method]
-        code, _, err = run(monkeypatch, capsys, *args, "-o", str(tmp_path / method))
+        code, _, err = invoke(*args, "-o", str(tmp_path / method))
         assert "calibration statistics" in one_error(code, err)
         assert not (tmp_path / method).exists()
 
@@ -219,17 +195,17 @@ def test_ctrl_c_is_one_line_and_exit_130(tiny_folder, tmp_path):
     assert not (tmp_path / "art").exists()
 
 
-def test_a_numerical_failure_is_one_line(monkeypatch, capsys, tiny_folder, tmp_path):
+def test_a_numerical_failure_is_one_line(monkeypatch, tiny_folder, tmp_path):
     def fail(*args, **kwargs):
         raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
 
     monkeypatch.setattr("aecompress.engine.compress", fail)
     args = ["compress", str(tiny_folder), "--method", "asvd", "-o", str(tmp_path / "o")]
-    code, _, err = run(monkeypatch, capsys, *args)
+    code, _, err = invoke(*args)
     assert "asvd failed numerically: linalg.svd" in one_error(code, err)
 
 
-def test_an_environment_error_is_one_line(monkeypatch, capsys, tmp_path):
+def test_an_environment_error_is_one_line(monkeypatch, tmp_path):
     recipe = tmp_path / "grid.yaml"
     recipe.write_text(
         "name: g\nmodels: [m]\nmethods: [{method: svd}]\nratios: [2]\ntargets: [k]\n"
@@ -237,5 +213,26 @@ def test_an_environment_error_is_one_line(monkeypatch, capsys, tmp_path):
     )
     forbid_loading(monkeypatch)
     args = ["sweep", str(recipe), "--results", "/proc/aecompress/results.jsonl"]
-    code, _, err = run(monkeypatch, capsys, *args)
+    code, _, err = invoke(*args)
     assert "/proc/aecompress" in one_error(code, err)
+
+
+def test_an_unwritable_json_file_is_refused_before_any_work(monkeypatch, tmp_path):
+    monkeypatch.setattr("aecompress.evaluation.runner.evaluate", forbid_loading)
+    for path, message in [(tmp_path, "is a folder"), ("/proc/x.json", "cannot write in /proc")]:
+        code, _, err = invoke("evaluate", "m", "--json", str(path))
+        assert message in one_error(code, err)
+
+
+def test_rules_take_their_families_as_targets(tiny_folder, tmp_path):
+    args = ["compress", str(tiny_folder), "--method", "k=svd;down=prune", "-o", str(tmp_path / "o")]
+    code, stdout, err = invoke(*args)
+    assert code == 0, err
+    assert "4 groups" in stdout
+
+
+def test_a_report_of_a_file_without_records_is_refused(tmp_path):
+    (tmp_path / "grid.yaml").write_text("name: g\n")
+    code, _, err = invoke("report", str(tmp_path / "grid.yaml"))
+    assert "holds no sweep records" in one_error(code, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.yaml"]

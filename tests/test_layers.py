@@ -13,8 +13,8 @@ LAYERS = [
     ["models", "modules", "budget"],
     ["targets"],
     ["calibration"],
-    ["recipe"],
     ["methods"],
+    ["recipe"],  # validates method names and options
     ["substitution"],
     ["artifact"],
     ["evaluation"],

@@ -85,6 +85,10 @@ DAMAGES = {
     "truncated weights": (truncate_weights, "cannot load model"),
     "pickle only": (pickle_weights, "holds only pickle weights (*.bin), which aecompress never"),
     "corrupt tokenizer": (corrupt_tokenizer, "cannot load the tokenizer"),
+    "tokenizer.json deleted": (
+        lambda folder: (folder / "tokenizer.json").unlink(),
+        "has no vocabulary besides its special tokens",
+    ),
 }
 
 

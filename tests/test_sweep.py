@@ -5,7 +5,7 @@ import pytest
 from aecompress.calibration import CalibrationConfig
 from aecompress.errors import AecompressError
 from aecompress.report import write_report
-from aecompress.sweep import SweepRecipe, TaskSpec, parse_shard, read_results, run_sweep
+from aecompress.sweep import MethodSpec, SweepRecipe, TaskSpec, parse_shard, read_results, run_sweep
 
 
 @pytest.fixture
@@ -260,3 +260,18 @@ def test_a_method_carries_its_own_recipe_fields(tiny_folder, tmp_path):
         SweepRecipe.model_validate(
             {**grid.model_dump(), "methods": [{"method": "svd", "recipe": {"ratio": 2}}]}
         )
+
+
+@pytest.mark.parametrize(
+    "method,message",
+    [
+        ({"method": "svdd"}, "unknown method 'svdd'"),
+        ({"method": "svd", "options": {"rnk": 3}}, "rnk: Extra inputs are not permitted"),
+    ],
+)
+def test_an_invalid_cell_fails_the_sweep_before_any_work(tmp_path, monkeypatch, method, message):
+    monkeypatch.setattr("aecompress.sweep.load_model", lambda name: pytest.fail("loaded"))
+    plan = recipe("m").model_copy(update={"methods": [MethodSpec.model_validate(method)]})
+    with pytest.raises(AecompressError, match=f"sweep cell .*ratio 2.*: .*{message}"):
+        run_sweep(plan, tmp_path / "results.jsonl", progress=False)
+    assert not (tmp_path / "results.jsonl").exists()

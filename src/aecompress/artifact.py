@@ -28,10 +28,21 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from aecompress.budget import stored_numel
-from aecompress.errors import AecompressError, describe
+from aecompress.errors import AecompressError, describe, first_line
 from aecompress.methods import Method, Stored, make_method
+from aecompress.methods.base import GroupSpec
+from aecompress.models import load_tokenizer
+from aecompress.recipe import Recipe
 from aecompress.substitution import Serving, inject
-from aecompress.targets import Group, Target
+from aecompress.targets import (
+    CUSTOM_FAMILY,
+    Group,
+    Target,
+    head_dim,
+    module_kind,
+    resolve_targets,
+    weight_matrix,
+)
 from aecompress.version import __version__
 
 FORMAT = "aecompress-artifact"
@@ -159,6 +170,12 @@ class Manifest(_Strict):
     totals: dict[str, float]
     weights_file: WeightsFile
 
+    @field_validator("recipe")
+    @classmethod
+    def _a_recipe(cls, value: dict[str, Any]) -> dict[str, Any]:
+        Recipe.model_validate(value)  # kept as given, but a valid recipe
+        return value
+
 
 def group_entry(fitted: CompressedGroup) -> dict[str, Any]:
     width = fitted.stored.width
@@ -252,6 +269,7 @@ def save_artifact(cm: CompressedModel, path: str | Path) -> Path:
             tensors[f"{PREFIX}{fitted.group.name}.{key}"] = tensor.detach().contiguous()
     dtype = STORAGE_DTYPES[cm.storage_dtype]
     tensors = {k: (t.to(dtype) if t.is_floating_point() else t).cpu() for k, t in tensors.items()}
+    check_finite(tensors, cm.storage_dtype)
     manifest = build_manifest(cm, untouched)
     work = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
     try:
@@ -278,6 +296,16 @@ def save_artifact(cm: CompressedModel, path: str | Path) -> Path:
         shutil.rmtree(work, ignore_errors=True)
         raise
     return path
+
+
+def check_finite(tensors: dict[str, torch.Tensor], dtype_name: str) -> None:
+    """Refuse to save NaN or infinite numbers (e.g. values beyond float16's range)."""
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise AecompressError(
+                f"{key} holds NaN or infinite values in {dtype_name}: not saving it "
+                "(values beyond float16's range need --storage-dtype bfloat16 or float32)"
+            )
 
 
 def check_replaceable(path: Path) -> None:
@@ -379,9 +407,12 @@ def load_manifest(path: str | Path) -> Manifest:
             "compress the model again"
         )
     try:
-        return Manifest.model_validate(data)
+        manifest = Manifest.model_validate(data)
     except ValidationError as error:
         raise AecompressError(describe(error, f"{manifest_file}")) from error
+    if missing := [name for name in manifest.files if not (Path(path) / name).exists()]:
+        raise AecompressError(f"{path}: {missing[0]}, a file of the artifact, is missing")
+    return manifest
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
@@ -421,14 +452,17 @@ def weights_header(path: str | Path, manifest: Manifest) -> dict[str, tuple[list
     weights = verify_weights(path, manifest)
     try:
         with safe_open(str(weights), framework="pt") as handle:
-            header = {}
+            header, floating = {}, set()
             for key in handle.keys():  # noqa: SIM118
                 view = handle.get_slice(key)
                 itemsize = _DTYPE_BYTES.get(view.get_dtype(), 4)
                 header[key] = (list(view.get_shape()), itemsize)
-            return header
+                if view.get_dtype() in _FLOAT_NAMES:
+                    floating.add(_FLOAT_NAMES[view.get_dtype()])
     except (SafetensorError, OSError) as error:
         raise AecompressError(f"cannot read {weights}: {error}") from error
+    check_storage_dtype(manifest, floating)
+    return header
 
 
 _DTYPE_BYTES = {
@@ -443,6 +477,18 @@ _DTYPE_BYTES = {
     "U8": 1,
     "BOOL": 1,
 }
+
+
+_FLOAT_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def check_storage_dtype(manifest: Manifest, floating: set[str]) -> None:
+    """The weights file's floating tensors all have the manifest's storage dtype."""
+    if floating - {manifest.storage_dtype}:
+        raise AecompressError(
+            f"the weights file holds {', '.join(sorted(floating))} tensors, the manifest "
+            f"says {manifest.storage_dtype}"
+        )
 
 
 def check_groups(manifest: Manifest, shapes: dict[str, list[int]]) -> None:
@@ -478,13 +524,91 @@ def _stored_from_entry(
         layout = method.Layout.model_validate(entry.layout)
     except ValidationError as error:
         raise AecompressError(describe(error, f"group {entry.name} layout")) from error
-    width = tuple(entry.width) if isinstance(entry.width, list) else entry.width
     try:
-        stored = Stored.from_tensors(flat, len(entry.members), width, layout)
+        stored = Stored.from_tensors(flat, len(entry.members), _width(entry), layout)
     except (ValueError, IndexError) as error:
         raise AecompressError(f"group {entry.name}: malformed stored tensor names") from error
     stored.info = entry.info
     return stored.as_parameters()
+
+
+def checked_skeleton(path: Path, manifest: Manifest) -> PreTrainedModel:
+    """The model its config describes, built without memory (meta device), after checking
+    every group against it: members are matrices of its family with the recorded kind and
+    shape, widths cost what the groups store, a tied output head is the model's own."""
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError) as error:
+        raise AecompressError(f"{path}: cannot read config.json: {first_line(error)}") from error
+    try:
+        with init_empty_weights():
+            model = getattr(transformers, manifest.auto_class).from_config(config)
+    except (ValueError, KeyError, AttributeError) as error:
+        raise AecompressError(f"{path}: config.json does not describe a model: {error}") from error
+    head = model.get_output_embeddings()  # (the skeleton's weights are not tied yet)
+    heads = [p for p, module in model.named_modules() if module is head and head is not None]
+    if manifest.tied_output not in (None, *heads):
+        raise AecompressError(f"{manifest.tied_output} is not the output head of this model")
+    for entry in manifest.groups:
+        _check_width(entry, _group_spec(entry, model))
+    return model
+
+
+def _group_spec(entry: GroupEntry, model: PreTrainedModel) -> GroupSpec:
+    """What the group's method fitted, after checking each member against the model."""
+    members = _group_from_entry(entry).members
+    if entry.family != CUSTOM_FAMILY:  # a regex's matrices have no family to check
+        _check_family(entry, members, model)
+    for target in members:
+        _check_member(entry, target, model)
+    use: Literal["linear", "embedding"] = (
+        "embedding" if members[0].kind == "embedding" else "linear"
+    )
+    count, (rows, cols) = len(members), entry.shape
+    return GroupSpec(entry.name, entry.family, use, count, rows, cols, head_dim(model))
+
+
+def _check_family(entry: GroupEntry, members: tuple[Target, ...], model: PreTrainedModel) -> None:
+    """Each member is a matrix of the group's family in the model (path, layer, kind, part)."""
+    try:
+        own = set(resolve_targets(model, [entry.family]))
+    except AecompressError as error:
+        raise AecompressError(f"group {entry.name}: {error}") from error
+    if strangers := [t.name for t in members if t not in own]:
+        raise AecompressError(
+            f"group {entry.name}: {strangers[0]} is not a '{entry.family}' matrix of this "
+            "model (layer, kind or part as recorded)"
+        )
+
+
+def _check_member(entry: GroupEntry, target: Target, model: PreTrainedModel) -> None:
+    """The member's module exists and has the recorded kind and the group's shape."""
+    try:
+        kind = module_kind(model.get_submodule(target.path))
+        shape = tuple(weight_matrix(model, target).shape)
+    except (AttributeError, AecompressError, ValueError, ZeroDivisionError) as error:
+        message = f"group {entry.name} does not fit this model: {first_line(error)}"
+        raise AecompressError(message) from error
+    if (kind, shape) != (target.kind, entry.shape):
+        raise AecompressError(
+            f"group {entry.name} does not fit this model: {target.name} is a {kind} of "
+            f"shape {list(shape)}, the manifest says a {target.kind} of {list(entry.shape)}"
+        )
+
+
+def _check_width(entry: GroupEntry, spec: GroupSpec) -> None:
+    """The group's width costs, by its method, the numbers it stores."""
+    method = make_method(entry.method, entry.options)
+    try:
+        cost: int | None = method.cost(_width(entry), spec)
+    except (AssertionError, TypeError, ValueError, IndexError):  # a width of the wrong form
+        cost = None
+    if cost != entry.stored_params:
+        raise AecompressError(f"group {entry.name}: width {entry.width} is not what it stores")
+
+
+def _width(entry: GroupEntry) -> int | tuple[int, ...]:
+    return tuple(entry.width) if isinstance(entry.width, list) else entry.width
 
 
 def load_compressed(path: str | Path, decode: bool = False) -> CompressedModel:
@@ -499,16 +623,12 @@ def load_compressed(path: str | Path, decode: bool = False) -> CompressedModel:
     manifest = load_manifest(path)
     tensors = read_weights(path, manifest)
     check_groups(manifest, {k: list(t.shape) for k, t in tensors.items()})
+    floating = {
+        str(t.dtype).removeprefix("torch.") for t in tensors.values() if t.is_floating_point()
+    }
+    check_storage_dtype(manifest, floating)
     tensors = {k: t.float() if t.is_floating_point() else t for k, t in tensors.items()}
-    try:
-        config = transformers.AutoConfig.from_pretrained(str(path))
-    except (OSError, ValueError) as error:
-        raise AecompressError(f"{path}: cannot read config.json: {_first_line(error)}") from error
-    try:
-        with init_empty_weights():
-            model = getattr(transformers, manifest.auto_class).from_config(config)
-    except (ValueError, KeyError, AttributeError) as error:
-        raise AecompressError(f"{path}: config.json does not describe a model: {error}") from error
+    model = checked_skeleton(path, manifest)
     serving: Serving = "decoded" if decode else "runtime"
     groups = []
     for entry in manifest.groups:
@@ -555,20 +675,11 @@ def round_to_storage(cm: CompressedModel, dtype_name: str) -> None:
         inject(cm.model, fitted.group, fitted.method, fitted.stored, tied)
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def _load_tokenizer(path: Path) -> PreTrainedTokenizerBase | None:
+    """The artifact's tokenizer (None when it was saved without one)."""
     if not (path / "tokenizer_config.json").is_file():
         return None
-    try:
-        return transformers.AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise AecompressError(f"{path}: cannot read the tokenizer: {_first_line(error)}") from error
-    except Exception as error:  # the tokenizers library raises its own exception type
-        raise AecompressError(f"{path}: cannot read the tokenizer: {_first_line(error)}") from error
+    return load_tokenizer(str(path))
 
 
 def _load_untouched(cm: CompressedModel, tensors: dict[str, torch.Tensor]) -> None:
@@ -582,7 +693,7 @@ def _load_untouched(cm: CompressedModel, tensors: dict[str, torch.Tensor]) -> No
         result = cm.model.load_state_dict(tensors, strict=False, assign=True)
     except RuntimeError as error:
         raise AecompressError(
-            f"artifact tensors do not fit the model: {_first_line(error)}"
+            f"artifact tensors do not fit the model: {first_line(error)}"
         ) from error
     if result.unexpected_keys:
         raise AecompressError(f"artifact holds unknown tensors: {result.unexpected_keys[:3]}")

@@ -51,23 +51,31 @@ def _parse_options(pairs: list[str]) -> dict[str, Any]:
 
 def _check_output(output: Path) -> None:
     """Refuse an artifact folder that cannot be written, before any compression work."""
-    from aecompress.artifact import is_artifact
+    from aecompress.artifact import check_replaceable
 
     target, here = output.resolve(), Path.cwd().resolve()
     if target == here or target in here.parents:
         raise AecompressError(f"-o {output}: the artifact cannot replace the current folder")
-    if target.exists() and not target.is_dir():
-        raise AecompressError(f"-o {output} exists and is not a folder")
-    if target.is_dir() and any(target.iterdir()) and not is_artifact(target):
-        raise AecompressError(f"-o {output} exists and is not an aecompress artifact")
+    check_replaceable(target)  # a file, a folder with other content
     nearest = next(p for p in [target.parent, *target.parent.parents] if p.exists())
     if not nearest.is_dir():
         raise AecompressError(f"-o {output}: {nearest} is not a folder")
-    try:  # the artifact is written beside its place, then renamed into it
-        Path(tempfile.mkdtemp(prefix=".aecompress-check-", dir=nearest)).rmdir()
+    _check_writable(nearest, f"-o {output}")  # the artifact is written beside its place
+
+
+def _check_json(path: Path) -> None:
+    """Refuse a --json file that cannot be written, before any evaluation work."""
+    if path.is_dir():
+        raise AecompressError(f"--json {path} is a folder")
+    _check_writable(path.resolve().parent, f"--json {path}")
+
+
+def _check_writable(folder: Path, what: str) -> None:
+    """Refuse `what` unless something can be created in `folder`."""
+    try:
+        Path(tempfile.mkdtemp(prefix=".aecompress-check-", dir=folder)).rmdir()
     except OSError as error:
-        message = f"-o {output}: cannot write in {nearest} ({error.strerror})"
-        raise AecompressError(message) from error
+        raise AecompressError(f"{what}: cannot write in {folder} ({error.strerror})") from error
 
 
 @app.command()
@@ -129,7 +137,8 @@ def compress(
                 "method": method,
                 "options": _parse_options(option or []),
                 "ratio": ratio,
-                "targets": targets if targets or "=" in method else "embed",
+                # with FAMILIES=METHOD rules, the rules' families by default
+                "targets": targets if targets is not None else ([] if "=" in method else "embed"),
                 "group": group,
                 "untie_embeddings": untie_embeddings,
                 "pipeline": pipeline,
@@ -184,6 +193,8 @@ def evaluate(
         "train_fraction": train_fraction,
         "seed": seed,
     }
+    if json_out is not None:
+        _check_json(json_out)
     tasks = task or ["wikitext2"]
     results, dense_results = run_evaluate(model, tasks, options, dense=dense)
     typer.echo(format_table(results, dense_results if dense_results else None))
@@ -257,7 +268,9 @@ def report(results: Annotated[Path, typer.Argument(help="results JSONL of a swee
 
     if not results.is_file():
         raise AecompressError(f"no such results file: {results}")
-    for written in write_report(results, read_results(results)):
+    if not (records := read_results(results)):
+        raise AecompressError(f"{results} holds no sweep records")
+    for written in write_report(results, records):
         typer.echo(f"wrote {written}")
 
 

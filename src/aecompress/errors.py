@@ -9,10 +9,13 @@ class AecompressError(Exception):
 
 def describe(error: ValidationError, what: str) -> str:
     """One line naming every invalid or unknown key of a validation error."""
-    problems = "; ".join(
-        f"{'.'.join(str(p) for p in e['loc']) or what}: {e['msg']}" for e in error.errors()
-    )
+    problems = "; ".join(_problem(e["loc"], e["msg"]) for e in error.errors())
     return f"{what}: {problems}".replace("\n", " ")
+
+
+def _problem(location: tuple[int | str, ...], message: str) -> str:
+    message = message.removeprefix("Value error, ")
+    return f"{'.'.join(str(p) for p in location)}: {message}" if location else message
 
 
 def first_line(error: BaseException) -> str:

@@ -107,17 +107,27 @@ def auto_class_for(
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")
 
 
-def _load_tokenizer(where: str, **kwargs: object) -> PreTrainedTokenizerBase | None:
+def load_tokenizer(where: str, **kwargs: object) -> PreTrainedTokenizerBase | None:
     """The tokenizer in `where`; None (with a warning) if there is none, an error if a
-    folder's tokenizer files cannot be read."""
+    folder's tokenizer files cannot be read or hold no vocabulary beyond special tokens."""
+    has_files = any((Path(where) / name).is_file() for name in _TOKENIZER_FILES)
     try:
-        return transformers.AutoTokenizer.from_pretrained(where, **kwargs)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(where, **kwargs)
     except Exception as error:  # the tokenizers library raises plain Exceptions
-        if any((Path(where) / name).is_file() for name in _TOKENIZER_FILES):
+        if has_files:
             message = f"cannot load the tokenizer in {where}: {first_line(error)}"
             raise AecompressError(message) from error
         logger.warning("no tokenizer found for %s (%s)", where, first_line(error))
         return None
+    if len(tokenizer) > len(tokenizer.all_special_ids):
+        return tokenizer
+    if has_files:  # e.g. tokenizer_config.json without its tokenizer.json
+        raise AecompressError(
+            f"the tokenizer in {where} has no vocabulary besides its special tokens "
+            "(a missing or damaged tokenizer.json or vocab file)"
+        )
+    logger.warning("no tokenizer found for %s", where)
+    return None
 
 
 def _check_folder(path: Path) -> None:
@@ -206,7 +216,7 @@ def load_model(name: str, auto_class: str | None = None) -> LoadedModel:
     if problem := _loading_problem(model, info):
         raise AecompressError(f"cannot load model '{name}': {problem}")
     model.eval()
-    return LoadedModel(model, _load_tokenizer(where, **kwargs), source, auto_name)
+    return LoadedModel(model, load_tokenizer(where, **kwargs), source, auto_name)
 
 
 def is_causal_lm(model: nn.Module) -> bool:
@@ -266,10 +276,10 @@ def max_positions(config: PretrainedConfig) -> int | None:
     return None
 
 
-def check_positions(model: PreTrainedModel, seq_len: int) -> None:
-    """Refuse windows longer than the model's positions."""
+def check_positions(model: PreTrainedModel, length: int, option: str = "seq_len") -> None:
+    """Refuse windows longer than the model's positions (`option`: the setting's name)."""
     limit = max_positions(model.config)
-    if limit is not None and seq_len > limit:
+    if limit is not None and length > limit:
         raise AecompressError(
-            f"seq_len={seq_len} is longer than the {limit} positions of {type(model).__name__}"
+            f"{option}={length} is longer than the {limit} positions of {type(model).__name__}"
         )

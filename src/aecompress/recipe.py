@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -10,7 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from aecompress.calibration import CalibrationConfig
 from aecompress.errors import AecompressError, describe, first_line
-from aecompress.targets import parse_grouping
+from aecompress.methods import make_method
+from aecompress.targets import check_target, parse_grouping
 
 
 class MethodRule(BaseModel):
@@ -119,6 +121,10 @@ class Recipe(BaseModel):
         rules = self.rules()
         if not rules or not all(r.targets for r in rules):
             raise ValueError("targets: give the target families (e.g. targets: [k, down])")
+        for rule in rules:  # before any work: names and options (one-line errors)
+            make_method(rule.method, rule.options)
+            for target in rule.targets:
+                check_target(target)
         if isinstance(self.method, str) and "=" in self.method:
             unknown = set(self.options) - {r.method for r in rules}
             if unknown:
@@ -162,10 +168,24 @@ class Recipe(BaseModel):
             raise AecompressError(describe(error, "recipe")) from error
 
 
+class _Loader(yaml.SafeLoader):
+    """yaml.SafeLoader without YAML 1.1's base-60 numbers: `2:4` (an N:M sparsity
+    pattern) stays the string it looks like instead of becoming 124."""
+
+
+_BASE_60 = re.compile(r"^[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?$")
+_Loader.yaml_implicit_resolvers = {
+    first: [("tag:yaml.org,2002:str", _BASE_60), *resolvers]
+    if first in set("-+0123456789")
+    else resolvers
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
 def parse_yaml(text: str, what: str) -> Any:
     """YAML text (what: where it comes from); invalid YAML is a one-line AecompressError."""
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_Loader)  # a SafeLoader
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""

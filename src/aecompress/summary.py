@@ -17,6 +17,7 @@ from aecompress.artifact import (
     GroupEntry,
     Manifest,
     check_groups,
+    checked_skeleton,
     load_manifest,
     weights_header,
 )
@@ -39,6 +40,7 @@ def artifact_facts(path: str | Path) -> dict[str, Any]:
     manifest = load_manifest(path)
     header = weights_header(path, manifest)
     check_groups(manifest, {k: shape for k, (shape, _) in header.items()})
+    checked_skeleton(Path(path), manifest)
     data = manifest.model_dump(mode="json")
     for entry, group in zip(manifest.groups, data["groups"], strict=True):
         group["stored_bytes"] = _group_bytes(entry, header)

@@ -255,6 +255,8 @@ def run_sweep(
     """
     for spec in sweep.tasks:  # unknown tasks, options and splits fail before any work
         _settings(spec)
+    for cell in cells(sweep):  # so do unknown methods, options, targets and bad ratios
+        cell_recipe(sweep, cell)
     index, count = shard
     results.parent.mkdir(parents=True, exist_ok=True)
     log = _Log.read(results)
@@ -272,6 +274,17 @@ def run_sweep(
     return read_results(results)
 
 
+def cell_recipe(sweep: SweepRecipe, cell: dict[str, Any]) -> Recipe:
+    """The compression recipe of a cell (a one-line error naming the cell if invalid)."""
+    names = ("model", "method", "options", "ratio", "targets", "group", "seed")
+    fields = {name: cell[name] for name in names}
+    try:
+        return Recipe.parse({**fields, "calibration": sweep.calibration, **cell.get("recipe", {})})
+    except AecompressError as error:
+        where = f"{cell['label']}, targets {cell['targets']}, ratio {cell['ratio']}"
+        raise AecompressError(f"sweep cell {where}: {error}") from error
+
+
 def _run_cell(
     sweep: SweepRecipe,
     cell: dict[str, Any],
@@ -282,17 +295,7 @@ def _run_cell(
 ) -> None:
     start = time.perf_counter()
     try:
-        recipe = Recipe(
-            model=cell["model"],
-            method=cell["method"],
-            options=cell["options"],
-            ratio=cell["ratio"],
-            targets=cell["targets"],
-            group=cell["group"],
-            seed=cell["seed"],
-            calibration=sweep.calibration,
-            **cell.get("recipe", {}),
-        )
+        recipe = cell_recipe(sweep, cell)
         fresh = LoadedModel(
             copy.deepcopy(dense.model), dense.tokenizer, dense.source, dense.auto_class
         )

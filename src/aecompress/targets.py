@@ -199,12 +199,26 @@ def _family_targets(model: nn.Module, arch: Architecture, family: str) -> list[T
     return found
 
 
-def _custom_targets(model: nn.Module, pattern: str) -> list[Target]:
+def _compile(pattern: str) -> re.Pattern[str]:
     regex = pattern[len(CUSTOM_PREFIX) :]
     try:
-        compiled = re.compile(regex)
+        return re.compile(regex)
     except re.error as error:
         raise AecompressError(f"bad target regex '{regex}': {error}") from error
+
+
+def check_target(family: str) -> None:
+    """Refuse a target that is neither a known family nor `re:` and a valid regex."""
+    if family.startswith(CUSTOM_PREFIX):
+        _compile(family)
+    elif family not in FAMILIES:
+        raise AecompressError(
+            f"unknown target family '{family}': use {', '.join(FAMILIES)} or re:REGEX"
+        )
+
+
+def _custom_targets(model: nn.Module, pattern: str) -> list[Target]:
+    compiled = _compile(pattern)
     found = []
     for path, module in model.named_modules():
         if compiled.fullmatch(path) and isinstance(module, nn.Linear | nn.Embedding | Conv1D):
@@ -219,14 +233,11 @@ def resolve_targets(model: PreTrainedModel, families: list[str]) -> list[Target]
     arch = architecture_for(model)
     targets: list[Target] = []
     for family in families:
+        check_target(family)
         if family.startswith(CUSTOM_PREFIX):
             found = _custom_targets(model, family)
-        elif family in FAMILIES:
-            found = _family_targets(model, arch, family)
         else:
-            raise AecompressError(
-                f"unknown target family '{family}': use {', '.join(FAMILIES)} or re:REGEX"
-            )
+            found = _family_targets(model, arch, family)
         if not found:
             raise AecompressError(
                 f"model type '{model.config.model_type}' has no '{family}' matrices"

@@ -112,6 +112,8 @@ def test_every_parameter_trains_including_injected_modules(tokenizer, tiny_bert)
 def test_bad_options(tokenizer, tiny_bert, tiny_llama) -> None:
     with pytest.raises(AecompressError, match="train_fraction"):
         glue("rte", tiny_bert, tokenizer, train_fraction=0)
+    with pytest.raises(AecompressError, match="max_length=600 is longer than the 512 positions"):
+        glue("rte", tiny_bert, tokenizer, max_length=600)
     with pytest.raises(AecompressError, match="unknown pooling"):
         SequenceClassifier(tiny_bert, tiny_bert.config, 2, pooling="median")
     with pytest.raises(AecompressError, match="needs a bidirectional"):

@@ -69,3 +69,8 @@ def test_perplexity_matches_a_manual_unbatched_computation(tokenizer, tiny_bert_
 def test_model_without_mlm_head_names_what_it_can_run(tokenizer, tiny_bert) -> None:
     with pytest.raises(AecompressError, match=r"needs a masked-LM head; .* can run: stsb"):
         masked_lm_perplexity(tiny_bert, tokenizer, limit=1)
+
+
+def test_windows_longer_than_the_model_positions_are_refused(tokenizer, tiny_bert_mlm) -> None:
+    with pytest.raises(AecompressError, match="seq_len=600 is longer than the 512 positions"):
+        masked_lm_perplexity(tiny_bert_mlm, tokenizer, seq_len=600, limit=1, progress=False)

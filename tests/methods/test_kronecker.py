@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from aecompress.methods.kronecker import factor_shapes, kronecker_sum, rearrange
@@ -40,3 +41,12 @@ def test_factor_shapes_minimise_the_cost_of_a_term():
     assert cost <= 2 * math.isqrt(1536 * 576) + 200
     n1s, m1s = factor_shapes(1536, 576, 30)  # stacked: A per member costs 30 times more
     assert n1s * m1s < n1 * m1
+
+
+def test_an_outlier_of_1e30_gives_finite_factors():
+    torch.manual_seed(3)
+    matrix = torch.randn(16, 32)
+    matrix[0, 0] = 1e30  # its squared norm overflows float32
+    method, stored, _ = fit("kronecker", [matrix], ratio=2, options={"steps": 3})
+    assert all(torch.isfinite(t).all() for t in stored.tensors().values())
+    assert method.reconstruct(stored, 0)[0, 0].item() == pytest.approx(1e30, rel=1e-3)

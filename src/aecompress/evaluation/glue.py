@@ -40,6 +40,7 @@ from aecompress.evaluation.common import (
 )
 from aecompress.evaluation.kinds import require
 from aecompress.evaluation.metrics import METRICS
+from aecompress.models import check_positions
 
 Batch = dict[str, torch.Tensor]
 
@@ -213,6 +214,7 @@ def glue(
     require(f"glue-{task}", model)
     if not 0 < train_fraction <= 1:
         raise AecompressError("train_fraction must be in (0, 1]")
+    check_positions(model, max_length, "max_length")
     spec = GLUE_TASKS[task]
     train_path, dev_path = spec.files
     train = read_examples(spec, train_path, tokenizer, max_length)

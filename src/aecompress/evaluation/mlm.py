@@ -24,6 +24,7 @@ from aecompress.data import WIKITEXT2_FILES, data_file
 from aecompress.errors import AecompressError
 from aecompress.evaluation.common import length_batches, pad, pad_batch, pad_token_id
 from aecompress.evaluation.kinds import require
+from aecompress.models import check_positions
 
 IGNORE = -100  # label of positions that are not predicted
 
@@ -132,7 +133,7 @@ def masked_lm_perplexity(
 ) -> dict[str, float]:
     """Masked-LM perplexity over the first `limit` (default all) non-empty rows of a split."""
     require("mlm", model)
-    seq_len = min(seq_len, model.config.max_position_embeddings)
+    check_positions(model, seq_len)  # not silently shortened: settings say what ran
     rows = wikitext2_rows(split)[:limit]
     sequences = masked_sequences(tokenizer, rows, seq_len=seq_len, mask_prob=mask_prob, seed=seed)
     model.eval()

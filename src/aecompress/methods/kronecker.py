@@ -109,7 +109,8 @@ class Kronecker(Method):
         n2, m2 = spec.rows // n1, spec.cols // m1
         stacked = torch.cat([rearrange(m, n1, m1) for m in matrices])
         u, v = truncated_svd(stacked, terms)
-        scale = u.norm(dim=0).clamp_min(1e-30).sqrt()  # balance the two factors' norms
+        # balance the two factors' norms (in float64: a 1e30 outlier's norm overflows float32)
+        scale = u.double().norm(dim=0).clamp_min(1e-30).sqrt().to(u.dtype)
         a = (u / scale).T.reshape(terms, count, n1, m1).transpose(0, 1)
         b = (v * scale[:, None]).reshape(terms, n2, m2)
         (a, b), losses = refine_factors(

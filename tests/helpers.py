@@ -1,0 +1,31 @@
+"""Helpers shared by the command-line tests: the CLI run in this process, its one error."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import sys
+
+from aecompress.cli import main
+
+
+def invoke(*args: str) -> tuple[int, str, str]:
+    """Run `aecompress ARGS` in this process: (exit status, stdout, stderr)."""
+    out, err, argv = io.StringIO(), io.StringIO(), sys.argv
+    sys.argv = ["aecompress", *args]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main()
+        code = 0
+    except SystemExit as stop:
+        code = int(stop.code or 0)
+    finally:
+        sys.argv = argv
+    return code, out.getvalue(), err.getvalue()
+
+
+def one_error(code: int, err: str) -> str:
+    """The one `aecompress: error:` line of a failed run (exit status 2, no traceback)."""
+    errors = [line for line in err.splitlines() if line.startswith("aecompress: error:")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, (code, err)
+    return errors[0]

@@ -1,0 +1,363 @@
+"""Property-based tests (hypothesis) of hostile input on a tiny model: fuzzed manifests,
+recipes and command lines end with exit status 2, exactly one `aecompress: error:` line
+and nothing written, or in success with an artifact that loads and gives finite logits.
+Never a traceback. The CLI runs in this process; model and artifact are built once."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+import aecompress
+from aecompress.artifact import MANIFEST
+from aecompress.sweep import SweepRecipe, cells, current, read_results
+from tests.conftest import SMALL_VOCAB, make_tiny, tiny_tokenizer
+from tests.helpers import invoke, one_error
+
+
+def fuzz(examples: int) -> settings:
+    """Few examples, no deadline, reproducible; function-scoped fixtures are shared by the
+    examples on purpose (one isolated cache, one scratch folder emptied each time)."""
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )
+
+
+# a small calibration keeps data-aware methods fast
+CALIBRATION = {"samples": 4, "seq_len": 16, "batch_size": 2}
+
+# a few options per method that keep its fit short
+FAST_OPTIONS: dict[str, dict[str, Any]] = {
+    "svd": {},
+    "asvd": {},
+    "svdllm": {},
+    "shared-basis": {},
+    "prune": {"index": "int32"},
+    "wanda": {"pattern": "2:4"},
+    "sparsegpt": {},
+    "sparse-lowrank": {"iterations": 1},
+    "kronecker": {"steps": 2},
+    "tucker": {"steps": 2, "iterations": 2},
+    "ae": {"epochs": 2},
+    "ae-data": {"epochs": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("model") / "tiny"
+    make_tiny("llama").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def artifact(model_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every part of a manifest: a tied embedding, a stack of layers, shared tensors."""
+    out = tmp_path_factory.mktemp("artifact") / "art"
+    args = ["--targets", "embed,k", "--group", "layers", "--method", "svd"]
+    code, _, err = invoke("compress", str(model_folder), *args, "-o", str(out))
+    assert code == 0, err
+    return out
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A folder for one example's files (emptied before each)."""
+    yield tmp_path_factory.mktemp("scratch")
+
+
+def fresh(folder: Path) -> Path:
+    shutil.rmtree(folder)
+    folder.mkdir()
+    return folder
+
+
+def assert_loads(folder: Path) -> None:
+    model = aecompress.load(folder)
+    ids = torch.arange(SMALL_VOCAB).view(4, -1)
+    assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def assert_outcome(result: tuple[int, str, str], output: Path) -> None:
+    """One error line with exit status 2 and no artifact, or a loadable artifact."""
+    code, _, err = result
+    event(f"exit status {code}")
+    if code == 0:
+        assert_loads(output)
+    else:
+        one_error(code, err)
+        assert not output.exists()
+
+
+# --- manifests ----------------------------------------------------------------------
+
+JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats()
+    | st.text(max_size=6)
+    | st.sampled_from(["../model.safetensors", "AutoModel", "k.0", "float16", "embedding"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner),
+    max_leaves=4,
+)
+
+
+def places(node: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
+    """The path of every value inside a JSON document."""
+    items = node.items() if isinstance(node, dict) else enumerate(node)
+    for key, value in items:
+        yield (*path, key)
+        if isinstance(value, dict | list) and value:
+            yield from places(value, (*path, key))
+
+
+def mutate(data: Any, document: dict[str, Any]) -> dict[str, Any]:
+    """1-3 of: a value deleted, replaced, nudged (numbers), or a key added."""
+    for _ in range(data.draw(st.integers(1, 3))):
+        *parents, key = data.draw(st.sampled_from(list(places(document))))
+        parent = document
+        for step in parents:
+            parent = parent[step]
+        action = data.draw(st.sampled_from(["delete", "replace", "nudge", "add"]))
+        if action == "delete":
+            del parent[key]
+        elif action == "nudge" and type(parent[key]) in (int, float):
+            parent[key] += data.draw(st.sampled_from([-1, 1, 0.5]))
+        elif action == "add" and isinstance(parent[key], dict):
+            parent[key][data.draw(st.text(max_size=6))] = data.draw(JSON)
+        else:
+            parent[key] = data.draw(JSON)
+    return document
+
+
+# what inspect reports of a group: none of it may differ from the truth
+FIGURES = ("name", "family", "method", "members", "shape", "width", "tensors", "stored_params")
+
+
+def figures(inspected: str) -> list[Any]:
+    """Whole-model totals and each group's figures in the output of `inspect --json`."""
+    facts = json.loads(inspected)
+    groups = [[g[k] for k in FIGURES] + [pytest.approx(g["ratio"])] for g in facts["groups"]]
+    return [facts["totals"], *groups]
+
+
+@pytest.fixture(scope="module")
+def truth(artifact: Path) -> list[Any]:
+    return figures(invoke("inspect", str(artifact), "--json")[1])
+
+
+@fuzz(80)
+@given(data=st.data())
+def test_a_fuzzed_manifest_is_refused_in_one_line_or_tells_the_truth(
+    artifact, truth, scratch, data
+):
+    folder = fresh(scratch) / "art"
+    shutil.copytree(artifact, folder, copy_function=shutil.copy)
+    manifest = json.loads((artifact / MANIFEST).read_text())
+    (folder / MANIFEST).write_text(json.dumps(mutate(data, copy.deepcopy(manifest))))
+    code, out, err = invoke("inspect", str(folder), "--json")
+    if code:
+        one_error(code, err)
+    else:  # a forged figure that passes would be reported: the figures are the true ones
+        assert figures(out) == truth
+    result = invoke("evaluate", str(folder), "--windows", "1", "--seq-len", "8", "--no-dense")
+    assert_outcome(result, folder if result[0] == 0 else folder / "none")
+
+
+# --- recipes ------------------------------------------------------------------------
+
+VALID: dict[str, st.SearchStrategy[Any]] = {
+    "method": st.sampled_from([*FAST_OPTIONS, "k=svd;down=prune"]),
+    "ratio": st.sampled_from([1.5, 2, 4]),
+    "targets": st.sampled_from([["k"], "down,up", ["embed"], ["re:.*v_proj"], ["q", "o"]]),
+    "group": st.sampled_from(["none", "layers", "layers:1"]),
+}
+EXTRAS: dict[str, st.SearchStrategy[Any]] = {
+    "pipeline": st.sampled_from(["auto", "independent", "sequential"]),
+    "refine": st.sampled_from([0, 2]),
+    "allocate": st.sampled_from(["uniform", "sensitivity"]),
+    "storage_dtype": st.sampled_from(["float16", "bfloat16", "float32"]),
+    "untie_embeddings": st.booleans(),
+}
+INVALID: dict[str, st.SearchStrategy[Any]] = {
+    "method": st.sampled_from(["svdd", "", "k=svd;=prune", "k=svd;k=prune"]),
+    "ratio": st.sampled_from([1, 0.5, 1e9, "two", None, float("nan")]),
+    "targets": st.sampled_from([["kk"], [], "re:(", 3, ["re:.*norm"]]),
+    "group": st.sampled_from(["layerz", "layers:0"]),
+    "options": st.dictionaries(st.sampled_from(["steps", "x", "pattern", "epochs"]), JSON),
+    "pipeline": st.sampled_from(["both", None]),
+    "refine": st.sampled_from([-1, "x"]),
+    "storage_dtype": st.just("int8"),
+    "calibration": st.just({"samples": 0}),
+    "colour": st.just("red"),
+}
+
+
+@st.composite
+def recipes(draw: st.DrawFn) -> dict[str, Any]:
+    """A valid recipe (fast options, up to two further fields), with one field made
+    invalid two times in three."""
+    fields = {name: draw(strategy) for name, strategy in VALID.items()}
+    fields["options"] = copy.deepcopy(FAST_OPTIONS.get(fields["method"], {}))
+    fields["calibration"] = CALIBRATION
+    for name in draw(st.lists(st.sampled_from(sorted(EXTRAS)), max_size=2, unique=True)):
+        fields[name] = draw(EXTRAS[name])
+    broken = draw(st.sampled_from([None, *sorted(INVALID)]))
+    if broken is not None and draw(st.integers(0, 2)):
+        fields[broken] = draw(INVALID[broken])
+    return fields
+
+
+YAML_TEXT = st.one_of(
+    recipes().map(yaml.safe_dump),
+    st.sampled_from(["", "- 1\n", "method: [\n", "ratio: 2\n", "{a: 1}\n"]),
+    st.text(max_size=20),
+)
+
+
+@fuzz(60)
+@given(text=YAML_TEXT)
+def test_a_fuzzed_recipe_is_refused_in_one_line_or_gives_an_artifact(model_folder, scratch, text):
+    folder = fresh(scratch)
+    (folder / "recipe.yaml").write_text(text)
+    out = folder / "out"
+    args = ["compress", str(model_folder), "--recipe", str(folder / "recipe.yaml"), "-o", str(out)]
+    assert_outcome(invoke(*args), out)
+
+
+# --- command lines ------------------------------------------------------------------
+
+# each flag's values: valid first, then invalid ones
+FLAGS: dict[str, tuple[list[str], list[str]]] = {
+    "--method": (["svd", "prune", "asvd", "kronecker", "k=svd;down=prune"], ["svdd", ""]),
+    "--ratio": (["2", "1.5", "4"], ["1", "0", "-3", "nan", "inf", "1e9", "two"]),
+    "--targets": (["k", "down,up", "embed", "re:.*q_proj"], ["kk", "", "re:(", "gate,kk"]),
+    "--group": (["none", "layers", "layers:1"], ["layers:0", "x"]),
+    "--option": (["index=int32"], ["x=1", "decoder=[1,", "pattern=2:4", "=", "a.b=1"]),
+    "--pipeline": (["auto", "independent", "sequential"], ["x"]),
+    "--refine": (["0", "2"], ["-1", "x"]),
+    "--allocate": (["uniform"], ["x"]),
+    "--storage-dtype": (["auto", "float16", "float32"], ["int8"]),
+    "--device": (["cpu", "auto"], ["cuda", "tpu"]),
+    "--seed": (["0", "-1"], ["x"]),
+    "--rati": ([], ["2"]),
+}
+OUTPUTS = ["new", "new", "file", "foreign", "."]
+
+
+@st.composite
+def command_lines(draw: st.DrawFn) -> tuple[list[str], str]:
+    """compress flags with valid values, one of them made invalid two times in three, and
+    where -o points."""
+    flags = draw(st.lists(st.sampled_from(sorted(FLAGS)), max_size=5, unique=True))
+    broken = draw(st.sampled_from([None, *flags])) if draw(st.integers(0, 2)) else None
+    args: list[str] = []
+    for flag in flags:
+        valid, invalid = FLAGS[flag]
+        args += [flag, draw(st.sampled_from(invalid if flag == broken or not valid else valid))]
+    if draw(st.booleans()):
+        args.append("--untie-embeddings")
+    return args, draw(st.sampled_from(OUTPUTS))
+
+
+def output_place(folder: Path, kind: str) -> Path:
+    """Where -o points: a new folder, a file, a folder of someone else's files, or here."""
+    if kind == "file":
+        (folder / "file").write_text("mine")
+    if kind == "foreign":
+        (folder / "foreign").mkdir()
+        (folder / "foreign" / "notes.txt").write_text("mine")
+    return folder / kind
+
+
+@fuzz(60)
+@given(command=command_lines())
+def test_a_fuzzed_command_line_is_refused_in_one_line_or_gives_an_artifact(
+    model_folder, scratch, monkeypatch, command
+):
+    args, kind = command
+    folder = fresh(scratch)
+    monkeypatch.chdir(folder)
+    output = output_place(folder, kind)
+    before = sorted(folder.rglob("*"))
+    result = invoke("compress", str(model_folder), *args, "-o", str(output))
+    if kind == "new":
+        assert_outcome(result, output)
+    else:  # an existing file, a foreign folder or the current folder: never written
+        event(f"-o {kind}")
+        one_error(result[0], result[2])
+        assert sorted(folder.rglob("*")) == before
+
+
+# --- sweep recipes ------------------------------------------------------------------
+
+TASK = {"task": "wikitext2", "options": {"windows": 1, "seq_len": 8}}
+SWEEP_INVALID: dict[str, st.SearchStrategy[Any]] = {
+    "methods": st.sampled_from([[{"method": "svdd"}], [{"method": "svd", "x": 1}], []]),
+    "ratios": st.sampled_from([[0.5], ["two"], []]),
+    "targets": st.sampled_from([["kk"], [3]]),
+    "tasks": st.sampled_from(
+        [[{"task": "nope"}], [{"task": "wikitext2", "options": {"windows": 0}}]]
+    ),
+    "models": st.sampled_from([["no-such-model"], []]),
+    "colour": st.just("red"),
+}
+
+
+@st.composite
+def sweeps(draw: st.DrawFn) -> dict[str, Any]:
+    """A small grid on the tiny model (MODEL), with one field made invalid half the time;
+    some valid cells fail (a ratio too large, a window longer than the model's)."""
+    names = draw(
+        st.lists(st.sampled_from(sorted(FAST_OPTIONS)), min_size=1, max_size=2, unique=True)
+    )
+    fields: dict[str, Any] = {
+        "name": "grid",
+        "models": ["MODEL"],
+        "methods": [{"method": m, "options": FAST_OPTIONS[m]} for m in names],
+        "ratios": draw(st.lists(st.sampled_from([2, 4, 1e9]), min_size=1, max_size=2, unique=True)),
+        "targets": [draw(st.sampled_from(["k", "down", "embed"]))],
+        "groups": [draw(st.sampled_from(["none", "layers"]))],
+        "tasks": [draw(st.sampled_from([TASK, {**TASK, "options": {"seq_len": 100000}}]))],
+        "calibration": CALIBRATION,
+    }
+    if draw(st.booleans()):
+        broken = draw(st.sampled_from(sorted(SWEEP_INVALID)))
+        fields[broken] = draw(SWEEP_INVALID[broken])
+    return fields
+
+
+@fuzz(20)
+@given(grid=sweeps())
+def test_a_fuzzed_sweep_is_refused_in_one_line_or_records_every_cell(model_folder, scratch, grid):
+    folder = fresh(scratch)
+    text = yaml.safe_dump(grid).replace("MODEL", str(model_folder))
+    (folder / "grid.yaml").write_text(text)
+    results = folder / "results.jsonl"
+    code, _, err = invoke("sweep", str(folder / "grid.yaml"), "--results", str(results))
+    event(f"exit status {code}")
+    if code:
+        one_error(code, err)
+        assert not results.exists()
+        return
+    records = read_results(results)
+    grid_cells = list(cells(SweepRecipe.from_yaml(folder / "grid.yaml")))
+    assert len(current(records)) == 1 + len(grid_cells)  # the dense model and every cell
+    assert (folder / "report.md").is_file()
+    assert invoke("sweep", str(folder / "grid.yaml"), "--results", str(results))[0] == 0
+    assert read_results(results) == records  # nothing recomputed, nothing lost
