@@ -239,3 +239,15 @@ def test_an_environment_error_is_one_line(monkeypatch, capsys, tmp_path):
     args = ["sweep", str(recipe), "--results", "/proc/aecompress/results.jsonl"]
     code, _, err = run(monkeypatch, capsys, *args)
     assert "/proc/aecompress" in one_error(code, err)
+
+
+def test_tasks_and_evaluate_help_list_every_task(monkeypatch, capsys):
+    from aecompress.evaluation.tasks import TASKS, task_table
+
+    code, listed, _ = run(monkeypatch, capsys, "tasks")
+    assert code == 0 and listed.strip() == task_table()
+    code, helped, _ = run(monkeypatch, capsys, "evaluate", "--help")
+    assert code == 0
+    rows = [line.strip() for line in helped.splitlines() if line.strip().startswith("| ")]
+    assert rows == task_table().splitlines()[:1] + task_table().splitlines()[2:]
+    assert len(rows) == 1 + len(TASKS)

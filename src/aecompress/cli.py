@@ -16,6 +16,7 @@ import typer
 from typer._click.exceptions import ClickException  # the click that typer bundles
 
 from aecompress.errors import AecompressError, first_line
+from aecompress.evaluation.tasks import task_table
 
 INTERRUPTED = 130  # the exit status after Ctrl-C
 
@@ -157,7 +158,8 @@ def compress(
     typer.echo(f"wrote {output}")
 
 
-@app.command()
+# \b: click keeps the table's lines as they are
+@app.command(epilog=f"Tasks (also `aecompress tasks`):\n\n\b\n{task_table()}")
 def evaluate(
     model: Annotated[str, typer.Argument(help="an artifact folder or a model (as for compress)")],
     task: Annotated[list[str] | None, typer.Option(help="task to run (repeatable)")] = None,
@@ -211,6 +213,12 @@ def inspect(
         typer.echo(json.dumps(artifact_facts(artifact), indent=2))
     else:
         typer.echo(describe_artifact(artifact, per_matrix=per_matrix))
+
+
+@app.command()
+def tasks() -> None:
+    """List the evaluation tasks: the model each needs, its metrics and splits."""
+    typer.echo(task_table())
 
 
 @app.command()
