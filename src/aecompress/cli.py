@@ -50,24 +50,26 @@ def _parse_options(pairs: list[str]) -> dict[str, Any]:
     return options
 
 
-def _check_output(output: Path) -> None:
-    """Refuse an artifact folder that cannot be written, before any compression work."""
+def _check_output(output: Path, flag: str = "-o", *, artifact: bool = True) -> None:
+    """Refuse an output folder that cannot be written, before any work: it may replace an
+    artifact (when `artifact`) or an empty folder, nothing else."""
     from aecompress.artifact import is_artifact
 
     target, here = output.resolve(), Path.cwd().resolve()
     if target == here or target in here.parents:
-        raise AecompressError(f"-o {output}: the artifact cannot replace the current folder")
+        raise AecompressError(f"{flag} {output}: the output cannot replace the current folder")
     if target.exists() and not target.is_dir():
-        raise AecompressError(f"-o {output} exists and is not a folder")
-    if target.is_dir() and any(target.iterdir()) and not is_artifact(target):
-        raise AecompressError(f"-o {output} exists and is not an aecompress artifact")
+        raise AecompressError(f"{flag} {output} exists and is not a folder")
+    if target.is_dir() and any(target.iterdir()) and not (artifact and is_artifact(target)):
+        what = "an aecompress artifact" if artifact else "empty"
+        raise AecompressError(f"{flag} {output} exists and is not {what}")
     nearest = next(p for p in [target.parent, *target.parent.parents] if p.exists())
     if not nearest.is_dir():
-        raise AecompressError(f"-o {output}: {nearest} is not a folder")
-    try:  # the artifact is written beside its place, then renamed into it
+        raise AecompressError(f"{flag} {output}: {nearest} is not a folder")
+    try:  # the output is written beside its place, then renamed into it
         Path(tempfile.mkdtemp(prefix=".aecompress-check-", dir=nearest)).rmdir()
     except OSError as error:
-        message = f"-o {output}: cannot write in {nearest} ({error.strerror})"
+        message = f"{flag} {output}: cannot write in {nearest} ({error.strerror})"
         raise AecompressError(message) from error
 
 
@@ -219,6 +221,21 @@ def inspect(
 def tasks() -> None:
     """List the evaluation tasks: the model each needs, its metrics and splits."""
     typer.echo(task_table())
+
+
+@app.command()
+def export(
+    artifact: Annotated[Path, typer.Argument(help="artifact folder")],
+    dense: Annotated[
+        Path, typer.Option("--dense", help="folder to write: a plain transformers model")
+    ],
+) -> None:
+    """Write an artifact's model, every matrix decoded, as a plain transformers folder
+    (safetensors, config, tokenizer) that loads without aecompress."""
+    from aecompress.artifact import export_dense
+
+    _check_output(dense, "--dense", artifact=False)
+    typer.echo(f"wrote {export_dense(artifact, dense)}")
 
 
 @app.command()
