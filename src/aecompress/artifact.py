@@ -99,6 +99,7 @@ class CompressedModel:
         if self.tied_output:
             head = self.model.get_submodule(self.tied_output)
             head.weight = self.model.get_input_embeddings().weight
+            self.model.__dict__.pop("tie_weights", None)  # transformers' own again
         self.decoded = True
         return self.model
 

@@ -132,6 +132,14 @@ def inject(
         if kind == "embedding" and tied_output is not None:
             head = Target(tied_output, target.family, None, "linear")
             place(model, head, partial(_build, method, stored, index, "linear", serving))
+            if serving != "decoded":  # modules without a weight parameter to tie
+                model.tie_weights = _served_tie  # type: ignore[method-assign]
+
+
+def _served_tie(*args: object, **kwargs: object) -> None:
+    """tie_weights of a model whose tied head is served from the embedding's stored tensors:
+    nothing left to tie (transformers' own would fail on the factorised modules; HFLM and
+    other tools call it)."""
 
 
 def _build(

@@ -38,13 +38,13 @@ class Item:
     label: int
 
 
-def _jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 def _arc(paths: list[Path]) -> list[Item]:
     items = []
-    for row in _jsonl(paths[0]):
+    for row in read_jsonl(paths[0]):
         choices = row["question"]["choices"]
         labels = [choice["label"] for choice in choices]
         items.append(
@@ -61,7 +61,7 @@ def _piqa(paths: list[Path]) -> list[Item]:
     labels = paths[1].read_text().split()
     return [
         Item(f"Question: {row['goal']}\nAnswer:", [row["sol1"], row["sol2"]], int(y))
-        for row, y in zip(_jsonl(paths[0]), labels, strict=True)
+        for row, y in zip(read_jsonl(paths[0]), labels, strict=True)
     ]
 
 
