@@ -92,8 +92,11 @@ DATASETS: dict[str, ChoiceDataset] = {
 }
 
 
-def load_items(dataset: str, split: str) -> list[Item]:
+def load_items(dataset: str, split: str | None = None) -> list[Item]:
+    """The items of a split; by default the one lm-eval reports (ARC-Easy test, PIQA and
+    HellaSwag validation)."""
     files = DATASETS[dataset].files
+    split = split or next(iter(files))
     if split not in files:
         raise AecompressError(f"{dataset} has no split '{split}': {', '.join(files)}")
     return DATASETS[dataset].load([data_file(f) for f in files[split]])
@@ -161,20 +164,27 @@ def multiple_choice(
     batch_size: int = 16,
     progress: bool = True,
 ) -> dict[str, float]:
-    """Accuracy and length-normalised accuracy on the first `limit` items of a split.
-
-    The default split is the one lm-eval reports: ARC-Easy test, PIQA and HellaSwag validation.
-    """
+    """Accuracy and length-normalised accuracy on the first `limit` items of a split
+    (default: see load_items)."""
     require(dataset, model)
-    items = load_items(dataset, split or next(iter(DATASETS[dataset].files)))[:limit]
-    pairs = [(item.context, DELIMITER + choice) for item in items for choice in item.choices]
+    items = load_items(dataset, split)[:limit]
     scores = continuation_logprobs(
         model,
-        encode_pairs(tokenizer, pairs),
+        encode_pairs(tokenizer, choice_pairs(items)),
         pad_id=pad_token_id(tokenizer),
         batch_size=batch_size,
         progress=progress,
     )
+    return accuracies(items, scores)
+
+
+def choice_pairs(items: list[Item]) -> list[tuple[str, str]]:
+    """(context, continuation) of every choice of every item, in order."""
+    return [(item.context, DELIMITER + choice) for item in items for choice in item.choices]
+
+
+def accuracies(items: list[Item], scores: list[float]) -> dict[str, float]:
+    """acc and acc_norm (percent) from the log-likelihoods of choice_pairs(items)."""
     correct = correct_norm = 0
     start = 0
     for item in items:

@@ -21,6 +21,13 @@ from typing import Any
 
 from aecompress.errors import AecompressError
 from aecompress.evaluation.common import pad_token_id
+from aecompress.evaluation.multiple_choice import (
+    accuracies,
+    choice_pairs,
+    continuation_logprobs,
+    encode_pairs,
+    load_items,
+)
 from aecompress.evaluation.runner import load_evaluated
 from aecompress.models import is_causal_lm
 
@@ -67,6 +74,12 @@ def evaluate(
     """lm-eval's simple_evaluate of the model at `path` on tasks (local ones included);
     returns lm-eval's results dictionary."""
     model = model_class()(path, decode=decode, batch_size=batch_size)
+    return _simple_evaluate(model, tasks, limit, log_samples)
+
+
+def _simple_evaluate(
+    model: Any, tasks: list[str], limit: int | None, log_samples: bool
+) -> dict[str, Any]:
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
@@ -79,6 +92,37 @@ def evaluate(
         ),
         log_samples=log_samples,
     )
+
+
+def compare(
+    path: str, task: str = "arc-easy", *, limit: int | None = None, batch_size: int = 16
+) -> dict[str, Any]:
+    """Our `task` and lm-eval's local one on the first `limit` items, one model loaded once:
+    both accuracies (percent), whether the prompts are the same, and the largest difference
+    of a choice's log-likelihood."""
+    model = model_class()(path, batch_size=batch_size)
+    local = LOCAL_TASKS[task]
+    found = _simple_evaluate(model, [local], limit, log_samples=True)
+    items = load_items(task)[:limit]
+    pairs = choice_pairs(items)
+    tokenizer = model.tokenizer
+    ours = continuation_logprobs(
+        model.model,
+        encode_pairs(tokenizer, pairs),
+        pad_id=pad_token_id(tokenizer),
+        batch_size=batch_size,
+        progress=False,
+    )
+    samples = sorted(found["samples"][local], key=lambda sample: sample["doc_id"])
+    theirs = [resp[0] for sample in samples for resp in sample["filtered_resps"]]
+    metrics = found["results"][local]
+    return {
+        "items": len(items),
+        "ours": accuracies(items, ours),
+        "lm_eval": {name: 100 * metrics[f"{name},none"] for name in ("acc", "acc_norm")},
+        "same_prompts": [tuple(a) for s in samples for a in s["arguments"]] == pairs,
+        "max_loglikelihood_difference": max(abs(a - b) for a, b in zip(ours, theirs, strict=True)),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
