@@ -217,3 +217,15 @@ def test_export_dense_refuses_a_folder_with_content(tmp_path):
     cm.save_pretrained(tmp_path / "art")
     with pytest.raises(AecompressError, match="exists and is not an empty folder"):
         aecompress.export_dense(tmp_path / "art", tmp_path / "art")
+
+
+def test_tie_weights_leaves_a_head_served_from_the_embeddings_factors(tmp_path):
+    cm = aecompress.compress(
+        tiny_model("llama"), method="svd", ratio=2, targets=["embed"], progress=False
+    )
+    cm.save_pretrained(tmp_path / "art")
+    model = aecompress.load(tmp_path / "art")
+    ids = torch.tensor([[5, 17, 42]])
+    expected = model(input_ids=ids).logits
+    model.tie_weights()  # lm-eval's HFLM and other tools call it
+    assert torch.equal(model(input_ids=ids).logits, expected)
