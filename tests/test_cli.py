@@ -236,3 +236,31 @@ def test_a_report_of_a_file_without_records_is_refused(tmp_path):
     code, _, err = invoke("report", str(tmp_path / "grid.yaml"))
     assert "holds no sweep records" in one_error(code, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.yaml"]
+
+
+def test_tasks_and_evaluate_help_list_every_task(monkeypatch, capsys):
+    from aecompress.evaluation.tasks import TASKS, task_table
+
+    code, listed, _ = run(monkeypatch, capsys, "tasks")
+    assert code == 0 and listed.strip() == task_table()
+    code, helped, _ = run(monkeypatch, capsys, "evaluate", "--help")
+    assert code == 0
+    rows = [line.strip() for line in helped.splitlines() if line.strip().startswith("| ")]
+    assert rows == task_table().splitlines()[:1] + task_table().splitlines()[2:]
+    assert len(rows) == 1 + len(TASKS)
+
+
+def test_export_writes_a_plain_folder_and_checks_it_first(monkeypatch, capsys, tmp_path):
+    import aecompress
+
+    aecompress.compress(
+        tiny_model("llama"), method="svd", ratio=2, targets=["down"], progress=False
+    ).save_pretrained(tmp_path / "art")
+    monkeypatch.chdir(tmp_path)
+    code, stdout, _ = run(monkeypatch, capsys, "export", "art", "--dense", "plain")
+    assert code == 0 and "wrote plain" in stdout and (tmp_path / "plain" / "config.json").is_file()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("mine")
+    monkeypatch.setattr("aecompress.artifact.load_compressed", lambda *a, **k: pytest.fail())
+    code, _, err = run(monkeypatch, capsys, "export", "art", "--dense", "full")
+    assert "--dense full exists and is not an empty folder" in one_error(code, err)

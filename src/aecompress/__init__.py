@@ -3,6 +3,7 @@
 cm = aecompress.compress("minilm-l6", method="svd", ratio=10, targets=["embed"])
 cm.save_pretrained("out/")
 model = aecompress.load("out/")
+aecompress.export_dense("out/", "plain/")  # a plain transformers folder, every matrix decoded
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from transformers import PreTrainedModel
 
-from aecompress.artifact import CompressedModel, load_compressed
+from aecompress.artifact import CompressedModel, export_dense, load_compressed
 from aecompress.engine import compress
 from aecompress.errors import AecompressError
 from aecompress.evaluation.runner import evaluate
@@ -26,6 +27,7 @@ __all__ = [
     "__version__",
     "compress",
     "evaluate",
+    "export_dense",
     "load",
     "load_compressed",
     "load_model",

@@ -15,6 +15,8 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -33,7 +35,7 @@ from aecompress.methods import Method, Stored, make_method
 from aecompress.methods.base import GroupSpec
 from aecompress.models import load_tokenizer
 from aecompress.recipe import Recipe
-from aecompress.substitution import Serving, inject
+from aecompress.substitution import Serving, inject, restore
 from aecompress.targets import (
     CUSTOM_FAMILY,
     Group,
@@ -94,6 +96,23 @@ class CompressedModel:
     def save_pretrained(self, path: str | Path) -> None:
         """Write the artifact folder (atomically)."""
         save_artifact(self, path)
+
+    def merge_and_unload(self) -> PreTrainedModel:
+        """The plain transformers model (as peft's merge_and_unload): every group decoded
+        into a module of the base model's own class, a tied head sharing the decoded
+        embedding. This CompressedModel is then decoded and cannot be saved as an artifact."""
+        for fitted in self.groups:
+            if not self.decoded:
+                tied = self.tied_output if fitted.group.family == "embed" else None
+                inject(self.model, fitted.group, fitted.method, fitted.stored, tied, "decoded")
+            for target in fitted.group.members:
+                restore(self.model, target)
+        if self.tied_output:
+            head = self.model.get_submodule(self.tied_output)
+            head.weight = self.model.get_input_embeddings().weight
+            self.model.__dict__.pop("tie_weights", None)  # transformers' own again
+        self.decoded = True
+        return self.model
 
     def replaced_paths(self) -> list[str]:
         """Module paths whose weights now come from a group's stored tensors."""
@@ -259,8 +278,6 @@ def save_artifact(cm: CompressedModel, path: str | Path) -> Path:
         raise AecompressError("a model loaded with decode=True has no stored form to save")
     path = Path(path)
     check_replaceable(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_leftovers(path)
     untouched, aliases = untouched_state(cm)
     cm.aliases = aliases
     tensors = dict(untouched)
@@ -271,8 +288,7 @@ def save_artifact(cm: CompressedModel, path: str | Path) -> Path:
     tensors = {k: (t.to(dtype) if t.is_floating_point() else t).cpu() for k, t in tensors.items()}
     check_finite(tensors, cm.storage_dtype)
     manifest = build_manifest(cm, untouched)
-    work = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
-    try:
+    with _atomic_folder(path) as work:
         cm.model.config.save_pretrained(work)
         _strip_quantization(work / "config.json")
         if cm.tokenizer is not None:
@@ -290,12 +306,40 @@ def save_artifact(cm: CompressedModel, path: str | Path) -> Path:
         totals["dense_storage_dtype_bytes"] = dtype.itemsize * totals["model_params_dense"]
         manifest["files"] = sorted([*(p.name for p in work.iterdir()), MANIFEST])
         (work / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+@contextmanager
+def _atomic_folder(path: Path) -> Iterator[Path]:
+    """A fresh folder beside `path` to fill, renamed into its place when the block ends
+    without error (a crash leaves no half-written folder), else deleted."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(path)
+    work = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
+    try:
+        yield work
         work.chmod(0o755)
         _swap_into_place(work, path)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    return path
+
+
+def export_dense(artifact: str | Path, output: str | Path) -> Path:
+    """Write the artifact's model as a plain transformers folder: every matrix decoded into
+    an fp32 dense weight (safetensors), the base's config and tokenizer. It loads with
+    `AutoModel*.from_pretrained(output)` without aecompress; `output` must be new or empty."""
+    output = Path(output)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise AecompressError(f"{output} exists and is not an empty folder: not overwriting")
+    cm = load_compressed(artifact, decode=True)
+    model = cm.merge_and_unload()
+    with _atomic_folder(output) as work:
+        model.save_pretrained(work)
+        if cm.tokenizer is not None:
+            cm.tokenizer.save_pretrained(work)
+        _copy_sentence_transformers_files(Path(artifact), work)
+    return output
 
 
 def check_finite(tensors: dict[str, torch.Tensor], dtype_name: str) -> None:

@@ -16,6 +16,7 @@ import typer
 from typer._click.exceptions import ClickException  # the click that typer bundles
 
 from aecompress.errors import AecompressError, first_line
+from aecompress.evaluation.tasks import task_table
 
 INTERRUPTED = 130  # the exit status after Ctrl-C
 
@@ -49,18 +50,22 @@ def _parse_options(pairs: list[str]) -> dict[str, Any]:
     return options
 
 
-def _check_output(output: Path) -> None:
-    """Refuse an artifact folder that cannot be written, before any compression work."""
+def _check_output(output: Path, flag: str = "-o", *, artifact: bool = True) -> None:
+    """Refuse an output folder that cannot be written, before any work: it may replace an
+    artifact's own files (when `artifact`) or an empty folder, nothing else."""
     from aecompress.artifact import check_replaceable
 
     target, here = output.resolve(), Path.cwd().resolve()
     if target == here or target in here.parents:
-        raise AecompressError(f"-o {output}: the artifact cannot replace the current folder")
-    check_replaceable(target)  # a file, a folder with other content
+        raise AecompressError(f"{flag} {output}: the output cannot replace the current folder")
+    if artifact:
+        check_replaceable(target)  # a file, a folder with other content
+    elif target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise AecompressError(f"{flag} {output} exists and is not an empty folder")
     nearest = next(p for p in [target.parent, *target.parent.parents] if p.exists())
     if not nearest.is_dir():
-        raise AecompressError(f"-o {output}: {nearest} is not a folder")
-    _check_writable(nearest, f"-o {output}")  # the artifact is written beside its place
+        raise AecompressError(f"{flag} {output}: {nearest} is not a folder")
+    _check_writable(nearest, f"{flag} {output}")  # written beside its place, then renamed
 
 
 def _check_json(path: Path) -> None:
@@ -166,7 +171,8 @@ def compress(
     typer.echo(f"wrote {output}")
 
 
-@app.command()
+# \b: click keeps the table's lines as they are
+@app.command(epilog=f"Tasks (also `aecompress tasks`):\n\n\b\n{task_table()}")
 def evaluate(
     model: Annotated[str, typer.Argument(help="an artifact folder or a model (as for compress)")],
     task: Annotated[list[str] | None, typer.Option(help="task to run (repeatable)")] = None,
@@ -222,6 +228,27 @@ def inspect(
         typer.echo(json.dumps(artifact_facts(artifact), indent=2))
     else:
         typer.echo(describe_artifact(artifact, per_matrix=per_matrix))
+
+
+@app.command()
+def tasks() -> None:
+    """List the evaluation tasks: the model each needs, its metrics and splits."""
+    typer.echo(task_table())
+
+
+@app.command()
+def export(
+    artifact: Annotated[Path, typer.Argument(help="artifact folder")],
+    dense: Annotated[
+        Path, typer.Option("--dense", help="folder to write: a plain transformers model")
+    ],
+) -> None:
+    """Write an artifact's model, every matrix decoded, as a plain transformers folder
+    (safetensors, config, tokenizer) that loads without aecompress."""
+    from aecompress.artifact import export_dense
+
+    _check_output(dense, "--dense", artifact=False)
+    typer.echo(f"wrote {export_dense(artifact, dense)}")
 
 
 @app.command()

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 
 class LowRankLinear(nn.Module):
@@ -84,6 +85,13 @@ class FusedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([part(x) for part in self.parts], dim=-1)
 
+    def merged(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The fused [out, in] weight and bias that the parts compute together."""
+        parts = [cast(nn.Linear, part) for part in self.parts]
+        weight = torch.cat([part.weight for part in parts])
+        biases = tuple(part.bias for part in parts)
+        return weight, None if biases[0] is None else torch.cat(biases)
+
 
 def dense_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     """An nn.Linear holding `weight` [out, in] (a decoded matrix) and the original bias."""
@@ -92,6 +100,18 @@ def dense_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     if bias is not None:
         linear.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias)
     return linear
+
+
+def plain_linear(weight: torch.Tensor, bias: torch.Tensor | None, kind: str) -> nn.Module:
+    """The base model's own module for a dense [out, in] weight: nn.Linear, or GPT-2's
+    Conv1D ([in, out] layout) when `kind` is "conv1d"."""
+    if kind != "conv1d":
+        return dense_linear(weight, bias)
+    conv = Conv1D(weight.shape[0], weight.shape[1])
+    conv.weight = nn.Parameter(weight.detach().T.contiguous())
+    if bias is not None:
+        conv.bias = nn.Parameter(bias.detach().clone())
+    return conv
 
 
 def dense_embedding(weight: torch.Tensor, padding_idx: int | None) -> nn.Embedding:

@@ -104,6 +104,17 @@ def results_tables(rows: list[dict[str, Any]]) -> str:
     return "\n\n".join(sections) + "\n"
 
 
+def ratio_axis(axes: Any, ratios: list[float]) -> None:
+    """A log ratio axis whose only ticks are the grid's ratios, labelled plainly (3, 10, 25)."""
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    axes.set_xscale("log")
+    axes.xaxis.set_major_locator(FixedLocator(ratios))
+    axes.xaxis.set_minor_locator(NullLocator())
+    axes.set_xticklabels([f"{r:g}" for r in ratios])
+    axes.set_xlabel("compression ratio")
+
+
 def _plot(
     path: Path, title: str, ylabel: str, subset: list[dict[str, Any]], reference: float | None
 ) -> None:
@@ -137,8 +148,7 @@ def _plot(
             )
         if reference is not None:
             axes.axhline(reference, color="black", linestyle="--", label="dense")
-        axes.set_xscale("log")
-        axes.set_xlabel("compression ratio")
+        ratio_axis(axes, sorted({r["ratio"] for r in subset}))
         axes.set_ylabel(ylabel)
         axes.legend(fontsize=7)
     axes.set_title(title, fontsize=9)

@@ -18,7 +18,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from aecompress.methods import Method, Stored
-from aecompress.modules import FusedLinear, dense_embedding, dense_linear
+from aecompress.modules import FusedLinear, dense_embedding, dense_linear, plain_linear
 from aecompress.targets import Group, Target, dense_weight
 
 # How members are served: the method's runtime module, decoded once into a dense weight,
@@ -102,6 +102,20 @@ def place(model: nn.Module, target: Target, build: Callable[[nn.Module], nn.Modu
     fused.parts[index] = build(fused.parts[index])
 
 
+def restore(model: nn.Module, target: Target) -> None:
+    """Undo `place` for a decoded target: its path holds a module of the base model's own
+    class and layout again (a fused module made whole, a Conv1D transposed back)."""
+    module = model.get_submodule(target.path)
+    if isinstance(module, FusedLinear):
+        weight, bias = module.merged()
+    elif isinstance(module, nn.Linear):
+        weight, bias = module.weight, module.bias
+    else:  # an embedding: decoded into an nn.Embedding already
+        return
+    with torch.no_grad():
+        model.set_submodule(target.path, plain_linear(weight, bias, target.kind))
+
+
 def inject(
     model: PreTrainedModel | nn.Module,
     group: Group,
@@ -118,6 +132,14 @@ def inject(
         if kind == "embedding" and tied_output is not None:
             head = Target(tied_output, target.family, None, "linear")
             place(model, head, partial(_build, method, stored, index, "linear", serving))
+            if serving != "decoded":  # modules without a weight parameter to tie
+                model.tie_weights = _served_tie  # type: ignore[method-assign]
+
+
+def _served_tie(*args: object, **kwargs: object) -> None:
+    """tie_weights of a model whose tied head is served from the embedding's stored tensors:
+    nothing left to tie (transformers' own would fail on the factorised modules; HFLM and
+    other tools call it)."""
 
 
 def _build(

@@ -20,7 +20,7 @@ def test_loaders_read_every_item() -> None:
     assert len(piqa) == 1838 and {item.label for item in piqa} == {0, 1}
     hellaswag = load_items("hellaswag", "validation")
     assert len(hellaswag) == 10042
-    assert all(len(item.choices) == 4 and item.choices[0][0] == " " for item in hellaswag)
+    assert all(len(item.choices) == 4 for item in hellaswag)
     assert sum(item.label == 0 for item in hellaswag) == 2515
 
 
@@ -69,14 +69,16 @@ def test_too_long_sequences_keep_their_last_tokens(tiny_gpt2) -> None:
 
 def test_accuracy_and_character_normalised_accuracy(monkeypatch, tiny_llama, tokenizer) -> None:
     items = [
-        Item("q1", [" a", " bbbbbbbbb"], 1),  # sums -1, -3: acc picks 0; per char -0.5, -0.3
-        Item("q2", [" a", " b"], 0),  # sums -1, -2: both pick 0
+        Item("q1", ["a", "bbbbbbbbb"], 1),  # sums -1, -3: acc picks 0; per char -1, -0.33
+        # sums -1, -2.5: acc picks 0; per char of the choice, delimiter excluded (lm-eval):
+        # -1, -0.83 picks 1 (with the delimiter's space counted it would be -0.5, -0.62: 0)
+        Item("q2", ["a", "bbb"], 0),
     ]
-    scores = [-1.0, -3.0, -1.0, -2.0]
+    scores = [-1.0, -3.0, -1.0, -2.5]
     monkeypatch.setattr(mc, "load_items", lambda dataset, split: items)
     monkeypatch.setattr(mc, "continuation_logprobs", lambda *args, **kwargs: scores)
     result = mc.multiple_choice("piqa", tiny_llama, tokenizer, progress=False)
-    assert result == {"acc": 50.0, "acc_norm": 100.0}
+    assert result == {"acc": 50.0, "acc_norm": 50.0}
 
 
 @pytest.mark.parametrize("dataset", ["arc-easy", "piqa", "hellaswag"])

@@ -5,7 +5,7 @@ import pytest
 from aecompress.errors import AecompressError
 from aecompress.evaluation.kinds import TASK_NEEDS, model_kinds
 from aecompress.evaluation.results import TaskResult
-from aecompress.evaluation.tasks import TASKS, check_task, run_task
+from aecompress.evaluation.tasks import TASKS, check_task, run_task, task_table
 
 WIKITEXT2_TEST_SHA256 = "173c87a53759e0201f33e0ccf978e510c2042d7f2cb78229d9a50d79b9e7dd08"
 
@@ -101,3 +101,15 @@ def test_counts_must_be_whole_numbers_of_at_least_one(tiny_llama, tokenizer, win
     assert str(refused.value) == (
         f"task 'wikitext2': windows must be a whole number >= 1 (got {windows!r})"
     )
+
+
+def test_task_table_lists_every_task_with_metrics_and_splits() -> None:
+    lines = task_table().splitlines()
+    assert len(lines) == 2 + len(TASKS)
+    row = next(line for line in lines if line.startswith("| arc-easy "))
+    assert [c.strip() for c in row.split("|")[1:-1]] == [
+        "arc-easy",
+        "causal-lm",
+        "acc, acc_norm",
+        "test (validation)",
+    ]

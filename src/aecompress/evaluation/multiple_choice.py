@@ -1,10 +1,11 @@
 """Zero-shot multiple choice for causal LMs: ARC-Easy, PIQA, HellaSwag (lm-eval-harness style).
 
-Each choice is scored by the sum of the log-probabilities of its continuation tokens given
-the context. The continuation's tokens are those of tokenize(context + continuation) after
-the context's tokens; no special tokens are added. `acc` takes the best sum, `acc_norm` the
-best sum divided by the continuation's length in characters (lm-eval's acc_norm), both in
-percent. Prompts follow lm-eval: ARC and PIQA "Question: {q}\\nAnswer:" + " {choice}",
+Each choice is scored by the sum of the log-probabilities of its continuation (" " + the
+choice, lm-eval's target delimiter) tokens given the context. The continuation's tokens are
+those of tokenize(context + continuation) after the context's tokens; no special tokens are
+added. `acc` takes the best sum, `acc_norm` the best sum divided by the choice's length in
+characters, delimiter excluded (lm-eval's acc_norm), both in percent. Prompts follow
+lm-eval: ARC and PIQA "Question: {q}\\nAnswer:" + " {choice}",
 HellaSwag "{activity}: {context}" + " {ending}" (the data file is already preprocessed the
 lm-eval way, except that ctx_b is not capitalised: see data/hellaswag/SOURCE.md).
 """
@@ -27,27 +28,29 @@ from aecompress.errors import AecompressError
 from aecompress.evaluation.common import length_batches, pad_batch, pad_token_id
 from aecompress.evaluation.kinds import require
 
+DELIMITER = " "  # between context and choice (lm-eval's target_delimiter)
+
 
 @dataclass(frozen=True)
 class Item:
     context: str
-    choices: list[str]  # continuations, each with its leading space
+    choices: list[str]  # the choices' texts; each continuation is DELIMITER + choice
     label: int
 
 
-def _jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 def _arc(paths: list[Path]) -> list[Item]:
     items = []
-    for row in _jsonl(paths[0]):
+    for row in read_jsonl(paths[0]):
         choices = row["question"]["choices"]
         labels = [choice["label"] for choice in choices]
         items.append(
             Item(
                 f"Question: {row['question']['stem']}\nAnswer:",
-                [" " + choice["text"] for choice in choices],
+                [choice["text"] for choice in choices],
                 labels.index(row["answerKey"]),
             )
         )
@@ -57,8 +60,8 @@ def _arc(paths: list[Path]) -> list[Item]:
 def _piqa(paths: list[Path]) -> list[Item]:
     labels = paths[1].read_text().split()
     return [
-        Item(f"Question: {row['goal']}\nAnswer:", [" " + row["sol1"], " " + row["sol2"]], int(y))
-        for row, y in zip(_jsonl(paths[0]), labels, strict=True)
+        Item(f"Question: {row['goal']}\nAnswer:", [row["sol1"], row["sol2"]], int(y))
+        for row, y in zip(read_jsonl(paths[0]), labels, strict=True)
     ]
 
 
@@ -66,8 +69,7 @@ def _hellaswag(paths: list[Path]) -> list[Item]:
     """Six lines per item: context, gold index, four endings."""
     lines = paths[0].read_text(encoding="utf-8").splitlines()
     return [
-        Item(lines[i], [" " + ending for ending in lines[i + 2 : i + 6]], int(lines[i + 1]))
-        for i in range(0, len(lines) - 5, 6)
+        Item(lines[i], lines[i + 2 : i + 6], int(lines[i + 1])) for i in range(0, len(lines) - 5, 6)
     ]
 
 
@@ -90,8 +92,11 @@ DATASETS: dict[str, ChoiceDataset] = {
 }
 
 
-def load_items(dataset: str, split: str) -> list[Item]:
+def load_items(dataset: str, split: str | None = None) -> list[Item]:
+    """The items of a split; by default the one lm-eval reports (ARC-Easy test, PIQA and
+    HellaSwag validation)."""
     files = DATASETS[dataset].files
+    split = split or next(iter(files))
     if split not in files:
         raise AecompressError(f"{dataset} has no split '{split}': {', '.join(files)}")
     return DATASETS[dataset].load([data_file(f) for f in files[split]])
@@ -159,20 +164,27 @@ def multiple_choice(
     batch_size: int = 16,
     progress: bool = True,
 ) -> dict[str, float]:
-    """Accuracy and length-normalised accuracy on the first `limit` items of a split.
-
-    The default split is the one lm-eval reports: ARC-Easy test, PIQA and HellaSwag validation.
-    """
+    """Accuracy and length-normalised accuracy on the first `limit` items of a split
+    (default: see load_items)."""
     require(dataset, model)
-    items = load_items(dataset, split or next(iter(DATASETS[dataset].files)))[:limit]
-    pairs = [(item.context, choice) for item in items for choice in item.choices]
+    items = load_items(dataset, split)[:limit]
     scores = continuation_logprobs(
         model,
-        encode_pairs(tokenizer, pairs),
+        encode_pairs(tokenizer, choice_pairs(items)),
         pad_id=pad_token_id(tokenizer),
         batch_size=batch_size,
         progress=progress,
     )
+    return accuracies(items, scores)
+
+
+def choice_pairs(items: list[Item]) -> list[tuple[str, str]]:
+    """(context, continuation) of every choice of every item, in order."""
+    return [(item.context, DELIMITER + choice) for item in items for choice in item.choices]
+
+
+def accuracies(items: list[Item], scores: list[float]) -> dict[str, float]:
+    """acc and acc_norm (percent) from the log-likelihoods of choice_pairs(items)."""
     correct = correct_norm = 0
     start = 0
     for item in items:

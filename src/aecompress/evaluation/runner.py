@@ -67,6 +67,15 @@ def load_base_model(artifact: str, manifest: dict[str, Any]) -> LoadedModel:
     return base
 
 
+def load_evaluated(model: str, decode: bool = False) -> LoadedModel:
+    """What `evaluate` runs: an artifact folder's compressed model (`decode`: every matrix
+    decoded), else the model (a name, folder or .gguf) itself."""
+    if not is_artifact(model):
+        return load_model(model)
+    compressed = load_compressed(model, decode=decode)
+    return LoadedModel(compressed.model, compressed.tokenizer, model, compressed.auto_class)
+
+
 def evaluate(
     model: str,
     tasks: list[str],
@@ -86,12 +95,10 @@ def evaluate(
         if task not in TASKS:
             raise AecompressError(f"unknown task '{task}': known tasks are {', '.join(TASKS)}")
     _check_options(tasks, options)
+    loaded = load_evaluated(model)
     if not is_artifact(model):
-        loaded = load_model(model)
         return [_run(loaded, t, options, None, progress) for t in tasks], []
     manifest = read_manifest(model)
-    compressed = load_compressed(model)
-    loaded = LoadedModel(compressed.model, compressed.tokenizer, model, compressed.auto_class)
     base: list[LoadedModel] = []
 
     def load_base() -> LoadedModel:
@@ -101,7 +108,7 @@ def evaluate(
 
     results, dense_results = [], []
     for task in tasks:
-        check_task(task, compressed.model)
+        check_task(task, loaded.model)
         reference = load_base() if TASKS[task].needs_reference else None
         results.append(_run(loaded, task, options, reference, progress))
         if dense and not TASKS[task].needs_reference:

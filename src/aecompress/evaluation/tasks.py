@@ -109,6 +109,23 @@ def known_task(name: str) -> Task:
     return TASKS[name]
 
 
+def task_table() -> str:
+    """Every task with the model it needs, its metrics and its splits (default first), as an
+    aligned Markdown table."""
+    rows = [("task", "model", "metrics", "split (others)")]
+    for task in TASKS.values():
+        others = [split for split in task.files if split != task.split]
+        splits = task.split + (f" ({', '.join(others)})" if others else "")
+        rows.append((task.name, task.needs, ", ".join(task.metrics), splits))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [
+        "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
+        for row in rows
+    ]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
 def check_task(name: str, model: nn.Module) -> Task:
     """The task called `name`, if `model` can run it; else a one-line AecompressError."""
     task = known_task(name)
