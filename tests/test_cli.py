@@ -239,3 +239,47 @@ def test_an_environment_error_is_one_line(monkeypatch, capsys, tmp_path):
     args = ["sweep", str(recipe), "--results", "/proc/aecompress/results.jsonl"]
     code, _, err = run(monkeypatch, capsys, *args)
     assert "/proc/aecompress" in one_error(code, err)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--executor", "ray"], "--executor ray needs Ray: pip install 'aecompress[ray]'"),
+        (["--executor", "dask"], "--executor must be serial or ray (got 'dask')"),
+        (["--address", "auto"], "--address needs --executor ray"),
+    ],
+)
+def test_a_bad_executor_is_one_line_before_any_work(monkeypatch, capsys, tmp_path, args, message):
+    recipe = tmp_path / "grid.yaml"
+    recipe.write_text(
+        "name: g\nmodels: [m]\nmethods: [{method: svd}]\nratios: [2]\ntargets: [k]\n"
+        "tasks: [{task: wikitext2}]\nresources: {cpus: 2, gpus: 1}\n"
+    )
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the sweep ran")
+
+    monkeypatch.setattr("aecompress.sweep.run_sweep", fail)
+    monkeypatch.setitem(sys.modules, "ray", None)  # Ray is not installed
+    code, _, err = run(monkeypatch, capsys, "sweep", str(recipe), *args)
+    assert message in one_error(code, err)
+
+
+def test_report_merges_the_results_files_of_shards(monkeypatch, capsys, tiny_folder, tmp_path):
+    from aecompress.sweep import parse_shard, run_sweep
+    from tests.test_sweep import recipe
+
+    plan = recipe(str(tiny_folder))
+    for index in (0, 1):
+        path = tmp_path / f"shard-{index}.jsonl"
+        run_sweep(plan, path, progress=False, shard=parse_shard(f"{index}/2"))
+    files = [str(tmp_path / "shard-0.jsonl"), str(tmp_path / "shard-1.jsonl")]
+    code, stdout, _ = run(monkeypatch, capsys, "report", *files)
+    assert code == 0 and f"wrote {tmp_path / 'report.md'}" in stdout
+    report = (tmp_path / "report.md").read_text()
+    assert "from shard-0.jsonl, shard-1.jsonl" in report
+    assert "dense: " in report and "| svd | " in report
+    (row,) = [line for line in report.splitlines() if line.startswith("| svd |")]
+    assert row.count("(") == 2  # ratio 2 (shard 0) and ratio 4 (shard 1), each beside dense
+    code, _, err = run(monkeypatch, capsys, "report", files[0], str(tmp_path / "none.jsonl"))
+    assert "no such results file" in one_error(code, err)
