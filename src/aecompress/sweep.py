@@ -5,7 +5,9 @@ record in the results file is ok with the same method options, calibration and t
 settings. A failing cell is recorded with its error (once: a re-run that fails in the
 same way appends nothing) and the sweep goes on. The
 dense model of each model is evaluated once per task; calibration statistics are cached
-on disk by the engine, so methods that share them compute them once.
+on disk by the engine, so methods that share them compute them once. Cells run in this
+process, one after the other, or on an executor (cluster.py: Ray); either way only this
+process writes the results file.
 """
 
 from __future__ import annotations
@@ -295,12 +297,13 @@ def run_sweep(
 def pending_jobs(sweep: SweepRecipe, log: _Log, shard: tuple[int, int]) -> list[Job]:
     """The shard's dense cells and cells, in grid order, with their tasks not yet done."""
     index, count = shard
-    dense = [{"model": model, "label": "dense", "ratio": 1.0} for model in sweep.models]
+    dense = [{"model": m, "label": "dense", "ratio": 1.0} for m in sweep.models if index == 0]
     jobs = [Job(cell, log.pending(cell, _tasks_for(sweep, None))) for cell in dense]
-    jobs = jobs if index == 0 else []
-    for number, cell in enumerate(cells(sweep)):
-        if number % count == index:
-            jobs.append(Job(cell, log.pending(cell, _tasks_for(sweep, cell["ratio"]))))
+    jobs += [
+        Job(cell, log.pending(cell, _tasks_for(sweep, cell["ratio"])))
+        for number, cell in enumerate(cells(sweep))
+        if number % count == index
+    ]
     return [job for job in jobs if job.tasks]
 
 
@@ -317,7 +320,7 @@ def run_job(
     sweep: SweepRecipe, job: Job, dense: LoadedModel, record: Record, progress: bool
 ) -> None:
     """Compress (unless the cell is dense) and run each task; a failure becomes a record."""
-    if job.cell["label"] == "dense":
+    if "method" not in job.cell:  # the dense model's cell
         for spec in job.tasks:
             _run_and_record(record, job.cell, dense, dense, spec, {"compress_seconds": 0.0})
         return
