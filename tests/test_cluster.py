@@ -5,7 +5,7 @@ import ray
 
 from aecompress.cluster import RayExecutor
 from aecompress.errors import AecompressError
-from aecompress.sweep import run_sweep
+from aecompress.sweep import SweepRecipe, run_sweep
 from tests import test_sweep
 from tests.test_sweep import recipe
 
@@ -46,3 +46,50 @@ def test_without_ray_the_ray_executor_is_one_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails
     with pytest.raises(AecompressError, match=r"pip install 'aecompress\[ray\]'"):
         RayExecutor()
+
+
+class Ref:
+    def __init__(self, value):
+        self.value = value
+
+
+class FakeRay:
+    """Runs each task at once in this process and remembers what the tasks asked for."""
+
+    class exceptions:  # as ray names it
+        RayError = RuntimeError
+
+    def __init__(self):
+        self.asked = []
+
+    def is_initialized(self):
+        return True
+
+    def remote(self, function):
+        fake = self
+
+        class Task:
+            def options(self, **resources):
+                fake.asked.append(resources)
+                return self
+
+            def remote(self, *args):
+                return Ref(function(*args))
+
+        return Task()
+
+    def wait(self, refs, num_returns):
+        return refs[:num_returns], refs[num_returns:]
+
+    def get(self, ref):
+        return ref.value
+
+
+def test_each_task_asks_for_the_recipes_resources(tiny_folder, tmp_path, monkeypatch):
+    fake = FakeRay()
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    resources = {"ratios": [2], "resources": {"cpus": 2, "gpus": 0.5}}
+    plan = SweepRecipe.model_validate({**recipe(tiny_folder).model_dump(), **resources})
+    records = run_sweep(plan, tmp_path / "results.jsonl", executor=RayExecutor())
+    assert [r["status"] for r in records] == ["ok", "ok"]
+    assert fake.asked == [{"num_cpus": 2, "num_gpus": 0.5, "max_retries": 0}]
