@@ -1,6 +1,10 @@
+import os
 import sys
 
 import pytest
+
+# the local Ray instance on the loopback address only (read when ray is imported)
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 import ray
 
 from aecompress.cluster import RayExecutor
