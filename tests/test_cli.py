@@ -241,9 +241,9 @@ def test_a_report_of_a_file_without_records_is_refused(tmp_path):
 def test_tasks_and_evaluate_help_list_every_task(monkeypatch, capsys):
     from aecompress.evaluation.tasks import TASKS, task_table
 
-    code, listed, _ = run(monkeypatch, capsys, "tasks")
+    code, listed, _ = invoke("tasks")
     assert code == 0 and listed.strip() == task_table()
-    code, helped, _ = run(monkeypatch, capsys, "evaluate", "--help")
+    code, helped, _ = invoke("evaluate", "--help")
     assert code == 0
     rows = [line.strip() for line in helped.splitlines() if line.strip().startswith("| ")]
     assert rows == task_table().splitlines()[:1] + task_table().splitlines()[2:]
@@ -257,10 +257,54 @@ def test_export_writes_a_plain_folder_and_checks_it_first(monkeypatch, capsys, t
         tiny_model("llama"), method="svd", ratio=2, targets=["down"], progress=False
     ).save_pretrained(tmp_path / "art")
     monkeypatch.chdir(tmp_path)
-    code, stdout, _ = run(monkeypatch, capsys, "export", "art", "--dense", "plain")
+    code, stdout, _ = invoke("export", "art", "--dense", "plain")
     assert code == 0 and "wrote plain" in stdout and (tmp_path / "plain" / "config.json").is_file()
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "notes.txt").write_text("mine")
     monkeypatch.setattr("aecompress.artifact.load_compressed", lambda *a, **k: pytest.fail())
-    code, _, err = run(monkeypatch, capsys, "export", "art", "--dense", "full")
+    code, _, err = invoke("export", "art", "--dense", "full")
     assert "--dense full exists and is not an empty folder" in one_error(code, err)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--executor", "ray"], "--executor ray needs Ray: pip install 'aecompress[ray]'"),
+        (["--executor", "dask"], "--executor must be serial or ray (got 'dask')"),
+        (["--address", "auto"], "--address needs --executor ray"),
+    ],
+)
+def test_a_bad_executor_is_one_line_before_any_work(monkeypatch, capsys, tmp_path, args, message):
+    recipe = tmp_path / "grid.yaml"
+    recipe.write_text(
+        "name: g\nmodels: [m]\nmethods: [{method: svd}]\nratios: [2]\ntargets: [k]\n"
+        "tasks: [{task: wikitext2}]\nresources: {cpus: 2, gpus: 1}\n"
+    )
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the sweep ran")
+
+    monkeypatch.setattr("aecompress.sweep.run_sweep", fail)
+    monkeypatch.setitem(sys.modules, "ray", None)  # Ray is not installed
+    code, _, err = invoke("sweep", str(recipe), *args)
+    assert message in one_error(code, err)
+
+
+def test_report_merges_the_results_files_of_shards(monkeypatch, capsys, tiny_folder, tmp_path):
+    from aecompress.sweep import parse_shard, run_sweep
+    from tests.test_sweep import recipe
+
+    plan = recipe(str(tiny_folder))
+    for index in (0, 1):
+        path = tmp_path / f"shard-{index}.jsonl"
+        run_sweep(plan, path, progress=False, shard=parse_shard(f"{index}/2"))
+    files = [str(tmp_path / "shard-0.jsonl"), str(tmp_path / "shard-1.jsonl")]
+    code, stdout, _ = invoke("report", *files)
+    assert code == 0 and f"wrote {tmp_path / 'report.md'}" in stdout
+    report = (tmp_path / "report.md").read_text()
+    assert "from shard-0.jsonl, shard-1.jsonl" in report
+    assert "dense: " in report and "| svd | " in report
+    (row,) = [line for line in report.splitlines() if line.startswith("| svd |")]
+    assert row.count("(") == 2  # ratio 2 (shard 0) and ratio 4 (shard 1), each beside dense
+    code, _, err = invoke("report", files[0], str(tmp_path / "none.jsonl"))
+    assert "no such results file" in one_error(code, err)

@@ -20,7 +20,7 @@ LAYERS = [
     ["evaluation"],
     ["summary", "pipeline"],
     ["engine"],
-    ["sweep", "report", "integrations"],
+    ["sweep", "report", "cluster", "integrations"],
     ["cli", ""],  # "": the package's __init__
 ]
 LAYER = {name: level for level, names in enumerate(LAYERS) for name in names}

@@ -117,7 +117,7 @@ def test_report_renders_tables_and_plots(tmp_path):
         },
     ]
     results.write_text("".join(json.dumps(r) + "\n" for r in records))
-    written = write_report(results, read_results(results))
+    written = write_report([results], read_results(results))
     report = (tmp_path / "report.md").read_text()
     assert "dense: 82" in report
     assert "| svd | 75 (-7) | 61.5 (-20.5) |" in report
@@ -147,7 +147,7 @@ def test_report_of_a_single_ratio_draws_bars(tmp_path):
         for name, task, value in [("svd", "stsb", 61.5), ("svd", "x", 1), ("ae", "stsb", 77.7)]
     ]
     results.write_text("".join(json.dumps(r) + "\n" for r in records))
-    written = write_report(results, read_results(results))
+    written = write_report([results], read_results(results))
     report = (tmp_path / "report.md").read_text()
     assert "| svd | 61.5 |" in report
     assert "time of the cells: 3.5 min" in report  # each cell's compression counted once
@@ -218,7 +218,7 @@ def test_changed_task_options_or_calibration_are_recomputed(tiny_folder, tmp_pat
     calibrated = longer.model_copy(update={"calibration": CalibrationConfig(samples=2)})
     run_sweep(calibrated, results, progress=False)
     assert calls == [2, 2]
-    write_report(results, read_results(results))
+    write_report([results], read_results(results))
     report = (tmp_path / "report.md").read_text()
     old = first[1]["metrics"]["perplexity"]
     new = read_results(results)[-1]["metrics"]["perplexity"]
@@ -231,7 +231,7 @@ def test_a_failure_is_recorded_and_reported_once(tiny_folder, tmp_path):
     for _ in range(2):
         records = run_sweep(plan, results, progress=False)
     assert [r["status"] for r in records] == ["ok", "failed"]
-    write_report(results, records + records)
+    write_report([results], records + records)
     assert (tmp_path / "report.md").read_text().count("ratio is too large") == 1
 
 

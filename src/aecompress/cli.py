@@ -10,13 +10,16 @@ import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from typer._click.exceptions import ClickException  # the click that typer bundles
 
 from aecompress.errors import AecompressError, first_line
 from aecompress.evaluation.tasks import task_table
+
+if TYPE_CHECKING:
+    from aecompress.sweep import Executor
 
 INTERRUPTED = 130  # the exit status after Ctrl-C
 
@@ -273,6 +276,12 @@ def sweep(
     shard: Annotated[
         str, typer.Option(help="I/N: run every N-th cell from the I-th (N parallel processes)")
     ] = "0/1",
+    executor: Annotated[
+        str, typer.Option(help="serial (this process) | ray (one Ray task per cell)")
+    ] = "serial",
+    address: Annotated[
+        str | None, typer.Option(help="ray: the cluster's address (default: local)")
+    ] = None,
 ) -> None:
     """Run a grid of compressions and evaluations; resumable; then write the report."""
     from aecompress.report import write_report
@@ -281,22 +290,42 @@ def sweep(
     plan = SweepRecipe.from_yaml(recipe)
     path = results or recipe.parent / "results" / plan.name / "results.jsonl"
     start = time.perf_counter()
-    records = run_sweep(plan, path, shard=parse_shard(shard))
+    records = run_sweep(plan, path, shard=parse_shard(shard), executor=_executor(executor, address))
     typer.echo(f"{len(records)} records in {path} ({time.perf_counter() - start:.0f} s this run)")
-    for written in write_report(path, records):
+    for written in write_report([path], records):
         typer.echo(f"wrote {written}")
 
 
+def _executor(name: str, address: str | None) -> Executor | None:
+    """None (serial) or a RayExecutor; one-line errors for a bad choice."""
+    if name == "ray":
+        from aecompress.cluster import RayExecutor
+
+        return RayExecutor(address)
+    if name != "serial":
+        raise AecompressError(f"--executor must be serial or ray (got '{name}')")
+    if address is not None:
+        raise AecompressError("--address needs --executor ray")
+    return None
+
+
 @app.command()
-def report(results: Annotated[Path, typer.Argument(help="results JSONL of a sweep")]) -> None:
-    """Write Markdown/CSV tables and PNG plots next to a sweep's results file."""
+def report(
+    results: Annotated[
+        list[Path], typer.Argument(help="results JSONL files of a sweep (e.g. one per shard)")
+    ],
+) -> None:
+    """Write Markdown/CSV tables and PNG plots next to the first results file; several files
+    (a sweep's shards) are merged, a later file's record of a cell superseding an earlier's."""
     from aecompress.report import write_report
     from aecompress.sweep import read_results
 
-    if not results.is_file():
-        raise AecompressError(f"no such results file: {results}")
-    if not (records := read_results(results)):
-        raise AecompressError(f"{results} holds no sweep records")
+    for path in results:
+        if not path.is_file():
+            raise AecompressError(f"no such results file: {path}")
+    records = [record for path in results for record in read_results(path)]
+    if not records:
+        raise AecompressError(f"{', '.join(map(str, results))} holds no sweep records")
     for written in write_report(results, records):
         typer.echo(f"wrote {written}")
 

@@ -157,21 +157,22 @@ def _plot(
     plt.close(figure)
 
 
-def write_report(results: Path, records: list[dict[str, Any]]) -> list[Path]:
-    """Write report.md, results.csv and one PNG per table next to the results file, from
-    the latest record of each cell and task (a failure re-run successfully is gone)."""
+def write_report(results: list[Path], records: list[dict[str, Any]]) -> list[Path]:
+    """Write report.md, results.csv and one PNG per table next to the first results file,
+    from the latest record of each cell and task (a failure re-run successfully is gone)."""
     records = current(records)
     rows = flatten_results(records)
-    folder = results.parent
+    folder = results[0].parent
     # every task record of a cell repeats the cell's compression time: count it once
     compress = {cell_id(r["cell"]): r.get("compress_seconds", 0.0) for r in records}
     seconds = sum(compress.values()) + sum(r.get("seconds", 0.0) for r in records)
+    sources = ", ".join(p.name for p in results)
     text = (
-        f"# {results.parent.name}\n\n"
+        f"# {folder.name}\n\n"
         f"Written {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {platform.machine()}, "
-        f"{os.cpu_count()} CPUs ({platform.platform()}), from {results.name}; compression + "
-        f"evaluation time of the cells: {seconds / 60:.1f} min. Values: mean over seeds; "
-        "(difference to dense).\n\n"
+        f"{os.cpu_count()} CPUs ({platform.platform()}), from {sources}; "
+        f"compression + evaluation time of the cells: {seconds / 60:.1f} min. "
+        "Values: mean over seeds; (difference to dense).\n\n"
     ) + results_tables(rows)
     failed = [r for r in records if r.get("status") == "failed"]
     if failed:

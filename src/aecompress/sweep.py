@@ -5,7 +5,9 @@ record in the results file is ok with the same method options, calibration and t
 settings. A failing cell is recorded with its error (once: a re-run that fails in the
 same way appends nothing) and the sweep goes on. The
 dense model of each model is evaluated once per task; calibration statistics are cached
-on disk by the engine, so methods that share them compute them once.
+on disk by the engine, so methods that share them compute them once. Cells run in this
+process, one after the other, or on an executor (cluster.py: Ray); either way only this
+process writes the results file.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import os
 import re
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +30,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from aecompress.calibration import CalibrationConfig
 from aecompress.engine import compress
 from aecompress.errors import AecompressError, describe
-from aecompress.evaluation.results import TaskResult
 from aecompress.evaluation.tasks import TASKS, run_task, task_settings
 from aecompress.models import LoadedModel, load_model
 from aecompress.recipe import Recipe, read_yaml
@@ -79,6 +81,15 @@ class TaskSpec(BaseModel):
     ratios: list[float] | None = None
 
 
+class Resources(BaseModel):
+    """What each cell asks of a cluster (`--executor ray`); the serial executor ignores it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cpus: float = Field(default=1, gt=0)
+    gpus: float = Field(default=0, ge=0)
+
+
 class SweepRecipe(BaseModel):
     """The grid: models x methods x targets x groups x ratios x seeds, then tasks."""
 
@@ -93,6 +104,7 @@ class SweepRecipe(BaseModel):
     seeds: list[int] = Field(default_factory=lambda: [0])
     tasks: list[TaskSpec] = Field(min_length=1)
     calibration: CalibrationConfig = CalibrationConfig()
+    resources: Resources = Resources()
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> SweepRecipe:
@@ -227,50 +239,60 @@ class _Log:
     def pending(self, cell: dict[str, Any], specs: list[TaskSpec]) -> list[TaskSpec]:
         return [s for s in specs if cell_key(cell, s.task, _settings(s)) not in self.done]
 
-    def success(self, cell: dict[str, Any], result: TaskResult, extra: dict[str, Any]) -> None:
-        _append(self.path, {"cell": cell, "status": "ok", **extra, **asdict(result)})
-
-    def failure(self, cell: dict[str, Any], spec: TaskSpec, error: Exception) -> None:
-        """Record a failure, unless the cell last failed in the same way (a re-run)."""
-        record = {
-            "cell": cell,
-            "task": spec.task,
-            "settings": _settings(spec),
-            "status": "failed",
-            "error": f"{type(error).__name__}: {error}",
-            "traceback": traceback.format_exc(limit=5),
-        }
-        if self.failed.get(record_key(record)) != record["error"]:
+    def write(self, record: dict[str, Any]) -> None:
+        """Append a record, unless it is a failure the same as the cell's last (a re-run)."""
+        if record["status"] == "ok" or self.failed.get(record_key(record)) != record["error"]:
             _append(self.path, record)
 
 
+def failure_record(cell: dict[str, Any], spec: TaskSpec, error: BaseException) -> dict[str, Any]:
+    """The record of a task that failed with `error` (call it while handling the error)."""
+    return {
+        "cell": cell,
+        "task": spec.task,
+        "settings": _settings(spec),
+        "status": "failed",
+        "error": f"{type(error).__name__}: {error}",
+        "traceback": traceback.format_exc(limit=5),
+    }
+
+
+@dataclass(frozen=True)
+class Job:
+    """A cell (or a model's dense cell, labelled dense) and its tasks not yet recorded ok."""
+
+    cell: dict[str, Any]
+    tasks: list[TaskSpec]
+
+
+Record = Callable[[dict[str, Any]], None]
+# An executor runs every job and passes each record, as it comes, to the driver's writer.
+Executor = Callable[[SweepRecipe, list[Job], Record], None]
+
+
 def run_sweep(
-    sweep: SweepRecipe, results: Path, progress: bool = True, shard: tuple[int, int] = (0, 1)
+    sweep: SweepRecipe,
+    results: Path,
+    progress: bool = True,
+    shard: tuple[int, int] = (0, 1),
+    executor: Executor | None = None,
 ) -> list[dict[str, Any]]:
     """Run every cell whose latest record in `results` is not an ok one with the recipe's
     settings (failures are retried); returns all records.
 
     With shard (I, N), only every N-th cell from the I-th (and the dense model only in
-    shard 0): N processes with the same results file share the grid between them.
+    shard 0): N processes with the same results file share the grid between them. The
+    executor (default: this process, one job after the other) runs the jobs; only this
+    process writes the results file.
     """
     for spec in sweep.tasks:  # unknown tasks, options and splits fail before any work
         _settings(spec)
     for cell in cells(sweep):  # so do unknown methods, options, targets and bad ratios
         cell_recipe(sweep, cell)
-    index, count = shard
     results.parent.mkdir(parents=True, exist_ok=True)
     log = _Log.read(results)
-    dense_models: dict[str, LoadedModel] = {}
-    for model_name in sweep.models:
-        loaded = dense_models.setdefault(model_name, load_model(model_name))
-        dense_cell = {"model": model_name, "label": "dense", "ratio": 1.0}
-        for spec in log.pending(dense_cell, _tasks_for(sweep, None)) if index == 0 else []:
-            _run_and_record(log, dense_cell, loaded, loaded, spec, {"compress_seconds": 0.0})
-    for number, cell in enumerate(cells(sweep)):
-        if number % count != index:
-            continue
-        if pending := log.pending(cell, _tasks_for(sweep, cell["ratio"])):
-            _run_cell(sweep, cell, dense_models[cell["model"]], pending, log, progress)
+    run = executor or partial(run_serially, progress=progress)
+    run(sweep, pending_jobs(sweep, log, shard), log.write)
     return read_results(results)
 
 
@@ -285,33 +307,55 @@ def cell_recipe(sweep: SweepRecipe, cell: dict[str, Any]) -> Recipe:
         raise AecompressError(f"sweep cell {where}: {error}") from error
 
 
-def _run_cell(
-    sweep: SweepRecipe,
-    cell: dict[str, Any],
-    dense: LoadedModel,
-    tasks: list[TaskSpec],
-    log: _Log,
-    progress: bool,
+def pending_jobs(sweep: SweepRecipe, log: _Log, shard: tuple[int, int]) -> list[Job]:
+    """The shard's dense cells and cells, in grid order, with their tasks not yet done."""
+    index, count = shard
+    dense = [{"model": m, "label": "dense", "ratio": 1.0} for m in sweep.models if index == 0]
+    jobs = [Job(cell, log.pending(cell, _tasks_for(sweep, None))) for cell in dense]
+    jobs += [
+        Job(cell, log.pending(cell, _tasks_for(sweep, cell["ratio"])))
+        for number, cell in enumerate(cells(sweep))
+        if number % count == index
+    ]
+    return [job for job in jobs if job.tasks]
+
+
+def run_serially(sweep: SweepRecipe, jobs: list[Job], record: Record, progress: bool) -> None:
+    """Run the jobs in this process; each model is loaded once."""
+    dense_models: dict[str, LoadedModel] = {}
+    for job in jobs:
+        name = job.cell["model"]
+        dense = dense_models[name] = dense_models.get(name) or load_model(name)
+        run_job(sweep, job, dense, record, progress)
+
+
+def run_job(
+    sweep: SweepRecipe, job: Job, dense: LoadedModel, record: Record, progress: bool
 ) -> None:
+    """Compress (unless the cell is dense) and run each task; a failure becomes a record."""
+    if "method" not in job.cell:  # the dense model's cell
+        for spec in job.tasks:
+            _run_and_record(record, job.cell, dense, dense, spec, {"compress_seconds": 0.0})
+        return
     start = time.perf_counter()
     try:
-        recipe = cell_recipe(sweep, cell)
+        recipe = cell_recipe(sweep, job.cell)
         fresh = LoadedModel(
             copy.deepcopy(dense.model), dense.tokenizer, dense.source, dense.auto_class
         )
         compressed = compress(fresh, recipe, progress=progress)
     except Exception as error:  # a failing cell is recorded, the sweep goes on
-        for spec in tasks:
-            log.failure(cell, spec, error)
+        for spec in job.tasks:
+            record(failure_record(job.cell, spec, error))
         return
     extra = {"compress_seconds": time.perf_counter() - start, **compressed.totals()}
     loaded = LoadedModel(compressed.model, dense.tokenizer, dense.source, dense.auto_class)
-    for spec in tasks:
-        _run_and_record(log, cell, loaded, dense, spec, extra)
+    for spec in job.tasks:
+        _run_and_record(record, job.cell, loaded, dense, spec, extra)
 
 
 def _run_and_record(
-    log: _Log,
+    record: Record,
     cell: dict[str, Any],
     loaded: LoadedModel,
     dense: LoadedModel,
@@ -329,6 +373,6 @@ def _run_and_record(
             **spec.options,
         )
     except Exception as error:
-        log.failure(cell, spec, error)
+        record(failure_record(cell, spec, error))
         return
-    log.success(cell, result, extra)
+    record({"cell": cell, "status": "ok", **extra, **asdict(result)})

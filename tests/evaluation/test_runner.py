@@ -96,3 +96,30 @@ def test_a_relative_base_path_is_recorded_absolute(tokenizer, tmp_path, monkeypa
     assert dense.metrics == true_base.metrics != other.metrics
     manifest = json.loads((tmp_path / "art" / "aecompress.json").read_text())
     assert manifest["base_model"] == str(tmp_path / "here" / "llama")
+
+
+def test_the_base_model_is_freed_before_the_compressed_one_is_built(
+    tokenizer, tmp_path, monkeypatch
+):
+    import weakref
+
+    import aecompress.evaluation.runner as runner
+
+    monkeypatch.setenv("AECOMPRESS_CACHE", str(tmp_path / "cache"))  # the dense one is run
+    save_tiny(tmp_path / "base", tokenizer, seed=0)
+    compress_from(str(tmp_path / "base"), tmp_path / "art")
+    real_base, real_compressed, bases = runner.load_base_model, runner.load_compressed, []
+
+    def load_base(*args):
+        base = real_base(*args)
+        bases.append(weakref.ref(base.model))
+        return base
+
+    def load_compressed(*args, **kwargs):
+        assert len(bases) == 1 and bases[0]() is None  # built, measured and freed
+        return real_compressed(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "load_base_model", load_base)
+    monkeypatch.setattr(runner, "load_compressed", load_compressed)
+    results, dense = evaluate(str(tmp_path / "art"), ["wikitext2"], OPTIONS, progress=False)
+    assert len(results) == len(dense) == 1 and len(bases) == 1

@@ -95,30 +95,43 @@ def evaluate(
         if task not in TASKS:
             raise AecompressError(f"unknown task '{task}': known tasks are {', '.join(TASKS)}")
     _check_options(tasks, options)
-    loaded = load_evaluated(model)
     if not is_artifact(model):
+        loaded = load_evaluated(model)
         return [_run(loaded, t, options, None, progress) for t in tasks], []
     manifest = read_manifest(model)
+    dense_results = _dense_results(model, manifest, tasks, options, progress) if dense else []
+    loaded = load_evaluated(model)  # the base model is freed: one model at a time
+    results = []
+    for task in tasks:
+        check_task(task, loaded.model)
+        # a task that compares with the dense model holds both (no such task is registered)
+        reference = load_base_model(model, manifest) if TASKS[task].needs_reference else None
+        results.append(_run(loaded, task, options, reference, progress))
+    return results, dense_results
+
+
+def _dense_results(
+    artifact: str,
+    manifest: dict[str, Any],
+    tasks: list[str],
+    options: dict[str, Any],
+    progress: bool,
+) -> list[TaskResult]:
+    """The base model's results of the tasks that do not compare with it (cached); the base
+    model is loaded at most once, and freed when this returns."""
     base: list[LoadedModel] = []
 
     def load_base() -> LoadedModel:
         if not base:
-            base.append(load_base_model(model, manifest))
+            base.append(load_base_model(artifact, manifest))
         return base[0]
 
-    results, dense_results = [], []
-    for task in tasks:
-        check_task(task, loaded.model)
-        reference = load_base() if TASKS[task].needs_reference else None
-        results.append(_run(loaded, task, options, reference, progress))
-        if dense and not TASKS[task].needs_reference:
-            settings = task_options(task, options)
-            dense_results.append(
-                cached_dense_result(
-                    load_base, manifest["base_weights_sha256"], task, settings, progress
-                )
-            )
-    return results, dense_results
+    sha256 = manifest["base_weights_sha256"]
+    return [
+        cached_dense_result(load_base, sha256, task, task_options(task, options), progress)
+        for task in tasks
+        if not TASKS[task].needs_reference
+    ]
 
 
 def _run(
