@@ -50,7 +50,9 @@ def row(name: str, method: str, zero_shot: bool = False, **fields: Any) -> Row:
     return Row(name, {"method": method, **fields}, zero_shot, ratios)
 
 
-SEQ = {"pipeline": "sequential"}
+# the sequential pipeline with each target spelled out (the default is `local`)
+SEQ = {"pipeline": "sequential", "sequential": {"target": "local"}}
+SEQ_DENSE = {"pipeline": "sequential", "sequential": {"target": "dense"}}
 IND = {"pipeline": "independent"}
 REFINE = {"refine": {"steps": 40}}
 ROWS = [
@@ -60,8 +62,8 @@ ROWS = [
     row("asvd", "asvd", **IND, ratios=(1.25,)),
     row("svdllm", "svdllm", **IND),
     row("svdllm:seq", "svdllm", **SEQ),
-    row("svdllm:seq:local", "svdllm", **SEQ, sequential={"target": "local"}),
-    row("svdllm:seq+refine", "svdllm", zero_shot=True, **SEQ, **REFINE),
+    row("svdllm:seq:dense", "svdllm", **SEQ_DENSE),
+    row("svdllm:seq+refine", "svdllm", **SEQ, **REFINE),
     row("svdllm:seq+alloc", "svdllm", **SEQ, allocate="sensitivity"),
     row("shared-basis:2", "shared-basis", group="layers:2", **IND),
     row("shared-basis:2:seq", "shared-basis", group="layers:2", **SEQ),
@@ -69,22 +71,22 @@ ROWS = [
     row("ae", "ae", **IND, ratios=(1.25,)),
     row("ae-data", "ae-data", **IND),
     row("ae-data:seq", "ae-data", **SEQ),
-    row("ae-data:seq+refine", "ae-data", zero_shot=True, **SEQ, **REFINE),
+    row("ae-data:seq+refine", "ae-data", **SEQ, **REFINE),
     row("ae-data:2:seq", "ae-data", group="layers:2", **SEQ),
     # sparse
     row("prune", "prune", **IND),
     row("prune:seq+refine", "prune", **SEQ, **REFINE),
-    row("wanda:seq", "wanda", **SEQ),
+    row("wanda:seq:dense", "wanda", **SEQ_DENSE),
     row("sparsegpt", "sparsegpt", **IND),
-    row("sparsegpt:seq", "sparsegpt", zero_shot=True, **SEQ),
-    row("sparsegpt:seq:local", "sparsegpt", **SEQ, sequential={"target": "local"}),
-    row("sparsegpt:seq:fp32", "sparsegpt", **SEQ, storage_dtype="float32"),
+    row("sparsegpt:seq", "sparsegpt", **SEQ),
+    row("sparsegpt:seq:dense", "sparsegpt", zero_shot=True, **SEQ_DENSE),
+    row("sparsegpt:seq:dense:fp32", "sparsegpt", **SEQ_DENSE, storage_dtype="float32"),
     row("sparsegpt:seq+refine", "sparsegpt", zero_shot=True, **SEQ, **REFINE),
     row("sparsegpt:seq+alloc", "sparsegpt", **SEQ, allocate="sensitivity"),
     # sparse + low rank
-    row("sparse-lowrank:seq", "sparse-lowrank", zero_shot=True, **SEQ),
+    row("sparse-lowrank:seq:dense", "sparse-lowrank", zero_shot=True, **SEQ_DENSE),
     row("sparse-lowrank(ae):seq", "sparse-lowrank", options={"lowrank": "ae-data"}, **SEQ),
-    row("sparse-lowrank:seq+refine", "sparse-lowrank", zero_shot=True, **SEQ, **REFINE),
+    row("sparse-lowrank:seq+refine", "sparse-lowrank", **SEQ, **REFINE),
 ]
 
 
@@ -251,7 +253,7 @@ def _ppl(metrics: dict[str, Any], split: str) -> str:
 
 
 def _acc(metrics: dict[str, Any], task: str) -> str:
-    return f"{100 * metrics[task]:.1f}" if task in metrics else "-"
+    return f"{metrics[task]:.1f}" if task in metrics else "-"
 
 
 def main() -> None:

@@ -85,3 +85,24 @@ def test_bad_recipe_values_are_clear():
         aecompress.compress(model, method="svd", ratio=1000, targets=["k"], progress=False)
     with pytest.raises(AecompressError, match="recipe: colour"):
         aecompress.compress(model, method="svd", ratio=2, targets=["k"], colour="red")
+
+
+@pytest.mark.parametrize(
+    "fields,expected",
+    [
+        ({"method": "svd"}, "independent"),
+        ({"method": "svdllm"}, "sequential"),
+        ({"method": "sparsegpt"}, "sequential"),
+        ({"method": "svdllm", "targets": ["embed"]}, "independent"),  # embeddings: no X^T X
+        ({"method": "svd", "refine": {"steps": 5}}, "sequential"),
+        ({"method": "svdllm", "pipeline": "independent"}, "independent"),
+    ],
+)
+def test_auto_pipeline_is_sequential_for_methods_that_measure_output_error(fields, expected):
+    from aecompress.engine import choose_pipeline
+    from aecompress.pipeline.plan import plan_groups
+    from aecompress.recipe import Recipe
+
+    model = tiny_model("llama")
+    recipe = Recipe.parse({"ratio": 2, "targets": ["down"], **fields})
+    assert choose_pipeline(recipe, plan_groups(model, recipe), model) == expected

@@ -49,13 +49,14 @@ def parse_rules(text: str) -> list[tuple[list[str], str]]:
 
 
 class SequentialConfig(BaseModel):
-    """`target`: `dense` fits each layer to the dense model's outputs on the dense stream
-    (compensating upstream error), `local` to the layer's own outputs on the compressed
-    stream (GPTQ's target); `damp`: lambda relative to H's mean diagonal."""
+    """`target`: `local` fits each layer to its own outputs on the compressed stream
+    (GPTQ's target; measured better on WikiText-2 validation), `dense` to the dense model's
+    outputs on the dense stream (compensating upstream error); `damp`: lambda relative to
+    H's mean diagonal (dense target only)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    target: Literal["dense", "local"] = "dense"
+    target: Literal["dense", "local"] = "local"
     damp: float = Field(1e-3, ge=0)
 
 

@@ -85,9 +85,11 @@ def test_positions_follow_the_forward_order_and_shared_inputs(tokenizer, arch, o
     assert [{p.group.family for p in groups} for groups in positions] == order
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+@pytest.mark.parametrize(
+    "arch,target", [("llama", "local"), ("llama", "dense"), ("gpt2", "local"), ("bert", "dense")]
+)
 def test_sequential_compression_round_trips_and_reads_shared_inputs_once(
-    tokenizer, arch, tmp_path, monkeypatch
+    tokenizer, arch, target, tmp_path, monkeypatch
 ):
     calls = []
     original = Moments.add
@@ -106,6 +108,7 @@ def test_sequential_compression_round_trips_and_reads_shared_inputs_once(
         ratio=2,
         targets=targets,
         pipeline="sequential",
+        sequential={"target": target},
         calibration=CALIBRATION,
         progress=False,
     )
