@@ -211,7 +211,7 @@ def machine() -> str:
 def report(records: list[dict[str, Any]], args: argparse.Namespace, began: str) -> str:
     dense = next((r for r in records if r["row"] == "dense"), None)
     lines = [
-        f"# Compensation benchmark: smollm2-135m, targets {args.targets}",
+        "# Compensation benchmark: smollm2-135m (targets: MLP = up,gate,down; linear = all)",
         "",
         f"- started: {began}; machine: {machine()}; load average now "
         f"{' / '.join(f'{x:.1f}' for x in os.getloadavg())} (other processes may share the CPUs)",
@@ -223,25 +223,32 @@ def report(records: list[dict[str, Any]], args: argparse.Namespace, began: str) 
         "- stored ratio counts every stored number of the compressed groups, positions included;"
         " seconds: compression alone; peak RSS: the cell's own process",
         "",
-        "| row | ratio | stored ratio | val ppl | test ppl | arc-easy | piqa | compress s "
-        "| peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| row | targets | ratio | stored ratio | val ppl | test ppl | arc-easy | piqa "
+        "| compress s | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     if dense is not None:
         m = dense["metrics"]
         lines.append(
-            f"| dense | - | - | {_ppl(m, 'validation')} | {_ppl(m, 'test')} | "
+            f"| dense | - | - | - | {_ppl(m, 'validation')} | {_ppl(m, 'test')} | "
             f"{_acc(m, 'arc-easy')} | {_acc(m, 'piqa')} | - | {dense['peak_rss_mb']} |"
         )
     compressed = [r for r in records if r["row"] != "dense"]
-    for r in sorted(compressed, key=lambda r: (r["ratio"], ROW_ORDER.get(r["row"], 0))):
+    for r in sorted(
+        compressed, key=lambda r: (r["targets"], r["ratio"], ROW_ORDER.get(r["row"], 0))
+    ):
+        targets = (
+            "MLP" if r["targets"] == MLP else "linear" if r["targets"] == LINEAR else r["targets"]
+        )
         if "error" in r:
-            lines.append(f"| {r['row']} | {r['ratio']} | failed: {r['error']} | | | | | | |")
+            lines.append(
+                f"| {r['row']} | {targets} | {r['ratio']} | failed: {r['error']} | | | | | | |"
+            )
             continue
         m = r["metrics"]
         lines.append(
-            f"| {r['row']} | {r['ratio']} | {r['stored_ratio']:.4f} | {_ppl(m, 'validation')} | "
-            f"{_ppl(m, 'test')} | "
+            f"| {r['row']} | {targets} | {r['ratio']} | {r['stored_ratio']:.4f} | "
+            f"{_ppl(m, 'validation')} | {_ppl(m, 'test')} | "
             f"{_acc(m, 'arc-easy')} | {_acc(m, 'piqa')} | {r['compress_seconds']:.0f} | "
             f"{r['peak_rss_mb_compress']} |"
         )
