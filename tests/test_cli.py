@@ -5,6 +5,8 @@ import sys
 import pytest
 import torch
 
+# imported before any test patches aecompress.models.load_model: the sweep binds its name
+import aecompress.sweep  # noqa: F401
 from tests.conftest import tiny_model
 from tests.helpers import invoke, one_error
 
