@@ -55,6 +55,8 @@ SEQ = {"pipeline": "sequential", "sequential": {"target": "local"}}
 SEQ_DENSE = {"pipeline": "sequential", "sequential": {"target": "dense"}}
 IND = {"pipeline": "independent"}
 REFINE = {"refine": {"steps": 40}}
+CAL4 = {"samples": 128, "seq_len": 512}
+CAL16 = {"samples": 256, "seq_len": 1024, "batch_size": 4}
 ROWS = [
     # factorisations, as before (independent) and compensated (sequential)
     row("svd", "svd", **IND),
@@ -83,6 +85,11 @@ ROWS = [
     row("sparsegpt:seq:dense:fp32", "sparsegpt", **SEQ_DENSE, storage_dtype="float32"),
     row("sparsegpt:seq+refine", "sparsegpt", zero_shot=True, **SEQ, **REFINE),
     row("sparsegpt:seq+alloc", "sparsegpt", **SEQ, allocate="sensitivity"),
+    # more calibration text: 4x (128 x 512) and 16x (256 x 1024) the default's tokens
+    row("sparsegpt:seq:cal4x", "sparsegpt", **SEQ, calibration=CAL4),
+    row("sparsegpt:seq:cal16x", "sparsegpt", **SEQ, calibration=CAL16),
+    row("sparsegpt:seq:cal4x+refine", "sparsegpt", **SEQ, **REFINE, calibration=CAL4),
+    row("svdllm:seq:cal4x", "svdllm", **SEQ, calibration=CAL4),
     # sparse + low rank
     row("sparse-lowrank:seq:dense", "sparse-lowrank", zero_shot=True, **SEQ_DENSE),
     row("sparse-lowrank(ae):seq", "sparse-lowrank", options={"lowrank": "ae-data"}, **SEQ),

@@ -7,7 +7,7 @@ import aecompress
 from aecompress.errors import AecompressError
 from aecompress.methods import FitContext, make_method
 from aecompress.pipeline.plan import group_spec
-from aecompress.substitution import inject
+from aecompress.substitution import Deferred, inject
 from aecompress.targets import group_targets, output_head_path, resolve_targets, weight_matrix
 from tests.conftest import FAMILIES, tiny_model
 
@@ -48,6 +48,21 @@ def test_tied_output_head_shares_the_embedding_factors(input_ids):
     assert cm.tied_output == "lm_head"
     assert model.lm_head.a is model.model.embed_tokens.a
     assert model.lm_head.b is model.model.embed_tokens.b
+
+
+def test_decoded_weights_are_built_only_when_the_model_runs(input_ids):
+    """A compressed model holds the stored tensors alone until it runs (saving it never
+    makes a decoded copy); then each module serves what the artifact will load."""
+    model = tiny_model("llama")
+    cm = aecompress.compress(model, method="prune", ratio=2, targets=["up", "down"])
+    deferred = [m for m in cm.model.modules() if isinstance(m, Deferred)]
+    assert len(deferred) == 4 and not any(m._served for m in deferred)
+    logits = cm.model(input_ids=input_ids).logits
+    assert all(m._served for m in deferred)
+    decoded = aecompress.compress(
+        tiny_model("llama"), method="prune", ratio=2, targets=["up", "down"]
+    ).merge_and_unload()
+    torch.testing.assert_close(decoded(input_ids=input_ids).logits, logits)
 
 
 def test_untie_keeps_the_output_head_dense():

@@ -714,9 +714,9 @@ def round_to_storage(cm: CompressedModel, dtype_name: str) -> None:
         for tensor in {id(t): t for t in tensors}.values():
             if tensor.is_floating_point() and tensor.dtype != dtype:
                 tensor.copy_(tensor.to(dtype))
-    for fitted in cm.groups:  # modules decoded from the stored tensors: decode them again
+    for fitted in cm.groups:  # modules decoded from the stored tensors: built again when used
         tied = cm.tied_output if fitted.group.family == "embed" else None
-        inject(cm.model, fitted.group, fitted.method, fitted.stored, tied)
+        inject(cm.model, fitted.group, fitted.method, fitted.stored, tied, "deferred")
 
 
 def _load_tokenizer(path: Path) -> PreTrainedTokenizerBase | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +22,45 @@ from aecompress.modules import FusedLinear, dense_embedding, dense_linear, plain
 from aecompress.targets import Group, Target, dense_weight
 
 # How members are served: the method's runtime module, decoded once into a dense weight,
-# or rebuilt from the stored tensors on every call (differentiable: refinement trains them).
-Serving = Literal["runtime", "decoded", "trainable"]
+# rebuilt from the stored tensors on every call (differentiable: refinement trains them),
+# or the runtime module built on the first call (a model being compressed or saved).
+Serving = Literal["runtime", "decoded", "trainable", "deferred"]
+
+
+class Deferred(nn.Module):
+    """Serves a member through the method's runtime module, built on the first call: until
+    then only the stored tensors are held, so a model being compressed and saved never
+    holds a decoded copy of a matrix beside its stored form (sparse and AE methods serve
+    decoded weights). Its state is the target's bias alone, under the runtime module's name;
+    the built module is not registered (moving the model drops it, to be built again)."""
+
+    def __init__(self, build: Callable[[], nn.Module], bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self._build = build
+        self.bias = bias
+        self._served: list[nn.Module] = []
+
+    def built(self) -> nn.Module:
+        if not self._served:
+            with torch.no_grad():
+                self._served.append(self._build())
+        return self._served[0]
+
+    def forward(self, *args: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        return self.built()(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        """Attributes of the runtime module (its weight, factors, ...), building it."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("_"):
+                raise
+            return getattr(self.built(), name)
+
+    def _apply(self, fn: Callable[..., torch.Tensor], recurse: bool = True) -> Deferred:
+        self._served.clear()
+        return super()._apply(fn, recurse)
 
 
 class RebuiltLinear(nn.Module):
@@ -71,6 +108,12 @@ def serving_module(
     serving: Serving,
 ) -> nn.Module:
     """The module serving member `index` in place of `original`."""
+    if serving == "deferred":  # holds what it needs of `original`, not the module itself
+        if kind == "embedding":
+            padding_idx = getattr(original, "padding_idx", None)
+            return Deferred(partial(method.embedding, stored, index, padding_idx), None)
+        bias = bias_of(original)
+        return Deferred(partial(method.linear, stored, index, bias), bias)
     if kind == "embedding":
         padding_idx = getattr(original, "padding_idx", None)
         if serving == "trainable":

@@ -7,6 +7,7 @@ import torch
 
 import aecompress
 from aecompress.models import LoadedModel
+from aecompress.pipeline import sequential
 from aecompress.pipeline.plan import plan_groups
 from aecompress.pipeline.sequential import Moments, forward_positions, plan_stages
 from aecompress.pipeline.streams import capture_block_inputs
@@ -123,3 +124,41 @@ def test_sequential_compression_round_trips_and_reads_shared_inputs_once(
     again = aecompress.load(tmp_path / "art")
     with torch.no_grad():
         torch.testing.assert_close(again(input_ids=ids).logits, expected)
+
+
+@pytest.mark.parametrize(
+    "fields,kept",
+    [
+        ({"sequential": {"target": "local"}}, False),
+        ({"sequential": {"target": "dense"}}, True),
+        ({"refine": {"steps": 1}}, True),
+    ],
+)
+def test_the_dense_stream_is_kept_only_when_something_reads_it(
+    tokenizer, monkeypatch, fields, kept
+):
+    """The local target without refinement needs neither the dense hidden states nor a
+    dense copy of each block: one capture of the block inputs, no copies."""
+    captures, copies = [], []
+    capture, deepcopy = sequential.capture_block_inputs, sequential.copy.deepcopy
+    monkeypatch.setattr(
+        sequential, "capture_block_inputs", lambda *a: captures.append(1) or capture(*a)
+    )
+    monkeypatch.setattr(
+        sequential.copy, "deepcopy", lambda x, *a: copies.append(type(x)) or deepcopy(x, *a)
+    )
+    model = make_tiny("llama", vocab=tokenizer.vocab_size)
+    loaded = LoadedModel(model, tokenizer, "tiny", "AutoModelForCausalLM")
+    aecompress.compress(
+        loaded,
+        method="sparsegpt",
+        ratio=1.5,
+        targets=["up", "down"],
+        pipeline="sequential",
+        calibration=CALIBRATION,
+        progress=False,
+        **fields,
+    )
+    assert len(captures) == (2 if kept else 1)
+    blocks = transformer_blocks(model)[1]
+    assert (type(blocks[0]) in copies) == kept

@@ -10,6 +10,7 @@ S must be invertible.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,29 +23,26 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Scaling:
-    """An invertible right scaling S of a matrix's columns and its inverse (float64).
-
-    A vector stands for a diagonal matrix (ASVD), a square matrix is applied as M @ S
-    (the whitening factor of SVD-LLM).
+    """An invertible right scaling S of a matrix's columns (float64): a vector stands for a
+    diagonal matrix (ASVD), a square matrix is lower triangular and applied as M @ S (the
+    whitening factor L of SVD-LLM). S^-1 is never formed: undoing L is a triangular solve.
     """
 
     forward: torch.Tensor
-    inverse: torch.Tensor
 
     @classmethod
     def diagonal(cls, scale: torch.Tensor) -> Scaling:
-        scale = scale.double()
-        return cls(scale, 1 / scale)
-
-    @staticmethod
-    def _apply(matrix: torch.Tensor, by: torch.Tensor) -> torch.Tensor:
-        return matrix * by if by.dim() == 1 else matrix @ by
+        return cls(scale.double())
 
     def apply(self, matrix: torch.Tensor) -> torch.Tensor:
-        return self._apply(matrix, self.forward)
+        """M @ S."""
+        return matrix * self.forward if self.forward.dim() == 1 else matrix @ self.forward
 
     def undo(self, matrix: torch.Tensor) -> torch.Tensor:
-        return self._apply(matrix, self.inverse)
+        """M @ S^-1."""
+        if self.forward.dim() == 1:
+            return matrix / self.forward
+        return torch.linalg.solve_triangular(self.forward, matrix, upper=False, left=False)
 
     def left(self, matrix: torch.Tensor) -> torch.Tensor:
         """S @ matrix."""
@@ -102,35 +100,47 @@ def truncated_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.
     return weighted_svd(matrix, rank)
 
 
-def whitening(xtx: torch.Tensor, ridge: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
-    """L (lower triangular) with L L^T = X^T X + lambda I, and L^-1, both float64.
+def whitening(xtx: torch.Tensor, ridge: float = 1e-4) -> torch.Tensor:
+    """L (lower triangular, float64) with L L^T = X^T X + lambda I.
 
     lambda = ridge * trace(X^T X) / in (relative to the mean input energy). When the
     Cholesky factorisation still fails (X^T X singular or not quite PSD numerically),
     lambda grows tenfold until it succeeds. An all-zero X^T X (an input never seen) gives
     the identity. Then ||(W - W_hat) L||_F^2 = ||(W - W_hat) X^T||_F^2 + lambda ||W - W_hat||_F^2.
+    Holds two m x m float64 matrices besides `xtx` (its symmetrised copy and L).
     """
-    xtx = xtx.double()
     if not torch.isfinite(xtx).all():
         raise AecompressError("X^T X has NaN or infinite entries: cannot whiten")
     size = xtx.shape[0]
-    eye = torch.eye(size, dtype=torch.float64, device=xtx.device)
-    mean = (torch.trace(xtx) / size).item()
+    mean = (torch.trace(xtx.double()) / size).item()
     if mean <= 0:
         logger.warning("X^T X is zero (input never seen): whitening with the identity")
-        return eye, eye
-    symmetric = (xtx + xtx.T) / 2
-    shift = ridge * mean
+        return torch.eye(size, dtype=torch.float64, device=xtx.device)
+    symmetric = xtx.double().T.contiguous()  # a copy
+    symmetric += xtx
+    symmetric /= 2
+    shift, added = ridge * mean, 0.0
     while True:
-        factor, info = torch.linalg.cholesky_ex(symmetric + shift * eye)
+        symmetric.diagonal().add_(shift - added)
+        added = shift
+        factor, info = torch.linalg.cholesky_ex(symmetric)
         if info.item() == 0:
-            break
+            return factor
+        del factor
         if shift > mean:  # cannot happen for a PSD input; guards against a bad one
             raise AecompressError("X^T X is not positive semi-definite: cannot whiten")
         shift = max(10 * shift, 1e-10 * mean)
         logger.warning("X^T X is singular: ridge raised to %.1e of its mean diagonal", shift / mean)
-    inverse = torch.linalg.solve_triangular(factor, eye, upper=False)
-    return factor, inverse
+
+
+def summed(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The sum of `tensors` (the tensor itself when there is one: no copy)."""
+    if len(tensors) == 1:
+        return tensors[0]
+    total = tensors[0].clone()
+    for tensor in tensors[1:]:
+        total += tensor
+    return total
 
 
 def refit_coefficients(

@@ -349,13 +349,8 @@ def obs_prune(
     or M - N of every M weights of a row (N:M). Returns (kept mask, updated values)."""
     rows, cols = weight.shape
     work = weight.detach().clone().float()
-    gram = xtx.detach().clone().double()
-    dead = gram.diagonal() == 0
-    gram[dead, dead] = 1
-    work[:, dead] = 0
-    gram += damp * gram.diagonal().mean() * torch.eye(cols, dtype=gram.dtype, device=gram.device)
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(gram))
-    upper = torch.linalg.cholesky(inverse, upper=True).float()
+    upper = _inverse_cholesky(xtx, damp)
+    work[:, xtx.diagonal() == 0] = 0
     pruned_total = rows * cols - kept
     pruned = torch.zeros(rows, cols, dtype=torch.bool, device=weight.device)
     for start in range(0, cols, block_size):
@@ -385,6 +380,22 @@ def obs_prune(
         work[:, start:end] = block
         work[:, end:] -= errors @ upper[start:end, end:]
     return ~pruned, work
+
+
+def _inverse_cholesky(xtx: torch.Tensor, damp: float) -> torch.Tensor:
+    """U (upper, float32) with U^T U = (X^T X + damp * mean diag I)^-1, the diagonal of
+    inputs never seen set to 1; float64 inside, at most two m x m float64 matrices alive."""
+    gram = xtx.detach().to(torch.float64, copy=True)
+    diagonal = gram.diagonal()
+    diagonal[diagonal == 0] = 1
+    diagonal += damp * diagonal.mean()
+    factor = torch.linalg.cholesky(gram)
+    del gram
+    inverse = torch.cholesky_inverse(factor)
+    del factor
+    upper = torch.linalg.cholesky(inverse, upper=True)
+    del inverse
+    return upper.float()
 
 
 @register

@@ -122,10 +122,10 @@ class SparseLowRank(Method):
         assert isinstance(width, tuple)
         rank, kept = width
         weight, xtx = matrices[0].float(), context.statistic(0, "xtx")
-        factor, inverse = whitening(xtx, self.options.ridge)
+        scaling = Scaling(whitening(xtx, self.options.ridge))
         sparse = torch.zeros_like(weight)
         for _ in range(self.options.iterations):
-            a, b = weighted_svd(weight - sparse, rank, None, Scaling(factor, inverse))
+            a, b = weighted_svd(weight - sparse, rank, None, scaling)
             mask, values = self._prune(weight - a @ b, xtx, kept)
             sparse = values * mask
         lowrank = self.lowrank.fit([weight - sparse], rank, context)

@@ -39,6 +39,7 @@ from aecompress.methods.linalg import (
     Scaling,
     refit_coefficients,
     row_weights,
+    summed,
     weighted_svd,
     whitening,
 )
@@ -188,9 +189,8 @@ class SVDLLM(SVD):
     ) -> tuple[torch.Tensor | None, Scaling | None]:
         if context.spec.kind == "embedding":
             return count_weights(context, self.options.count_ridge).sqrt(), None
-        pooled = torch.stack([context.statistic(i, "xtx") for i in range(len(matrices))]).sum(0)
-        factor, inverse = whitening(pooled, self.options.ridge)
-        return None, Scaling(factor, inverse)
+        pooled = summed([context.statistic(i, "xtx") for i in range(len(matrices))])
+        return None, Scaling(whitening(pooled, self.options.ridge))
 
 
 class SharedBasisOptions(WhiteningOptions):
@@ -220,7 +220,7 @@ class SharedBasis(SVDLLM):
         stored = super().fit(matrices, width, context)
         if self.options.refit and len(matrices) > 1 and context.spec.kind != "embedding":
             for index, matrix in enumerate(matrices):
-                factor, _ = whitening(context.statistic(index, "xtx"), self.options.ridge)
+                factor = whitening(context.statistic(index, "xtx"), self.options.ridge)
                 gram = factor @ factor.T  # X_i^T X_i + ridge
                 coefficients = refit_coefficients(matrix, stored.shared["b"], gram)
                 stored.members[index]["a"] = coefficients.contiguous()

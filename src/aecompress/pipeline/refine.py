@@ -60,7 +60,7 @@ def refine_stage(
     with torch.no_grad():
         targets = [
             run_blocks(dense, hidden, extra)
-            for hidden, extra in zip(streams.dense, streams.inputs, strict=True)
+            for hidden, extra in zip(streams.dense_states(), streams.inputs, strict=True)
         ]
     pairs = list(zip(streams.compressed, streams.inputs, strict=True))
     inputs, held_inputs = pairs[: count - held], pairs[count - held :]

@@ -2,7 +2,8 @@
 before it produce as already compressed, and fitted to what the dense model computes.
 
 Two hidden-state streams run over the calibration windows side by side: the compressed
-one (blocks 0..i-1 as compressed) and the dense one (the original model). Targets outside
+one (blocks 0..i-1 as compressed) and the dense one (the original model), the latter only
+when something reads it (the dense target, block refinement). Targets outside
 the blocks (token embeddings and a tied head) are fitted first, on dense statistics.
 Then each stage (one block, or the adjacent blocks a stacked group spans) is processed
 position by position in its forward order (q, k, v; o; up, gate; down): one pass of both
@@ -28,7 +29,7 @@ methods add their own ridge: a large one would flatten the metric of heavy-taile
 activations towards the plain Frobenius norm). After a
 stage, optional block refinement trains its stored tensors on the stage's output error
 (pipeline/refine.py); then both streams move past it and its statistics are freed, so the
-working set is one stage's statistics and the two streams' hidden states.
+working set is one stage's statistics (and its dense copy) and the streams' hidden states.
 """
 
 from __future__ import annotations
@@ -79,21 +80,16 @@ class Moments:
 
     def add(self, compressed: torch.Tensor, dense: torch.Tensor | None) -> None:
         xc = compressed.reshape(-1, compressed.shape[-1]).float()
-        gram = (xc.T @ xc).double()
-        self.gram = gram if self.gram is None else self.gram + gram
-        abs_sum = xc.abs().sum(0).double()
-        self.abs_sum = abs_sum if self.abs_sum is None else self.abs_sum + abs_sum
+        self.gram = _accumulate(self.gram, xc.T @ xc)
+        self.abs_sum = _accumulate(self.abs_sum, xc.abs().sum(0))
         if dense is not None:
             xd = dense.reshape(-1, dense.shape[-1]).float()
-            cross = (xd.T @ xc).double()
-            self.cross = cross if self.cross is None else self.cross + cross
+            self.cross = _accumulate(self.cross, xd.T @ xc)
         self.tokens += xc.shape[0]
 
-    def damped_gram(self, damp: float) -> torch.Tensor:
+    def ridge(self, damp: float) -> float:
         assert self.gram is not None
-        ridge = damp * self.gram.diagonal().mean().clamp_min(1e-12)
-        eye = torch.eye(self.gram.shape[0], dtype=self.gram.dtype, device=self.gram.device)
-        return self.gram + ridge * eye
+        return damp * self.gram.diagonal().mean().clamp_min(1e-12).item()
 
     def statistics(self) -> TargetStatistics:
         assert self.gram is not None and self.abs_sum is not None
@@ -102,10 +98,20 @@ class Moments:
     def compensated(self, weight: torch.Tensor, damp: float) -> torch.Tensor:
         """W (C + lambda I) (H + lambda I)^-1 (see the module docstring), float32."""
         assert self.gram is not None and self.cross is not None
-        damped = self.damped_gram(damp)
-        ridge = damped - self.gram
-        rhs = (self.cross + ridge).T @ weight.double().T
+        ridge = self.ridge(damp)
+        damped = self.gram.clone()
+        damped.diagonal().add_(ridge)
+        transposed = weight.double().T
+        rhs = self.cross.T @ transposed
+        rhs += ridge * transposed
         return torch.linalg.solve(damped, rhs).T.float()
+
+
+def _accumulate(total: torch.Tensor | None, batch: torch.Tensor) -> torch.Tensor:
+    """total + batch in float64, in place (the first batch starts the sum)."""
+    if total is None:
+        return batch.double()
+    return total.add_(batch)
 
 
 @dataclass
@@ -209,7 +215,7 @@ def collect_moments(
         dense_inputs: dict[str, torch.Tensor] = {}
         if dense is not None:
             with torch.no_grad(), capturing(modules(dense)) as dense_inputs:
-                run_until_stop(dense, streams.dense[index], streams.inputs[index])
+                run_until_stop(dense, streams.dense_states()[index], streams.inputs[index])
         with torch.no_grad(), capturing(modules(live)) as live_inputs:
             run_until_stop(live, hidden, streams.inputs[index])
         by_input: dict[int, Moments] = {}  # q, k, v (up, gate) read one input: one entry
@@ -291,15 +297,23 @@ def run_sequential(
     outside, stages = plan_stages(planned, blocks_path, len(blocks))
     gradients = _gradient_statistics(model, tokenizer, planned, calibration, base_sha256, progress)
     windows = calibration_windows(tokenizer, calibration)
-    dense_hidden, inputs = capture_block_inputs(model, blocks[0], windows, calibration.batch_size)
+    keep_dense = refine.steps > 0 or (
+        config.target == "dense" and any(compensates(plan) for plan in planned)
+    )
+    dense_hidden = None
+    if keep_dense:
+        dense_hidden, _ = capture_block_inputs(model, blocks[0], windows, calibration.batch_size)
     fitted = _fit_outside(
         model, tokenizer, outside, calibration, base_sha256, tied_output, seed, progress
     )
-    compressed_hidden, _ = capture_block_inputs(model, blocks[0], windows, calibration.batch_size)
+    compressed_hidden, inputs = capture_block_inputs(
+        model, blocks[0], windows, calibration.batch_size
+    )
     streams = Streams(compressed_hidden, dense_hidden, inputs)
     for stage in tqdm(stages, desc="compress (sequential)", disable=not progress):
         live = list(blocks[stage.first : stage.last + 1])
-        dense = [copy.deepcopy(block) for block in live] if stage.groups else live
+        copied = keep_dense and stage.groups
+        dense = [copy.deepcopy(block) for block in live] if copied else live
         stage_groups: list[CompressedGroup] = []
         if stage.groups:
             positions = forward_positions(
@@ -326,6 +340,8 @@ def run_sequential(
                     model, live, dense, stage_groups, streams, refine, seed=seed, progress=progress
                 )
         advance(live, dense, streams)
+        for group in stage_groups:  # never run again while compressing: free decoded copies
+            inject(model, group.group, group.method, group.stored, serving="deferred")
         fitted += stage_groups
     order = {id(plan.group): index for index, plan in enumerate(planned)}
     return sorted(fitted, key=lambda g: order[id(g.group)])

@@ -31,11 +31,17 @@ class BlockInputs:
 
 @dataclass
 class Streams:
-    """Hidden states entering the current block, per batch, in both streams."""
+    """Hidden states entering the current block, per batch, in both streams (the dense one
+    None when nothing reads it: no refinement, no dense fitting target)."""
 
     compressed: list[torch.Tensor]
-    dense: list[torch.Tensor]
+    dense: list[torch.Tensor] | None
     inputs: list[BlockInputs]
+
+    def dense_states(self) -> list[torch.Tensor]:
+        if self.dense is None:
+            raise RuntimeError("the dense stream was not kept")
+        return self.dense
 
 
 def capture_block_inputs(
@@ -109,8 +115,9 @@ def run_until_stop(blocks: Sequence[nn.Module], hidden: torch.Tensor, inputs: Bl
 
 
 def advance(live: Sequence[nn.Module], dense: Sequence[nn.Module], streams: Streams) -> None:
-    """Move both streams past the stage."""
+    """Move both streams (or the compressed one alone) past the stage."""
     with torch.no_grad():
         for index, inputs in enumerate(streams.inputs):
             streams.compressed[index] = run_blocks(live, streams.compressed[index], inputs)
-            streams.dense[index] = run_blocks(dense, streams.dense[index], inputs)
+            if streams.dense is not None:
+                streams.dense[index] = run_blocks(dense, streams.dense[index], inputs)

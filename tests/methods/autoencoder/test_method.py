@@ -308,7 +308,7 @@ def test_data_aware_ae_starts_at_svdllm_and_lowers_the_output_error():
         "ae-data", [weight], ratio=1.5, options={"epochs": 30, "threads": 1}, statistics=stats
     )
     x = stored.width
-    factor, _ = whitening(xtx / 400, 1e-4)
+    factor = whitening(xtx / 400, 1e-4)
     factor = factor.float()
 
     def output_error(estimate: torch.Tensor) -> float:
@@ -330,7 +330,7 @@ def test_data_aware_ae_measures_each_layer_of_a_stack_in_its_own_inputs():
     stats = [TargetStatistics(tokens=400, xtx=m) for m in moments]
     frozen = {"epochs": 1, "lr": 1e-12, "schedule": "constant", "decoder": [], "encoder": []}
     method, stored, _ = fit_method("ae-data", weights, ratio=2, options=frozen, statistics=stats)
-    factors = [whitening(m / 400, 1e-4)[0].float() for m in moments]
+    factors = [whitening(m / 400, 1e-4).float() for m in moments]
     pooled = whitening((moments[0] + moments[1]) / 800, 1e-4)
     basis, decode = starting_bases(
         torch.cat(weights), stored.width, OutputMetric(factors, pooled), None

@@ -41,7 +41,7 @@ from aecompress.methods.base import (
     make_method,
     register,
 )
-from aecompress.methods.linalg import row_weights, whitening
+from aecompress.methods.linalg import row_weights, summed, whitening
 from aecompress.modules import DecodedEmbedding, DecodedLinear, DecoderSpec, decode_rows
 
 
@@ -217,9 +217,8 @@ class DataAwareAutoencoder(Autoencoder):
         statistics = [context.member_statistics(i) for i in range(context.spec.count)]
         moments = [context.statistic(i, "xtx") for i in range(context.spec.count)]
         factors = [
-            whitening(xtx / max(s.tokens, 1), ridge)[0].float()
+            whitening(xtx / max(s.tokens, 1), ridge).float()
             for xtx, s in zip(moments, statistics, strict=True)
         ]
         tokens = sum(s.tokens for s in statistics) or 1
-        factor, inverse = whitening(torch.stack(moments).sum(0) / tokens, ridge)
-        return OutputMetric(factors, (factor.float(), inverse.float()))
+        return OutputMetric(factors, whitening(summed(moments) / tokens, ridge).float())

@@ -72,14 +72,14 @@ def threads(count: int | None) -> Iterator[None]:
 @dataclass(frozen=True)
 class OutputMetric:
     """Whitening factors L_i (L_i L_i^T = X_i^T X_i / tokens + ridge), one per member of
-    the group, and the pooled (L, L^-1) of the whole stack that picks the starting basis.
+    the group, and the pooled L of the whole stack that picks the starting basis.
 
     Member i's rows are compared after multiplying by L_i: the loss is each layer's own
     output error ||(W_i - W_hat_i) X_i^T||, even when the layers share one decoder.
     """
 
     factors: list[torch.Tensor]
-    pooled: tuple[torch.Tensor, torch.Tensor]
+    pooled: torch.Tensor
 
     def apply(self, rows: torch.Tensor, member_of_row: torch.Tensor) -> torch.Tensor:
         """rows @ L_member for each row."""
@@ -101,8 +101,7 @@ def starting_bases(
     """Encode [m, x] and decoder-weight [m, x] bases of the linear start: the SVD-LLM optimum
     in the pooled output metric, or else the row-weighted SVD (scale: row weights)."""
     if metric is not None:
-        factor, inverse = (t.double() for t in metric.pooled)
-        encode, decode = weighted_bases(rows, x, None, Scaling(factor, inverse))
+        encode, decode = weighted_bases(rows, x, None, Scaling(metric.pooled.double()))
     else:
         encode, decode = weighted_bases(rows, x, scale, None)
     return encode.to(rows.dtype).contiguous(), decode.T.to(rows.dtype).contiguous()
