@@ -85,7 +85,7 @@ def test_writes_are_atomic_and_never_clobber_foreign_folders(tmp_path, monkeypat
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("aecompress.artifact.save_file", crash)
+    monkeypatch.setattr("aecompress.artifact.write_safetensors", crash)
     with pytest.raises(OSError):
         cm.save_pretrained(str(tmp_path / "art"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep"]

@@ -18,6 +18,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,7 +27,7 @@ import transformers
 from accelerate import init_empty_weights
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from aecompress.budget import stored_numel
@@ -45,6 +46,7 @@ from aecompress.targets import (
     resolve_targets,
     weight_matrix,
 )
+from aecompress.tensorfile import write_safetensors
 from aecompress.version import __version__
 
 FORMAT = "aecompress-artifact"
@@ -285,8 +287,6 @@ def save_artifact(cm: CompressedModel, path: str | Path) -> Path:
         for key, tensor in fitted.stored.tensors().items():
             tensors[f"{PREFIX}{fitted.group.name}.{key}"] = tensor.detach().contiguous()
     dtype = STORAGE_DTYPES[cm.storage_dtype]
-    tensors = {k: (t.to(dtype) if t.is_floating_point() else t).cpu() for k, t in tensors.items()}
-    check_finite(tensors, cm.storage_dtype)
     manifest = build_manifest(cm, untouched)
     with _atomic_folder(path) as work:
         cm.model.config.save_pretrained(work)
@@ -294,7 +294,13 @@ def save_artifact(cm: CompressedModel, path: str | Path) -> Path:
         if cm.tokenizer is not None:
             cm.tokenizer.save_pretrained(work)
         _copy_sentence_transformers_files(Path(str(cm.model.name_or_path)), work)
-        save_file(tensors, str(work / WEIGHTS), metadata={"format": "pt", "producer": FORMAT})
+        write_safetensors(
+            work / WEIGHTS,
+            tensors,
+            dtype,
+            {"format": "pt", "producer": FORMAT},
+            check=partial(check_finite, dtype_name=cm.storage_dtype),
+        )
         manifest["weights_file"] = {
             "name": WEIGHTS,
             "bytes": (work / WEIGHTS).stat().st_size,
@@ -342,14 +348,13 @@ def export_dense(artifact: str | Path, output: str | Path) -> Path:
     return output
 
 
-def check_finite(tensors: dict[str, torch.Tensor], dtype_name: str) -> None:
+def check_finite(key: str, tensor: torch.Tensor, dtype_name: str) -> None:
     """Refuse to save NaN or infinite numbers (e.g. values beyond float16's range)."""
-    for key, tensor in tensors.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise AecompressError(
-                f"{key} holds NaN or infinite values in {dtype_name}: not saving it "
-                "(values beyond float16's range need --storage-dtype bfloat16 or float32)"
-            )
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise AecompressError(
+            f"{key} holds NaN or infinite values in {dtype_name}: not saving it "
+            "(values beyond float16's range need --storage-dtype bfloat16 or float32)"
+        )
 
 
 def check_replaceable(path: Path) -> None:
