@@ -83,6 +83,11 @@ ROWS = [
     row("sparsegpt:seq", "sparsegpt", **SEQ),
     row("sparsegpt:seq:dense", "sparsegpt", zero_shot=True, **SEQ_DENSE),
     row("sparsegpt:seq:dense:fp32", "sparsegpt", **SEQ_DENSE, storage_dtype="float32"),
+    # the storage dtype spelled out (the default is bfloat16): artifact bytes and perplexity
+    row("sparsegpt:seq:bf16", "sparsegpt", **SEQ, storage_dtype="bfloat16", ratios=(1.25,)),
+    row("sparsegpt:seq:fp32", "sparsegpt", **SEQ, storage_dtype="float32", ratios=(1.25,)),
+    row("svdllm:seq:bf16", "svdllm", **SEQ, storage_dtype="bfloat16", ratios=(1.25,)),
+    row("svdllm:seq:fp32", "svdllm", **SEQ, storage_dtype="float32", ratios=(1.25,)),
     row("sparsegpt:seq+refine", "sparsegpt", zero_shot=True, **SEQ, **REFINE),
     row("sparsegpt:seq+alloc", "sparsegpt", **SEQ, allocate="sensitivity"),
     # more calibration text: 4x (128 x 512) and 16x (256 x 1024) the default's tokens
@@ -146,6 +151,7 @@ def fp32_copy(folder: Path) -> Path:
 def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
     """In this process: load, compress (unless dense), evaluate; times and peak RSS."""
     import aecompress
+    from aecompress.artifact import read_manifest
     from aecompress.evaluation.tasks import run_task
     from aecompress.models import load_model
 
@@ -158,6 +164,11 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
         ratio = compressed.totals()["ratio"]
     compress_seconds = time.perf_counter() - start
     peak_compress = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    artifact_bytes = None
+    if cell["recipe"] is not None:
+        with tempfile.TemporaryDirectory() as folder:
+            compressed.save_pretrained(Path(folder) / "artifact")
+            artifact_bytes = read_manifest(Path(folder) / "artifact")["totals"]["artifact_bytes"]
     metrics: dict[str, Any] = {}
     for split in SPLITS:
         wikitext = {"split": split, "windows": cell["windows"], "seq_len": 512}
@@ -170,6 +181,7 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
     return {
         **cell,
         "stored_ratio": ratio,
+        "artifact_bytes": artifact_bytes,  # the saved weights file
         "metrics": metrics,
         "compress_seconds": round(compress_seconds, 1),
         "peak_rss_mb_compress": peak_compress,
@@ -226,19 +238,20 @@ def report(records: list[dict[str, Any]], args: argparse.Namespace, began: str) 
         f"- WikiText-2 raw validation / test, first {args.windows} windows of 512 tokens each "
         "(settings and defaults chosen on validation; test reported); zero-shot "
         f"acc_norm on the first {args.limit} items (ARC-Easy test, PIQA validation); calibration "
-        "64 x 256 WikiText-2 train tokens, seed 0; every choice of setting made on validation",
+        "64 x 256 WikiText-2 train tokens (rows named cal4x: 128 x 512, cal16x: 256 x 1024), "
+        "seed 0; every choice of setting made on validation",
         "- stored ratio counts every stored number of the compressed groups, positions included;"
         " seconds: compression alone; peak RSS: the cell's own process",
         "",
         "| row | targets | ratio | stored ratio | val ppl | test ppl | arc-easy | piqa "
-        "| compress s | peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| compress s | peak RSS MB | artifact MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     if dense is not None:
         m = dense["metrics"]
         lines.append(
             f"| dense | - | - | - | {_ppl(m, 'validation')} | {_ppl(m, 'test')} | "
-            f"{_acc(m, 'arc-easy')} | {_acc(m, 'piqa')} | - | {dense['peak_rss_mb']} |"
+            f"{_acc(m, 'arc-easy')} | {_acc(m, 'piqa')} | - | {dense['peak_rss_mb']} | - |"
         )
     compressed = [r for r in records if r["row"] != "dense"]
     for r in sorted(
@@ -249,7 +262,7 @@ def report(records: list[dict[str, Any]], args: argparse.Namespace, began: str) 
         )
         if "error" in r:
             lines.append(
-                f"| {r['row']} | {targets} | {r['ratio']} | failed: {r['error']} | | | | | | |"
+                f"| {r['row']} | {targets} | {r['ratio']} | failed: {r['error']} | | | | | | | |"
             )
             continue
         m = r["metrics"]
@@ -257,13 +270,17 @@ def report(records: list[dict[str, Any]], args: argparse.Namespace, began: str) 
             f"| {r['row']} | {targets} | {r['ratio']} | {r['stored_ratio']:.4f} | "
             f"{_ppl(m, 'validation')} | {_ppl(m, 'test')} | "
             f"{_acc(m, 'arc-easy')} | {_acc(m, 'piqa')} | {r['compress_seconds']:.0f} | "
-            f"{r['peak_rss_mb_compress']} |"
+            f"{r['peak_rss_mb_compress']} | {_megabytes(r.get('artifact_bytes'))} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def _ppl(metrics: dict[str, Any], split: str) -> str:
     return f"{metrics[f'wikitext2:{split}']:.2f}"
+
+
+def _megabytes(size: int | None) -> str:
+    return "-" if size is None else f"{size / 1e6:.1f}"
 
 
 def _acc(metrics: dict[str, Any], task: str) -> str:
