@@ -50,19 +50,26 @@ def test_tied_output_head_shares_the_embedding_factors(input_ids):
     assert model.lm_head.b is model.model.embed_tokens.b
 
 
-def test_decoded_weights_are_built_only_when_the_model_runs(input_ids):
-    """A compressed model holds the stored tensors alone until it runs (saving it never
-    makes a decoded copy); then each module serves what the artifact will load."""
+def test_decoded_weights_are_built_only_when_the_model_runs(input_ids, tmp_path):
+    """With build_modules=False a compressed model holds the stored tensors alone until it
+    runs (saving it makes no decoded copy); then each module serves what it would have."""
     model = tiny_model("llama")
-    cm = aecompress.compress(model, method="prune", ratio=2, targets=["up", "down"])
+    cm = aecompress.compress(
+        model, method="prune", ratio=2, targets=["up", "down"], build_modules=False
+    )
     deferred = [m for m in cm.model.modules() if isinstance(m, Deferred)]
+    cm.save_pretrained(tmp_path / "art")
     assert len(deferred) == 4 and not any(m._served for m in deferred)
     logits = cm.model(input_ids=input_ids).logits
     assert all(m._served for m in deferred)
-    decoded = aecompress.compress(
+    built = aecompress.compress(
         tiny_model("llama"), method="prune", ratio=2, targets=["up", "down"]
-    ).merge_and_unload()
-    torch.testing.assert_close(decoded(input_ids=input_ids).logits, logits)
+    )
+    assert not any(isinstance(m, Deferred) for m in built.model.modules())
+    torch.testing.assert_close(built.model(input_ids=input_ids).logits, logits)
+    torch.testing.assert_close(
+        aecompress.load(tmp_path / "art")(input_ids=input_ids).logits, logits
+    )
 
 
 def test_untie_keeps_the_output_head_dense():

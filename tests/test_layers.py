@@ -9,7 +9,7 @@ import aecompress
 
 # Bottom to top; a module may import modules of its own layer or of lower ones.
 LAYERS = [
-    ["errors", "version", "data", "cache"],
+    ["errors", "version", "data", "cache", "tensorfile"],
     ["models", "modules", "budget"],
     ["targets"],
     ["calibration"],

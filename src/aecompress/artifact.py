@@ -708,9 +708,10 @@ def load_compressed(path: str | Path, decode: bool = False) -> CompressedModel:
     return cm
 
 
-def round_to_storage(cm: CompressedModel, dtype_name: str) -> None:
+def round_to_storage(cm: CompressedModel, dtype_name: str, serving: Serving = "runtime") -> None:
     """Give every floating tensor of the model the precision it will be stored with (kept
-    in its own dtype), so that the model in memory computes what the artifact will."""
+    in its own dtype), so that the model in memory computes what the artifact will; the
+    groups' modules are built again from the rounded stored tensors (`serving`)."""
     cm.storage_dtype = dtype_name
     dtype = STORAGE_DTYPES[dtype_name]
     tensors = list(cm.model.state_dict(keep_vars=True).values())  # what is saved
@@ -719,9 +720,9 @@ def round_to_storage(cm: CompressedModel, dtype_name: str) -> None:
         for tensor in {id(t): t for t in tensors}.values():
             if tensor.is_floating_point() and tensor.dtype != dtype:
                 tensor.copy_(tensor.to(dtype))
-    for fitted in cm.groups:  # modules decoded from the stored tensors: built again when used
+    for fitted in cm.groups:
         tied = cm.tied_output if fitted.group.family == "embed" else None
-        inject(cm.model, fitted.group, fitted.method, fitted.stored, tied, "deferred")
+        inject(cm.model, fitted.group, fitted.method, fitted.stored, tied, serving)
 
 
 def _load_tokenizer(path: Path) -> PreTrainedTokenizerBase | None:

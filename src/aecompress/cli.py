@@ -159,7 +159,7 @@ def compress(
         )
     start = time.perf_counter()
     try:
-        compressed = run_compress(load_model(model), plan)
+        compressed = run_compress(load_model(model), plan, build_modules=False)
     except torch.linalg.LinAlgError as error:
         raise AecompressError(f"{plan.method} failed numerically: {first_line(error)}") from error
     seconds = time.perf_counter() - start

@@ -48,12 +48,16 @@ def compress(
     *,
     tokenizer: PreTrainedTokenizerBase | None = None,
     progress: bool = True,
+    build_modules: bool = True,
     **fields: Any,
 ) -> CompressedModel:
     """Compress `model` (a model, a loaded model or a name) in place as `recipe` says.
 
     Recipe fields may also be given as keywords: compress(m, method="svd", ratio=2,
-    targets=["k"]). Returns the CompressedModel, ready to evaluate or save.
+    targets=["k"]). Returns the CompressedModel, ready to evaluate, train or save. With
+    `build_modules=False` each compressed module is built on its first call instead (until
+    then the model holds no decoded copy beside the stored tensors, nor the modules'
+    parameters): the least memory for a model that is only saved, as `aecompress compress`.
     """
     recipe = recipe or Recipe.parse(fields)
     check_ratio(recipe.ratio)
@@ -106,7 +110,9 @@ def compress(
         base_sha256=base_sha256,
         tied_output=tied,
     )
-    round_to_storage(compressed, storage_dtype(recipe, model))
+    round_to_storage(
+        compressed, storage_dtype(recipe, model), "runtime" if build_modules else "deferred"
+    )
     return compressed
 
 

@@ -50,12 +50,18 @@ class Scaling:
 
 
 def top_right_singular_vectors(matrix: torch.Tensor, rank: int) -> torch.Tensor:
-    """The top-`rank` right singular vectors [m, rank] of `matrix`, float64 (from the m x m
-    Gram matrix when the matrix is tall, which is much faster)."""
+    """The top-`rank` right singular vectors [m, rank] of `matrix` [n, m], float64, from the
+    smaller of its two Gram matrices (much faster and smaller than an SVD): eigenvectors
+    of M^T M when the matrix is tall; when it is wide, V_r = M^T U_r / s_r from those of
+    M M^T, or the SVD itself when s_r is below 1e-4 s_1 (V_r would lose orthogonality)."""
     matrix = matrix.double()
     if matrix.shape[0] >= matrix.shape[1]:
         _, vectors = torch.linalg.eigh(matrix.T @ matrix)
         return vectors.flip(1)[:, :rank].contiguous()
+    values, left = torch.linalg.eigh(matrix @ matrix.T)
+    values, left = values.flip(0)[:rank], left.flip(1)[:, :rank]
+    if values[-1] > 1e-8 * values[0]:
+        return (matrix.T @ left) / values.sqrt()
     _, _, vh = torch.linalg.svd(matrix, full_matrices=False)
     return vh[:rank].T.contiguous()
 
@@ -116,7 +122,8 @@ def whitening(xtx: torch.Tensor, ridge: float = 1e-4) -> torch.Tensor:
     if mean <= 0:
         logger.warning("X^T X is zero (input never seen): whitening with the identity")
         return torch.eye(size, dtype=torch.float64, device=xtx.device)
-    symmetric = xtx.double().T.contiguous()  # a copy
+    symmetric = torch.empty(size, size, dtype=torch.float64, device=xtx.device)
+    symmetric.copy_(xtx.T)
     symmetric += xtx
     symmetric /= 2
     shift, added = ridge * mean, 0.0
