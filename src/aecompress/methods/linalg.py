@@ -61,7 +61,9 @@ def top_right_singular_vectors(matrix: torch.Tensor, rank: int) -> torch.Tensor:
     values, left = torch.linalg.eigh(matrix @ matrix.T)
     values, left = values.flip(0)[:rank], left.flip(1)[:, :rank]
     if values[-1] > 1e-8 * values[0]:
-        return (matrix.T @ left) / values.sqrt()
+        vectors = matrix.T @ left
+        vectors /= values.sqrt()
+        return vectors
     _, _, vh = torch.linalg.svd(matrix, full_matrices=False)
     return vh[:rank].T.contiguous()
 
@@ -79,11 +81,12 @@ def weighted_bases(
     diag(rows) M S. `rows` are non-negative row weights, `cols` an invertible column
     scaling; None means no scaling on that side.
     """
-    scaled = matrix.double()
-    if cols is not None:
-        scaled = cols.apply(scaled)
-    weighted = scaled if rows is None else scaled * rows.double()[:, None]
+    weighted = matrix.double() if cols is None else cols.apply(matrix.double())
+    if rows is not None:
+        weighted = weighted.clone() if weighted is matrix else weighted  # never the caller's
+        weighted *= rows.double()[:, None]
     vectors = top_right_singular_vectors(weighted, rank)
+    del weighted  # the largest temporary: gone before the bases are built
     encode = vectors if cols is None else cols.left(vectors)
     decode = vectors.T if cols is None else cols.undo(vectors.T)
     return encode, decode
@@ -106,6 +109,12 @@ def truncated_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.
     return weighted_svd(matrix, rank)
 
 
+def column_major(size: int, device: torch.device) -> torch.Tensor:
+    """An empty float64 size x size matrix laid out column-major (a transposed view): LAPACK
+    factorises it in place (`out=` itself) without a copy."""
+    return torch.empty(size, size, dtype=torch.float64, device=device).T
+
+
 def whitening(xtx: torch.Tensor, ridge: float = 1e-4) -> torch.Tensor:
     """L (lower triangular, float64) with L L^T = X^T X + lambda I.
 
@@ -113,27 +122,27 @@ def whitening(xtx: torch.Tensor, ridge: float = 1e-4) -> torch.Tensor:
     Cholesky factorisation still fails (X^T X singular or not quite PSD numerically),
     lambda grows tenfold until it succeeds. An all-zero X^T X (an input never seen) gives
     the identity. Then ||(W - W_hat) L||_F^2 = ||(W - W_hat) X^T||_F^2 + lambda ||W - W_hat||_F^2.
-    Holds two m x m float64 matrices besides `xtx` (its symmetrised copy and L).
+    Holds one m x m float64 matrix besides `xtx`: L is factorised in place, in column-major
+    order (a transposed view), which LAPACK needs no copy for.
     """
     if not torch.isfinite(xtx).all():
         raise AecompressError("X^T X has NaN or infinite entries: cannot whiten")
     size = xtx.shape[0]
-    mean = (torch.trace(xtx.double()) / size).item()
+    mean = (xtx.diagonal().double().sum() / size).item()
     if mean <= 0:
         logger.warning("X^T X is zero (input never seen): whitening with the identity")
         return torch.eye(size, dtype=torch.float64, device=xtx.device)
-    symmetric = torch.empty(size, size, dtype=torch.float64, device=xtx.device)
-    symmetric.copy_(xtx.T)
-    symmetric += xtx
-    symmetric /= 2
-    shift, added = ridge * mean, 0.0
+    factor = column_major(size, xtx.device)
+    info = torch.empty((), dtype=torch.int32, device=xtx.device)
+    shift = ridge * mean
     while True:
-        symmetric.diagonal().add_(shift - added)
-        added = shift
-        factor, info = torch.linalg.cholesky_ex(symmetric)
+        factor.copy_(xtx)
+        factor += xtx.T
+        factor /= 2
+        factor.diagonal().add_(shift)
+        torch.linalg.cholesky_ex(factor, out=(factor, info))
         if info.item() == 0:
             return factor
-        del factor
         if shift > mean:  # cannot happen for a PSD input; guards against a bad one
             raise AecompressError("X^T X is not positive semi-definite: cannot whiten")
         shift = max(10 * shift, 1e-10 * mean)

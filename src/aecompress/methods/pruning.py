@@ -32,6 +32,7 @@ from aecompress.methods.base import (
     Width,
     register,
 )
+from aecompress.methods.linalg import column_major
 
 BITS = 32  # positions are packed into int32 words
 
@@ -384,18 +385,17 @@ def obs_prune(
 
 def _inverse_cholesky(xtx: torch.Tensor, damp: float) -> torch.Tensor:
     """U (upper, float32) with U^T U = (X^T X + damp * mean diag I)^-1, the diagonal of
-    inputs never seen set to 1; float64 inside, at most two m x m float64 matrices alive."""
-    gram = xtx.detach().to(torch.float64, copy=True)
-    diagonal = gram.diagonal()
+    inputs never seen set to 1; float64 inside, one m x m float64 matrix factorised,
+    inverted and factorised again in place."""
+    factor = column_major(xtx.shape[0], xtx.device)
+    factor.copy_(xtx)
+    diagonal = factor.diagonal()
     diagonal[diagonal == 0] = 1
     diagonal += damp * diagonal.mean()
-    factor = torch.linalg.cholesky(gram)
-    del gram
-    inverse = torch.cholesky_inverse(factor)
-    del factor
-    upper = torch.linalg.cholesky(inverse, upper=True)
-    del inverse
-    return upper.float()
+    torch.linalg.cholesky(factor, out=factor)
+    torch.cholesky_inverse(factor, out=factor)
+    torch.linalg.cholesky(factor, upper=True, out=factor)
+    return torch.empty(factor.shape, device=factor.device).copy_(factor)  # row-major float32
 
 
 @register
