@@ -1,3 +1,4 @@
+import json
 import signal
 import subprocess
 import sys
@@ -253,7 +254,8 @@ def test_tasks_and_evaluate_help_list_every_task(monkeypatch, capsys):
     code, helped, _ = invoke("evaluate", "--help")
     assert code == 0
     rows = [line.strip() for line in helped.splitlines() if line.strip().startswith("| ")]
-    assert rows == task_table().splitlines()[:1] + task_table().splitlines()[2:]
+    table = [line for line in task_table().splitlines() if line.startswith("|")]
+    assert rows == table[:1] + table[2:]
     assert len(rows) == 1 + len(TASKS)
 
 
@@ -315,3 +317,47 @@ def test_report_merges_the_results_files_of_shards(monkeypatch, capsys, tiny_fol
     assert row.count("(") == 2  # ratio 2 (shard 0) and ratio 4 (shard 1), each beside dense
     code, _, err = invoke("report", files[0], str(tmp_path / "none.jsonl"))
     assert "no such results file" in one_error(code, err)
+
+
+def test_evaluate_probe_reaches_the_probe_and_records_it(monkeypatch, tmp_path, tokenizer):
+    from aecompress.evaluation import glue
+
+    tiny_model("bert").save_pretrained(tmp_path / "bert")
+    tokenizer.save_pretrained(tmp_path / "bert")
+    encoded: list[int] = []
+    real_features = glue.features
+
+    def counting(encoder, examples, **kwargs):
+        encoded.append(len(examples.labels))
+        return real_features(encoder, examples, **kwargs)
+
+    monkeypatch.setattr(glue, "features", counting)
+    args = ["evaluate", str(tmp_path / "bert"), "--task", "glue-rte", "--task", "stsb"]
+    code, stdout, err = invoke(*args, "--probe", "--max-train", "12", "--json", str(tmp_path / "r"))
+    assert code == 0, err
+    assert encoded == [12, 277]  # the capped train split, then RTE dev
+    records = json.loads((tmp_path / "r").read_text())
+    assert [r["task"] for r in records] == ["glue-rte-probe", "stsb"]
+    assert records[0]["settings"]["max_train"] == 12
+    assert "| glue-rte-probe | dev | accuracy |" in stdout
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--task", "stsb", "--probe"], "--probe applies to the glue-* tasks (got stsb)"),
+        (["--task", "glue-rte", "--max-train", "9"], "no task of glue-rte takes the option"),
+        (["--task", "glue-rte", "--probe", "--max-train", "0"], "max_train must be a whole"),
+    ],
+)
+def test_evaluate_probe_errors_are_one_line(tmp_path, tokenizer, args, message):
+    tiny_model("bert").save_pretrained(tmp_path / "bert")
+    tokenizer.save_pretrained(tmp_path / "bert")
+    code, _, err = invoke("evaluate", str(tmp_path / "bert"), *args)
+    assert message in one_error(code, err)
+
+
+def test_evaluate_help_mentions_the_probe():
+    code, helped, _ = invoke("evaluate", "--help")
+    assert code == 0 and "--probe" in helped and "--max-train" in helped
+    assert "frozen-feature probe" in " ".join(helped.split())

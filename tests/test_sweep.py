@@ -275,3 +275,19 @@ def test_an_invalid_cell_fails_the_sweep_before_any_work(tmp_path, monkeypatch, 
     with pytest.raises(AecompressError, match=f"sweep cell .*ratio 2.*: .*{message}"):
         run_sweep(plan, tmp_path / "results.jsonl", progress=False)
     assert not (tmp_path / "results.jsonl").exists()
+
+
+def test_the_glue_probe_recipe_is_the_paper_grid_scored_by_every_probe():
+    from pathlib import Path
+
+    from aecompress.evaluation.glue import GLUE_TASKS
+    from aecompress.sweep import cell_recipe, cells
+
+    folder = Path(__file__).parents[1] / "benchmarks" / "recipes"
+    probe, paper = (
+        SweepRecipe.from_yaml(folder / f"{n}.yaml") for n in ("glue-probe", "paper-grid")
+    )
+    assert list(cells(probe)) == list(cells(paper))
+    assert [t.task for t in probe.tasks] == [f"glue-{name}-probe" for name in GLUE_TASKS]
+    for cell in cells(probe):
+        cell_recipe(probe, cell)  # every cell is valid

@@ -185,6 +185,15 @@ def evaluate(
     full: Annotated[bool | None, typer.Option("--full", help="wikitext2: every window")] = None,
     limit: Annotated[int | None, typer.Option(help="multiple choice / mlm: first N items")] = None,
     train_fraction: Annotated[float | None, typer.Option(help="glue: train on a fraction")] = None,
+    probe: Annotated[
+        bool,
+        typer.Option(
+            "--probe", help="glue: a frozen-feature probe (glue-*-probe) instead of fine-tuning"
+        ),
+    ] = False,
+    max_train: Annotated[
+        int | None, typer.Option(help="glue probe: at most N train examples (default 4000)")
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="seed of tasks that sample or train")] = None,
     dense: Annotated[bool, typer.Option(help="also report the artifact's base model")] = True,
     json_out: Annotated[Path | None, typer.Option("--json", help="write results here")] = None,
@@ -200,12 +209,13 @@ def evaluate(
         "full": full,
         "limit": limit,
         "train_fraction": train_fraction,
+        "max_train": max_train,
         "seed": seed,
     }
     if json_out is not None:
         _check_json(json_out)
     tasks = task or ["wikitext2"]
-    results, dense_results = run_evaluate(model, tasks, options, dense=dense)
+    results, dense_results = run_evaluate(model, tasks, options, dense=dense, probe=probe)
     typer.echo(format_table(results, dense_results if dense_results else None))
     if json_out is not None:
         records = [{"model": model, "role": "compressed", **asdict(r)} for r in results]

@@ -123,3 +123,25 @@ def test_the_base_model_is_freed_before_the_compressed_one_is_built(
     monkeypatch.setattr(runner, "load_compressed", load_compressed)
     results, dense = evaluate(str(tmp_path / "art"), ["wikitext2"], OPTIONS, progress=False)
     assert len(results) == len(dense) == 1 and len(bases) == 1
+
+
+def test_probe_runs_the_glue_tasks_as_probes_beside_a_probed_dense_model(
+    tokenizer, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("AECOMPRESS_CACHE", str(tmp_path / "cache"))
+    tiny_model("bert").save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    compressed = compress(
+        load_model(str(tmp_path / "base")), method="svd", ratio=2, targets=["k"], progress=False
+    )
+    compressed.save_pretrained(str(tmp_path / "art"))
+    options = {"max_train": 10}
+    results, dense = evaluate(
+        str(tmp_path / "art"), ["glue-rte", "stsb"], options, probe=True, progress=False
+    )
+    assert [r.task for r in results] == [r.task for r in dense] == ["glue-rte-probe", "stsb"]
+    assert results[0].settings["max_train"] == dense[0].settings["max_train"] == 10
+    (tuned,), _ = evaluate(
+        str(tmp_path / "base"), ["glue-rte"], {"train_fraction": 0.004}, progress=False
+    )
+    assert tuned.task == "glue-rte" and "max_train" not in tuned.settings

@@ -3,9 +3,17 @@ import inspect
 import pytest
 
 from aecompress.errors import AecompressError
+from aecompress.evaluation.glue import GLUE_TASKS
 from aecompress.evaluation.kinds import TASK_NEEDS, model_kinds
 from aecompress.evaluation.results import TaskResult
-from aecompress.evaluation.tasks import TASKS, check_task, run_task, task_table
+from aecompress.evaluation.tasks import (
+    PROBE_NOTE,
+    TASKS,
+    check_task,
+    probe_tasks,
+    run_task,
+    task_table,
+)
 
 WIKITEXT2_TEST_SHA256 = "173c87a53759e0201f33e0ccf978e510c2042d7f2cb78229d9a50d79b9e7dd08"
 
@@ -35,7 +43,8 @@ def test_task_that_does_not_fit_the_model(tiny_bert) -> None:
         check_task("arc-easy", tiny_bert)
     assert str(error.value) == (
         "task 'arc-easy' needs a causal LM; this model (BertModel) can run: stsb, fidelity, "
-        "glue-mrpc, glue-rte, glue-stsb, glue-sst2, glue-cola"
+        "glue-mrpc, glue-rte, glue-stsb, glue-sst2, glue-cola, glue-mrpc-probe, glue-rte-probe, "
+        "glue-stsb-probe, glue-sst2-probe, glue-cola-probe"
     )
 
 
@@ -104,8 +113,9 @@ def test_counts_must_be_whole_numbers_of_at_least_one(tiny_llama, tokenizer, win
 
 
 def test_task_table_lists_every_task_with_metrics_and_splits() -> None:
-    lines = task_table().splitlines()
+    lines = [line for line in task_table().splitlines() if line.startswith("|")]
     assert len(lines) == 2 + len(TASKS)
+    assert task_table().endswith(PROBE_NOTE) and "not the paper's fine-tuning" in PROBE_NOTE
     row = next(line for line in lines if line.startswith("| arc-easy "))
     assert [c.strip() for c in row.split("|")[1:-1]] == [
         "arc-easy",
@@ -113,3 +123,39 @@ def test_task_table_lists_every_task_with_metrics_and_splits() -> None:
         "acc, acc_norm",
         "test (validation)",
     ]
+
+
+def test_every_glue_task_has_a_probe_with_its_metrics_and_files() -> None:
+    for name in GLUE_TASKS:
+        tuned, probed = TASKS[f"glue-{name}"], TASKS[f"glue-{name}-probe"]
+        assert (probed.metrics, probed.files, probed.needs) == (
+            tuned.metrics,
+            tuned.files,
+            tuned.needs,
+        )
+        assert {"max_train", "l2", "folds", "pooling", "pairs"} <= set(probed.defaults())
+        assert "epochs" not in probed.defaults()
+
+
+def test_probe_tasks_replaces_the_glue_tasks_only() -> None:
+    assert probe_tasks(["stsb", "glue-rte", "glue-cola-probe"]) == [
+        "stsb",
+        "glue-rte-probe",
+        "glue-cola-probe",
+    ]
+    with pytest.raises(AecompressError, match=r"--probe applies to the glue-\* tasks \(got stsb\)"):
+        probe_tasks(["stsb"])
+
+
+def test_probe_counts_are_checked(tiny_bert, tokenizer) -> None:
+    with pytest.raises(AecompressError, match="max_train must be a whole number >= 1"):
+        run_task("glue-rte-probe", tiny_bert, tokenizer, max_train=0.5)
+    with pytest.raises(AecompressError, match="has no option epochs"):
+        run_task("glue-rte-probe", tiny_bert, tokenizer, epochs=1)
+
+
+def test_a_probe_is_recorded_as_a_probe(tiny_bert, tokenizer) -> None:
+    result = run_task("glue-rte-probe", tiny_bert, tokenizer, max_train=20, progress=False)
+    assert result.task == "glue-rte-probe" and result.split == "dev"
+    assert result.settings["max_train"] == 20 and result.settings["pooling"] == "mean"
+    assert set(result.data_sha256) == {"glue/RTE/train.tsv", "glue/RTE/dev.tsv"}

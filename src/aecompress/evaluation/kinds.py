@@ -29,6 +29,11 @@ TASK_NEEDS: dict[str, str] = {
     "glue-stsb": "encoder",
     "glue-sst2": "encoder",
     "glue-cola": "encoder",
+    "glue-mrpc-probe": "encoder",
+    "glue-rte-probe": "encoder",
+    "glue-stsb-probe": "encoder",
+    "glue-sst2-probe": "encoder",
+    "glue-cola-probe": "encoder",
 }
 
 

@@ -12,7 +12,7 @@ from aecompress.cache import cache_dir, read_entry, write_entry
 from aecompress.data import data_file, file_sha256
 from aecompress.errors import AecompressError
 from aecompress.evaluation.results import TaskResult
-from aecompress.evaluation.tasks import TASKS, check_task, run_task
+from aecompress.evaluation.tasks import TASKS, check_task, probe_tasks, run_task
 from aecompress.models import LoadedModel, load_model, weights_sha256
 
 
@@ -82,15 +82,19 @@ def evaluate(
     options: dict[str, Any] | None = None,
     *,
     dense: bool = True,
+    probe: bool = False,
     progress: bool = True,
 ) -> tuple[list[TaskResult], list[TaskResult]]:
     """Run `tasks` on a model (name, folder, .gguf) or an artifact folder.
 
     Returns (results, dense_results). For an artifact, dense_results are those of its base
     model (cached per base weights, task and options; empty with dense=False); for a plain
-    model, results are its own and dense_results is empty.
+    model, results are its own and dense_results is empty. With `probe`, each GLUE task
+    `glue-X` runs as its frozen-feature probe `glue-X-probe` (and is reported so).
     """
     options = options or {}
+    if probe:
+        tasks = probe_tasks(tasks)
     for task in tasks:
         if task not in TASKS:
             raise AecompressError(f"unknown task '{task}': known tasks are {', '.join(TASKS)}")

@@ -82,6 +82,11 @@ def _glue_task(name: str) -> Task:
     return Task(f"glue-{name}", partial(glue.glue, name), spec.metrics, {"dev": spec.files})
 
 
+def _probe_task(name: str) -> Task:
+    spec = glue.GLUE_TASKS[name]
+    return Task(f"glue-{name}-probe", partial(glue.probe, name), spec.metrics, {"dev": spec.files})
+
+
 def _choice_task(name: str) -> Task:
     files = multiple_choice.DATASETS[name].files
     return Task(name, partial(multiple_choice.multiple_choice, name), ("acc", "acc_norm"), files)
@@ -98,8 +103,26 @@ TASKS: dict[str, Task] = {
         Task("fidelity", sts.fidelity, ("cosine",), {"dev": _STSB_FILES["dev"]}, True),
         *(_choice_task(name) for name in multiple_choice.DATASETS),
         *(_glue_task(name) for name in glue.GLUE_TASKS),
+        *(_probe_task(name) for name in glue.GLUE_TASKS),
     ]
 }
+
+PROBE_NOTE = (
+    "glue-*-probe: a frozen-feature probe, not the paper's fine-tuning: a logistic (ridge for "
+    "STS-B) head on the frozen encoder's mean-pooled features of at most max_train (4000) "
+    "train examples, dev metric; `evaluate --probe` runs it for the glue-* tasks given."
+)
+
+
+def probe_tasks(names: list[str]) -> list[str]:
+    """`names` with each GLUE fine-tuning task replaced by its frozen-feature probe (other
+    tasks kept); a one-line AecompressError if none of them has a probe."""
+    probes = [f"{name}-probe" if f"{name}-probe" in TASKS else name for name in names]
+    if not any(name.endswith("-probe") and name in TASKS for name in probes):
+        raise AecompressError(
+            f"--probe applies to the glue-* tasks (got {', '.join(names) or 'no task'})"
+        )
+    return probes
 
 
 def known_task(name: str) -> Task:
@@ -123,7 +146,7 @@ def task_table() -> str:
         for row in rows
     ]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n\n" + PROBE_NOTE
 
 
 def check_task(name: str, model: nn.Module) -> Task:
@@ -148,6 +171,8 @@ _COUNTS = (
     "epochs",
     "grad_accum",
     "max_length",
+    "max_train",
+    "folds",
 )
 
 
