@@ -1,0 +1,679 @@
+"""Speed and memory benchmark (issue 13): dense against compressed runtimes, at run time.
+
+SmolLM2-135M with its MLP matrices (up, gate, down: 90 matrices) compressed at each ratio
+by each method, saved as an artifact, then loaded in a fresh process per configuration:
+the dense base, the method's runtime modules (`aecompress.load(ART)`: LowRankLinear for
+svd, DecodedLinear for the AE with `runtime: decoder`, a dense nn.Linear for sparse
+methods) and the decoded model (`aecompress.load(ART, decode=True)`). Measured per
+configuration: the compressed modules alone (the same 90 modules, inputs of 512 tokens
+and of 1 token, summed over the modules) and their bytes; the whole model's prefill
+latency (1 x 512 and 8 x 128 tokens), greedy token-by-token decode latency with the KV
+cache (128 new tokens after a 32-token prompt), the bytes of its parameters and buffers,
+and the process's resident memory after loading minus that after the imports. Times are
+medians of --repeats runs after warm-up, under torch.inference_mode, with a fixed number
+of threads. Speed-ups and memory ratios are against the dense model measured in the same
+run (at its start and at its end: the mean of the two). Writes speed.json and speed.md
+(date, machine, load average, command) into --out.
+
+    PYTHONPATH=src python benchmarks/speed.py --out benchmarks/results/speed
+    PYTHONPATH=src python benchmarks/speed.py --quick --threads 1 --ratios 2 --methods svd
+
+Compression settings are the cheapest valid ones (speed does not depend on quality): the
+AE trains one epoch, sparsegpt calibrates on few windows, every method runs the
+independent pipeline. The widths, and so the shapes timed, are those of any run at the
+same ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import inspect
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+MODEL = "smollm2-135m"
+TARGETS = ["up", "gate", "down"]
+METHODS = ("svd", "ae", "sparsegpt")
+RATIOS = (1.25, 2.0, 4.0)
+# Method options for this benchmark (cheapest valid; quality is not measured here). The
+# AE keeps codes + decoder in its modules (`runtime: decoder`); decode=True still gives
+# the decoded model from the same artifact.
+OPTIONS: dict[str, dict[str, Any]] = {
+    "ae": {"epochs": 1, "selection": "last", "runtime": "decoder"},
+    "ae-data": {"epochs": 1, "selection": "last", "runtime": "decoder"},
+}
+SPARSE = ("sparsegpt", "wanda", "prune")  # served decoded: dense kernels
+PREFILL = ((1, 512), (8, 128))  # (batch, tokens)
+MODULE_TOKENS = (512, 1)
+PROMPT = 32  # tokens before the timed decode
+TARGET_RATIO, TARGET_SPEEDUP, TARGET_MEMORY = 2.0, 1.6, 0.55
+MIB = 2**20
+
+
+# --- in a child process ---------------------------------------------------------------
+
+
+def settled_rss() -> int:
+    """This process's resident bytes after collecting garbage and returning freed heap
+    memory to the system (glibc's malloc_trim, where there is one)."""
+    import psutil
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return int(psutil.Process().memory_info().rss)
+
+
+def storage_bytes(tensors: Iterable[Any]) -> int:
+    """Bytes of the distinct storages behind `tensors` (shared or tied ones counted once)."""
+    seen: dict[int, int] = {}
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+def module_tensors(modules: Iterable[Any]) -> list[Any]:
+    return [t for m in modules for t in (*m.parameters(), *m.buffers())]
+
+
+def timed(run: Callable[[], object], repeats: int, warmup: int, sync: Callable[[], None]) -> list:
+    """Wall times (ms) of `repeats` calls of `run` after `warmup` untimed ones."""
+    for _ in range(warmup):
+        run()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        sync()
+        times.append((time.perf_counter() - start) * 1000)
+    return times
+
+
+def summary(times: list[float]) -> dict[str, Any]:
+    return {"median": statistics.median(times), "min": min(times), "times": times}
+
+
+def copy_model(spec: dict[str, Any]) -> dict[str, Any]:
+    """SmolLM2-135M de-quantised once into a plain fp32 folder (as compensation.py)."""
+    import transformers
+
+    from aecompress.models import load_model
+
+    folder = Path(spec["folder"])
+    if not (folder / "config.json").is_file():
+        loaded = load_model(MODEL)
+        config = loaded.model.config.to_dict()
+        config.pop("quantization_config", None)
+        plain = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config))
+        plain.load_state_dict(loaded.model.state_dict())
+        plain.save_pretrained(folder)
+        assert loaded.tokenizer is not None
+        loaded.tokenizer.save_pretrained(folder)
+    return {"folder": str(folder)}
+
+
+def compress(spec: dict[str, Any]) -> dict[str, Any]:
+    """Compress the model's MLPs with one method at one ratio; save the artifact."""
+    import aecompress
+
+    start = time.perf_counter()
+    cm = aecompress.compress(
+        spec["model"],
+        progress=False,
+        method=spec["method"],
+        options=spec["options"],
+        ratio=spec["ratio"],
+        targets=TARGETS,
+        pipeline="independent",
+        calibration=spec["calibration"],
+    )
+    cm.save_pretrained(spec["artifact"])
+    return {"stored_ratio": cm.totals()["ratio"], "seconds": time.perf_counter() - start}
+
+
+def measure(spec: dict[str, Any]) -> dict[str, Any]:
+    """Load one configuration in this (fresh) process and time it; see the module doc."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    import transformers
+
+    import aecompress
+    from aecompress.artifact import load_manifest
+    from aecompress.models import load_model
+    from aecompress.targets import resolve_targets
+
+    folder, runtime = spec["folder"], spec["runtime"]
+    config = transformers.AutoConfig.from_pretrained(folder)
+    getattr(transformers, config.architectures[0])  # its modeling code: imported before
+    floor = settled_rss()
+    start = time.perf_counter()
+    if runtime == "dense":
+        model = load_model(folder).model
+        paths = [t.path for t in resolve_targets(model, TARGETS)]
+        with torch.no_grad():  # own memory, as an artifact's (not pages mapped from the file)
+            for tensor in [*model.parameters(), *model.buffers()]:
+                tensor.data = tensor.data.clone()
+    else:
+        model = aecompress.load(folder, decode=runtime == "decoded")
+        paths = [m.path for g in load_manifest(folder).groups for m in g.members]
+    load_seconds = time.perf_counter() - start
+    loaded_rss = settled_rss() - floor
+    model.eval()
+    device = torch.device(spec["device"])
+    sync: Callable[[], None] = lambda: None  # noqa: E731
+    device_bytes = None
+    if device.type == "cuda":
+        before = torch.cuda.memory_allocated(device)
+        model.to(device)
+        device_bytes = torch.cuda.memory_allocated(device) - before
+
+        def sync() -> None:
+            torch.cuda.synchronize(device)
+
+    modules = [model.get_submodule(p) for p in dict.fromkeys(paths)]
+    repeats, warmup = spec["repeats"], spec["warmup"]
+    generator = torch.Generator().manual_seed(0)
+    figures: dict[str, Any] = {}
+    with torch.inference_mode():
+        for tokens in MODULE_TOKENS:  # the compressed modules alone, summed
+            inputs: dict[int, torch.Tensor] = {}
+            calls = []
+            for module in modules:
+                width = int(module.in_features)
+                if width not in inputs:
+                    inputs[width] = torch.randn(1, tokens, width, generator=generator).to(device)
+                calls.append((module, inputs[width]))
+
+            def run_modules(calls: list = calls) -> None:
+                for module, x in calls:
+                    module(x)
+
+            figures[f"modules_{tokens}"] = summary(timed(run_modules, repeats, warmup, sync))
+        vocab = model.config.vocab_size
+        keep = {} if spec["all_logits"] else {"logits_to_keep": 1}
+        for batch, tokens in PREFILL:
+            ids = torch.randint(vocab, (batch, tokens), generator=generator).to(device)
+
+            def prefill(ids: torch.Tensor = ids) -> None:
+                model(input_ids=ids, use_cache=True, **keep)
+
+            figures[f"prefill_{batch}x{tokens}"] = summary(timed(prefill, repeats, warmup, sync))
+        prompt = torch.randint(vocab, (1, PROMPT), generator=generator).to(device)
+        decode(model, prompt, 2, sync)  # warm-up
+        per_token = [
+            decode(model, prompt, spec["new_tokens"], sync) for _ in range(spec["decode_repeats"])
+        ]
+        figures["decode_per_token"] = summary(per_token)
+    return {
+        "paths": len(modules),
+        "module_classes": sorted({type(m).__name__ for m in modules}),
+        "modules_bytes": storage_bytes(module_tensors(modules)),
+        "model_bytes": storage_bytes([*model.parameters(), *model.buffers()]),
+        "rss_bytes": loaded_rss,
+        "rss_floor_bytes": floor,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "device_bytes": device_bytes,
+        "load_seconds": load_seconds,
+        "torch_threads": torch.get_num_threads(),
+        "figures": figures,
+    }
+
+
+def decode(model: Any, prompt: Any, new_tokens: int, sync: Callable[[], None]) -> float:
+    """Greedy decoding with the KV cache after `prompt`: ms per new token (prompt untimed)."""
+    # transformers 5 names the cache argument `cache`, earlier versions `past_key_values`
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+    token = out.logits[:, -1:].argmax(-1)
+    sync()
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        out = model(input_ids=token, use_cache=True, **{name: out[name]})
+        token = out.logits[:, -1:].argmax(-1)
+    sync()
+    return (time.perf_counter() - start) * 1000 / new_tokens
+
+
+CHILDREN: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "copy": copy_model,
+    "compress": compress,
+    "measure": measure,
+}
+
+
+# --- the parent: configurations, report -------------------------------------------------
+
+
+def child(spec: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
+    """Run one step in a fresh process; its JSON result, or {"error": last stderr line}."""
+    command = [sys.executable, __file__, "--child", json.dumps(spec)]
+    start = time.perf_counter()
+    finished = subprocess.run(command, capture_output=True, text=True, env=env)
+    wall = {"wall_seconds": round(time.perf_counter() - start, 1)}  # the whole process
+    if finished.returncode == 0:
+        result: dict[str, Any] = json.loads(finished.stdout.strip().splitlines()[-1])
+        return result | wall
+    lines = finished.stderr.strip().splitlines() or [f"exit status {finished.returncode}"]
+    return {"error": lines[-1][:300]} | wall
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--repeats", type=int, default=10, help="timed runs (prefill, modules)")
+    parser.add_argument("--decode-repeats", type=int, default=3, help="timed decodes")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed runs before timing")
+    parser.add_argument("--new-tokens", type=int, default=128, help="decoded tokens")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda")
+    parser.add_argument("--all-logits", action="store_true", help="prefill: every position's")
+    parser.add_argument("--calibration-samples", type=int, default=16, help="for sparsegpt")
+    parser.add_argument("--model", default=MODEL, help="smollm2-135m or a local Llama folder")
+    parser.add_argument("--quick", action="store_true", help="smoke test: 1 run, 8 tokens")
+    parser.add_argument("--work", type=Path, help="keep artifacts here (default: a temp dir)")
+    parser.add_argument("--out", type=Path, help="folder for speed.json and speed.md")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: one step
+    args = parser.parse_args()
+    if args.child:
+        return args
+    from aecompress.methods import METHODS as REGISTERED
+
+    unknown = set(args.methods) - set(REGISTERED)
+    if unknown:
+        parser.error(f"unknown methods {sorted(unknown)}: use {sorted(REGISTERED)}")
+    if any(not r > 1 for r in args.ratios):
+        parser.error("ratios must be greater than 1")
+    if args.quick:
+        args.repeats, args.decode_repeats, args.warmup = 1, 1, 1
+        args.new_tokens, args.calibration_samples = 8, 4
+    if min(args.repeats, args.decode_repeats, args.new_tokens, args.threads) < 1:
+        parser.error("--repeats, --decode-repeats, --new-tokens and --threads must be >= 1")
+    return args
+
+
+def device_line(name: str) -> tuple[str, str]:
+    """The device to measure on, and one line saying so."""
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise SystemExit("speed.py: error: --device cuda, but no CUDA device is available")
+        return name, f"GPU: {torch.cuda.get_device_name(torch.device(name))}"
+    return "cpu", "no GPU measured: CPU only" + (
+        "" if torch.cuda.is_available() else " (no CUDA device on this machine)"
+    )
+
+
+def run(args: argparse.Namespace, device: str, work: Path) -> list[dict[str, Any]]:
+    env = {
+        **os.environ,
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": str(args.threads),
+        "AECOMPRESS_CACHE": str(work / "cache"),  # calibration statistics of this run only
+    }
+    model = args.model
+    if model == MODEL:
+        folder = Path(tempfile.gettempdir()) / "aecompress-smollm2-fp32"
+        copied = child({"kind": "copy", "folder": str(folder)}, env)
+        if "error" in copied:
+            raise SystemExit(f"speed.py: error: fp32 copy of {MODEL}: {copied['error']}")
+        model = copied["folder"]
+    common = {
+        "kind": "measure",
+        "threads": args.threads,
+        "device": device,
+        "repeats": args.repeats,
+        "decode_repeats": args.decode_repeats,
+        "warmup": args.warmup,
+        "new_tokens": args.new_tokens,
+        "all_logits": args.all_logits,
+    }
+    records: list[dict[str, Any]] = []
+
+    def measured(record: dict[str, Any], folder: str, runtime: str) -> dict[str, Any]:
+        record = {
+            **record,
+            "runtime": runtime,
+            **child({**common, "folder": folder, "runtime": runtime}, env),
+        }
+        records.append(record)
+        shown = {k: record.get(k) for k in ("method", "ratio", "runtime", "error")}
+        figures = record.get("figures", {})
+        shown |= {k: round(v["median"], 2) for k, v in figures.items()}
+        print(json.dumps(shown), flush=True)
+        return record
+
+    measured({"method": "dense", "ratio": None, "when": "start"}, model, "dense")
+    calibration = {"samples": args.calibration_samples, "seq_len": 128 if args.quick else 256}
+    for ratio in args.ratios:
+        for method in args.methods:
+            artifact = work / f"{method}-{ratio}"
+            spec = {
+                "kind": "compress",
+                "model": model,
+                "method": method,
+                "options": OPTIONS.get(method, {}),
+                "ratio": ratio,
+                "calibration": calibration,
+                "artifact": str(artifact),
+            }
+            made = child(spec, env)
+            base = {"method": method, "ratio": ratio, "options": spec["options"]}
+            if "error" in made:
+                records.append({**base, "runtime": "compress", **made})
+                print(json.dumps(records[-1]), flush=True)
+                continue
+            base |= {
+                "stored_ratio": made["stored_ratio"],
+                "compress_seconds": made["seconds"],
+                "compress_wall_seconds": made["wall_seconds"],
+            }
+            served = measured(base, str(artifact), "runtime")
+            if served.get("module_classes") == ["Linear"]:  # runtime modules are decoded ones
+                records.append({**base, "runtime": "decoded", "same_as": "runtime"})
+            else:
+                measured(base, str(artifact), "decoded")
+            if args.work is None:
+                shutil.rmtree(artifact, ignore_errors=True)
+    measured({"method": "dense", "ratio": None, "when": "end"}, model, "dense")
+    return records
+
+
+# --- report ---------------------------------------------------------------------------
+
+TIMES = ("modules_512", "modules_1", "prefill_1x512", "prefill_8x128", "decode_per_token")
+SIZES = ("modules_bytes", "model_bytes", "rss_bytes")
+
+
+def reference(records: list[dict[str, Any]]) -> dict[str, float]:
+    """The dense figures: mean over the dense measurements (start and end of the run)."""
+    dense = [r for r in records if r["method"] == "dense" and "error" not in r]
+    if not dense:
+        return {}
+    ref = {k: statistics.mean(r["figures"][k]["median"] for r in dense) for k in TIMES}
+    return ref | {k: statistics.mean(r[k] for r in dense) for k in SIZES}
+
+
+def speedups(record: dict[str, Any], ref: dict[str, float]) -> dict[str, float]:
+    """Speed-ups (dense time / time) and memory ratios (bytes / dense bytes)."""
+    found = {k: ref[k] / record["figures"][k]["median"] for k in TIMES}
+    return found | {k: record[k] / ref[k] for k in SIZES if ref[k]}
+
+
+def verdict(record: dict[str, Any], ref: dict[str, float]) -> str:
+    """The issue's target, for the runtime modules at its ratio (decoded rows: a control)."""
+    if record["ratio"] != TARGET_RATIO or "figures" not in record:
+        return "-"
+    if record["runtime"] != "runtime":
+        return "n/a (decoded)"
+    ratios = speedups(record, ref)
+    met = ratios["modules_512"] >= TARGET_SPEEDUP and ratios["modules_bytes"] <= TARGET_MEMORY
+    return "met" if met else "not met"
+
+
+def served_as(record: dict[str, Any]) -> str:
+    if "when" in record:
+        return f"dense, {record['when']} of the run"
+    classes = ", ".join(record.get("module_classes", []))
+    return f"{record['runtime']} ({classes})" if classes else record["runtime"]
+
+
+def _time(record: dict[str, Any], key: str, ratios: dict[str, float]) -> str:
+    return f"{record['figures'][key]['median']:.1f} ({ratios[key]:.2f}x)"
+
+
+def _size(record: dict[str, Any], key: str, ratios: dict[str, float]) -> str:
+    return f"{record[key] / MIB:.1f} ({ratios[key]:.2f}x)"
+
+
+def tables(rows: list[dict[str, Any]], ref: dict[str, float]) -> list[str]:
+    modules = [
+        "Compressed modules alone (the MLP matrices, summed; ms, speed-up vs dense; MiB, "
+        "memory vs dense):",
+        "",
+        "| method | served as | stored ratio | 512 tokens ms | 1 token ms | MiB "
+        f"| target (ratio {TARGET_RATIO:g}) |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    whole = [
+        "Whole model (ms, speed-up vs dense; MiB, memory vs dense):",
+        "",
+        "| method | served as | prefill 1x512 ms | prefill 8x128 ms | decode ms/token "
+        "| weights MiB | RSS after load MiB |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        label = f"| {r['method']} | {served_as(r)} |"
+        if "error" in r:
+            modules.append(f"{label} failed: {r['error']} | | | | |")
+            whole.append(f"{label} failed | | | | |")
+            continue
+        if "same_as" in r:
+            note = f"same modules as `{r['same_as']}` (not measured again)"
+            modules.append(f"{label} {r['stored_ratio']:.3f} | {note} | | | |")
+            whole.append(f"{label} {note} | | | | |")
+            continue
+        ratios = speedups(r, ref)
+        stored = f"{r['stored_ratio']:.3f}" if r.get("stored_ratio") else "-"
+        modules.append(
+            f"{label} {stored} | {_time(r, 'modules_512', ratios)} | "
+            f"{_time(r, 'modules_1', ratios)} | {_size(r, 'modules_bytes', ratios)} | "
+            f"{verdict(r, ref)} |"
+        )
+        whole.append(
+            f"{label} {_time(r, 'prefill_1x512', ratios)} | {_time(r, 'prefill_8x128', ratios)} | "
+            f"{_time(r, 'decode_per_token', ratios)} | {_size(r, 'model_bytes', ratios)} | "
+            f"{_size(r, 'rss_bytes', ratios)} |"
+        )
+    return [*modules, "", *whole, ""]
+
+
+def notes(records: list[dict[str, Any]], ref: dict[str, float]) -> list[str]:
+    """Targets and what the numbers say about each kind of runtime (from the data)."""
+    lines = [
+        f"## Targets: compressed modules at ratio {TARGET_RATIO:g} >= {TARGET_SPEEDUP}x "
+        f"faster (512 tokens) and <= {TARGET_MEMORY}x the memory of the dense matrices",
+        "",
+    ]
+    at_target = [
+        r
+        for r in records
+        if r["ratio"] == TARGET_RATIO and "figures" in r and r["runtime"] == "runtime"
+    ]
+    for r in at_target:
+        ratios = speedups(r, ref)
+        lines.append(
+            f"- {r['method']}, {served_as(r)}: speed-up {ratios['modules_512']:.2f}x, "
+            f"memory {ratios['modules_bytes']:.2f}x: **{verdict(r, ref)}** (whole model: prefill "
+            f"1x512 {ratios['prefill_1x512']:.2f}x, decode {ratios['decode_per_token']:.2f}x, "
+            f"weights {ratios['model_bytes']:.2f}x)"
+        )
+    if not at_target:
+        lines.append(f"- ratio {TARGET_RATIO:g} was not measured in this run")
+    lines.append(
+        "- the targets are for the runtime modules (`aecompress.load(ART)`); decoded rows are "
+        "full-size dense matrices"
+    )
+    lines += ["", "## Notes", ""]
+    sparse = [r for r in records if r["method"] in SPARSE and "figures" in r]
+    if sparse:
+        found = ", ".join(
+            f"ratio {r['ratio']:g}: {speedups(r, ref)['modules_512']:.2f}x speed, "
+            f"{speedups(r, ref)['modules_bytes']:.2f}x memory"
+            for r in sparse
+        )
+        lines.append(
+            "- Sparse methods store kept values + positions, but are served decoded: each "
+            "matrix becomes a dense nn.Linear at load, zeros included, run by dense kernels. "
+            f"**Sparse storage gives no speed-up and no memory saving at run time** ({found}); "
+            "it only makes the artifact smaller."
+        )
+    decoder = [r for r in records if r.get("module_classes") == ["DecodedLinear"]]
+    if decoder:
+        found = ", ".join(
+            f"ratio {r['ratio']:g}: {speedups(r, ref)['modules_512']:.2f}x / "
+            f"decode {speedups(r, ref)['decode_per_token']:.2f}x"
+            for r in decoder
+        )
+        lines.append(
+            "- The AE's `runtime: decoder` (DecodedLinear) rebuilds its dense weight from the "
+            "codes and the decoder on every forward pass, then multiplies with it: it saves "
+            f"memory but costs time ({found}). `decode=True` serves the same artifact as "
+            "dense matrices."
+        )
+    lines.append(
+        "- `decoded` rows hold full-size dense matrices (the control: dense speed and "
+        "memory expected); `runtime` rows are what `aecompress.load(ART)` gives."
+    )
+    return lines
+
+
+def markdown(facts: dict[str, Any], records: list[dict[str, Any]]) -> str:
+    ref = reference(records)
+    dense = [r for r in records if r["method"] == "dense"]
+    settings = facts["settings"]
+    lines = [
+        f"# Speed and memory: {facts['model']}, MLPs ({', '.join(TARGETS)}) compressed",
+        "",
+        f"- started {facts['date']}, {facts['minutes']:.1f} min; machine: {facts['machine']}",
+        f"- load average at start {facts['load_start']}, at end {facts['load_end']} (1 / 5 / 15"
+        " min; other processes may share the CPUs: times are upper bounds)",
+        f"- {facts['device_line']}",
+        f"- command: `{facts['command']}`",
+        f"- times: median of {settings['repeats']} runs after {settings['warmup']} warm-up "
+        f"(decode: {settings['decode_repeats']} runs of {settings['new_tokens']} new tokens "
+        f"after a {PROMPT}-token prompt, greedy, KV cache, ms per new token), "
+        f"torch.inference_mode, {settings['threads']} torch threads; prefill computes "
+        f"{'every position' if settings['all_logits'] else 'the last position'}'s logits; "
+        "random token ids",
+        "- modules alone: the compressed modules (dense: the same nn.Linear modules) called "
+        "one after another on random inputs of [1, 512, in] and [1, 1, in], summed; MiB: "
+        "their parameters and buffers (float32 at run time, whatever the storage dtype)",
+        "- whole model: weights = distinct parameter and buffer storages; RSS after load = "
+        "resident memory after loading minus that after importing torch, transformers, "
+        "aecompress (garbage collected, malloc_trim); the dense model's weights, which "
+        "transformers memory-maps from the safetensors file, are copied into the process's "
+        "own memory after loading, as an artifact's are",
+        "- dense figures: mean of the dense model measured at the start and at the end of "
+        "the run: "
+        + "; ".join(
+            f"prefill 1x512 {r['figures']['prefill_1x512']['median']:.1f} ms, decode "
+            f"{r['figures']['decode_per_token']['median']:.1f} ms/token"
+            for r in dense
+            if "figures" in r
+        ),
+        "- compression: cheapest valid settings (quality is not measured and does not change "
+        f"the shapes): {settings['compression']}",
+    ]
+    if facts["load_start_1min"] >= 1:
+        lines.append(
+            f"- **the machine was not idle** (load {facts['load_start_1min']:.1f} at start, "
+            f"{facts['cores']} cores): with as many torch threads as cores, OpenMP threads "
+            "wait on each other when other processes hold a core, and times can be several "
+            "times too slow (one 576 x 1536 Linear on 1 token measured 0.27 ms with 1 thread, "
+            "12 ms with 2, on this 2-core machine at load 7.5); these numbers are not a "
+            "benchmark result"
+        )
+    if facts.get("quick"):
+        lines.append("- **--quick: a smoke test, not a benchmark result**")
+    lines.append("")
+    dense_rows = [r for r in records if r["method"] == "dense"]
+    for ratio in facts["ratios"]:
+        rows = dense_rows + [r for r in records if r["ratio"] == ratio]
+        lines += [f"## Ratio {ratio:g}", "", *tables(rows, ref)]
+    return "\n".join([*lines, *notes(records, ref)]) + "\n"
+
+
+def main() -> None:
+    args = parse_args()
+    if args.child:
+        spec = json.loads(args.child)
+        print(json.dumps(CHILDREN[spec.pop("kind")](spec)), flush=True)
+        return
+    device, line = device_line(args.device)
+    print(line, flush=True)
+    load_start = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    load_1min = os.getloadavg()[0]
+    if load_1min >= 1:
+        print(f"warning: load average {load_1min:.1f}: the machine is not idle", flush=True)
+    began, start = datetime.now(UTC), time.perf_counter()
+    if args.work is not None:
+        args.work.mkdir(parents=True, exist_ok=True)
+        records = run(args, device, args.work)
+    else:
+        with tempfile.TemporaryDirectory(prefix="aecompress-speed-") as work:
+            records = run(args, device, Path(work))
+    import torch
+
+    compression = {m: {"pipeline": "independent", **OPTIONS.get(m, {})} for m in args.methods}
+    compression["calibration (data-aware methods only)"] = {
+        "samples": args.calibration_samples,
+        "seq_len": 128 if args.quick else 256,
+    }
+    facts = {
+        "model": args.model,
+        "targets": TARGETS,
+        "ratios": args.ratios,
+        "methods": args.methods,
+        "quick": args.quick,
+        "date": f"{began:%Y-%m-%d %H:%M} UTC",
+        "minutes": (time.perf_counter() - start) / 60,
+        "machine": f"{cpu_model()}, {os.cpu_count()} cores, {platform.machine()}, "
+        f"torch {torch.__version__}, Python {platform.python_version()}",
+        "load_start": load_start,
+        "load_start_1min": load_1min,
+        "cores": os.cpu_count(),
+        "load_end": " / ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "device": device,
+        "device_line": line,
+        "command": " ".join(["PYTHONPATH=src python", *sys.argv]),
+        "settings": {
+            "repeats": args.repeats,
+            "decode_repeats": args.decode_repeats,
+            "warmup": args.warmup,
+            "new_tokens": args.new_tokens,
+            "threads": args.threads,
+            "all_logits": args.all_logits,
+            "compression": json.dumps(compression),
+        },
+    }
+    out = args.out or Path(tempfile.mkdtemp(prefix="speed-"))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "speed.json").write_text(json.dumps({"facts": facts, "records": records}, indent=2))
+    (out / "speed.md").write_text(markdown(facts, records))
+    print(f"wrote {out / 'speed.md'}")
+
+
+if __name__ == "__main__":
+    main()
