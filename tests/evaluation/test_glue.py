@@ -220,7 +220,9 @@ def test_max_train_caps_the_train_examples(
     assert chosen == [encoded]  # l2 is chosen on the train features only
 
 
-def test_separate_pairs_encode_each_sentence_alone(monkeypatch, tokenizer, tiny_bert) -> None:
+def test_pairs_are_encoded_one_sentence_at_a_time_by_default(
+    monkeypatch, tokenizer, tiny_bert
+) -> None:
     encoded: list[tuple[int, int]] = []
     real_features = glue_module.features
 
@@ -230,10 +232,10 @@ def test_separate_pairs_encode_each_sentence_alone(monkeypatch, tokenizer, tiny_
         return real_features(encoder, examples, **kwargs)
 
     monkeypatch.setattr(glue_module, "features", spying)
-    probe("mrpc", tiny_bert, tokenizer, max_train=20, pairs="separate", progress=False)
+    probe("mrpc", tiny_bert, tokenizer, max_train=20, progress=False)
     assert encoded == [(20, 0), (20, 0), (408, 0), (408, 0)]  # one sentence at a time
     encoded.clear()
-    probe("mrpc", tiny_bert, tokenizer, max_train=20, progress=False)
+    probe("mrpc", tiny_bert, tokenizer, max_train=20, pairs="joint", progress=False)
     assert encoded == [(20, 1), (408, 1)]  # joint: the pair encoding, segments 0 and 1
 
 
