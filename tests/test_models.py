@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from aecompress.engine import compress
 from aecompress.errors import AecompressError
-from aecompress.models import EMBEDDED, load_model, resolve_embedded
+from aecompress.models import EMBEDDED, _mapped_file_ranges, load_model, resolve_embedded
 from tests.conftest import tiny_model
 
 
@@ -39,6 +39,20 @@ def folder(tmp_path, tokenizer) -> Path:
     tiny_model("llama").save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     return tmp_path / "model"
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="Linux memory maps")
+def test_loaded_weights_own_their_memory_not_the_files_pages(folder):
+    """A weight left in the memory-mapped checkpoint would keep the file's pages resident
+    after the weight is replaced: every tensor is copied out, with the same values."""
+    model = load_model(str(folder)).model
+    ranges = _mapped_file_ranges()
+    tensors = [*model.parameters(), *model.buffers()]
+    assert not any(low <= t.data_ptr() < high for t in tensors for low, high in ranges)
+    saved = load_file(folder / "model.safetensors")
+    for name, tensor in model.state_dict().items():
+        if name in saved:
+            torch.testing.assert_close(tensor, saved[name], rtol=0, atol=0)
 
 
 def drop_tensor(folder: Path) -> None:

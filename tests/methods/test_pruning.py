@@ -71,6 +71,19 @@ def test_obs_pruning_with_white_inputs_is_magnitude_pruning_per_block():
     torch.testing.assert_close(values[mask], weight[mask])
 
 
+def test_obs_pruning_in_place_overwrites_only_the_statistic():
+    generator = torch.Generator().manual_seed(3)
+    weight, x = torch.randn(12, 16, generator=generator), torch.randn(64, 16, generator=generator)
+    xtx = (x.T @ x).double()
+    x[:, 5] = 0
+    expected = obs_prune(weight, xtx, 100, block_size=8)
+    owned = xtx.clone()
+    mask, values = obs_prune(weight, owned, 100, block_size=8, overwrite=True)
+    assert torch.equal(mask, expected[0])
+    torch.testing.assert_close(values, expected[1])
+    assert not torch.equal(owned, xtx)  # factorised where it lay
+
+
 def test_sparsegpt_beats_wanda_and_magnitude_on_the_output_error():
     weight = torch.randn(24, 16, generator=torch.Generator().manual_seed(1))
     x = correlated_inputs(16)

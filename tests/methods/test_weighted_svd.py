@@ -130,6 +130,24 @@ def test_singular_xtx_does_not_crash():
     torch.testing.assert_close(approx, plain)
 
 
+def test_whitening_in_place_factorises_the_statistic_itself_with_the_same_result():
+    x = torch.randn(40, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    xtx = x.T @ x
+    owned = xtx.clone()
+    factor = whitening(owned, overwrite=True)
+    assert factor.data_ptr() == owned.data_ptr()  # no second m x m matrix
+    torch.testing.assert_close(factor, whitening(xtx))
+
+
+def test_whitening_in_place_starts_again_when_the_ridge_must_grow():
+    """A failed factorisation has overwritten X^T X: it starts again from a float32 copy."""
+    x = torch.randn(6, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    xtx = x.T @ x  # rank 6: no factorisation without a ridge
+    factor = whitening(xtx.clone(), ridge=0.0, overwrite=True)
+    assert torch.isfinite(factor).all()
+    torch.testing.assert_close(factor @ factor.T, xtx, atol=1e-5 * xtx.diagonal().mean(), rtol=0)
+
+
 def test_whitening_rejects_nan_statistics():
     xtx = torch.eye(4, dtype=torch.float64)
     xtx[0, 0] = float("nan")

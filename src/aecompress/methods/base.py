@@ -69,7 +69,9 @@ class GroupSpec:
 class FitContext:
     """What a fit may use beyond the weights: the group, its budget (stored numbers), the
     seed, per-member calibration statistics (when the method asked for some), a callback
-    giving the model's validation metric with other matrices swapped in, and progress."""
+    giving the model's validation metric with other matrices swapped in, and progress.
+    `owns_statistics`: the fit is their last reader, so `fit` may factorise X^T X where it
+    lies instead of beside it (one m x m float64 matrix less at the peak)."""
 
     spec: GroupSpec
     budget: float = float("inf")
@@ -77,6 +79,7 @@ class FitContext:
     statistics: Sequence[TargetStatistics] | None = None
     validate: Callable[[list[torch.Tensor]], float] | None = None
     progress: bool = True
+    owns_statistics: bool = False  # no one reads them after this fit: it may overwrite them
 
     def member_statistics(self, index: int) -> TargetStatistics:
         """Calibration statistics of member `index` (a clear error when there are none)."""

@@ -38,11 +38,12 @@ class Scaling:
         """M @ S."""
         return matrix * self.forward if self.forward.dim() == 1 else matrix @ self.forward
 
-    def undo(self, matrix: torch.Tensor) -> torch.Tensor:
-        """M @ S^-1."""
+    def undo(self, matrix: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+        """M @ S^-1 (written over `matrix` when `in_place`)."""
+        out = matrix if in_place else None
         if self.forward.dim() == 1:
-            return matrix / self.forward
-        return torch.linalg.solve_triangular(self.forward, matrix, upper=False, left=False)
+            return torch.div(matrix, self.forward, out=out)
+        return torch.linalg.solve_triangular(self.forward, matrix, upper=False, left=False, out=out)
 
     def left(self, matrix: torch.Tensor) -> torch.Tensor:
         """S @ matrix."""
@@ -81,15 +82,16 @@ def weighted_bases(
     diag(rows) M S. `rows` are non-negative row weights, `cols` an invertible column
     scaling; None means no scaling on that side.
     """
+    matrix = matrix.detach()
     weighted = matrix.double() if cols is None else cols.apply(matrix.double())
     if rows is not None:
         weighted = weighted.clone() if weighted is matrix else weighted  # never the caller's
         weighted *= rows.double()[:, None]
     vectors = top_right_singular_vectors(weighted, rank)
     del weighted  # the largest temporary: gone before the bases are built
-    encode = vectors if cols is None else cols.left(vectors)
-    decode = vectors.T if cols is None else cols.undo(vectors.T)
-    return encode, decode
+    if cols is None:
+        return vectors, vectors.T
+    return cols.left(vectors), cols.undo(vectors.T, in_place=True)
 
 
 def weighted_svd(
@@ -100,8 +102,12 @@ def weighted_svd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank-`rank` factors A [N, r], B [r, m] minimising ||diag(rows) (M - A B) S||_F
     (see weighted_bases), in the matrix's dtype."""
+    matrix = matrix.detach()
     encode, decode = weighted_bases(matrix, rank, rows, cols)
-    return (matrix.double() @ encode).to(matrix.dtype), decode.to(matrix.dtype)
+    coefficients = matrix.new_empty(matrix.shape[0], encode.shape[1])
+    for start in range(0, matrix.shape[0], 1024):  # no float64 copy of the whole matrix
+        coefficients[start : start + 1024] = matrix[start : start + 1024].double() @ encode
+    return coefficients, decode.to(matrix.dtype)
 
 
 def truncated_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,15 +121,17 @@ def column_major(size: int, device: torch.device) -> torch.Tensor:
     return torch.empty(size, size, dtype=torch.float64, device=device).T
 
 
-def whitening(xtx: torch.Tensor, ridge: float = 1e-4) -> torch.Tensor:
+def whitening(xtx: torch.Tensor, ridge: float = 1e-4, overwrite: bool = False) -> torch.Tensor:
     """L (lower triangular, float64) with L L^T = X^T X + lambda I.
 
     lambda = ridge * trace(X^T X) / in (relative to the mean input energy). When the
     Cholesky factorisation still fails (X^T X singular or not quite PSD numerically),
     lambda grows tenfold until it succeeds. An all-zero X^T X (an input never seen) gives
     the identity. Then ||(W - W_hat) L||_F^2 = ||(W - W_hat) X^T||_F^2 + lambda ||W - W_hat||_F^2.
-    Holds one m x m float64 matrix besides `xtx`: L is factorised in place, in column-major
-    order (a transposed view), which LAPACK needs no copy for.
+    L is factorised in place in column-major order (a transposed view: LAPACK needs no
+    copy), in a new float64 m x m matrix, or with `overwrite` in `xtx` itself (float64; a
+    float32 copy is kept to start again from should the factorisation fail). Either way
+    L reads the upper triangle of `xtx` (X^T X is symmetric up to rounding).
     """
     if not torch.isfinite(xtx).all():
         raise AecompressError("X^T X has NaN or infinite entries: cannot whiten")
@@ -132,13 +140,14 @@ def whitening(xtx: torch.Tensor, ridge: float = 1e-4) -> torch.Tensor:
     if mean <= 0:
         logger.warning("X^T X is zero (input never seen): whitening with the identity")
         return torch.eye(size, dtype=torch.float64, device=xtx.device)
-    factor = column_major(size, xtx.device)
+    overwrite = overwrite and xtx.dtype == torch.float64 and xtx.is_contiguous()
+    factor = xtx.T if overwrite else column_major(size, xtx.device)
+    source = xtx.float() if overwrite else xtx
     info = torch.empty((), dtype=torch.int32, device=xtx.device)
     shift = ridge * mean
     while True:
-        factor.copy_(xtx)
-        factor += xtx.T
-        factor /= 2
+        if not overwrite or shift > ridge * mean:  # the first attempt finds xtx in place
+            factor.copy_(source.T)
         factor.diagonal().add_(shift)
         torch.linalg.cholesky_ex(factor, out=(factor, info))
         if info.item() == 0:

@@ -341,17 +341,19 @@ def obs_prune(
     damp: float = 0.01,
     block_size: int = 128,
     n_m: tuple[int, int] | None = None,
+    overwrite: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SparseGPT's pruning of `weight` [n, m] to `kept` weights under inputs with Gram
     `xtx` [m, m]: column by column, the weights of least w^2 / [U]_jj^2 (U the upper
     Cholesky factor of (X^T X + damp)^-1) are zeroed and the error they make is spread
     onto the columns not yet visited (the optimal brain surgeon update), in blocks of
     columns with lazy updates. Each block prunes its share of the budget (unstructured),
-    or M - N of every M weights of a row (N:M). Returns (kept mask, updated values)."""
+    or M - N of every M weights of a row (N:M). Returns (kept mask, updated values).
+    `overwrite`: `xtx` may be factorised in place (no one reads it after)."""
     rows, cols = weight.shape
     work = weight.detach().clone().float()
-    upper = _inverse_cholesky(xtx, damp)
-    work[:, xtx.diagonal() == 0] = 0
+    work[:, xtx.diagonal() == 0] = 0  # inputs never seen
+    upper = _inverse_cholesky(xtx, damp, overwrite)
     pruned_total = rows * cols - kept
     pruned = torch.zeros(rows, cols, dtype=torch.bool, device=weight.device)
     for start in range(0, cols, block_size):
@@ -383,12 +385,12 @@ def obs_prune(
     return ~pruned, work
 
 
-def _inverse_cholesky(xtx: torch.Tensor, damp: float) -> torch.Tensor:
+def _inverse_cholesky(xtx: torch.Tensor, damp: float, overwrite: bool = False) -> torch.Tensor:
     """U (upper, float32) with U^T U = (X^T X + damp * mean diag I)^-1, the diagonal of
-    inputs never seen set to 1; float64 inside, one m x m float64 matrix factorised,
-    inverted and factorised again in place."""
-    factor = column_major(xtx.shape[0], xtx.device)
-    factor.copy_(xtx)
+    inputs never seen set to 1; float64 inside: one m x m matrix (a new one, or with
+    `overwrite` `xtx` itself) factorised, inverted and factorised again in place."""
+    overwrite = overwrite and xtx.dtype == torch.float64 and xtx.is_contiguous()
+    factor = xtx.T if overwrite else column_major(xtx.shape[0], xtx.device).copy_(xtx.T)
     diagonal = factor.diagonal()
     diagonal[diagonal == 0] = 1
     diagonal += damp * diagonal.mean()
@@ -420,6 +422,7 @@ class SparseGPT(CalibratedSparseMethod):
                 damp=self.options.damp,
                 block_size=self.options.block_size,
                 n_m=self.options.n_m,
+                overwrite=context.owns_statistics,
             )
             for index, (weight, count) in enumerate(
                 zip(matrices, split_evenly(kept, len(matrices)), strict=True)

@@ -9,6 +9,7 @@ low-rank part gets `share` of the budget, the sparse part the rest (positions co
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any, Literal
 
 import torch
@@ -128,7 +129,7 @@ class SparseLowRank(Method):
             a, b = weighted_svd(weight - sparse, rank, None, scaling)
             mask, values = self._prune(weight - a @ b, xtx, kept)
             sparse = values * mask
-        lowrank = self.lowrank.fit([weight - sparse], rank, context)
+        lowrank = self.lowrank.fit([weight - sparse], rank, replace(context, owns_statistics=False))
         mask, values = self._prune(
             weight - self.lowrank.reconstruct(lowrank, 0).detach(), xtx, kept
         )

@@ -190,7 +190,8 @@ class SVDLLM(SVD):
         if context.spec.kind == "embedding":
             return count_weights(context, self.options.count_ridge).sqrt(), None
         pooled = summed([context.statistic(i, "xtx") for i in range(len(matrices))])
-        return None, Scaling(whitening(pooled, self.options.ridge))
+        overwrite = context.owns_statistics or len(matrices) > 1  # a sum is a new matrix
+        return None, Scaling(whitening(pooled, self.options.ridge, overwrite))
 
 
 class SharedBasisOptions(WhiteningOptions):

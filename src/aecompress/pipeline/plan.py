@@ -100,13 +100,16 @@ def fit_group(
     seed: int,
     validate: Callable[[list[torch.Tensor]], float] | None = None,
     progress: bool = True,
+    owns_statistics: bool = False,
 ) -> CompressedGroup:
     """Fit the planned method on `matrices` (the group's, or targets standing in for them),
     and check that it stored what its width costs, within budget, all finite."""
     method, spec = planned.method, planned.spec
     if statistics is not None:  # where the matrices are (cached statistics are on the CPU)
         statistics = [on_device(s, matrices[0].device) for s in statistics]
-    context = FitContext(spec, planned.budget, seed, statistics, validate, progress)
+    context = FitContext(
+        spec, planned.budget, seed, statistics, validate, progress, owns_statistics
+    )
     width = method.solve_width(matrices, context)
     stored = method.fit(matrices, width, context).as_parameters()
     fitted = CompressedGroup(planned.group, method, stored, (spec.rows, spec.cols))

@@ -80,11 +80,11 @@ class Moments:
 
     def add(self, compressed: torch.Tensor, dense: torch.Tensor | None) -> None:
         xc = compressed.reshape(-1, compressed.shape[-1]).float()
-        self.gram = _accumulate(self.gram, xc.T @ xc)
+        self.gram = _add_product(self.gram, xc, xc)
         self.abs_sum = _accumulate(self.abs_sum, xc.abs().sum(0))
         if dense is not None:
             xd = dense.reshape(-1, dense.shape[-1]).float()
-            self.cross = _accumulate(self.cross, xd.T @ xc)
+            self.cross = _add_product(self.cross, xd, xc)
         self.tokens += xc.shape[0]
 
     def ridge(self, damp: float) -> float:
@@ -105,6 +105,19 @@ class Moments:
         rhs = self.cross.T @ transposed
         rhs += ridge * transposed
         return torch.linalg.solve(damped, rhs).T.float()
+
+
+def _add_product(
+    total: torch.Tensor | None, left: torch.Tensor, right: torch.Tensor, rows: int = 1024
+) -> torch.Tensor:
+    """total + left^T right in float64, in place, `rows` rows of the product at a time (each
+    float32 block added as it is made: no full-size product beside the sum)."""
+    if total is None:
+        shape = (left.shape[1], right.shape[1])
+        total = torch.zeros(shape, dtype=torch.float64, device=left.device)
+    for start in range(0, left.shape[1], rows):
+        total[start : start + rows] += left[:, start : start + rows].T @ right
+    return total
 
 
 def _accumulate(total: torch.Tensor | None, batch: torch.Tensor) -> torch.Tensor:
@@ -246,7 +259,7 @@ def fit_position(
 ) -> list[CompressedGroup]:
     """Fit each group on its (compensated) matrices and statistics, and swap it in."""
     fitted = []
-    for plan in groups:
+    for position, plan in enumerate(groups):
         members = plan.group.members
         matrices = finite_matrices(model, members)
         statistics = []
@@ -265,10 +278,19 @@ def fit_position(
             seed=seed,
             validate=make_validate(model, tokenizer, plan.group),
             progress=progress,
+            owns_statistics=_last_reader(plan, groups[position + 1 :], moments),
         )
         inject(model, plan.group, plan.method, group.stored)
         fitted.append(group)
     return fitted
+
+
+def _last_reader(
+    plan: PlannedGroup, later: list[PlannedGroup], moments: dict[str, Moments]
+) -> bool:
+    """Whether no later group reads the X^T X of `plan`'s members (q, k, v share one)."""
+    grams = {id(moments[t.path].gram) for t in plan.group.members}
+    return not any(id(moments[t.path].gram) in grams for p in later for t in p.group.members)
 
 
 def run_sequential(
