@@ -35,6 +35,7 @@ from aecompress.errors import AecompressError, describe, first_line
 from aecompress.methods import Method, Stored, make_method
 from aecompress.methods.base import GroupSpec
 from aecompress.models import load_tokenizer
+from aecompress.numerics import all_finite
 from aecompress.recipe import Recipe
 from aecompress.substitution import Serving, inject, restore
 from aecompress.targets import (
@@ -350,7 +351,7 @@ def export_dense(artifact: str | Path, output: str | Path) -> Path:
 
 def check_finite(key: str, tensor: torch.Tensor, dtype_name: str) -> None:
     """Refuse to save NaN or infinite numbers (e.g. values beyond float16's range)."""
-    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+    if not all_finite(tensor):
         raise AecompressError(
             f"{key} holds NaN or infinite values in {dtype_name}: not saving it "
             "(values beyond float16's range need --storage-dtype bfloat16 or float32)"

@@ -36,6 +36,7 @@ from aecompress.cache import cache_dir, read_entry, write_entry
 from aecompress.data import wikitext2_text
 from aecompress.errors import AecompressError
 from aecompress.models import check_positions, is_causal_lm, is_masked_lm, model_device
+from aecompress.numerics import all_finite
 from aecompress.targets import Target, dense_weight
 
 ACTIVATION_STATISTICS = frozenset({"xtx", "abs_mean", "counts"})
@@ -75,7 +76,7 @@ def _check_finite(stats: dict[str, TargetStatistics]) -> None:
     for name, entry in stats.items():
         for field in _TENSOR_FIELDS:
             value = getattr(entry, field)
-            if value is not None and not torch.isfinite(value).all():
+            if value is not None and not all_finite(value):
                 raise AecompressError(
                     f"calibration statistics ({field}) of {name} are not finite: the "
                     "model's activations or gradients overflow"

@@ -17,6 +17,7 @@ import torch
 
 from aecompress.errors import AecompressError
 from aecompress.methods.base import FitContext
+from aecompress.numerics import all_finite
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +134,7 @@ def whitening(xtx: torch.Tensor, ridge: float = 1e-4, overwrite: bool = False) -
     float32 copy is kept to start again from should the factorisation fail). Either way
     L reads the upper triangle of `xtx` (X^T X is symmetric up to rounding).
     """
-    if not torch.isfinite(xtx).all():
+    if not all_finite(xtx):
         raise AecompressError("X^T X has NaN or infinite entries: cannot whiten")
     size = xtx.shape[0]
     mean = (xtx.diagonal().double().sum() / size).item()
@@ -213,6 +214,6 @@ def row_weights(kind: str, context: FitContext) -> torch.Tensor:
             )
         parts.append(weight)
     weights = torch.cat(parts)
-    if not torch.isfinite(weights).all() or not (weights > 0).any():
+    if not all_finite(weights) or not (weights > 0).any():
         raise AecompressError(f"{spec.name}: '{kind}' row weights are not finite and positive")
     return weights

@@ -17,6 +17,7 @@ from aecompress.calibration import TargetStatistics
 from aecompress.errors import AecompressError
 from aecompress.evaluation.validation import validation_metric
 from aecompress.methods import FitContext, GroupSpec, Method, make_method
+from aecompress.numerics import all_finite
 from aecompress.recipe import Recipe
 from aecompress.targets import (
     Group,
@@ -85,7 +86,7 @@ def finite_matrices(model: nn.Module, targets: Sequence[Target]) -> list[torch.T
     """Copies of the targets' weights ([out, in], float32), refused if not finite."""
     matrices = [weight_matrix(model, t).float().clone() for t in targets]
     for target, matrix in zip(targets, matrices, strict=True):
-        if not torch.isfinite(matrix).all():
+        if not all_finite(matrix):
             raise AecompressError(
                 f"{target.name} has NaN or infinite weights: refusing to compress"
             )
@@ -120,7 +121,7 @@ def fit_group(
             f"(its width costs {declared}; budget {planned.budget:.0f})"
         )
     for name, tensor in stored.tensors().items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if not all_finite(tensor):
             raise AecompressError(
                 f"{method.name} produced non-finite values for {spec.name} ({name}): "
                 "not saving them"
