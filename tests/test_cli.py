@@ -335,7 +335,8 @@ def test_evaluate_probe_reaches_the_probe_and_records_it(monkeypatch, tmp_path, 
     args = ["evaluate", str(tmp_path / "bert"), "--task", "glue-rte", "--task", "stsb"]
     code, stdout, err = invoke(*args, "--probe", "--max-train", "12", "--json", str(tmp_path / "r"))
     assert code == 0, err
-    assert encoded == [12, 277]  # the capped train split, then RTE dev
+    # the capped train split, then RTE dev, each sentence of the pairs encoded alone
+    assert encoded == [12, 12, 277, 277]
     records = json.loads((tmp_path / "r").read_text())
     assert [r["task"] for r in records] == ["glue-rte-probe", "stsb"]
     assert records[0]["settings"]["max_train"] == 12
