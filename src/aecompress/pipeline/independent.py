@@ -27,7 +27,9 @@ def run_independent(
     seed: int,
     progress: bool = True,
 ) -> list[CompressedGroup]:
-    """Fit every planned group in order and swap its modules in."""
+    """Fit every planned group in order and swap its modules in, deferred: each is built
+    on its first call (a validation pass), so a run that is only saved never holds decoded
+    copies of sparse or AE groups beside their stored tensors."""
     needed = set().union(*(p.method.statistics_needed() for p in planned))
     statistics = None
     if needed:
@@ -47,6 +49,6 @@ def run_independent(
             progress=progress,
         )
         tied = tied_output if plan.group.family == "embed" else None
-        inject(model, plan.group, plan.method, fitted.stored, tied)
+        inject(model, plan.group, plan.method, fitted.stored, tied, serving="deferred")
         fitted_groups.append(fitted)
     return fitted_groups
