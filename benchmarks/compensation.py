@@ -11,6 +11,16 @@ finish, so an interrupted run resumes where it stopped.
     PYTHONPATH=src python benchmarks/compensation.py --out benchmarks/results/compensation
     PYTHONPATH=src python benchmarks/compensation.py --rows sparsegpt:seq --ratios 1.25 --quick
     PYTHONPATH=src python benchmarks/compensation.py --list   # the rows
+
+The external reference, llm-compressor's one-shot SparseGPT and Wanda on the same model,
+calibration windows, targets and evaluation (sparsity 1 - 1/R + 1/32: the kept values plus
+a one-bit-per-weight mask at ratio R), runs under a Python that has llmcompressor installed
+beside aecompress (an optional extra, never a dependency: it pins its own transformers):
+
+    python -m venv /tmp/llmc && /tmp/llmc/bin/pip install torch==2.13.0 && \
+        /tmp/llmc/bin/pip install llmcompressor -e '.[models]'
+    PYTHONPATH=src python benchmarks/compensation.py --rows llmcompressor:sparsegpt \
+        --llmcompressor-python /tmp/llmc/bin/python --ratios 1.25
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -46,6 +57,7 @@ class Row:
 
 
 def row(name: str, method: str, zero_shot: bool = False, **fields: Any) -> Row:
+    """A row; `method` "llmcompressor:MODIFIER" is the external reference (no recipe)."""
     ratios = fields.pop("ratios", None)
     return Row(name, {"method": method, **fields}, zero_shot, ratios)
 
@@ -99,7 +111,12 @@ ROWS = [
     row("sparse-lowrank:seq:dense", "sparse-lowrank", zero_shot=True, **SEQ_DENSE),
     row("sparse-lowrank(ae):seq", "sparse-lowrank", options={"lowrank": "ae-data"}, **SEQ),
     row("sparse-lowrank:seq+refine", "sparse-lowrank", **SEQ, **REFINE),
+    # the external reference: llm-compressor 0.14, its default (sequential) pipeline
+    row("llmcompressor:sparsegpt", "llmcompressor:SparseGPTModifier"),
+    row("llmcompressor:wanda", "llmcompressor:WandaPruningModifier"),
 ]
+EXTERNAL = "llmcompressor:"
+LINEAR_PATHS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}
 
 
 ROW_ORDER = {entry.name: index for index, entry in enumerate(ROWS)}
@@ -115,6 +132,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="4 windows, no zero-shot")
     parser.add_argument("--out", type=Path, help="folder for results.jsonl and report.md")
     parser.add_argument("--list", action="store_true", help="print the rows and exit")
+    parser.add_argument(
+        "--llmcompressor-python",
+        default=sys.executable,
+        help="the Python that runs the llmcompressor:* rows (one with llmcompressor installed)",
+    )
     parser.add_argument("--cell", help=argparse.SUPPRESS)  # internal: run one cell
     args = parser.parse_args()
     if args.list:
@@ -158,14 +180,18 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
     loaded = load_model(cell["model"])
     start = time.perf_counter()
     ratio = None
-    if cell["recipe"] is not None:
+    external = cell["recipe"] is not None and cell["recipe"]["method"].startswith(EXTERNAL)
+    if external:
+        modifier = cell["recipe"]["method"].removeprefix(EXTERNAL)
+        ratio = llmcompressor_prune(loaded, modifier, cell["ratio"], cell["targets"])
+    elif cell["recipe"] is not None:
         recipe = {**cell["recipe"], "ratio": cell["ratio"], "targets": cell["targets"]}
         compressed = aecompress.compress(loaded, progress=False, **recipe)
         ratio = compressed.totals()["ratio"]
     compress_seconds = time.perf_counter() - start
     peak_compress = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
     artifact_bytes = None
-    if cell["recipe"] is not None:
+    if cell["recipe"] is not None and not external:
         with tempfile.TemporaryDirectory() as folder:
             compressed.save_pretrained(Path(folder) / "artifact")
             artifact_bytes = read_manifest(Path(folder) / "artifact")["totals"]["artifact_bytes"]
@@ -188,6 +214,44 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
         "seconds": round(time.perf_counter() - start, 1),
     }
+
+
+def llmcompressor_prune(loaded: Any, modifier: str, ratio: float, targets: str) -> float:
+    """Prune the targets in place with llm-compressor's one-shot `modifier` at the sparsity
+    that stores 1/ratio of their numbers (kept values + a one-bit mask), calibrated on the
+    windows aecompress calibrates on; returns the stored ratio counted from the weights."""
+    import math
+
+    import datasets
+    import torch
+    from llmcompressor import modifiers, oneshot
+
+    from aecompress.calibration import CalibrationConfig, calibration_windows
+
+    config = CalibrationConfig()
+    windows = calibration_windows(loaded.tokenizer, config)
+    data = datasets.Dataset.from_dict(
+        {"input_ids": windows.tolist(), "attention_mask": torch.ones_like(windows).tolist()}
+    )
+    names = "|".join(LINEAR_PATHS.get(t, f"{t}_proj") for t in targets.split(","))
+    pattern = f"re:.*\\.({names})$"
+    sparsity = 1 - 1 / ratio + 1 / 32
+    recipe = getattr(modifiers, modifier)(sparsity=sparsity, targets=[pattern], ignore=["lm_head"])
+    oneshot(
+        model=loaded.model,
+        dataset=data,
+        recipe=recipe,
+        num_calibration_samples=config.samples,
+        max_seq_length=config.seq_len,
+        shuffle_calibration_samples=False,
+    )
+    dense = stored = 0
+    for name, module in loaded.model.named_modules():
+        if re.fullmatch(pattern.removeprefix("re:"), name):
+            weight = module.weight
+            dense += weight.numel()
+            stored += int(weight.count_nonzero()) + math.ceil(weight.numel() / 32)
+    return dense / stored
 
 
 def cells(args: argparse.Namespace, model: str) -> list[dict[str, Any]]:
@@ -308,7 +372,9 @@ def main() -> None:
         identity = key(cell)
         if identity in done:
             continue
-        command = [sys.executable, __file__, "--cell", json.dumps(cell)]
+        external = cell["recipe"] is not None and cell["recipe"]["method"].startswith(EXTERNAL)
+        python = args.llmcompressor_python if external else sys.executable
+        command = [python, __file__, "--cell", json.dumps(cell)]
         finished = subprocess.run(command, capture_output=True, text=True, env=env)
         if finished.returncode == 0:
             record = json.loads(finished.stdout.strip().splitlines()[-1])
