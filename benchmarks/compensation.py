@@ -65,6 +65,8 @@ def row(name: str, method: str, zero_shot: bool = False, **fields: Any) -> Row:
 # the sequential pipeline with each target spelled out (the default is `local`)
 SEQ = {"pipeline": "sequential", "sequential": {"target": "local"}}
 SEQ_DENSE = {"pipeline": "sequential", "sequential": {"target": "dense"}}
+# every layer of a block calibrated in one pass of the block as it was (llm-compressor's order)
+SEQ_BLOCK = {"pipeline": "sequential", "sequential": {"target": "local", "granularity": "block"}}
 IND = {"pipeline": "independent"}
 REFINE = {"refine": {"steps": 40}}
 CAL4 = {"samples": 128, "seq_len": 512}
@@ -77,6 +79,7 @@ ROWS = [
     row("svdllm", "svdllm", **IND),
     row("svdllm:seq", "svdllm", **SEQ),
     row("svdllm:seq:dense", "svdllm", **SEQ_DENSE),
+    row("svdllm:seq:block", "svdllm", **SEQ_BLOCK),
     row("svdllm:seq+refine", "svdllm", **SEQ, **REFINE),
     row("svdllm:seq+alloc", "svdllm", **SEQ, allocate="sensitivity"),
     row("shared-basis:2", "shared-basis", group="layers:2", **IND),
@@ -94,6 +97,7 @@ ROWS = [
     row("sparsegpt", "sparsegpt", **IND),
     row("sparsegpt:seq", "sparsegpt", **SEQ),
     row("sparsegpt:seq:dense", "sparsegpt", zero_shot=True, **SEQ_DENSE),
+    row("sparsegpt:seq:block", "sparsegpt", **SEQ_BLOCK),
     row("sparsegpt:seq:dense:fp32", "sparsegpt", **SEQ_DENSE, storage_dtype="float32"),
     # the storage dtype spelled out (the default is bfloat16): artifact bytes and perplexity
     row("sparsegpt:seq:bf16", "sparsegpt", **SEQ, storage_dtype="bfloat16", ratios=(1.25,)),
@@ -224,7 +228,8 @@ def llmcompressor_prune(loaded: Any, modifier: str, ratio: float, targets: str) 
 
     import datasets
     import torch
-    from llmcompressor import modifiers, oneshot
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers import pruning
 
     from aecompress.calibration import CalibrationConfig, calibration_windows
 
@@ -236,7 +241,7 @@ def llmcompressor_prune(loaded: Any, modifier: str, ratio: float, targets: str) 
     names = "|".join(LINEAR_PATHS.get(t, f"{t}_proj") for t in targets.split(","))
     pattern = f"re:.*\\.({names})$"
     sparsity = 1 - 1 / ratio + 1 / 32
-    recipe = getattr(modifiers, modifier)(sparsity=sparsity, targets=[pattern], ignore=["lm_head"])
+    recipe = getattr(pruning, modifier)(sparsity=sparsity, targets=[pattern], ignore=["lm_head"])
     oneshot(
         model=loaded.model,
         dataset=data,

@@ -52,12 +52,16 @@ class SequentialConfig(BaseModel):
     """`target`: `local` fits each layer to its own outputs on the compressed stream
     (GPTQ's target; measured better on WikiText-2 validation), `dense` to the dense model's
     outputs on the dense stream (compensating upstream error); `damp`: lambda relative to
-    H's mean diagonal (dense target only)."""
+    H's mean diagonal (dense target only); `granularity`: `layer` calibrates each layer on
+    the inputs that the layers before it in its block produce as already compressed (GPTQ's
+    true sequential order), `block` calibrates every layer of a block in one pass of the
+    block as it was (llm-compressor's sequential pipeline), then compresses them all."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     target: Literal["dense", "local"] = "local"
     damp: float = Field(1e-3, ge=0)
+    granularity: Literal["layer", "block"] = "layer"
 
 
 class RefineConfig(BaseModel):

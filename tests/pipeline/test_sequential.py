@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import aecompress
+from aecompress.calibration import CalibrationConfig, calibration_windows
 from aecompress.models import LoadedModel
 from aecompress.pipeline import sequential
 from aecompress.pipeline.plan import plan_groups
@@ -162,3 +163,43 @@ def test_the_dense_stream_is_kept_only_when_something_reads_it(
     assert len(captures) == (2 if kept else 1)
     blocks = transformer_blocks(model)[1]
     assert (type(blocks[0]) in copies) == kept
+
+
+@pytest.mark.parametrize("granularity", ["layer", "block"])
+def test_block_granularity_calibrates_every_layer_on_the_block_as_it_was(
+    tokenizer, monkeypatch, granularity
+):
+    """`layer`: down is fitted under the outputs of the compressed up; `block`: under those
+    of the block as it was (one pass, before any of its layers is replaced)."""
+    grams: dict[str, torch.Tensor] = {}
+    fit_group = sequential.fit_group
+
+    def recording(plan, matrices, statistics, **kwargs):
+        grams[plan.group.members[0].path] = statistics[0].xtx.clone()
+        return fit_group(plan, matrices, statistics, **kwargs)
+
+    monkeypatch.setattr(sequential, "fit_group", recording)
+    model = make_tiny("llama", vocab=tokenizer.vocab_size)
+    down = "model.layers.0.mlp.down_proj"
+    seen: list[torch.Tensor] = []
+    hook = model.get_submodule(down).register_forward_pre_hook(
+        lambda _module, args: seen.append(args[0].reshape(-1, args[0].shape[-1]).double())
+    )
+    windows = calibration_windows(tokenizer, CalibrationConfig(**CALIBRATION))
+    with torch.no_grad():
+        model(input_ids=windows)
+    hook.remove()
+    as_it_was = torch.cat(seen).T @ torch.cat(seen)
+    loaded = LoadedModel(model, tokenizer, "tiny", "AutoModelForCausalLM")
+    aecompress.compress(
+        loaded,
+        method="sparsegpt",
+        ratio=2,
+        targets=["up", "down"],
+        pipeline="sequential",
+        sequential={"granularity": granularity},
+        calibration=CALIBRATION,
+        progress=False,
+    )
+    same = torch.allclose(grams[down], as_it_was, rtol=1e-4, atol=1e-6)
+    assert same == (granularity == "block")

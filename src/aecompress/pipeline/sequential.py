@@ -341,6 +341,8 @@ def run_sequential(
             positions = forward_positions(
                 live, stage, blocks_path, streams.compressed[0], inputs[0]
             )
+            if config.granularity == "block":  # one pass of the stage as it was
+                positions = [[plan for groups in positions for plan in groups]]
             for groups in positions:
                 needs_dense = config.target == "dense" and any(compensates(g) for g in groups)
                 moments = collect_moments(
