@@ -98,6 +98,7 @@ ROWS = [
     row("sparsegpt:seq", "sparsegpt", **SEQ),
     row("sparsegpt:seq:dense", "sparsegpt", zero_shot=True, **SEQ_DENSE),
     row("sparsegpt:seq:block", "sparsegpt", **SEQ_BLOCK),
+    row("sparsegpt:seq:block+refine", "sparsegpt", **SEQ_BLOCK, **REFINE),
     row("sparsegpt:seq:dense:fp32", "sparsegpt", **SEQ_DENSE, storage_dtype="float32"),
     # the storage dtype spelled out (the default is bfloat16): artifact bytes and perplexity
     row("sparsegpt:seq:bf16", "sparsegpt", **SEQ, storage_dtype="bfloat16", ratios=(1.25,)),

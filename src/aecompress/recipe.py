@@ -52,16 +52,18 @@ class SequentialConfig(BaseModel):
     """`target`: `local` fits each layer to its own outputs on the compressed stream
     (GPTQ's target; measured better on WikiText-2 validation), `dense` to the dense model's
     outputs on the dense stream (compensating upstream error); `damp`: lambda relative to
-    H's mean diagonal (dense target only); `granularity`: `layer` calibrates each layer on
-    the inputs that the layers before it in its block produce as already compressed (GPTQ's
-    true sequential order), `block` calibrates every layer of a block in one pass of the
-    block as it was (llm-compressor's sequential pipeline), then compresses them all."""
+    H's mean diagonal (dense target only); `granularity`: `block` calibrates every layer of
+    a block in one pass of the block as it was (llm-compressor's sequential pipeline), then
+    compresses them all; `layer` calibrates each layer on the inputs that the layers before
+    it in its block produce as already compressed (GPTQ's true sequential order). `block`
+    measured better or equal on WikiText-2 validation (SmolLM2 MLPs, ratios 1.25 / 1.67:
+    sparsegpt 23.82 / 30.33 against 23.82 / 30.50, svdllm 62.9 / 143.9 against 64.5 / 145.8)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     target: Literal["dense", "local"] = "local"
     damp: float = Field(1e-3, ge=0)
-    granularity: Literal["layer", "block"] = "layer"
+    granularity: Literal["block", "layer"] = "block"
 
 
 class RefineConfig(BaseModel):

@@ -5,11 +5,13 @@ Two hidden-state streams run over the calibration windows side by side: the comp
 one (blocks 0..i-1 as compressed) and the dense one (the original model), the latter only
 when something reads it (the dense target, block refinement). Targets outside
 the blocks (token embeddings and a tied head) are fitted first, on dense statistics.
-Then each stage (one block, or the adjacent blocks a stacked group spans) is processed
-position by position in its forward order (q, k, v; o; up, gate; down): one pass of both
-streams up to that position collects, per target, the compressed-stream Gram
-H = X_c^T X_c (and, for the dense target, the cross moment C = X_d^T X_c), the groups at
-that position are fitted and swapped in, and the next position sees their outputs. With
+Then each stage (one block, or the adjacent blocks a stacked group spans) is processed.
+With granularity `block` (the default) one pass of both streams through the stage as it
+was collects, per target, the compressed-stream Gram H = X_c^T X_c (and, for the dense
+target, the cross moment C = X_d^T X_c), and every group is fitted and swapped in. With
+`layer` the stage goes position by position in its forward order (q, k, v; o; up, gate;
+down): a pass up to the position collects its moments, its groups are fitted and swapped
+in, and the next position sees their outputs. With
 the `local` target (the default) a method that measures output error (it asks for `xtx`)
 fits the layer's own weights under the compressed inputs' H, as GPTQ and SparseGPT do.
 With the `dense` target it fits the compensated target
@@ -271,6 +273,7 @@ def fit_position(
             statistics.append(stats)
             if compensates(plan) and config.target == "dense":
                 matrices[index] = entry.compensated(matrices[index], config.damp)
+        last_reader = _last_reader(plan, groups[position + 1 :], moments)
         group = fit_group(
             plan,
             matrices,
@@ -278,8 +281,12 @@ def fit_position(
             seed=seed,
             validate=make_validate(model, tokenizer, plan.group),
             progress=progress,
-            owns_statistics=_last_reader(plan, groups[position + 1 :], moments),
+            owns_statistics=last_reader,
         )
+        if last_reader:  # free X^T X (factorised where it lay) before the next fit
+            for target in members:
+                moments[target.path].gram = None
+            del statistics
         inject(model, plan.group, plan.method, group.stored)
         fitted.append(group)
     return fitted
