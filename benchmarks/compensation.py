@@ -62,7 +62,8 @@ def row(name: str, method: str, zero_shot: bool = False, **fields: Any) -> Row:
     return Row(name, {"method": method, **fields}, zero_shot, ratios)
 
 
-# the sequential pipeline with each target spelled out (the default is `local`)
+# the sequential pipeline with each target spelled out (the default is `local`); the SEQ
+# rows in results/ ran with granularity `layer`, the default until 2026-11-29 (now `block`)
 SEQ = {"pipeline": "sequential", "sequential": {"target": "local"}}
 SEQ_DENSE = {"pipeline": "sequential", "sequential": {"target": "dense"}}
 # every layer of a block calibrated in one pass of the block as it was (llm-compressor's order)
@@ -122,6 +123,11 @@ ROWS = [
 ]
 EXTERNAL = "llmcompressor:"
 LINEAR_PATHS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}
+
+
+def is_external(cell: dict[str, Any]) -> bool:
+    """Whether the cell is an llm-compressor row (run under --llmcompressor-python)."""
+    return cell["recipe"] is not None and cell["recipe"]["method"].startswith(EXTERNAL)
 
 
 ROW_ORDER = {entry.name: index for index, entry in enumerate(ROWS)}
@@ -185,7 +191,7 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
     loaded = load_model(cell["model"])
     start = time.perf_counter()
     ratio = None
-    external = cell["recipe"] is not None and cell["recipe"]["method"].startswith(EXTERNAL)
+    external = is_external(cell)
     if external:
         modifier = cell["recipe"]["method"].removeprefix(EXTERNAL)
         ratio = llmcompressor_prune(loaded, modifier, cell["ratio"], cell["targets"])
@@ -378,8 +384,7 @@ def main() -> None:
         identity = key(cell)
         if identity in done:
             continue
-        external = cell["recipe"] is not None and cell["recipe"]["method"].startswith(EXTERNAL)
-        python = args.llmcompressor_python if external else sys.executable
+        python = args.llmcompressor_python if is_external(cell) else sys.executable
         command = [python, __file__, "--cell", json.dumps(cell)]
         finished = subprocess.run(command, capture_output=True, text=True, env=env)
         if finished.returncode == 0:
