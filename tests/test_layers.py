@@ -9,7 +9,7 @@ import aecompress
 
 # Bottom to top; a module may import modules of its own layer or of lower ones.
 LAYERS = [
-    ["errors", "version", "data", "cache", "tensorfile", "numerics"],
+    ["errors", "version", "data", "cache", "tensorfile", "numerics", "memory"],
     ["models", "modules", "budget"],
     ["targets"],
     ["calibration"],

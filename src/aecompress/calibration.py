@@ -35,6 +35,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from aecompress.cache import cache_dir, read_entry, write_entry
 from aecompress.data import wikitext2_text
 from aecompress.errors import AecompressError
+from aecompress.memory import trim_heap
 from aecompress.models import check_positions, is_causal_lm, is_masked_lm, model_device
 from aecompress.numerics import all_finite
 from aecompress.targets import Target, dense_weight
@@ -85,7 +86,9 @@ def _check_finite(stats: dict[str, TargetStatistics]) -> None:
 
 def split_ids(tokenizer: PreTrainedTokenizerBase, split: str) -> torch.Tensor:
     """Every token id of a calibration split's text."""
-    return torch.tensor(tokenizer(wikitext2_text(split))["input_ids"], dtype=torch.long)
+    ids = torch.tensor(tokenizer(wikitext2_text(split))["input_ids"], dtype=torch.long)
+    trim_heap()  # the tokeniser's many small allocations, freed
+    return ids
 
 
 def calibration_windows(

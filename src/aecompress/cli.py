@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
@@ -18,6 +17,7 @@ from typer._click.exceptions import ClickException  # the click that typer bundl
 
 from aecompress.errors import AecompressError, first_line
 from aecompress.evaluation.tasks import task_table
+from aecompress.memory import map_large_allocations
 
 if TYPE_CHECKING:
     from aecompress.sweep import Executor
@@ -353,24 +353,9 @@ def _usage_error(error: ClickException) -> str:
     return error.format_message() + hint
 
 
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-
-
-def _return_freed_memory() -> None:
-    """glibc: allocations of 4 MB and more get their own mappings, returned to the system
-    when freed. By default glibc raises that threshold up to 32 MB as large blocks are
-    freed, after which freed activations and statistics stay in the process's heap (0.26
-    GiB more at the peak of compressing four TinyLlama-shape blocks). Elsewhere: nothing."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.mallopt(M_MMAP_THRESHOLD, 4 * 2**20)
-
-
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit status 2, Ctrl-C exits 130."""
-    _return_freed_memory()
+    map_large_allocations()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:

@@ -53,9 +53,10 @@ class SequentialConfig(BaseModel):
     (GPTQ's target; measured better on WikiText-2 validation), `dense` to the dense model's
     outputs on the dense stream (compensating upstream error); `damp`: lambda relative to
     H's mean diagonal (dense target only); `granularity`: `block` calibrates every layer of
-    a block in one pass of the block as it was (llm-compressor's sequential pipeline), then
-    compresses them all; `layer` calibrates each layer on the inputs that the layers before
-    it in its block produce as already compressed (GPTQ's true sequential order). `block`
+    a block on the block as it was (llm-compressor's sequential pipeline; positions fitted
+    last to first, each on a pass through uncompressed ones); `layer` calibrates each
+    layer on the inputs that the layers before it in its block produce as already
+    compressed (GPTQ's true sequential order). `block`
     measured better or equal on WikiText-2 validation (SmolLM2 MLPs, ratios 1.25 / 1.67:
     sparsegpt 23.82 / 30.33 against 23.82 / 30.50, svdllm 62.9 / 143.9 against 64.5 / 145.8)."""
 

@@ -7,7 +7,7 @@ import torch
 
 from aecompress.calibration import TargetStatistics
 from aecompress.errors import AecompressError
-from aecompress.methods import make_method
+from aecompress.methods import linalg, make_method
 from aecompress.methods.linalg import Scaling, weighted_svd, whitening
 from aecompress.pipeline.plan import plan_groups
 from aecompress.recipe import Recipe
@@ -163,6 +163,28 @@ def test_weighted_svd_without_scaling_is_truncated_svd():
     scale = Scaling.diagonal(torch.ones(7))
     a2, b2 = weighted_svd(matrix, 3, torch.ones(9), scale)
     torch.testing.assert_close(a2 @ b2, a @ b)
+
+
+@pytest.mark.parametrize("shape", [(40, 17), (17, 40)], ids=["tall", "wide"])
+@pytest.mark.parametrize("scaling", ["whitening", "diagonal"])
+def test_weighted_svd_in_small_chunks_is_the_optimum(
+    shape: tuple[int, int], scaling: str, monkeypatch: pytest.MonkeyPatch
+):
+    """The weighted matrix is only ever built in chunks (its Gram summed, P^T U_r by row
+    chunks): with chunks of a few rows and columns the factors are still optimal."""
+    monkeypatch.setattr(linalg, "CHUNK_NUMBERS", 50)
+    torch.manual_seed(8)
+    matrix = torch.randn(*shape)
+    rows = torch.rand(shape[0], dtype=torch.float64) + 0.1
+    if scaling == "whitening":
+        x = torch.randn(100, shape[1], dtype=torch.float64) * torch.rand(shape[1])
+        cols = Scaling(whitening(x.T @ x, ridge=1e-6))
+    else:
+        cols = Scaling.diagonal(torch.rand(shape[1]) + 0.5)
+    a, b = weighted_svd(matrix, 5, rows, cols)
+    weighted = cols.apply(rows[:, None] * matrix.double())
+    error = cols.apply(rows[:, None] * (matrix.double() - a.double() @ b.double()))
+    assert torch.linalg.matrix_norm(error).item() == pytest.approx(tail_norm(weighted, 5), rel=1e-4)
 
 
 def test_svdllm_refuses_a_stack_before_any_work_and_points_to_shared_basis():

@@ -10,7 +10,7 @@ from aecompress.calibration import CalibrationConfig, calibration_windows
 from aecompress.models import LoadedModel
 from aecompress.pipeline import sequential
 from aecompress.pipeline.plan import plan_groups
-from aecompress.pipeline.sequential import Moments, forward_positions, plan_stages
+from aecompress.pipeline.sequential import Moments, forward_positions, passes, plan_stages
 from aecompress.pipeline.streams import capture_block_inputs
 from aecompress.recipe import Recipe
 from aecompress.targets import transformer_blocks
@@ -85,6 +85,14 @@ def test_positions_follow_the_forward_order_and_shared_inputs(tokenizer, arch, o
     stage = stages[0]
     positions = forward_positions(blocks[:1], stage, path, hidden[0], inputs[0])
     assert [{p.group.family for p in groups} for groups in positions] == order
+    assert passes(positions, "layer") == positions
+    # block: fitted last to first; down's X^T X outweighs the others' together: two passes
+    block = passes(positions, "block")
+    assert [g for groups in block for g in groups] == [g for p in positions[::-1] for g in p]
+    assert [{p.group.family for p in groups} for groups in block] == [
+        {"down"},
+        set().union(*order[:-1]),
+    ]
 
 
 @pytest.mark.parametrize(
@@ -169,8 +177,9 @@ def test_the_dense_stream_is_kept_only_when_something_reads_it(
 def test_block_granularity_calibrates_every_layer_on_the_block_as_it_was(
     tokenizer, monkeypatch, granularity
 ):
-    """`layer`: down is fitted under the outputs of the compressed up; `block`: under those
-    of the block as it was (one pass, before any of its layers is replaced)."""
+    """`block`: every layer is fitted under the inputs of the block as it was (none of its
+    layers replaced yet); `layer`: each under the outputs of the compressed ones before
+    it (only q, the first, sees the block as it was)."""
     grams: dict[str, torch.Tensor] = {}
     fit_group = sequential.fit_group
 
@@ -180,26 +189,38 @@ def test_block_granularity_calibrates_every_layer_on_the_block_as_it_was(
 
     monkeypatch.setattr(sequential, "fit_group", recording)
     model = make_tiny("llama", vocab=tokenizer.vocab_size)
-    down = "model.layers.0.mlp.down_proj"
-    seen: list[torch.Tensor] = []
-    hook = model.get_submodule(down).register_forward_pre_hook(
-        lambda _module, args: seen.append(args[0].reshape(-1, args[0].shape[-1]).double())
-    )
+    paths = [
+        f"model.layers.0.{p}"
+        for p in ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")
+    ]
+    seen: dict[str, list[torch.Tensor]] = {path: [] for path in paths}
+    hooks = [
+        model.get_submodule(path).register_forward_pre_hook(
+            lambda _module, args, path=path: seen[path].append(
+                args[0].reshape(-1, args[0].shape[-1]).double()
+            )
+        )
+        for path in paths
+    ]
     windows = calibration_windows(tokenizer, CalibrationConfig(**CALIBRATION))
     with torch.no_grad():
         model(input_ids=windows)
-    hook.remove()
-    as_it_was = torch.cat(seen).T @ torch.cat(seen)
+    for hook in hooks:
+        hook.remove()
     loaded = LoadedModel(model, tokenizer, "tiny", "AutoModelForCausalLM")
     aecompress.compress(
         loaded,
         method="sparsegpt",
         ratio=2,
-        targets=["up", "down"],
+        targets=["q", "o", "up", "down"],
         pipeline="sequential",
         sequential={"granularity": granularity},
         calibration=CALIBRATION,
         progress=False,
     )
-    same = torch.allclose(grams[down], as_it_was, rtol=1e-4, atol=1e-6)
-    assert same == (granularity == "block")
+    as_it_was = {  # relative differences are 1e-7 (rounding) or 1e-3 and more
+        path: (grams[path] - torch.cat(x).T @ torch.cat(x)).norm() < 1e-5 * grams[path].norm()
+        for path, x in seen.items()
+    }
+    expected = [True] * 4 if granularity == "block" else [True, False, False, False]
+    assert list(as_it_was.values()) == expected

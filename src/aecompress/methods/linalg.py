@@ -10,7 +10,7 @@ S must be invertible.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -50,23 +50,97 @@ class Scaling:
         """S @ matrix."""
         return self.forward[:, None] * matrix if self.forward.dim() == 1 else self.forward @ matrix
 
+    def left_transposed(self, matrix: torch.Tensor) -> torch.Tensor:
+        """S^T @ matrix."""
+        if self.forward.dim() == 1:
+            return self.forward[:, None] * matrix
+        return self.forward.T @ matrix
 
-def top_right_singular_vectors(matrix: torch.Tensor, rank: int) -> torch.Tensor:
-    """The top-`rank` right singular vectors [m, rank] of `matrix` [n, m], float64, from the
-    smaller of its two Gram matrices (much faster and smaller than an SVD): eigenvectors
-    of M^T M when the matrix is tall; when it is wide, V_r = M^T U_r / s_r from those of
-    M M^T, or the SVD itself when s_r is below 1e-4 s_1 (V_r would lose orthogonality)."""
-    matrix = matrix.double()
-    if matrix.shape[0] >= matrix.shape[1]:
-        _, vectors = torch.linalg.eigh(matrix.T @ matrix)
-        return vectors.flip(1)[:, :rank].contiguous()
-    values, left = torch.linalg.eigh(matrix @ matrix.T)
-    values, left = values.flip(0)[:rank], left.flip(1)[:, :rank]
+    def columns(self, matrix: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """(M @ S)[:, start:stop]."""
+        if self.forward.dim() == 1:
+            return matrix[:, start:stop] * self.forward[start:stop]
+        return matrix @ self.forward[:, start:stop]
+
+
+CHUNK_NUMBERS = 2**21  # entries of a matrix converted to float64 at a time (16 MB)
+
+
+def _weighted_rows(
+    matrix: torch.Tensor, rows: torch.Tensor | None, cols: Scaling | None
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first row, float64 chunk) of diag(rows) M S, CHUNK_NUMBERS entries at a time."""
+    step = max(1, CHUNK_NUMBERS // max(1, matrix.shape[1]))
+    for start in range(0, matrix.shape[0], step):
+        chunk = matrix[start : start + step].double()
+        if cols is not None:
+            chunk = cols.apply(chunk)
+        if rows is not None:
+            chunk = chunk * rows[start : start + step].double()[:, None]
+        yield start, chunk
+
+
+def _weighted_columns(
+    matrix: torch.Tensor, rows: torch.Tensor | None, cols: Scaling | None
+) -> Iterator[torch.Tensor]:
+    """float64 column chunks of diag(rows) M S, CHUNK_NUMBERS entries at a time (each made
+    from row chunks of M: no float64 copy of M)."""
+    count, size = matrix.shape
+    step = max(1, CHUNK_NUMBERS // max(1, count))
+    for stop in range(step, size + step, step):
+        start, stop = stop - step, min(stop, size)
+        chunk = torch.empty(count, stop - start, dtype=torch.float64, device=matrix.device)
+        for first, part in _weighted_rows(matrix, rows, None):
+            end = first + part.shape[0]
+            chunk[first:end] = (
+                part[:, start:stop] if cols is None else cols.columns(part, start, stop)
+            )
+        yield chunk
+
+
+def _times_transposed(
+    matrix: torch.Tensor, rows: torch.Tensor | None, cols: Scaling | None, other: torch.Tensor
+) -> torch.Tensor:
+    """(diag(rows) M S)^T @ other, float64, by row chunks of M."""
+    other = other if rows is None else rows.double()[:, None] * other
+    total = torch.zeros(matrix.shape[1], other.shape[1], dtype=torch.float64, device=other.device)
+    for first, part in _weighted_rows(matrix, None, None):
+        total.addmm_(part.T, other[first : first + part.shape[0]])
+    return total if cols is None else cols.left_transposed(total)
+
+
+def top_right_singular_vectors(
+    matrix: torch.Tensor,
+    rank: int,
+    rows: torch.Tensor | None = None,
+    cols: Scaling | None = None,
+) -> torch.Tensor:
+    """The top-`rank` right singular vectors [m, rank] of P = diag(rows) M S (M [n, m];
+    None: no scaling on that side), float64, from the smaller of P's two Gram matrices
+    (much faster and smaller than an SVD), summed over chunks: P is never formed. Tall:
+    eigenvectors of P^T P. Wide: V_r = P^T U_r / s_r from those of P P^T, or the SVD of P
+    itself when s_r is below 1e-4 s_1 (V_r would lose orthogonality)."""
+    count, size = matrix.shape
+    tall = count >= size
+    side = min(count, size)
+    gram = torch.zeros(side, side, dtype=torch.float64, device=matrix.device)
+    if tall:
+        for _, part in _weighted_rows(matrix, rows, cols):
+            gram.addmm_(part.T, part)
+    else:
+        for part in _weighted_columns(matrix, rows, cols):
+            gram.addmm_(part, part.T)
+    values, vectors = torch.linalg.eigh(gram)
+    del gram
+    values, vectors = values.flip(0)[:rank], vectors.flip(1)[:, :rank]
+    if tall:
+        return vectors.contiguous()
     if values[-1] > 1e-8 * values[0]:
-        vectors = matrix.T @ left
+        vectors = _times_transposed(matrix, rows, cols, vectors)
         vectors /= values.sqrt()
         return vectors
-    _, _, vh = torch.linalg.svd(matrix, full_matrices=False)
+    weighted = torch.cat([chunk for _, chunk in _weighted_rows(matrix, rows, cols)])
+    _, _, vh = torch.linalg.svd(weighted, full_matrices=False)
     return vh[:rank].T.contiguous()
 
 
@@ -83,13 +157,7 @@ def weighted_bases(
     diag(rows) M S. `rows` are non-negative row weights, `cols` an invertible column
     scaling; None means no scaling on that side.
     """
-    matrix = matrix.detach()
-    weighted = matrix.double() if cols is None else cols.apply(matrix.double())
-    if rows is not None:
-        weighted = weighted.clone() if weighted is matrix else weighted  # never the caller's
-        weighted *= rows.double()[:, None]
-    vectors = top_right_singular_vectors(weighted, rank)
-    del weighted  # the largest temporary: gone before the bases are built
+    vectors = top_right_singular_vectors(matrix.detach(), rank, rows, cols)
     if cols is None:
         return vectors, vectors.T
     return cols.left(vectors), cols.undo(vectors.T, in_place=True)
@@ -106,8 +174,8 @@ def weighted_svd(
     matrix = matrix.detach()
     encode, decode = weighted_bases(matrix, rank, rows, cols)
     coefficients = matrix.new_empty(matrix.shape[0], encode.shape[1])
-    for start in range(0, matrix.shape[0], 1024):  # no float64 copy of the whole matrix
-        coefficients[start : start + 1024] = matrix[start : start + 1024].double() @ encode
+    for start, chunk in _weighted_rows(matrix, None, None):  # no float64 copy of the whole
+        coefficients[start : start + chunk.shape[0]] = chunk @ encode
     return coefficients, decode.to(matrix.dtype)
 
 

@@ -358,7 +358,7 @@ def obs_prune(
     pruned = torch.zeros(rows, cols, dtype=torch.bool, device=weight.device)
     for start in range(0, cols, block_size):
         end = min(start + block_size, cols)
-        block, factor = work[:, start:end].clone(), upper[start:end, start:end]
+        block, factor = work[:, start:end].clone(), upper[start:end, start:end].float()
         errors = torch.zeros_like(block)
         diagonal = factor.diagonal()
         if n_m is None:
@@ -381,14 +381,15 @@ def obs_prune(
             block[:, column] = quantised
             errors[:, column] = error
         work[:, start:end] = block
-        work[:, end:] -= errors @ upper[start:end, end:]
+        work[:, end:] -= errors @ upper[start:end, end:].float()  # float32 rows, as needed
     return ~pruned, work
 
 
 def _inverse_cholesky(xtx: torch.Tensor, damp: float, overwrite: bool = False) -> torch.Tensor:
-    """U (upper, float32) with U^T U = (X^T X + damp * mean diag I)^-1, the diagonal of
-    inputs never seen set to 1; float64 inside: one m x m matrix (a new one, or with
-    `overwrite` `xtx` itself) factorised, inverted and factorised again in place."""
+    """U (upper, float64) with U^T U = (X^T X + damp * mean diag I)^-1, the diagonal of
+    inputs never seen set to 1: one m x m matrix (a new one, or with `overwrite` `xtx`
+    itself) factorised, inverted and factorised again in place (no float32 copy beside
+    it: the caller converts the rows it uses)."""
     overwrite = overwrite and xtx.dtype == torch.float64 and xtx.is_contiguous()
     factor = xtx.T if overwrite else column_major(xtx.shape[0], xtx.device).copy_(xtx.T)
     diagonal = factor.diagonal()
@@ -397,7 +398,7 @@ def _inverse_cholesky(xtx: torch.Tensor, damp: float, overwrite: bool = False) -
     torch.linalg.cholesky(factor, out=factor)
     torch.cholesky_inverse(factor, out=factor)
     torch.linalg.cholesky(factor, upper=True, out=factor)
-    return torch.empty(factor.shape, device=factor.device).copy_(factor)  # row-major float32
+    return factor
 
 
 @register

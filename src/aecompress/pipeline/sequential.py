@@ -5,13 +5,16 @@ Two hidden-state streams run over the calibration windows side by side: the comp
 one (blocks 0..i-1 as compressed) and the dense one (the original model), the latter only
 when something reads it (the dense target, block refinement). Targets outside
 the blocks (token embeddings and a tied head) are fitted first, on dense statistics.
-Then each stage (one block, or the adjacent blocks a stacked group spans) is processed.
-With granularity `block` (the default) one pass of both streams through the stage as it
-was collects, per target, the compressed-stream Gram H = X_c^T X_c (and, for the dense
-target, the cross moment C = X_d^T X_c), and every group is fitted and swapped in. With
-`layer` the stage goes position by position in its forward order (q, k, v; o; up, gate;
-down): a pass up to the position collects its moments, its groups are fitted and swapped
-in, and the next position sees their outputs. With
+Then each stage (one block, or the adjacent blocks a stacked group spans) is processed
+position by position (q, k, v; o; up, gate; down: the modules that read one input): a pass
+of both streams up to the position collects, per target, the compressed-stream Gram
+H = X_c^T X_c (and, for the dense target, the cross moment C = X_d^T X_c), then its groups
+are fitted and swapped in. With granularity `block` (the default) the positions go in
+reverse forward order, so each pass runs only through positions not yet compressed: every
+layer is calibrated on the stage as it was (llm-compressor's one pass per block), while
+the statistics held at once are no more than the largest position's (`passes`). With
+`layer` they go in forward order, and each position sees the outputs of the compressed
+ones before it. With
 the `local` target (the default) a method that measures output error (it asks for `xtx`)
 fits the layer's own weights under the compressed inputs' H, as GPTQ and SparseGPT do.
 With the `dense` target it fits the compensated target
@@ -83,7 +86,7 @@ class Moments:
     def add(self, compressed: torch.Tensor, dense: torch.Tensor | None) -> None:
         xc = compressed.reshape(-1, compressed.shape[-1]).float()
         self.gram = _add_product(self.gram, xc, xc)
-        self.abs_sum = _accumulate(self.abs_sum, xc.abs().sum(0))
+        self.abs_sum = _accumulate(self.abs_sum, torch.linalg.vector_norm(xc, 1, dim=0))
         if dense is not None:
             xd = dense.reshape(-1, dense.shape[-1]).float()
             self.cross = _add_product(self.cross, xd, xc)
@@ -208,6 +211,32 @@ def forward_positions(
     return [by_position[p] for p in sorted(by_position)]
 
 
+def passes(positions: list[list[PlannedGroup]], granularity: str) -> list[list[PlannedGroup]]:
+    """The groups of each pass through a stage, in the order they are fitted. `layer`: a
+    pass per position, in forward order. `block`: the positions from last to first, a
+    pass ending at the last position it holds, so it only goes through positions not yet
+    compressed; positions share a pass while their X^T X together are no larger than the
+    largest position's alone (Llama: down, then up, gate, o, q, k, v from one more pass)."""
+    if granularity == "layer":
+        return positions
+    sizes = [_statistics_numbers(groups) for groups in positions]
+    found: list[list[PlannedGroup]] = []
+    held = 0
+    for groups, size in zip(reversed(positions), reversed(sizes), strict=True):
+        if not found or held + size > max(sizes):
+            found.append([])
+            held = 0
+        found[-1] += groups
+        held += size
+    return found
+
+
+def _statistics_numbers(groups: list[PlannedGroup]) -> int:
+    """Numbers in a position's X^T X: one [in, in] per block it spans."""
+    layers = {target.layer for plan in groups for target in plan.group.members}
+    return len(layers) * groups[0].spec.cols ** 2
+
+
 def collect_moments(
     live: Sequence[nn.Module],
     dense: Sequence[nn.Module] | None,
@@ -287,7 +316,8 @@ def fit_position(
             for target in members:
                 moments[target.path].gram = None
             del statistics
-        inject(model, plan.group, plan.method, group.stored)
+        # built when the stage next runs: no decoded copy beside the fits still to come
+        inject(model, plan.group, plan.method, group.stored, serving="deferred")
         fitted.append(group)
     return fitted
 
@@ -348,9 +378,7 @@ def run_sequential(
             positions = forward_positions(
                 live, stage, blocks_path, streams.compressed[0], inputs[0]
             )
-            if config.granularity == "block":  # one pass of the stage as it was
-                positions = [[plan for groups in positions for plan in groups]]
-            for groups in positions:
+            for groups in passes(positions, config.granularity):
                 needs_dense = config.target == "dense" and any(compensates(g) for g in groups)
                 moments = collect_moments(
                     live, dense if needs_dense else None, stage, groups, blocks_path, streams
