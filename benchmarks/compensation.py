@@ -66,7 +66,7 @@ def row(name: str, method: str, zero_shot: bool = False, **fields: Any) -> Row:
 # rows in results/ ran with granularity `layer`, the default until 2026-11-29 (now `block`)
 SEQ = {"pipeline": "sequential", "sequential": {"target": "local"}}
 SEQ_DENSE = {"pipeline": "sequential", "sequential": {"target": "dense"}}
-# every layer of a block calibrated in one pass of the block as it was (llm-compressor's order)
+# every layer of a block calibrated on the block as it was (llm-compressor's order)
 SEQ_BLOCK = {"pipeline": "sequential", "sequential": {"target": "local", "granularity": "block"}}
 IND = {"pipeline": "independent"}
 REFINE = {"refine": {"steps": 40}}

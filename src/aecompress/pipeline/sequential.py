@@ -220,10 +220,11 @@ def passes(positions: list[list[PlannedGroup]], granularity: str) -> list[list[P
     if granularity == "layer":
         return positions
     sizes = [_statistics_numbers(groups) for groups in positions]
+    largest = max(sizes)
     found: list[list[PlannedGroup]] = []
     held = 0
     for groups, size in zip(reversed(positions), reversed(sizes), strict=True):
-        if not found or held + size > max(sizes):
+        if not found or held + size > largest:
             found.append([])
             held = 0
         found[-1] += groups
