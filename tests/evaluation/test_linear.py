@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from aecompress.errors import AecompressError
 from aecompress.evaluation.linear import (
     L2_GRID,
+    LinearHead,
     choose_l2,
     fit_logistic,
     fit_ridge,
@@ -54,6 +55,16 @@ def test_logistic_reaches_the_minimum_of_its_objective() -> None:
     assert weight.grad.abs().max() < 1e-5 and bias.grad.abs().max() < 1e-5
 
 
+def test_logistic_from_a_start_reaches_the_same_optimum() -> None:
+    x, y = blobs(300, 4, gap=1.0, seed=2)
+    start = fit_logistic(x, y, l2=1.0, classes=2)
+    warm = fit_logistic(x, y, 0.01, start, classes=2)
+    cold = fit_logistic(x, y, 0.01, classes=2)
+    assert not torch.allclose(start.weight, cold.weight, atol=1e-3)
+    assert torch.allclose(warm.weight, cold.weight, atol=1e-5)
+    assert torch.allclose(warm.bias, cold.bias, atol=1e-5)
+
+
 def test_ridge_is_the_exact_penalised_least_squares_solution() -> None:
     generator = torch.Generator().manual_seed(3)
     x = torch.randn(50, 6, generator=generator, dtype=torch.float64) + 2
@@ -91,8 +102,8 @@ def test_cross_validation_is_seeded_and_needs_two_examples() -> None:
     def score(outputs: torch.Tensor, gold: torch.Tensor) -> float:
         return accuracy(outputs.argmax(-1).numpy(), gold.numpy())
 
-    def fit(x: torch.Tensor, y: torch.Tensor, l2: float):
-        return fit_logistic(x, y, l2, classes=2)
+    def fit(x: torch.Tensor, y: torch.Tensor, l2: float, start: LinearHead | None):
+        return fit_logistic(x, y, l2, start, classes=2)
 
     runs = [choose_l2(x, y, fit, score, generator=torch.Generator().manual_seed(9)) for _ in "ab"]
     assert runs[0] == runs[1] and runs[0] in L2_GRID

@@ -352,7 +352,7 @@ def fit_head(
             return metric(_predictions(outputs).numpy(), gold.numpy())
 
         l2 = linear.choose_l2(x, y, fit, score, folds=folds)
-    return fit(x, y, l2)
+    return fit(x, y, l2, None)
 
 
 PAIRS = ("joint", "separate")  # how the probe encodes a sentence pair
