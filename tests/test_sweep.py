@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -135,6 +136,26 @@ def test_unknown_recipe_key_is_named(tmp_path):
         "tasks: [{task: wikitext2}]\nratio: 3\n"
     )
     with pytest.raises(AecompressError, match="ratio: Extra inputs are not permitted"):
+        SweepRecipe.from_yaml(path)
+
+
+def test_a_method_can_be_limited_to_some_targets(tmp_path):
+    from aecompress.sweep import cells
+
+    grid = {
+        "name": "g",
+        "models": ["m"],
+        "methods": [{"method": "svd"}, {"method": "sparsegpt", "targets": ["k"]}],
+        "ratios": [2],
+        "targets": ["embed", "k"],
+        "tasks": [{"task": "stsb"}],
+    }
+    found = [(c["targets"], c["label"]) for c in cells(SweepRecipe.model_validate(grid))]
+    assert found == [("embed", "svd"), ("k", "svd"), ("k", "sparsegpt")]
+    grid["methods"][1]["targets"] = ["down"]
+    path = tmp_path / "grid.yaml"
+    path.write_text(json.dumps(grid))
+    with pytest.raises(AecompressError, match=r"sparsegpt: targets \['down'\] are not among"):
         SweepRecipe.from_yaml(path)
 
 
@@ -278,8 +299,6 @@ def test_an_invalid_cell_fails_the_sweep_before_any_work(tmp_path, monkeypatch, 
 
 
 def test_the_glue_probe_recipe_is_the_paper_grid_scored_by_every_probe():
-    from pathlib import Path
-
     from aecompress.evaluation.glue import GLUE_TASKS
     from aecompress.sweep import cell_recipe, cells
 
@@ -291,3 +310,14 @@ def test_the_glue_probe_recipe_is_the_paper_grid_scored_by_every_probe():
     assert [t.task for t in probe.tasks] == [f"glue-{name}-probe" for name in GLUE_TASKS]
     for cell in cells(probe):
         cell_recipe(probe, cell)  # every cell is valid
+
+
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).parents[1] / "benchmarks" / "recipes").glob("*.yaml")), ids=str
+)
+def test_every_committed_sweep_recipe_builds_every_cell(path):
+    from aecompress.sweep import cell_recipe, cells
+
+    grid = SweepRecipe.from_yaml(path)
+    built = [cell_recipe(grid, cell) for cell in cells(grid)]
+    assert built and all(r.targets for r in built)

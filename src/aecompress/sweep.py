@@ -25,7 +25,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from aecompress.calibration import CalibrationConfig
 from aecompress.engine import compress
@@ -44,6 +44,7 @@ class MethodSpec(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict)
     label: str | None = None
     groups: list[str] | None = None  # overrides the sweep's groups for this method
+    targets: list[str] | None = None  # only these of the sweep's targets (default: all)
     # further recipe fields of this method's cells (e.g. pipeline: sequential, refine: 40)
     recipe: dict[str, Any] = Field(default_factory=dict)
 
@@ -106,6 +107,17 @@ class SweepRecipe(BaseModel):
     calibration: CalibrationConfig = CalibrationConfig()
     resources: Resources = Resources()
 
+    @model_validator(mode="after")
+    def _method_targets(self) -> SweepRecipe:
+        for spec in self.methods:
+            unknown = [t for t in spec.targets or [] if t not in self.targets]
+            if unknown:
+                raise ValueError(
+                    f"method {spec.name}: targets {unknown} are not among the sweep's "
+                    f"targets {self.targets}"
+                )
+        return self
+
     @classmethod
     def from_yaml(cls, path: str | Path) -> SweepRecipe:
         data = read_yaml(path, "sweep recipe")
@@ -127,6 +139,8 @@ def cells(sweep: SweepRecipe) -> Iterator[dict[str, Any]]:
     for model, targets, ratio, spec, seed in itertools.product(
         sweep.models, sweep.targets, sweep.ratios, sweep.methods, sweep.seeds
     ):
+        if spec.targets is not None and targets not in spec.targets:
+            continue
         for group in spec.groups or sweep.groups:
             yield {
                 "model": model,
