@@ -12,6 +12,7 @@ from aecompress.methods.autoencoder import (
     PAPER_PRESET,
     Autoencoder,
     AutoencoderOptions,
+    DataAwareOptions,
     solve_latent_width,
     stored_cost,
 )
@@ -345,7 +346,8 @@ def test_data_aware_ae_measures_each_layer_of_a_stack_in_its_own_inputs():
 
 
 def test_the_default_decoder_depends_on_the_kind_of_matrix():
-    """Embeddings: hidden sizes 2x, 4x (the paper's); layers: 16 hidden units."""
+    """Embeddings: hidden sizes 2x, 4x (the paper's); layers: 16 hidden units, or for
+    ae-data a linear decoder."""
     table, layer = (
         AutoencoderOptions().for_kind("embedding"),
         AutoencoderOptions().for_kind("linear"),
@@ -356,3 +358,5 @@ def test_the_default_decoder_depends_on_the_kind_of_matrix():
     assert (given.decoder, given.sizes) == ([3.0], "relative")
     _, stored, _ = fit_method("ae", matrices(1, rows=64, cols=32), ratio=2, options={"epochs": 1})
     assert stored.info["decoder"] == [stored.width, 16, 32]
+    assert DataAwareOptions().for_kind("linear").decoder == []
+    assert DataAwareOptions().for_kind("embedding").decoder == [2.0, 4.0]
