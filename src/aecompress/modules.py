@@ -155,10 +155,12 @@ class DecoderSpec:
         return torch.tanh(x) if self.output == "tanh" else x
 
 
-def decoder_layers(decoder: Mapping[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The (weight [out, in], bias) pairs of a decoder stored as w0, b0, w1, b1, ..."""
+def decoder_layers(
+    decoder: Mapping[str, torch.Tensor],
+) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """The (weight [out, in], bias or None) pairs of a decoder stored as w0, b0, w1, b1, ..."""
     count = sum(1 for name in decoder if name.startswith("w") and name[1:].isdigit())
-    return [(decoder[f"w{i}"], decoder[f"b{i}"]) for i in range(count)]
+    return [(decoder[f"w{i}"], decoder.get(f"b{i}")) for i in range(count)]
 
 
 def decode_rows(

@@ -198,7 +198,7 @@ def test_row_weights_steer_the_fit():
     def error(m, s):
         return (m.reconstruct(s, 0)[:8] - mats[0][:8]).norm()
 
-    assert weighted.width == 8
+    assert weighted.width == 9  # 9 * (64 + 16) <= 64 * 16 / 1.4: a linear decoder has no bias
     assert error(method, weighted) < 0.2 * error(plain_method, plain)
     assert method.statistics_needed() == {"counts"}
     assert plain_method.statistics_needed() == set()
@@ -299,25 +299,36 @@ def test_runtime_modules_decode_like_reconstruct():
 
 
 def test_data_aware_ae_starts_at_svdllm_and_lowers_the_output_error():
-    """ae-data minimises ||(W - W_hat) L||: never worse than SVD-LLM at the same width."""
+    """ae-data minimises ||(W - W_hat) L||: its default linear decoder is SVD-LLM's optimum
+    at its width; a non-linear decoder trained from there is better at the same width."""
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(48, 16, generator=generator)
     inputs = torch.randn(400, 16, generator=generator) * torch.linspace(0.1, 3, 16)
     xtx = (inputs.T @ inputs).double()
     stats = [TargetStatistics(tokens=400, xtx=xtx)]
-    method, stored, _ = fit_method(
-        "ae-data", [weight], ratio=1.5, options={"epochs": 30, "threads": 1}, statistics=stats
-    )
-    x = stored.width
     factor = whitening(xtx / 400, 1e-4)
-    factor = factor.float()
+    u, s, vh = torch.linalg.svd(weight.double() @ factor.double())
 
     def output_error(estimate: torch.Tensor) -> float:
-        return torch.linalg.matrix_norm((weight - estimate) @ factor).item()
+        return torch.linalg.matrix_norm((weight - estimate) @ factor.float()).item()
 
-    u, s, vh = torch.linalg.svd(weight.double() @ factor.double())
-    svdllm = ((u[:, :x] * s[:x]) @ vh[:x]).float() @ torch.linalg.inv(factor)
-    assert output_error(method.reconstruct(stored, 0)) < output_error(svdllm)
+    def svdllm(width: int) -> torch.Tensor:
+        return ((u[:, :width] * s[:width]) @ vh[:width]).float() @ torch.linalg.inv(factor.float())
+
+    for options, closer in (({}, 1.0), ({"decoder": [16], "sizes": "absolute"}, 0.99)):
+        method, stored, _ = fit_method(
+            "ae-data",
+            [weight],
+            ratio=1.5,
+            options={"epochs": 30, "threads": 1, **options},
+            statistics=stats,
+        )
+        error, optimum = (
+            output_error(method.reconstruct(stored, 0)),
+            output_error(svdllm(stored.width)),
+        )
+        assert error <= closer * optimum * (1 + 1e-5)
+    assert stored.info["epoch"] > 0  # the non-linear decoder trained past its start
 
 
 def test_data_aware_ae_measures_each_layer_of_a_stack_in_its_own_inputs():

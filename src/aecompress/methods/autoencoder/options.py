@@ -1,8 +1,9 @@
 """Options of the AE methods (presets `fast` and `paper`) and their budget arithmetic.
 
 Stored for a group of stacked rows [N, m] at latent width x: the codes N*x, the decoder's
-weights and biases (hidden widths multiples of x, or absolute), the skip path x*m beside
-a non-linear decoder, and the N row norms with norm enforcement.
+weights and biases (hidden widths multiples of x, or absolute; a linear decoder has no
+bias), the skip path x*m beside a non-linear decoder, and the N row norms with norm
+enforcement.
 """
 
 from __future__ import annotations
@@ -48,10 +49,11 @@ DEFAULT_DECODERS: Decoders = {
     "embedding": ([2.0, 4.0], "relative"),
     "linear": ([16.0], "absolute"),
 }
-# ae-data on a layer's matrix: a linear decoder (its SVD-LLM start, refined). With 16 hidden
-# units SmolLM2's MLPs at ratio 1.25 gave WikiText-2 validation 69.06 against 63.64
-# linear (sequential, `block`; svdllm 62.86): the hidden layer's numbers cost more rank
-# than its non-linearity gives back.
+# ae-data on a layer's matrix: a linear decoder, i.e. SVD-LLM's solution (the exact optimum
+# of the whitened loss at its width; training keeps it). With 16 hidden units SmolLM2's
+# MLPs at ratio 1.25 gave WikiText-2 validation 69.06 against 63.64 linear with a bias
+# (sequential, `block`; svdllm 62.86): the hidden layer's numbers cost more rank than its
+# non-linearity gives back.
 DATA_AWARE_DECODERS: Decoders = {**DEFAULT_DECODERS, "linear": ([], "absolute")}
 
 
@@ -171,16 +173,23 @@ def encoder_widths(options: AutoencoderOptions, x: int, cols: int) -> list[int]:
     return [cols, *hidden_widths(options.encoder, x, options.sizes), x]
 
 
-def layers_numel(widths: Sequence[int]) -> int:
-    """Weights and biases of a stack of Linear layers with these widths."""
-    return sum(a * b + b for a, b in pairwise(widths))
+def decoder_has_biases(widths: Sequence[int]) -> bool:
+    """Whether a decoder with these widths stores biases: a linear one (no hidden layer) is
+    a low-rank factorisation and spends nothing on them."""
+    return len(widths) > 2
+
+
+def layers_numel(widths: Sequence[int], bias: bool = True) -> int:
+    """Weights (and biases) of a stack of Linear layers with these widths."""
+    return sum(a * b + (b if bias else 0) for a, b in pairwise(widths))
 
 
 def stored_cost(options: AutoencoderOptions, rows: int, cols: int, x: int) -> int:
     """Numbers stored for `rows` stacked rows of width `cols` at latent width x."""
     norms = rows if options.norm else 0
     skip = x * cols if options.has_skip else 0
-    return rows * x + layers_numel(decoder_widths(options, x, cols)) + skip + norms
+    widths = decoder_widths(options, x, cols)
+    return rows * x + layers_numel(widths, decoder_has_biases(widths)) + skip + norms
 
 
 def solve_latent_width(

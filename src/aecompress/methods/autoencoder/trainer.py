@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from aecompress.methods.autoencoder.options import (
     AutoencoderOptions,
+    decoder_has_biases,
     decoder_widths,
     encoder_widths,
 )
@@ -31,8 +32,8 @@ from aecompress.methods.losses import powered_l1_alpha, reconstruction_loss
 from aecompress.modules import DecoderSpec, decode_rows
 
 
-def _linear_stack(widths: list[int]) -> nn.ModuleList:
-    return nn.ModuleList(nn.Linear(a, b) for a, b in pairwise(widths))
+def _linear_stack(widths: list[int], bias: bool = True) -> nn.ModuleList:
+    return nn.ModuleList(nn.Linear(a, b, bias=bias) for a, b in pairwise(widths))
 
 
 def _linears(stack: nn.ModuleList) -> list[nn.Linear]:
@@ -52,7 +53,8 @@ def _encode(encoder: nn.ModuleList, rows: torch.Tensor, spec: DecoderSpec) -> to
 
 def _set_linear(layer: nn.Linear, weight: torch.Tensor) -> None:
     layer.weight.copy_(weight)
-    layer.bias.zero_()
+    if layer.bias is not None:
+        layer.bias.zero_()
 
 
 @contextmanager
@@ -138,7 +140,8 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(context.seed)
         cols = rows.shape[1]
         torch.manual_seed(context.seed)  # nn.Linear initialisation draws from the global RNG
-        self.decoder = _linear_stack(decoder_widths(options, x, cols))
+        widths = decoder_widths(options, x, cols)
+        self.decoder = _linear_stack(widths, bias=decoder_has_biases(widths))
         self.encoder: nn.ModuleList | None = None
         self.codes: nn.Parameter | None = None
         self.skip: nn.Parameter | None = None
@@ -203,10 +206,12 @@ class Trainer:
         return params
 
     def decoder_tensors(self) -> dict[str, torch.Tensor]:
-        """The decoder as stored: w0, b0, w1, b1, ... (+ skip)."""
+        """The decoder as stored: w0, b0, w1, b1, ... (+ skip; a linear decoder: w0 alone)."""
         tensors: dict[str, torch.Tensor] = {}
         for index, layer in enumerate(_linears(self.decoder)):
-            tensors[f"w{index}"], tensors[f"b{index}"] = layer.weight, layer.bias
+            tensors[f"w{index}"] = layer.weight
+            if layer.bias is not None:
+                tensors[f"b{index}"] = layer.bias
         if self.skip is not None:
             tensors["skip"] = self.skip
         return tensors
