@@ -18,7 +18,7 @@ from aecompress.methods.autoencoder import (
 )
 from aecompress.methods.autoencoder.trainer import OutputMetric, starting_bases
 from aecompress.methods.linalg import row_weights, top_right_singular_vectors, whitening
-from aecompress.modules import DecodedEmbedding, DecodedLinear
+from aecompress.modules import DecodedEmbedding, DecodedLinear, DecoderSpec, decode_rows
 from tests.methods.helpers import fit as fit_method
 from tests.methods.helpers import spec_of
 
@@ -76,6 +76,21 @@ def test_stored_numbers_match_the_accounting_and_the_budget():
     assert numel == stored_cost(AutoencoderOptions(decoder=[2, 4]), 120, 24, x) <= budget
     assert stored.info["decoder"] == [x, 2 * x, 4 * x, 24]
     assert stored.info["encoder"] == [24, 8 * x, 4 * x, x]
+
+
+def test_a_linear_decoder_stores_one_matrix_and_no_bias():
+    mats = matrices(3)
+    method, stored, budget = fit({"decoder": [], "epochs": 1}, mats)
+    x = stored.width
+    assert set(stored.shared) == {"w0"} and stored.shared["w0"].shape == (24, x)
+    numel = sum(t.numel() for t in stored.tensors().values())
+    assert numel == 3 * 40 * x + x * 24 == stored_cost(AutoencoderOptions(decoder=[]), 120, 24, x)
+    assert numel <= budget < numel + 120 + 24  # one more width would not fit
+    decoder = dict(stored.shared, b0=torch.zeros(24))  # an artifact written with a bias
+    codes = stored.members[0]["codes"]
+    torch.testing.assert_close(
+        decode_rows(codes, decoder, DecoderSpec(), None), method.reconstruct(stored, 0)
+    )
 
 
 def test_ratio_too_large_is_a_clear_error():
