@@ -70,6 +70,8 @@ SEQ_DENSE = {"pipeline": "sequential", "sequential": {"target": "dense"}}
 SEQ_BLOCK = {"pipeline": "sequential", "sequential": {"target": "local", "granularity": "block"}}
 IND = {"pipeline": "independent"}
 REFINE = {"refine": {"steps": 40}}
+H16 = {"decoder": [16], "sizes": "absolute"}
+REFINE_FAST = {"refine": {"steps": 40, "lr": 1e-3}}
 CAL4 = {"samples": 128, "seq_len": 512}
 CAL16 = {"samples": 256, "seq_len": 1024, "batch_size": 4}
 ROWS = [
@@ -82,13 +84,19 @@ ROWS = [
     row("svdllm:seq:dense", "svdllm", **SEQ_DENSE),
     row("svdllm:seq:block", "svdllm", **SEQ_BLOCK),
     row("svdllm:seq+refine", "svdllm", **SEQ, **REFINE),
+    row("svdllm:seq:block+refine", "svdllm", **SEQ_BLOCK, **REFINE),
+    row("svdllm:seq:block+refine:lr1e-3", "svdllm", **SEQ_BLOCK, **REFINE_FAST),
     row("svdllm:seq+alloc", "svdllm", **SEQ, allocate="sensitivity"),
+    row("svdllm:seq:block+alloc", "svdllm", **SEQ_BLOCK, allocate="sensitivity"),
     row("shared-basis:2", "shared-basis", group="layers:2", **IND),
     row("shared-basis:2:seq", "shared-basis", group="layers:2", **SEQ),
     # the AE
     row("ae", "ae", **IND, ratios=(1.25,)),
     row("ae-data", "ae-data", **IND),
     row("ae-data:seq", "ae-data", **SEQ),
+    # a layer's decoder: 16 hidden units (the default until 2026-11-29) or linear (since)
+    row("ae-data:seq:block:h16", "ae-data", options=H16, **SEQ_BLOCK),
+    row("ae-data:seq:block:linear", "ae-data", options={"decoder": []}, **SEQ_BLOCK),
     row("ae-data:seq+refine", "ae-data", **SEQ, **REFINE),
     row("ae-data:2:seq", "ae-data", group="layers:2", **SEQ),
     # sparse
