@@ -137,10 +137,11 @@ def _out_of_fold_outputs(
     outputs: list[torch.Tensor] = []
     for k in range(int(fold.max()) + 1):
         inside, outside = fold != k, fold == k
+        x_fit, y_fit, x_held = x[inside], y[inside], x[outside].double()
         head = None
         for step, l2 in enumerate(path):
-            head = fit(x[inside], y[inside], l2, head)
-            out = head(x[outside].double())
+            head = fit(x_fit, y_fit, l2, head)
+            out = head(x_held)
             if k == 0:
                 outputs.append(out.new_empty((len(x), *out.shape[1:])))
             outputs[step][outside] = out

@@ -179,7 +179,7 @@ def decoder_has_biases(widths: Sequence[int]) -> bool:
     return len(widths) > 2
 
 
-def layers_numel(widths: Sequence[int], bias: bool = True) -> int:
+def layers_numel(widths: Sequence[int], bias: bool) -> int:
     """Weights (and biases) of a stack of Linear layers with these widths."""
     return sum(a * b + (b if bias else 0) for a, b in pairwise(widths))
 
