@@ -90,6 +90,7 @@ ROWS = [
     row("svdllm:seq:block+alloc", "svdllm", **SEQ_BLOCK, allocate="sensitivity"),
     row("shared-basis:2", "shared-basis", group="layers:2", **IND),
     row("shared-basis:2:seq", "shared-basis", group="layers:2", **SEQ),
+    row("shared-basis:2:seq+refine", "shared-basis", group="layers:2", **SEQ, **REFINE),
     # the AE
     row("ae", "ae", **IND, ratios=(1.25,)),
     row("ae-data", "ae-data", **IND),
