@@ -304,9 +304,13 @@ IDENTITY = ("row", "recipe", "ratio", "targets", "windows", "limit", "zero_shot"
 CONVENTION = "zero_shot_convention"
 
 
-def key(cell: dict[str, Any]) -> str:
+def key(cell: dict[str, Any], fields: tuple[str, ...] = (*IDENTITY, CONVENTION)) -> str:
     """What makes a cell itself (not where the model was copied to)."""
-    return json.dumps({k: cell.get(k) for k in (*IDENTITY, CONVENTION)}, sort_keys=True)
+    return json.dumps({k: cell.get(k) for k in fields}, sort_keys=True)
+
+
+# a cell's settings apart from what it measures: one report line each
+SETTINGS = tuple(k for k in IDENTITY if k != "zero_shot")
 
 
 def machine() -> str:
@@ -317,10 +321,10 @@ def machine() -> str:
 
 
 def report(records: list[dict[str, Any]], args: argparse.Namespace, began: str) -> str:
-    """The table: one line per row, ratio and targets, its latest record (a row re-run,
-    e.g. with zero-shot added, replaces the earlier one); older zero-shot accuracies marked."""
+    """The table: one line per cell's settings, its latest record (a cell re-run with
+    zero-shot added replaces the earlier one); older zero-shot accuracies marked."""
     older_dense = next((r for r in records if r["row"] == "dense" and CONVENTION in r), None)
-    records = list({(r["row"], r["ratio"], r["targets"]): r for r in records}.values())
+    records = list({key(r, SETTINGS): r for r in records}.values())
     dense = next((r for r in records if r["row"] == "dense"), None)
     lines = [
         "# Compensation benchmark: smollm2-135m (targets: MLP = up,gate,down; linear = all)",
