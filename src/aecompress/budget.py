@@ -27,15 +27,18 @@ def stored_bytes(tensors: Iterable[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def solve_width(cost: Callable[[int], int], budget: float, upper: int, what: str) -> int:
+def solve_width(
+    cost: Callable[[int], int], budget: float, upper: int, what: str, hint: str = ""
+) -> int:
     """The largest width x in [1, upper] with cost(x) <= budget (cost must not decrease).
 
-    `what` names the group in the error raised when not even x = 1 fits.
+    `what` names the group in the error raised when not even x = 1 fits, `hint` (if any)
+    ends it with what would fit.
     """
     if cost(1) > budget:
         raise AecompressError(
             f"{what}: the ratio is too large, even width 1 stores {cost(1)} numbers "
-            f"against a budget of {int(budget)}"
+            f"against a budget of {int(budget)}" + (f"; {hint}" if hint else "")
         )
     low, high = 1, upper
     while low < high:  # invariant: cost(low) <= budget

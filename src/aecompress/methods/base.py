@@ -182,13 +182,22 @@ class Method(ABC):
         assert isinstance(width, int)
         return [width + 1] if width < self.max_width(spec) else []
 
+    def budget_hint(self, spec: GroupSpec) -> str:
+        """What would fit when not even the smallest width does (e.g. a smaller fixed part
+        of the stored form); empty when the ratio is simply too large."""
+        return ""
+
     def solve_width(self, matrices: Sequence[torch.Tensor], context: FitContext) -> Width:
         """The width to fit at: by default the largest whose cost fits context.budget
         (one-line error if none does). Methods sized along several axes choose from the
         data (e.g. Tucker ranks by the energy of each mode)."""
         spec = context.spec
         return solve_width(
-            lambda w: self.cost(w, spec), context.budget, self.max_width(spec), spec.name
+            lambda w: self.cost(w, spec),
+            context.budget,
+            self.max_width(spec),
+            spec.name,
+            self.budget_hint(spec),
         )
 
     @abstractmethod

@@ -98,6 +98,18 @@ def test_ratio_too_large_is_a_clear_error():
         fit({}, matrices(1, rows=4, cols=4), ratio=50)
 
 
+def test_a_decoder_larger_than_the_budget_says_so_and_what_fits():
+    mats = matrices(1, rows=64, cols=64)  # a layer's default: 16 hidden units and a skip path
+    message = r"its decoder \[1, 16, 64\] stores 1184 of them \(skip path included\)"
+    with pytest.raises(AecompressError, match=message + r".*decoder=\[\].*--group layers"):
+        fit_method("ae", mats, ratio=10, options={"epochs": 1})
+    _, stored, _ = fit_method("ae", mats, ratio=10, options={"epochs": 1, "decoder": []})
+    assert stored.width == 3  # 128 numbers a rank within 409.6
+    with pytest.raises(AecompressError, match="even width 1 stores 128 numbers") as linear:
+        fit_method("ae", mats, ratio=40, options={"epochs": 1, "decoder": []})
+    assert "decoder" not in str(linear.value)  # a low-rank factorisation: no fixed part
+
+
 def test_norm_enforcement_gives_exact_row_norms():
     mats = matrices(2)
     method, stored, _ = fit({"norm": True}, mats)

@@ -26,8 +26,10 @@ from aecompress.errors import AecompressError
 from aecompress.methods.autoencoder.options import (
     AutoencoderOptions,
     DataAwareOptions,
+    decoder_has_biases,
     decoder_widths,
     encoder_widths,
+    layers_numel,
     stored_cost,
 )
 from aecompress.methods.autoencoder.trainer import OutputMetric, Trainer, threads
@@ -83,6 +85,22 @@ class Autoencoder(Method):
 
     def max_width(self, spec: GroupSpec) -> int:
         return spec.cols
+
+    def budget_hint(self, spec: GroupSpec) -> str:
+        """A non-linear decoder's hidden layers (and skip path) cost a fixed part that a
+        small matrix's budget may not hold: say so, and what fits instead."""
+        options = self.options.for_kind(spec.kind)
+        if not options.decoder:
+            return ""
+        widths = decoder_widths(options, 1, spec.cols)
+        decoder = layers_numel(widths, decoder_has_biases(widths))
+        decoder += spec.cols if options.has_skip else 0
+        return (
+            f"its decoder {widths} stores {decoder} of them"
+            f"{' (skip path included)' if options.has_skip else ''}; a smaller one may fit "
+            "(--option 'decoder=[]' is linear), or one decoder shared across layers "
+            "(--group layers)"
+        )
 
     def row_weight_kind(self, spec: GroupSpec) -> str:
         """The row weights used: `auto` is token counts for embeddings, else none."""
