@@ -16,6 +16,7 @@ LAYERS = [
     ["methods"],
     ["recipe"],  # validates method names and options
     ["substitution"],
+    ["compressed"],  # the result types; the artifact registers its writer with them
     ["artifact"],
     ["evaluation"],
     ["summary", "pipeline"],

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from transformers import PreTrainedModel
 
-from aecompress.artifact import CompressedModel, export_dense, load_compressed
+from aecompress.artifact import export_dense, load_compressed
+from aecompress.compressed import CompressedModel
 from aecompress.engine import compress
 from aecompress.errors import AecompressError
 from aecompress.evaluation.runner import evaluate

@@ -1,4 +1,4 @@
-"""Compressed models and their artifact: a folder with config, tokenizer, model.safetensors
+"""The artifact of a CompressedModel: a folder with config, tokenizer, model.safetensors
 and a JSON manifest.
 
 model.safetensors holds the untouched parameters under their usual names and each group's
@@ -17,7 +17,6 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -30,14 +29,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from aecompress.budget import stored_numel
+from aecompress.compressed import CompressedGroup, CompressedModel, register_writer
 from aecompress.errors import AecompressError, describe, first_line
 from aecompress.methods import Method, Stored, make_method
 from aecompress.methods.base import GroupSpec
 from aecompress.models import load_tokenizer
 from aecompress.numerics import all_finite
 from aecompress.recipe import Recipe
-from aecompress.substitution import Serving, inject, restore
+from aecompress.substitution import Serving, inject
 from aecompress.targets import (
     CUSTOM_FAMILY,
     Group,
@@ -56,81 +55,6 @@ STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16
 MANIFEST = "aecompress.json"
 WEIGHTS = "model.safetensors"
 PREFIX = "aecompress."
-
-
-@dataclass
-class CompressedGroup:
-    """One fitted group: its targets, the method that fitted it, what it stored."""
-
-    group: Group
-    method: Method
-    stored: Stored
-    shape: tuple[int, int]  # of each member, [out, in]
-
-    @property
-    def original_numel(self) -> int:
-        return len(self.group.members) * self.shape[0] * self.shape[1]
-
-    @property
-    def stored_numel(self) -> int:
-        return stored_numel(self.stored.tensors().values())
-
-    @property
-    def ratio(self) -> float:
-        return self.original_numel / self.stored_numel
-
-
-@dataclass
-class CompressedModel:
-    """A transformers model whose targets were replaced, and everything needed to save it."""
-
-    model: PreTrainedModel
-    tokenizer: PreTrainedTokenizerBase | None
-    recipe: dict[str, Any]  # as given (a Recipe dumped to JSON)
-    groups: list[CompressedGroup]
-    base_model: str
-    auto_class: str
-    base_sha256: str
-    tied_output: str | None = None  # path of an output head that shares the embedding's factors
-    decoded: bool = False  # True when loaded with every matrix decoded to a dense weight
-    aliases: dict[str, str] = field(default_factory=dict)  # tied untouched keys -> kept key
-    storage_dtype: str = "float32"  # of the floating tensors in the file (integers stay)
-
-    def save_pretrained(self, path: str | Path) -> None:
-        """Write the artifact folder (atomically)."""
-        save_artifact(self, path)
-
-    def merge_and_unload(self) -> PreTrainedModel:
-        """The plain transformers model (as peft's merge_and_unload): every group decoded
-        into a module of the base model's own class, a tied head sharing the decoded
-        embedding. This CompressedModel is then decoded and cannot be saved as an artifact."""
-        for fitted in self.groups:
-            if not self.decoded:
-                tied = self.tied_output if fitted.group.family == "embed" else None
-                inject(self.model, fitted.group, fitted.method, fitted.stored, tied, "decoded")
-            for target in fitted.group.members:
-                restore(self.model, target)
-        if self.tied_output:
-            head = self.model.get_submodule(self.tied_output)
-            head.weight = self.model.get_input_embeddings().weight
-            self.model.__dict__.pop("tie_weights", None)  # transformers' own again
-        self.decoded = True
-        return self.model
-
-    def replaced_paths(self) -> list[str]:
-        """Module paths whose weights now come from a group's stored tensors."""
-        paths = [member_path(t) for g in self.groups for t in g.group.members]
-        return paths + ([self.tied_output] if self.tied_output else [])
-
-    def totals(self) -> dict[str, Any]:
-        original = sum(g.original_numel for g in self.groups)
-        stored = sum(g.stored_numel for g in self.groups)
-        return {"target_params": original, "stored_params": stored, "ratio": original / stored}
-
-
-def member_path(target: Target) -> str:
-    """Path of the module that serves a target (a fused target's part lives inside)."""
-    return target.path if target.part is None else f"{target.path}.parts.{target.part[0]}"
 
 
 # --- the manifest -----------------------------------------------------------------------
@@ -273,6 +197,7 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+@register_writer  # what CompressedModel.save_pretrained calls
 def save_artifact(cm: CompressedModel, path: str | Path) -> Path:
     """Write `cm` to the folder `path` atomically (a crash leaves no half artifact).
 

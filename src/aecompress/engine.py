@@ -8,8 +8,9 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from aecompress.artifact import CompressedModel, round_to_storage
+from aecompress.artifact import round_to_storage
 from aecompress.budget import check_ratio
+from aecompress.compressed import CompressedModel
 from aecompress.errors import AecompressError
 from aecompress.models import (
     LoadedModel,

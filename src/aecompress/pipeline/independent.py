@@ -10,8 +10,8 @@ from __future__ import annotations
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from aecompress.artifact import CompressedGroup
 from aecompress.calibration import CalibrationConfig, cached_statistics
+from aecompress.compressed import CompressedGroup
 from aecompress.pipeline.plan import PlannedGroup, finite_matrices, fit_group, make_validate
 from aecompress.substitution import inject
 

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from aecompress.artifact import CompressedGroup
 from aecompress.calibration import TargetStatistics
+from aecompress.compressed import CompressedGroup
 from aecompress.errors import AecompressError
 from aecompress.evaluation.validation import validation_metric
 from aecompress.methods import FitContext, GroupSpec, Method, make_method

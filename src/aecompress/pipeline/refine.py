@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from aecompress.artifact import CompressedGroup
+from aecompress.compressed import CompressedGroup
 from aecompress.pipeline.streams import BlockInputs, Streams, run_blocks
 from aecompress.recipe import RefineConfig
 from aecompress.substitution import inject

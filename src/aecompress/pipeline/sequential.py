@@ -48,7 +48,6 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from aecompress.artifact import CompressedGroup
 from aecompress.calibration import (
     GRADIENT_STATISTICS,
     CalibrationConfig,
@@ -56,6 +55,7 @@ from aecompress.calibration import (
     cached_statistics,
     calibration_windows,
 )
+from aecompress.compressed import CompressedGroup
 from aecompress.errors import AecompressError
 from aecompress.pipeline.independent import run_independent
 from aecompress.pipeline.plan import PlannedGroup, finite_matrices, fit_group, make_validate

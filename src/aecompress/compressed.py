@@ -1,0 +1,113 @@
+"""What compression gives: each fitted group (CompressedGroup) and the model that holds them
+(CompressedModel), the way peft's PeftModel holds its tuner layers.
+
+These types sit below the pipeline, which builds them, and below the artifact package,
+which saves and loads them; this module imports neither. CompressedModel.save_pretrained
+keeps peft's API (the method lives with the model type) without importing a higher layer:
+the artifact package registers its writer here when it is imported (`register_writer`),
+and `import aecompress` always imports it. In peft the save helpers sit below the model
+type; here loading builds these types, so persistence sits above them and plugs in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from aecompress.budget import stored_numel
+from aecompress.methods import Method, Stored
+from aecompress.substitution import inject, restore
+from aecompress.targets import Group, Target
+
+
+@dataclass
+class CompressedGroup:
+    """One fitted group: its targets, the method that fitted it, what it stored."""
+
+    group: Group
+    method: Method
+    stored: Stored
+    shape: tuple[int, int]  # of each member, [out, in]
+
+    @property
+    def original_numel(self) -> int:
+        return len(self.group.members) * self.shape[0] * self.shape[1]
+
+    @property
+    def stored_numel(self) -> int:
+        return stored_numel(self.stored.tensors().values())
+
+    @property
+    def ratio(self) -> float:
+        return self.original_numel / self.stored_numel
+
+
+@dataclass
+class CompressedModel:
+    """A transformers model whose targets were replaced, and everything needed to save it."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase | None
+    recipe: dict[str, Any]  # as given (a Recipe dumped to JSON)
+    groups: list[CompressedGroup]
+    base_model: str
+    auto_class: str
+    base_sha256: str
+    tied_output: str | None = None  # path of an output head that shares the embedding's factors
+    decoded: bool = False  # True when loaded with every matrix decoded to a dense weight
+    aliases: dict[str, str] = field(default_factory=dict)  # tied untouched keys -> kept key
+    storage_dtype: str = "float32"  # of the floating tensors in the file (integers stay)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write the artifact folder (atomically)."""
+        assert _writer is not None, "aecompress.artifact registers the writer on import"
+        _writer(self, path)
+
+    def merge_and_unload(self) -> PreTrainedModel:
+        """The plain transformers model (as peft's merge_and_unload): every group decoded
+        into a module of the base model's own class, a tied head sharing the decoded
+        embedding. This CompressedModel is then decoded and cannot be saved as an artifact."""
+        for fitted in self.groups:
+            if not self.decoded:
+                tied = self.tied_output if fitted.group.family == "embed" else None
+                inject(self.model, fitted.group, fitted.method, fitted.stored, tied, "decoded")
+            for target in fitted.group.members:
+                restore(self.model, target)
+        if self.tied_output:
+            head = self.model.get_submodule(self.tied_output)
+            head.weight = self.model.get_input_embeddings().weight
+            self.model.__dict__.pop("tie_weights", None)  # transformers' own again
+        self.decoded = True
+        return self.model
+
+    def replaced_paths(self) -> list[str]:
+        """Module paths whose weights now come from a group's stored tensors."""
+        paths = [member_path(t) for g in self.groups for t in g.group.members]
+        return paths + ([self.tied_output] if self.tied_output else [])
+
+    def totals(self) -> dict[str, Any]:
+        original = sum(g.original_numel for g in self.groups)
+        stored = sum(g.stored_numel for g in self.groups)
+        return {"target_params": original, "stored_params": stored, "ratio": original / stored}
+
+
+def member_path(target: Target) -> str:
+    """Path of the module that serves a target (a fused target's part lives inside)."""
+    return target.path if target.part is None else f"{target.path}.parts.{target.part[0]}"
+
+
+# Writes a CompressedModel's artifact folder and returns its path.
+Writer = Callable[[CompressedModel, str | Path], Path]
+_writer: Writer | None = None
+
+
+def register_writer(writer: Writer) -> Writer:
+    """Make `writer` the one CompressedModel.save_pretrained calls (the artifact package's
+    save_artifact registers itself)."""
+    global _writer
+    _writer = writer
+    return writer
