@@ -270,7 +270,7 @@ def test_export_writes_a_plain_folder_and_checks_it_first(monkeypatch, capsys, t
     assert code == 0 and "wrote plain" in stdout and (tmp_path / "plain" / "config.json").is_file()
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "notes.txt").write_text("mine")
-    monkeypatch.setattr("aecompress.artifact.load_compressed", lambda *a, **k: pytest.fail())
+    monkeypatch.setattr("aecompress.artifact.export.load_compressed", lambda *a, **k: pytest.fail())
     code, _, err = invoke("export", "art", "--dense", "full")
     assert "--dense full exists and is not an empty folder" in one_error(code, err)
 

@@ -1,0 +1,52 @@
+"""The artifact: a folder with config, tokenizer, model.safetensors and a JSON manifest.
+
+model.safetensors holds the untouched parameters under their usual names and each group's
+stored tensors under `aecompress.<group>.<shared|member index>.<name>`. The manifest (a
+validated schema: unknown keys, wrong types and forged sizes are refused) says which
+method rebuilds each group and how; it is written last, and the folder appears atomically.
+
+manifest.py: the schema and its checks; weights.py: the weights file, written and read
+back verified; folder.py: atomic folder writes; save.py, load.py, export.py.
+"""
+
+from aecompress.artifact.export import export_dense
+from aecompress.artifact.folder import check_replaceable
+from aecompress.artifact.load import checked_skeleton, load_compressed
+from aecompress.artifact.manifest import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    PREFIX,
+    STORAGE_DTYPES,
+    WEIGHTS,
+    GroupEntry,
+    Manifest,
+    check_groups,
+    is_artifact,
+    load_manifest,
+    read_manifest,
+)
+from aecompress.artifact.save import round_to_storage, save_artifact
+from aecompress.artifact.weights import weights_header
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "MANIFEST",
+    "PREFIX",
+    "STORAGE_DTYPES",
+    "WEIGHTS",
+    "GroupEntry",
+    "Manifest",
+    "check_groups",
+    "check_replaceable",
+    "checked_skeleton",
+    "export_dense",
+    "is_artifact",
+    "load_compressed",
+    "load_manifest",
+    "read_manifest",
+    "round_to_storage",
+    "save_artifact",
+    "weights_header",
+]

@@ -1,0 +1,233 @@
+"""Loading an artifact folder back into a CompressedModel, checked first: the manifest
+against the weights file (tensors, counts, ratios, storage dtype) and every group against
+the model its config describes (family, kind, shape, width)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+import transformers
+from accelerate import init_empty_weights
+from pydantic import ValidationError
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from aecompress.artifact.manifest import (
+    PREFIX,
+    GroupEntry,
+    Manifest,
+    check_groups,
+    check_storage_dtype,
+    load_manifest,
+)
+from aecompress.artifact.weights import read_weights
+from aecompress.compressed import CompressedGroup, CompressedModel
+from aecompress.errors import AecompressError, describe, first_line
+from aecompress.methods import Method, Stored, make_method
+from aecompress.methods.base import GroupSpec
+from aecompress.models import load_tokenizer
+from aecompress.substitution import Serving, inject
+from aecompress.targets import (
+    CUSTOM_FAMILY,
+    Group,
+    Target,
+    head_dim,
+    module_kind,
+    resolve_targets,
+    weight_matrix,
+)
+
+
+def load_compressed(path: str | Path, decode: bool = False) -> CompressedModel:
+    """Rebuild the CompressedModel of an artifact folder.
+
+    The model's skeleton is built without memory (meta device), each group's modules are
+    rebuilt from its stored tensors, then the untouched tensors are assigned. With
+    decode=True each matrix is decoded once into a dense weight (fastest to run, no longer
+    compressed in memory); otherwise the methods' own runtime modules are used.
+    """
+    path = Path(path)
+    manifest = load_manifest(path)
+    tensors = read_weights(path, manifest)
+    check_groups(manifest, {k: list(t.shape) for k, t in tensors.items()})
+    floating = {
+        str(t.dtype).removeprefix("torch.") for t in tensors.values() if t.is_floating_point()
+    }
+    check_storage_dtype(manifest, floating)
+    tensors = {k: t.float() if t.is_floating_point() else t for k, t in tensors.items()}
+    model = checked_skeleton(path, manifest)
+    serving: Serving = "decoded" if decode else "runtime"
+    groups = []
+    for entry in manifest.groups:
+        method = make_method(entry.method, entry.options)
+        stored = _stored_from_entry(entry, method, tensors)
+        fitted = CompressedGroup(_group_from_entry(entry), method, stored, entry.shape)
+        tied = manifest.tied_output if entry.family == "embed" else None
+        try:
+            inject(model, fitted.group, method, stored, tied, serving)
+        except (AttributeError, KeyError, IndexError, RuntimeError) as error:
+            raise AecompressError(f"group {entry.name} does not fit this model: {error}") from error
+        groups.append(fitted)
+    cm = CompressedModel(
+        model,
+        _load_tokenizer(path),
+        manifest.recipe,
+        groups,
+        base_model=manifest.base_model,
+        auto_class=manifest.auto_class,
+        base_sha256=manifest.base_weights_sha256,
+        tied_output=manifest.tied_output,
+        decoded=decode,
+        aliases=manifest.aliases,
+        storage_dtype=manifest.storage_dtype,
+    )
+    _load_untouched(cm, tensors)
+    model.eval()
+    return cm
+
+
+def _group_from_entry(entry: GroupEntry) -> Group:
+    members = tuple(Target(m.path, entry.family, m.layer, m.kind, m.part) for m in entry.members)
+    return Group(entry.name, entry.family, members)
+
+
+def _stored_from_entry(
+    entry: GroupEntry, method: Method, tensors: dict[str, torch.Tensor]
+) -> Stored:
+    prefix = f"{PREFIX}{entry.name}."
+    # clone: tensors read from the file may sit at unaligned offsets, and matmuls on
+    # them can round differently from the same values in freshly allocated memory
+    flat = {k[len(prefix) :]: tensors.pop(k).clone() for k in list(tensors) if k.startswith(prefix)}
+    try:
+        layout = method.Layout.model_validate(entry.layout)
+    except ValidationError as error:
+        raise AecompressError(describe(error, f"group {entry.name} layout")) from error
+    try:
+        stored = Stored.from_tensors(flat, len(entry.members), _width(entry), layout)
+    except (ValueError, IndexError) as error:
+        raise AecompressError(f"group {entry.name}: malformed stored tensor names") from error
+    stored.info = entry.info
+    return stored.as_parameters()
+
+
+def _width(entry: GroupEntry) -> int | tuple[int, ...]:
+    return tuple(entry.width) if isinstance(entry.width, list) else entry.width
+
+
+def _load_tokenizer(path: Path) -> PreTrainedTokenizerBase | None:
+    """The artifact's tokenizer (None when it was saved without one)."""
+    if not (path / "tokenizer_config.json").is_file():
+        return None
+    return load_tokenizer(str(path))
+
+
+def _load_untouched(cm: CompressedModel, tensors: dict[str, torch.Tensor]) -> None:
+    """Assign the untouched tensors (tied ones share one); every parameter and persistent
+    buffer of the model must come from the file or a group."""
+    for key, kept in cm.aliases.items():
+        if kept not in tensors:
+            raise AecompressError(f"artifact alias {key} -> {kept}: no such tensor")
+        tensors[key] = tensors[kept]
+    try:
+        result = cm.model.load_state_dict(tensors, strict=False, assign=True)
+    except RuntimeError as error:
+        raise AecompressError(
+            f"artifact tensors do not fit the model: {first_line(error)}"
+        ) from error
+    if result.unexpected_keys:
+        raise AecompressError(f"artifact holds unknown tensors: {result.unexpected_keys[:3]}")
+    replaced = [p + "." for p in cm.replaced_paths()]
+    missing = [k for k in result.missing_keys if not any(k.startswith(p) for p in replaced)]
+    if missing:
+        raise AecompressError(f"artifact is missing the tensor {missing[0]}")
+    for key, kept in cm.aliases.items():  # tied tensors: one object again, as when saved
+        _set_tensor(cm.model, key, _get_tensor(cm.model, kept))
+    for name, tensor in [*cm.model.named_parameters(), *cm.model.named_buffers()]:
+        if tensor.is_meta:
+            raise AecompressError(f"artifact leaves {name} without a value")
+
+
+def _get_tensor(model: torch.nn.Module, key: str) -> torch.Tensor:
+    owner, _, name = key.rpartition(".")
+    return getattr(model.get_submodule(owner), name)
+
+
+def _set_tensor(model: torch.nn.Module, key: str, tensor: torch.Tensor) -> None:
+    owner, _, name = key.rpartition(".")
+    setattr(model.get_submodule(owner), name, tensor)
+
+
+def checked_skeleton(path: Path, manifest: Manifest) -> PreTrainedModel:
+    """The model its config describes, built without memory (meta device), after checking
+    every group against it: members are matrices of its family with the recorded kind and
+    shape, widths cost what the groups store, a tied output head is the model's own."""
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError) as error:
+        raise AecompressError(f"{path}: cannot read config.json: {first_line(error)}") from error
+    try:
+        with init_empty_weights():
+            model = getattr(transformers, manifest.auto_class).from_config(config)
+    except (ValueError, KeyError, AttributeError) as error:
+        raise AecompressError(f"{path}: config.json does not describe a model: {error}") from error
+    head = model.get_output_embeddings()  # (the skeleton's weights are not tied yet)
+    heads = [p for p, module in model.named_modules() if module is head and head is not None]
+    if manifest.tied_output not in (None, *heads):
+        raise AecompressError(f"{manifest.tied_output} is not the output head of this model")
+    for entry in manifest.groups:
+        _check_width(entry, _group_spec(entry, model))
+    return model
+
+
+def _group_spec(entry: GroupEntry, model: PreTrainedModel) -> GroupSpec:
+    """What the group's method fitted, after checking each member against the model."""
+    members = _group_from_entry(entry).members
+    if entry.family != CUSTOM_FAMILY:  # a regex's matrices have no family to check
+        _check_family(entry, members, model)
+    for target in members:
+        _check_member(entry, target, model)
+    use: Literal["linear", "embedding"] = (
+        "embedding" if members[0].kind == "embedding" else "linear"
+    )
+    count, (rows, cols) = len(members), entry.shape
+    return GroupSpec(entry.name, entry.family, use, count, rows, cols, head_dim(model))
+
+
+def _check_family(entry: GroupEntry, members: tuple[Target, ...], model: PreTrainedModel) -> None:
+    """Each member is a matrix of the group's family in the model (path, layer, kind, part)."""
+    try:
+        own = set(resolve_targets(model, [entry.family]))
+    except AecompressError as error:
+        raise AecompressError(f"group {entry.name}: {error}") from error
+    if strangers := [t.name for t in members if t not in own]:
+        raise AecompressError(
+            f"group {entry.name}: {strangers[0]} is not a '{entry.family}' matrix of this "
+            "model (layer, kind or part as recorded)"
+        )
+
+
+def _check_member(entry: GroupEntry, target: Target, model: PreTrainedModel) -> None:
+    """The member's module exists and has the recorded kind and the group's shape."""
+    try:
+        kind = module_kind(model.get_submodule(target.path))
+        shape = tuple(weight_matrix(model, target).shape)
+    except (AttributeError, AecompressError, ValueError, ZeroDivisionError) as error:
+        message = f"group {entry.name} does not fit this model: {first_line(error)}"
+        raise AecompressError(message) from error
+    if (kind, shape) != (target.kind, entry.shape):
+        raise AecompressError(
+            f"group {entry.name} does not fit this model: {target.name} is a {kind} of "
+            f"shape {list(shape)}, the manifest says a {target.kind} of {list(entry.shape)}"
+        )
+
+
+def _check_width(entry: GroupEntry, spec: GroupSpec) -> None:
+    """The group's width costs, by its method, the numbers it stores."""
+    method = make_method(entry.method, entry.options)
+    try:
+        cost: int | None = method.cost(_width(entry), spec)
+    except (AssertionError, TypeError, ValueError, IndexError):  # a width of the wrong form
+        cost = None
+    if cost != entry.stored_params:
+        raise AecompressError(f"group {entry.name}: width {entry.width} is not what it stores")

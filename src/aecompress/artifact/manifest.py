@@ -1,0 +1,155 @@
+"""The manifest, aecompress.json: a validated schema (unknown keys, wrong types and forged
+sizes are refused) saying which method rebuilds each group and how, checked against what
+the weights file holds."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from aecompress.errors import AecompressError, describe
+from aecompress.recipe import Recipe
+
+FORMAT = "aecompress-artifact"
+FORMAT_VERSION = 2
+STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MANIFEST = "aecompress.json"
+WEIGHTS = "model.safetensors"
+PREFIX = "aecompress."
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MemberEntry(_Strict):
+    path: str = Field(pattern=r"^[A-Za-z0-9_.]+$")
+    layer: int | None
+    kind: Literal["linear", "conv1d", "embedding"]
+    part: tuple[int, int] | None
+
+
+class GroupEntry(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.+\-\[\]/]+$")
+    family: str
+    method: str
+    options: dict[str, Any]
+    members: list[MemberEntry] = Field(min_length=1)
+    shape: tuple[int, int]
+    width: int | list[int]
+    layout: dict[str, Any]
+    info: dict[str, Any]
+    tensors: dict[str, list[int]]
+    original_params: int
+    stored_params: int
+    ratio: float
+
+
+class WeightsFile(_Strict):
+    name: str
+    bytes: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+    @field_validator("name")
+    @classmethod
+    def _inside_the_folder(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_.\-]+", value) or value.startswith("."):
+            raise ValueError(f"'{value}' is not a file name inside the artifact folder")
+        return value
+
+
+class Manifest(_Strict):
+    format: Literal["aecompress-artifact"]
+    storage_dtype: Literal["float32", "bfloat16", "float16"]
+    files: list[str]
+    format_version: int
+    aecompress_version: str
+    base_model: str
+    auto_class: Literal["AutoModel", "AutoModelForCausalLM", "AutoModelForMaskedLM"]
+    base_weights_sha256: str
+    recipe: dict[str, Any]
+    tied_output: str | None
+    aliases: dict[str, str]
+    groups: list[GroupEntry]
+    totals: dict[str, float]
+    weights_file: WeightsFile
+
+    @field_validator("recipe")
+    @classmethod
+    def _a_recipe(cls, value: dict[str, Any]) -> dict[str, Any]:
+        Recipe.model_validate(value)  # kept as given, but a valid recipe
+        return value
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    """The validated manifest of an artifact folder."""
+    manifest_file = Path(path) / MANIFEST
+    if not manifest_file.is_file():
+        raise AecompressError(f"{path} is not an aecompress artifact (no {MANIFEST})")
+    try:
+        data = json.loads(manifest_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise AecompressError(f"{manifest_file} is not valid JSON: {error}") from error
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise AecompressError(f"{path} is not an aecompress artifact (format {found!r})")
+    version = data.get("format_version")
+    if not isinstance(version, int):
+        raise AecompressError(f"{manifest_file}: format_version must be an integer")
+    if version > FORMAT_VERSION:
+        raise AecompressError(
+            f"{path} has format version {version}; this aecompress reads up to "
+            f"{FORMAT_VERSION}: upgrade aecompress"
+        )
+    if version < FORMAT_VERSION:
+        raise AecompressError(
+            f"{path} has format version {version}, written by an older aecompress: "
+            "compress the model again"
+        )
+    try:
+        manifest = Manifest.model_validate(data)
+    except ValidationError as error:
+        raise AecompressError(describe(error, f"{manifest_file}")) from error
+    if missing := [name for name in manifest.files if not (Path(path) / name).exists()]:
+        raise AecompressError(f"{path}: {missing[0]}, a file of the artifact, is missing")
+    return manifest
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The validated manifest of an artifact folder, as JSON data."""
+    return load_manifest(path).model_dump(mode="json")
+
+
+def is_artifact(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def check_storage_dtype(manifest: Manifest, floating: set[str]) -> None:
+    """The weights file's floating tensors all have the manifest's storage dtype."""
+    if floating - {manifest.storage_dtype}:
+        raise AecompressError(
+            f"the weights file holds {', '.join(sorted(floating))} tensors, the manifest "
+            f"says {manifest.storage_dtype}"
+        )
+
+
+def check_groups(manifest: Manifest, shapes: dict[str, list[int]]) -> None:
+    """Every group's tensors, counts and ratio as the weights file says (no forged sizes)."""
+    for entry in manifest.groups:
+        prefix = f"{PREFIX}{entry.name}."
+        found = {k[len(prefix) :]: s for k, s in shapes.items() if k.startswith(prefix)}
+        if found != entry.tensors:
+            raise AecompressError(
+                f"group {entry.name}: the manifest's tensors do not match the weights file"
+            )
+        stored = sum(torch.Size(s).numel() for s in found.values())
+        original = len(entry.members) * entry.shape[0] * entry.shape[1]
+        if stored != entry.stored_params or original != entry.original_params or stored == 0:
+            raise AecompressError(f"group {entry.name}: the manifest's counts are wrong")
+        if abs(entry.ratio - original / stored) > 1e-6 * entry.ratio:
+            raise AecompressError(f"group {entry.name}: the manifest's ratio is wrong")

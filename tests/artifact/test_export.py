@@ -1,0 +1,67 @@
+"""export_dense: a plain transformers folder that loads without aecompress."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+
+import aecompress
+from aecompress.artifact import MANIFEST, read_manifest
+from aecompress.errors import AecompressError
+from tests.conftest import FAMILIES, tiny_model
+
+# A fresh interpreter in which importing aecompress fails: prints the exported model's logits.
+PLAIN_LOAD = """
+import sys
+sys.modules["aecompress"] = None
+import torch, transformers
+model = getattr(transformers, sys.argv[2]).from_pretrained(sys.argv[1]).eval()
+ids = torch.tensor([[5, 17, 42, 7, 99, 3]])
+print(model(input_ids=ids).logits.flatten().tolist())
+"""
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert", "gpt2"])
+def test_export_dense_loads_with_plain_transformers(arch, tokenizer, tmp_path):
+    targets = FAMILIES[arch]  # embed included: a tied head must follow the decoded embedding
+    cm = aecompress.compress(
+        tiny_model(arch),
+        method="svd",
+        ratio=2.5,
+        targets=targets,
+        tokenizer=tokenizer,
+        progress=False,
+    )
+    cm.save_pretrained(tmp_path / "art")
+    aecompress.export_dense(tmp_path / "art", tmp_path / "plain")
+    files = {p.name for p in (tmp_path / "plain").iterdir()}
+    assert "model.safetensors" in files and "tokenizer.json" in files and MANIFEST not in files
+    assert "aecompress" not in (tmp_path / "plain" / "config.json").read_text()
+    auto = read_manifest(tmp_path / "art")["auto_class"]
+    plain = getattr(transformers, auto).from_pretrained(tmp_path / "plain").eval()
+    decoded = aecompress.load(tmp_path / "art", decode=True)
+    ids = torch.tensor([[5, 17, 42, 7, 99, 3]])
+    expected = decoded(input_ids=ids).logits
+    # the same weights through other kernels (GPT-2's Conv1D is an addmm of the transposed
+    # weight, the decoded model a Linear): equal up to float32 rounding, which differs
+    # between CPUs; a wrong or missing weight moves the logits by orders of magnitude more
+    torch.testing.assert_close(plain(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-6)
+    head, embed = plain.get_output_embeddings(), plain.get_input_embeddings()
+    assert torch.equal(head.weight, embed.weight)
+    assert torch.equal(embed.weight, decoded.get_input_embeddings().weight)
+    if arch == "llama":  # and without aecompress importable at all
+        script = [sys.executable, "-c", PLAIN_LOAD, str(tmp_path / "plain"), auto]
+        printed = subprocess.run(script, capture_output=True, text=True, check=True).stdout
+        torch.testing.assert_close(torch.tensor(json.loads(printed)), expected.flatten())
+
+
+def test_export_dense_refuses_a_folder_with_content(tmp_path):
+    cm = aecompress.compress(
+        tiny_model("llama"), method="svd", ratio=2, targets=["down"], progress=False
+    )
+    cm.save_pretrained(tmp_path / "art")
+    with pytest.raises(AecompressError, match="exists and is not an empty folder"):
+        aecompress.export_dense(tmp_path / "art", tmp_path / "art")

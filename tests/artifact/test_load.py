@@ -1,0 +1,60 @@
+"""Loading: the model an artifact rebuilds computes what was saved; damage is refused."""
+
+import json
+
+import pytest
+import torch
+
+import aecompress
+from aecompress.artifact import MANIFEST, WEIGHTS
+from aecompress.errors import AecompressError
+from tests.conftest import FAMILIES, tiny_model
+
+
+@pytest.mark.parametrize("grouping", ["none", "layers"])
+def test_round_trip_gives_identical_logits(arch, grouping, tokenizer, tmp_path, input_ids):
+    model = tiny_model(arch)
+    cm = aecompress.compress(
+        model,
+        method="svd",
+        ratio=2.5,
+        targets=FAMILIES[arch],
+        group=grouping,
+        tokenizer=tokenizer,
+        progress=False,
+    )
+    expected = cm.model(input_ids=input_ids).logits
+    cm.save_pretrained(str(tmp_path / "art"))
+    loaded = aecompress.load(tmp_path / "art")
+    assert torch.equal(loaded(input_ids=input_ids).logits, expected)
+    decoded = aecompress.load(tmp_path / "art", decode=True)
+    torch.testing.assert_close(decoded(input_ids=input_ids).logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_truncated_or_foreign_artifacts_fail_clearly(tmp_path):
+    cm = aecompress.compress(
+        tiny_model("bert"), method="svd", ratio=2, targets=["k"], progress=False
+    )
+    cm.save_pretrained(str(tmp_path / "art"))
+    weights = tmp_path / "art" / WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(AecompressError, match="truncated"):
+        aecompress.load(tmp_path / "art")
+    with pytest.raises(AecompressError, match="not an aecompress artifact"):
+        aecompress.load(tmp_path)
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / MANIFEST).write_text(json.dumps({"format": "other"}))
+    with pytest.raises(AecompressError, match="not an aecompress artifact"):
+        aecompress.load(tmp_path / "foreign")
+
+
+def test_tie_weights_leaves_a_head_served_from_the_embeddings_factors(tmp_path):
+    cm = aecompress.compress(
+        tiny_model("llama"), method="svd", ratio=2, targets=["embed"], progress=False
+    )
+    cm.save_pretrained(tmp_path / "art")
+    model = aecompress.load(tmp_path / "art")
+    ids = torch.tensor([[5, 17, 42]])
+    expected = model(input_ids=ids).logits
+    model.tie_weights()  # lm-eval's HFLM and other tools call it
+    assert torch.equal(model(input_ids=ids).logits, expected)
