@@ -1,7 +1,9 @@
+import io
 import json
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -362,3 +364,41 @@ def test_evaluate_help_mentions_the_probe():
     code, helped, _ = invoke("evaluate", "--help")
     assert code == 0 and "--probe" in helped and "--max-train" in helped
     assert "frozen-feature probe" in " ".join(helped.split())
+
+
+def add_custom_code(folder: Path, config: bool) -> None:
+    """Give `folder` Python code that transformers would offer to run: a custom model type
+    in its config (or a custom tokenizer class) mapped to `evil.py` beside it."""
+    (folder / "evil.py").write_text(f"open({str(folder / 'ran')!r}, 'w').write('ran')\n")
+    if config:
+        name, custom = "config.json", {"model_type": "evil", "auto_map": {"AutoConfig": "evil.C"}}
+    else:
+        name = "tokenizer_config.json"
+        custom = {"tokenizer_class": "Evil", "auto_map": {"AutoTokenizer": ["evil.Evil", None]}}
+    (folder / name).write_text(json.dumps(json.loads((folder / name).read_text()) | custom))
+
+
+@pytest.mark.parametrize("config", [True, False], ids=["config", "tokenizer"])
+def test_code_in_a_model_folder_is_never_run_nor_offered(
+    monkeypatch, tiny_folder, tmp_path, config
+):
+    import aecompress
+
+    cm = aecompress.compress(str(tiny_folder), ratio=2, targets=["k"], progress=False)
+    cm.save_pretrained(tmp_path / "art")
+    for folder in (tiny_folder, tmp_path / "art"):
+        add_custom_code(folder, config)
+    monkeypatch.setattr("sys.stdin", io.StringIO("y\n" * 10))
+    commands = [
+        ["compress", str(tiny_folder), "-o", str(tmp_path / "out")],
+        ["evaluate", str(tiny_folder)],
+        ["evaluate", str(tmp_path / "art"), "--no-dense"],
+    ]
+    commands += [["inspect", str(tmp_path / "art")]] if config else []
+    for command in commands:
+        code, out, err = invoke(*command)
+        message = one_error(code, err)
+        assert "run the custom code" not in out + err and "[y/N]" not in out
+        assert "needs its own Python code (auto_map" in message, message
+    assert not (tiny_folder / "ran").exists() and not (tmp_path / "art" / "ran").exists()
+    assert sys.stdin.read() == "y\n" * 10  # nothing was asked
