@@ -402,3 +402,17 @@ def test_code_in_a_model_folder_is_never_run_nor_offered(
         assert "needs its own Python code (auto_map" in message, message
     assert not (tiny_folder / "ran").exists() and not (tmp_path / "art" / "ran").exists()
     assert sys.stdin.read() == "y\n" * 10  # nothing was asked
+
+
+def test_a_missing_base_folder_is_named(tiny_folder, tmp_path):
+    args = ["compress", str(tiny_folder), "--targets", "k", "-o", str(tmp_path / "art")]
+    assert invoke(*args)[0] == 0
+    tiny_folder.rename(tmp_path / "moved")
+    code, _, err = invoke("evaluate", str(tmp_path / "art"), "--windows", "1", "--seq-len", "8")
+    message = one_error(code, err)
+    assert f"the base model of {tmp_path / 'art'}: no such model folder or file: {tiny_folder}" in (
+        message
+    )
+    assert "Repo id" not in message
+    code, _, err = invoke("compress", "./gone", "-o", str(tmp_path / "o"))
+    assert "no such model folder or file: ./gone" in one_error(code, err)

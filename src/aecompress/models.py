@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 import transformers
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from safetensors import SafetensorError
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -159,6 +161,15 @@ def load_config(where: str, **kwargs: object) -> PretrainedConfig:
     return config
 
 
+def _check_hub_id(name: str) -> None:
+    """A name that is neither an existing path nor a hub id (namespace/name) is a missing
+    folder or file."""
+    try:
+        validate_repo_id(name)
+    except HFValidationError as error:
+        raise AecompressError(f"no such model folder or file: {name}") from error
+
+
 def _check_folder(path: Path) -> None:
     """A model folder must hold safetensors weights: pickles are never loaded."""
     if any(path.glob("*.safetensors")):
@@ -222,6 +233,7 @@ def load_model(name: str, auto_class: str | None = None) -> LoadedModel:
         _check_folder(path)
         where = source = str(path.resolve())
     else:
+        _check_hub_id(name)
         if os.environ.get("HF_HUB_OFFLINE") == "1" and "/" not in name:
             raise AecompressError(
                 f"unknown model '{name}': use {', '.join(EMBEDDED)}, a folder, "
