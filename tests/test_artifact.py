@@ -1,4 +1,5 @@
 import json
+import shutil
 import subprocess
 import sys
 
@@ -133,6 +134,9 @@ def edit_manifest(folder, change) -> None:
         (lambda m: m.update(storage_dtype="float16"), "holds float32 tensors"),
         (lambda m: m.update(tied_output="bert.encoder"), "not the output head"),
         (lambda m: m["files"].append("vocab.json"), "vocab.json, a file of the artifact"),
+        (lambda m: m["files"].append("/etc/passwd"), "'/etc/passwd' is not a path inside"),
+        (lambda m: m["files"].append("../art/config.json"), "is not a path inside"),
+        (lambda m: m["files"].append("1_Pooling//x"), "is not a path inside"),
         (lambda m: m["recipe"].update(targets=[None]), "recipe.targets.0"),
         (lambda m: m["groups"][0].update(ratio=99.0), "ratio is wrong"),
         (lambda m: m["groups"][0].update(stored_params=1), "counts are wrong"),
@@ -174,6 +178,40 @@ def test_overwriting_refuses_a_folder_with_foreign_files_and_cleans_leftovers(ar
     cm.save_pretrained(str(artifact))
     assert not any(folder.exists() for folder in stale)
     assert read_manifest(artifact)["recipe"]["ratio"] == 3
+
+
+@pytest.fixture
+def sentence_artifact(tmp_path):
+    """An artifact of a sentence encoder: its pooling set-up in a subfolder."""
+    tiny_model("bert-encoder").save_pretrained(tmp_path / "encoder")
+    (tmp_path / "encoder" / "modules.json").write_text("[]")
+    (tmp_path / "encoder" / "1_Pooling").mkdir()
+    (tmp_path / "encoder" / "1_Pooling" / "config.json").write_text("{}")
+    cm = aecompress.compress(str(tmp_path / "encoder"), ratio=2, targets=["k"], progress=False)
+    cm.save_pretrained(tmp_path / "art")
+    return cm, tmp_path / "art"
+
+
+def test_files_in_an_artifacts_subfolders_are_its_own_or_kept(sentence_artifact):
+    cm, art = sentence_artifact
+    assert "1_Pooling/config.json" in read_manifest(art)["files"]
+    cm.save_pretrained(art)  # its own files: replaced
+    (art / "1_Pooling" / "notes.txt").write_text("mine")
+    with pytest.raises(AecompressError, match=r"not part of its artifact \(1_Pooling/notes\.txt"):
+        cm.save_pretrained(art)
+    assert (art / "1_Pooling" / "notes.txt").read_text() == "mine"
+
+
+def test_a_folder_linked_out_of_an_artifact_is_refused(sentence_artifact, tmp_path):
+    _, art = sentence_artifact
+    (tmp_path / "elsewhere").mkdir()
+    for name in ("config.json", "secret.txt"):
+        (tmp_path / "elsewhere" / name).write_text("{}")
+    shutil.rmtree(art / "1_Pooling")
+    (art / "1_Pooling").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(AecompressError, match="1_Pooling is a link out of the folder"):
+        aecompress.export_dense(art, tmp_path / "plain")
+    assert not (tmp_path / "plain").exists()
 
 
 def test_values_beyond_the_storage_dtype_are_not_saved(tmp_path):

@@ -11,7 +11,12 @@ import torch
 # imported before any test patches aecompress.models.load_model: the sweep binds its name
 import aecompress.sweep  # noqa: F401
 from tests.conftest import tiny_model
-from tests.helpers import invoke, one_error
+from tests.helpers import invoke, one_error, tree
+
+GRID = (
+    "name: g\nmodels: [m]\nmethods: [{method: svd}]\nratios: [2]\ntargets: [k]\n"
+    "tasks: [{task: wikitext2}]\n"
+)
 
 
 @pytest.fixture
@@ -116,24 +121,48 @@ def forbid_loading(monkeypatch) -> None:
         (".", "cannot replace the current folder"),
         ("..", "cannot replace the current folder"),
         ("/proc/art", "cannot write in /proc"),
-        ("art", "holds files that are not part of its artifact (notes.txt)"),
+        ("art", "holds files that are not part of its artifact (1_Pooling/notes.txt)"),
+        ("done", "-o ../done is an artifact already: pass --overwrite to replace it"),
+        ("tiny/art", "lies in the model folder"),
+        ("done/1_Pooling/art", "lies in the artifact folder"),
     ],
 )
 def test_an_unwritable_output_is_refused_before_any_work(
     monkeypatch, tiny_folder, tmp_path, output, message
 ):
     (tmp_path / "file").write_text("x")
-    for folder in ("full", "art"):
-        (tmp_path / folder).mkdir()
-        (tmp_path / folder / "notes.txt").write_text("mine")
-    (tmp_path / "art" / "aecompress.json").write_text('{"files": ["aecompress.json"]}')
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("mine")
+    for folder in ("art", "done"):  # artifacts, one with a user's file in a subfolder
+        (tmp_path / folder / "1_Pooling").mkdir(parents=True)
+        (tmp_path / folder / "1_Pooling" / "config.json").write_text("{}")
+        files = ["1_Pooling/config.json", "aecompress.json"]
+        (tmp_path / folder / "aecompress.json").write_text(json.dumps({"files": files}))
+    (tmp_path / "art" / "1_Pooling" / "notes.txt").write_text("mine")
     (tmp_path / "cwd").mkdir()
     monkeypatch.chdir(tmp_path / "cwd")
     forbid_loading(monkeypatch)
+    before = tree(tmp_path)
     target = output if output in (".", "..") or output.startswith("/") else f"../{output}"
-    code, _, err = invoke("compress", str(tiny_folder), "-o", target)
+    overwrite = [] if output == "done" else ["--overwrite"]
+    code, _, err = invoke("compress", str(tiny_folder), "-o", target, *overwrite)
     assert message in one_error(code, err)
-    assert (tmp_path / "full" / "notes.txt").read_text() == "mine"
+    assert tree(tmp_path) == before
+
+
+def test_an_artifact_is_replaced_with_overwrite_and_through_a_link(tiny_folder, tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real" / "art")
+    args = ["compress", str(tiny_folder), "--targets", "k", "-o", str(tmp_path / "link")]
+    assert invoke(*args)[0] == 0
+    assert invoke(*args, "--ratio", "4", "--overwrite")[0] == 0
+    assert (
+        json.loads((tmp_path / "real" / "art" / "aecompress.json").read_text())["recipe"]["ratio"]
+        == 4
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real", "tiny"]
+    assert sorted(p.name for p in (tmp_path / "real").iterdir()) == ["art"]
+    assert (tmp_path / "link").is_symlink()
 
 
 def test_invalid_yaml_is_one_line(monkeypatch, tiny_folder, tmp_path):
@@ -227,11 +256,61 @@ def test_an_environment_error_is_one_line(monkeypatch, tmp_path):
     assert "/proc/aecompress" in one_error(code, err)
 
 
-def test_an_unwritable_json_file_is_refused_before_any_work(monkeypatch, tmp_path):
+@pytest.fixture
+def places(tmp_path, tiny_folder):
+    """A folder of things an output must not replace: a user's files, an artifact, a
+    model folder, earlier outputs of ours, and links to them."""
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "art").mkdir()
+    (tmp_path / "art" / "aecompress.json").write_text('{"files": ["aecompress.json"]}')
+    (tmp_path / "earlier.json").write_text(
+        '[{"model": "m", "role": "dense", "task": "t", "metrics": {}}]'
+    )
+    (tmp_path / "link.json").symlink_to(tiny_folder / "config.json")
+    (tmp_path / "grid.yaml").write_text(GRID)
+    for name in ("mine", "ours"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "mine" / "report.md").write_text("# my notes\n")
+    (tmp_path / "mine" / "results.csv").write_text("a,b\n")
+    record = {"cell": {"model": "m"}, "task": "t", "status": "ok"}
+    (tmp_path / "ours" / "results.jsonl").write_text(json.dumps(record) + '\n{"cel\n')
+    (tmp_path / "ours" / "report.md").write_text("# ours\n\nWritten 2026-01-01 10:00 UTC on x\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "path,args,message",
+    [
+        (".", [], "is a folder"),
+        ("/proc/x.json", [], "cannot write in /proc"),
+        ("tiny/config.json", ["--overwrite"], "lies in the model folder"),
+        ("link.json", ["--overwrite"], "lies in the model folder"),
+        ("art/aecompress.json", ["--overwrite"], "lies in the artifact folder"),
+        ("art/sub/x.json", [], "lies in the artifact folder"),
+        ("notes.txt", ["--overwrite"], "exists and is not an evaluate --json file"),
+        ("grid.yaml", ["--overwrite"], "exists and is not an evaluate --json file"),
+        ("earlier.json", [], "exists: pass --overwrite to replace it"),
+    ],
+)
+def test_a_json_file_that_is_not_ours_is_refused_before_any_work(
+    monkeypatch, places, path, args, message
+):
     monkeypatch.setattr("aecompress.evaluation.runner.evaluate", forbid_loading)
-    for path, message in [(tmp_path, "is a folder"), ("/proc/x.json", "cannot write in /proc")]:
-        code, _, err = invoke("evaluate", "m", "--json", str(path))
-        assert message in one_error(code, err)
+    before = tree(places)
+    code, _, err = invoke("evaluate", "m", "--json", str(places / path), *args)
+    assert message in one_error(code, err)
+    assert tree(places) == before
+
+
+def test_an_earlier_json_file_is_replaced_with_overwrite(monkeypatch, places):
+    from aecompress.evaluation.results import TaskResult, is_records_file
+
+    result = TaskResult("wikitext2", {"perplexity": 3.0}, "test", {}, {}, 1.0)
+    monkeypatch.setattr("aecompress.evaluation.runner.evaluate", lambda *a, **k: ([result], []))
+    code, _, err = invoke("evaluate", "m", "--json", str(places / "earlier.json"), "--overwrite")
+    assert code == 0, err
+    assert is_records_file(places / "earlier.json")
+    assert json.loads((places / "earlier.json").read_text())[0]["metrics"] == {"perplexity": 3.0}
 
 
 def test_rules_take_their_families_as_targets(tiny_folder, tmp_path):

@@ -36,6 +36,14 @@ from aecompress.methods import Method, Stored, make_method
 from aecompress.methods.base import GroupSpec
 from aecompress.models import load_config, load_tokenizer
 from aecompress.numerics import all_finite
+from aecompress.outputs import (
+    MANIFEST,
+    InsidePath,
+    check_artifact_folder,
+    check_contained,
+    check_new_folder,
+    files_under,
+)
 from aecompress.recipe import Recipe
 from aecompress.substitution import Serving, inject, restore
 from aecompress.targets import (
@@ -53,7 +61,6 @@ from aecompress.version import __version__
 FORMAT = "aecompress-artifact"
 FORMAT_VERSION = 2
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-MANIFEST = "aecompress.json"
 WEIGHTS = "model.safetensors"
 PREFIX = "aecompress."
 
@@ -179,7 +186,7 @@ class WeightsFile(_Strict):
 class Manifest(_Strict):
     format: Literal["aecompress-artifact"]
     storage_dtype: Literal["float32", "bfloat16", "float16"]
-    files: list[str]
+    files: list[InsidePath]
     format_version: int
     aecompress_version: str
     base_model: str
@@ -279,8 +286,7 @@ def save_artifact(cm: CompressedModel, path: str | Path) -> Path:
     An existing artifact there is replaced; a folder holding anything else is refused."""
     if cm.decoded:
         raise AecompressError("a model loaded with decode=True has no stored form to save")
-    path = Path(path)
-    check_replaceable(path)
+    path = check_artifact_folder(Path(path))
     untouched, aliases = untouched_state(cm)
     cm.aliases = aliases
     tensors = dict(untouched)
@@ -311,7 +317,7 @@ def save_artifact(cm: CompressedModel, path: str | Path) -> Path:
         totals["artifact_bytes"] = manifest["weights_file"]["bytes"]
         totals["dense_fp32_bytes"] = 4 * totals["model_params_dense"]
         totals["dense_storage_dtype_bytes"] = dtype.itemsize * totals["model_params_dense"]
-        manifest["files"] = sorted([*(p.name for p in work.iterdir()), MANIFEST])
+        manifest["files"] = sorted([*files_under(work), MANIFEST])
         (work / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return path
 
@@ -336,9 +342,7 @@ def export_dense(artifact: str | Path, output: str | Path) -> Path:
     """Write the artifact's model as a plain transformers folder: every matrix decoded into
     an fp32 dense weight (safetensors), the base's config and tokenizer. It loads with
     `AutoModel*.from_pretrained(output)` without aecompress; `output` must be new or empty."""
-    output = Path(output)
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise AecompressError(f"{output} exists and is not an empty folder: not overwriting")
+    output = check_new_folder(Path(output))
     cm = load_compressed(artifact, decode=True)
     model = cm.merge_and_unload()
     with _atomic_folder(output) as work:
@@ -355,26 +359,6 @@ def check_finite(key: str, tensor: torch.Tensor, dtype_name: str) -> None:
         raise AecompressError(
             f"{key} holds NaN or infinite values in {dtype_name}: not saving it "
             "(values beyond float16's range need --storage-dtype bfloat16 or float32)"
-        )
-
-
-def check_replaceable(path: Path) -> None:
-    """Refuse to write over a folder that holds more than an artifact's own files."""
-    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
-        return
-    if not path.is_dir():
-        raise AecompressError(f"{path} exists and is not a folder: not overwriting")
-    if not (path / MANIFEST).is_file():
-        raise AecompressError(f"{path} exists and is not an aecompress artifact: not overwriting")
-    try:
-        own = set(json.loads((path / MANIFEST).read_text()).get("files", []))
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        own = set()
-    foreign = sorted(p.name for p in path.iterdir() if p.name not in own)
-    if foreign:
-        raise AecompressError(
-            f"{path} holds files that are not part of its artifact ({', '.join(foreign[:3])}"
-            f"{', ...' if len(foreign) > 3 else ''}): move them or write elsewhere"
         )
 
 
@@ -460,6 +444,7 @@ def load_manifest(path: str | Path) -> Manifest:
         manifest = Manifest.model_validate(data)
     except ValidationError as error:
         raise AecompressError(describe(error, f"{manifest_file}")) from error
+    check_contained(Path(path))
     if missing := [name for name in manifest.files if not (Path(path) / name).exists()]:
         raise AecompressError(f"{path}: {missing[0]}, a file of the artifact, is missing")
     return manifest
