@@ -6,6 +6,7 @@ import contextlib
 import io
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from aecompress.cli import main
@@ -45,3 +46,19 @@ def tree(folder: Path) -> dict[str, object]:
             else:
                 found[key] = "/" if path.is_dir() else path.read_bytes()
     return found
+
+
+@contextlib.contextmanager
+def unprivileged() -> Iterator[None]:
+    """File permissions apply inside the block: a test run as root acts as nobody in it
+    (the paths it touches must be reachable by anyone)."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.setegid(65534)
+    os.seteuid(65534)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)

@@ -1,8 +1,10 @@
 import io
 import json
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ import torch
 # imported before any test patches aecompress.models.load_model: the sweep binds its name
 import aecompress.sweep  # noqa: F401
 from tests.conftest import tiny_model
-from tests.helpers import invoke, one_error, tree
+from tests.helpers import invoke, one_error, tree, unprivileged
 
 GRID = (
     "name: g\nmodels: [m]\nmethods: [{method: svd}]\nratios: [2]\ntargets: [k]\n"
@@ -165,6 +167,25 @@ def test_an_artifact_is_replaced_with_overwrite_and_through_a_link(tiny_folder, 
     assert (tmp_path / "link").is_symlink()
 
 
+def test_a_read_only_output_is_refused_before_any_work(monkeypatch, tmp_path):
+    folder = Path(tempfile.mkdtemp())  # reachable by anyone, unlike tmp_path
+    try:
+        folder.chmod(0o777)
+        (folder / "grid.yaml").write_text(GRID)
+        for name in ("empty", "sweep"):
+            (folder / name).mkdir(mode=0o555)
+        forbid_loading(monkeypatch)
+        monkeypatch.setattr("aecompress.sweep.run_sweep", forbid_loading)
+        with unprivileged():
+            code, _, err = invoke("compress", "m", "-o", str(folder / "empty"))
+            assert f"cannot write in {folder / 'empty'}" in one_error(code, err)
+            args = ["sweep", str(folder / "grid.yaml"), "--results", str(folder / "sweep/r.jsonl")]
+            code, _, err = invoke(*args)
+            assert f"cannot write in {folder / 'sweep'}" in one_error(code, err)
+    finally:
+        shutil.rmtree(folder)
+
+
 def test_invalid_yaml_is_one_line(monkeypatch, tiny_folder, tmp_path):
     forbid_loading(monkeypatch)
     args = ["compress", str(tiny_folder), "-o", str(tmp_path / "o"), "--method", "ae"]
@@ -311,6 +332,38 @@ def test_an_earlier_json_file_is_replaced_with_overwrite(monkeypatch, places):
     assert code == 0, err
     assert is_records_file(places / "earlier.json")
     assert json.loads((places / "earlier.json").read_text())[0]["metrics"] == {"perplexity": 3.0}
+
+
+@pytest.mark.parametrize(
+    "results,name,message",
+    [
+        ("notes.txt", "g", "--results {}/notes.txt exists and is not a sweep's results file"),
+        ("grid.yaml", "g", "exists and is not a sweep's results file"),
+        ("tiny/results.jsonl", "g", "lies in the model folder"),
+        ("mine/results.jsonl", "g", "report file {}/mine/report.md exists and is not a sweep"),
+        (None, "/abs", "name: '/abs' is not a plain name"),
+        (None, "../up", "name: '../up' is not a plain name"),
+        ("/proc/r.jsonl", "g", "cannot write in /proc"),
+    ],
+)
+def test_sweep_outputs_that_are_not_ours_are_refused_before_any_work(
+    monkeypatch, places, results, name, message
+):
+    monkeypatch.setattr("aecompress.sweep.run_sweep", forbid_loading)
+    (places / "grid.yaml").write_text(GRID.replace("name: g", f"name: '{name}'"))
+    before = tree(places)
+    where = [] if results is None else ["--results", str(places / results)]
+    code, _, err = invoke("sweep", str(places / "grid.yaml"), *where)
+    assert message.format(places) in one_error(code, err)
+    assert tree(places) == before
+
+
+def test_a_sweep_appends_to_its_own_results_and_replaces_its_own_report(monkeypatch, places):
+    monkeypatch.setattr("aecompress.sweep.run_sweep", lambda *a, **k: [])
+    monkeypatch.setattr("aecompress.report.write_report", lambda *a: [])
+    results = str(places / "ours" / "results.jsonl")
+    code, stdout, err = invoke("sweep", str(places / "grid.yaml"), "--results", results)
+    assert code == 0 and f"0 records in {results}" in stdout, err
 
 
 def test_rules_take_their_families_as_targets(tiny_folder, tmp_path):

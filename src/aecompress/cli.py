@@ -267,11 +267,13 @@ def sweep(
     ] = None,
 ) -> None:
     """Run a grid of compressions and evaluations; resumable; then write the report."""
-    from aecompress.report import write_report
-    from aecompress.sweep import SweepRecipe, parse_shard, run_sweep
+    from aecompress.report import check_report_files, write_report
+    from aecompress.sweep import SweepRecipe, is_results_file, parse_shard, run_sweep
 
     plan = SweepRecipe.from_yaml(recipe)
     path = results or recipe.parent / "results" / plan.name / "results.jsonl"
+    check_file(path, f"--results {path}", "a sweep's results file", is_results_file)
+    check_report_files(path.parent)
     start = time.perf_counter()
     records = run_sweep(plan, path, shard=parse_shard(shard), executor=_executor(executor, address))
     typer.echo(f"{len(records)} records in {path} ({time.perf_counter() - start:.0f} s this run)")
