@@ -157,7 +157,7 @@ def _listed(artifact: Path) -> set[str]:
     """The files an artifact's manifest lists (none when it cannot be read)."""
     try:
         files = json.loads((artifact / MANIFEST).read_text()).get("files", [])
-    except (ValueError, AttributeError):  # not JSON, not UTF-8, not an object
+    except (ValueError, AttributeError, RecursionError):  # not JSON, UTF-8, an object
         return set()
     return {name for name in files if isinstance(name, str)} if isinstance(files, list) else set()
 
