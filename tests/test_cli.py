@@ -1,7 +1,11 @@
+import io
 import json
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +13,12 @@ import torch
 # imported before any test patches aecompress.models.load_model: the sweep binds its name
 import aecompress.sweep  # noqa: F401
 from tests.conftest import tiny_model
-from tests.helpers import invoke, one_error
+from tests.helpers import invoke, one_error, tree, unprivileged
+
+GRID = (
+    "name: g\nmodels: [m]\nmethods: [{method: svd}]\nratios: [2]\ntargets: [k]\n"
+    "tasks: [{task: wikitext2}]\n"
+)
 
 
 @pytest.fixture
@@ -114,24 +123,67 @@ def forbid_loading(monkeypatch) -> None:
         (".", "cannot replace the current folder"),
         ("..", "cannot replace the current folder"),
         ("/proc/art", "cannot write in /proc"),
-        ("art", "holds files that are not part of its artifact (notes.txt)"),
+        ("art", "holds files that are not part of its artifact (1_Pooling/notes.txt)"),
+        ("done", "-o ../done is an artifact already: pass --overwrite to replace it"),
+        ("tiny/art", "lies in the model folder"),
+        ("done/1_Pooling/art", "lies in the artifact folder"),
     ],
 )
 def test_an_unwritable_output_is_refused_before_any_work(
     monkeypatch, tiny_folder, tmp_path, output, message
 ):
     (tmp_path / "file").write_text("x")
-    for folder in ("full", "art"):
-        (tmp_path / folder).mkdir()
-        (tmp_path / folder / "notes.txt").write_text("mine")
-    (tmp_path / "art" / "aecompress.json").write_text('{"files": ["aecompress.json"]}')
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("mine")
+    for folder in ("art", "done"):  # artifacts, one with a user's file in a subfolder
+        (tmp_path / folder / "1_Pooling").mkdir(parents=True)
+        (tmp_path / folder / "1_Pooling" / "config.json").write_text("{}")
+        files = ["1_Pooling/config.json", "aecompress.json"]
+        (tmp_path / folder / "aecompress.json").write_text(json.dumps({"files": files}))
+    (tmp_path / "art" / "1_Pooling" / "notes.txt").write_text("mine")
     (tmp_path / "cwd").mkdir()
     monkeypatch.chdir(tmp_path / "cwd")
     forbid_loading(monkeypatch)
+    before = tree(tmp_path)
     target = output if output in (".", "..") or output.startswith("/") else f"../{output}"
-    code, _, err = invoke("compress", str(tiny_folder), "-o", target)
+    overwrite = [] if output == "done" else ["--overwrite"]
+    code, _, err = invoke("compress", str(tiny_folder), "-o", target, *overwrite)
     assert message in one_error(code, err)
-    assert (tmp_path / "full" / "notes.txt").read_text() == "mine"
+    assert tree(tmp_path) == before
+
+
+def test_an_artifact_is_replaced_with_overwrite_and_through_a_link(tiny_folder, tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real" / "art")
+    args = ["compress", str(tiny_folder), "--targets", "k", "-o", str(tmp_path / "link")]
+    assert invoke(*args)[0] == 0
+    assert invoke(*args, "--ratio", "4", "--overwrite")[0] == 0
+    assert (
+        json.loads((tmp_path / "real" / "art" / "aecompress.json").read_text())["recipe"]["ratio"]
+        == 4
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real", "tiny"]
+    assert sorted(p.name for p in (tmp_path / "real").iterdir()) == ["art"]
+    assert (tmp_path / "link").is_symlink()
+
+
+def test_a_read_only_output_is_refused_before_any_work(monkeypatch, tmp_path):
+    folder = Path(tempfile.mkdtemp())  # reachable by anyone, unlike tmp_path
+    try:
+        folder.chmod(0o777)
+        (folder / "grid.yaml").write_text(GRID)
+        for name in ("empty", "sweep"):
+            (folder / name).mkdir(mode=0o555)
+        forbid_loading(monkeypatch)
+        monkeypatch.setattr("aecompress.sweep.run_sweep", forbid_loading)
+        with unprivileged():
+            code, _, err = invoke("compress", "m", "-o", str(folder / "empty"))
+            assert f"cannot write in {folder / 'empty'}" in one_error(code, err)
+            args = ["sweep", str(folder / "grid.yaml"), "--results", str(folder / "sweep/r.jsonl")]
+            code, _, err = invoke(*args)
+            assert f"cannot write in {folder / 'sweep'}" in one_error(code, err)
+    finally:
+        shutil.rmtree(folder)
 
 
 def test_invalid_yaml_is_one_line(monkeypatch, tiny_folder, tmp_path):
@@ -225,11 +277,93 @@ def test_an_environment_error_is_one_line(monkeypatch, tmp_path):
     assert "/proc/aecompress" in one_error(code, err)
 
 
-def test_an_unwritable_json_file_is_refused_before_any_work(monkeypatch, tmp_path):
+@pytest.fixture
+def places(tmp_path, tiny_folder):
+    """A folder of things an output must not replace: a user's files, an artifact, a
+    model folder, earlier outputs of ours, and links to them."""
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "art").mkdir()
+    (tmp_path / "art" / "aecompress.json").write_text('{"files": ["aecompress.json"]}')
+    (tmp_path / "earlier.json").write_text(
+        '[{"model": "m", "role": "dense", "task": "t", "metrics": {}}]'
+    )
+    (tmp_path / "link.json").symlink_to(tiny_folder / "config.json")
+    (tmp_path / "grid.yaml").write_text(GRID)
+    for name in ("mine", "ours"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "mine" / "report.md").write_text("# my notes\n")
+    (tmp_path / "mine" / "results.csv").write_text("a,b\n")
+    record = {"cell": {"model": "m"}, "task": "t", "status": "ok"}
+    (tmp_path / "ours" / "results.jsonl").write_text(json.dumps(record) + '\n{"cel\n')
+    (tmp_path / "ours" / "report.md").write_text("# ours\n\nWritten 2026-01-01 10:00 UTC on x\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "path,args,message",
+    [
+        (".", [], "is a folder"),
+        ("/proc/x.json", [], "cannot write in /proc"),
+        ("tiny/config.json", ["--overwrite"], "lies in the model folder"),
+        ("link.json", ["--overwrite"], "lies in the model folder"),
+        ("art/aecompress.json", ["--overwrite"], "lies in the artifact folder"),
+        ("art/sub/x.json", [], "lies in the artifact folder"),
+        ("notes.txt", ["--overwrite"], "exists and is not an evaluate --json file"),
+        ("grid.yaml", ["--overwrite"], "exists and is not an evaluate --json file"),
+        ("earlier.json", [], "exists: pass --overwrite to replace it"),
+    ],
+)
+def test_a_json_file_that_is_not_ours_is_refused_before_any_work(
+    monkeypatch, places, path, args, message
+):
     monkeypatch.setattr("aecompress.evaluation.runner.evaluate", forbid_loading)
-    for path, message in [(tmp_path, "is a folder"), ("/proc/x.json", "cannot write in /proc")]:
-        code, _, err = invoke("evaluate", "m", "--json", str(path))
-        assert message in one_error(code, err)
+    before = tree(places)
+    code, _, err = invoke("evaluate", "m", "--json", str(places / path), *args)
+    assert message in one_error(code, err)
+    assert tree(places) == before
+
+
+def test_an_earlier_json_file_is_replaced_with_overwrite(monkeypatch, places):
+    from aecompress.evaluation.results import TaskResult, is_records_file
+
+    result = TaskResult("wikitext2", {"perplexity": 3.0}, "test", {}, {}, 1.0)
+    monkeypatch.setattr("aecompress.evaluation.runner.evaluate", lambda *a, **k: ([result], []))
+    code, _, err = invoke("evaluate", "m", "--json", str(places / "earlier.json"), "--overwrite")
+    assert code == 0, err
+    assert is_records_file(places / "earlier.json")
+    assert json.loads((places / "earlier.json").read_text())[0]["metrics"] == {"perplexity": 3.0}
+
+
+@pytest.mark.parametrize(
+    "results,name,message",
+    [
+        ("notes.txt", "g", "--results {}/notes.txt exists and is not a sweep's results file"),
+        ("grid.yaml", "g", "exists and is not a sweep's results file"),
+        ("tiny/results.jsonl", "g", "lies in the model folder"),
+        ("mine/results.jsonl", "g", "report file {}/mine/report.md exists and is not a sweep"),
+        (None, "/abs", "name: '/abs' is not a plain name"),
+        (None, "../up", "name: '../up' is not a plain name"),
+        ("/proc/r.jsonl", "g", "cannot write in /proc"),
+    ],
+)
+def test_sweep_outputs_that_are_not_ours_are_refused_before_any_work(
+    monkeypatch, places, results, name, message
+):
+    monkeypatch.setattr("aecompress.sweep.run_sweep", forbid_loading)
+    (places / "grid.yaml").write_text(GRID.replace("name: g", f"name: '{name}'"))
+    before = tree(places)
+    where = [] if results is None else ["--results", str(places / results)]
+    code, _, err = invoke("sweep", str(places / "grid.yaml"), *where)
+    assert message.format(places) in one_error(code, err)
+    assert tree(places) == before
+
+
+def test_a_sweep_appends_to_its_own_results_and_replaces_its_own_report(monkeypatch, places):
+    monkeypatch.setattr("aecompress.sweep.run_sweep", lambda *a, **k: [])
+    monkeypatch.setattr("aecompress.report.write_report", lambda *a: [])
+    results = str(places / "ours" / "results.jsonl")
+    code, stdout, err = invoke("sweep", str(places / "grid.yaml"), "--results", results)
+    assert code == 0 and f"0 records in {results}" in stdout, err
 
 
 def test_rules_take_their_families_as_targets(tiny_folder, tmp_path):
@@ -362,3 +496,55 @@ def test_evaluate_help_mentions_the_probe():
     code, helped, _ = invoke("evaluate", "--help")
     assert code == 0 and "--probe" in helped and "--max-train" in helped
     assert "frozen-feature probe" in " ".join(helped.split())
+
+
+def add_custom_code(folder: Path, config: bool) -> None:
+    """Give `folder` Python code that transformers would offer to run: a custom model type
+    in its config (or a custom tokenizer class) mapped to `evil.py` beside it."""
+    (folder / "evil.py").write_text(f"open({str(folder / 'ran')!r}, 'w').write('ran')\n")
+    if config:
+        name, custom = "config.json", {"model_type": "evil", "auto_map": {"AutoConfig": "evil.C"}}
+    else:
+        name = "tokenizer_config.json"
+        custom = {"tokenizer_class": "Evil", "auto_map": {"AutoTokenizer": ["evil.Evil", None]}}
+    (folder / name).write_text(json.dumps(json.loads((folder / name).read_text()) | custom))
+
+
+@pytest.mark.parametrize("config", [True, False], ids=["config", "tokenizer"])
+def test_code_in_a_model_folder_is_never_run_nor_offered(
+    monkeypatch, tiny_folder, tmp_path, config
+):
+    import aecompress
+
+    cm = aecompress.compress(str(tiny_folder), ratio=2, targets=["k"], progress=False)
+    cm.save_pretrained(tmp_path / "art")
+    for folder in (tiny_folder, tmp_path / "art"):
+        add_custom_code(folder, config)
+    monkeypatch.setattr("sys.stdin", io.StringIO("y\n" * 10))
+    commands = [
+        ["compress", str(tiny_folder), "-o", str(tmp_path / "out")],
+        ["evaluate", str(tiny_folder)],
+        ["evaluate", str(tmp_path / "art"), "--no-dense"],
+    ]
+    commands += [["inspect", str(tmp_path / "art")]] if config else []
+    for command in commands:
+        code, out, err = invoke(*command)
+        message = one_error(code, err)
+        assert "run the custom code" not in out + err and "[y/N]" not in out
+        assert "needs its own Python code (auto_map" in message, message
+    assert not (tiny_folder / "ran").exists() and not (tmp_path / "art" / "ran").exists()
+    assert sys.stdin.read() == "y\n" * 10  # nothing was asked
+
+
+def test_a_missing_base_folder_is_named(tiny_folder, tmp_path):
+    args = ["compress", str(tiny_folder), "--targets", "k", "-o", str(tmp_path / "art")]
+    assert invoke(*args)[0] == 0
+    tiny_folder.rename(tmp_path / "moved")
+    code, _, err = invoke("evaluate", str(tmp_path / "art"), "--windows", "1", "--seq-len", "8")
+    message = one_error(code, err)
+    assert f"the base model of {tmp_path / 'art'}: no such model folder or file: {tiny_folder}" in (
+        message
+    )
+    assert "Repo id" not in message
+    code, _, err = invoke("compress", "./gone", "-o", str(tmp_path / "o"))
+    assert "no such model folder or file: ./gone" in one_error(code, err)

@@ -9,7 +9,7 @@ import aecompress
 
 # Bottom to top; a module may import modules of its own layer or of lower ones.
 LAYERS = [
-    ["errors", "version", "data", "cache", "tensorfile", "numerics", "memory"],
+    ["errors", "version", "data", "cache", "tensorfile", "numerics", "memory", "outputs"],
     ["models", "modules", "budget"],
     ["targets"],
     ["calibration"],

@@ -1,7 +1,9 @@
 """Property-based tests (hypothesis) of hostile input on a tiny model: fuzzed manifests,
 recipes and command lines end with exit status 2, exactly one `aecompress: error:` line
 and nothing written, or in success with an artifact that loads and gives finite logits.
-Never a traceback. The CLI runs in this process; model and artifact are built once."""
+Never a traceback. Output paths among random files, folders, artifacts, model folders and
+links are refused untouched, or are new places or earlier outputs of the same kind. The
+CLI runs in this process; model and artifact are built once."""
 
 from __future__ import annotations
 
@@ -20,9 +22,10 @@ from hypothesis import strategies as st
 
 import aecompress
 from aecompress.artifact import MANIFEST
+from aecompress.errors import AecompressError
 from aecompress.sweep import SweepRecipe, cells, current, read_results
 from tests.conftest import SMALL_VOCAB, make_tiny, tiny_tokenizer
-from tests.helpers import invoke, one_error
+from tests.helpers import invoke, one_error, tree
 
 
 def fuzz(examples: int) -> settings:
@@ -361,3 +364,100 @@ def test_a_fuzzed_sweep_is_refused_in_one_line_or_records_every_cell(model_folde
     assert (folder / "report.md").is_file()
     assert invoke("sweep", str(folder / "grid.yaml"), "--results", str(results))[0] == 0
     assert read_results(results) == records  # nothing recomputed, nothing lost
+
+
+# --- output paths -------------------------------------------------------------------
+
+PLACES = {
+    "file": lambda path: path.write_text("mine"),
+    "records": lambda path: path.write_text(
+        '[{"model": "m", "role": "dense", "task": "t", "metrics": {}}]'
+    ),
+    "results": lambda path: path.write_text('{"cell": {}, "task": "t"}\n{"ce'),
+    "empty": lambda path: path.mkdir(),
+    "folder": lambda path: (path.mkdir(), (path / "report.md").write_text("mine")),
+    "artifact": lambda path: make_artifact(path, notes=False),
+    "artifact+notes": lambda path: make_artifact(path, notes=True),
+    "model": lambda path: (
+        path.mkdir(),
+        (path / "config.json").write_text("{}"),
+        (path / "model.safetensors").write_bytes(b"x"),
+    ),
+}
+NAMES = ["a", "b", "c", "d"]
+SUFFIXES = ["", "/x", "/x/y", "/1_Pooling/x", "/1_Pooling/config.json", "/config.json"]
+OUTPUT_FLAGS = {  # the command whose output each flag names (its work is stubbed out)
+    "-o": ["compress", "m"],
+    "--dense": ["export", "art"],
+    "--json": ["evaluate", "m"],
+    "--results": ["sweep", "grid.yaml"],
+}
+
+
+def make_artifact(path: Path, notes: bool) -> None:
+    (path / "1_Pooling").mkdir(parents=True)
+    (path / "1_Pooling" / "config.json").write_text("{}")
+    (path / MANIFEST).write_text(json.dumps({"files": [MANIFEST, "1_Pooling/config.json"]}))
+    if notes:  # a user's file in a subfolder of the artifact
+        (path / "1_Pooling" / "notes.txt").write_text("mine")
+
+
+def acceptable(flag: str, overwrite: bool, target: Path, kinds: dict[Path, str]) -> bool:
+    """What the guard may accept: outside model and artifact folders, a new place or an
+    earlier output of the flag's kind (an empty folder for a folder output)."""
+    if kinds.get(target.parent) == "model" or any(
+        kinds.get(p, "").startswith("artifact") for p in target.parents
+    ):
+        return False
+    if flag == "--results" and kinds.get(target.parent) == "folder":  # a user's report.md
+        return False
+    kind = kinds.get(target) or ("new" if not target.exists() else "inside")
+    replaceable = {
+        "-o": {"empty", *(["artifact"] if overwrite else [])},
+        "--dense": {"empty"},
+        "--json": {"records"} if overwrite else set(),
+        "--results": {"results"},
+    }
+    return kind in {"new", *replaceable[flag]}
+
+
+@fuzz(80)
+@given(data=st.data())
+def test_an_output_path_is_refused_untouched_or_is_new_or_ours(monkeypatch, scratch, data):
+    folder = fresh(scratch)
+    (folder / "grid.yaml").write_text(
+        "name: g\nmodels: [m]\nmethods: [{method: svd}]\nratios: [2]\ntargets: [k]\n"
+        "tasks: [{task: wikitext2}]\n"
+    )
+    kinds = {}
+    for name in NAMES:
+        kind = data.draw(st.sampled_from(["none", *PLACES, "link"]))
+        if kind == "none":
+            continue
+        if kind == "link":  # to another place, into one, or nowhere
+            other = data.draw(st.sampled_from([*NAMES, "grid.yaml"]))
+            (folder / name).symlink_to(folder / other / data.draw(st.sampled_from(["", "x"])))
+        else:
+            PLACES[kind](folder / name)
+            kinds[(folder / name).resolve()] = kind
+
+    def checked(*args: Any, **kwargs: Any) -> None:
+        raise AecompressError("the checks passed")
+
+    for stub in ("models.load_model", "artifact.export_dense", "evaluation.runner.evaluate"):
+        monkeypatch.setattr(f"aecompress.{stub}", checked)
+    monkeypatch.setattr("aecompress.sweep.run_sweep", checked)
+    monkeypatch.chdir(folder)
+    flag = data.draw(st.sampled_from(sorted(OUTPUT_FLAGS)))
+    overwrite = data.draw(st.booleans()) and flag in ("-o", "--json")
+    target = data.draw(st.sampled_from([*NAMES, "grid.yaml"])) + data.draw(
+        st.sampled_from(SUFFIXES)
+    )
+    before = tree(folder)
+    command = [*OUTPUT_FLAGS[flag], flag, target, *(["--overwrite"] if overwrite else [])]
+    code, _, err = invoke(*command)
+    accepted = "the checks passed" in one_error(code, err)
+    event(f"{flag} {'accepted' if accepted else 'refused'}")
+    assert tree(folder) == before  # the guard writes nothing, refused or not
+    if accepted:
+        assert acceptable(flag, overwrite, (folder / target).resolve(), kinds), command

@@ -129,6 +129,23 @@ def test_report_renders_tables_and_plots(tmp_path):
     assert len(png) == 1 and png[0].read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_report_replaces_only_its_own_files(tmp_path):
+    record = {"cell": {"model": "m", "label": "svd", "targets": "k", "ratio": 2}, "task": "stsb"}
+    record |= {"status": "ok", "split": "test", "metrics": {"spearman": 75.0}}
+    results = tmp_path / "results.jsonl"
+    results.write_text(json.dumps(record) + "\n")
+    written = write_report([results], read_results(results))
+    assert [p.name for p in written] == ["report.md", "results.csv", "m_k_stsb_spearman.png"]
+    write_report([results], read_results(results))  # a report replaces its own files
+    for path in written:
+        saved = path.read_bytes()
+        path.write_text("mine")
+        with pytest.raises(AecompressError, match=f"report file {path} exists and is not"):
+            write_report([results], read_results(results))
+        assert path.read_text() == "mine"
+        path.write_bytes(saved)
+
+
 def test_unknown_recipe_key_is_named(tmp_path):
     path = tmp_path / "grid.yaml"
     path.write_text(

@@ -6,9 +6,7 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
@@ -18,6 +16,7 @@ from typer._click.exceptions import ClickException  # the click that typer bundl
 from aecompress.errors import AecompressError, first_line
 from aecompress.evaluation.tasks import task_table
 from aecompress.memory import map_large_allocations
+from aecompress.outputs import check_artifact_folder, check_file, check_new_folder
 
 if TYPE_CHECKING:
     from aecompress.sweep import Executor
@@ -52,39 +51,6 @@ def _parse_options(pairs: list[str]) -> dict[str, Any]:
             node = child
         node[leaf] = parsed
     return options
-
-
-def _check_output(output: Path, flag: str = "-o", *, artifact: bool = True) -> None:
-    """Refuse an output folder that cannot be written, before any work: it may replace an
-    artifact's own files (when `artifact`) or an empty folder, nothing else."""
-    from aecompress.artifact import check_replaceable
-
-    target, here = output.resolve(), Path.cwd().resolve()
-    if target == here or target in here.parents:
-        raise AecompressError(f"{flag} {output}: the output cannot replace the current folder")
-    if artifact:
-        check_replaceable(target)  # a file, a folder with other content
-    elif target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise AecompressError(f"{flag} {output} exists and is not an empty folder")
-    nearest = next(p for p in [target.parent, *target.parent.parents] if p.exists())
-    if not nearest.is_dir():
-        raise AecompressError(f"{flag} {output}: {nearest} is not a folder")
-    _check_writable(nearest, f"{flag} {output}")  # written beside its place, then renamed
-
-
-def _check_json(path: Path) -> None:
-    """Refuse a --json file that cannot be written, before any evaluation work."""
-    if path.is_dir():
-        raise AecompressError(f"--json {path} is a folder")
-    _check_writable(path.resolve().parent, f"--json {path}")
-
-
-def _check_writable(folder: Path, what: str) -> None:
-    """Refuse `what` unless something can be created in `folder`."""
-    try:
-        Path(tempfile.mkdtemp(prefix=".aecompress-check-", dir=folder)).rmdir()
-    except OSError as error:
-        raise AecompressError(f"{what}: cannot write in {folder} ({error.strerror})") from error
 
 
 @app.command()
@@ -127,6 +93,9 @@ def compress(
     ] = "auto",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="replace an existing artifact at -o")
+    ] = False,
 ) -> None:
     """Compress MODEL and write an artifact folder."""
     import torch
@@ -135,7 +104,7 @@ def compress(
     from aecompress.models import load_model
     from aecompress.recipe import Recipe
 
-    _check_output(output)
+    check_artifact_folder(output, f"-o {output}", overwrite)
     if recipe is not None:
         plan = Recipe.from_yaml(recipe)
         model = plan.model or model
@@ -198,9 +167,12 @@ def evaluate(
     seed: Annotated[int | None, typer.Option(help="seed of tasks that sample or train")] = None,
     dense: Annotated[bool, typer.Option(help="also report the artifact's base model")] = True,
     json_out: Annotated[Path | None, typer.Option("--json", help="write results here")] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="replace an earlier --json file")
+    ] = False,
 ) -> None:
     """Evaluate a model or an artifact (beside its dense base model, cached)."""
-    from aecompress.evaluation.results import format_table
+    from aecompress.evaluation.results import format_table, is_records_file, write_records
     from aecompress.evaluation.runner import evaluate as run_evaluate
 
     options = {
@@ -214,14 +186,13 @@ def evaluate(
         "seed": seed,
     }
     if json_out is not None:
-        _check_json(json_out)
+        what = f"--json {json_out}"
+        check_file(json_out, what, "an evaluate --json file", is_records_file, overwrite)
     tasks = task or ["wikitext2"]
     results, dense_results = run_evaluate(model, tasks, options, dense=dense, probe=probe)
     typer.echo(format_table(results, dense_results if dense_results else None))
     if json_out is not None:
-        records = [{"model": model, "role": "compressed", **asdict(r)} for r in results]
-        records += [{"model": model, "role": "dense", **asdict(r)} for r in dense_results]
-        json_out.write_text(json.dumps(records, indent=2) + "\n")
+        write_records(json_out, model, results, dense_results)
         typer.echo(f"wrote {json_out}")
 
 
@@ -261,8 +232,9 @@ def export(
     (safetensors, config, tokenizer) that loads without aecompress."""
     from aecompress.artifact import export_dense
 
-    _check_output(dense, "--dense", artifact=False)
-    typer.echo(f"wrote {export_dense(artifact, dense)}")
+    check_new_folder(dense, f"--dense {dense}")
+    export_dense(artifact, dense)
+    typer.echo(f"wrote {dense}")
 
 
 @app.command()
@@ -295,11 +267,13 @@ def sweep(
     ] = None,
 ) -> None:
     """Run a grid of compressions and evaluations; resumable; then write the report."""
-    from aecompress.report import write_report
-    from aecompress.sweep import SweepRecipe, parse_shard, run_sweep
+    from aecompress.report import check_report_files, write_report
+    from aecompress.sweep import SweepRecipe, is_results_file, parse_shard, run_sweep
 
     plan = SweepRecipe.from_yaml(recipe)
     path = results or recipe.parent / "results" / plan.name / "results.jsonl"
+    check_file(path, f"--results {path}", "a sweep's results file", is_results_file)
+    check_report_files(path.parent)
     start = time.perf_counter()
     records = run_sweep(plan, path, shard=parse_shard(shard), executor=_executor(executor, address))
     typer.echo(f"{len(records)} records in {path} ({time.perf_counter() - start:.0f} s this run)")

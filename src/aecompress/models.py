@@ -8,12 +8,15 @@ import importlib.util
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from safetensors import SafetensorError
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -113,7 +116,11 @@ def load_tokenizer(where: str, **kwargs: object) -> PreTrainedTokenizerBase | No
     folder's tokenizer files cannot be read or hold no vocabulary beyond special tokens."""
     has_files = any((Path(where) / name).is_file() for name in _TOKENIZER_FILES)
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(where, **kwargs)
+        tokenizer = _without_custom_code(
+            transformers.AutoTokenizer.from_pretrained, where, **kwargs
+        )
+    except AecompressError:
+        raise
     except Exception as error:  # the tokenizers library raises plain Exceptions
         if has_files:
             message = f"cannot load the tokenizer in {where}: {first_line(error)}"
@@ -129,6 +136,38 @@ def load_tokenizer(where: str, **kwargs: object) -> PreTrainedTokenizerBase | No
         )
     logger.warning("no tokenizer found for %s", where)
     return None
+
+
+def _without_custom_code(load: Callable[..., Any], where: str, **kwargs: Any) -> Any:
+    """`load(where, **kwargs)` (a transformers from_pretrained) with trust_remote_code=False:
+    aecompress never runs, nor offers to run, code from a model folder; a folder whose
+    config or tokenizer needs its own code (`auto_map`) is refused in one line."""
+    try:
+        return load(where, trust_remote_code=False, **kwargs)
+    except ValueError as error:
+        if "custom code" not in str(error):
+            raise
+        raise AecompressError(
+            f"{where} needs its own Python code (auto_map in its config or tokenizer config), "
+            "which aecompress never runs"
+        ) from error
+
+
+def load_config(where: str, **kwargs: object) -> PretrainedConfig:
+    """The config in `where` (a folder, hub id, or GGUF folder with `gguf_file`)."""
+    config: PretrainedConfig = _without_custom_code(
+        transformers.AutoConfig.from_pretrained, where, **kwargs
+    )
+    return config
+
+
+def _check_hub_id(name: str) -> None:
+    """A name that is neither an existing path nor a hub id (namespace/name) is a missing
+    folder or file."""
+    try:
+        validate_repo_id(name)
+    except HFValidationError as error:
+        raise AecompressError(f"no such model folder or file: {name}") from error
 
 
 def _check_folder(path: Path) -> None:
@@ -194,6 +233,7 @@ def load_model(name: str, auto_class: str | None = None) -> LoadedModel:
         _check_folder(path)
         where = source = str(path.resolve())
     else:
+        _check_hub_id(name)
         if os.environ.get("HF_HUB_OFFLINE") == "1" and "/" not in name:
             raise AecompressError(
                 f"unknown model '{name}': use {', '.join(EMBEDDED)}, a folder, "
@@ -201,10 +241,11 @@ def load_model(name: str, auto_class: str | None = None) -> LoadedModel:
             )
         where = name
     try:
-        config = transformers.AutoConfig.from_pretrained(where, **kwargs)
+        config = load_config(where, **kwargs)
         auto_name = auto_class or auto_class_for(config, gguf="gguf_file" in kwargs)
         auto = getattr(transformers, auto_name)
-        model, info = auto.from_pretrained(
+        model, info = _without_custom_code(
+            auto.from_pretrained,
             where,
             dtype=torch.float32,
             use_safetensors=True,  # never a pickle

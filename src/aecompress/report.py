@@ -5,12 +5,29 @@ from __future__ import annotations
 import csv
 import os
 import platform
-from collections.abc import Iterable, Iterator
+import re
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from aecompress.outputs import check_file, head
 from aecompress.sweep import cell_id, current
+
+COLUMNS = (
+    "model",
+    "label",
+    "targets",
+    "group",
+    "ratio",
+    "seed",
+    "task",
+    "split",
+    "metric",
+    "value",
+    "compress_seconds",
+    "achieved_ratio",
+)
 
 
 def flatten_results(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -157,12 +174,47 @@ def _plot(
     plt.close(figure)
 
 
+def _is_report(path: Path) -> bool:
+    text = head(path, 4096).decode(errors="replace")
+    return re.match(r"# .*\n\nWritten \d{4}-\d\d-\d\d \d\d:\d\d UTC ", text) is not None
+
+
+def _is_table(path: Path) -> bool:
+    header = head(path, 4096).decode(errors="replace").partition("\n")[0].rstrip("\r")
+    return header in (",".join(COLUMNS), "model")  # "model": of a table without rows
+
+
+def _is_plot(path: Path) -> bool:
+    data = head(path, 256)
+    return data.startswith(b"\x89PNG") and b"Matplotlib" in data
+
+
+def check_report_files(folder: Path, plots: Sequence[Path] = ()) -> None:
+    """Refuse, before any is written, report files that would replace a file that is not
+    an earlier one of a report (or lie in a model folder, or cannot be written)."""
+    files = [(folder / "report.md", "a sweep report", _is_report)]
+    files += [(folder / "results.csv", "a sweep report's table", _is_table)]
+    files += [(path, "a sweep report's plot", _is_plot) for path in plots]
+    for path, kind, ours in files:
+        check_file(path, f"report file {path}", kind, ours)
+
+
+def _plot_path(folder: Path, key: tuple[str, str, str, str, str]) -> Path:
+    """The PNG of a table (model, targets, task, split, metric) in `folder`."""
+    model, targets, task, _split, metric = key
+    parts = (model, targets, task, metric)
+    return folder / ("_".join(p.replace(",", "+").replace("/", "-") for p in parts) + ".png")
+
+
 def write_report(results: list[Path], records: list[dict[str, Any]]) -> list[Path]:
     """Write report.md, results.csv and one PNG per table next to the first results file,
-    from the latest record of each cell and task (a failure re-run successfully is gone)."""
+    from the latest record of each cell and task (a failure re-run successfully is gone);
+    each replaces only an earlier file of a report."""
     records = current(records)
     rows = flatten_results(records)
     folder = results[0].parent
+    plots = [(_plot_path(folder, key), key, subset, ref) for key, subset, ref in _tables(rows)]
+    check_report_files(folder, [path for path, *_ in plots])
     # every task record of a cell repeats the cell's compression time: count it once
     compress = {cell_id(r["cell"]): r.get("compress_seconds", 0.0) for r in records}
     seconds = sum(compress.values()) + sum(r.get("seconds", 0.0) for r in records)
@@ -184,12 +236,10 @@ def write_report(results: list[Path], records: list[dict[str, Any]]) -> list[Pat
     written = [folder / "report.md", folder / "results.csv"]
     written[0].write_text(text)
     with written[1].open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["model"])
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    for (model, targets, task, _split, metric), subset, reference in _tables(rows):
-        parts = (model, targets, task, metric)
-        path = folder / ("_".join(p.replace(",", "+").replace("/", "-") for p in parts) + ".png")
+    for path, (model, targets, task, _split, metric), subset, reference in plots:
         _plot(path, f"{model}: {targets}", f"{task} {metric}", subset, reference)
         written.append(path)
     return written

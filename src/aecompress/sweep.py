@@ -32,6 +32,7 @@ from aecompress.engine import compress
 from aecompress.errors import AecompressError, describe
 from aecompress.evaluation.tasks import TASKS, run_task, task_settings
 from aecompress.models import LoadedModel, load_model
+from aecompress.outputs import PlainName
 from aecompress.recipe import Recipe, read_yaml
 
 
@@ -96,7 +97,7 @@ class SweepRecipe(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str
+    name: PlainName  # of the default results folder, results/<name>/
     models: list[str] = Field(min_length=1)
     methods: list[MethodSpec] = Field(min_length=1)
     ratios: list[float] = Field(min_length=1)
@@ -201,6 +202,21 @@ def read_results(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     return [r for line in path.read_text().splitlines() if (r := _parse(line)) is not None]
+
+
+_RECORD_START = '{"cell"'  # of every line written (keys sorted), torn lines included
+
+
+def is_results_file(path: Path) -> bool:
+    """Whether every line of `path` is a record (or a torn one): a results file of ours."""
+    with path.open(errors="replace") as handle:
+        continued = False  # the line goes on from the last piece read
+        for piece in iter(lambda: handle.readline(1 << 16), ""):
+            start = piece[: len(_RECORD_START)].rstrip("\n")
+            if not continued and not _RECORD_START.startswith(start):
+                return False
+            continued = not piece.endswith("\n")
+    return True
 
 
 def _append(path: Path, record: dict[str, Any]) -> None:

@@ -13,3 +13,15 @@ def artifact(tmp_path):
     )
     cm.save_pretrained(str(tmp_path / "art"))
     return tmp_path / "art"
+
+
+@pytest.fixture
+def sentence_artifact(tmp_path):
+    """An artifact of a sentence encoder: its pooling set-up in a subfolder."""
+    tiny_model("bert-encoder").save_pretrained(tmp_path / "encoder")
+    (tmp_path / "encoder" / "modules.json").write_text("[]")
+    (tmp_path / "encoder" / "1_Pooling").mkdir()
+    (tmp_path / "encoder" / "1_Pooling" / "config.json").write_text("{}")
+    cm = aecompress.compress(str(tmp_path / "encoder"), ratio=2, targets=["k"], progress=False)
+    cm.save_pretrained(tmp_path / "art")
+    return cm, tmp_path / "art"

@@ -1,6 +1,7 @@
 """export_dense: a plain transformers folder that loads without aecompress."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -65,3 +66,15 @@ def test_export_dense_refuses_a_folder_with_content(tmp_path):
     cm.save_pretrained(tmp_path / "art")
     with pytest.raises(AecompressError, match="exists and is not an empty folder"):
         aecompress.export_dense(tmp_path / "art", tmp_path / "art")
+
+
+def test_a_folder_linked_out_of_an_artifact_is_refused(sentence_artifact, tmp_path):
+    _, art = sentence_artifact
+    (tmp_path / "elsewhere").mkdir()
+    for name in ("config.json", "secret.txt"):
+        (tmp_path / "elsewhere" / name).write_text("{}")
+    shutil.rmtree(art / "1_Pooling")
+    (art / "1_Pooling").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(AecompressError, match="1_Pooling is a link out of the folder"):
+        aecompress.export_dense(art, tmp_path / "plain")
+    assert not (tmp_path / "plain").exists()

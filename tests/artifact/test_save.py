@@ -63,3 +63,13 @@ def test_values_beyond_the_storage_dtype_are_not_saved(tmp_path):
     with pytest.raises(AecompressError, match="NaN or infinite values in float16"):
         cm.save_pretrained(tmp_path / "art")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_files_in_an_artifacts_subfolders_are_its_own_or_kept(sentence_artifact):
+    cm, art = sentence_artifact
+    assert "1_Pooling/config.json" in read_manifest(art)["files"]
+    cm.save_pretrained(art)  # its own files: replaced
+    (art / "1_Pooling" / "notes.txt").write_text("mine")
+    with pytest.raises(AecompressError, match=r"not part of its artifact \(1_Pooling/notes\.txt"):
+        cm.save_pretrained(art)
+    assert (art / "1_Pooling" / "notes.txt").read_text() == "mine"

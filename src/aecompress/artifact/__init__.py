@@ -10,7 +10,6 @@ back verified; folder.py: atomic folder writes; save.py, load.py, export.py.
 """
 
 from aecompress.artifact.export import export_dense
-from aecompress.artifact.folder import check_replaceable
 from aecompress.artifact.load import checked_skeleton, load_compressed
 from aecompress.artifact.manifest import (
     FORMAT,
@@ -39,7 +38,6 @@ __all__ = [
     "GroupEntry",
     "Manifest",
     "check_groups",
-    "check_replaceable",
     "checked_skeleton",
     "export_dense",
     "is_artifact",

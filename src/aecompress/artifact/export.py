@@ -13,25 +13,19 @@ from pathlib import Path
 from aecompress.artifact.folder import atomic_folder, copy_sentence_transformers_files
 from aecompress.artifact.load import load_compressed
 from aecompress.compressed import CompressedModel
-from aecompress.errors import AecompressError
+from aecompress.outputs import check_new_folder
 
 
 def export_dense(artifact: str | Path, output: str | Path) -> Path:
     """Write the artifact's model as a plain transformers folder: every matrix decoded into
     an fp32 dense weight (safetensors), the base's config and tokenizer. It loads with
     `AutoModel*.from_pretrained(output)` without aecompress; `output` must be new or empty."""
-    output = Path(output)
-    _check_empty(output)
+    output = check_new_folder(Path(output))
     cm = load_compressed(artifact, decode=True)
     model = cm.merge_and_unload()
     with _export_folder(output, cm, Path(artifact)) as work:
         model.save_pretrained(work)
     return output
-
-
-def _check_empty(output: Path) -> None:
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise AecompressError(f"{output} exists and is not an empty folder: not overwriting")
 
 
 @contextmanager

@@ -1,10 +1,9 @@
 """Writing a model folder (an artifact or an export) safely: it is filled beside its place
 and renamed into it, so a crash leaves no half-written folder, and it never replaces a
-folder that holds anything but an artifact's own files."""
+folder that holds anything but an artifact's own files (outputs.py checks that)."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -12,9 +11,6 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-
-from aecompress.artifact.manifest import MANIFEST
-from aecompress.errors import AecompressError
 
 
 @contextmanager
@@ -31,26 +27,6 @@ def atomic_folder(path: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-
-
-def check_replaceable(path: Path) -> None:
-    """Refuse to write over a folder that holds more than an artifact's own files."""
-    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
-        return
-    if not path.is_dir():
-        raise AecompressError(f"{path} exists and is not a folder: not overwriting")
-    if not (path / MANIFEST).is_file():
-        raise AecompressError(f"{path} exists and is not an aecompress artifact: not overwriting")
-    try:
-        own = set(json.loads((path / MANIFEST).read_text()).get("files", []))
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        own = set()
-    foreign = sorted(p.name for p in path.iterdir() if p.name not in own)
-    if foreign:
-        raise AecompressError(
-            f"{path} holds files that are not part of its artifact ({', '.join(foreign[:3])}"
-            f"{', ...' if len(foreign) > 3 else ''}): move them or write elsewhere"
-        )
 
 
 def remove_leftovers(path: Path) -> None:

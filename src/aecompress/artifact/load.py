@@ -26,7 +26,7 @@ from aecompress.compressed import CompressedGroup, CompressedModel
 from aecompress.errors import AecompressError, describe, first_line
 from aecompress.methods import Method, Stored, make_method
 from aecompress.methods.base import GroupSpec
-from aecompress.models import load_tokenizer
+from aecompress.models import load_config, load_tokenizer
 from aecompress.substitution import Serving, inject
 from aecompress.targets import (
     CUSTOM_FAMILY,
@@ -163,12 +163,14 @@ def checked_skeleton(path: Path, manifest: Manifest) -> PreTrainedModel:
     every group against it: members are matrices of its family with the recorded kind and
     shape, widths cost what the groups store, a tied output head is the model's own."""
     try:
-        config = transformers.AutoConfig.from_pretrained(str(path))
+        config = load_config(str(path))
     except (OSError, ValueError) as error:
         raise AecompressError(f"{path}: cannot read config.json: {first_line(error)}") from error
     try:
         with init_empty_weights():
-            model = getattr(transformers, manifest.auto_class).from_config(config)
+            model = getattr(transformers, manifest.auto_class).from_config(
+                config, trust_remote_code=False
+            )
     except (ValueError, KeyError, AttributeError) as error:
         raise AecompressError(f"{path}: config.json does not describe a model: {error}") from error
     head = model.get_output_embeddings()  # (the skeleton's weights are not tied yet)

@@ -13,12 +13,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from aecompress.errors import AecompressError, describe
+from aecompress.outputs import MANIFEST, InsidePath, check_contained
 from aecompress.recipe import Recipe
 
 FORMAT = "aecompress-artifact"
 FORMAT_VERSION = 2
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-MANIFEST = "aecompress.json"
 WEIGHTS = "model.safetensors"
 PREFIX = "aecompress."
 
@@ -66,7 +66,7 @@ class WeightsFile(_Strict):
 class Manifest(_Strict):
     format: Literal["aecompress-artifact"]
     storage_dtype: Literal["float32", "bfloat16", "float16"]
-    files: list[str]
+    files: list[InsidePath]
     format_version: int
     aecompress_version: str
     base_model: str
@@ -115,6 +115,7 @@ def load_manifest(path: str | Path) -> Manifest:
         manifest = Manifest.model_validate(data)
     except ValidationError as error:
         raise AecompressError(describe(error, f"{manifest_file}")) from error
+    check_contained(Path(path))
     if missing := [name for name in manifest.files if not (Path(path) / name).exists()]:
         raise AecompressError(f"{path}: {missing[0]}, a file of the artifact, is missing")
     return manifest

@@ -11,13 +11,13 @@ import torch
 
 from aecompress.artifact.folder import (
     atomic_folder,
-    check_replaceable,
     copy_sentence_transformers_files,
 )
 from aecompress.artifact.manifest import FORMAT, FORMAT_VERSION, MANIFEST, PREFIX, STORAGE_DTYPES
 from aecompress.artifact.weights import write_weights
 from aecompress.compressed import CompressedGroup, CompressedModel, register_writer
 from aecompress.errors import AecompressError
+from aecompress.outputs import check_artifact_folder, files_under
 from aecompress.substitution import Serving, inject
 from aecompress.version import __version__
 
@@ -29,8 +29,7 @@ def save_artifact(cm: CompressedModel, path: str | Path) -> Path:
     An existing artifact there is replaced; a folder holding anything else is refused."""
     if cm.decoded:
         raise AecompressError("a model loaded with decode=True has no stored form to save")
-    path = Path(path)
-    check_replaceable(path)
+    path = check_artifact_folder(Path(path))
     untouched, aliases = untouched_state(cm)
     cm.aliases = aliases
     tensors = dict(untouched)
@@ -50,7 +49,7 @@ def save_artifact(cm: CompressedModel, path: str | Path) -> Path:
         totals["artifact_bytes"] = manifest["weights_file"]["bytes"]
         totals["dense_fp32_bytes"] = 4 * totals["model_params_dense"]
         totals["dense_storage_dtype_bytes"] = dtype.itemsize * totals["model_params_dense"]
-        manifest["files"] = sorted([*(p.name for p in work.iterdir()), MANIFEST])
+        manifest["files"] = sorted([*files_under(work), MANIFEST])
         (work / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return path
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
+
+from aecompress.outputs import head
 
 
 @dataclass(frozen=True)
@@ -23,6 +26,30 @@ class TaskResult:
     @classmethod
     def from_json(cls, text: str) -> TaskResult:
         return cls(**json.loads(text))
+
+
+RECORD_KEYS = {"model", "role", "task", "metrics"}  # of every record `evaluate --json` writes
+_LARGEST_RECORDS_FILE = 1 << 24
+
+
+def write_records(
+    path: Path, model: str, results: Sequence[TaskResult], dense_results: Sequence[TaskResult]
+) -> None:
+    """Write the results as `evaluate --json` does: a JSON list, one record per task and role."""
+    records = [{"model": model, "role": "compressed", **asdict(r)} for r in results]
+    records += [{"model": model, "role": "dense", **asdict(r)} for r in dense_results]
+    path.write_text(json.dumps(records, indent=2) + "\n")
+
+
+def is_records_file(path: Path) -> bool:
+    """Whether `path` holds what `write_records` writes (an earlier `evaluate --json`)."""
+    try:
+        data = json.loads(head(path, _LARGEST_RECORDS_FILE + 1))
+    except (ValueError, RecursionError):  # not JSON (a larger file is cut), not UTF-8
+        return False
+    return isinstance(data, list) and all(
+        isinstance(record, dict) and record.keys() >= RECORD_KEYS for record in data
+    )
 
 
 def _number(value: float) -> str:

@@ -57,7 +57,12 @@ def cached_dense_result(
 def load_base_model(artifact: str, manifest: dict[str, Any]) -> LoadedModel:
     """The artifact's base model, refused unless its weights are the ones it was made from."""
     name = manifest["base_model"]
-    base = load_model(name, manifest["auto_class"])
+    try:
+        base = load_model(name, manifest["auto_class"])
+    except AecompressError as error:
+        raise AecompressError(
+            f"the base model of {artifact}: {error} (restore it, or use --no-dense)"
+        ) from error
     if weights_sha256(base.model) != manifest["base_weights_sha256"]:
         raise AecompressError(
             f"base model '{name}' does not hold the weights {artifact} was compressed from "
