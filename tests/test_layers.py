@@ -17,8 +17,9 @@ LAYERS = [
     ["recipe"],  # validates method names and options
     ["substitution"],
     ["artifact"],
+    ["pipeline"],  # the engine hands it the validation metric (evaluation)
     ["evaluation"],
-    ["summary", "pipeline"],
+    ["summary"],
     ["engine"],
     ["sweep", "report", "cluster", "integrations"],
     ["cli", ""],  # "": the package's __init__

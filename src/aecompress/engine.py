@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, cast
 
 import torch
@@ -11,6 +12,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from aecompress.artifact import CompressedModel, round_to_storage
 from aecompress.budget import check_ratio
 from aecompress.errors import AecompressError
+from aecompress.evaluation.validation import validation_metric
 from aecompress.models import (
     LoadedModel,
     auto_class_for,
@@ -81,6 +83,7 @@ def compress(
         "base_sha256": base_sha256,
         "tied_output": tied,
         "seed": recipe.seed,
+        "validation": partial(validation_metric, model, tokenizer),
         "progress": progress,
     }
     pipeline = choose_pipeline(recipe, planned, model)

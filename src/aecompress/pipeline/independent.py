@@ -7,12 +7,20 @@ groups make: see the sequential pipeline for that.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from aecompress.artifact import CompressedGroup
 from aecompress.calibration import CalibrationConfig, cached_statistics
-from aecompress.pipeline.plan import PlannedGroup, finite_matrices, fit_group, make_validate
+from aecompress.pipeline.plan import (
+    Metric,
+    PlannedGroup,
+    finite_matrices,
+    fit_group,
+    make_validate,
+)
 from aecompress.substitution import inject
 
 
@@ -25,11 +33,13 @@ def run_independent(
     base_sha256: str,
     tied_output: str | None,
     seed: int,
+    validation: Callable[[], Metric] | None = None,
     progress: bool = True,
 ) -> list[CompressedGroup]:
     """Fit every planned group in order and swap its modules in, deferred: each is built
     on its first call (a validation pass), so a run that is only saved never holds decoded
-    copies of sparse or AE groups beside their stored tensors."""
+    copies of sparse or AE groups beside their stored tensors. `validation` prepares the
+    metric a method may select by (see plan.make_validate)."""
     needed = set().union(*(p.method.statistics_needed() for p in planned))
     statistics = None
     if needed:
@@ -45,7 +55,7 @@ def run_independent(
             finite_matrices(model, members),
             None if statistics is None else [statistics[t.name] for t in members],
             seed=seed,
-            validate=make_validate(model, tokenizer, plan.group),
+            validate=make_validate(model, plan.group, validation),
             progress=progress,
         )
         tied = tied_output if plan.group.family == "embed" else None

@@ -40,7 +40,7 @@ working set is one stage's statistics (and its dense copy) and the streams' hidd
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -60,7 +60,13 @@ from aecompress.calibration import (
 )
 from aecompress.errors import AecompressError
 from aecompress.pipeline.independent import run_independent
-from aecompress.pipeline.plan import PlannedGroup, finite_matrices, fit_group, make_validate
+from aecompress.pipeline.plan import (
+    Metric,
+    PlannedGroup,
+    finite_matrices,
+    fit_group,
+    make_validate,
+)
 from aecompress.pipeline.refine import refine_stage
 from aecompress.pipeline.streams import (
     BlockInputs,
@@ -234,13 +240,13 @@ def compensates(plan: PlannedGroup) -> bool:
 
 def fit_position(
     model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase | None,
     groups: list[PlannedGroup],
     moments: dict[str, InputMoments],
     gradients: dict[str, TargetStatistics] | None,
     config: SequentialConfig,
     *,
     seed: int,
+    validation: Callable[[], Metric] | None,
     progress: bool,
 ) -> list[CompressedGroup]:
     """Fit each group on its (compensated) matrices and statistics, and swap it in."""
@@ -263,7 +269,7 @@ def fit_position(
             matrices,
             statistics,
             seed=seed,
-            validate=make_validate(model, tokenizer, plan.group),
+            validate=make_validate(model, plan.group, validation),
             progress=progress,
             owns_statistics=last_reader,
         )
@@ -296,9 +302,11 @@ def run_sequential(
     base_sha256: str,
     tied_output: str | None,
     seed: int,
+    validation: Callable[[], Metric] | None = None,
     progress: bool = True,
 ) -> list[CompressedGroup]:
-    """Fit every planned group block by block (see the module docstring)."""
+    """Fit every planned group block by block (see the module docstring); `validation`
+    prepares the metric a method may select by (see plan.make_validate)."""
     found = transformer_blocks(model)
     if found is None:
         raise AecompressError(
@@ -318,7 +326,15 @@ def run_sequential(
     if keep_dense:
         dense_hidden, _ = capture_block_inputs(model, blocks[0], windows, calibration.batch_size)
     fitted = _fit_outside(
-        model, tokenizer, outside, calibration, base_sha256, tied_output, seed, progress
+        model,
+        tokenizer,
+        outside,
+        calibration,
+        base_sha256,
+        tied_output,
+        seed,
+        validation,
+        progress,
     )
     compressed_hidden, inputs = capture_block_inputs(
         model, blocks[0], windows, calibration.batch_size
@@ -340,12 +356,12 @@ def run_sequential(
                 )
                 stage_groups += fit_position(
                     model,
-                    tokenizer,
                     groups,
                     moments,
                     gradients,
                     config,
                     seed=seed,
+                    validation=validation,
                     progress=progress,
                 )
                 del moments
@@ -388,6 +404,7 @@ def _fit_outside(
     base_sha256: str,
     tied_output: str | None,
     seed: int,
+    validation: Callable[[], Metric] | None,
     progress: bool,
 ) -> list[CompressedGroup]:
     """Targets outside the blocks (token embeddings, a tied head): dense statistics."""
@@ -401,5 +418,6 @@ def _fit_outside(
         base_sha256=base_sha256,
         tied_output=tied_output,
         seed=seed,
+        validation=validation,
         progress=progress,
     )
