@@ -55,11 +55,10 @@ from aecompress.calibration import (
     InputAccumulator,
     InputMoments,
     TargetStatistics,
-    cached_statistics,
     calibration_windows,
 )
 from aecompress.errors import AecompressError
-from aecompress.pipeline.independent import run_independent
+from aecompress.pipeline.independent import dense_statistics, run_independent
 from aecompress.pipeline.plan import (
     Metric,
     PlannedGroup,
@@ -317,7 +316,16 @@ def run_sequential(
         raise AecompressError("the sequential pipeline needs the model's tokenizer")
     blocks_path, blocks = found
     outside, stages = plan_stages(planned, blocks_path, len(blocks))
-    gradients = _gradient_statistics(model, tokenizer, planned, calibration, base_sha256, progress)
+    # Fisher / L1 need the whole model's loss: one pass of the dense model, before any fit
+    gradients = dense_statistics(
+        model,
+        tokenizer,
+        planned,
+        calibration,
+        base_sha256,
+        only=GRADIENT_STATISTICS,
+        progress=progress,
+    )
     windows = calibration_windows(tokenizer, calibration)
     keep_dense = refine.steps > 0 or (
         config.target == "dense" and any(compensates(plan) for plan in planned)
@@ -325,16 +333,16 @@ def run_sequential(
     dense_hidden = None
     if keep_dense:
         dense_hidden, _ = capture_block_inputs(model, blocks[0], windows, calibration.batch_size)
-    fitted = _fit_outside(
+    fitted = run_independent(  # targets outside the blocks: dense statistics
         model,
         tokenizer,
         outside,
-        calibration,
-        base_sha256,
-        tied_output,
-        seed,
-        validation,
-        progress,
+        calibration=calibration,
+        base_sha256=base_sha256,
+        tied_output=tied_output,
+        seed=seed,
+        validation=validation,
+        progress=progress,
     )
     compressed_hidden, inputs = capture_block_inputs(
         model, blocks[0], windows, calibration.batch_size
@@ -375,49 +383,3 @@ def run_sequential(
         fitted += stage_groups
     order = {id(plan.group): index for index, plan in enumerate(planned)}
     return sorted(fitted, key=lambda g: order[id(g.group)])
-
-
-def _gradient_statistics(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    planned: list[PlannedGroup],
-    calibration: CalibrationConfig,
-    base_sha256: str,
-    progress: bool,
-) -> dict[str, TargetStatistics] | None:
-    """Fisher / L1 statistics of the dense model, when a method asks for them (they need
-    the whole model's loss, so they come from one pass before anything is compressed)."""
-    needed = set().union(*(p.method.statistics_needed() for p in planned)) & GRADIENT_STATISTICS
-    if not needed:
-        return None
-    targets = [t for p in planned for t in p.group.members]
-    return cached_statistics(
-        model, tokenizer, targets, needed, calibration, base_sha256, progress=progress
-    )
-
-
-def _fit_outside(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    outside: list[PlannedGroup],
-    calibration: CalibrationConfig,
-    base_sha256: str,
-    tied_output: str | None,
-    seed: int,
-    validation: Callable[[], Metric] | None,
-    progress: bool,
-) -> list[CompressedGroup]:
-    """Targets outside the blocks (token embeddings, a tied head): dense statistics."""
-    if not outside:
-        return []
-    return run_independent(
-        model,
-        tokenizer,
-        outside,
-        calibration=calibration,
-        base_sha256=base_sha256,
-        tied_output=tied_output,
-        seed=seed,
-        validation=validation,
-        progress=progress,
-    )
