@@ -1,8 +1,15 @@
+import weakref
+
 import pytest
 import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from aecompress import calibration
 from aecompress.calibration import (
     CalibrationConfig,
+    InputAccumulator,
+    InputMoments,
     cached_statistics,
     collect_statistics,
     split_ids,
@@ -135,3 +142,112 @@ def test_windows_longer_than_the_model_positions_are_refused(tokenizer):
     config = CalibrationConfig(samples=1, seq_len=1024)
     with pytest.raises(AecompressError, match="seq_len=1024 is longer than the 512 positions"):
         collect_statistics(model, tokenizer, targets, {"xtx"}, config, progress=False)
+
+
+def batches(count: int, rows: int, width: int, seed: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, rows, width, generator=generator) for _ in range(count)]
+
+
+@pytest.mark.parametrize("chunk", [3, 4, 1024])  # blocks of 3, 3, 3, 1; 4, 4, 2; one
+def test_input_moments_match_a_float64_reference(monkeypatch, chunk):
+    monkeypatch.setattr(calibration, "CHUNK_ROWS", chunk)
+    live, dense = batches(3, 25, 10, seed=0), batches(3, 25, 10, seed=1)
+    moments = InputMoments()
+    for x, xd in zip(live, dense, strict=True):
+        moments.add(x, xd)
+    x = torch.cat(live).reshape(-1, 10).double()
+    xd = torch.cat(dense).reshape(-1, 10).double()
+    stats = moments.statistics()
+    assert stats.tokens == moments.tokens == 150
+    assert {t.dtype for t in (stats.xtx, stats.abs_mean, moments.cross)} == {torch.float64}
+    torch.testing.assert_close(stats.xtx, x.T @ x, rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(moments.cross, xd.T @ x, rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(stats.abs_mean, x.abs().mean(0), rtol=1e-6, atol=1e-6)
+
+
+def test_modules_reading_one_input_share_its_moments_added_once():
+    accumulator = InputAccumulator(["q", "k", "o"])
+    seen = []
+    for attention in batches(2, 5, 6, seed=0):
+        accumulator.new_pass()
+        accumulator.add("q", attention)
+        accumulator.add("k", attention)  # the same tensor: q's entry
+        accumulator.add("o", attention.clone())  # equal values, another tensor
+        seen.append(attention)
+    moments = accumulator.moments
+    assert moments["q"] is moments["k"] and moments["o"] is not moments["q"]
+    x = torch.cat(seen).reshape(-1, 6).double()
+    torch.testing.assert_close(moments["q"].gram, x.T @ x, rtol=1e-6, atol=1e-5)  # once
+    stats = accumulator.statistics()
+    assert stats["q"] is stats["k"] and stats["q"].tokens == 20
+
+
+def test_the_accumulator_keeps_no_input_alive():
+    accumulator = InputAccumulator(["q"])
+    (x,) = batches(1, 4, 3, 0)
+    accumulator.add("q", x)
+    alive = weakref.ref(x)
+    del x
+    assert alive() is None
+
+
+class Allocations(TorchDispatchMode):
+    """Every tensor that an op makes in new memory (views and in-place results excluded)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.made: list[tuple[str, torch.dtype, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        given = {
+            t.untyped_storage().data_ptr()
+            for t in pytree.tree_leaves((args, kwargs))
+            if isinstance(t, torch.Tensor)
+        }
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in given:
+                self.made.append((str(func), t.dtype, t.numel()))
+        return out
+
+
+def test_a_batch_is_never_copied_to_float64_nor_multiplied_whole(monkeypatch):
+    """Beside the sums, adding a batch of 60 rows x 10 channels makes nothing larger than
+    a chunk of the product (4 x 10): no `x.double()` (600 numbers), no whole X^T X (100)."""
+    monkeypatch.setattr(calibration, "CHUNK_ROWS", 4)
+    first, second = batches(2, 30, 10, seed=0)
+    dense = second + 1
+    moments = InputMoments()
+    moments.add(first, first)  # the sums exist from here on
+    with Allocations() as allocations:
+        moments.add(second, dense)
+    assert allocations.made and max(n for _, _, n in allocations.made) <= 4 * 10, allocations.made
+    assert any(n == 4 * 10 for _, _, n in allocations.made)  # the chunks are made
+
+
+def test_collected_statistics_match_a_float64_reference(tokenizer):
+    """xtx and abs_mean of every target against hooks doing the sums in float64; q, k, v
+    read one input: one set of tensors."""
+    model = tiny_model("llama")
+    targets = resolve_targets(model, ["q", "k", "v", "down"])
+    reference: dict[str, list[torch.Tensor]] = {t.path: [] for t in targets}
+    hooks = [
+        model.get_submodule(path).register_forward_pre_hook(
+            lambda _module, args, path=path: reference[path].append(
+                args[0].reshape(-1, args[0].shape[-1]).double()
+            )
+        )
+        for path in reference
+    ]
+    stats = collect_statistics(model, tokenizer, targets, {"xtx"}, CONFIG, progress=False)
+    for hook in hooks:
+        hook.remove()
+    for target in targets:
+        x = torch.cat(reference[target.path])
+        entry = stats[target.name]
+        assert entry.tokens == x.shape[0] == 3 * 16
+        torch.testing.assert_close(entry.xtx, x.T @ x, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(entry.abs_mean, x.abs().mean(0), rtol=1e-6, atol=1e-7)
+    q, k = stats["model.layers.0.self_attn.q_proj"], stats["model.layers.0.self_attn.k_proj"]
+    assert q.xtx is k.xtx and q.abs_mean is k.abs_mean

@@ -17,9 +17,10 @@ LAYERS = [
     ["recipe"],  # validates method names and options
     ["substitution"],
     ["compressed"],  # the result types; the artifact registers its writer with them
+    ["pipeline"],  # the engine hands it the validation metric (evaluation)
     ["artifact"],
     ["evaluation"],
-    ["summary", "pipeline"],
+    ["summary"],
     ["engine"],
     ["sweep", "report", "cluster", "integrations"],
     ["cli", ""],  # "": the package's __init__

@@ -2,8 +2,8 @@
 
 Calibration text is WikiText-2 *train* text (never the reported split), cut into random
 windows with a fixed seed. One pass through the dense model collects, per target:
-- `xtx`: the input second moment sum_t x_t x_t^T [in, in] (float64, accumulated, no
-  activations kept) and `abs_mean`: mean |x| per input channel [in];
+- `xtx`: the input second moment sum_t x_t x_t^T [in, in] and `abs_mean`: mean |x| per
+  input channel [in] (`InputMoments`: float64 sums, no activations kept);
 - `counts`: for an embedding, how often each token occurs [vocab] in the whole split's
   text (not only the windows): the diagonal of X^T X for its one-hot inputs, so
   activation-aware methods weight the rows of frequent tokens;
@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterator
+import weakref
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from functools import partial
@@ -110,38 +111,102 @@ def _unique_paths(targets: list[Target]) -> dict[str, str]:
     return {t.path: t.kind for t in targets if t.kind != "embedding"}
 
 
+CHUNK_ROWS = 1024  # rows of an input product made (in float32) before joining its sum
+
+
+@dataclass
+class InputMoments:
+    """Input statistics of one module, summed over batches in float64: the Gram
+    X^T X [in, in], sum |x| [in] and, given the same module's inputs in a second (dense)
+    stream, the cross moment X_d^T X [in_d, in]. Batches are read in float32 and products
+    made CHUNK_ROWS rows at a time, each added in place: never a float64 copy of a batch
+    nor a full-size product beside the sums."""
+
+    tokens: int = 0
+    gram: torch.Tensor | None = None
+    abs_sum: torch.Tensor | None = None
+    cross: torch.Tensor | None = None
+
+    def add(self, inputs: torch.Tensor, dense: torch.Tensor | None = None) -> None:
+        """Add a batch of inputs [..., in] (and the dense stream's [..., in_d])."""
+        x = _rows(inputs)
+        self.gram = _add_product(self.gram, x, x)
+        self.abs_sum = _add_sum(self.abs_sum, torch.linalg.vector_norm(x, 1, dim=0))
+        if dense is not None:
+            self.cross = _add_product(self.cross, _rows(dense), x)
+        self.tokens += x.shape[0]
+
+    def statistics(self) -> TargetStatistics:
+        """xtx (the Gram itself, not a copy) and abs_mean; empty before any batch."""
+        if self.gram is None or self.abs_sum is None:
+            return TargetStatistics()
+        return TargetStatistics(self.tokens, self.gram, self.abs_sum / self.tokens)
+
+
+def _rows(inputs: torch.Tensor) -> torch.Tensor:
+    """A batch of inputs as rows [tokens, in], float32 (a view when it is float32)."""
+    return inputs.detach().reshape(-1, inputs.shape[-1]).float()
+
+
+def _add_product(
+    total: torch.Tensor | None, left: torch.Tensor, right: torch.Tensor
+) -> torch.Tensor:
+    """total + left^T right in float64, in place; the product is made in float32,
+    CHUNK_ROWS of its rows at a time (the first batch starts the sum at zero)."""
+    if total is None:
+        shape = (left.shape[1], right.shape[1])
+        total = torch.zeros(shape, dtype=torch.float64, device=left.device)
+    for start in range(0, left.shape[1], CHUNK_ROWS):
+        total[start : start + CHUNK_ROWS] += left[:, start : start + CHUNK_ROWS].T @ right
+    return total
+
+
+def _add_sum(total: torch.Tensor | None, batch: torch.Tensor) -> torch.Tensor:
+    """total + batch in float64, in place (the first batch starts the sum)."""
+    if total is None:
+        return batch.double()
+    return total.add_(batch)
+
+
+class InputAccumulator:
+    """InputMoments of modules by key, fed one forward pass at a time. Modules that read
+    the same input tensor in a pass (q, k, v; up, gate) share one entry, which adds that
+    tensor once; tensors are recognised by identity, without keeping them alive."""
+
+    def __init__(self, keys: Iterable[str]) -> None:
+        self.moments = {key: InputMoments() for key in keys}
+        self._first: dict[int, tuple[weakref.ref[torch.Tensor], str]] = {}
+
+    def new_pass(self) -> None:
+        self._first.clear()
+
+    def add(self, key: str, inputs: torch.Tensor, dense: torch.Tensor | None = None) -> None:
+        """Add module `key`'s input of this pass (see InputMoments.add)."""
+        seen = self._first.get(id(inputs))
+        if seen is not None and seen[0]() is inputs and seen[1] != key:
+            self.moments[key] = self.moments[seen[1]]  # read by an earlier module: shared
+            return
+        self._first[id(inputs)] = (weakref.ref(inputs), key)
+        self.moments[key].add(inputs, dense)
+
+    def statistics(self) -> dict[str, TargetStatistics]:
+        """TargetStatistics by key; keys sharing an entry share its tensors."""
+        unique = {id(m): m.statistics() for m in self.moments.values()}
+        return {key: unique[id(m)] for key, m in self.moments.items()}
+
+
 @contextmanager
-def _input_hooks(
-    model: nn.Module, targets: list[Target], stats: dict[str, TargetStatistics]
-) -> Iterator[None]:
-    """Accumulate xtx / abs_mean of each module's input while the context is open.
-
-    Modules that read the same input tensor in a forward pass (q, k, v; up, gate) share one
-    entry: their statistics are computed and held once."""
-    current: dict[int, tuple[torch.Tensor, str]] = {}  # id(input) -> (input, first path)
-
-    def new_pass(_module: nn.Module, _args: tuple[object, ...]) -> None:
-        current.clear()
+def _input_hooks(model: nn.Module, accumulator: InputAccumulator) -> Iterator[None]:
+    """Add each module's input (the accumulator's keys are module paths) to `accumulator`
+    as the model's forward passes reach it, while the context is open."""
 
     def hook(path: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
-        def accumulate(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-            first = current.setdefault(id(inputs[0]), (inputs[0], path))[1]
-            if first != path:  # the same input as an earlier module of this pass
-                stats[path] = stats[first]
-                return
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
-            entry = stats[path]
-            entry.xtx = x.T @ x + (entry.xtx if entry.xtx is not None else 0)
-            sums = x.abs().sum(0)
-            entry.abs_mean = sums + (entry.abs_mean if entry.abs_mean is not None else 0)
-            entry.tokens += x.shape[0]
+        return lambda _module, inputs: accumulator.add(path, inputs[0])
 
-        return accumulate
-
-    handles = [model.register_forward_pre_hook(new_pass)]
+    handles = [model.register_forward_pre_hook(lambda _module, _args: accumulator.new_pass())]
     handles += [
         model.get_submodule(path).register_forward_pre_hook(hook(path))
-        for path in _unique_paths(targets)
+        for path in accumulator.moments
     ]
     try:
         yield
@@ -281,22 +346,20 @@ def collect_statistics(
     check_positions(model, config.seq_len)
     ids = split_ids(tokenizer, config.split)
     windows = calibration_windows(tokenizer, config, ids)
-    by_path = {t.path: TargetStatistics() for t in targets}
-    if needed & {"xtx", "abs_mean"} and _unique_paths(targets):  # counts need no pass
+    accumulator = InputAccumulator(_unique_paths(targets))
+    if needed & {"xtx", "abs_mean"} and accumulator.moments:  # counts need no pass
         batches = windows.split(config.batch_size)
-        with torch.inference_mode(), _input_hooks(model, targets, by_path):
+        with torch.inference_mode(), _input_hooks(model, accumulator):
             for batch in tqdm(batches, desc="calibration activations", disable=not progress):
                 model(input_ids=batch.to(model_device(model)))
-        for entry in {id(e): e for e in by_path.values()}.values():
-            if entry.abs_mean is not None:
-                entry.abs_mean = entry.abs_mean / entry.tokens
+    by_path = accumulator.statistics()
     vocab = int(dense_weight(model.get_input_embeddings(), "embedding").shape[0])
     # token counts over the whole split (tokenised anyway), not only the sampled windows:
     # 64 x 256 window tokens miss most of the vocabulary (MiniLM STS-B dev: -1.4 points)
     counts = torch.bincount(ids, minlength=vocab).double()
     stats = {}
     for target in targets:
-        source = by_path[target.path]
+        source = by_path.get(target.path, TargetStatistics())
         entry = TargetStatistics(source.tokens, source.xtx, source.abs_mean)
         if target.kind == "embedding" and needed & ACTIVATION_STATISTICS:
             entry.counts, entry.tokens = counts, ids.numel()

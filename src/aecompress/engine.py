@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, cast
 
 import torch
@@ -12,6 +13,7 @@ from aecompress.artifact import round_to_storage
 from aecompress.budget import check_ratio
 from aecompress.compressed import CompressedModel
 from aecompress.errors import AecompressError
+from aecompress.evaluation.validation import validation_metric
 from aecompress.models import (
     LoadedModel,
     auto_class_for,
@@ -82,6 +84,7 @@ def compress(
         "base_sha256": base_sha256,
         "tied_output": tied,
         "seed": recipe.seed,
+        "validation": partial(validation_metric, model, tokenizer),
         "progress": progress,
     }
     pipeline = choose_pipeline(recipe, planned, model)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
+from aecompress.evaluation.validation import validation_metric
 from aecompress.pipeline.plan import make_validate
 from aecompress.targets import group_targets, resolve_targets, weight_matrix
 from tests.conftest import make_tiny
@@ -14,7 +17,8 @@ def test_validate_swaps_the_matrices_in_and_restores_them(tokenizer):
     model = make_tiny("llama", vocab=tokenizer.vocab_size)
     group = group_targets(model, resolve_targets(model, ["k"]), "layers")[0]
     originals = [weight_matrix(model, t).clone() for t in group.members]
-    validate = make_validate(model, tokenizer, group)
+    validate = make_validate(model, group, partial(validation_metric, model, tokenizer))
+    assert validate is not None
     dense = validate(originals)
     assert dense > 1
     assert validate([torch.zeros_like(m) for m in originals]) != dense

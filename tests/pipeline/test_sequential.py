@@ -6,11 +6,11 @@ import pytest
 import torch
 
 import aecompress
-from aecompress.calibration import CalibrationConfig, calibration_windows
+from aecompress.calibration import CalibrationConfig, InputMoments, calibration_windows
 from aecompress.models import LoadedModel
 from aecompress.pipeline import sequential
 from aecompress.pipeline.plan import plan_groups
-from aecompress.pipeline.sequential import Moments, forward_positions, passes, plan_stages
+from aecompress.pipeline.sequential import compensated, forward_positions, passes, plan_stages
 from aecompress.pipeline.streams import capture_block_inputs
 from aecompress.recipe import Recipe
 from aecompress.targets import transformer_blocks
@@ -19,8 +19,8 @@ from tests.conftest import make_tiny
 CALIBRATION = {"samples": 8, "seq_len": 32, "batch_size": 4}
 
 
-def moments_of(compressed: torch.Tensor, dense: torch.Tensor) -> Moments:
-    moments = Moments()
+def moments_of(compressed: torch.Tensor, dense: torch.Tensor) -> InputMoments:
+    moments = InputMoments()
     for xc, xd in zip(compressed.split(50), dense.split(50), strict=True):
         moments.add(xc, xd)
     return moments
@@ -33,7 +33,7 @@ def test_the_compensated_target_is_the_ridge_least_squares_optimum():
     compressed = dense + 0.3 * torch.randn(200, 6, generator=generator, dtype=torch.float64)
     weight = torch.randn(4, 6, generator=generator)
     moments = moments_of(compressed, dense)
-    target = moments.compensated(weight, damp=0.05).double()
+    target = compensated(moments, weight, damp=0.05).double()
     ridge = 0.05 * (compressed.T @ compressed).diagonal().mean()
     gradient = (compressed @ target.T - dense @ weight.double().T).T @ compressed
     gradient += ridge * (target - weight.double())
@@ -46,7 +46,7 @@ def test_the_compensated_target_is_the_ridge_least_squares_optimum():
 def test_without_upstream_error_the_target_is_the_weight_itself():
     inputs = torch.randn(120, 5, generator=torch.Generator().manual_seed(1))
     weight = torch.randn(3, 5)
-    target = moments_of(inputs, inputs).compensated(weight, damp=0.01)
+    target = compensated(moments_of(inputs, inputs), weight, damp=0.01)
     torch.testing.assert_close(target, weight, atol=1e-5, rtol=1e-5)
 
 
@@ -102,13 +102,13 @@ def test_sequential_compression_round_trips_and_reads_shared_inputs_once(
     tokenizer, arch, target, tmp_path, monkeypatch
 ):
     calls = []
-    original = Moments.add
+    original = InputMoments.add
 
     def counting(self, compressed, dense):
         calls.append(compressed.shape[-1])
         original(self, compressed, dense)
 
-    monkeypatch.setattr(Moments, "add", counting)
+    monkeypatch.setattr(InputMoments, "add", counting)
     model = make_tiny(arch, vocab=tokenizer.vocab_size)
     loaded = LoadedModel(model, tokenizer, "tiny", "AutoModelForCausalLM")
     targets = ["q", "k", "v", "o", "up", "down"]

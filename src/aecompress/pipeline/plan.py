@@ -10,12 +10,11 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel
 
 from aecompress.calibration import TargetStatistics
 from aecompress.compressed import CompressedGroup
 from aecompress.errors import AecompressError
-from aecompress.evaluation.validation import validation_metric
 from aecompress.methods import FitContext, GroupSpec, Method, make_method
 from aecompress.numerics import all_finite
 from aecompress.recipe import Recipe
@@ -160,17 +159,23 @@ def swapped_weights(
                 weight.copy_(original)
 
 
+Metric = Callable[[], float]  # the model's validation metric as it stands, lower is better
+
+
 def make_validate(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, group: Group
-) -> Callable[[list[torch.Tensor]], float]:
-    """context.validate for a group: the validation metric with the group's matrices
-    replaced by the given dense ones (prepared on first use, so unused it costs nothing)."""
-    metric: Callable[[], float] | None = None
+    model: nn.Module, group: Group, validation: Callable[[], Metric] | None
+) -> Callable[[list[torch.Tensor]], float] | None:
+    """context.validate for a group: the metric that `validation` prepares (on first use,
+    so unused it costs nothing) with the group's matrices replaced by the given dense
+    ones; None without `validation` (a method that selects by it then says so)."""
+    if validation is None:
+        return None
+    metric: Metric | None = None
 
     def validate(matrices: list[torch.Tensor]) -> float:
         nonlocal metric
         if metric is None:
-            metric = validation_metric(model, tokenizer)
+            metric = validation()
         with swapped_weights(model, group.members, matrices):
             return metric()
 

@@ -40,7 +40,7 @@ working set is one stage's statistics (and its dense copy) and the streams' hidd
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -51,14 +51,21 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from aecompress.calibration import (
     GRADIENT_STATISTICS,
     CalibrationConfig,
+    InputAccumulator,
+    InputMoments,
     TargetStatistics,
-    cached_statistics,
     calibration_windows,
 )
 from aecompress.compressed import CompressedGroup
 from aecompress.errors import AecompressError
-from aecompress.pipeline.independent import run_independent
-from aecompress.pipeline.plan import PlannedGroup, finite_matrices, fit_group, make_validate
+from aecompress.pipeline.independent import dense_statistics, run_independent
+from aecompress.pipeline.plan import (
+    Metric,
+    PlannedGroup,
+    finite_matrices,
+    fit_group,
+    make_validate,
+)
 from aecompress.pipeline.refine import refine_stage
 from aecompress.pipeline.streams import (
     BlockInputs,
@@ -74,62 +81,17 @@ from aecompress.substitution import inject
 from aecompress.targets import Target, transformer_blocks
 
 
-@dataclass
-class Moments:
-    """Accumulated input statistics of one target module."""
-
-    tokens: int = 0
-    gram: torch.Tensor | None = None  # X_c^T X_c, float64
-    cross: torch.Tensor | None = None  # X_d^T X_c, float64
-    abs_sum: torch.Tensor | None = None  # sum |x_c|, float64
-
-    def add(self, compressed: torch.Tensor, dense: torch.Tensor | None) -> None:
-        xc = compressed.reshape(-1, compressed.shape[-1]).float()
-        self.gram = _add_product(self.gram, xc, xc)
-        self.abs_sum = _accumulate(self.abs_sum, torch.linalg.vector_norm(xc, 1, dim=0))
-        if dense is not None:
-            xd = dense.reshape(-1, dense.shape[-1]).float()
-            self.cross = _add_product(self.cross, xd, xc)
-        self.tokens += xc.shape[0]
-
-    def ridge(self, damp: float) -> float:
-        assert self.gram is not None
-        return damp * self.gram.diagonal().mean().clamp_min(1e-12).item()
-
-    def statistics(self) -> TargetStatistics:
-        assert self.gram is not None and self.abs_sum is not None
-        return TargetStatistics(self.tokens, self.gram, self.abs_sum / self.tokens)
-
-    def compensated(self, weight: torch.Tensor, damp: float) -> torch.Tensor:
-        """W (C + lambda I) (H + lambda I)^-1 (see the module docstring), float32."""
-        assert self.gram is not None and self.cross is not None
-        ridge = self.ridge(damp)
-        damped = self.gram.clone()
-        damped.diagonal().add_(ridge)
-        transposed = weight.double().T
-        rhs = self.cross.T @ transposed
-        rhs += ridge * transposed
-        return torch.linalg.solve(damped, rhs).T.float()
-
-
-def _add_product(
-    total: torch.Tensor | None, left: torch.Tensor, right: torch.Tensor, rows: int = 1024
-) -> torch.Tensor:
-    """total + left^T right in float64, in place, `rows` rows of the product at a time (each
-    float32 block added as it is made: no full-size product beside the sum)."""
-    if total is None:
-        shape = (left.shape[1], right.shape[1])
-        total = torch.zeros(shape, dtype=torch.float64, device=left.device)
-    for start in range(0, left.shape[1], rows):
-        total[start : start + rows] += left[:, start : start + rows].T @ right
-    return total
-
-
-def _accumulate(total: torch.Tensor | None, batch: torch.Tensor) -> torch.Tensor:
-    """total + batch in float64, in place (the first batch starts the sum)."""
-    if total is None:
-        return batch.double()
-    return total.add_(batch)
+def compensated(moments: InputMoments, weight: torch.Tensor, damp: float) -> torch.Tensor:
+    """W (C + lambda I) (H + lambda I)^-1 from a target's moments (H = gram, C = cross; see
+    the module docstring), float32."""
+    assert moments.gram is not None and moments.cross is not None
+    ridge = damp * moments.gram.diagonal().mean().clamp_min(1e-12).item()
+    damped = moments.gram.clone()
+    damped.diagonal().add_(ridge)
+    transposed = weight.double().T
+    rhs = moments.cross.T @ transposed
+    rhs += ridge * transposed
+    return torch.linalg.solve(damped, rhs).T.float()
 
 
 @dataclass
@@ -245,11 +207,12 @@ def collect_moments(
     groups: list[PlannedGroup],
     blocks_path: str,
     streams: Streams,
-) -> dict[str, Moments]:
-    """Moments of every module the groups target, from one pass of both streams (the dense
-    one only when some group compensates), each pass ending once its inputs are seen."""
+) -> dict[str, InputMoments]:
+    """Input moments of every module the groups target (the cross moment too when the
+    dense stream is given: some group compensates), from one pass of both streams per
+    batch, each pass ending once its inputs are seen."""
     relative = {t.path: _relative(t, blocks_path) for plan in groups for t in plan.group.members}
-    moments = {path: Moments() for path in relative}
+    accumulator = InputAccumulator(relative)
 
     def modules(blocks: Sequence[nn.Module]) -> dict[str, nn.Module]:
         return {
@@ -263,14 +226,10 @@ def collect_moments(
                 run_until_stop(dense, streams.dense_states()[index], streams.inputs[index])
         with torch.no_grad(), capturing(modules(live)) as live_inputs:
             run_until_stop(live, hidden, streams.inputs[index])
-        by_input: dict[int, Moments] = {}  # q, k, v (up, gate) read one input: one entry
-        added: set[int] = set()
+        accumulator.new_pass()
         for path in relative:
-            entry = moments[path] = by_input.setdefault(id(live_inputs[path]), moments[path])
-            if id(entry) not in added:
-                entry.add(live_inputs[path], dense_inputs.get(path))
-                added.add(id(entry))
-    return moments
+            accumulator.add(path, live_inputs[path], dense_inputs.get(path))
+    return accumulator.moments
 
 
 def compensates(plan: PlannedGroup) -> bool:
@@ -280,13 +239,13 @@ def compensates(plan: PlannedGroup) -> bool:
 
 def fit_position(
     model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase | None,
     groups: list[PlannedGroup],
-    moments: dict[str, Moments],
+    moments: dict[str, InputMoments],
     gradients: dict[str, TargetStatistics] | None,
     config: SequentialConfig,
     *,
     seed: int,
+    validation: Callable[[], Metric] | None,
     progress: bool,
 ) -> list[CompressedGroup]:
     """Fit each group on its (compensated) matrices and statistics, and swap it in."""
@@ -302,14 +261,14 @@ def fit_position(
                 stats.fisher, stats.l1 = gradients[target.name].fisher, gradients[target.name].l1
             statistics.append(stats)
             if compensates(plan) and config.target == "dense":
-                matrices[index] = entry.compensated(matrices[index], config.damp)
+                matrices[index] = compensated(entry, matrices[index], config.damp)
         last_reader = _last_reader(plan, groups[position + 1 :], moments)
         group = fit_group(
             plan,
             matrices,
             statistics,
             seed=seed,
-            validate=make_validate(model, tokenizer, plan.group),
+            validate=make_validate(model, plan.group, validation),
             progress=progress,
             owns_statistics=last_reader,
         )
@@ -324,7 +283,7 @@ def fit_position(
 
 
 def _last_reader(
-    plan: PlannedGroup, later: list[PlannedGroup], moments: dict[str, Moments]
+    plan: PlannedGroup, later: list[PlannedGroup], moments: dict[str, InputMoments]
 ) -> bool:
     """Whether no later group reads the X^T X of `plan`'s members (q, k, v share one)."""
     grams = {id(moments[t.path].gram) for t in plan.group.members}
@@ -342,9 +301,11 @@ def run_sequential(
     base_sha256: str,
     tied_output: str | None,
     seed: int,
+    validation: Callable[[], Metric] | None = None,
     progress: bool = True,
 ) -> list[CompressedGroup]:
-    """Fit every planned group block by block (see the module docstring)."""
+    """Fit every planned group block by block (see the module docstring); `validation`
+    prepares the metric a method may select by (see plan.make_validate)."""
     found = transformer_blocks(model)
     if found is None:
         raise AecompressError(
@@ -355,7 +316,16 @@ def run_sequential(
         raise AecompressError("the sequential pipeline needs the model's tokenizer")
     blocks_path, blocks = found
     outside, stages = plan_stages(planned, blocks_path, len(blocks))
-    gradients = _gradient_statistics(model, tokenizer, planned, calibration, base_sha256, progress)
+    # Fisher / L1 need the whole model's loss: one pass of the dense model, before any fit
+    gradients = dense_statistics(
+        model,
+        tokenizer,
+        planned,
+        calibration,
+        base_sha256,
+        only=GRADIENT_STATISTICS,
+        progress=progress,
+    )
     windows = calibration_windows(tokenizer, calibration)
     keep_dense = refine.steps > 0 or (
         config.target == "dense" and any(compensates(plan) for plan in planned)
@@ -363,8 +333,16 @@ def run_sequential(
     dense_hidden = None
     if keep_dense:
         dense_hidden, _ = capture_block_inputs(model, blocks[0], windows, calibration.batch_size)
-    fitted = _fit_outside(
-        model, tokenizer, outside, calibration, base_sha256, tied_output, seed, progress
+    fitted = run_independent(  # targets outside the blocks: dense statistics
+        model,
+        tokenizer,
+        outside,
+        calibration=calibration,
+        base_sha256=base_sha256,
+        tied_output=tied_output,
+        seed=seed,
+        validation=validation,
+        progress=progress,
     )
     compressed_hidden, inputs = capture_block_inputs(
         model, blocks[0], windows, calibration.batch_size
@@ -386,12 +364,12 @@ def run_sequential(
                 )
                 stage_groups += fit_position(
                     model,
-                    tokenizer,
                     groups,
                     moments,
                     gradients,
                     config,
                     seed=seed,
+                    validation=validation,
                     progress=progress,
                 )
                 del moments
@@ -405,47 +383,3 @@ def run_sequential(
         fitted += stage_groups
     order = {id(plan.group): index for index, plan in enumerate(planned)}
     return sorted(fitted, key=lambda g: order[id(g.group)])
-
-
-def _gradient_statistics(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    planned: list[PlannedGroup],
-    calibration: CalibrationConfig,
-    base_sha256: str,
-    progress: bool,
-) -> dict[str, TargetStatistics] | None:
-    """Fisher / L1 statistics of the dense model, when a method asks for them (they need
-    the whole model's loss, so they come from one pass before anything is compressed)."""
-    needed = set().union(*(p.method.statistics_needed() for p in planned)) & GRADIENT_STATISTICS
-    if not needed:
-        return None
-    targets = [t for p in planned for t in p.group.members]
-    return cached_statistics(
-        model, tokenizer, targets, needed, calibration, base_sha256, progress=progress
-    )
-
-
-def _fit_outside(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    outside: list[PlannedGroup],
-    calibration: CalibrationConfig,
-    base_sha256: str,
-    tied_output: str | None,
-    seed: int,
-    progress: bool,
-) -> list[CompressedGroup]:
-    """Targets outside the blocks (token embeddings, a tied head): dense statistics."""
-    if not outside:
-        return []
-    return run_independent(
-        model,
-        tokenizer,
-        outside,
-        calibration=calibration,
-        base_sha256=base_sha256,
-        tied_output=tied_output,
-        seed=seed,
-        progress=progress,
-    )

@@ -101,7 +101,9 @@ def test_inspect_shows_width_decoder_and_ratio(tmp_path):
     assert f"{group['ratio']:.3f}" in text
 
 
-def test_selection_by_validation_perplexity(tokenizer):
+@pytest.mark.parametrize("pipeline", ["independent", "sequential"])
+def test_selection_by_validation_perplexity(tokenizer, pipeline):
+    """Either pipeline hands the AE the validation metric the engine gives it."""
     model = make_tiny("llama", vocab=tokenizer.vocab_size)
     cm = aecompress.compress(
         model,
@@ -110,6 +112,7 @@ def test_selection_by_validation_perplexity(tokenizer):
         ratio=2,
         targets=["k"],
         group="layers",
+        pipeline=pipeline,
         tokenizer=tokenizer,
         progress=False,
     )
