@@ -1,4 +1,4 @@
-"""Weight-only quantization maths: RTN, compressed-tensors packing and bit counts."""
+"""Weight-only quantization maths: RTN, GPTQ, compressed-tensors packing and bit counts."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from aecompress.methods.quantize import (
     QuantScheme,
     bits_per_weight,
     dequantize,
+    gptq,
     pack,
     rtn,
     stored_bits,
@@ -93,6 +94,69 @@ def within(weight: torch.Tensor, quantized: Quantized, steps: float) -> bool:
     scale = quantized.scales.repeat_interleave(weight.shape[1] // quantized.scales.shape[1], 1)
     error = (weight - dequantize(quantized)).abs()
     return bool((error <= steps * scale + 1e-6 * weight.abs()).all())
+
+
+@pytest.fixture(scope="module")
+def problem() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A 64 x 128 weight and correlated inputs X [2048, 128] (X^T X float64)."""
+    weight = torch.randn(64, 128, generator=generator())
+    mixing = torch.randn(128, 128, generator=generator(1)) / math.sqrt(128)
+    inputs = torch.randn(2048, 128, generator=generator(2)) @ mixing
+    return weight, inputs, inputs.T.double() @ inputs.double()
+
+
+def output_error(weight: torch.Tensor, quantized: Quantized, inputs: torch.Tensor) -> float:
+    return torch.linalg.matrix_norm((weight - dequantize(quantized)).double() @ inputs.T.double())
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize(
+    "scheme",
+    [QuantScheme(b, g, s) for b in (3, 4) for g, s in ((None, True), (32, False))],
+    ids=str,
+)
+def test_gptq_output_error_is_well_below_rtn(problem, scheme: QuantScheme, act_order: bool):
+    weight, inputs, xtx = problem
+    quantized = gptq(weight, xtx, scheme, act_order=act_order, block=48)
+    assert quantized.scales.shape == (64, scheme.groups(128))
+    ratio = output_error(weight, quantized, inputs) / output_error(
+        weight, rtn(weight, scheme), inputs
+    )
+    assert ratio < 0.8  # measured 0.68 .. 0.74
+    # (gptq was also checked against llm-compressor 0.14.0.1's quantize_weight: the same
+    # dequantized weights on five schemes, act orders 'static' / 'weight' / none)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_under_the_identity_is_rtn(act_order: bool):
+    # U is diagonal: a column's error changes no other column, and the static scales are
+    # RTN's, so every column rounds exactly as RTN rounds it.
+    weight = torch.randn(16, 64, generator=generator())
+    scheme = QuantScheme(3, 16, False)
+    quantized = gptq(weight, torch.eye(64, dtype=torch.float64), scheme, act_order=act_order)
+    expected = rtn(weight, scheme)
+    for name in ("codes", "scales", "zeros"):
+        assert torch.equal(getattr(quantized, name), getattr(expected, name))
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_gptq_zeroes_inputs_never_seen(problem, symmetric: bool):
+    weight, inputs, _ = problem
+    dead = torch.tensor([0, 5, 77, 127])
+    inputs = inputs.clone()
+    inputs[:, dead] = 0
+    xtx = inputs.T.double() @ inputs.double()
+    scheme = QuantScheme(4, 32, symmetric)
+    quantized = gptq(weight, xtx, scheme)
+    rebuilt = dequantize(quantized)
+    assert rebuilt.isfinite().all() and (rebuilt[:, dead] == 0).all()
+    baseline = output_error(weight, rtn(weight, scheme), inputs)
+    assert output_error(weight, quantized, inputs) < 0.8 * baseline
+
+
+def test_gptq_refuses_a_gram_of_another_width():
+    with pytest.raises(AecompressError, match="columns"):
+        gptq(torch.randn(4, 8), torch.eye(6, dtype=torch.float64), QuantScheme(4, None, True))
 
 
 @pytest.mark.parametrize("bits", range(2, 9))

@@ -1,4 +1,4 @@
-"""Weight-only integer quantization: round to nearest (RTN), stored as
+"""Weight-only integer quantization: round to nearest (RTN) and GPTQ, stored as
 compressed-tensors' `pack-quantized` format stores a `group` (or `channel`) strategy.
 
 A weight [out, in] is cut into groups of `group` consecutive columns of a row (the whole row
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from aecompress.errors import AecompressError
+from aecompress.methods.linalg import inverse_cholesky
 
 WORD = 32  # codes and zero points are packed into int32 words
 
@@ -104,6 +105,75 @@ def rtn(
     grouped = values.view(rows, scales.shape[1], -1)
     codes = _round(grouped, scales[..., None], zeros[..., None], scheme.bits)
     return _package(codes.view(rows, cols), scales, zeros, scheme)
+
+
+def gptq(
+    weight: torch.Tensor,
+    xtx: torch.Tensor,
+    scheme: QuantScheme,
+    *,
+    damp: float = 0.01,
+    block: int = 128,
+    act_order: bool = True,
+    scale_dtype: torch.dtype = torch.float32,
+) -> Quantized:
+    """GPTQ (Frantar et al. 2022): codes lowering the output error ||(W - W_hat) X^T||_F
+    greedily, column by column, under inputs with Gram `xtx` = X^T X [in, in] (not
+    modified): a column is rounded and its error (w - q) / U_jj, times row j of U (upper,
+    U^T U = (X^T X + damp * mean diag I)^-1, float64), taken off the columns not yet
+    visited, in blocks of `block` columns with lazy updates (float32). Columns of inputs
+    never seen (zero diagonal) are zeroed first. The scales and zeros are then fixed, as
+    RTN sets them, before the sweep (GPTQ's static groups; llm-compressor's qparams come
+    from its observer before the sweep too), so `act_order` (columns visited by
+    decreasing diag X^T X) keeps contiguous groups: nothing stores the order."""
+    _, cols = _check(weight)
+    if xtx.shape != (cols, cols):
+        raise AecompressError(f"X^T X is {tuple(xtx.shape)}, the weight has {cols} columns")
+    work = weight.detach().float().clone()
+    work[:, xtx.diagonal() == 0] = 0
+    scales, zeros = _qparams(work, scheme, scale_dtype)
+    if act_order:
+        order = torch.argsort(xtx.diagonal(), descending=True)
+        upper = inverse_cholesky(xtx.double()[order][:, order], damp, overwrite=True)
+        work = work[:, order]
+    else:
+        order = torch.arange(cols, device=weight.device)
+        upper = inverse_cholesky(xtx, damp)
+    group_of = order // (cols // scales.shape[1])
+    visited = _sweep(work, upper, scales, zeros, group_of, scheme.bits, block)
+    codes = torch.empty_like(visited)
+    codes[:, order] = visited
+    return _package(codes, scales, zeros, scheme)
+
+
+def _sweep(
+    work: torch.Tensor,
+    upper: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_of: torch.Tensor,
+    bits: int,
+    block: int,
+) -> torch.Tensor:
+    """Signed codes [out, in] of GPTQ's sweep (see gptq) over the columns of `work`
+    (float32), column j in group `group_of[j]`, `upper` the factor U of the columns in
+    that order. It runs on the transpose: a column is a contiguous row."""
+    cols = work.shape[1]
+    transposed = work.T.contiguous()
+    codes = torch.empty_like(transposed)
+    for start in range(0, cols, block):
+        end = min(start + block, cols)
+        chunk, factor = transposed[start:end], upper[start:end, start:end].float()
+        scale, zero = scales.T[group_of[start:end]], zeros.T[group_of[start:end]]
+        errors = torch.empty_like(chunk)
+        for column in range(end - start):
+            values, code = chunk[column], codes[start + column]
+            torch.round(_scaled(values, scale[column], zero[column], bits), out=code)
+            rounded = (code - zero[column]).mul_(scale[column])
+            torch.div(values.sub(rounded), factor[column, column], out=errors[column])
+            chunk[column + 1 :].addr_(factor[column, column + 1 :], errors[column], alpha=-1)
+        transposed[end:].addmm_(upper[start:end, end:].T.float(), errors, alpha=-1)
+    return codes.T
 
 
 def _check(weight: torch.Tensor) -> tuple[int, int]:
