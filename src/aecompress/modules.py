@@ -270,3 +270,20 @@ class DecodedEmbedding(_Decoded):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, decoder={self.widths()}"
+
+
+# --- integer-quantized weights, held packed ------------------------------------------------
+
+
+def unpack(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
+    """The uint8 codes [rows, cols] that compressed-tensors' dense `pack-quantized` int32
+    words [rows, ceil(cols * bits / 32)] hold (methods.quantize.pack: code j at bits
+    j*bits.. of its row's little-endian bit stream), on their device. Eight codes fill
+    `bits` bytes: each such unit is widened to one int64 and shifted apart."""
+    rows, units = packed.shape[0], -(-cols // 8)
+    raw = packed.contiguous().view(torch.uint8)[:, : units * bits]
+    wide = torch.zeros(rows, units, 8, dtype=torch.uint8, device=packed.device)
+    wide[..., :bits] = F.pad(raw, (0, units * bits - raw.shape[1])).view(rows, units, bits)
+    shifts = torch.arange(0, 8 * bits, bits, device=packed.device)
+    codes = (wide.view(torch.int64) >> shifts) & (2**bits - 1)
+    return codes.view(rows, units * 8)[:, :cols].to(torch.uint8)

@@ -17,8 +17,8 @@ from aecompress.methods.quantize import (
     pack,
     rtn,
     stored_bits,
-    unpack,
 )
+from aecompress.modules import unpack
 
 SCHEMES = [QuantScheme(b, g, s) for b in (2, 3, 4, 8) for g in (None, 16) for s in (True, False)]
 

@@ -244,7 +244,8 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     straddle two words (dense since compressed-tensors 0.18; before, floor(32 / bits)
     codes per word, the same for 2, 4 and 8 bits). Returns int32 [rows,
     ceil(cols * bits / 32)] (on the codes' device). compressed-tensors packs the zero
-    points [out, groups] of an asymmetric scheme along the rows: pack(zeros.T, bits).T."""
+    points [out, groups] of an asymmetric scheme along the rows: pack(zeros.T, bits).T.
+    aecompress.modules.unpack reads either back."""
     rows, cols = codes.shape
     digits = np.unpackbits(
         codes.cpu().numpy().astype(np.uint8)[..., None], axis=2, count=bits, bitorder="little"
@@ -253,15 +254,6 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     stream[:, : cols * bits] = digits.reshape(rows, cols * bits)
     words = np.packbits(stream, axis=1, bitorder="little").view("<i4")
     return torch.from_numpy(words.astype(np.int32)).to(codes.device)
-
-
-def unpack(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
-    """The uint8 codes [rows, cols] that `pack` packed into `packed`."""
-    rows = packed.shape[0]
-    raw = np.ascontiguousarray(packed.cpu().numpy().astype("<i4")).view(np.uint8)
-    stream = np.unpackbits(raw, axis=1, bitorder="little")[:, : cols * bits]
-    codes = np.packbits(stream.reshape(rows, cols, bits), axis=2, bitorder="little")
-    return torch.from_numpy(codes.reshape(rows, cols)).to(packed.device)
 
 
 def stored_bits(scheme: QuantScheme, rows: int, cols: int, scale_bits: int) -> int:
