@@ -227,6 +227,22 @@ def whitening(xtx: torch.Tensor, ridge: float = 1e-4, overwrite: bool = False) -
         logger.warning("X^T X is singular: ridge raised to %.1e of its mean diagonal", shift / mean)
 
 
+def inverse_cholesky(xtx: torch.Tensor, damp: float, overwrite: bool = False) -> torch.Tensor:
+    """U (upper, float64) with U^T U = (X^T X + damp * mean diag I)^-1, the diagonal of
+    inputs never seen set to 1: one m x m matrix (a new one, or with `overwrite` `xtx`
+    itself) factorised, inverted and factorised again in place (no float32 copy beside
+    it: the caller converts the rows it uses)."""
+    overwrite = overwrite and xtx.dtype == torch.float64 and xtx.is_contiguous()
+    factor = xtx.T if overwrite else column_major(xtx.shape[0], xtx.device).copy_(xtx.T)
+    diagonal = factor.diagonal()
+    diagonal[diagonal == 0] = 1
+    diagonal += damp * diagonal.mean()
+    torch.linalg.cholesky(factor, out=factor)
+    torch.cholesky_inverse(factor, out=factor)
+    torch.linalg.cholesky(factor, upper=True, out=factor)
+    return factor
+
+
 def summed(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """The sum of `tensors` (the tensor itself when there is one: no copy)."""
     if len(tensors) == 1:

@@ -32,7 +32,7 @@ from aecompress.methods.base import (
     Width,
     register,
 )
-from aecompress.methods.linalg import column_major
+from aecompress.methods.linalg import inverse_cholesky
 
 BITS = 32  # positions are packed into int32 words
 
@@ -353,7 +353,7 @@ def obs_prune(
     rows, cols = weight.shape
     work = weight.detach().clone().float()
     work[:, xtx.diagonal() == 0] = 0  # inputs never seen
-    upper = _inverse_cholesky(xtx, damp, overwrite)
+    upper = inverse_cholesky(xtx, damp, overwrite)
     pruned_total = rows * cols - kept
     pruned = torch.zeros(rows, cols, dtype=torch.bool, device=weight.device)
     for start in range(0, cols, block_size):
@@ -383,22 +383,6 @@ def obs_prune(
         work[:, start:end] = block
         work[:, end:] -= errors @ upper[start:end, end:].float()  # float32 rows, as needed
     return ~pruned, work
-
-
-def _inverse_cholesky(xtx: torch.Tensor, damp: float, overwrite: bool = False) -> torch.Tensor:
-    """U (upper, float64) with U^T U = (X^T X + damp * mean diag I)^-1, the diagonal of
-    inputs never seen set to 1: one m x m matrix (a new one, or with `overwrite` `xtx`
-    itself) factorised, inverted and factorised again in place (no float32 copy beside
-    it: the caller converts the rows it uses)."""
-    overwrite = overwrite and xtx.dtype == torch.float64 and xtx.is_contiguous()
-    factor = xtx.T if overwrite else column_major(xtx.shape[0], xtx.device).copy_(xtx.T)
-    diagonal = factor.diagonal()
-    diagonal[diagonal == 0] = 1
-    diagonal += damp * diagonal.mean()
-    torch.linalg.cholesky(factor, out=factor)
-    torch.cholesky_inverse(factor, out=factor)
-    torch.linalg.cholesky(factor, upper=True, out=factor)
-    return factor
 
 
 @register
