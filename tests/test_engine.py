@@ -22,7 +22,7 @@ def test_full_rank_svd_reproduces_outputs(arch, grouping, input_ids):
     groups = group_targets(model, resolve_targets(model, FAMILIES[arch]), grouping)
     for group in groups:
         matrices = [weight_matrix(model, t).float() for t in group.members]
-        spec = group_spec(model, group, None)
+        spec = group_spec(model, group, None, "float32")
         full = method.max_width(spec)
         stored = method.fit(matrices, full, FitContext(spec)).as_parameters()
         inject(model, group, method, stored, tied if group.family == "embed" else None)

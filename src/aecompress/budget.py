@@ -1,7 +1,10 @@
-"""Stored-size accounting: every stored number counts, and a ratio becomes a width.
+"""Stored-size accounting in bits: every stored tensor counts, and a ratio becomes a width.
 
-The compression ratio of a group is (numbers in the original matrices) / (numbers stored
-for the group): codes, factors, decoder weights and biases, norms, indices, everything.
+The compression ratio of a group is (bits of its original matrices in the artifact's
+storage dtype) / (bits stored for the group): codes, factors, decoder weights and biases,
+norms, scales, positions, everything, each floating tensor at the storage dtype's width
+and each integer tensor at its own. The paper's ratio, (numbers in the original
+matrices) / (numbers stored), is reported beside it.
 """
 
 from __future__ import annotations
@@ -12,6 +15,14 @@ import torch
 
 from aecompress.errors import AecompressError
 
+# The artifact's floating tensors are stored in one of these (integer tensors keep theirs).
+STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def float_bits(storage_dtype: str) -> int:
+    """Bits of one floating number stored in `storage_dtype`."""
+    return 8 * STORAGE_DTYPES[storage_dtype].itemsize
+
 
 def check_ratio(ratio: float) -> None:
     if not ratio > 1:
@@ -21,6 +32,14 @@ def check_ratio(ratio: float) -> None:
 def stored_numel(tensors: Iterable[torch.Tensor]) -> int:
     """Numbers stored in `tensors` (each counted once, whatever its dtype)."""
     return sum(t.numel() for t in tensors)
+
+
+def stored_bits(tensors: Iterable[torch.Tensor], float_bits: int) -> int:
+    """Bits stored in `tensors`: floating ones at `float_bits` (the storage dtype's width,
+    whatever their dtype in memory), integer ones at their own dtype's width."""
+    return sum(
+        t.numel() * (float_bits if t.is_floating_point() else 8 * t.element_size()) for t in tensors
+    )
 
 
 def stored_bytes(tensors: Iterable[torch.Tensor]) -> int:
@@ -37,7 +56,7 @@ def solve_width(
     """
     if cost(1) > budget:
         raise AecompressError(
-            f"{what}: the ratio is too large, even width 1 stores {cost(1)} numbers "
+            f"{what}: the ratio is too large, even width 1 stores {cost(1)} bits "
             f"against a budget of {int(budget)}" + (f"; {hint}" if hint else "")
         )
     low, high = 1, upper

@@ -137,7 +137,8 @@ def compress(
     totals = compressed.totals()
     typer.echo(
         f"{len(compressed.groups)} groups, {totals['target_params']:,} -> "
-        f"{totals['stored_params']:,} numbers (ratio {totals['ratio']:.3f}) in {seconds:.1f} s"
+        f"{totals['stored_bits']:,} bits (ratio {totals['ratio']:.3f}; number ratio "
+        f"{totals['number_ratio']:.3f}) in {seconds:.1f} s"
     )
     if compressed.tied_output:
         typer.echo(f"tied output head {compressed.tied_output} shares the embedding's factors")

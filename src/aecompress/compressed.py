@@ -18,7 +18,7 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from aecompress.budget import stored_numel
+from aecompress.budget import stored_bits, stored_numel
 from aecompress.methods import Method, Stored
 from aecompress.substitution import inject, restore
 from aecompress.targets import Group, Target
@@ -26,12 +26,14 @@ from aecompress.targets import Group, Target
 
 @dataclass
 class CompressedGroup:
-    """One fitted group: its targets, the method that fitted it, what it stored."""
+    """One fitted group: its targets, the method that fitted it, what it stored, and the
+    width of a floating number in the artifact (its storage dtype's)."""
 
     group: Group
     method: Method
     stored: Stored
     shape: tuple[int, int]  # of each member, [out, in]
+    float_bits: int = 32
 
     @property
     def original_numel(self) -> int:
@@ -42,7 +44,22 @@ class CompressedGroup:
         return stored_numel(self.stored.tensors().values())
 
     @property
+    def original_bits(self) -> int:
+        """Bits of the original matrices stored densely in the storage dtype."""
+        return self.original_numel * self.float_bits
+
+    @property
+    def stored_bits(self) -> int:
+        return stored_bits(self.stored.tensors().values(), self.float_bits)
+
+    @property
     def ratio(self) -> float:
+        """Dense bits over stored bits (what `--ratio` asks for)."""
+        return self.original_bits / self.stored_bits
+
+    @property
+    def number_ratio(self) -> float:
+        """The paper's ratio: original numbers over stored numbers."""
         return self.original_numel / self.stored_numel
 
 
@@ -90,9 +107,19 @@ class CompressedModel:
         return paths + ([self.tied_output] if self.tied_output else [])
 
     def totals(self) -> dict[str, Any]:
+        """Numbers and bits of the compressed matrices, dense and stored, and both ratios."""
         original = sum(g.original_numel for g in self.groups)
         stored = sum(g.stored_numel for g in self.groups)
-        return {"target_params": original, "stored_params": stored, "ratio": original / stored}
+        original_bits = sum(g.original_bits for g in self.groups)
+        bits = sum(g.stored_bits for g in self.groups)
+        return {
+            "target_params": original,
+            "stored_params": stored,
+            "target_bits": original_bits,
+            "stored_bits": bits,
+            "ratio": original_bits / bits,
+            "number_ratio": original / stored,
+        }
 
 
 def member_path(target: Target) -> str:

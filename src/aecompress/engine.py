@@ -17,14 +17,13 @@ from aecompress.evaluation.validation import validation_metric
 from aecompress.models import (
     LoadedModel,
     auto_class_for,
-    is_causal_lm,
     load_model,
     resolve_device,
     weights_sha256,
 )
 from aecompress.pipeline.allocate import allocate
 from aecompress.pipeline.independent import run_independent
-from aecompress.pipeline.plan import PlannedGroup, plan_groups
+from aecompress.pipeline.plan import PlannedGroup, plan_groups, storage_dtype
 from aecompress.pipeline.sequential import compensates, run_sequential
 from aecompress.recipe import Recipe
 from aecompress.targets import output_head_path, transformer_blocks, untie_embeddings
@@ -118,11 +117,3 @@ def compress(
         compressed, storage_dtype(recipe, model), "runtime" if build_modules else "deferred"
     )
     return compressed
-
-
-def storage_dtype(recipe: Recipe, model: PreTrainedModel) -> str:
-    """The recipe's storage dtype; `auto` is bfloat16 for causal LMs (measured to move
-    WikiText-2 validation perplexity by less than 0.5%), float32 otherwise."""
-    if recipe.storage_dtype != "auto":
-        return recipe.storage_dtype
-    return "bfloat16" if is_causal_lm(model) else "float32"

@@ -1,8 +1,9 @@
 """What an artifact stores, as `inspect` prints it: checked against the weights file.
 
-By default one row per family (members, shapes, methods, stored numbers and bytes, true
-ratio); per matrix group on request; or the manifest with the verified figures as JSON.
-Sizes come from the weights file's header, never from the manifest alone.
+By default one row per family (members, shapes, methods, stored numbers, bits per weight,
+bytes, the true ratio of bits and the paper's ratio of numbers); per matrix group on
+request; or the manifest with the verified figures as JSON. Sizes come from the weights
+file's header, never from the manifest alone.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from typing import Any
 
 from aecompress.artifact import (
     PREFIX,
-    STORAGE_DTYPES,
     GroupEntry,
     Manifest,
     check_groups,
@@ -21,6 +21,7 @@ from aecompress.artifact import (
     load_manifest,
     weights_header,
 )
+from aecompress.budget import float_bits
 
 
 def _shape(shape: list[int] | tuple[int, ...]) -> str:
@@ -39,24 +40,30 @@ def artifact_facts(path: str | Path) -> dict[str, Any]:
     (raises if the file is missing, altered, or disagrees with the manifest)."""
     manifest = load_manifest(path)
     header = weights_header(path, manifest)
-    check_groups(manifest, {k: shape for k, (shape, _) in header.items()})
+    check_groups(manifest, {k: (shape, 8 * size) for k, (shape, size) in header.items()})
     checked_skeleton(Path(path), manifest)
     data = manifest.model_dump(mode="json")
     for entry, group in zip(manifest.groups, data["groups"], strict=True):
         group["stored_bytes"] = _group_bytes(entry, header)
     target = sum(g.original_params for g in manifest.groups)
     stored = sum(g.stored_params for g in manifest.groups)
+    target_bits = target * float_bits(manifest.storage_dtype)
+    bits = sum(g.stored_bits for g in manifest.groups)
     artifact = sum(_numel(shape) for shape, _ in header.values())
+    dense = artifact - stored + target
     data["totals"] = {
         "target_params": target,
         "stored_params": stored,
-        "ratio": target / stored if stored else None,
+        "target_bits": target_bits,
+        "stored_bits": bits,
+        "bits_per_weight": bits / target if target else None,
+        "ratio": target_bits / bits if bits else None,
+        "number_ratio": target / stored if stored else None,
         "model_params_artifact": artifact,
-        "model_params_dense": artifact - stored + target,
+        "model_params_dense": dense,
         "artifact_bytes": manifest.weights_file.bytes,
-        "dense_fp32_bytes": 4 * (artifact - stored + target),
-        "dense_storage_dtype_bytes": STORAGE_DTYPES[manifest.storage_dtype].itemsize
-        * (artifact - stored + target),
+        "dense_fp32_bytes": 4 * dense,
+        "dense_storage_dtype_bytes": float_bits(manifest.storage_dtype) // 8 * dense,
     }
     return data
 
@@ -85,19 +92,23 @@ def _family_rows(data: dict[str, Any]) -> list[str]:
     for group in data["groups"]:
         by_family[group["family"]].append(group)
     rows = [
-        "| family | matrices | shape | method | original | stored | stored bytes | ratio |",
-        "|---|---|---|---|---|---|---|---|",
+        "| family | matrices | shape | method | original | stored | bits/weight | stored bytes "
+        "| ratio | number ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    dense_bits = float_bits(data["storage_dtype"])
     for family, groups in by_family.items():
         original = sum(g["original_params"] for g in groups)
         stored = sum(g["stored_params"] for g in groups)
+        bits = sum(g["stored_bits"] for g in groups)
         shapes = sorted({_shape(g["shape"]) for g in groups})
         methods = sorted({g["method"] for g in groups})
         matrices = sum(len(g["members"]) for g in groups)
         size = sum(g["stored_bytes"] for g in groups)
         rows.append(
             f"| {family} | {matrices} | {', '.join(shapes)} | {', '.join(methods)} | "
-            f"{original:,} | {stored:,} | {size:,} | {original / stored:.3f} |"
+            f"{original:,} | {stored:,} | {bits / original:.3f} | {size:,} | "
+            f"{original * dense_bits / bits:.3f} | {original / stored:.3f} |"
         )
     return rows
 
@@ -105,15 +116,16 @@ def _family_rows(data: dict[str, Any]) -> list[str]:
 def _group_rows(data: dict[str, Any]) -> list[str]:
     rows = [
         "| group | members | matrix | method | width | stored tensors | original | stored "
-        "| ratio | info |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| bits/weight | ratio | number ratio | info |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for g in data["groups"]:
         info = ", ".join(f"{k}={v}" for k, v in g["info"].items())
         rows.append(
             f"| {g['name']} | {len(g['members'])} | {_shape(g['shape'])} | {g['method']} | "
             f"{g['width']} | {_stored_shapes(g['tensors'])} | {g['original_params']:,} | "
-            f"{g['stored_params']:,} | {g['ratio']:.3f} | {info} |"
+            f"{g['stored_params']:,} | {g['stored_bits'] / g['original_params']:.3f} | "
+            f"{g['ratio']:.3f} | {g['number_ratio']:.3f} | {info} |"
         )
     return rows
 
@@ -145,8 +157,10 @@ def describe_artifact(path: str | Path, per_matrix: bool = False) -> str:
         "",
         *rows,
         "",
-        f"targets: {t['target_params']:,} -> {t['stored_params']:,} numbers, "
-        f"ratio {t['ratio']:.3f}",
+        f"targets: {t['target_params']:,} weights -> {t['stored_bits']:,} bits "
+        f"({t['bits_per_weight']:.3f} per weight), ratio {t['ratio']:.3f} against dense "
+        f"{manifest.storage_dtype}; {t['stored_params']:,} numbers, number ratio "
+        f"{t['number_ratio']:.3f}",
         f"whole model: {t['model_params_dense']:,} -> {t['model_params_artifact']:,} "
         f"parameters, ratio {t['model_params_dense'] / t['model_params_artifact']:.3f}",
         f"bytes ({manifest.storage_dtype} stored): {manifest.weights_file.name} "

@@ -64,6 +64,8 @@ def edit_manifest(folder, change) -> None:
         (lambda m: m["recipe"].update(targets=[None]), "recipe.targets.0"),
         (lambda m: m["groups"][0].update(ratio=99.0), "ratio is wrong"),
         (lambda m: m["groups"][0].update(stored_params=1), "counts are wrong"),
+        (lambda m: m["groups"][0].update(stored_bits=64), "counts are wrong"),
+        (lambda m: m["groups"][0].update(number_ratio=99.0), "number_ratio is wrong"),
         (lambda m: m["groups"][0]["tensors"].update({"0.a": [1, 1]}), "tensors do not match"),
     ],
 )

@@ -39,11 +39,11 @@ def fit(
     validate: Callable[[list[torch.Tensor]], float] | None = None,
 ) -> tuple[Method, Stored, float]:
     """Fit method `name` on `matrices` at `ratio` (its solved width) or at `width`;
-    returns the method, what it stored, and the budget."""
+    returns the method, what it stored, and the budget (bits, floats at 32)."""
     method = make_method(name, options)
     spec = spec_of(matrices, kind, family, head_dim)
     method.check(spec)
-    budget = spec.numel / ratio if ratio is not None else float("inf")
+    budget = spec.dense_bits / ratio if ratio is not None else float("inf")
     if width is not None and ratio is None:
         budget = float(method.cost(width, spec))
     context = FitContext(spec, budget, seed, statistics, validate, progress=False)

@@ -48,7 +48,7 @@ def compress(tiny: LoadedModel, method: str, targets: str, ratio: float, **field
 def test_every_method_stores_what_its_width_costs_and_the_width_is_tight(
     tokenizer, method: str, ratio: float
 ):
-    """Per group: stored numbers == the declared cost of the width <= budget, and every
+    """Per group: stored bits == the declared cost of the width <= budget, and every
     larger width costs more than the budget. A grouping a method cannot fit is refused at
     planning, before any calibration."""
     for grouping in ("none", "layers"):
@@ -59,10 +59,10 @@ def test_every_method_stores_what_its_width_costs_and_the_width_is_tight(
             assert grouping == "layers" and "--group" in str(error), error
             continue
         for fitted in cm.groups:
-            spec = group_spec(cm.model, fitted.group, head_dim(cm.model))
-            budget = spec.numel / ratio
+            spec = group_spec(cm.model, fitted.group, head_dim(cm.model), "bfloat16")  # causal LM
+            budget = spec.dense_bits / ratio
             width = fitted.stored.width
-            assert fitted.stored_numel == fitted.method.cost(width, spec) <= budget
+            assert fitted.stored_bits == fitted.method.cost(width, spec) <= budget
             assert all(
                 fitted.method.cost(w, spec) > budget for w in fitted.method.larger(width, spec)
             ), (grouping, fitted.group.name, width)

@@ -7,14 +7,11 @@ import math
 import pytest
 import torch
 
+from aecompress.budget import stored_bits
 from aecompress.calibration import TargetStatistics
 from aecompress.errors import AecompressError
 from aecompress.methods.pruning import obs_prune, pack_bits, unpack_bits
 from tests.methods.helpers import fit, spec_of
-
-
-def stored_numel(stored) -> int:
-    return sum(t.numel() for t in stored.tensors().values())
 
 
 @pytest.mark.parametrize("size", [1, 31, 32, 33, 100])
@@ -33,8 +30,9 @@ def test_prune_keeps_the_largest_magnitudes_and_counts_positions(index: str, rat
     scheme = stored.layout.index
     assert scheme == (index if index != "auto" else "int32")
     kept = stored.width
-    assert stored_numel(stored) <= budget < stored_numel(stored) + (1 if scheme == "bitmap" else 2)
-    assert stored_numel(stored) == kept + stored.info["position_numbers"]
+    bits = stored_bits(stored.tensors().values(), 32)
+    assert bits <= budget < bits + (32 if scheme == "bitmap" else 64)
+    assert bits == 32 * kept + stored.info["position_bits"]
     assert stored.info["ratio_without_positions"] == 2 * 16 * 24 / kept
     rebuilt = torch.cat([method.reconstruct(stored, i) for i in range(2)])
     original = torch.cat(matrices)
@@ -119,7 +117,7 @@ def test_n_m_keeps_n_of_every_m_and_counts_two_bits_per_kept_weight(name):
     rebuilt = method.reconstruct(stored, 0)
     assert ((rebuilt.reshape(-1, 4) != 0).sum(1) <= 2).all()
     assert stored.width == 8 * 32 // 2
-    assert stored_numel(stored) == 128 + math.ceil(128 * 2 / 32)
+    assert stored_bits(stored.tensors().values(), 32) == 32 * (128 + math.ceil(128 * 2 / 32))
     assert method.larger(stored.width, spec_of([weight])) == []
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from aecompress.budget import stored_bits
 from aecompress.calibration import TargetStatistics
 from aecompress.errors import AecompressError
 from tests.methods.helpers import fit, spec_of
@@ -43,8 +44,8 @@ def test_the_low_rank_part_gets_its_share_and_the_sparse_part_the_rest():
         "sparse-lowrank", [weight], ratio=2, options={"share": 0.4}, statistics=stats
     )
     rank, kept = stored.width
-    assert rank * (64 + 48) <= 0.4 * budget < (rank + 1) * (64 + 48)
-    assert sum(t.numel() for t in stored.tensors().values()) == method.cost(
+    assert 32 * rank * (64 + 48) <= 0.4 * budget < 32 * (rank + 1) * (64 + 48)
+    assert stored_bits(stored.tensors().values(), 32) == method.cost(
         (rank, kept), method_spec(weight)
     )
     assert method.cost((rank, kept + 1), method_spec(weight)) > budget

@@ -60,5 +60,5 @@ def test_sensitivity_allocation_keeps_the_total_and_varies_the_ratios(tokenizer)
         progress=False,
     )
     totals = cm.totals()
-    assert totals["stored_params"] <= totals["target_params"] / 2
+    assert totals["stored_bits"] <= totals["target_bits"] / 2
     assert len({round(g.ratio, 3) for g in cm.groups}) > 1

@@ -22,6 +22,7 @@ from aecompress.artifact.manifest import (
     load_manifest,
 )
 from aecompress.artifact.weights import read_weights
+from aecompress.budget import float_bits
 from aecompress.compressed import CompressedGroup, CompressedModel
 from aecompress.errors import AecompressError, describe, first_line
 from aecompress.methods import Method, Stored, make_method
@@ -50,11 +51,11 @@ def load_compressed(path: str | Path, decode: bool = False) -> CompressedModel:
     path = Path(path)
     manifest = load_manifest(path)
     tensors = read_weights(path, manifest)
-    check_groups(manifest, {k: list(t.shape) for k, t in tensors.items()})
     floating = {
         str(t.dtype).removeprefix("torch.") for t in tensors.values() if t.is_floating_point()
     }
-    check_storage_dtype(manifest, floating)
+    check_storage_dtype(manifest, floating)  # first: the bits of the groups depend on it
+    check_groups(manifest, {k: (list(t.shape), 8 * t.element_size()) for k, t in tensors.items()})
     tensors = {k: t.float() if t.is_floating_point() else t for k, t in tensors.items()}
     model = checked_skeleton(path, manifest)
     serving: Serving = "decoded" if decode else "runtime"
@@ -62,7 +63,13 @@ def load_compressed(path: str | Path, decode: bool = False) -> CompressedModel:
     for entry in manifest.groups:
         method = make_method(entry.method, entry.options)
         stored = _stored_from_entry(entry, method, tensors)
-        fitted = CompressedGroup(_group_from_entry(entry), method, stored, entry.shape)
+        fitted = CompressedGroup(
+            _group_from_entry(entry),
+            method,
+            stored,
+            entry.shape,
+            float_bits(manifest.storage_dtype),
+        )
         tied = manifest.tied_output if entry.family == "embed" else None
         try:
             inject(model, fitted.group, method, stored, tied, serving)
@@ -178,11 +185,11 @@ def checked_skeleton(path: Path, manifest: Manifest) -> PreTrainedModel:
     if manifest.tied_output not in (None, *heads):
         raise AecompressError(f"{manifest.tied_output} is not the output head of this model")
     for entry in manifest.groups:
-        _check_width(entry, _group_spec(entry, model))
+        _check_width(entry, _group_spec(entry, model, manifest.storage_dtype))
     return model
 
 
-def _group_spec(entry: GroupEntry, model: PreTrainedModel) -> GroupSpec:
+def _group_spec(entry: GroupEntry, model: PreTrainedModel, storage_dtype: str) -> GroupSpec:
     """What the group's method fitted, after checking each member against the model."""
     members = _group_from_entry(entry).members
     if entry.family != CUSTOM_FAMILY:  # a regex's matrices have no family to check
@@ -193,7 +200,9 @@ def _group_spec(entry: GroupEntry, model: PreTrainedModel) -> GroupSpec:
         "embedding" if members[0].kind == "embedding" else "linear"
     )
     count, (rows, cols) = len(members), entry.shape
-    return GroupSpec(entry.name, entry.family, use, count, rows, cols, head_dim(model))
+    return GroupSpec(
+        entry.name, entry.family, use, count, rows, cols, head_dim(model), storage_dtype
+    )
 
 
 def _check_family(entry: GroupEntry, members: tuple[Target, ...], model: PreTrainedModel) -> None:
@@ -225,11 +234,11 @@ def _check_member(entry: GroupEntry, target: Target, model: PreTrainedModel) -> 
 
 
 def _check_width(entry: GroupEntry, spec: GroupSpec) -> None:
-    """The group's width costs, by its method, the numbers it stores."""
+    """The group's width costs, by its method, the bits it stores."""
     method = make_method(entry.method, entry.options)
     try:
         cost: int | None = method.cost(_width(entry), spec)
     except (AssertionError, TypeError, ValueError, IndexError):  # a width of the wrong form
         cost = None
-    if cost != entry.stored_params:
+    if cost != entry.stored_bits:
         raise AecompressError(f"group {entry.name}: width {entry.width} is not what it stores")

@@ -12,13 +12,13 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from aecompress.budget import float_bits
 from aecompress.errors import AecompressError, describe
 from aecompress.outputs import MANIFEST, InsidePath, check_contained
 from aecompress.recipe import Recipe
 
 FORMAT = "aecompress-artifact"
-FORMAT_VERSION = 2
-STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FORMAT_VERSION = 3  # 3: sizes in bits (ratio of bits, number_ratio beside it)
 WEIGHTS = "model.safetensors"
 PREFIX = "aecompress."
 
@@ -47,7 +47,9 @@ class GroupEntry(_Strict):
     tensors: dict[str, list[int]]
     original_params: int
     stored_params: int
-    ratio: float
+    stored_bits: int
+    ratio: float  # dense bits in the storage dtype / stored bits
+    number_ratio: float  # original numbers / stored numbers (the paper's)
 
 
 class WeightsFile(_Strict):
@@ -139,18 +141,29 @@ def check_storage_dtype(manifest: Manifest, floating: set[str]) -> None:
         )
 
 
-def check_groups(manifest: Manifest, shapes: dict[str, list[int]]) -> None:
-    """Every group's tensors, counts and ratio as the weights file says (no forged sizes)."""
+def check_groups(manifest: Manifest, header: dict[str, tuple[list[int], int]]) -> None:
+    """Every group's tensors, counts, bits and ratios as the weights file says (no forged
+    sizes); `header` gives each tensor's shape and bits per element in the file."""
+    dense_bits = float_bits(manifest.storage_dtype)
     for entry in manifest.groups:
         prefix = f"{PREFIX}{entry.name}."
-        found = {k[len(prefix) :]: s for k, s in shapes.items() if k.startswith(prefix)}
-        if found != entry.tensors:
+        found = {k[len(prefix) :]: h for k, h in header.items() if k.startswith(prefix)}
+        if {k: shape for k, (shape, _) in found.items()} != entry.tensors:
             raise AecompressError(
                 f"group {entry.name}: the manifest's tensors do not match the weights file"
             )
-        stored = sum(torch.Size(s).numel() for s in found.values())
+        stored = sum(torch.Size(s).numel() for s, _ in found.values())
+        bits = sum(torch.Size(s).numel() * width for s, width in found.values())
         original = len(entry.members) * entry.shape[0] * entry.shape[1]
-        if stored != entry.stored_params or original != entry.original_params or stored == 0:
+        if (stored, bits, original) != (
+            entry.stored_params,
+            entry.stored_bits,
+            entry.original_params,
+        ) or stored == 0:
             raise AecompressError(f"group {entry.name}: the manifest's counts are wrong")
-        if abs(entry.ratio - original / stored) > 1e-6 * entry.ratio:
-            raise AecompressError(f"group {entry.name}: the manifest's ratio is wrong")
+        for name, value, expected in [
+            ("ratio", entry.ratio, original * dense_bits / bits),
+            ("number_ratio", entry.number_ratio, original / stored),
+        ]:
+            if abs(value - expected) > 1e-6 * expected:
+                raise AecompressError(f"group {entry.name}: the manifest's {name} is wrong")

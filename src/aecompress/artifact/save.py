@@ -13,8 +13,9 @@ from aecompress.artifact.folder import (
     atomic_folder,
     copy_sentence_transformers_files,
 )
-from aecompress.artifact.manifest import FORMAT, FORMAT_VERSION, MANIFEST, PREFIX, STORAGE_DTYPES
+from aecompress.artifact.manifest import FORMAT, FORMAT_VERSION, MANIFEST, PREFIX
 from aecompress.artifact.weights import write_weights
+from aecompress.budget import STORAGE_DTYPES
 from aecompress.compressed import CompressedGroup, CompressedModel, register_writer
 from aecompress.errors import AecompressError
 from aecompress.outputs import check_artifact_folder, files_under
@@ -117,7 +118,9 @@ def group_entry(fitted: CompressedGroup) -> dict[str, Any]:
         "tensors": {k: list(t.shape) for k, t in fitted.stored.tensors().items()},
         "original_params": fitted.original_numel,
         "stored_params": fitted.stored_numel,
+        "stored_bits": fitted.stored_bits,
         "ratio": fitted.ratio,
+        "number_ratio": fitted.number_ratio,
     }
 
 

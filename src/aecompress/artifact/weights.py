@@ -17,11 +17,11 @@ from safetensors.torch import load_file
 
 from aecompress.artifact.manifest import (
     FORMAT,
-    STORAGE_DTYPES,
     WEIGHTS,
     Manifest,
     check_storage_dtype,
 )
+from aecompress.budget import STORAGE_DTYPES
 from aecompress.errors import AecompressError
 from aecompress.numerics import all_finite
 from aecompress.tensorfile import SAFETENSORS_DTYPES, write_safetensors

@@ -2,9 +2,10 @@
 
 A method fits one group of same-shape matrices ([out, in] layout, stacked row-wise when
 the group spans layers) at a width (rank, latent width, kept weights, ...) and returns
-what it stores. It declares what a width costs in stored numbers, so that the engine
-solves the largest width within a budget and checks the declaration against what was
-stored. It rebuilds each matrix densely, and may serve it with a cheaper module.
+what it stores. It declares what a width costs in stored bits (floating tensors at the
+artifact's storage dtype, integer tensors at their own width), so that the engine solves
+the largest width within a budget and checks the declaration against what was stored.
+It rebuilds each matrix densely, and may serve it with a cheaper module.
 
 Adding a method is one file in this package: a `Method` subclass decorated `@register`.
 """
@@ -20,7 +21,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
-from aecompress.budget import solve_width
+from aecompress.budget import float_bits, solve_width
 from aecompress.calibration import TargetStatistics
 from aecompress.errors import AecompressError, describe
 from aecompress.modules import dense_embedding, dense_linear
@@ -48,7 +49,8 @@ class GroupSpec:
     """What a method fits: `count` matrices of [rows, cols] of one family, stacked row-wise.
 
     `kind` says how the matrices are used (an embedding's rows are looked up by token),
-    `head_dim` is the model's attention head size (None when the model has none).
+    `head_dim` is the model's attention head size (None when the model has none),
+    `storage_dtype` the dtype of the artifact's floating tensors (float_bits: its width).
     """
 
     name: str
@@ -58,16 +60,31 @@ class GroupSpec:
     rows: int
     cols: int
     head_dim: int | None = None
+    storage_dtype: str = "float32"
+
+    @property
+    def float_bits(self) -> int:
+        """Bits of one floating number in the artifact."""
+        return float_bits(self.storage_dtype)
 
     @property
     def numel(self) -> int:
         """Numbers in the group's original matrices."""
         return self.count * self.rows * self.cols
 
+    @property
+    def dense_bits(self) -> int:
+        """Bits of the group's original matrices stored densely in the storage dtype."""
+        return self.numel * self.float_bits
+
+    def floats(self, numbers: int) -> int:
+        """Bits of `numbers` floating numbers in the storage dtype."""
+        return numbers * self.float_bits
+
 
 @dataclass
 class FitContext:
-    """What a fit may use beyond the weights: the group, its budget (stored numbers), the
+    """What a fit may use beyond the weights: the group, its budget (stored bits), the
     seed, per-member calibration statistics (when the method asked for some), a callback
     giving the model's validation metric with other matrices swapped in, and progress.
     `owns_statistics`: the fit is their last reader, so `fit` may factorise X^T X where it
@@ -170,7 +187,8 @@ class Method(ABC):
 
     @abstractmethod
     def cost(self, width: Width, spec: GroupSpec) -> int:
-        """Numbers stored for the group at `width` (must not decrease as width grows)."""
+        """Bits stored for the group at `width` (must not decrease as width grows): floating
+        tensors at spec.float_bits per number, integer tensors at their dtype's width."""
 
     @abstractmethod
     def max_width(self, spec: GroupSpec) -> int:
@@ -209,8 +227,13 @@ class Method(ABC):
         """Member `index` rebuilt as a dense [out, in] matrix (differentiable in the stored
         float tensors, so that block refinement can train them)."""
 
-    def linear(self, stored: Stored, index: int, bias: torch.Tensor | None) -> nn.Module:
-        """The runtime module serving member `index` as a Linear (default: decoded once)."""
+    def linear(
+        self, stored: Stored, index: int, bias: torch.Tensor | None, *, prefill: bool = False
+    ) -> nn.Module:
+        """The runtime module serving member `index` as a Linear (default: decoded once).
+        `prefill`: it will only see long inputs (calibration passes while compressing), so
+        the form fastest there is preferred (a quantized matrix: decoded once rather than
+        a kernel made for short inputs)."""
         with torch.no_grad():
             return dense_linear(self.reconstruct(stored, index), bias)
 

@@ -95,7 +95,7 @@ class Kronecker(Method):
     def cost(self, width: Width, spec: GroupSpec) -> int:
         assert isinstance(width, int)
         n1, m1 = self.factor_shape(spec)
-        return width * (spec.count * n1 * m1 + (spec.rows // n1) * (spec.cols // m1))
+        return spec.floats(width * (spec.count * n1 * m1 + (spec.rows // n1) * (spec.cols // m1)))
 
     def max_width(self, spec: GroupSpec) -> int:
         n1, m1 = self.factor_shape(spec)

@@ -1,9 +1,9 @@
-"""Sparse methods: kept weights plus their positions, every stored number counted.
+"""Sparse methods: kept weights plus their positions, every stored bit counted.
 
 A sparse method keeps `width` weights of the group (its width) and stores per member the
-kept values (row-major order) and their positions, in one of:
-- `bitmap`: one bit per entry of the matrix, in int32 words: ceil(n*m/32) numbers;
-- `int32`: one flat index per kept weight: one number each;
+kept values (row-major order, in the storage dtype) and their positions, in one of:
+- `bitmap`: one bit per entry of the matrix, in int32 words: 32 * ceil(n*m/32) bits;
+- `int32`: one flat index per kept weight: 32 bits each;
 - `N:M` (e.g. 2:4; a method option): N kept in every M consecutive weights of a row, each
   kept weight's place in its group in ceil(log2 M) bits, in int32 words.
 `auto` takes whichever of bitmap / int32 is cheaper for the kept count. Methods differ in
@@ -93,14 +93,14 @@ class SparseLayout(MethodLayout):
 
 
 def position_cost(scheme: str, kept: int, spec: GroupSpec, n_m: tuple[int, int] | None) -> int:
-    """Numbers spent on the positions of `kept` weights of the group under `scheme`."""
+    """Bits spent on the positions of `kept` weights of the group under `scheme`."""
     if scheme == "bitmap":
-        return spec.count * words(spec.rows * spec.cols)
+        return BITS * spec.count * words(spec.rows * spec.cols)
     if scheme == "int32":
-        return kept
+        return BITS * kept
     assert n_m is not None
     per_member = kept // spec.count
-    return spec.count * words(per_member * math.ceil(math.log2(n_m[1])))
+    return BITS * spec.count * words(per_member * math.ceil(math.log2(n_m[1])))
 
 
 class SparseMethod(Method):
@@ -130,7 +130,8 @@ class SparseMethod(Method):
 
     def cost(self, width: Width, spec: GroupSpec) -> int:
         assert isinstance(width, int)
-        return width + position_cost(self.scheme(width, spec), width, spec, self.options.n_m)
+        positions = position_cost(self.scheme(width, spec), width, spec, self.options.n_m)
+        return spec.floats(width) + positions
 
     def max_width(self, spec: GroupSpec) -> int:
         if self.options.n_m is not None:
@@ -146,7 +147,7 @@ class SparseMethod(Method):
         if self.cost(kept, spec) > budget:
             raise AecompressError(
                 f"{spec.name}: the ratio is too large for {self.options.pattern} sparsity, "
-                f"which stores {self.cost(kept, spec)} numbers against a budget of {int(budget)}"
+                f"which stores {self.cost(kept, spec)} bits against a budget of {int(budget)}"
             )
         return kept
 
@@ -172,7 +173,7 @@ class SparseMethod(Method):
         layout = SparseLayout(shape=(spec.rows, spec.cols), index=scheme, n_m=self.options.n_m)
         info = {
             "density": width / spec.numel,
-            "position_numbers": position_cost(scheme, width, spec, self.options.n_m),
+            "position_bits": position_cost(scheme, width, spec, self.options.n_m),
             "ratio_without_positions": spec.numel / width,
         }
         return Stored({}, members, width, layout, info)

@@ -99,7 +99,7 @@ class SparseLowRank(Method):
         assert isinstance(width, tuple)
         rank, kept = width
         positions = position_cost(self._scheme(kept, spec), kept, spec, None)
-        return self.lowrank.cost(rank, spec) + kept + positions
+        return self.lowrank.cost(rank, spec) + spec.floats(kept) + positions
 
     def max_width(self, spec: GroupSpec) -> int:
         return spec.numel

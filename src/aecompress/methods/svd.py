@@ -65,7 +65,7 @@ class SVD(Method):
 
     def cost(self, width: Width, spec: GroupSpec) -> int:
         assert isinstance(width, int)
-        return spec.count * spec.rows * width + width * spec.cols
+        return spec.floats(spec.count * spec.rows * width + width * spec.cols)
 
     def max_width(self, spec: GroupSpec) -> int:
         return min(spec.count * spec.rows, spec.cols)
@@ -85,7 +85,9 @@ class SVD(Method):
     def reconstruct(self, stored: Stored, index: int) -> torch.Tensor:
         return stored.members[index]["a"] @ stored.shared["b"]
 
-    def linear(self, stored: Stored, index: int, bias: torch.Tensor | None) -> nn.Module:
+    def linear(
+        self, stored: Stored, index: int, bias: torch.Tensor | None, *, prefill: bool = False
+    ) -> nn.Module:
         return LowRankLinear(stored.members[index]["a"], stored.shared["b"], bias)
 
     def embedding(self, stored: Stored, index: int, padding_idx: int | None) -> nn.Module:

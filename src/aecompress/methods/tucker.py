@@ -174,7 +174,7 @@ class Tucker(Method):
 
     def cost(self, width: Width, spec: GroupSpec) -> int:
         assert isinstance(width, tuple)
-        return tucker_cost(self.dims(spec), width)
+        return spec.floats(tucker_cost(self.dims(spec), width))
 
     def max_width(self, spec: GroupSpec) -> int:
         return max(self.dims(spec))
@@ -188,7 +188,8 @@ class Tucker(Method):
     def solve_width(self, matrices: Sequence[torch.Tensor], context: FitContext) -> Width:
         dims = self.dims(context.spec)
         tensor = torch.stack(list(matrices)).double().reshape(dims)
-        return tuple(tucker_ranks(dims, mode_spectra(tensor), context.budget, context.spec.name))
+        numbers = context.budget / context.spec.float_bits  # every stored tensor is floating
+        return tuple(tucker_ranks(dims, mode_spectra(tensor), numbers, context.spec.name))
 
     def fit(self, matrices: Sequence[torch.Tensor], width: Width, context: FitContext) -> Stored:
         assert isinstance(width, tuple)

@@ -60,7 +60,7 @@ def candidate_options(
     options = []
     for multiple in CANDIDATES:
         budget = plan.budget * multiple
-        if budget >= plan.spec.numel:
+        if budget >= plan.spec.dense_bits:
             continue
         context = FitContext(plan.spec, budget, seed, stats, progress=False)
         try:

