@@ -113,7 +113,7 @@ def serving_module(
             padding_idx = getattr(original, "padding_idx", None)
             return Deferred(partial(method.embedding, stored, index, padding_idx), None)
         bias = bias_of(original)
-        return Deferred(partial(method.linear, stored, index, bias), bias)
+        return Deferred(partial(method.linear, stored, index, bias, prefill=True), bias)
     if kind == "embedding":
         padding_idx = getattr(original, "padding_idx", None)
         if serving == "trainable":
