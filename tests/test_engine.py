@@ -118,6 +118,9 @@ def test_bad_recipe_values_are_clear():
         ({"method": "svdllm", "targets": ["embed"]}, "independent"),  # embeddings: no X^T X
         ({"method": "svd", "refine": {"steps": 5}}, "sequential"),
         ({"method": "svdllm", "pipeline": "independent"}, "independent"),
+        ({"method": "gptq"}, "independent"),  # measured better on the dense statistics
+        ({"method": "gptq", "pipeline": "sequential"}, "sequential"),
+        ({"method": "gptq", "refine": {"steps": 5}}, "sequential"),
     ],
 )
 def test_auto_pipeline_is_sequential_for_methods_that_measure_output_error(fields, expected):

@@ -31,8 +31,9 @@ from aecompress.targets import output_head_path, transformer_blocks, untie_embed
 
 def choose_pipeline(recipe: Recipe, planned: list[PlannedGroup], model: PreTrainedModel) -> str:
     """The recipe's pipeline; `auto` is sequential (on a model with transformer blocks) when
-    refinement is asked for or a method measures output error (svdllm, sparsegpt, wanda,
-    ae-data, ...): on SmolLM2's MLPs at ratio 1.25 that lowered WikiText-2 validation
+    refinement is asked for or a method measures output error and prefers it
+    (`Method.sequential_by_default`: svdllm, sparsegpt, wanda, ae-data, ..., not gptq): on
+    SmolLM2's MLPs at ratio 1.25 that lowered WikiText-2 validation
     perplexity from 68.6 to 64.6 (svdllm) and 23.87 to 23.82 (sparsegpt)."""
     if recipe.pipeline != "auto":
         if recipe.pipeline == "independent" and recipe.refine.steps:
@@ -40,7 +41,9 @@ def choose_pipeline(recipe: Recipe, planned: list[PlannedGroup], model: PreTrain
         return recipe.pipeline
     if transformer_blocks(model) is None:
         return "independent"
-    wanted = recipe.refine.steps or any(compensates(plan) for plan in planned)
+    wanted = recipe.refine.steps or any(
+        compensates(plan) and plan.method.sequential_by_default() for plan in planned
+    )
     return "sequential" if wanted else "independent"
 
 

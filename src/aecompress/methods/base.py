@@ -176,6 +176,11 @@ class Method(ABC):
         """Calibration statistics `fit` reads from context.statistics (see calibration.py)."""
         return set()
 
+    def sequential_by_default(self) -> bool:
+        """Whether `--pipeline auto` runs it sequentially: by default when it measures output
+        error (it asks for X^T X), chosen on validation for each such method."""
+        return "xtx" in self.statistics_needed()
+
     def allocation_proxy(self) -> Method:
         """The method that scores candidate sizes in budget allocation: itself, or a
         faster one whose errors follow it (e.g. the AE's SVD starting point)."""

@@ -197,6 +197,12 @@ class GPTQ(RoundToNearest):
     def statistics_needed(self) -> set[str]:
         return {"xtx"}
 
+    def sequential_by_default(self) -> bool:
+        """No: on the dense model's statistics it did better (SmolLM2 MLPs, WikiText-2
+        validation, benchmarks/results/quantization/pipeline.md); `--pipeline sequential`
+        still fits each layer on the compressed inputs."""
+        return False
+
     def quantize(
         self, matrix: torch.Tensor, index: int, scheme: QuantScheme, context: FitContext
     ) -> Quantized:
