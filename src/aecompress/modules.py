@@ -306,6 +306,17 @@ def zero_points(
     return unpack(zeros.T, bits, rows).T.float()
 
 
+def dequantize_packed(
+    packed: torch.Tensor, scales: torch.Tensor, points: torch.Tensor, bits: int, cols: int
+) -> torch.Tensor:
+    """The weight rows [rows, cols], (code - zero) * scale, from packed codes [rows, words],
+    scales and zero points [rows, groups], in the scales' dtype (differentiable in them)."""
+    codes = unpack(packed, bits, cols).to(scales.dtype)
+    rows, groups = scales.shape
+    shifted = codes.view(rows, groups, -1) - points.to(scales.dtype)[..., None]
+    return (shifted * scales[..., None]).view(rows, cols)
+
+
 def choose_kernel(bits: int, rows: int, cols: int, group: int, device: torch.device) -> Kernel:
     """How a QuantizedLinear (see there) may multiply by a [rows, cols] weight of `bits`
     codes in groups of `group` columns held on `device`."""
@@ -443,10 +454,10 @@ class QuantizedLinear(nn.Module):
 
     def _rows(self, start: int, end: int, points: torch.Tensor) -> torch.Tensor:
         """Rows start..end of W (float32), dequantized from the stored tensors."""
-        codes = unpack(self.packed[start:end], self.bits, self.in_features).float()
-        rows = codes.shape[0]
-        shifted = codes.view(rows, self.groups, self.group) - points[start:end, :, None]
-        return (shifted * self.scales[start:end, :, None].float()).view(rows, self.in_features)
+        scales = self.scales[start:end].float()
+        return dequantize_packed(
+            self.packed[start:end], scales, points[start:end], self.bits, self.in_features
+        )
 
     @property
     def weight(self) -> torch.Tensor:

@@ -42,7 +42,11 @@ def test_fitted_groups_hold_no_decoded_copy_until_the_model_runs(input_ids):
 def test_the_same_numbers_as_the_sequential_pipeline_over_one_dense_stage(tokenizer, method):
     """Inside the blocks the independent pipeline is the sequential one over a single stage
     of every block whose moments are all collected before any fit (both add inputs through
-    calibration.InputAccumulator): the same stored tensors, bit for bit."""
+    calibration.InputAccumulator): the same stored tensors. The inputs reach the
+    accumulator through two code paths (the whole model's forward, the blocks' forward on
+    captured inputs), whose kernels may round differently on another CPU: the rebuilt
+    matrices are compared within float32 rounding, which a missing or extra batch, or
+    statistics of another input, exceed by orders of magnitude."""
     recipe = Recipe.parse(
         {
             "method": method,
@@ -74,5 +78,12 @@ def test_the_same_numbers_as_the_sequential_pipeline_over_one_dense_stage(tokeni
     )
     for one, other in zip(independent, staged, strict=True):
         assert one.stored.tensors().keys() == other.stored.tensors().keys()
-        for name, tensor in one.stored.tensors().items():
-            assert torch.equal(tensor, other.stored.tensors()[name]), (one.group.name, name)
+        assert one.stored.width == other.stored.width
+        for index in range(len(one.group.members)):
+            with torch.no_grad():
+                mine = one.method.reconstruct(one.stored, index)
+                theirs = other.method.reconstruct(other.stored, index)
+            scale = mine.abs().max().item()
+            torch.testing.assert_close(
+                theirs, mine, rtol=1e-4, atol=1e-5 * scale, msg=one.group.name
+            )

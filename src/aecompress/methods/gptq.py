@@ -39,7 +39,7 @@ from aecompress.methods.quantize import (
     rtn,
     stored_bits,
 )
-from aecompress.modules import QuantizedLinear, unpack, zero_points
+from aecompress.modules import QuantizedLinear, dequantize_packed, zero_points
 
 AUTO_GROUPS = (32, 64, 128, 0)  # the groups `group: auto` tries, smallest first; 0: a row
 
@@ -157,10 +157,8 @@ class RoundToNearest(Method):
         member = stored.members[index]
         scales = member["scales"]
         rows, groups = scales.shape
-        codes = unpack(member["codes"], layout.bits, layout.cols).to(scales.dtype)
-        zeros = zero_points(member.get("zeros"), layout.bits, rows, groups, scales.device)
-        shifted = codes.view(rows, groups, -1) - zeros.to(scales.dtype)[..., None]
-        return (shifted * scales[..., None]).view(rows, layout.cols)
+        points = zero_points(member.get("zeros"), layout.bits, rows, groups, scales.device)
+        return dequantize_packed(member["codes"], scales, points, layout.bits, layout.cols)
 
     def linear(
         self, stored: Stored, index: int, bias: torch.Tensor | None, *, prefill: bool = False
@@ -206,9 +204,8 @@ class GPTQ(RoundToNearest):
     def quantize(
         self, matrix: torch.Tensor, index: int, scheme: QuantScheme, context: FitContext
     ) -> Quantized:
-        dtype = STORAGE_DTYPES[context.spec.storage_dtype]
         if context.spec.kind == "embedding":
-            return rtn(matrix, scheme, scale_dtype=dtype)
+            return super().quantize(matrix, index, scheme, context)
         return gptq(
             matrix,
             context.statistic(index, "xtx"),
@@ -216,5 +213,5 @@ class GPTQ(RoundToNearest):
             damp=self.options.damp,
             block=self.options.block,
             act_order=self.options.act_order,
-            scale_dtype=dtype,
+            scale_dtype=STORAGE_DTYPES[context.spec.storage_dtype],
         )
