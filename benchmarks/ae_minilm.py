@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 import aecompress
-from aecompress.calibration import CalibrationConfig, split_ids
+from aecompress.calibration import CalibrationConfig, calibration_ids
 from aecompress.evaluation.sts import stsb
 from aecompress.methods.svd import truncated_svd
 from aecompress.models import load_model
@@ -47,7 +47,7 @@ def weighted_svd_embeddings(ratio: float) -> dict[str, Any]:
     start = time.perf_counter()
     table = loaded.model.get_input_embeddings().weight
     rows, cols = table.shape
-    ids = split_ids(loaded.tokenizer, CalibrationConfig().split)
+    ids = calibration_ids(loaded.tokenizer, CalibrationConfig())
     counts = torch.bincount(ids, minlength=rows).double()
     scale = (counts + 1).sqrt().unsqueeze(1)
     rank = int(rows * cols / ratio // (rows + cols))

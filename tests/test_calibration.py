@@ -11,8 +11,8 @@ from aecompress.calibration import (
     InputAccumulator,
     InputMoments,
     cached_statistics,
+    calibration_ids,
     collect_statistics,
-    split_ids,
 )
 from aecompress.errors import AecompressError
 from aecompress.targets import resolve_targets
@@ -48,7 +48,7 @@ def test_statistics_are_reproducible_and_correct(tokenizer):
     torch.testing.assert_close(down.xtx, down.xtx.T)
     assert torch.all(torch.linalg.eigvalsh(down.xtx) > -1e-6)
     embed = first["model.embed_tokens"]
-    split_tokens = split_ids(tokenizer, "train").numel()  # counts cover the whole split
+    split_tokens = calibration_ids(tokenizer, CONFIG).numel()  # counts cover the whole split
     assert embed.counts.sum() == embed.tokens == split_tokens > 3 * 16
     assert embed.fisher.shape == (30522, 32)
 
@@ -251,3 +251,17 @@ def test_collected_statistics_match_a_float64_reference(tokenizer):
         torch.testing.assert_close(entry.abs_mean, x.abs().mean(0), rtol=1e-6, atol=1e-7)
     q, k = stats["model.layers.0.self_attn.q_proj"], stats["model.layers.0.self_attn.k_proj"]
     assert q.xtx is k.xtx and q.abs_mean is k.abs_mean
+
+
+def test_calibration_reads_a_local_text_and_keys_its_cache_by_its_content(tmp_path, tokenizer):
+    from aecompress.calibration import cache_key, calibration_windows
+
+    path = tmp_path / "mine.txt"
+    path.write_text("alpha beta gamma delta " * 40)
+    config = CalibrationConfig(samples=2, seq_len=16, data=str(path))
+    assert config.data == str(path.resolve())
+    windows = calibration_windows(tokenizer, config)
+    assert set(windows.flatten().tolist()) <= set(tokenizer("alpha beta gamma delta")["input_ids"])
+    key = cache_key("hash", [], {"xtx"}, config)
+    path.write_text("other words entirely " * 40)
+    assert cache_key("hash", [], {"xtx"}, config) != key

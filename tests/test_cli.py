@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 # imported before any test patches aecompress.models.load_model: the sweep binds its name
 import aecompress.sweep  # noqa: F401
@@ -69,11 +70,12 @@ def test_compress_inspect_evaluate(tiny_folder, tmp_path):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--ratio", "1"], "ratio: Input should be greater than 1"),
+        (["--ratio", "1"], "ratio: must be greater than 1"),
+        (["--ratio", "0.8"], "80% of the size is --ratio 1.25"),
         (["--ratio", "1e9"], "ratio is too large"),
         (["--targets", "kk"], "unknown target family 'kk'"),
         (["--targets", "gate", "--group", "layerz"], "unknown grouping 'layerz'"),
-        (["--method", "svd", "--option", "rank=3"], "rank: Extra inputs are not permitted"),
+        (["--method", "svd", "--ratio", "2", "--option", "rank=3"], "rank: Extra inputs are"),
         (["--targets", ""], "targets: List should have at least 1 item"),
     ],
 )
@@ -155,7 +157,8 @@ def test_an_unwritable_output_is_refused_before_any_work(
 def test_an_artifact_is_replaced_with_overwrite_and_through_a_link(tiny_folder, tmp_path):
     (tmp_path / "real").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "real" / "art")
-    args = ["compress", str(tiny_folder), "--targets", "k", "-o", str(tmp_path / "link")]
+    args = ["compress", str(tiny_folder), "--method", "svd", "--ratio", "2", "--targets", "k"]
+    args += ["-o", str(tmp_path / "link")]
     assert invoke(*args)[0] == 0
     assert invoke(*args, "--ratio", "4", "--overwrite")[0] == 0
     assert (
@@ -220,6 +223,7 @@ def test_calibration_that_overflows_is_one_line(tmp_path, tokenizer):
     tokenizer.save_pretrained(tmp_path / "huge")
     for method in ("fwsvd", "asvd"):
         args = ["compress", str(tmp_path / "huge"), "--targets", "k", "--method", method]
+        args += ["--ratio", "2"]
         code, _, err = invoke(*args, "-o", str(tmp_path / method))
         assert "calibration statistics" in one_error(code, err)
         assert not (tmp_path / method).exists()
@@ -235,8 +239,8 @@ def test_ctrl_c_is_one_line_and_exit_130(tiny_folder, tmp_path):
         "    time.sleep(120)\n"
         "aecompress.engine.compress = slow\n"
         "from aecompress.cli import main\n"
-        f"sys.argv = ['aecompress', 'compress', {str(tiny_folder)!r}, '-o', "
-        f"{str(tmp_path / 'art')!r}]\n"
+        f"sys.argv = ['aecompress', 'compress', {str(tiny_folder)!r}, '--method', 'svd', "
+        f"'--ratio', '2', '--targets', 'k', '-o', {str(tmp_path / 'art')!r}]\n"
         "main()\n"
     )
     process = subprocess.Popen(
@@ -260,7 +264,8 @@ def test_a_numerical_failure_is_one_line(monkeypatch, tiny_folder, tmp_path):
         raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
 
     monkeypatch.setattr("aecompress.engine.compress", fail)
-    args = ["compress", str(tiny_folder), "--method", "asvd", "-o", str(tmp_path / "o")]
+    args = ["compress", str(tiny_folder), "--method", "asvd", "--ratio", "2"]
+    args += ["-o", str(tmp_path / "o")]
     code, _, err = invoke(*args)
     assert "asvd failed numerically: linalg.svd" in one_error(code, err)
 
@@ -367,7 +372,8 @@ def test_a_sweep_appends_to_its_own_results_and_replaces_its_own_report(monkeypa
 
 
 def test_rules_take_their_families_as_targets(tiny_folder, tmp_path):
-    args = ["compress", str(tiny_folder), "--method", "k=svd;down=prune", "-o", str(tmp_path / "o")]
+    args = ["compress", str(tiny_folder), "--method", "k=svd;down=prune", "--ratio", "2"]
+    args += ["-o", str(tmp_path / "o")]
     code, stdout, err = invoke(*args)
     assert code == 0, err
     assert "4 groups" in stdout
@@ -381,7 +387,8 @@ def test_a_report_of_a_file_without_records_is_refused(tmp_path):
 
 
 def test_tasks_and_evaluate_help_list_every_task(monkeypatch, capsys):
-    from aecompress.evaluation.tasks import TASKS, task_table
+    from aecompress.evaluation.catalog import task_table
+    from aecompress.evaluation.tasks import TASKS
 
     code, listed, _ = invoke("tasks")
     assert code == 0 and listed.strip() == task_table()
@@ -393,11 +400,16 @@ def test_tasks_and_evaluate_help_list_every_task(monkeypatch, capsys):
     assert len(rows) == 1 + len(TASKS)
 
 
-def test_export_writes_a_plain_folder_and_checks_it_first(monkeypatch, capsys, tmp_path):
+def test_export_writes_a_plain_folder_and_checks_it_first(tokenizer, monkeypatch, capsys, tmp_path):
     import aecompress
 
     aecompress.compress(
-        tiny_model("llama"), method="svd", ratio=2, targets=["down"], progress=False
+        tiny_model("llama"),
+        method="svd",
+        ratio=2,
+        targets=["down"],
+        progress=False,
+        tokenizer=tokenizer,
     ).save_pretrained(tmp_path / "art")
     monkeypatch.chdir(tmp_path)
     code, stdout, _ = invoke("export", "art", "--dense", "plain")
@@ -537,8 +549,8 @@ def test_code_in_a_model_folder_is_never_run_nor_offered(
 
 
 def test_a_missing_base_folder_is_named(tiny_folder, tmp_path):
-    args = ["compress", str(tiny_folder), "--targets", "k", "-o", str(tmp_path / "art")]
-    assert invoke(*args)[0] == 0
+    args = ["compress", str(tiny_folder), "--method", "svd", "--ratio", "2", "--targets", "k"]
+    assert invoke(*args, "-o", str(tmp_path / "art"))[0] == 0
     tiny_folder.rename(tmp_path / "moved")
     code, _, err = invoke("evaluate", str(tmp_path / "art"), "--windows", "1", "--seq-len", "8")
     message = one_error(code, err)
@@ -548,3 +560,111 @@ def test_a_missing_base_folder_is_named(tiny_folder, tmp_path):
     assert "Repo id" not in message
     code, _, err = invoke("compress", "./gone", "-o", str(tmp_path / "o"))
     assert "no such model folder or file: ./gone" in one_error(code, err)
+
+
+CALIBRATION_TEXT = "The cat sat on the mat, and the dog lay by the door of the old house.\n" * 20
+
+
+@pytest.fixture
+def llama64_folder(tmp_path, tokenizer):
+    """A tiny Llama whose MLP matrices have 64 or more columns (a gptq group of 64 fits)."""
+    config = transformers.LlamaConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "llama64")
+    tokenizer.save_pretrained(tmp_path / "llama64")
+    return tmp_path / "llama64"
+
+
+def test_compress_defaults_to_the_recommended_setting_with_the_calibration_given(
+    llama64_folder, tmp_path
+):
+    from aecompress.recommended import RECOMMENDED
+
+    (tmp_path / "mine.txt").write_text(CALIBRATION_TEXT)
+    calibration = ["--calibration-samples", "3", "--calibration-seq-len", "16"]
+    data = ["--calibration-data", str(tmp_path / "mine.txt")]
+    out = tmp_path / "art"
+    code, stdout, err = invoke("compress", str(llama64_folder), *calibration, *data, "-o", str(out))
+    assert code == 0, err
+    advice = RECOMMENDED["causal-lm"]
+    assert f"using the recommended {advice.flags()} for a causal LM" in stdout
+    recipe = json.loads((out / "aecompress.json").read_text())["recipe"]
+    assert (recipe["method"], recipe["ratio"]) == ("gptq", 3.76)
+    assert recipe["targets"] == list(advice.targets)
+    assert recipe["options"] == {"bits": 4, "group": 64}
+    assert recipe["calibration"]["samples"] == 3 and recipe["calibration"]["seq_len"] == 16
+    assert recipe["calibration"]["data"] == str(tmp_path / "mine.txt")
+
+
+def test_flags_given_replace_their_part_of_the_recommendation(monkeypatch, tiny_folder, tmp_path):
+    forbid_loading(monkeypatch)
+    args = ["compress", str(tiny_folder), "-o", str(tmp_path / "o")]
+    code, _, err = invoke(*args, "--method", "svd")
+    message = one_error(code, err)
+    assert "--method svd needs --ratio" in message and "gptq" in message
+    code, stdout, err = invoke(*args, "--ratio", "0.8")
+    assert "80% of the size is --ratio 1.25" in one_error(code, err)
+    monkeypatch.setattr("aecompress.models.load_model", lambda *a, **k: sys.exit(7))
+    code, stdout, _ = invoke(*args, "--ratio", "3", "--targets", "down")
+    assert code == 7  # stopped at loading, after the recipe was made
+    assert "using the recommended --method gptq for a causal LM" in stdout
+    assert "--option" not in stdout  # bits and group go with the recommended ratio only
+
+
+def test_an_encoder_gets_the_autoencoder_on_its_embeddings(tmp_path, tokenizer):
+    tiny_model("bert").save_pretrained(tmp_path / "bert")
+    tokenizer.save_pretrained(tmp_path / "bert")
+    args = ["compress", str(tmp_path / "bert"), "--option", "epochs=1", "-o", str(tmp_path / "o")]
+    code, stdout, err = invoke(*args)
+    assert code == 0, err
+    assert "using the recommended --method ae --ratio 10 --targets embed for an encoder" in stdout
+    code, stdout, _ = invoke("inspect", str(tmp_path / "o"))
+    assert code == 0 and "targets: embed " in stdout
+
+
+def test_methods_marks_what_is_recommended_for_which_model():
+    from aecompress.recommended import RECOMMENDED
+
+    code, stdout, _ = invoke("methods")
+    assert code == 0
+    rows = {line.split(" | ")[0].removeprefix("| "): line for line in stdout.splitlines()}
+    assert rows["gptq"].endswith("| a causal LM |") and rows["ae"].endswith("| an encoder |")
+    assert rows["svd"].endswith("| - |")
+    for advice in RECOMMENDED.values():
+        assert f"- {advice.label}: {advice.flags()}" in stdout
+
+
+def test_a_missing_calibration_file_is_refused_before_loading(monkeypatch, tiny_folder, tmp_path):
+    forbid_loading(monkeypatch)
+    args = ["--method", "svdllm", "--ratio", "2", "--targets", "k"]
+    missing = tmp_path / "none.jsonl"
+    code, _, err = invoke(
+        "compress", str(tiny_folder), *args, "--calibration-data", str(missing), "-o", "o"
+    )
+    assert f"no such calibration data file or folder: {missing}" in one_error(code, err)
+
+
+def test_inspect_of_several_methods_names_their_targets(tiny_folder, tmp_path):
+    out = tmp_path / "art"
+    code, _, err = invoke(
+        "compress", str(tiny_folder), "--method", "k=svd;down=prune", "--ratio", "2", "-o", str(out)
+    )
+    assert code == 0, err
+    code, stdout, _ = invoke("inspect", str(out))
+    assert code == 0 and "targets: k,down " in stdout
+
+
+def test_help_is_wrapped_not_cut(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    code, stdout, _ = invoke("compress", "--help")
+    assert code == 0
+    assert "FAMILIES=METHOD;FAMILIES=METHOD" in stdout and "…" not in stdout
+    assert max(len(line) for line in stdout.splitlines()) <= 80

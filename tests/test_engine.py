@@ -1,5 +1,7 @@
 """Contract tests: every architecture, every family, through the one engine."""
 
+import json
+
 import pytest
 import torch
 
@@ -50,12 +52,17 @@ def test_tied_output_head_shares_the_embedding_factors(input_ids):
     assert model.lm_head.b is model.model.embed_tokens.b
 
 
-def test_decoded_weights_are_built_only_when_the_model_runs(input_ids, tmp_path):
+def test_decoded_weights_are_built_only_when_the_model_runs(tokenizer, input_ids, tmp_path):
     """With build_modules=False a compressed model holds the stored tensors alone until it
     runs (saving it makes no decoded copy); then each module serves what it would have."""
     model = tiny_model("llama")
     cm = aecompress.compress(
-        model, method="prune", ratio=2, targets=["up", "down"], build_modules=False
+        model,
+        method="prune",
+        ratio=2,
+        targets=["up", "down"],
+        build_modules=False,
+        tokenizer=tokenizer,
     )
     deferred = [m for m in cm.model.modules() if isinstance(m, Deferred)]
     cm.save_pretrained(tmp_path / "art")
@@ -131,3 +138,25 @@ def test_auto_pipeline_is_sequential_for_methods_that_measure_output_error(field
     model = tiny_model("llama")
     recipe = Recipe.parse({"ratio": 2, "targets": ["down"], **fields})
     assert choose_pipeline(recipe, plan_groups(model, recipe), model) == expected
+
+
+def test_a_model_object_records_its_folder_and_tokenizer(tmp_path, tokenizer):
+    import transformers
+
+    tiny_model("bert").save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    model = transformers.BertForMaskedLM.from_pretrained(tmp_path / "base")
+    cm = aecompress.compress(model, method="svd", ratio=2, targets=["k"], progress=False)
+    assert cm.base_model == str((tmp_path / "base").resolve()) and cm.tokenizer is not None
+    cm.save_pretrained(tmp_path / "art")
+    manifest = json.loads((tmp_path / "art" / "aecompress.json").read_text())
+    assert manifest["base_model"] == cm.base_model
+    assert (tmp_path / "art" / "tokenizer.json").is_file()
+
+
+def test_an_artifact_that_could_not_be_evaluated_is_not_written(tmp_path):
+    cm = aecompress.compress(tiny_model("bert"), method="svd", ratio=2, targets=["k"])
+    assert cm.base_model == "" and cm.tokenizer is None
+    with pytest.raises(AecompressError, match=r"pass tokenizer= to aecompress\.compress"):
+        cm.save_pretrained(tmp_path / "art")
+    assert not (tmp_path / "art").exists()

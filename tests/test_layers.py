@@ -9,7 +9,19 @@ import aecompress
 
 # Bottom to top; a module may import modules of its own layer or of lower ones.
 LAYERS = [
-    ["errors", "version", "data", "cache", "tensorfile", "numerics", "memory", "outputs"],
+    [
+        "errors",
+        "version",
+        "data",
+        "cache",
+        "tensorfile",
+        "numerics",
+        "memory",
+        "outputs",
+        "catalog",  # reads the methods' source, imports none of them
+        "recommended",
+        "progress",
+    ],
     ["models", "modules", "budget"],
     ["targets"],
     ["calibration"],

@@ -119,3 +119,20 @@ def test_an_artifact_is_not_a_model_to_compress(folder, tmp_path):
     compressed.save_pretrained(str(tmp_path / "art"))
     with pytest.raises(AecompressError, match="weights lack 2 tensor"):
         load_model(str(tmp_path / "art"))
+
+
+def test_whole_texts_are_tokenised_without_the_length_warning(tokenizer, caplog):
+    import copy
+
+    from aecompress.models import tokenize_whole
+
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.deprecation_warnings.clear()  # transformers warns once per tokenizer
+    text = "word " * (tokenizer.model_max_length + 10)
+    with caplog.at_level("WARNING"):
+        ids = tokenize_whole(tokenizer, text)["input_ids"]
+    assert len(ids) > tokenizer.model_max_length
+    assert "longer than the specified maximum" not in caplog.text
+    with caplog.at_level("WARNING"):
+        tokenizer(text)  # elsewhere the warning is transformers' as before
+    assert "longer than the specified maximum" in caplog.text

@@ -71,7 +71,7 @@ def model_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def artifact(model_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Every part of a manifest: a tied embedding, a stack of layers, shared tensors."""
     out = tmp_path_factory.mktemp("artifact") / "art"
-    args = ["--targets", "embed,k", "--group", "layers", "--method", "svd"]
+    args = ["--targets", "embed,k", "--group", "layers", "--method", "svd", "--ratio", "2"]
     code, _, err = invoke("compress", str(model_folder), *args, "-o", str(out))
     assert code == 0, err
     return out

@@ -4,22 +4,40 @@ cm = aecompress.compress("minilm-l6", method="svd", ratio=10, targets=["embed"])
 cm.save_pretrained("out/")
 model = aecompress.load("out/")
 aecompress.export_dense("out/", "plain/")  # a plain transformers folder, every matrix decoded
+
+Names are imported on first use (PEP 562), so that `import aecompress` and the command
+line's `--help` do not wait for torch and transformers.
 """
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from transformers import PreTrainedModel
-
-from aecompress.artifact import export_dense, load_compressed
-from aecompress.compressed import CompressedModel
-from aecompress.engine import compress
 from aecompress.errors import AecompressError
-from aecompress.evaluation.runner import evaluate
-from aecompress.models import load_model
-from aecompress.recipe import Recipe
 from aecompress.version import __version__
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from aecompress.artifact import export_dense, load_compressed
+    from aecompress.compressed import CompressedModel
+    from aecompress.engine import compress
+    from aecompress.evaluation.runner import evaluate
+    from aecompress.models import load_model
+    from aecompress.recipe import Recipe
+
+# public name -> the module defining it
+_LAZY = {
+    "CompressedModel": "aecompress.compressed",
+    "Recipe": "aecompress.recipe",
+    "compress": "aecompress.engine",
+    "evaluate": "aecompress.evaluation.runner",
+    "export_dense": "aecompress.artifact",
+    "load_compressed": "aecompress.artifact",
+    "load_model": "aecompress.models",
+}
 
 __all__ = [
     "AecompressError",
@@ -35,6 +53,21 @@ __all__ = [
 ]
 
 
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'aecompress' has no attribute '{name}'")
+    importlib.import_module("aecompress.artifact")  # registers CompressedModel's writer
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
 def load(path: str | Path, decode: bool = False) -> PreTrainedModel:
     """A working transformers model rebuilt from an artifact folder."""
+    from aecompress.artifact import load_compressed
+
     return load_compressed(path, decode=decode).model

@@ -24,9 +24,18 @@ def float_bits(storage_dtype: str) -> int:
     return 8 * STORAGE_DTYPES[storage_dtype].itemsize
 
 
+def ratio_problem(ratio: float) -> str | None:
+    """What is wrong with a ratio (dense size / stored size), if anything; a fraction of the
+    size (0.8) is answered with the ratio meant (80% of the size is 1.25)."""
+    if ratio > 1:
+        return None
+    hint = f"; {ratio:.0%} of the size is --ratio {1 / ratio:.3g}" if 0 < ratio < 1 else ""
+    return f"must be greater than 1, the dense size over the stored size (got {ratio:g}{hint})"
+
+
 def check_ratio(ratio: float) -> None:
-    if not ratio > 1:
-        raise AecompressError(f"ratio must be greater than 1 (got {ratio})")
+    if problem := ratio_problem(ratio):
+        raise AecompressError(f"ratio {problem}")
 
 
 def stored_numel(tensors: Iterable[torch.Tensor]) -> int:

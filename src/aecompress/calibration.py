@@ -1,6 +1,7 @@
 """Calibration statistics: what the data-aware methods know about a target's inputs.
 
-Calibration text is WikiText-2 *train* text (never the reported split), cut into random
+Calibration text is WikiText-2 *train* text (never the reported split), or the user's own
+(`data`: a local text, JSONL or parquet file or a saved `datasets` folder), cut into random
 windows with a fixed seed. One pass through the dense model collects, per target:
 - `xtx`: the input second moment sum_t x_t x_t^T [in, in] and `abs_mean`: mean |x| per
   input channel [in] (`InputMoments`: float64 sums, no activations kept);
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -27,18 +29,24 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from aecompress.cache import cache_dir, read_entry, write_entry
-from aecompress.data import wikitext2_text
+from aecompress.data import local_text, wikitext2_text
 from aecompress.errors import AecompressError
 from aecompress.memory import trim_heap
-from aecompress.models import check_positions, is_causal_lm, is_masked_lm, model_device
+from aecompress.models import (
+    check_positions,
+    is_causal_lm,
+    is_masked_lm,
+    model_device,
+    tokenize_whole,
+)
 from aecompress.numerics import all_finite
+from aecompress.progress import progress_bar
 from aecompress.targets import Target, dense_weight
 
 ACTIVATION_STATISTICS = frozenset({"xtx", "abs_mean", "counts"})
@@ -46,15 +54,38 @@ GRADIENT_STATISTICS = frozenset({"fisher", "l1", "out_fisher"})
 
 
 class CalibrationConfig(BaseModel):
-    """Which text, how much of it, and the seed that picks the windows."""
+    """Which text (`data`: a local file or `datasets` folder, recorded as an absolute
+    path; else WikiText-2's `split`), how much of it, and the seed that picks the windows."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     samples: int = Field(64, ge=1)
     seq_len: int = Field(256, ge=8)
     split: Literal["train", "validation"] = "train"
+    data: str | None = None
     batch_size: int = Field(8, ge=1)
     seed: int = 0
+
+    @field_validator("data")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        return None if value is None else os.path.abspath(os.path.expanduser(value))
+
+    def check(self) -> None:
+        """Refuse, before any work, a `data` path that does not exist."""
+        if self.data is not None and not Path(self.data).exists():
+            raise AecompressError(f"no such calibration data file or folder: {self.data}")
+
+    def text(self) -> str:
+        """The calibration text."""
+        return wikitext2_text(self.split) if self.data is None else local_text(Path(self.data))
+
+    def fingerprint(self) -> dict[str, object]:
+        """The settings and, for a local text, the sha256 of its content (cache keys)."""
+        settings: dict[str, object] = self.model_dump()
+        if self.data is not None:
+            settings["data_sha256"] = hashlib.sha256(self.text().encode()).hexdigest()
+        return settings
 
 
 @dataclass
@@ -85,9 +116,9 @@ def _check_finite(stats: dict[str, TargetStatistics]) -> None:
                 )
 
 
-def split_ids(tokenizer: PreTrainedTokenizerBase, split: str) -> torch.Tensor:
-    """Every token id of a calibration split's text."""
-    ids = torch.tensor(tokenizer(wikitext2_text(split))["input_ids"], dtype=torch.long)
+def calibration_ids(tokenizer: PreTrainedTokenizerBase, config: CalibrationConfig) -> torch.Tensor:
+    """Every token id of the calibration text."""
+    ids = torch.tensor(tokenize_whole(tokenizer, config.text())["input_ids"], dtype=torch.long)
     trim_heap()  # the tokeniser's many small allocations, freed
     return ids
 
@@ -98,7 +129,7 @@ def calibration_windows(
     ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`samples` random windows [samples, seq_len] of the split's token ids (seeded)."""
-    ids = split_ids(tokenizer, config.split) if ids is None else ids
+    ids = calibration_ids(tokenizer, config) if ids is None else ids
     if ids.numel() < config.seq_len + 1:
         raise AecompressError(f"calibration text has fewer than {config.seq_len} tokens")
     generator = torch.Generator().manual_seed(config.seed)
@@ -315,7 +346,7 @@ def _collect_gradients(
     outputs: dict[str, torch.Tensor] = {}
     try:
         with _output_gradient_hooks(model, targets, outputs):
-            for sequence in tqdm(windows, desc="calibration gradients", disable=not progress):
+            for sequence in progress_bar(windows, desc="calibration gradients", enabled=progress):
                 model.zero_grad(set_to_none=True)
                 _lm_loss(model, sequence[None].to(model_device(model)), generator).backward()
                 _accumulate_weight_gradients(weights, targets, needed, stats)
@@ -344,13 +375,13 @@ def collect_statistics(
     if tokenizer is None:
         raise AecompressError("calibration needs the model's tokenizer")
     check_positions(model, config.seq_len)
-    ids = split_ids(tokenizer, config.split)
+    ids = calibration_ids(tokenizer, config)
     windows = calibration_windows(tokenizer, config, ids)
     accumulator = InputAccumulator(_unique_paths(targets))
     if needed & {"xtx", "abs_mean"} and accumulator.moments:  # counts need no pass
         batches = windows.split(config.batch_size)
         with torch.inference_mode(), _input_hooks(model, accumulator):
-            for batch in tqdm(batches, desc="calibration activations", disable=not progress):
+            for batch in progress_bar(batches, desc="calibration activations", enabled=progress):
                 model(input_ids=batch.to(model_device(model)))
     by_path = accumulator.statistics()
     vocab = int(dense_weight(model.get_input_embeddings(), "embedding").shape[0])
@@ -378,7 +409,7 @@ def cache_key(
         "weights": base_sha256,
         "targets": [t.name for t in targets],
         "needed": sorted(needed),
-        "config": config.model_dump(),
+        "config": config.fingerprint(),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 

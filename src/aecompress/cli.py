@@ -14,9 +14,10 @@ import typer
 from typer._click.exceptions import ClickException  # the click that typer bundles
 
 from aecompress.errors import AecompressError, first_line
-from aecompress.evaluation.tasks import task_table
+from aecompress.evaluation.catalog import task_table
 from aecompress.memory import map_large_allocations
 from aecompress.outputs import check_artifact_folder, check_file, check_new_folder
+from aecompress.recommended import RECOMMENDED
 
 if TYPE_CHECKING:
     from aecompress.sweep import Executor
@@ -26,8 +27,14 @@ INTERRUPTED = 130  # the exit status after Ctrl-C
 app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain click help: wrapped, never cut with "..."
     help="Compress pretrained transformer language models offline and measure what was lost.",
 )
+
+
+def _starting(what: str) -> None:
+    """A first line on stderr, before a command's imports (torch, transformers: seconds)."""
+    typer.echo(f"aecompress: {what} (loading torch and transformers)", err=True)
 
 
 def _parse_options(pairs: list[str]) -> dict[str, Any]:
@@ -60,14 +67,25 @@ def compress(
     ],
     output: Annotated[Path, typer.Option("--output", "-o", help="artifact folder to write")],
     method: Annotated[
-        str, typer.Option(help="method, or FAMILIES=METHOD;FAMILIES=METHOD (see `methods`)")
-    ] = "svd",
+        str | None,
+        typer.Option(
+            help="method, or FAMILIES=METHOD;FAMILIES=METHOD (default: the recommended one "
+            "for the model's kind, see `methods`)"
+        ),
+    ] = None,
     ratio: Annotated[
-        float, typer.Option(help="original / stored numbers of each group (> 1)")
-    ] = 2.0,
+        float | None,
+        typer.Option(
+            help="dense bits / stored bits of each group, > 1 (80% of the size: 1.25); "
+            "default: the recommended method's"
+        ),
+    ] = None,
     targets: Annotated[
         str | None,
-        typer.Option(help="families embed,q,k,v,o,up,gate,down or re:REGEX (default: embed)"),
+        typer.Option(
+            help="families embed,q,k,v,o,up,gate,down or re:REGEX (default: the "
+            "recommended ones, or a FAMILIES=METHOD rule's)"
+        ),
     ] = None,
     group: Annotated[
         str, typer.Option(help="none | layers | layers:K (stack a family across layers)")
@@ -93,30 +111,47 @@ def compress(
     ] = "auto",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    calibration_samples: Annotated[
+        int | None, typer.Option(help="calibration windows (default 64)")
+    ] = None,
+    calibration_seq_len: Annotated[
+        int | None, typer.Option(help="tokens per calibration window (default 256)")
+    ] = None,
+    calibration_data: Annotated[
+        str | None,
+        typer.Option(
+            help="calibration text: a .txt, .jsonl or .parquet file or a saved `datasets` "
+            "folder ('text' field; default: WikiText-2 train)"
+        ),
+    ] = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="replace an existing artifact at -o")
     ] = False,
 ) -> None:
-    """Compress MODEL and write an artifact folder."""
+    """Compress MODEL and write an artifact folder (by default with the setting recommended
+    for its kind: `aecompress methods`)."""
+    check_artifact_folder(output, f"-o {output}", overwrite)
+    _starting(f"compressing {model}")
     import torch
 
     from aecompress.engine import compress as run_compress
     from aecompress.models import load_model
     from aecompress.recipe import Recipe
 
-    check_artifact_folder(output, f"-o {output}", overwrite)
     if recipe is not None:
         plan = Recipe.from_yaml(recipe)
         model = plan.model or model
     else:
+        calibration = {
+            "samples": calibration_samples,
+            "seq_len": calibration_seq_len,
+            "data": calibration_data,
+        }
         plan = Recipe.parse(
             {
                 "model": model,
-                "method": method,
-                "options": _parse_options(option or []),
-                "ratio": ratio,
-                # with FAMILIES=METHOD rules, the rules' families by default
-                "targets": targets if targets is not None else ([] if "=" in method else "embed"),
+                **_method_fields(model, method, ratio, targets, _parse_options(option or [])),
+                "calibration": {k: v for k, v in calibration.items() if v is not None},
                 "group": group,
                 "untie_embeddings": untie_embeddings,
                 "pipeline": pipeline,
@@ -127,6 +162,7 @@ def compress(
                 "seed": seed,
             }
         )
+    plan.calibration.check()
     start = time.perf_counter()
     try:
         compressed = run_compress(load_model(model), plan, build_modules=False)
@@ -173,6 +209,7 @@ def evaluate(
     ] = False,
 ) -> None:
     """Evaluate a model or an artifact (beside its dense base model, cached)."""
+    _starting(f"evaluating {model}")
     from aecompress.evaluation.results import format_table, is_records_file, write_records
     from aecompress.evaluation.runner import evaluate as run_evaluate
 
@@ -208,6 +245,7 @@ def inspect(
     ] = False,
 ) -> None:
     """Show what an artifact stores: per family (or matrix), stored numbers, bytes, ratios."""
+    _starting(f"reading {artifact}")
     from aecompress.summary import artifact_facts, describe_artifact
 
     if as_json:
@@ -231,6 +269,7 @@ def export(
 ) -> None:
     """Write an artifact's model, every matrix decoded, as a plain transformers folder
     (safetensors, config, tokenizer) that loads without aecompress."""
+    _starting(f"exporting {artifact}")
     from aecompress.artifact import export_dense
 
     check_new_folder(dense, f"--dense {dense}")
@@ -240,15 +279,23 @@ def export(
 
 @app.command()
 def methods() -> None:
-    """List the compression methods: what each stores and minimises, and its options."""
-    from aecompress.methods import METHODS
+    """List the compression methods: what each stores and minimises, its options, and which
+    is recommended (the default of `compress`) for which kind of model."""
+    from aecompress.catalog import method_catalog
 
-    typer.echo("| method | what it stores and minimises | options |")
-    typer.echo("|---|---|---|")
-    for name, cls in sorted(METHODS.items()):
-        summary = " ".join((cls.__doc__ or "").split("\n\n")[0].split()).replace("|", "\\|")
-        options = ", ".join(cls.Options.model_fields) or "-"
-        typer.echo(f"| {name} | {summary} | {options} |")
+    typer.echo("| method | what it stores and minimises | options | recommended for |")
+    typer.echo("|---|---|---|---|")
+    for entry in method_catalog().values():
+        summary = entry.summary.replace("|", "\\|")
+        kinds = [r.label for r in RECOMMENDED.values() if r.method == entry.name]
+        typer.echo(
+            f"| {entry.name} | {summary} | {', '.join(entry.options) or '-'} | "
+            f"{' and '.join(kinds) or '-'} |"
+        )
+    typer.echo("\nRecommended, and what `compress` does when --method, --ratio or --targets is")
+    typer.echo("not given (the reasons: the module aecompress.recommended):")
+    for advice in RECOMMENDED.values():
+        typer.echo(f"- {advice.label}: {advice.flags()}")
 
 
 @app.command()
@@ -268,6 +315,7 @@ def sweep(
     ] = None,
 ) -> None:
     """Run a grid of compressions and evaluations; resumable; then write the report."""
+    _starting(f"sweep {recipe}")
     from aecompress.report import check_report_files, write_report
     from aecompress.sweep import SweepRecipe, is_results_file, parse_shard, run_sweep
 
@@ -280,6 +328,42 @@ def sweep(
     typer.echo(f"{len(records)} records in {path} ({time.perf_counter() - start:.0f} s this run)")
     for written in write_report([path], records):
         typer.echo(f"wrote {written}")
+
+
+def _method_fields(
+    model: str,
+    method: str | None,
+    ratio: float | None,
+    targets: str | None,
+    options: dict[str, Any],
+) -> dict[str, Any]:
+    """The recipe's method, options, ratio and targets: those given, the rest from the
+    setting recommended for the model's kind (recommended.py), said in one line."""
+    rules = method is not None and "=" in method
+    if method is not None and ratio is not None and (targets is not None or rules):
+        return {"method": method, "options": options, "ratio": ratio, "targets": targets or []}
+    from aecompress.models import model_kind
+
+    advice = RECOMMENDED[model_kind(model)]
+    if method not in (None, advice.method) and ratio is None:
+        raise AecompressError(
+            f"--method {method} needs --ratio (the recommended ratio {advice.ratio:g} for "
+            f"{advice.label} is {advice.method}'s: {advice.flags()})"
+        )
+    taken = []
+    if method is None:
+        method = advice.method
+        taken.append(f"--method {method}")
+    if ratio is None:  # the method's fixed options go with the recommended ratio only
+        ratio = advice.ratio
+        options = {**advice.options, **options}
+        taken += [f"--option {k}={v}" for k, v in advice.options.items()]
+        taken.append(f"--ratio {ratio:g}")
+    if targets is None and not rules:
+        targets = ",".join(advice.targets)
+        taken.append(f"--targets {targets}")
+    typer.echo(f"using the recommended {' '.join(taken)} for {advice.label}")
+    return {"method": method, "options": options, "ratio": ratio, "targets": targets or []}
 
 
 def _executor(name: str, address: str | None) -> Executor | None:
@@ -303,6 +387,7 @@ def report(
 ) -> None:
     """Write Markdown/CSV tables and PNG plots next to the first results file; several files
     (a sweep's shards) are merged, a later file's record of a cell superseding an earlier's."""
+    _starting(f"report of {', '.join(map(str, results))}")
     from aecompress.report import write_report
     from aecompress.sweep import read_results
 

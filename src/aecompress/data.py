@@ -1,8 +1,10 @@
-"""The evaluation and calibration text that ships in the repository's data/ folder."""
+"""The evaluation and calibration text that ships in the repository's data/ folder, and
+a user's own calibration text (`local_text`)."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from functools import cache
 from pathlib import Path
@@ -52,3 +54,77 @@ def wikitext2_text(split: str) -> str:
         return raw
     rows = [line + "\n" if line.strip() else "" for line in raw.split("\n")[:-1]]
     return "\n\n".join(rows)
+
+
+TEXT_FIELD = "text"  # the field of a JSONL record, parquet column or dataset column read
+
+
+def local_text(path: Path) -> str:
+    """The text of a local file or folder, records joined by blank lines: a plain text file
+    (whole), a JSONL file or parquet file (each record's `text`), or a folder written by
+    `datasets`' save_to_disk (its `text` column; of a DatasetDict, the `train` split)."""
+    if path.is_dir():
+        return "\n\n".join(_dataset_texts(path))
+    if not path.is_file():
+        raise AecompressError(f"no such text file or dataset folder: {path}")
+    if path.suffix == ".jsonl":
+        return "\n\n".join(_jsonl_texts(path))
+    if path.suffix == ".parquet":
+        return "\n\n".join(_parquet_texts(path))
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise AecompressError(f"cannot read text file {path}: {error}") from error
+
+
+def _jsonl_texts(path: Path) -> list[str]:
+    texts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise AecompressError(f"{path} line {number} is not JSON: {error.msg}") from error
+        if not isinstance(record, dict) or not isinstance(record.get(TEXT_FIELD), str):
+            raise AecompressError(f"{path} line {number} has no string field '{TEXT_FIELD}'")
+        texts.append(record[TEXT_FIELD])
+    return texts
+
+
+def _column(names: list[str], where: Path) -> None:
+    if TEXT_FIELD not in names:
+        raise AecompressError(
+            f"{where} has no '{TEXT_FIELD}' column (columns: {', '.join(names) or 'none'})"
+        )
+
+
+def _parquet_texts(path: Path) -> list[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as error:
+        raise AecompressError(f"reading {path} needs pyarrow: pip install pyarrow") from error
+    try:
+        schema = pq.read_schema(path)
+        _column(schema.names, path)
+        column = pq.read_table(path, columns=[TEXT_FIELD]).column(TEXT_FIELD)
+    except (OSError, ValueError) as error:  # pyarrow's errors derive from these
+        raise AecompressError(f"cannot read parquet file {path}: {error}") from error
+    return [text for text in column.to_pylist() if isinstance(text, str)]
+
+
+def _dataset_texts(path: Path) -> list[str]:
+    try:
+        import datasets
+    except ImportError as error:
+        raise AecompressError(f"reading {path} needs datasets: pip install datasets") from error
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except (OSError, ValueError, FileNotFoundError) as error:
+        raise AecompressError(f"{path} is not a saved datasets folder: {error}") from error
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" not in loaded:
+            raise AecompressError(f"{path} has no train split (splits: {', '.join(loaded)})")
+        loaded = loaded["train"]
+    _column(list(loaded.column_names), path)
+    return [text for text in loaded[TEXT_FIELD] if isinstance(text, str)]

@@ -17,7 +17,9 @@ from aecompress.evaluation.validation import validation_metric
 from aecompress.models import (
     LoadedModel,
     auto_class_for,
+    base_folder,
     load_model,
+    load_tokenizer,
     resolve_device,
     weights_sha256,
 )
@@ -59,13 +61,17 @@ def compress(
     """Compress `model` (a model, a loaded model or a name) in place as `recipe` says.
 
     Recipe fields may also be given as keywords: compress(m, method="svd", ratio=2,
-    targets=["k"]). Returns the CompressedModel, ready to evaluate, train or save. With
+    targets=["k"], calibration={"samples": 128, "seq_len": 512, "data": "mine.jsonl"}).
+    A model object loaded from a folder (its config's name_or_path) gets that folder
+    recorded as its base, and its tokenizer when `tokenizer` is not given. Returns the
+    CompressedModel, ready to evaluate, train or save. With
     `build_modules=False` each compressed module is built on its first call instead (until
     then the model holds no decoded copy beside the stored tensors, nor the modules'
     parameters): the least memory for a model that is only saved, as `aecompress compress`.
     """
     recipe = recipe or Recipe.parse(fields)
     check_ratio(recipe.ratio)
+    recipe.calibration.check()
     source, auto_class = recipe.model or "", None
     if isinstance(model, str):
         model = load_model(model)
@@ -73,6 +79,9 @@ def compress(
         tokenizer = tokenizer or model.tokenizer
         source, auto_class = model.source, model.auto_class
         model = model.model
+    elif not source and (folder := base_folder(model)):
+        source = folder  # a model object loaded from a folder: its base, and tokenizer
+        tokenizer = tokenizer or load_tokenizer(folder)
     device = resolve_device(recipe.device)
     torch.manual_seed(recipe.seed)
     base_sha256 = weights_sha256(model)

@@ -153,6 +153,29 @@ def _without_custom_code(load: Callable[..., Any], where: str, **kwargs: Any) ->
         ) from error
 
 
+_LENGTH_WARNING = "sequence-length-is-longer-than-the-specified-maximum"
+
+
+def tokenize_whole(tokenizer: PreTrainedTokenizerBase, text: str | list[str], **kwargs: Any) -> Any:
+    """`tokenizer(text, **kwargs)` for texts tokenised whole on purpose (windows are cut
+    from the ids afterwards), without transformers' warning that they are longer than the
+    model's maximum ("... will result in indexing errors"), which would look like a failure.
+    (transformers warns once per tokenizer and remembers it in `deprecation_warnings`: the
+    flag is set only for this call.)"""
+    flags = getattr(tokenizer, "deprecation_warnings", None)
+    if not isinstance(flags, dict):
+        return tokenizer(text, **kwargs)
+    before = flags.get(_LENGTH_WARNING)
+    flags[_LENGTH_WARNING] = True
+    try:
+        return tokenizer(text, **kwargs)
+    finally:
+        if before is None:
+            flags.pop(_LENGTH_WARNING, None)
+        else:
+            flags[_LENGTH_WARNING] = before
+
+
 def load_config(where: str, **kwargs: object) -> PretrainedConfig:
     """The config in `where` (a folder, hub id, or GGUF folder with `gguf_file`)."""
     config: PretrainedConfig = _without_custom_code(
@@ -206,13 +229,9 @@ def _loading_problem(model: PreTrainedModel, info: dict[str, Any]) -> str | None
     return None
 
 
-def load_model(name: str, auto_class: str | None = None) -> LoadedModel:
-    """Load `name`: an embedded alias, a local folder, a .gguf file or a hub id, in fp32.
-
-    Its source (recorded in artifacts) is the absolute path of a folder or .gguf file.
-
-    `auto_class` forces the transformers auto class (default: the config's own head).
-    """
+def _locate(name: str) -> tuple[str, dict[str, object], str]:
+    """Where transformers reads `name` from, the keywords it needs (`gguf_file`), and the
+    source recorded in artifacts (the absolute path of a folder or .gguf file)."""
     kwargs: dict[str, object] = {}
     source = name
     if name in EMBEDDED:
@@ -240,6 +259,30 @@ def load_model(name: str, auto_class: str | None = None) -> LoadedModel:
                 "a .gguf file or a hub id"
             )
         where = name
+    return where, kwargs, source
+
+
+def model_kind(name: str) -> str:
+    """ "causal-lm" or "encoder" (any other model), from `name`'s config alone: the kind
+    whose recommended setting `aecompress compress` uses by default."""
+    where, kwargs, _ = _locate(name)
+    if "gguf_file" in kwargs:  # GGUF files hold generative LMs (see auto_class_for)
+        return "causal-lm"
+    try:
+        config = load_config(where)
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        raise AecompressError(f"cannot load model '{name}': {first_line(error)}") from error
+    return "causal-lm" if auto_class_for(config) == "AutoModelForCausalLM" else "encoder"
+
+
+def load_model(name: str, auto_class: str | None = None) -> LoadedModel:
+    """Load `name`: an embedded alias, a local folder, a .gguf file or a hub id, in fp32.
+
+    Its source (recorded in artifacts) is the absolute path of a folder or .gguf file.
+
+    `auto_class` forces the transformers auto class (default: the config's own head).
+    """
+    where, kwargs, source = _locate(name)
     try:
         config = load_config(where, **kwargs)
         auto_name = auto_class or auto_class_for(config, gguf="gguf_file" in kwargs)
@@ -297,6 +340,13 @@ def _copy_out_of_mapped_files(model: nn.Module) -> None:
         first, end = -(-start // page) * page, (start + tensor.nbytes) // page * page
         if end > first:  # whole pages of this tensor alone: clean, private, re-readable
             madvise(ctypes.c_void_p(first), ctypes.c_size_t(end - first), MADV_DONTNEED)
+
+
+def base_folder(model: nn.Module) -> str:
+    """The absolute path of the folder a model object was loaded from (its config's
+    name_or_path), or "" when that is not a folder here."""
+    name = str(getattr(getattr(model, "config", None), "name_or_path", "") or "")
+    return str(Path(name).resolve()) if name and Path(name).is_dir() else ""
 
 
 def is_causal_lm(model: nn.Module) -> bool:

@@ -9,6 +9,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from aecompress.budget import ratio_problem
 from aecompress.calibration import CalibrationConfig
 from aecompress.errors import AecompressError, describe, first_line
 from aecompress.methods import make_method
@@ -95,7 +96,7 @@ class Recipe(BaseModel):
     model: str | None = None
     method: str | list[MethodRule] = "svd"
     options: dict[str, Any] = Field(default_factory=dict)
-    ratio: float = Field(gt=1)
+    ratio: float
     targets: list[str] = Field(default_factory=list)
     group: str = "none"
     pipeline: Literal["auto", "independent", "sequential"] = "auto"
@@ -112,6 +113,13 @@ class Recipe(BaseModel):
     @classmethod
     def _split_targets(cls, value: Any) -> Any:
         return split_list(value)
+
+    @field_validator("ratio")
+    @classmethod
+    def _check_ratio(cls, value: float) -> float:
+        if problem := ratio_problem(value):
+            raise ValueError(problem)
+        return value
 
     @field_validator("group")
     @classmethod

@@ -22,6 +22,7 @@ from aecompress.artifact import (
     weights_header,
 )
 from aecompress.budget import float_bits
+from aecompress.recipe import Recipe
 
 
 def _shape(shape: list[int] | tuple[int, ...]) -> str:
@@ -79,7 +80,8 @@ def _header_lines(manifest: Manifest) -> list[str]:
     recipe = manifest.recipe
     lines = [
         f"base model: {manifest.base_model} ({manifest.auto_class})",
-        f"targets: {','.join(recipe.get('targets') or [])}  grouping: {recipe.get('group')}  "
+        f"targets: {','.join(Recipe.parse(recipe).all_targets())}  "
+        f"grouping: {recipe.get('group')}  "
         f"requested ratio: {recipe.get('ratio')}",
     ]
     if manifest.tied_output:

@@ -59,9 +59,14 @@ def test_export_dense_loads_with_plain_transformers(arch, tokenizer, tmp_path):
         torch.testing.assert_close(torch.tensor(json.loads(printed)), expected.flatten())
 
 
-def test_export_dense_refuses_a_folder_with_content(tmp_path):
+def test_export_dense_refuses_a_folder_with_content(tokenizer, tmp_path):
     cm = aecompress.compress(
-        tiny_model("llama"), method="svd", ratio=2, targets=["down"], progress=False
+        tiny_model("llama"),
+        method="svd",
+        ratio=2,
+        targets=["down"],
+        progress=False,
+        tokenizer=tokenizer,
     )
     cm.save_pretrained(tmp_path / "art")
     with pytest.raises(AecompressError, match="exists and is not an empty folder"):

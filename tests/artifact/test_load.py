@@ -31,9 +31,14 @@ def test_round_trip_gives_identical_logits(arch, grouping, tokenizer, tmp_path, 
     torch.testing.assert_close(decoded(input_ids=input_ids).logits, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_truncated_or_foreign_artifacts_fail_clearly(tmp_path):
+def test_truncated_or_foreign_artifacts_fail_clearly(tokenizer, tmp_path):
     cm = aecompress.compress(
-        tiny_model("bert"), method="svd", ratio=2, targets=["k"], progress=False
+        tiny_model("bert"),
+        method="svd",
+        ratio=2,
+        targets=["k"],
+        progress=False,
+        tokenizer=tokenizer,
     )
     cm.save_pretrained(str(tmp_path / "art"))
     weights = tmp_path / "art" / WEIGHTS
@@ -48,9 +53,14 @@ def test_truncated_or_foreign_artifacts_fail_clearly(tmp_path):
         aecompress.load(tmp_path / "foreign")
 
 
-def test_tie_weights_leaves_a_head_served_from_the_embeddings_factors(tmp_path):
+def test_tie_weights_leaves_a_head_served_from_the_embeddings_factors(tokenizer, tmp_path):
     cm = aecompress.compress(
-        tiny_model("llama"), method="svd", ratio=2, targets=["embed"], progress=False
+        tiny_model("llama"),
+        method="svd",
+        ratio=2,
+        targets=["embed"],
+        progress=False,
+        tokenizer=tokenizer,
     )
     cm.save_pretrained(tmp_path / "art")
     model = aecompress.load(tmp_path / "art")

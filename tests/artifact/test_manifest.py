@@ -12,9 +12,14 @@ from aecompress.errors import AecompressError
 from tests.conftest import tiny_model
 
 
-def test_manifest_ratios_match_the_stored_tensors(tmp_path):
+def test_manifest_ratios_match_the_stored_tensors(tokenizer, tmp_path):
     cm = aecompress.compress(
-        tiny_model("llama"), method="svd", ratio=2, targets=["embed", "down"], progress=False
+        tiny_model("llama"),
+        method="svd",
+        ratio=2,
+        targets=["embed", "down"],
+        progress=False,
+        tokenizer=tokenizer,
     )
     cm.save_pretrained(str(tmp_path / "art"))
     manifest = read_manifest(tmp_path / "art")

@@ -9,9 +9,14 @@ from aecompress.errors import AecompressError
 from tests.conftest import tiny_model
 
 
-def test_writes_are_atomic_and_never_clobber_foreign_folders(tmp_path, monkeypatch):
+def test_writes_are_atomic_and_never_clobber_foreign_folders(tokenizer, tmp_path, monkeypatch):
     cm = aecompress.compress(
-        tiny_model("bert"), method="svd", ratio=2, targets=["k"], progress=False
+        tiny_model("bert"),
+        method="svd",
+        ratio=2,
+        targets=["k"],
+        progress=False,
+        tokenizer=tokenizer,
     )
     (tmp_path / "keep").mkdir()
     (tmp_path / "keep" / "notes.txt").write_text("mine")
@@ -27,19 +32,31 @@ def test_writes_are_atomic_and_never_clobber_foreign_folders(tmp_path, monkeypat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep"]
 
 
-def test_overwriting_an_artifact_replaces_it(tmp_path, input_ids):
+def test_overwriting_an_artifact_replaces_it(tokenizer, tmp_path, input_ids):
     for ratio in (2, 4):
         cm = aecompress.compress(
-            tiny_model("bert"), method="svd", ratio=ratio, targets=["k"], progress=False
+            tiny_model("bert"),
+            method="svd",
+            ratio=ratio,
+            targets=["k"],
+            progress=False,
+            tokenizer=tokenizer,
         )
         cm.save_pretrained(str(tmp_path / "art"))
     assert read_manifest(tmp_path / "art")["recipe"]["ratio"] == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
 
 
-def test_overwriting_refuses_a_folder_with_foreign_files_and_cleans_leftovers(artifact, tmp_path):
+def test_overwriting_refuses_a_folder_with_foreign_files_and_cleans_leftovers(
+    tokenizer, artifact, tmp_path
+):
     cm = aecompress.compress(
-        tiny_model("bert"), method="svd", ratio=3, targets=["k"], progress=False
+        tiny_model("bert"),
+        method="svd",
+        ratio=3,
+        targets=["k"],
+        progress=False,
+        tokenizer=tokenizer,
     )
     (artifact / "notes.txt").write_text("mine")
     with pytest.raises(AecompressError, match=r"notes\.txt"):
@@ -53,12 +70,18 @@ def test_overwriting_refuses_a_folder_with_foreign_files_and_cleans_leftovers(ar
     assert read_manifest(artifact)["recipe"]["ratio"] == 3
 
 
-def test_values_beyond_the_storage_dtype_are_not_saved(tmp_path):
+def test_values_beyond_the_storage_dtype_are_not_saved(tokenizer, tmp_path):
     model = tiny_model("bert")
     with torch.no_grad():
         model.bert.encoder.layer[0].attention.self.key.weight[0, 0] = 1e6  # > float16's max
     cm = aecompress.compress(
-        model, method="svd", ratio=2, targets=["k"], storage_dtype="float16", progress=False
+        model,
+        method="svd",
+        ratio=2,
+        targets=["k"],
+        storage_dtype="float16",
+        progress=False,
+        tokenizer=tokenizer,
     )
     with pytest.raises(AecompressError, match="NaN or infinite values in float16"):
         cm.save_pretrained(tmp_path / "art")

@@ -3,17 +3,10 @@ import inspect
 import pytest
 
 from aecompress.errors import AecompressError
-from aecompress.evaluation.glue import GLUE_TASKS
-from aecompress.evaluation.kinds import TASK_NEEDS, model_kinds
+from aecompress.evaluation.catalog import GLUE_TASKS, PROBE_NOTE, TASK_NEEDS, task_table
+from aecompress.evaluation.kinds import model_kinds
 from aecompress.evaluation.results import TaskResult
-from aecompress.evaluation.tasks import (
-    PROBE_NOTE,
-    TASKS,
-    check_task,
-    probe_tasks,
-    run_task,
-    task_table,
-)
+from aecompress.evaluation.tasks import TASKS, check_task, probe_tasks, run_task
 
 WIKITEXT2_TEST_SHA256 = "173c87a53759e0201f33e0ccf978e510c2042d7f2cb78229d9a50d79b9e7dd08"
 

@@ -30,6 +30,11 @@ def save_artifact(cm: CompressedModel, path: str | Path) -> Path:
     An existing artifact there is replaced; a folder holding anything else is refused."""
     if cm.decoded:
         raise AecompressError("a model loaded with decode=True has no stored form to save")
+    if cm.tokenizer is None:
+        raise AecompressError(
+            "no tokenizer to save, and an artifact without one cannot be evaluated: pass "
+            "tokenizer= to aecompress.compress (or compress a model name or folder)"
+        )
     path = check_artifact_folder(Path(path))
     untouched, aliases = untouched_state(cm)
     cm.aliases = aliases

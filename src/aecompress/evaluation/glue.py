@@ -28,7 +28,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import (
     PretrainedConfig,
     PreTrainedModel,
@@ -39,6 +38,7 @@ from transformers import (
 from aecompress.data import data_file
 from aecompress.errors import AecompressError
 from aecompress.evaluation import linear
+from aecompress.evaluation.catalog import GLUE_TASKS, GlueTask
 from aecompress.evaluation.common import (
     POOLING_MODES,
     length_batches,
@@ -50,31 +50,9 @@ from aecompress.evaluation.common import (
 from aecompress.evaluation.kinds import require
 from aecompress.evaluation.metrics import METRICS
 from aecompress.models import check_positions
+from aecompress.progress import progress_bar
 
 Batch = dict[str, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class GlueTask:
-    folder: str
-    text_columns: tuple[int, ...]
-    label_column: int
-    header: bool
-    labels: tuple[str, ...] | None  # class names in index order; None for regression
-    metrics: tuple[str, ...]
-
-    @property
-    def files(self) -> tuple[str, str]:
-        return f"glue/{self.folder}/train.tsv", f"glue/{self.folder}/dev.tsv"
-
-
-GLUE_TASKS: dict[str, GlueTask] = {
-    "mrpc": GlueTask("MRPC", (3, 4), 0, True, ("0", "1"), ("accuracy", "f1")),
-    "rte": GlueTask("RTE", (1, 2), 3, True, ("entailment", "not_entailment"), ("accuracy",)),
-    "stsb": GlueTask("STS-B", (7, 8), 9, True, None, ("pearson", "spearman")),
-    "sst2": GlueTask("SST-2", (0,), 1, True, ("0", "1"), ("accuracy",)),
-    "cola": GlueTask("CoLA", (3,), 1, False, ("0", "1"), ("matthews",)),
-}
 
 
 @dataclass
@@ -176,7 +154,7 @@ def finetune(
         optimizer, round(warmup_ratio * total_steps), total_steps
     )
     generator = torch.Generator().manual_seed(seed)
-    bar = tqdm(total=total_steps, desc="fine-tune", disable=not progress)
+    bar = progress_bar(total=total_steps, desc="fine-tune", enabled=progress)
     for _ in range(epochs):
         order = torch.randperm(len(train.features), generator=generator).tolist()
         for number, start in enumerate(range(0, len(order), batch_size), start=1):
@@ -315,8 +293,8 @@ def features(
     lengths = [len(f["input_ids"]) for f in examples.features]
     out: torch.Tensor | None = None
     with _frozen(encoder):
-        for batch in tqdm(
-            length_batches(lengths, batch_size), desc="features", disable=not progress
+        for batch in progress_bar(
+            length_batches(lengths, batch_size), desc="features", enabled=progress
         ):
             inputs = collate([examples.features[i] for i in batch], pad_id)
             pooled = pooled_output(encoder(**inputs), inputs["attention_mask"], pooling)

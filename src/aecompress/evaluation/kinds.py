@@ -6,34 +6,13 @@ from torch import nn
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from aecompress.errors import AecompressError
+from aecompress.evaluation.catalog import TASK_NEEDS
 from aecompress.models import is_causal_lm, is_masked_lm
 
 KINDS: dict[str, str] = {
     "causal-lm": "a causal LM",
     "masked-lm": "a masked-LM head",
     "encoder": "a bidirectional (BERT-like) encoder",
-}
-
-# What each task needs; the registry in tasks.py takes its requirements from here so that
-# the task modules can name the runnable tasks without importing the registry.
-TASK_NEEDS: dict[str, str] = {
-    "wikitext2": "causal-lm",
-    "arc-easy": "causal-lm",
-    "piqa": "causal-lm",
-    "hellaswag": "causal-lm",
-    "mlm": "masked-lm",
-    "stsb": "encoder",
-    "fidelity": "encoder",
-    "glue-mrpc": "encoder",
-    "glue-rte": "encoder",
-    "glue-stsb": "encoder",
-    "glue-sst2": "encoder",
-    "glue-cola": "encoder",
-    "glue-mrpc-probe": "encoder",
-    "glue-rte-probe": "encoder",
-    "glue-stsb-probe": "encoder",
-    "glue-sst2-probe": "encoder",
-    "glue-cola-probe": "encoder",
 }
 
 

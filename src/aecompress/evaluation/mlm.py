@@ -17,14 +17,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from aecompress.data import WIKITEXT2_FILES, data_file
 from aecompress.errors import AecompressError
 from aecompress.evaluation.common import length_batches, pad, pad_batch, pad_token_id
 from aecompress.evaluation.kinds import require
-from aecompress.models import check_positions
+from aecompress.models import check_positions, tokenize_whole
+from aecompress.progress import progress_bar
 
 IGNORE = -100  # label of positions that are not predicted
 
@@ -109,7 +109,7 @@ def masked_sequences(
     capacity = seq_len - len(affixes[0]) - len(affixes[1])
     if capacity < 1:
         raise AecompressError(f"seq_len={seq_len} leaves no room for text")
-    encoded = tokenizer(rows, add_special_tokens=False)
+    encoded = tokenize_whole(tokenizer, rows, add_special_tokens=False)
     rng = random.Random(seed)
     return [
         _mask(chunk, affixes, mask_id, rng, mask_prob)
@@ -139,7 +139,7 @@ def masked_lm_perplexity(
     model.eval()
     total_nll, total_tokens = 0.0, 0
     batches = length_batches([len(s.input_ids) for s in sequences], batch_size)
-    for batch in tqdm(batches, desc=f"mlm ({split})", disable=not progress):
+    for batch in progress_bar(batches, desc=f"mlm ({split})", enabled=progress):
         ids, mask = pad_batch([sequences[i].input_ids for i in batch], pad_token_id(tokenizer))
         labels = pad([sequences[i].labels for i in batch], IGNORE)
         logits = model(input_ids=ids, attention_mask=mask).logits.float()

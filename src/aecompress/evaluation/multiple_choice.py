@@ -20,13 +20,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from aecompress.data import data_file
 from aecompress.errors import AecompressError
+from aecompress.evaluation.catalog import CHOICE_FILES
 from aecompress.evaluation.common import length_batches, pad_batch, pad_token_id
 from aecompress.evaluation.kinds import require
+from aecompress.progress import progress_bar
 
 DELIMITER = " "  # between context and choice (lm-eval's target_delimiter)
 
@@ -80,15 +81,9 @@ class ChoiceDataset:
 
 
 DATASETS: dict[str, ChoiceDataset] = {
-    "arc-easy": ChoiceDataset(
-        {
-            "test": ("arc_easy/ARC-Easy-Test.jsonl",),
-            "validation": ("arc_easy/ARC-Easy-Dev.jsonl",),
-        },
-        _arc,
-    ),
-    "piqa": ChoiceDataset({"validation": ("piqa/valid.jsonl", "piqa/valid-labels.lst")}, _piqa),
-    "hellaswag": ChoiceDataset({"validation": ("hellaswag/hellaswag_val_full.txt",)}, _hellaswag),
+    "arc-easy": ChoiceDataset(CHOICE_FILES["arc-easy"], _arc),
+    "piqa": ChoiceDataset(CHOICE_FILES["piqa"], _piqa),
+    "hellaswag": ChoiceDataset(CHOICE_FILES["hellaswag"], _hellaswag),
 }
 
 
@@ -136,10 +131,10 @@ def continuation_logprobs(
     keep = model.config.max_position_embeddings + 1
     sequences = [(context + cont)[-keep:] for context, cont in pairs]
     scores = [0.0] * len(pairs)
-    for batch in tqdm(
+    for batch in progress_bar(
         length_batches([len(s) for s in sequences], batch_size),
         desc="multiple choice",
-        disable=not progress,
+        enabled=progress,
     ):
         ids, mask = pad_batch([sequences[i][:-1] for i in batch], pad_id)
         starts = [len(sequences[i]) - 1 - len(pairs[i][1]) for i in batch]

@@ -8,12 +8,12 @@ from dataclasses import dataclass
 import psutil
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from aecompress.data import wikitext2_text
 from aecompress.errors import AecompressError
-from aecompress.models import check_positions, is_causal_lm
+from aecompress.models import check_positions, is_causal_lm, tokenize_whole
+from aecompress.progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ def window_ids(
     tokenizer: PreTrainedTokenizerBase, text: str, seq_len: int, windows: int | None
 ) -> torch.Tensor:
     """Non-overlapping windows [count, seq_len] of the tokenised text (the tail is dropped)."""
-    ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+    ids = torch.tensor(tokenize_whole(tokenizer, text)["input_ids"], dtype=torch.long)
     count = ids.numel() // seq_len
     if windows is not None:
         count = min(count, windows)
@@ -83,7 +83,7 @@ def windows_perplexity(
     model.eval()
     total_nll = 0.0
     try:
-        for batch in tqdm(ids.split(batch_size), desc=desc, disable=not progress):
+        for batch in progress_bar(ids.split(batch_size), desc=desc, enabled=progress):
             logits = model(input_ids=batch).logits[:, :-1].float()
             nll = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
             total_nll += nll.item()

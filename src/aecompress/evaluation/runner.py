@@ -57,6 +57,11 @@ def cached_dense_result(
 def load_base_model(artifact: str, manifest: dict[str, Any]) -> LoadedModel:
     """The artifact's base model, refused unless its weights are the ones it was made from."""
     name = manifest["base_model"]
+    if not name:
+        raise AecompressError(
+            f"{artifact} records no base model (it was compressed from a model object): "
+            "use --no-dense"
+        )
     try:
         base = load_model(name, manifest["auto_class"])
     except AecompressError as error:

@@ -15,20 +15,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from aecompress.data import data_file
 from aecompress.errors import AecompressError
+from aecompress.evaluation.catalog import STSB_FILES
 from aecompress.evaluation.common import length_batches, pad_batch, pad_token_id, pool
 from aecompress.evaluation.kinds import require
 from aecompress.evaluation.metrics import pearson, spearman
-
-STSB_FILES = {
-    "train": "stsb/sts-train.csv",
-    "dev": "stsb/sts-dev.csv",
-    "test": "stsb/sts-test.csv",
-}
+from aecompress.progress import progress_bar
 
 # sentence-transformers pooling flags -> our modes; mean/sqrt(len) has the cosines of mean.
 _POOLING_FLAGS = {
@@ -106,8 +101,8 @@ def embed(
     encoder.eval()
     ids = tokenizer(sentences, truncation=True, max_length=pooling.max_length)["input_ids"]
     out: torch.Tensor | None = None
-    for batch in tqdm(
-        length_batches([len(i) for i in ids], batch_size), desc="embed", disable=not progress
+    for batch in progress_bar(
+        length_batches([len(i) for i in ids], batch_size), desc="embed", enabled=progress
     ):
         input_ids, mask = pad_batch([ids[i] for i in batch], pad_token_id(tokenizer))
         hidden = encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state

@@ -12,10 +12,11 @@ from typing import Any
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from aecompress.data import WIKITEXT2_FILES, data_file, file_sha256
+from aecompress.data import data_file, file_sha256
 from aecompress.errors import AecompressError
 from aecompress.evaluation import glue, multiple_choice, sts
-from aecompress.evaluation.kinds import TASK_NEEDS, require
+from aecompress.evaluation.catalog import TASK_FACTS, TaskFacts
+from aecompress.evaluation.kinds import require
 from aecompress.evaluation.mlm import masked_lm_perplexity
 from aecompress.evaluation.perplexity import perplexity
 from aecompress.evaluation.results import TaskResult
@@ -23,20 +24,35 @@ from aecompress.evaluation.results import TaskResult
 
 @dataclass(frozen=True)
 class Task:
-    name: str
-    run: Callable[..., dict[str, float]]  # run(model, tokenizer, **options) -> metrics
-    metrics: tuple[str, ...]
-    files: Mapping[str, tuple[str, ...]]  # split -> data files it reads; first = default split
-    needs_reference: bool = False  # run also takes reference=<the dense model>
+    """A task's facts (catalog.py: model kind, metrics, files) and the function that runs
+    it: run(model, tokenizer, **options) -> metrics."""
+
+    facts: TaskFacts
+    run: Callable[..., dict[str, float]]
+
+    @property
+    def name(self) -> str:
+        return self.facts.name
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return self.facts.metrics
+
+    @property
+    def files(self) -> Mapping[str, tuple[str, ...]]:
+        return self.facts.files
 
     @property
     def needs(self) -> str:
-        """What the model must be: one of "causal-lm", "masked-lm", "encoder"."""
-        return TASK_NEEDS[self.name]
+        return self.facts.needs
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.facts.needs_reference
 
     @property
     def split(self) -> str:
-        return next(iter(self.files))
+        return self.facts.split
 
     def defaults(self) -> dict[str, Any]:
         """The run's options and their default values (progress excluded)."""
@@ -73,45 +89,23 @@ def wikitext2(
     return {"perplexity": result.perplexity}
 
 
-def _wikitext2_files() -> dict[str, tuple[str, ...]]:
-    return {split: (WIKITEXT2_FILES[split],) for split in ("test", "validation", "train")}
+def _runner(name: str) -> Callable[..., dict[str, float]]:
+    """The function that runs the task called `name`."""
+    if name.startswith("glue-"):
+        glue_name = name.removeprefix("glue-").removesuffix("-probe")
+        return partial(glue.probe if name.endswith("-probe") else glue.glue, glue_name)
+    if name in multiple_choice.DATASETS:
+        return partial(multiple_choice.multiple_choice, name)
+    runners: dict[str, Callable[..., dict[str, float]]] = {
+        "wikitext2": wikitext2,
+        "mlm": masked_lm_perplexity,
+        "stsb": sts.stsb,
+        "fidelity": sts.fidelity,
+    }
+    return runners[name]
 
 
-def _glue_task(name: str) -> Task:
-    spec = glue.GLUE_TASKS[name]
-    return Task(f"glue-{name}", partial(glue.glue, name), spec.metrics, {"dev": spec.files})
-
-
-def _probe_task(name: str) -> Task:
-    spec = glue.GLUE_TASKS[name]
-    return Task(f"glue-{name}-probe", partial(glue.probe, name), spec.metrics, {"dev": spec.files})
-
-
-def _choice_task(name: str) -> Task:
-    files = multiple_choice.DATASETS[name].files
-    return Task(name, partial(multiple_choice.multiple_choice, name), ("acc", "acc_norm"), files)
-
-
-_STSB_FILES = {split: (sts.STSB_FILES[split],) for split in ("test", "dev", "train")}
-
-TASKS: dict[str, Task] = {
-    task.name: task
-    for task in [
-        Task("wikitext2", wikitext2, ("perplexity",), _wikitext2_files()),
-        Task("mlm", masked_lm_perplexity, ("perplexity",), _wikitext2_files()),
-        Task("stsb", sts.stsb, ("spearman", "pearson"), _STSB_FILES),
-        Task("fidelity", sts.fidelity, ("cosine",), {"dev": _STSB_FILES["dev"]}, True),
-        *(_choice_task(name) for name in multiple_choice.DATASETS),
-        *(_glue_task(name) for name in glue.GLUE_TASKS),
-        *(_probe_task(name) for name in glue.GLUE_TASKS),
-    ]
-}
-
-PROBE_NOTE = (
-    "glue-*-probe: a frozen-feature probe, not the paper's fine-tuning: a logistic (ridge for "
-    "STS-B) head on the frozen encoder's mean-pooled features of at most max_train (4000) "
-    "train examples, dev metric; `evaluate --probe` runs it for the glue-* tasks given."
-)
+TASKS: dict[str, Task] = {name: Task(facts, _runner(name)) for name, facts in TASK_FACTS.items()}
 
 
 def probe_tasks(names: list[str]) -> list[str]:
@@ -130,23 +124,6 @@ def known_task(name: str) -> Task:
     if name not in TASKS:
         raise AecompressError(f"unknown task '{name}': known tasks are {', '.join(TASKS)}")
     return TASKS[name]
-
-
-def task_table() -> str:
-    """Every task with the model it needs, its metrics and its splits (default first), as an
-    aligned Markdown table."""
-    rows = [("task", "model", "metrics", "split (others)")]
-    for task in TASKS.values():
-        others = [split for split in task.files if split != task.split]
-        splits = task.split + (f" ({', '.join(others)})" if others else "")
-        rows.append((task.name, task.needs, ", ".join(task.metrics), splits))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = [
-        "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
-        for row in rows
-    ]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines) + "\n\n" + PROBE_NOTE
 
 
 def check_task(name: str, model: nn.Module) -> Task:

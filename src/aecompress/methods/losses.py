@@ -13,9 +13,9 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
-from tqdm.auto import tqdm
 
 from aecompress.methods.base import MethodOptions
+from aecompress.progress import progress_bar
 
 
 class LossConfig(BaseModel):
@@ -95,7 +95,7 @@ def refine_factors(
     optimizer = torch.optim.Adam(params, lr=options.lr)
     best_loss, best = float("inf"), [p.detach().clone() for p in params]
     initial = None
-    for step in tqdm(range(options.steps + 1), desc=desc, disable=not progress, leave=False):
+    for step in progress_bar(range(options.steps + 1), desc=desc, enabled=progress):
         decoded = decode(params)
         with torch.no_grad():
             judged = reconstruction_loss(target, decoded, fixed).item()

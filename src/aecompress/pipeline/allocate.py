@@ -20,13 +20,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from aecompress.calibration import CalibrationConfig, TargetStatistics, cached_statistics
 from aecompress.errors import AecompressError
 from aecompress.methods import FitContext
 from aecompress.pipeline.plan import PlannedGroup, finite_matrices
+from aecompress.progress import progress_bar
 
 CANDIDATES = (0.5, 0.65, 0.8, 1.0, 1.2, 1.4, 1.6)
 
@@ -133,7 +133,7 @@ def allocate(
         progress=progress,
     )
     options = []
-    for plan in tqdm(layers, desc="allocate", disable=not progress):
+    for plan in progress_bar(layers, desc="allocate", enabled=progress):
         members = plan.group.members
         options.append(
             candidate_options(

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from aecompress.calibration import CalibrationConfig, TargetStatistics, cached_statistics
@@ -28,6 +27,7 @@ from aecompress.pipeline.plan import (
     fit_group,
     make_validate,
 )
+from aecompress.progress import progress_bar
 from aecompress.substitution import inject
 
 
@@ -75,7 +75,7 @@ def run_independent(
         model, tokenizer, planned, calibration, base_sha256, progress=progress
     )
     fitted_groups = []
-    for plan in tqdm(planned, desc="compress", disable=not progress):
+    for plan in progress_bar(planned, desc="compress", enabled=progress):
         members = plan.group.members
         fitted = fit_group(
             plan,

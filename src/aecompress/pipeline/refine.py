@@ -13,10 +13,10 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from aecompress.compressed import CompressedGroup
 from aecompress.pipeline.streams import BlockInputs, Streams, run_blocks
+from aecompress.progress import progress_bar
 from aecompress.recipe import RefineConfig
 from aecompress.substitution import inject
 
@@ -88,7 +88,7 @@ def refine_stage(
     start = best_error = held_out_error()
     best = [p.detach().clone() for p in params]
     stale, steps = 0, 0
-    bar = tqdm(range(config.steps), desc="refine", disable=not progress, leave=False)
+    bar = progress_bar(range(config.steps), desc="refine", enabled=progress)
     try:
         for step in bar:
             index = int(torch.randint(len(batches), (1,), generator=generator))

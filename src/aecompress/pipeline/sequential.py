@@ -45,7 +45,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from aecompress.calibration import (
@@ -76,6 +75,7 @@ from aecompress.pipeline.streams import (
     run_blocks,
     run_until_stop,
 )
+from aecompress.progress import progress_bar
 from aecompress.recipe import RefineConfig, SequentialConfig
 from aecompress.substitution import inject
 from aecompress.targets import Target, transformer_blocks
@@ -348,7 +348,7 @@ def run_sequential(
         model, blocks[0], windows, calibration.batch_size
     )
     streams = Streams(compressed_hidden, dense_hidden, inputs)
-    for stage in tqdm(stages, desc="compress (sequential)", disable=not progress):
+    for stage in progress_bar(stages, desc="compress (sequential)", enabled=progress):
         live = list(blocks[stage.first : stage.last + 1])
         copied = keep_dense and stage.groups
         dense = [copy.deepcopy(block) for block in live] if copied else live

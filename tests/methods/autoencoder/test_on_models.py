@@ -10,7 +10,7 @@ from aecompress.artifact import load_compressed, read_manifest
 from aecompress.errors import AecompressError
 from aecompress.modules import DecodedEmbedding, DecodedLinear
 from aecompress.summary import describe_artifact
-from tests.conftest import make_tiny
+from tests.conftest import make_tiny, tiny_tokenizer
 
 QUICK = {"epochs": 2, "batch_size": 32, "row_weights": "none", "decoder": [2, 4]}
 FAMILIES = {
@@ -49,6 +49,7 @@ def test_round_trip_gives_identical_logits(arch, runtime, tmp_path, small_ids):
         targets=["embed", "k", "down"],
         group="layers",
         progress=False,
+        tokenizer=tiny_tokenizer(),
     )
     expected = cm.model(input_ids=small_ids).logits
     cm.save_pretrained(str(tmp_path / "art"))
@@ -89,7 +90,13 @@ def test_decoder_runtime_shares_one_decoder_per_group_and_fine_tunes_it(small_id
 
 def test_inspect_shows_width_decoder_and_ratio(tmp_path):
     cm = aecompress.compress(
-        make_tiny("bert"), method="ae", options=QUICK, ratio=2, targets=["k"], group="layers"
+        make_tiny("bert"),
+        method="ae",
+        options=QUICK,
+        ratio=2,
+        targets=["k"],
+        group="layers",
+        tokenizer=tiny_tokenizer(),
     )
     cm.save_pretrained(str(tmp_path / "art"))
     manifest = read_manifest(tmp_path / "art")

@@ -18,7 +18,6 @@ from typing import Any, cast
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from aecompress.methods.autoencoder.options import (
     AutoencoderOptions,
@@ -30,6 +29,7 @@ from aecompress.methods.base import FitContext
 from aecompress.methods.linalg import Scaling, refit_coefficients, weighted_bases
 from aecompress.methods.losses import powered_l1_alpha, reconstruction_loss
 from aecompress.modules import DecoderSpec, decode_rows
+from aecompress.progress import progress_bar
 
 
 def _linear_stack(widths: list[int], bias: bool = True) -> nn.ModuleList:
@@ -268,11 +268,10 @@ class Trainer:
         if options.init == "svd" and options.selection != "last":
             best = self._candidate(0, self.signal())  # training must beat its start
         history = []
-        bar = tqdm(
+        bar = progress_bar(
             range(options.epochs),
             desc=f"ae {self.context.spec.name}",
-            disable=not self.context.progress,
-            leave=False,
+            enabled=self.context.progress,
         )
         for epoch in bar:
             alpha = powered_l1_alpha(options.loss, epoch, options.epochs)
