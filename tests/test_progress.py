@@ -62,3 +62,24 @@ def test_a_disabled_bar_writes_nothing(monkeypatch, enabled):
     monkeypatch.setattr("sys.stderr", log)
     assert list(progress_bar(range(3), desc="x", enabled=enabled)) == [0, 1, 2]
     assert log.getvalue() == "" and progress._open_bars == 0
+
+
+def test_a_bar_that_wrote_its_last_count_does_not_repeat_it(monkeypatch):
+    log = io.StringIO()
+    monkeypatch.setattr("sys.stderr", log)
+    monkeypatch.setattr(progress, "PLAIN_INTERVAL", 0.0)
+    list(progress_bar(range(2), desc="once"))
+    assert [line.split(" (")[0] for line in log.getvalue().splitlines()] == [
+        "once: 1/2",
+        "once: 2/2",
+    ]
+
+
+def test_library_bars_are_turned_off_in_a_piped_log(monkeypatch):
+    monkeypatch.setattr("sys.stderr", io.StringIO())
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "")  # restored after the test
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS")
+    progress.quiet_bars()
+    import os
+
+    assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"

@@ -17,6 +17,7 @@ from aecompress.errors import AecompressError, first_line
 from aecompress.evaluation.catalog import task_table
 from aecompress.memory import map_large_allocations
 from aecompress.outputs import check_artifact_folder, check_file, check_new_folder
+from aecompress.progress import quiet_bars
 from aecompress.recommended import RECOMMENDED
 
 if TYPE_CHECKING:
@@ -418,6 +419,7 @@ def main() -> None:
     map_large_allocations()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_bars()
     try:
         # not standalone: errors reach this function; typer returns 130 on KeyboardInterrupt
         code = app(standalone_mode=False)

@@ -4,11 +4,13 @@ On a terminal, nested bars take one line per level: an inner bar (a group's trai
 epochs inside the loop over groups) is cleared when it ends, so the next inner bar takes
 its line. When stderr is not a terminal (a log file, a pipe, CI), no bar is drawn: a bar
 writes a plain line at most every PLAIN_INTERVAL seconds, and the outermost one a last
-line when it ends; no carriage returns nor cursor movements reach the log.
+line when it ends; no carriage returns nor cursor movements reach the log (the command
+line also turns off the bars of transformers and huggingface_hub then: `quiet_bars`).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -34,6 +36,7 @@ class _Lines:
         self.outermost = depth == 0
         self.start = self.last = time.monotonic()
         self.postfix = ""
+        self.written: int | None = None  # the count the last line showed
         self.closed = False
 
     def __iter__(self) -> Iterator[Any]:
@@ -57,12 +60,12 @@ class _Lines:
         if self.closed:
             return
         self.closed = True
-        if self.outermost:
+        if self.outermost and self.written != self.n:
             self._write()
         _close_one()
 
     def _write(self) -> None:
-        self.last = time.monotonic()
+        self.last, self.written = time.monotonic(), self.n
         count = f"{self.n}/{self.total}" if self.total is not None else str(self.n)
         postfix = f", {self.postfix}" if self.postfix else ""
         elapsed = self.last - self.start
@@ -87,6 +90,13 @@ class _Bar(tqdm):
             self._counted_closed = True
             _close_one()
         super().close()
+
+
+def quiet_bars() -> None:
+    """Turn off the progress bars of transformers and huggingface_hub (loading weights,
+    writing shards) when stderr is not a terminal; call before importing them."""
+    if not sys.stderr.isatty():
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def progress_bar(
