@@ -668,3 +668,13 @@ def test_help_is_wrapped_not_cut(monkeypatch):
     assert code == 0
     assert "FAMILIES=METHOD;FAMILIES=METHOD" in stdout and "…" not in stdout
     assert max(len(line) for line in stdout.splitlines()) <= 80
+
+
+def test_library_bars_are_turned_off_in_a_piped_log(monkeypatch):
+    import os
+
+    for name in ("HF_HUB_DISABLE_PROGRESS_BARS", "TQDM_DISABLE"):
+        monkeypatch.setenv(name, "")  # restored after the test
+        monkeypatch.delenv(name)
+    assert invoke("tasks")[0] == 0  # stderr is not a terminal here
+    assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == os.environ["TQDM_DISABLE"] == "1"

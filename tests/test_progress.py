@@ -73,13 +73,3 @@ def test_a_bar_that_wrote_its_last_count_does_not_repeat_it(monkeypatch):
         "once: 1/2",
         "once: 2/2",
     ]
-
-
-def test_library_bars_are_turned_off_in_a_piped_log(monkeypatch):
-    monkeypatch.setattr("sys.stderr", io.StringIO())
-    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "")  # restored after the test
-    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS")
-    progress.quiet_bars()
-    import os
-
-    assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"

@@ -17,7 +17,6 @@ from aecompress.errors import AecompressError, first_line
 from aecompress.evaluation.catalog import task_table
 from aecompress.memory import map_large_allocations
 from aecompress.outputs import check_artifact_folder, check_file, check_new_folder
-from aecompress.progress import quiet_bars
 from aecompress.recommended import RECOMMENDED
 
 if TYPE_CHECKING:
@@ -419,7 +418,9 @@ def main() -> None:
     map_large_allocations()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    quiet_bars()
+    if not sys.stderr.isatty():  # no bars of the libraries in a log (tqdm reads it on import)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TQDM_DISABLE", "1")
     try:
         # not standalone: errors reach this function; typer returns 130 on KeyboardInterrupt
         code = app(standalone_mode=False)

@@ -5,12 +5,11 @@ epochs inside the loop over groups) is cleared when it ends, so the next inner b
 its line. When stderr is not a terminal (a log file, a pipe, CI), no bar is drawn: a bar
 writes a plain line at most every PLAIN_INTERVAL seconds, and the outermost one a last
 line when it ends; no carriage returns nor cursor movements reach the log (the command
-line also turns off the bars of transformers and huggingface_hub then: `quiet_bars`).
+line also turns off the libraries' own tqdm bars then, before importing them).
 """
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -90,13 +89,6 @@ class _Bar(tqdm):
             self._counted_closed = True
             _close_one()
         super().close()
-
-
-def quiet_bars() -> None:
-    """Turn off the progress bars of transformers and huggingface_hub (loading weights,
-    writing shards) when stderr is not a terminal; call before importing them."""
-    if not sys.stderr.isatty():
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def progress_bar(
