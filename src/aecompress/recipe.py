@@ -57,8 +57,8 @@ class SequentialConfig(BaseModel):
     last to first, each on a pass through uncompressed ones); `layer` calibrates each
     layer on the inputs that the layers before it in its block produce as already
     compressed (GPTQ's true sequential order). `block`
-    measured better or equal on WikiText-2 validation (SmolLM2 MLPs, ratios 1.25 / 1.67:
-    sparsegpt 23.82 / 30.33 against 23.82 / 30.50, svdllm 62.9 / 143.9 against 64.5 / 145.8)."""
+    measured better or equal on WikiText-2 validation (SmolLM2 MLPs,
+    benchmarks/results/compensation/report.md)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
