@@ -1,7 +1,7 @@
 import pytest
 
 from aecompress.errors import AecompressError
-from aecompress.recipe import Recipe, parse_yaml
+from aecompress.recipe import MAX_YAML_BYTES, Recipe, parse_yaml, read_yaml
 
 
 @pytest.mark.parametrize(
@@ -10,6 +10,51 @@ from aecompress.recipe import Recipe, parse_yaml
 )
 def test_yaml_has_no_base_60_numbers(text, value):
     assert parse_yaml(text, "x") == value  # an N:M pattern stays a string
+
+
+def _alias_bomb(levels: int) -> str:
+    """Each anchor is a list of ten aliases of the one before: 10**levels values expanded."""
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, levels)]
+    return "\n".join(lines)
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("[" * 5000 + "]" * 5000, "nested deeper than 50 levels"),
+        ("".join(f"{' ' * i}k:\n" for i in range(200)), "nested deeper than 50 levels"),
+        (_alias_bomb(9), "values once aliases are expanded"),
+        (
+            "a: &a [[[[[[[[[[1]]]]]]]]]]\n"
+            + "".join(
+                f"b{i}: &b{i} [[[[[[[[[[*{'a' if i == 0 else f'b{i - 1}'}]]]]]]]]]]\n"
+                for i in range(5)
+            ),
+            "nested deeper than 50 levels once aliases are expanded",
+        ),
+        ("a: &a [1, *a]", "an alias refers to a node that contains it"),
+        ("[" + "1, " * 20_000 + "]", "more than 10000 values"),
+        ("x" * (MAX_YAML_BYTES + 1), "larger than 256 KiB"),
+    ],
+)
+def test_yaml_is_bounded_and_quotes_nothing(text, message):
+    with pytest.raises(AecompressError, match=message) as raised:
+        parse_yaml(text, "x")
+    assert len(str(raised.value)) < 200  # no expanded value in the message
+
+
+def test_yaml_aliases_within_bounds_are_read():
+    text = "d: &d {x: 1}\nb: *d\nc: {<<: *d, y: 2}\n" + _alias_bomb(3)
+    data = parse_yaml(text, "x")
+    assert data["c"] == {"x": 1, "y": 2} and len(data["a2"][0]) == 10
+
+
+def test_a_large_yaml_file_is_refused_before_it_is_parsed(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("ratios: [" + "1, " * 12_000_000 + "]")  # 36 MB
+    with pytest.raises(AecompressError, match=r"r\.yaml is larger than 256 KiB"):
+        read_yaml(path, "recipe")
 
 
 @pytest.mark.parametrize(

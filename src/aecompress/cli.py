@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from aecompress.sweep import Executor
 
 INTERRUPTED = 130  # the exit status after Ctrl-C
+MAX_ERROR = 1000  # characters of an error line
 
 app = typer.Typer(
     add_completion=False,
@@ -317,8 +318,11 @@ def report(
 
 
 def _fail(message: str) -> NoReturn:
-    """Print one `aecompress: error:` line (whatever the message's line breaks) and exit 2."""
-    typer.echo(f"aecompress: error: {' '.join(message.split())}", err=True)
+    """Print one `aecompress: error:` line (whatever the message's line breaks, at most
+    MAX_ERROR characters of it: a message never floods the terminal with a value) and exit 2."""
+    line = " ".join(message.split())
+    line = line if len(line) <= MAX_ERROR else f"{line[: MAX_ERROR - 3]}..."
+    typer.echo(f"aecompress: error: {line}", err=True)
     sys.exit(2)
 
 

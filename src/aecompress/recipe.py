@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -176,9 +176,60 @@ class Recipe(BaseModel):
             raise AecompressError(describe(error, "recipe")) from error
 
 
+# Bounds of every YAML input (recipes, sweeps, --option values): a recipe is a few hundred
+# lines; anything far beyond is refused before it costs time or memory.
+MAX_YAML_BYTES = 1 << 18
+MAX_YAML_DEPTH = 50  # nesting of sequences and mappings
+MAX_YAML_NODES = 10_000  # values once aliases are expanded
+
+
 class _Loader(yaml.SafeLoader):
-    """yaml.SafeLoader without YAML 1.1's base-60 numbers: `2:4` (an N:M sparsity
-    pattern) stays the string it looks like instead of becoming 124."""
+    """yaml.SafeLoader without YAML 1.1's base-60 numbers (`2:4`, an N:M sparsity pattern,
+    stays the string it looks like instead of becoming 124), and bounded: nesting depth,
+    and the number of values with every alias expanded (an alias bomb is refused while it
+    is read, before anything expands it)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._composed = 0
+        self._sizes: dict[int, tuple[int, int]] = {}  # id(node) -> (values, depth) expanded
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            anchored = self.anchors.get(self.peek_event().anchor)
+            if anchored is not None and id(anchored) not in self._sizes:
+                self._refuse("an alias refers to a node that contains it")
+            return super().compose_node(parent, index)
+        self._depth += 1
+        self._composed += 1
+        if self._depth > MAX_YAML_DEPTH:
+            self._refuse(f"nested deeper than {MAX_YAML_DEPTH} levels")
+        if self._composed > MAX_YAML_NODES:
+            self._refuse(f"more than {MAX_YAML_NODES} values")
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        if node is not None:
+            self._sizes[id(node)] = self._expanded(node)
+        return node
+
+    def _expanded(self, node: yaml.Node) -> tuple[int, int]:
+        """(values, depth) of a node with its aliases expanded, from its children's."""
+        children = node.value if isinstance(node.value, list) else []  # scalars: a string
+        flat = [n for child in children for n in (child if isinstance(child, tuple) else [child])]
+        sizes = [self._sizes[id(child)] for child in flat]
+        values = 1 + sum(size for size, _ in sizes)
+        depth = 1 + max((d for _, d in sizes), default=0)
+        if values > MAX_YAML_NODES:
+            self._refuse(f"more than {MAX_YAML_NODES} values once aliases are expanded")
+        if depth > MAX_YAML_DEPTH:
+            self._refuse(f"nested deeper than {MAX_YAML_DEPTH} levels once aliases are expanded")
+        return values, depth
+
+    def _refuse(self, problem: str) -> NoReturn:
+        raise yaml.composer.ComposerError(None, None, problem, self.get_mark())
 
 
 _BASE_60 = re.compile(r"^[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?$")
@@ -191,7 +242,10 @@ _Loader.yaml_implicit_resolvers = {
 
 
 def parse_yaml(text: str, what: str) -> Any:
-    """YAML text (what: where it comes from); invalid YAML is a one-line AecompressError."""
+    """YAML text (what: where it comes from), bounded in size, depth and expanded values;
+    invalid or oversized YAML is a one-line AecompressError that quotes none of it."""
+    if len(text) > MAX_YAML_BYTES:
+        raise AecompressError(f"{what} is larger than {MAX_YAML_BYTES >> 10} KiB")
     try:
         return yaml.load(text, Loader=_Loader)  # a SafeLoader
     except yaml.YAMLError as error:
@@ -202,9 +256,14 @@ def parse_yaml(text: str, what: str) -> Any:
 
 
 def read_yaml(path: str | Path, what: str) -> Any:
-    """A YAML file's content; an unreadable file or invalid YAML is a one-line error."""
+    """A YAML file's content; an unreadable, oversized file or invalid YAML is a one-line
+    error."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with Path(path).open("rb") as handle:
+            data = handle.read(MAX_YAML_BYTES + 1)
+        if len(data) > MAX_YAML_BYTES:
+            raise AecompressError(f"{what} {path} is larger than {MAX_YAML_BYTES >> 10} KiB")
+        text = data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise AecompressError(f"cannot read {what} {path}: {error}") from error
     return parse_yaml(text, f"{what} {path}")
