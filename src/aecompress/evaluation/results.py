@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import TypeAdapter
+
 from aecompress.outputs import head
 
 
@@ -25,7 +27,13 @@ class TaskResult:
 
     @classmethod
     def from_json(cls, text: str) -> TaskResult:
-        return cls(**json.loads(text))
+        """The result `to_json` wrote: text that is not JSON is a JSONDecodeError, other
+        JSON (a metric that is a string, a missing field) a pydantic ValidationError."""
+        json.loads(text)
+        return _TASK_RESULT.validate_json(text, strict=True)
+
+
+_TASK_RESULT = TypeAdapter(TaskResult)
 
 
 RECORD_KEYS = {"model", "role", "task", "metrics"}  # of every record `evaluate --json` writes

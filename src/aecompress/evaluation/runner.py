@@ -7,10 +7,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from aecompress.artifact import is_artifact, load_compressed, read_manifest
-from aecompress.cache import cache_dir, read_entry, write_entry
-from aecompress.data import data_file, file_sha256
-from aecompress.errors import AecompressError
+from aecompress.cache import InvalidEntry, cache_dir, read_entry, write_entry
+from aecompress.data import data_dir, data_file, file_sha256
+from aecompress.errors import AecompressError, describe
 from aecompress.evaluation.results import TaskResult
 from aecompress.evaluation.tasks import TASKS, check_task, probe_tasks, run_task
 from aecompress.models import LoadedModel, load_model, weights_sha256
@@ -43,7 +45,7 @@ def cached_dense_result(
     `load_dense()` returns the dense LoadedModel; it is called only on a cache miss.
     """
     path = _dense_cache(base_sha256, task, options)
-    cached = read_entry(path, lambda p: TaskResult.from_json(p.read_text()))
+    cached = read_entry(path, lambda p: _read_dense_entry(p, task))
     if cached is not None:
         current = {f: file_sha256(data_file(f)) for f in cached.data_sha256}
         if current == cached.data_sha256:  # the data files are unchanged
@@ -51,6 +53,21 @@ def cached_dense_result(
     dense: LoadedModel = load_dense()
     result = run_task(task, dense.model, dense.tokenizer, progress=progress, **options)
     write_entry(path, lambda p: p.write_text(result.to_json()))
+    return result
+
+
+def _read_dense_entry(path: Path, task: str) -> TaskResult:
+    """A dense cache entry: a result of `task` whose data files exist; else InvalidEntry."""
+    try:
+        result = TaskResult.from_json(path.read_text())
+    except ValidationError as error:
+        raise InvalidEntry(describe(error, "its result")) from error
+    if result.task != task:
+        raise InvalidEntry(f"it holds a result of {result.task}, not {task}")
+    folder = data_dir().resolve()
+    for name in result.data_sha256:
+        if not (folder / name).resolve().is_relative_to(folder) or not (folder / name).is_file():
+            raise InvalidEntry(f"its data file {name} is not in {folder}")
     return result
 
 
