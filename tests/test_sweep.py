@@ -236,7 +236,12 @@ def test_a_torn_last_line_loses_no_record(tiny_folder, tmp_path, monkeypatch):
 
 
 def test_a_record_glued_onto_a_torn_line_is_read(tmp_path):
-    record = {"cell": {"model": "m", "label": "dense", "ratio": 1.0}, "task": "t", "status": "ok"}
+    record = {
+        "cell": {"model": "m", "label": "dense", "ratio": 1.0},
+        "task": "t",
+        "status": "ok",
+        "metrics": {"m": 1.0},
+    }
     line = json.dumps(record, sort_keys=True)
     results = tmp_path / "results.jsonl"
     results.write_text(line[:30] + line + "\n" + line[:10])
@@ -338,3 +343,40 @@ def test_every_committed_sweep_recipe_builds_every_cell(path):
     grid = SweepRecipe.from_yaml(path)
     built = [cell_recipe(grid, cell) for cell in cells(grid)]
     assert built and all(r.targets for r in built)
+
+
+DENSE_RECORD = {
+    "cell": {"model": "m", "label": "dense", "ratio": 1.0},
+    "task": "wikitext2",
+    "status": "ok",
+    "split": "test",
+    "metrics": {"perplexity": 30.0},
+}
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        {"cell": []},
+        {"cell": [], "task": "wikitext2"},
+        {**DENSE_RECORD, "metrics": None},
+        {k: v for k, v in DENSE_RECORD.items() if k != "metrics"},
+        {**DENSE_RECORD, "metrics": {"perplexity": "30"}},
+        {**DENSE_RECORD, "cell": {"model": "m", "label": "dense"}},
+        {**DENSE_RECORD, "cell": {**DENSE_RECORD["cell"], "targets": ["k"]}},
+        {**DENSE_RECORD, "status": "maybe"},
+        {**DENSE_RECORD, "task": 3},
+        [1, 2],
+    ],
+)
+def test_lines_that_are_not_records_are_skipped_by_sweep_and_report(
+    tiny_folder, tmp_path, caplog, line
+):
+    results = tmp_path / "results.jsonl"
+    results.write_text(json.dumps(line) + "\n" + json.dumps(DENSE_RECORD) + "\n")
+    assert read_results(results) == [DENSE_RECORD]
+    assert "skipping 1 line(s) that are not sweep records" in caplog.text
+    write_report([results], read_results(results))
+    plan = recipe(tiny_folder).model_copy(update={"ratios": [1e9]})  # fails before any work
+    records = run_sweep(plan, results, progress=False)
+    assert records[0] == DENSE_RECORD and len(records) == 3  # the dense cell was measured

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import logging
 import os
 import re
 import time
@@ -23,7 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -34,6 +35,8 @@ from aecompress.evaluation.tasks import TASKS, run_task, task_settings
 from aecompress.models import LoadedModel, load_model
 from aecompress.outputs import PlainName
 from aecompress.recipe import Recipe, read_yaml
+
+logger = logging.getLogger(__name__)
 
 
 class MethodSpec(BaseModel):
@@ -185,23 +188,71 @@ def current(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(latest.values())
 
 
+class _CellFields(BaseModel):
+    """What the sweep and its report read of a record's cell (a dense cell has no more)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    model: str
+    label: str
+    ratio: float
+    targets: str = ""
+    group: str = "none"
+    seed: int = 0
+
+
+class _RecordFields(BaseModel):
+    """What the sweep and its report read of a record: a line of any other form (edited,
+    or from another tool) is not a record."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    cell: _CellFields
+    task: str
+    status: Literal["ok", "failed"]
+    metrics: dict[str, float] | None = None
+    error: str = ""
+    settings: dict[str, Any] | None = None
+    split: str = ""
+    seconds: float = 0.0
+    compress_seconds: float = 0.0
+    ratio: float = 1.0
+
+    @model_validator(mode="after")
+    def _ok_has_metrics(self) -> _RecordFields:
+        if self.status == "ok" and self.metrics is None:
+            raise ValueError("an ok record has metrics")
+        return self
+
+
+_NOT_A_RECORD: dict[str, Any] = {}  # what _parse returns for a whole line of another form
+
+
 def _parse(line: str) -> dict[str, Any] | None:
-    """A record, also when glued onto a torn line that an interrupted writer left."""
+    """A record, also when glued onto a torn line that an interrupted writer left; None for
+    a torn line, _NOT_A_RECORD for JSON that is not a record."""
     for start in [0, *(match.start() for match in re.finditer(r'(?<=.)\{"cell"', line))]:
         try:
             record = json.loads(line[start:])
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # torn, or nested too deep
             continue
-        if isinstance(record, dict) and "cell" in record and "task" in record:
-            return record
+        try:
+            _RecordFields.model_validate(record)
+        except ValidationError:
+            return _NOT_A_RECORD
+        return record
     return None
 
 
 def read_results(path: Path) -> list[dict[str, Any]]:
-    """Records of a results file; torn lines (interrupted writes) are skipped."""
+    """Records of a results file; torn lines (interrupted writes) are skipped, and so are
+    lines of another form (with a warning)."""
     if not path.is_file():
         return []
-    return [r for line in path.read_text().splitlines() if (r := _parse(line)) is not None]
+    parsed = [_parse(line) for line in path.read_text().splitlines()]
+    if skipped := sum(1 for record in parsed if record is _NOT_A_RECORD):
+        logger.warning("%s: skipping %d line(s) that are not sweep records", path, skipped)
+    return [record for record in parsed if record is not None and record is not _NOT_A_RECORD]
 
 
 _RECORD_START = '{"cell"'  # of every line written (keys sorted), torn lines included
