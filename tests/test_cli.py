@@ -190,7 +190,7 @@ def test_invalid_yaml_is_one_line(monkeypatch, tiny_folder, tmp_path):
     forbid_loading(monkeypatch)
     args = ["compress", str(tiny_folder), "-o", str(tmp_path / "o"), "--method", "ae"]
     code, _, err = invoke(*args, "--option", "decoder=[1,")
-    assert "--option 'decoder=[1,' is not valid YAML" in one_error(code, err)
+    assert "--option decoder is not valid YAML" in one_error(code, err)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("method: svd\nratio: [2\n")
     code, _, err = invoke(*args, "--recipe", str(recipe))
@@ -548,3 +548,58 @@ def test_a_missing_base_folder_is_named(tiny_folder, tmp_path):
     assert "Repo id" not in message
     code, _, err = invoke("compress", "./gone", "-o", str(tmp_path / "o"))
     assert "no such model folder or file: ./gone" in one_error(code, err)
+
+
+def test_a_vocabulary_smaller_than_the_tokenizer_is_one_line(tmp_path, tokenizer):
+    from tests.conftest import make_tiny
+
+    make_tiny("llama", 1000, 0).save_pretrained(tmp_path / "small")
+    tokenizer.save_pretrained(tmp_path / "small")
+    message = "its tokenizer has 30522 tokens and its embedding only 1000 rows"
+    code, _, err = invoke("evaluate", str(tmp_path / "small"), "--windows", "1", "--seq-len", "8")
+    assert message in one_error(code, err)
+    args = ["--method", "asvd", "--targets", "embed", "-o", str(tmp_path / "o")]
+    code, _, err = invoke("compress", str(tmp_path / "small"), *args)
+    assert message in one_error(code, err)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--option", "rank=" + "[" * 5000 + "]" * 5000], "nested deeper than 50 levels"),
+        (["--seed", "99999999999999999999999"], "seed: Input should be less than 4294967296"),
+        (["--seed", "-1"], "seed: Input should be greater than or equal to 0"),
+    ],
+)
+def test_hostile_compress_flags_are_one_line(monkeypatch, tiny_folder, tmp_path, args, message):
+    forbid_loading(monkeypatch)
+    code, _, err = invoke("compress", str(tiny_folder), "-o", str(tmp_path / "o"), *args)
+    assert message in one_error(code, err)
+
+
+@pytest.mark.parametrize(
+    "grid,message",
+    [
+        (GRID.replace("ratios: [2]", "ratios: " + "[" * 5000 + "]" * 5000), "nested deeper"),
+        (GRID + "seeds: [99999999999999999999999]\n", "less than 4294967296"),
+        (
+            GRID.replace("{task: wikitext2}", "{task: wikitext2, options: {split: [test]}}"),
+            "has no split '['test']'",
+        ),
+        (GRID + "x: " + "[" * 40 + "1" + "]" * 40 + "\n", "x: Extra inputs are not permitted"),
+    ],
+)
+def test_hostile_sweep_recipes_are_one_line(monkeypatch, tmp_path, grid, message):
+    forbid_loading(monkeypatch)
+    (tmp_path / "grid.yaml").write_text(grid)
+    code, _, err = invoke("sweep", str(tmp_path / "grid.yaml"))
+    assert message in one_error(code, err)
+
+
+def test_an_error_line_is_cut_short(monkeypatch, tiny_folder, tmp_path):
+    forbid_loading(monkeypatch)
+    options = [arg for i in range(300) for arg in ("--option", f"unknown{i}=1")]
+    code, _, err = invoke("compress", str(tiny_folder), "-o", str(tmp_path / "o"), *options)
+    line = one_error(code, err)
+    assert "unknown0: Extra inputs are not permitted" in line
+    assert len(line) < 1100 and line.endswith("...")

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -45,6 +45,10 @@ ACTIVATION_STATISTICS = frozenset({"xtx", "abs_mean", "counts"})
 GRADIENT_STATISTICS = frozenset({"fisher", "l1", "out_fisher"})
 
 
+# A seed of every random choice (torch generators take up to 64 bits; 32 leave room).
+Seed = Annotated[int, Field(ge=0, lt=1 << 32)]
+
+
 class CalibrationConfig(BaseModel):
     """Which text, how much of it, and the seed that picks the windows."""
 
@@ -54,7 +58,7 @@ class CalibrationConfig(BaseModel):
     seq_len: int = Field(256, ge=8)
     split: Literal["train", "validation"] = "train"
     batch_size: int = Field(8, ge=1)
-    seed: int = 0
+    seed: Seed = 0
 
 
 @dataclass

@@ -42,7 +42,7 @@ def _parse_options(pairs: list[str]) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise AecompressError(f"--option takes KEY=VALUE, got '{pair}'")
-        parsed = parse_yaml(value, f"--option '{pair}'")
+        parsed = parse_yaml(value, f"--option {key.strip()}")  # never quotes the value
         *parents, leaf = key.strip().split(".")
         node = options
         for parent in parents:

@@ -259,7 +259,22 @@ def load_model(name: str, auto_class: str | None = None) -> LoadedModel:
         raise AecompressError(f"cannot load model '{name}': {problem}")
     model.eval()
     _copy_out_of_mapped_files(model)
-    return LoadedModel(model, load_tokenizer(where, **kwargs), source, auto_name)
+    tokenizer = load_tokenizer(where, **kwargs)
+    check_vocabulary(model, tokenizer, name)
+    return LoadedModel(model, tokenizer, source, auto_name)
+
+
+def check_vocabulary(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, name: str
+) -> None:
+    """Refuse a tokenizer whose token ids reach beyond the rows of the model's embedding."""
+    embedding = model.get_input_embeddings()
+    rows = getattr(embedding, "num_embeddings", None)
+    if tokenizer is not None and isinstance(rows, int) and len(tokenizer) > rows:
+        raise AecompressError(
+            f"{name}: its tokenizer has {len(tokenizer)} tokens and its embedding only {rows} "
+            "rows (vocab_size in config.json is too small for the tokenizer)"
+        )
 
 
 MADV_DONTNEED = 4  # Linux

@@ -9,7 +9,7 @@ from typing import Any, Literal, NoReturn
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from aecompress.calibration import CalibrationConfig
+from aecompress.calibration import CalibrationConfig, Seed
 from aecompress.errors import AecompressError, describe, first_line
 from aecompress.methods import make_method
 from aecompress.targets import check_target, parse_grouping
@@ -105,7 +105,7 @@ class Recipe(BaseModel):
     storage_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"  # auto (CUDA when there is one), cpu, cuda, cuda:N
     untie_embeddings: bool = False
-    seed: int = 0
+    seed: Seed = 0
     calibration: CalibrationConfig = CalibrationConfig()
 
     @field_validator("targets", mode="before")

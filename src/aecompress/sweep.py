@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from aecompress.calibration import CalibrationConfig
+from aecompress.calibration import CalibrationConfig, Seed
 from aecompress.engine import compress
 from aecompress.errors import AecompressError, describe
 from aecompress.evaluation.tasks import TASKS, run_task, task_settings
@@ -106,7 +106,7 @@ class SweepRecipe(BaseModel):
     ratios: list[float] = Field(min_length=1)
     targets: list[str] = Field(min_length=1)
     groups: list[str] = Field(default_factory=lambda: ["none"])
-    seeds: list[int] = Field(default_factory=lambda: [0])
+    seeds: list[Seed] = Field(default_factory=lambda: [0])
     tasks: list[TaskSpec] = Field(min_length=1)
     calibration: CalibrationConfig = CalibrationConfig()
     resources: Resources = Resources()

@@ -36,3 +36,12 @@ def test_command_line_runs_the_aecompress_model_type(artifact, capsys):
     main(["--model_args", f"path={artifact}", "--tasks", "piqa_local", "--limit", "3"])
     out = capsys.readouterr().out
     assert "aecompress ({'path':" in out and "|piqa_local|" in out.replace(" ", "")
+
+
+def test_command_line_without_a_path_is_one_line_and_exit_2(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--tasks", "piqa_local", "--limit", "3"])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("aecompress: error:")]
+    assert stop.value.code == 2 and len(errors) == 1 and "path=" in errors[0]
+    assert "Traceback" not in err

@@ -27,7 +27,7 @@ from aecompress.compressed import CompressedGroup, CompressedModel
 from aecompress.errors import AecompressError, describe, first_line
 from aecompress.methods import Method, Stored, make_method
 from aecompress.methods.base import GroupSpec
-from aecompress.models import load_config, load_tokenizer
+from aecompress.models import check_vocabulary, load_config, load_tokenizer
 from aecompress.substitution import Serving, inject
 from aecompress.targets import (
     CUSTOM_FAMILY,
@@ -58,6 +58,8 @@ def load_compressed(path: str | Path, decode: bool = False) -> CompressedModel:
     check_groups(manifest, {k: (list(t.shape), 8 * t.element_size()) for k, t in tensors.items()})
     tensors = {k: t.float() if t.is_floating_point() else t for k, t in tensors.items()}
     model = checked_skeleton(path, manifest)
+    tokenizer = _load_tokenizer(path)
+    check_vocabulary(model, tokenizer, str(path))  # the embedding as the config makes it
     serving: Serving = "decoded" if decode else "runtime"
     groups = []
     for entry in manifest.groups:
@@ -78,7 +80,7 @@ def load_compressed(path: str | Path, decode: bool = False) -> CompressedModel:
         groups.append(fitted)
     cm = CompressedModel(
         model,
-        _load_tokenizer(path),
+        tokenizer,
         manifest.recipe,
         groups,
         base_model=manifest.base_model,

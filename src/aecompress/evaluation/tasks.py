@@ -193,7 +193,7 @@ def _settings(task: Task, options: dict[str, Any]) -> dict[str, Any]:
     settings = {**defaults, **options}
     if "split" in settings:
         settings["split"] = settings["split"] or task.split
-        if settings["split"] not in task.files:
+        if not isinstance(settings["split"], str) or settings["split"] not in task.files:
             raise AecompressError(
                 f"task '{task.name}' has no split '{settings['split']}': {', '.join(task.files)}"
             )

@@ -17,7 +17,7 @@ from __future__ import annotations
 import sys
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from aecompress.errors import AecompressError
 from aecompress.evaluation.common import pad_token_id
@@ -48,7 +48,9 @@ def model_class() -> type:
         ) from error
 
     class AecompressLM(HFLM):
-        def __init__(self, path: str, decode: bool = False, **kwargs: Any) -> None:
+        def __init__(self, path: str | None = None, decode: bool = False, **kwargs: Any) -> None:
+            if path is None:
+                raise AecompressError("name the model: --model_args path=ARTIFACT_OR_MODEL")
             loaded = load_evaluated(path, decode=decode)
             if not is_causal_lm(loaded.model) or loaded.tokenizer is None:
                 raise AecompressError(f"lm-eval needs a causal LM with a tokenizer: {path}")
@@ -131,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         model = model_class()
     except AecompressError as error:
-        sys.exit(f"aecompress: error: {error}")
+        _fail(error)
     from lm_eval.api.registry import register_model
 
     register_model("aecompress")(model)
@@ -146,7 +148,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cli_evaluate()
     except AecompressError as error:
-        sys.exit(f"aecompress: error: {' '.join(str(error).split())}")
+        _fail(error)
+
+
+def _fail(error: AecompressError) -> NoReturn:
+    """One `aecompress: error:` line on stderr and exit status 2, as the aecompress CLI."""
+    print(f"aecompress: error: {' '.join(str(error).split())}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":
