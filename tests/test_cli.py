@@ -603,3 +603,24 @@ def test_an_error_line_is_cut_short(monkeypatch, tiny_folder, tmp_path):
     line = one_error(code, err)
     assert "unknown0: Extra inputs are not permitted" in line
     assert len(line) < 1100 and line.endswith("...")
+
+
+@pytest.mark.parametrize("group", ["none", "layers"])
+def test_a_regex_spanning_families_round_trips(tiny_folder, tmp_path, group):
+    out = tmp_path / "art"
+    args = ["--targets", "re:.*_proj", "--group", group, "--ratio", "2", "-o", str(out)]
+    code, stdout, err = invoke("compress", str(tiny_folder), *args)
+    assert code == 0, err
+    manifest = json.loads((out / "aecompress.json").read_text())
+    names = [g["name"] for g in manifest["groups"]]
+    assert len(set(names)) == len(names) == (14 if group == "none" else 7)
+    stored = [k for g in manifest["groups"] for k in g["tensors"]]
+    assert len(stored) == sum(len(g["tensors"]) for g in manifest["groups"])
+    code, stdout, err = invoke("inspect", str(out), "--per-matrix")
+    assert code == 0, err
+    assert all(name in stdout for name in names)
+    code, stdout, err = invoke("evaluate", str(out), "--windows", "1", "--seq-len", "16")
+    assert code == 0, err
+    row = next(line for line in stdout.splitlines() if line.startswith("| wikitext2"))
+    compressed, dense = (float(cell) for cell in row.split("|")[4:6])
+    assert compressed > 1 and dense > 1

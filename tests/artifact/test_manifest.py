@@ -67,6 +67,11 @@ def edit_manifest(folder, change) -> None:
         (lambda m: m["groups"][0].update(stored_bits=64), "counts are wrong"),
         (lambda m: m["groups"][0].update(number_ratio=99.0), "number_ratio is wrong"),
         (lambda m: m["groups"][0]["tensors"].update({"0.a": [1, 1]}), "tensors do not match"),
+        (lambda m: m["groups"].append(m["groups"][0]), r"groups k\.0 and k\.0 would share"),
+        (
+            lambda m: m["groups"].append({**m["groups"][0], "name": "k.0.a"}),
+            r"k\.0 and k\.0\.a would",
+        ),
     ],
 )
 def test_a_forged_or_damaged_manifest_is_one_clear_error(artifact, change, message):
