@@ -624,3 +624,23 @@ def test_a_regex_spanning_families_round_trips(tiny_folder, tmp_path, group):
     row = next(line for line in stdout.splitlines() if line.startswith("| wikitext2"))
     compressed, dense = (float(cell) for cell in row.split("|")[4:6])
     assert compressed > 1 and dense > 1
+
+
+def test_flags_beside_a_recipe_override_it_and_are_recorded(tiny_folder, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "model: elsewhere\nmethod: svd\noptions: {}\nratio: 4\ntargets: [k]\nrefine: {lr: 0.01}\n"
+    )
+    out = tmp_path / "art"
+    args = ["--recipe", str(recipe), "--ratio", "3", "--method", "prune", "-o", str(out)]
+    code, stdout, err = invoke("compress", str(tiny_folder), *args)
+    assert code == 0, err
+    line = next(line for line in stdout.splitlines() if "overrides" in line)
+    assert f"model elsewhere -> {tiny_folder}" in line
+    assert "ratio 4.0 -> 3.0" in line and "method svd -> prune" in line
+    assert "targets" not in line and "seed" not in line  # left at their defaults
+    manifest = json.loads((out / "aecompress.json").read_text())
+    assert manifest["recipe"]["ratio"] == 3 and manifest["recipe"]["method"] == "prune"
+    assert manifest["recipe"]["targets"] == ["k"] and manifest["recipe"]["refine"]["lr"] == 0.01
+    assert {g["method"] for g in manifest["groups"]} == {"prune"}
+    assert manifest["base_model"] == str(tiny_folder.resolve())

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
-from typer._click.exceptions import ClickException  # the click that typer bundles
+from typer._click.core import ParameterSource  # the click that typer bundles
+from typer._click.exceptions import ClickException
 
 from aecompress.errors import AecompressError, first_line
 from aecompress.evaluation.tasks import task_table
@@ -56,6 +57,7 @@ def _parse_options(pairs: list[str]) -> dict[str, Any]:
 
 @app.command()
 def compress(
+    ctx: typer.Context,
     model: Annotated[
         str, typer.Argument(help="minilm-l6, smollm2-135m, a folder, a .gguf file or a hub id")
     ],
@@ -77,7 +79,7 @@ def compress(
         list[str] | None, typer.Option(help="method option KEY=VALUE (repeatable)")
     ] = None,
     recipe: Annotated[
-        Path | None, typer.Option(help="YAML recipe; command-line flags are ignored")
+        Path | None, typer.Option(help="YAML recipe; flags given beside it override it")
     ] = None,
     untie_embeddings: Annotated[bool, typer.Option(help="keep a tied output head dense")] = False,
     pipeline: Annotated[
@@ -106,28 +108,29 @@ def compress(
     from aecompress.recipe import Recipe
 
     check_artifact_folder(output, f"-o {output}", overwrite)
-    if recipe is not None:
-        plan = Recipe.from_yaml(recipe)
-        model = plan.model or model
-    else:
-        plan = Recipe.parse(
-            {
-                "model": model,
-                "method": method,
-                "options": _parse_options(option or []),
-                "ratio": ratio,
-                # with FAMILIES=METHOD rules, the rules' families by default
-                "targets": targets if targets is not None else ([] if "=" in method else "embed"),
-                "group": group,
-                "untie_embeddings": untie_embeddings,
-                "pipeline": pipeline,
-                "refine": refine,
-                "allocate": allocate,
-                "storage_dtype": storage_dtype,
-                "device": device,
-                "seed": seed,
-            }
-        )
+    fields = {
+        "model": model,
+        "method": method,
+        "options": _parse_options(option or []),
+        "ratio": ratio,
+        # with FAMILIES=METHOD rules, the rules' families by default
+        "targets": targets if targets is not None else ([] if "=" in method else "embed"),
+        "group": group,
+        "untie_embeddings": untie_embeddings,
+        "pipeline": pipeline,
+        "refine": refine,
+        "allocate": allocate,
+        "storage_dtype": storage_dtype,
+        "device": device,
+        "seed": seed,
+    }
+    if recipe is None:
+        plan = Recipe.parse(fields)
+    else:  # flags given beside the recipe (and MODEL) override it
+        given = {k: v for k, v in fields.items() if k == "model" or _given(ctx, k)}
+        plan, changes = Recipe.from_yaml(recipe).override(given)
+        if changes:
+            typer.echo(f"the command line overrides {recipe}: {'; '.join(changes)}")
     start = time.perf_counter()
     try:
         compressed = run_compress(load_model(model), plan, build_modules=False)
@@ -281,6 +284,12 @@ def sweep(
     typer.echo(f"{len(records)} records in {path} ({time.perf_counter() - start:.0f} s this run)")
     for written in write_report([path], records):
         typer.echo(f"wrote {written}")
+
+
+def _given(ctx: typer.Context, field: str) -> bool:
+    """Whether the recipe field's flag was given (not left at its default)."""
+    source = ctx.get_parameter_source("option" if field == "options" else field)
+    return source not in (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
 
 
 def _executor(name: str, address: str | None) -> Executor | None:

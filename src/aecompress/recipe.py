@@ -160,6 +160,20 @@ class Recipe(BaseModel):
             found += [t for t in rule.targets if t not in found]
         return found
 
+    def override(self, fields: dict[str, Any]) -> tuple[Recipe, list[str]]:
+        """This recipe with `fields` (flags given beside it) in place of its own, and what
+        changed ('ratio 4.0 -> 10.0'). A new method drops the recipe's options unless
+        options are given; refine steps keep the recipe's other refine settings."""
+        data = self.model_dump(mode="json")
+        if "method" in fields and "options" not in fields:
+            fields = {**fields, "options": {}}
+        if "refine" in fields:
+            fields = {**fields, "refine": {**data["refine"], "steps": fields["refine"]}}
+        new = Recipe.parse({**data, **fields})
+        after = new.model_dump(mode="json")
+        changes = [f"{k} {data[k]} -> {after[k]}" for k in fields if after[k] != data[k]]
+        return new, changes
+
     @classmethod
     def from_yaml(cls, path: str | Path) -> Recipe:
         data = read_yaml(path, "recipe")
