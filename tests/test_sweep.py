@@ -380,3 +380,34 @@ def test_lines_that_are_not_records_are_skipped_by_sweep_and_report(
     plan = recipe(tiny_folder).model_copy(update={"ratios": [1e9]})  # fails before any work
     records = run_sweep(plan, results, progress=False)
     assert records[0] == DENSE_RECORD and len(records) == 3  # the dense cell was measured
+
+
+def test_a_relative_model_path_from_another_folder_is_another_model(
+    tmp_path, tokenizer, monkeypatch
+):
+    from tests.conftest import tiny_model
+
+    for folder, seed in (("a", 0), ("b", 1)):
+        tiny_model("llama", seed).save_pretrained(tmp_path / folder / "models" / "tiny")
+        tokenizer.save_pretrained(tmp_path / folder / "models" / "tiny")
+    results = tmp_path / "results.jsonl"
+    plan = recipe("models/tiny").model_copy(update={"ratios": [2]})
+    calls = counting_compress(monkeypatch)
+    for folder in ("a", "b", "a"):
+        monkeypatch.chdir(tmp_path / folder)
+        run_sweep(plan, results, progress=False)
+    assert calls == [2, 2]  # b's model was measured; a's again was not
+    records = read_results(results)
+    by_model = {}
+    for record in records:
+        by_model.setdefault(record["cell"]["model_id"], []).append(record["metrics"])
+    assert len(records) == 4 and len(by_model) == 2
+    assert [path.rpartition("@")[0] for path in sorted(by_model)] == [
+        str((tmp_path / folder / "models" / "tiny").resolve()) for folder in "ab"
+    ]
+    first, second = by_model.values()
+    assert first != second  # each folder's own numbers
+    tiny_model("llama", 2).save_pretrained(tmp_path / "a" / "models" / "tiny")  # new weights
+    monkeypatch.chdir(tmp_path / "a")
+    run_sweep(plan, results, progress=False)
+    assert calls == [2, 2, 2]

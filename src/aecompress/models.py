@@ -10,6 +10,7 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -275,6 +276,30 @@ def check_vocabulary(
             f"{name}: its tokenizer has {len(tokenizer)} tokens and its embedding only {rows} "
             "rows (vocab_size in config.json is too small for the tokenizer)"
         )
+
+
+def model_identity(name: str) -> str | None:
+    """What a local model folder or .gguf file is, wherever it is named from: its absolute
+    path and the sha256 of its weights files ('/abs/models/llama@3f2a...'); None for an
+    embedded model or a hub id (their names say what they are)."""
+    path = Path(name)
+    if name in EMBEDDED or not path.exists():
+        return None
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+    stamps = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    return f"{path.resolve()}@{_files_sha256(stamps)}"
+
+
+@cache
+def _files_sha256(stamps: tuple[tuple[str, int, int], ...]) -> str:
+    """sha256 of the files' contents in order (once per process for each path, size and
+    modification time)."""
+    digest = hashlib.sha256()
+    for name, _size, _mtime in stamps:
+        with open(name, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 MADV_DONTNEED = 4  # Linux

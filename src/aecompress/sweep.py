@@ -32,7 +32,7 @@ from aecompress.calibration import CalibrationConfig, Seed
 from aecompress.engine import compress
 from aecompress.errors import AecompressError, describe
 from aecompress.evaluation.tasks import TASKS, run_task, task_settings
-from aecompress.models import LoadedModel, load_model
+from aecompress.models import LoadedModel, load_model, model_identity
 from aecompress.outputs import PlainName
 from aecompress.recipe import Recipe, read_yaml
 
@@ -140,6 +140,7 @@ def cells(sweep: SweepRecipe) -> Iterator[dict[str, Any]]:
     # a calibration other than the default is part of every cell's identity
     calibration = sweep.calibration.model_dump()
     custom = {"calibration": calibration} if sweep.calibration != CalibrationConfig() else {}
+    models = model_fields(sweep)
     for model, targets, ratio, spec, seed in itertools.product(
         sweep.models, sweep.targets, sweep.ratios, sweep.methods, sweep.seeds
     ):
@@ -147,7 +148,7 @@ def cells(sweep: SweepRecipe) -> Iterator[dict[str, Any]]:
             continue
         for group in spec.groups or sweep.groups:
             yield {
-                "model": model,
+                **models[model],
                 "label": spec.name,
                 "method": spec.method,
                 "options": spec.options,
@@ -158,6 +159,17 @@ def cells(sweep: SweepRecipe) -> Iterator[dict[str, Any]]:
                 **({"recipe": spec.recipe} if spec.recipe else {}),
                 **custom,
             }
+
+
+def model_fields(sweep: SweepRecipe) -> dict[str, dict[str, str]]:
+    """Each model's fields in its cells: its name as written and, for a local folder or
+    file, `model_id` (absolute path and weights sha256): a relative path run from another
+    folder, or a folder whose weights changed, is another model with other cells."""
+    fields = {}
+    for model in sweep.models:
+        identity = model_identity(model)
+        fields[model] = {"model": model, **({"model_id": identity} if identity else {})}
+    return fields
 
 
 def cell_id(cell: dict[str, Any]) -> str:
@@ -175,7 +187,7 @@ def record_key(record: dict[str, Any]) -> str:
     return cell_key(record["cell"], record["task"], record.get("settings"))
 
 
-_SLOT_FIELDS = ("model", "label", "targets", "group", "ratio", "seed")
+_SLOT_FIELDS = ("model", "model_id", "label", "targets", "group", "ratio", "seed")
 
 
 def current(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -391,7 +403,8 @@ def cell_recipe(sweep: SweepRecipe, cell: dict[str, Any]) -> Recipe:
 def pending_jobs(sweep: SweepRecipe, log: _Log, shard: tuple[int, int]) -> list[Job]:
     """The shard's dense cells and cells, in grid order, with their tasks not yet done."""
     index, count = shard
-    dense = [{"model": m, "label": "dense", "ratio": 1.0} for m in sweep.models if index == 0]
+    models = model_fields(sweep).values()
+    dense = [{**m, "label": "dense", "ratio": 1.0} for m in models if index == 0]
     jobs = [Job(cell, log.pending(cell, _tasks_for(sweep, None))) for cell in dense]
     jobs += [
         Job(cell, log.pending(cell, _tasks_for(sweep, cell["ratio"])))
