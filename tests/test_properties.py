@@ -553,19 +553,42 @@ def damage_tensors(data: st.DataObject, tensors: dict[str, torch.Tensor]) -> Non
 
 
 @pytest.fixture(scope="module")
-def calibration_setup() -> tuple[Any, Any, list[Any], set[str]]:
+def calibration_setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A tiny model, its targets, and a pristine cache holding their statistics."""
+    from aecompress.calibration import CalibrationConfig
     from aecompress.targets import resolve_targets
 
     model = make_tiny("llama")
-    return (
-        model,
-        tiny_tokenizer(),
-        resolve_targets(model, ["embed", "k", "down"]),
-        {"xtx", "fisher"},
-    )
+    setup = {
+        "model": model,
+        "tokenizer": tiny_tokenizer(),
+        "targets": resolve_targets(model, ["embed", "k", "down"]),
+        "needed": {"xtx", "fisher"},
+        "config": CalibrationConfig(**CALIBRATION),
+        "pristine": tmp_path_factory.mktemp("pristine-cache"),
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AECOMPRESS_CACHE", str(setup["pristine"]))
+        cached(setup)
+    return setup
 
 
-@fuzz(20)
+def cached(setup: dict[str, Any]) -> dict[str, Any]:
+    from aecompress.calibration import cached_statistics
+
+    keys = ("model", "tokenizer", "targets", "needed", "config")
+    return cached_statistics(*(setup[k] for k in keys), "h", progress=False)
+
+
+def with_pristine_cache(monkeypatch: pytest.MonkeyPatch, scratch: Path, pristine: Path) -> Path:
+    """A fresh copy of a pristine cache, in use from now on."""
+    folder = fresh(scratch) / "cache"
+    shutil.copytree(pristine, folder)
+    monkeypatch.setenv("AECOMPRESS_CACHE", str(folder))
+    return folder
+
+
+@fuzz(15)
 @given(data=st.data())
 def test_a_damaged_calibration_entry_is_read_valid_or_rebuilt(
     monkeypatch, scratch, calibration_setup, data
@@ -573,17 +596,10 @@ def test_a_damaged_calibration_entry_is_read_valid_or_rebuilt(
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    from aecompress.calibration import CalibrationConfig, cached_statistics, check_statistics
+    from aecompress.calibration import check_statistics
 
-    model, tokenizer, targets, needed = calibration_setup
-    monkeypatch.setenv("AECOMPRESS_CACHE", str(fresh(scratch)))
-    config = CalibrationConfig(**CALIBRATION)
-
-    def statistics() -> dict[str, Any]:
-        return cached_statistics(model, tokenizer, targets, needed, config, "h", progress=False)
-
-    statistics()
-    (entry,) = (scratch / "calibration").iterdir()
+    folder = with_pristine_cache(monkeypatch, scratch, calibration_setup["pristine"])
+    (entry,) = (folder / "calibration").iterdir()
     with safe_open(str(entry), framework="pt") as handle:
         metadata = handle.metadata()
     tensors = load_file(entry)
@@ -592,30 +608,39 @@ def test_a_damaged_calibration_entry_is_read_valid_or_rebuilt(
     else:
         metadata[data.draw(st.sampled_from(["tokens", "aliases"]))] = json.dumps(data.draw(JSON))
     save_file(tensors, entry, metadata=metadata)
-    full = needed | {"abs_mean", "counts", "l1", "out_fisher"}
-    check_statistics(statistics(), model, targets, full)  # read as valid, or rebuilt
-    check_statistics(statistics(), model, targets, full)  # and the entry is valid now
+    model, targets = calibration_setup["model"], calibration_setup["targets"]
+    full = calibration_setup["needed"] | {"abs_mean", "counts", "l1", "out_fisher"}
+    check_statistics(cached(calibration_setup), model, targets, full)  # valid, or rebuilt
+    check_statistics(cached(calibration_setup), model, targets, full)  # the entry is valid now
 
 
-@fuzz(20)
-@given(data=st.data())
-def test_a_damaged_dense_entry_is_read_valid_or_rebuilt(monkeypatch, scratch, data):
-    from aecompress.evaluation.results import TaskResult
+@pytest.fixture(scope="module")
+def dense_setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A tiny model and a pristine cache holding its dense result."""
+    model = LoadedModel(make_tiny("llama"), tiny_tokenizer(), "tiny", "AutoModelForCausalLM")
+    setup = {"model": model, "pristine": tmp_path_factory.mktemp("pristine-dense")}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AECOMPRESS_CACHE", str(setup["pristine"]))
+        setup["truth"] = dense_result(setup)
+    return setup
+
+
+def dense_result(setup: dict[str, Any]) -> Any:
     from aecompress.evaluation.runner import cached_dense_result
 
-    monkeypatch.setenv("AECOMPRESS_CACHE", str(fresh(scratch)))
     options = {"windows": 1, "seq_len": 8}
-    model = LoadedModel(make_tiny("llama"), tiny_tokenizer(), "tiny", "AutoModelForCausalLM")
+    return cached_dense_result(lambda: setup["model"], "sha", "wikitext2", options, progress=False)
 
-    def result() -> TaskResult:
-        return cached_dense_result(lambda: model, "sha", "wikitext2", options, progress=False)
 
-    truth = result()
-    (entry,) = (scratch / "dense").iterdir()
+@fuzz(15)
+@given(data=st.data())
+def test_a_damaged_dense_entry_is_read_valid_or_rebuilt(monkeypatch, scratch, dense_setup, data):
+    folder = with_pristine_cache(monkeypatch, scratch, dense_setup["pristine"])
+    (entry,) = (folder / "dense").iterdir()
     entry.write_text(json.dumps(mutate(data, json.loads(entry.read_text()))))
-    found = result()
+    found = dense_result(dense_setup)
     assert found.task == "wikitext2" and all(type(v) is float for v in found.metrics.values())
-    event("rebuilt" if found.metrics == truth.metrics else "read as changed")
+    event("same metrics" if found.metrics == dense_setup["truth"].metrics else "changed metrics")
 
 
 # --- regex targets ------------------------------------------------------------------
@@ -636,7 +661,7 @@ def target_lists(draw: st.DrawFn) -> str:
     return ",".join(targets)
 
 
-@fuzz(12)
+@fuzz(25)
 @given(targets=target_lists(), group=st.sampled_from(["none", "layers", "layers:1"]))
 def test_regex_targets_give_distinct_groups_or_one_error(model_folder, scratch, targets, group):
     out = fresh(scratch) / "art"
