@@ -1,3 +1,8 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 import aecompress
@@ -38,10 +43,12 @@ def test_command_line_runs_the_aecompress_model_type(artifact, capsys):
     assert "aecompress ({'path':" in out and "|piqa_local|" in out.replace(" ", "")
 
 
-def test_command_line_without_a_path_is_one_line_and_exit_2(capsys):
-    with pytest.raises(SystemExit) as stop:
-        main(["--tasks", "piqa_local", "--limit", "3"])
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("aecompress: error:")]
-    assert stop.value.code == 2 and len(errors) == 1 and "path=" in errors[0]
-    assert "Traceback" not in err
+def test_command_line_without_a_path_is_one_line_and_exit_2():
+    """As a user runs it: its own process (lm-eval sets up logging there)."""
+    source = Path(aecompress.__file__).parents[1]
+    env = {**os.environ, "PYTHONPATH": str(source)}
+    command = [sys.executable, "-m", "aecompress.integrations.lm_eval", "--tasks", "piqa_local"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("aecompress: error:")]
+    assert done.returncode == 2 and len(errors) == 1 and "path=" in errors[0], done.stderr
+    assert "Traceback" not in done.stderr
