@@ -1,36 +1,22 @@
-import inspect
-
 import pytest
 
 from aecompress.errors import AecompressError
 from aecompress.evaluation.glue import GLUE_TASKS
-from aecompress.evaluation.kinds import TASK_NEEDS, model_kinds
 from aecompress.evaluation.results import TaskResult
 from aecompress.evaluation.tasks import (
-    PROBE_NOTE,
     TASKS,
+    Task,
     check_task,
-    probe_tasks,
+    options_table,
+    register,
     run_task,
+    task_settings,
     task_table,
 )
+from aecompress.evaluation.tasks.glue import PROBE_NOTE, probe_tasks
+from aecompress.evaluation.tasks.wikitext2 import Wikitext2
 
 WIKITEXT2_TEST_SHA256 = "173c87a53759e0201f33e0ccf978e510c2042d7f2cb78229d9a50d79b9e7dd08"
-
-
-def test_registry_is_consistent() -> None:
-    assert set(TASKS) == set(TASK_NEEDS)
-    for task in TASKS.values():
-        split = inspect.signature(task.run).parameters.get("split")
-        if split is not None and split.default is not None:
-            assert split.default == task.split, task.name
-
-
-def test_model_kinds(tiny_bert, tiny_bert_mlm, tiny_llama, tiny_gpt2) -> None:
-    assert model_kinds(tiny_bert) == {"encoder"}
-    assert model_kinds(tiny_bert_mlm) == {"encoder", "masked-lm"}
-    assert model_kinds(tiny_llama) == model_kinds(tiny_gpt2) == {"causal-lm"}
-    assert model_kinds(tiny_gpt2.transformer) == frozenset()
 
 
 def test_unknown_task_lists_the_known_ones(tiny_llama) -> None:
@@ -42,9 +28,9 @@ def test_task_that_does_not_fit_the_model(tiny_bert) -> None:
     with pytest.raises(AecompressError) as error:
         check_task("arc-easy", tiny_bert)
     assert str(error.value) == (
-        "task 'arc-easy' needs a causal LM; this model (BertModel) can run: stsb, fidelity, "
-        "glue-mrpc, glue-rte, glue-stsb, glue-sst2, glue-cola, glue-mrpc-probe, glue-rte-probe, "
-        "glue-stsb-probe, glue-sst2-probe, glue-cola-probe"
+        "task 'arc-easy' needs a causal LM; this model (BertModel) can run: glue-mrpc, "
+        "glue-rte, glue-stsb, glue-sst2, glue-cola, glue-mrpc-probe, glue-rte-probe, "
+        "glue-stsb-probe, glue-sst2-probe, glue-cola-probe, stsb, fidelity"
     )
 
 
@@ -103,19 +89,66 @@ def test_fidelity_with_a_reference(tiny_bert, tokenizer) -> None:
     assert result.metrics["cosine"] == pytest.approx(1.0, abs=1e-5)
 
 
-@pytest.mark.parametrize("windows", [0, -3, 1.5, "2", True])
-def test_counts_must_be_whole_numbers_of_at_least_one(tiny_llama, tokenizer, windows) -> None:
+@pytest.mark.parametrize(
+    "windows,problem",
+    [
+        (0, "greater than or equal to 1"),
+        (-3, "greater than or equal to 1"),
+        (1.5, "a valid integer"),
+        (2.0, "a valid integer"),
+        ("2", "a valid integer"),
+        (True, "a valid integer"),
+    ],
+)
+def test_counts_must_be_whole_numbers_of_at_least_one(
+    tiny_llama, tokenizer, windows, problem
+) -> None:
     with pytest.raises(AecompressError) as refused:
         run_task("wikitext2", tiny_llama, tokenizer, windows=windows, seq_len=16)
-    assert str(refused.value) == (
-        f"task 'wikitext2': windows must be a whole number >= 1 (got {windows!r})"
-    )
+    assert str(refused.value) == f"task 'wikitext2': windows: Input should be {problem}"
+
+
+@pytest.mark.parametrize(
+    "task,options,problem",
+    [
+        ("wikitext2", {"full": "false"}, "full: Input should be a valid boolean"),
+        ("wikitext2", {"split": ["test"]}, "split: Input should be a valid string"),
+        ("glue-rte", {"lr": True}, "lr: Input should be a valid number"),
+        ("glue-rte", {"lr": "inf"}, "lr: Input should be a finite number"),
+        ("glue-rte", {"train_fraction": 0}, "train_fraction: Input should be greater than 0"),
+        ("glue-rte", {"seed": 10**23}, "seed: Input should be less than"),
+        ("stsb", {"pooling": "sum"}, "pooling: Input should be 'mean', 'cls' or 'max'"),
+        ("glue-rte-probe", {"pairs": "both"}, "pairs: Input should be 'joint' or 'separate'"),
+    ],
+)
+def test_option_values_are_validated_not_converted(task, options, problem) -> None:
+    """A string is not a bool (issue 22 item 9: "false" ran every window), a bool not a
+    number, a list not a split."""
+    with pytest.raises(AecompressError, match=f"^task '{task}': {problem}"):
+        task_settings(task, options)
+
+
+def test_options_are_validated_and_recorded_as_their_types() -> None:
+    assert task_settings("wikitext2", {"full": True, "windows": None})["full"] is True
+    settings = task_settings("glue-rte", {"lr": "2e-5", "train_fraction": 1})
+    assert settings["lr"] == 2e-5 and settings["train_fraction"] == 1.0  # YAML 1.1's 2e-5 text
+
+
+def test_a_task_is_registered_once_and_must_say_what_it_needs() -> None:
+    with pytest.raises(AecompressError, match="'wikitext2' is registered twice"):
+        register(Wikitext2("wikitext2", ("perplexity",), {"test": ("x",)}))
+    assert isinstance(TASKS["wikitext2"], Task)
+    with pytest.raises(AecompressError, match="needs a kind, metrics and data files"):
+        register(Wikitext2("wikitext2-none", (), {"test": ("x",)}))
+    assert "wikitext2-none" not in TASKS
 
 
 def test_task_table_lists_every_task_with_metrics_and_splits() -> None:
     lines = [line for line in task_table().splitlines() if line.startswith("|")]
     assert len(lines) == 2 + len(TASKS)
-    assert task_table().endswith(PROBE_NOTE) and "not the paper's fine-tuning" in PROBE_NOTE
+    assert (
+        task_table().endswith("\n\n" + PROBE_NOTE) and "not the paper's fine-tuning" in PROBE_NOTE
+    )
     row = next(line for line in lines if line.startswith("| arc-easy "))
     assert [c.strip() for c in row.split("|")[1:-1]] == [
         "arc-easy",
@@ -148,8 +181,10 @@ def test_probe_tasks_replaces_the_glue_tasks_only() -> None:
 
 
 def test_probe_counts_are_checked(tiny_bert, tokenizer) -> None:
-    with pytest.raises(AecompressError, match="max_train must be a whole number >= 1"):
+    with pytest.raises(AecompressError, match="max_train: Input should be a valid integer"):
         run_task("glue-rte-probe", tiny_bert, tokenizer, max_train=0.5)
+    with pytest.raises(AecompressError, match="folds: Input should be greater than or equal to 2"):
+        run_task("glue-rte-probe", tiny_bert, tokenizer, folds=1)
     with pytest.raises(AecompressError, match="has no option epochs"):
         run_task("glue-rte-probe", tiny_bert, tokenizer, epochs=1)
 
@@ -159,3 +194,10 @@ def test_a_probe_is_recorded_as_a_probe(tiny_bert, tokenizer) -> None:
     assert result.task == "glue-rte-probe" and result.split == "dev"
     assert result.settings["max_train"] == 20 and result.settings["pooling"] == "mean"
     assert set(result.data_sha256) == {"glue/RTE/train.tsv", "glue/RTE/dev.tsv"}
+
+
+def test_options_table_lists_each_tasks_options_with_defaults() -> None:
+    rows = options_table().splitlines()[2:]
+    listed = [name for row in rows for name in row.split(" | ")[0].removeprefix("| ").split(", ")]
+    assert sorted(listed) == sorted(TASKS)
+    assert "| arc-easy, piqa, hellaswag | split (null), limit (null), batch_size (16) |" in rows
