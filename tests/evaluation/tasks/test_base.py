@@ -1,4 +1,8 @@
+import math
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from aecompress.errors import AecompressError
 from aecompress.evaluation.glue import GLUE_TASKS
@@ -201,3 +205,35 @@ def test_options_table_lists_each_tasks_options_with_defaults() -> None:
     listed = [name for row in rows for name in row.split(" | ")[0].removeprefix("| ").split(", ")]
     assert sorted(listed) == sorted(TASKS)
     assert "| arc-easy, piqa, hellaswag | split (null), limit (null), batch_size (16) |" in rows
+
+
+VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 10**20),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from(["false", "true", "2", "2e-5", "test", "dev", "mean", ""]),
+    st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.text(max_size=2), st.integers(), max_size=1),
+)
+
+
+@given(name=st.sampled_from(sorted(TASKS)), data=st.data())
+@settings(max_examples=300, deadline=None)
+def test_any_options_give_checked_settings_or_one_line(name, data) -> None:
+    """Whatever a recipe or -O gives, the settings are of the declared types (a boolean
+    only from a boolean), valid again as they are, or the error is one line."""
+    task = TASKS[name]
+    keys = st.sampled_from([*task.Options.model_fields, "colour"])
+    options = data.draw(st.dictionaries(keys, VALUES, max_size=3))
+    try:
+        found = task_settings(name, options)
+    except AecompressError as error:
+        assert "\n" not in str(error)
+        return
+    assert task.settings(found) == found
+    for key, default in task.defaults().items():
+        if isinstance(default, bool):
+            assert found[key] is options.get(key, default)
+        elif isinstance(default, int | float) and found[key] is not None:
+            assert type(found[key]) is type(default) and math.isfinite(found[key])
