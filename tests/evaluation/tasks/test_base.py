@@ -5,7 +5,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aecompress.errors import AecompressError
-from aecompress.evaluation.glue import GLUE_TASKS
 from aecompress.evaluation.results import TaskResult
 from aecompress.evaluation.tasks import (
     TASKS,
@@ -17,7 +16,7 @@ from aecompress.evaluation.tasks import (
     task_settings,
     task_table,
 )
-from aecompress.evaluation.tasks.glue import PROBE_NOTE, probe_tasks
+from aecompress.evaluation.tasks.glue import PROBE_NOTE
 from aecompress.evaluation.tasks.wikitext2 import Wikitext2
 
 WIKITEXT2_TEST_SHA256 = "173c87a53759e0201f33e0ccf978e510c2042d7f2cb78229d9a50d79b9e7dd08"
@@ -160,44 +159,6 @@ def test_task_table_lists_every_task_with_metrics_and_splits() -> None:
         "acc, acc_norm",
         "test (validation)",
     ]
-
-
-def test_every_glue_task_has_a_probe_with_its_metrics_and_files() -> None:
-    for name in GLUE_TASKS:
-        tuned, probed = TASKS[f"glue-{name}"], TASKS[f"glue-{name}-probe"]
-        assert (probed.metrics, probed.files, probed.needs) == (
-            tuned.metrics,
-            tuned.files,
-            tuned.needs,
-        )
-        assert {"max_train", "l2", "folds", "pooling", "pairs"} <= set(probed.defaults())
-        assert "epochs" not in probed.defaults()
-
-
-def test_probe_tasks_replaces_the_glue_tasks_only() -> None:
-    assert probe_tasks(["stsb", "glue-rte", "glue-cola-probe"]) == [
-        "stsb",
-        "glue-rte-probe",
-        "glue-cola-probe",
-    ]
-    with pytest.raises(AecompressError, match=r"--probe applies to the glue-\* tasks \(got stsb\)"):
-        probe_tasks(["stsb"])
-
-
-def test_probe_counts_are_checked(tiny_bert, tokenizer) -> None:
-    with pytest.raises(AecompressError, match="max_train: Input should be a valid integer"):
-        run_task("glue-rte-probe", tiny_bert, tokenizer, max_train=0.5)
-    with pytest.raises(AecompressError, match="folds: Input should be greater than or equal to 2"):
-        run_task("glue-rte-probe", tiny_bert, tokenizer, folds=1)
-    with pytest.raises(AecompressError, match="has no option epochs"):
-        run_task("glue-rte-probe", tiny_bert, tokenizer, epochs=1)
-
-
-def test_a_probe_is_recorded_as_a_probe(tiny_bert, tokenizer) -> None:
-    result = run_task("glue-rte-probe", tiny_bert, tokenizer, max_train=20, progress=False)
-    assert result.task == "glue-rte-probe" and result.split == "dev"
-    assert result.settings["max_train"] == 20 and result.settings["pooling"] == "mean"
-    assert set(result.data_sha256) == {"glue/RTE/train.tsv", "glue/RTE/dev.tsv"}
 
 
 def test_options_table_lists_each_tasks_options_with_defaults() -> None:
