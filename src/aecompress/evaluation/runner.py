@@ -27,7 +27,7 @@ def task_options(task: str, options: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in options.items() if k in accepted}
 
 
-def check_options(tasks: list[str], options: dict[str, Any]) -> None:
+def _check_options(tasks: list[str], options: dict[str, Any]) -> None:
     """A one-line error for an option no task takes, or a value a task refuses."""
     accepted = set().union(*(TASKS[t].Options.model_fields for t in tasks))
     unused = sorted(str(k) for k in options if k not in accepted)
@@ -128,7 +128,7 @@ def evaluate(
         tasks = probe_tasks(tasks)
     for task in tasks:
         known_task(task)
-    check_options(tasks, options)
+    _check_options(tasks, options)
     where = resolve_device(device)
     if not is_artifact(model):
         loaded = _on(where, load_evaluated(model))
