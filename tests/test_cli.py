@@ -381,10 +381,11 @@ def test_a_report_of_a_file_without_records_is_refused(tmp_path):
 
 
 def test_tasks_and_evaluate_help_list_every_task(monkeypatch, capsys):
-    from aecompress.evaluation.tasks import TASKS, task_table
+    from aecompress.evaluation.tasks import TASKS, options_table, task_table
 
     code, listed, _ = invoke("tasks")
-    assert code == 0 and listed.strip() == task_table()
+    assert code == 0 and listed.startswith(task_table()) and options_table() in listed
+    assert "| wikitext2 | split (test), seq_len (512), windows (16), full (false)" in listed
     code, helped, _ = invoke("evaluate", "--help")
     assert code == 0
     rows = [line.strip() for line in helped.splitlines() if line.strip().startswith("| ")]
@@ -467,7 +468,8 @@ def test_evaluate_probe_reaches_the_probe_and_records_it(monkeypatch, tmp_path, 
 
     monkeypatch.setattr(glue, "features", counting)
     args = ["evaluate", str(tmp_path / "bert"), "--task", "glue-rte", "--task", "stsb"]
-    code, stdout, err = invoke(*args, "--probe", "--max-train", "12", "--json", str(tmp_path / "r"))
+    options = ["--task-option", "max_train=12"]
+    code, stdout, err = invoke(*args, "--probe", *options, "--json", str(tmp_path / "r"))
     assert code == 0, err
     # the capped train split, then RTE dev, each sentence of the pairs encoded alone
     assert encoded == [12, 12, 277, 277]
@@ -481,8 +483,11 @@ def test_evaluate_probe_reaches_the_probe_and_records_it(monkeypatch, tmp_path, 
     "args,message",
     [
         (["--task", "stsb", "--probe"], "--probe applies to the glue-* tasks (got stsb)"),
-        (["--task", "glue-rte", "--max-train", "9"], "no task of glue-rte takes the option"),
-        (["--task", "glue-rte", "--probe", "--max-train", "0"], "max_train must be a whole"),
+        (["--task", "glue-rte", "-O", "max_train=9"], "no task of glue-rte takes the option"),
+        (
+            ["--task", "glue-rte", "--probe", "-O", "max_train=0"],
+            "max_train: Input should be greater than or equal to 2",
+        ),
     ],
 )
 def test_evaluate_probe_errors_are_one_line(tmp_path, tokenizer, args, message):
@@ -494,8 +499,54 @@ def test_evaluate_probe_errors_are_one_line(tmp_path, tokenizer, args, message):
 
 def test_evaluate_help_mentions_the_probe():
     code, helped, _ = invoke("evaluate", "--help")
-    assert code == 0 and "--probe" in helped and "--max-train" in helped
+    assert code == 0 and "--probe" in helped and "--task-option" in helped
     assert "frozen-feature probe" in " ".join(helped.split())
+
+
+def test_task_options_reach_the_tasks_that_take_them(monkeypatch):
+    calls = []
+
+    def record(model, tasks, options, **kwargs):
+        calls.append((tasks, options, kwargs["device"]))
+        return [], []
+
+    monkeypatch.setattr("aecompress.evaluation.runner.evaluate", record)
+    args = ["--task", "wikitext2", "--task", "piqa", "-O", "full=true", "-O", "limit=5"]
+    code, _, err = invoke("evaluate", "m", *args, "--windows", "2", "--batch-size", "3")
+    assert code == 0, err
+    options = {"full": True, "limit": 5, "windows": 2, "batch_size": 3}
+    assert calls == [(["wikitext2", "piqa"], options, "auto")]
+    code, _, err = invoke("evaluate", "m", "-O", "windows=1", "--windows", "2")
+    assert "windows is given twice" in one_error(code, err)
+    code, _, err = invoke("evaluate", "m", "-O", "windows")
+    assert "--task-option takes KEY=VALUE, got 'windows'" in one_error(code, err)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["-O", "full=yes please"], "task 'wikitext2': full: Input should be a valid boolean"),
+        (["-O", "colour=1"], "no task of wikitext2 takes the option colour"),
+        (["--device", "tpu"], "unknown device 'tpu'"),
+    ],
+)
+def test_evaluate_refuses_bad_options_before_loading(monkeypatch, args, message):
+    def fail(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr("aecompress.evaluation.runner.load_evaluated", fail)
+    code, _, err = invoke("evaluate", "m", *args)
+    assert message in one_error(code, err)
+
+
+def test_evaluate_prints_the_standard_error_of_accuracies(tiny_folder, tmp_path):
+    args = ["--task", "piqa", "--limit", "4", "--device", "cpu", "--json", str(tmp_path / "r")]
+    code, stdout, err = invoke("evaluate", str(tiny_folder), *args)
+    assert code == 0, err
+    (record,) = json.loads((tmp_path / "r").read_text())
+    assert set(record["stderr"]) == {"acc", "acc_norm"}
+    acc, stderr = record["metrics"]["acc"], record["stderr"]["acc"]
+    assert f"| piqa | validation | acc | {acc:.2f} ± {stderr:.2f} |" in stdout
 
 
 def add_custom_code(folder: Path, config: bool) -> None:

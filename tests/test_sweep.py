@@ -411,3 +411,23 @@ def test_a_relative_model_path_from_another_folder_is_another_model(
     monkeypatch.chdir(tmp_path / "a")
     run_sweep(plan, results, progress=False)
     assert calls == [2, 2, 2]
+
+
+@pytest.mark.parametrize(
+    "task,problem",
+    [
+        ("{task: wikitext2, options: {full: 'false'}}", "full: Input should be a valid boolean"),
+        ("{task: piqa, options: {split: [test]}}", "split: Input should be a valid string"),
+        ("{task: piqa, options: {limt: 3}}", "task 'piqa' has no option limt"),
+        ("{task: wikitext3}", "unknown task 'wikitext3'"),
+    ],
+)
+def test_task_entries_are_validated_when_the_recipe_is_read(tmp_path, task, problem):
+    """By the task's own options model: a string "false" does not run every window."""
+    path = tmp_path / "grid.yaml"
+    path.write_text(
+        "name: g\nmodels: [m]\nmethods: [{method: svd}]\nratios: [2]\ntargets: [k]\n"
+        f"tasks: [{task}]\n"
+    )
+    with pytest.raises(AecompressError, match=f"sweep recipe {path}: tasks.0: .*{problem}"):
+        SweepRecipe.from_yaml(path)

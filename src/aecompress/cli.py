@@ -32,24 +32,24 @@ app = typer.Typer(
 )
 
 
-def _parse_options(pairs: list[str]) -> dict[str, Any]:
-    """KEY=VALUE pairs; values are read as YAML (numbers, booleans, lists); a dotted key
-    sets a nested field (loss.rmse_weight=1, or sparsegpt.damp=0.1 for one of several
-    methods)."""
+def _parse_options(pairs: list[str], flag: str = "--option") -> dict[str, Any]:
+    """KEY=VALUE pairs (given with `flag`); values are read as YAML (numbers, booleans,
+    lists); a dotted key sets a nested field (loss.rmse_weight=1, or sparsegpt.damp=0.1 for
+    one of several methods)."""
     from aecompress.recipe import parse_yaml
 
     options: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise AecompressError(f"--option takes KEY=VALUE, got '{pair}'")
-        parsed = parse_yaml(value, f"--option {key.strip()}")  # never quotes the value
+            raise AecompressError(f"{flag} takes KEY=VALUE, got '{pair}'")
+        parsed = parse_yaml(value, f"{flag} {key.strip()}")  # never quotes the value
         *parents, leaf = key.strip().split(".")
         node = options
         for parent in parents:
             child = node.setdefault(parent, {})
             if not isinstance(child, dict):
-                raise AecompressError(f"--option {key}: {parent} is already set to a value")
+                raise AecompressError(f"{flag} {key}: {parent} is already set to a value")
             node = child
         node[leaf] = parsed
     return options
@@ -154,22 +154,24 @@ def compress(
 def evaluate(
     model: Annotated[str, typer.Argument(help="an artifact folder or a model (as for compress)")],
     task: Annotated[list[str] | None, typer.Option(help="task to run (repeatable)")] = None,
-    split: Annotated[str | None, typer.Option(help="split, where a task has several")] = None,
-    windows: Annotated[int | None, typer.Option(help="wikitext2: first N windows")] = None,
-    seq_len: Annotated[int | None, typer.Option(help="wikitext2: window length")] = None,
-    full: Annotated[bool | None, typer.Option("--full", help="wikitext2: every window")] = None,
-    limit: Annotated[int | None, typer.Option(help="multiple choice / mlm: first N items")] = None,
-    train_fraction: Annotated[float | None, typer.Option(help="glue: train on a fraction")] = None,
+    task_option: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--task-option", "-O", help="KEY=VALUE for the tasks that take KEY (repeatable)"
+        ),
+    ] = None,
+    split: Annotated[str | None, typer.Option(help="= --task-option split=S")] = None,
+    windows: Annotated[int | None, typer.Option(help="= --task-option windows=N")] = None,
+    seq_len: Annotated[int | None, typer.Option(help="= --task-option seq_len=N")] = None,
+    limit: Annotated[int | None, typer.Option(help="= --task-option limit=N")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="= --task-option batch_size=N")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     probe: Annotated[
         bool,
         typer.Option(
             "--probe", help="glue: a frozen-feature probe (glue-*-probe) instead of fine-tuning"
         ),
     ] = False,
-    max_train: Annotated[
-        int | None, typer.Option(help="glue probe: at most N train examples (default 4000)")
-    ] = None,
-    seed: Annotated[int | None, typer.Option(help="seed of tasks that sample or train")] = None,
     dense: Annotated[bool, typer.Option(help="also report the artifact's base model")] = True,
     json_out: Annotated[Path | None, typer.Option("--json", help="write results here")] = None,
     overwrite: Annotated[
@@ -180,21 +182,26 @@ def evaluate(
     from aecompress.evaluation.results import format_table, is_records_file, write_records
     from aecompress.evaluation.runner import evaluate as run_evaluate
 
-    options = {
+    options = _parse_options(task_option or [], "--task-option")
+    shorthands = {
         "split": split,
         "windows": windows,
         "seq_len": seq_len,
-        "full": full,
         "limit": limit,
-        "train_fraction": train_fraction,
-        "max_train": max_train,
-        "seed": seed,
+        "batch_size": batch_size,
     }
+    for key, value in shorthands.items():
+        if value is not None:
+            if key in options:
+                raise AecompressError(f"{key} is given twice (--task-option and its own flag)")
+            options[key] = value
     if json_out is not None:
         what = f"--json {json_out}"
         check_file(json_out, what, "an evaluate --json file", is_records_file, overwrite)
     tasks = task or ["wikitext2"]
-    results, dense_results = run_evaluate(model, tasks, options, dense=dense, probe=probe)
+    results, dense_results = run_evaluate(
+        model, tasks, options, dense=dense, probe=probe, device=device
+    )
     typer.echo(format_table(results, dense_results if dense_results else None))
     if json_out is not None:
         write_records(json_out, model, results, dense_results)
@@ -222,8 +229,11 @@ def inspect(
 
 @app.command()
 def tasks() -> None:
-    """List the evaluation tasks: the model each needs, its metrics and splits."""
+    """List the evaluation tasks: the model each needs, its metrics, splits and options."""
+    from aecompress.evaluation.tasks import options_table
+
     typer.echo(task_table())
+    typer.echo(f"\nOptions (`evaluate --task-option KEY=VALUE`):\n\n{options_table()}")
 
 
 @app.command()

@@ -77,13 +77,22 @@ RECIPE_FIELDS = {
 
 
 class TaskSpec(BaseModel):
-    """One evaluation task; `ratios` restricts it to some ratios (e.g. fine-tuning)."""
+    """One evaluation task, its options validated by the task's own model; `ratios`
+    restricts it to some ratios (e.g. fine-tuning)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     task: str
     options: dict[str, Any] = Field(default_factory=dict)
     ratios: list[float] | None = None
+
+    @model_validator(mode="after")
+    def _known_task_and_options(self) -> TaskSpec:
+        try:
+            task_settings(self.task, self.options)
+        except AecompressError as error:
+            raise ValueError(str(error)) from error
+        return self
 
 
 class Resources(BaseModel):
@@ -378,9 +387,9 @@ def run_sweep(
     executor (default: this process, one job after the other) runs the jobs; only this
     process writes the results file.
     """
-    for spec in sweep.tasks:  # unknown tasks, options and splits fail before any work
-        _settings(spec)
-    for cell in cells(sweep):  # so do unknown methods, options, targets and bad ratios
+    # unknown tasks and task options failed when the recipe was read; unknown methods,
+    # options, targets and bad ratios fail here, before any work
+    for cell in cells(sweep):
         cell_recipe(sweep, cell)
     results.parent.mkdir(parents=True, exist_ok=True)
     log = _Log.read(results)

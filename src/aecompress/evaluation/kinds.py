@@ -14,28 +14,6 @@ KINDS: dict[str, str] = {
     "encoder": "a bidirectional (BERT-like) encoder",
 }
 
-# What each task needs; the registry in tasks.py takes its requirements from here so that
-# the task modules can name the runnable tasks without importing the registry.
-TASK_NEEDS: dict[str, str] = {
-    "wikitext2": "causal-lm",
-    "arc-easy": "causal-lm",
-    "piqa": "causal-lm",
-    "hellaswag": "causal-lm",
-    "mlm": "masked-lm",
-    "stsb": "encoder",
-    "fidelity": "encoder",
-    "glue-mrpc": "encoder",
-    "glue-rte": "encoder",
-    "glue-stsb": "encoder",
-    "glue-sst2": "encoder",
-    "glue-cola": "encoder",
-    "glue-mrpc-probe": "encoder",
-    "glue-rte-probe": "encoder",
-    "glue-stsb-probe": "encoder",
-    "glue-sst2-probe": "encoder",
-    "glue-cola-probe": "encoder",
-}
-
 
 def model_kinds(model: nn.Module) -> frozenset[str]:
     """The kinds a model is, judged by its transformers class and model type.
@@ -58,18 +36,11 @@ def model_kinds(model: nn.Module) -> frozenset[str]:
     return frozenset(kinds)
 
 
-def runnable_tasks(model: nn.Module) -> list[str]:
-    kinds = model_kinds(model)
-    return [task for task, need in TASK_NEEDS.items() if need in kinds]
-
-
-def require(task: str, model: nn.Module) -> None:
-    """Raise a one-line error unless `model` is of the kind `task` needs."""
-    need = TASK_NEEDS[task]
+def require(need: str, model: nn.Module, task: str) -> None:
+    """Raise a one-line error naming `task` unless `model` is of the kind `need`."""
     if need in model_kinds(model):
         return
-    runnable = ", ".join(runnable_tasks(model)) or "none of the tasks"
+    kinds = " and ".join(KINDS[kind] for kind in sorted(model_kinds(model))) or "none of these"
     raise AecompressError(
-        f"task '{task}' needs {KINDS[need]}; this model ({type(model).__name__}) can run: "
-        f"{runnable}"
+        f"task '{task}' needs {KINDS[need]}; this model ({type(model).__name__}) is {kinds}"
     )

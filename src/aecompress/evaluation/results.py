@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ class TaskResult:
     data_sha256: dict[str, str]  # data file (relative to the data folder) -> sha256
     settings: dict[str, Any]  # every option of the run, defaults included
     seconds: float  # wall time of the run
+    stderr: dict[str, float] = field(default_factory=dict)  # metric -> its standard error
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -60,28 +61,30 @@ def is_records_file(path: Path) -> bool:
     )
 
 
-def _number(value: float) -> str:
-    return f"{value:.2f}"
+def _number(value: float, stderr: float | None = None) -> str:
+    return f"{value:.2f}" + ("" if stderr is None else f" ± {stderr:.2f}")
 
 
 def format_table(
     results: Sequence[TaskResult], dense_results: Sequence[TaskResult] | None = None
 ) -> str:
-    """Markdown table: task, split, metric, value (and the dense value and the difference)."""
+    """Markdown table: task, split, metric, value (and the dense value and the difference);
+    a value with a standard error is printed as value ± stderr."""
     header = ["task", "split", "metric", "value"]
-    dense = {(r.task, r.split): r.metrics for r in dense_results or []}
+    dense = {(r.task, r.split): r for r in dense_results or []}
     if dense_results is not None:
         header += ["dense", "difference"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 3 + "---:|" * (len(header) - 3)]
     for result in results:
         for metric, value in result.metrics.items():
-            cells = [result.task, result.split, metric, _number(value)]
+            cells = [result.task, result.split, metric, _number(value, result.stderr.get(metric))]
             if dense_results is not None:
-                reference = dense.get((result.task, result.split), {}).get(metric)
+                base = dense.get((result.task, result.split))
+                reference = None if base is None else base.metrics.get(metric)
                 cells += (
                     ["", ""]
-                    if reference is None
-                    else [_number(reference), f"{value - reference:+.2f}"]
+                    if base is None or reference is None
+                    else [_number(reference, base.stderr.get(metric)), f"{value - reference:+.2f}"]
                 )
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

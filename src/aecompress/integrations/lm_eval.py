@@ -9,7 +9,8 @@ data folder (YAML in lm_eval_tasks/):
 
 No special token is added to the text (`add_bos_token=False`, aecompress's own convention;
 `--model_args path=out/,add_bos_token=True` for lm-eval's default), so lm-eval's acc and
-acc_norm equal `aecompress evaluate --task arc-easy` on the same items.
+acc_norm (and their standard errors) equal `aecompress evaluate --task arc-easy` on the same
+items.
 """
 
 from __future__ import annotations
@@ -96,12 +97,15 @@ def _simple_evaluate(
     )
 
 
+REPORTED = ("acc", "acc_norm", "acc_stderr", "acc_norm_stderr")  # as percentages
+
+
 def compare(
     path: str, task: str = "arc-easy", *, limit: int | None = None, batch_size: int = 16
 ) -> dict[str, Any]:
     """Our `task` and lm-eval's local one on the first `limit` items, one model loaded once:
-    both accuracies (percent), whether the prompts are the same, and the largest difference
-    of a choice's log-likelihood."""
+    both accuracies and their standard errors (percent), whether the prompts are the same,
+    and the largest difference of a choice's log-likelihood."""
     model = model_class()(path, batch_size=batch_size)
     local = LOCAL_TASKS[task]
     found = _simple_evaluate(model, [local], limit, log_samples=True)
@@ -121,7 +125,7 @@ def compare(
     return {
         "items": len(items),
         "ours": accuracies(items, ours),
-        "lm_eval": {name: 100 * metrics[f"{name},none"] for name in ("acc", "acc_norm")},
+        "lm_eval": {name: 100 * metrics[f"{name},none"] for name in REPORTED},
         "same_prompts": [tuple(a) for s in samples for a in s["arguments"]] == pairs,
         "max_loglikelihood_difference": max(abs(a - b) for a, b in zip(ours, theirs, strict=True)),
     }
