@@ -410,6 +410,28 @@ def test_export_writes_a_plain_folder_and_checks_it_first(monkeypatch, capsys, t
     assert "--dense full exists and is not an empty folder" in one_error(code, err)
 
 
+def test_export_in_the_compressed_tensors_format_and_one_output_folder(
+    monkeypatch, capsys, tmp_path
+):
+    import aecompress
+
+    aecompress.compress(
+        tiny_model("llama"), method="rtn", ratio=3, targets=["down"], progress=False
+    ).save_pretrained(tmp_path / "art")
+    monkeypatch.chdir(tmp_path)
+    code, stdout, _ = invoke("export", "art", "--format", "compressed-tensors", "ct")
+    assert code == 0 and "wrote ct" in stdout
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())
+    assert config["quantization_config"]["format"] == "pack-quantized"
+    for args, message in [
+        (["--format", "gguf", "x"], "--format must be dense or compressed-tensors (got 'gguf')"),
+        (["x", "--dense", "y"], "--dense OUT is --format dense OUT: give one output folder"),
+        ([], "export needs a folder to write: OUT or --dense OUT"),
+    ]:
+        code, _, err = invoke("export", "art", *args)
+        assert message in one_error(code, err)
+
+
 @pytest.mark.parametrize(
     "args,message",
     [

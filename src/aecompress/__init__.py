@@ -4,6 +4,7 @@ cm = aecompress.compress("minilm-l6", method="svd", ratio=10, targets=["embed"])
 cm.save_pretrained("out/")
 model = aecompress.load("out/")
 aecompress.export_dense("out/", "plain/")  # a plain transformers folder, every matrix decoded
+aecompress.export_compressed_tensors("out/", "ct/")  # gptq / rtn packed, as llm-compressor
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from transformers import PreTrainedModel
 
-from aecompress.artifact import export_dense, load_compressed
+from aecompress.artifact import export_compressed_tensors, export_dense, load_compressed
 from aecompress.compressed import CompressedModel
 from aecompress.engine import compress
 from aecompress.errors import AecompressError
@@ -28,6 +29,7 @@ __all__ = [
     "__version__",
     "compress",
     "evaluate",
+    "export_compressed_tensors",
     "export_dense",
     "load",
     "load_compressed",

@@ -239,17 +239,33 @@ def tasks() -> None:
 @app.command()
 def export(
     artifact: Annotated[Path, typer.Argument(help="artifact folder")],
+    output: Annotated[Path | None, typer.Argument(help="folder to write (new or empty)")] = None,
+    format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="dense (every matrix decoded) | compressed-tensors (gptq / rtn kept packed)",
+        ),
+    ] = "dense",
     dense: Annotated[
-        Path, typer.Option("--dense", help="folder to write: a plain transformers model")
-    ],
+        Path | None, typer.Option("--dense", help="folder to write: --format dense")
+    ] = None,
 ) -> None:
-    """Write an artifact's model, every matrix decoded, as a plain transformers folder
-    (safetensors, config, tokenizer) that loads without aecompress."""
-    from aecompress.artifact import export_dense
+    """Write an artifact's model as a folder that loads in transformers without aecompress:
+    every matrix decoded (dense), or gptq / rtn groups in the compressed-tensors format
+    (the compressed-tensors package needed to load it; see docs/export.md)."""
+    from aecompress.artifact import EXPORTS
 
-    check_new_folder(dense, f"--dense {dense}")
-    export_dense(artifact, dense)
-    typer.echo(f"wrote {dense}")
+    if format not in EXPORTS:
+        raise AecompressError(f"--format must be {' or '.join(EXPORTS)} (got '{format}')")
+    if dense is not None and (output is not None or format != "dense"):
+        raise AecompressError("--dense OUT is --format dense OUT: give one output folder")
+    where = dense or output
+    if where is None:
+        raise AecompressError("export needs a folder to write: OUT or --dense OUT")
+    check_new_folder(where, f"--dense {where}" if dense else str(where))
+    EXPORTS[format](artifact, where)
+    typer.echo(f"wrote {where}")
 
 
 @app.command()
