@@ -413,7 +413,7 @@ def test_export_writes_a_plain_folder_and_checks_it_first(monkeypatch, capsys, t
     "args,message",
     [
         (["--executor", "ray"], "--executor ray needs Ray: pip install 'aecompress[ray]'"),
-        (["--executor", "dask"], "--executor must be serial or ray (got 'dask')"),
+        (["--executor", "dask"], "--executor must be serial, process or ray (got 'dask')"),
         (["--address", "auto"], "--address needs --executor ray"),
     ],
 )

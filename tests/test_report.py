@@ -1,6 +1,6 @@
 import matplotlib
 
-from aecompress.report import ratio_axis
+from aecompress.report import process_costs, ratio_axis, write_report
 
 matplotlib.use("Agg")
 
@@ -16,3 +16,27 @@ def test_ratio_axis_labels_the_grid_ratios_plainly():
     assert list(axes.get_xticks()) == [3, 10, 25]
     assert axes.get_xticklabels(minor=True) == []
     plt.close(figure)
+
+
+def _record(label, ratio, task, **measured):
+    cell = {"model": "m", "label": label, "ratio": ratio}
+    if label != "dense":
+        cell |= {"method": label, "targets": "up", "group": "none", "seed": 0}
+    metrics = {"perplexity": 10.0 * ratio}
+    return {"cell": cell, "task": task, "status": "ok", "metrics": metrics, **measured}
+
+
+def test_the_report_gives_each_process_cells_time_and_peak_memory(tmp_path):
+    records = [
+        _record("dense", 1.0, "wikitext2", wall_seconds=30.0, peak_rss_bytes=700 * 2**20),
+        _record("rtn", 4.0, "wikitext2", wall_seconds=12.0, peak_rss_bytes=900 * 2**20),
+        _record("rtn", 4.0, "piqa", wall_seconds=12.0, peak_rss_bytes=900 * 2**20),
+    ]
+    write_report([tmp_path / "results.jsonl"], records)
+    report = (tmp_path / "report.md").read_text()
+    rows = [line for line in report.splitlines() if line.startswith("| m |")]
+    assert rows == ["| m |  | dense | 1 | 0 | 30 | 700 |", "| m | up | rtn | 4 | 0 | 12 | 900 |"]
+
+
+def test_records_of_a_serial_sweep_have_no_process_table():
+    assert process_costs([_record("rtn", 4.0, "wikitext2")]) == ""
