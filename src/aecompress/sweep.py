@@ -6,8 +6,8 @@ settings. A failing cell is recorded with its error (once: a re-run that fails i
 same way appends nothing) and the sweep goes on. The
 dense model of each model is evaluated once per task; calibration statistics are cached
 on disk by the engine, so methods that share them compute them once. Cells run in this
-process, one after the other, or on an executor (cluster.py: Ray); either way only this
-process writes the results file.
+process, one after the other, or on an executor (cluster.py: a child process per cell,
+or Ray); either way only this process writes the results file.
 """
 
 from __future__ import annotations
