@@ -7,10 +7,11 @@ symmetric integer weights with one scale per group of 64 columns, GPTQ with damp
 blocks of 128 and static activation order, as aecompress's gptq defaults. The scales are
 fp32 here (the model is evaluated in fp32; aecompress stores bf16 scales), and the stored
 ratio is counted from the shapes in compressed-tensors' pack-quantized form with bf16
-scales, as aecompress counts its own. Each configuration runs in its own process; its
-records (wall time of the process, peak RSS, `compress_seconds`: the oneshot call) are
-appended to the sweep's results file, so `aecompress report` puts them beside the sweep's
-rows. A configuration already recorded ok is skipped.
+scales, as aecompress counts its own. Each configuration runs in its own process; each of
+its records (wall time of the process and its peak RSS until that task was done,
+`compress_seconds`: the oneshot call) is appended to the sweep's results file when done,
+so `aecompress report` puts them beside the sweep's rows. A configuration whose tasks are
+all recorded ok is skipped.
 
 llmcompressor pins an older transformers than aecompress's venv, so this runs under the
 venv of `make llmcompressor`:
@@ -39,8 +40,8 @@ TARGETS = "up,gate,down"
 # label -> (modifier, bits, group, the sweep's ratio column of that scheme)
 CONFIGS: dict[str, tuple[str, int, int, float]] = {
     "llm-compressor gptq g64 w4": ("GPTQModifier", 4, 64, 3.76),
-    "llm-compressor gptq g64 w3": ("GPTQModifier", 3, 64, 4.92),
     "llm-compressor rtn g64 w4": ("QuantizationModifier", 4, 64, 3.76),
+    "llm-compressor gptq g64 w3": ("GPTQModifier", 3, 64, 4.92),
     "llm-compressor rtn g64 w3": ("QuantizationModifier", 3, 64, 4.92),
 }
 
@@ -70,21 +71,22 @@ def quantize(loaded: Any, modifier: str, bits: int, group: int) -> list[str]:
     import datasets
     import torch
     from llmcompressor import oneshot
-    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+    from llmcompressor.modifiers.gptq import GPTQModifier
+    from llmcompressor.modifiers.quantization import QuantizationModifier
 
     from aecompress.calibration import CalibrationConfig, calibration_windows
     from aecompress.targets import resolve_targets
 
     paths = [t.path for t in resolve_targets(loaded.model, TARGETS.split(","))]
-    weights = {
+    weights: dict[str, Any] = {
         "num_bits": bits,
         "type": "int",
         "symmetric": True,
         "strategy": "group",
         "group_size": group,
     }
-    scheme = {"group_0": {"targets": ["re:^(" + "|".join(map(re.escape, paths)) + ")$"]}}
-    scheme["group_0"]["weights"] = weights  # type: ignore[assignment]
+    pattern = "re:^(" + "|".join(map(re.escape, paths)) + ")$"
+    scheme = {"group_0": {"targets": [pattern], "weights": weights}}
     if modifier == "GPTQModifier":
         recipe: Any = GPTQModifier(
             config_groups=scheme,
@@ -102,6 +104,7 @@ def quantize(loaded: Any, modifier: str, bits: int, group: int) -> list[str]:
     )
     oneshot(
         model=loaded.model,
+        processor=loaded.tokenizer,  # the model came from a .gguf file, not a folder
         dataset=data,
         recipe=recipe,
         num_calibration_samples=config.samples,
@@ -136,25 +139,22 @@ def run_one(name: str, recipe_path: Path, results: Path) -> None:
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     sweep = SweepRecipe.from_yaml(recipe_path)
-    modifier, bits, group, ratio = CONFIGS[name]
+    modifier, bits, group, _ = CONFIGS[name]
     loaded = load_model(sweep.models[0])
     start = time.perf_counter()
     paths = quantize(loaded, modifier, bits, group)
     extra = {"compress_seconds": time.perf_counter() - start}
+    print(f"{name}: oneshot {extra['compress_seconds']:.0f} s", flush=True)
     extra |= stored_ratio(loaded.model, paths, bits, group)
-    records = []
-    for spec in sweep.tasks:
-        if spec.ratios is not None and ratio not in spec.ratios:
-            continue
+    for spec in tasks_of(sweep, name):  # each recorded when done: time and peak RSS so far
         result = run_task(spec.task, loaded.model, loaded.tokenizer, progress=False, **spec.options)
-        records.append({"cell": cell_of(name, sweep.models[0]), "status": "ok", **asdict(result)})
-    measured = {
-        "wall_seconds": time.perf_counter() - STARTED,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "torch_threads": torch.get_num_threads(),
-    }
-    for record in records:
-        append(results, {**record, **extra, **measured})
+        measured = {
+            "wall_seconds": time.perf_counter() - STARTED,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "torch_threads": torch.get_num_threads(),
+        }
+        cell = cell_of(name, sweep.models[0])
+        append(results, {"cell": cell, "status": "ok", **asdict(result), **extra, **measured})
 
 
 def append(path: Path, record: dict[str, Any]) -> None:
@@ -167,11 +167,23 @@ def append(path: Path, record: dict[str, Any]) -> None:
         os.close(handle)
 
 
-def recorded(results: Path, name: str, model: str) -> bool:
+def tasks_of(sweep: Any, name: str) -> list[Any]:
+    """The sweep's tasks at the configuration's ratio."""
+    ratio = CONFIGS[name][3]
+    return [s for s in sweep.tasks if s.ratios is None or ratio in s.ratios]
+
+
+def recorded(results: Path, name: str, sweep: Any) -> bool:
+    """Whether every task of the configuration is recorded ok."""
     from aecompress.sweep import cell_id, read_results
 
-    cell = cell_id(cell_of(name, model))
-    return any(cell_id(r["cell"]) == cell and r["status"] == "ok" for r in read_results(results))
+    cell = cell_id(cell_of(name, sweep.models[0]))
+    done = {
+        r["task"] + str(r.get("split"))
+        for r in read_results(results)
+        if cell_id(r["cell"]) == cell and r["status"] == "ok"
+    }
+    return len(done) >= len(tasks_of(sweep, name))
 
 
 def main() -> None:
@@ -186,9 +198,9 @@ def main() -> None:
         return
     from aecompress.sweep import SweepRecipe
 
-    model = SweepRecipe.from_yaml(args.recipe).models[0]
+    sweep = SweepRecipe.from_yaml(args.recipe)
     for name in args.configs:
-        if recorded(args.results, name, model):
+        if recorded(args.results, name, sweep):
             print(f"{name}: recorded", flush=True)
             continue
         command = [sys.executable, __file__, str(args.recipe), "--results", str(args.results)]
