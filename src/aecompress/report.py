@@ -66,20 +66,22 @@ def _tables(
 ) -> Iterator[tuple[tuple[str, str, str, str, str], list[dict[str, Any]], float | None]]:
     """(model, targets, task, split, metric), its compressed rows, and the dense value."""
     dense = {
-        (r["model"], r["task"], r["metric"]): r["value"] for r in rows if r["label"] == "dense"
+        (r["model"], r["task"], r["split"], r["metric"]): r["value"]
+        for r in rows
+        if r["label"] == "dense"
     }
     compressed = [r for r in rows if r["label"] != "dense"]
     keys = sorted(
         {(r["model"], r["targets"], r["task"], r["split"], r["metric"]) for r in compressed}
     )
     for key in keys:
-        model, _targets, task, _split, metric = key
+        model, _targets, task, split, metric = key
         subset = [
             r
             for r in compressed
             if (r["model"], r["targets"], r["task"], r["split"], r["metric"]) == key
         ]
-        yield key, subset, dense.get((model, task, metric))
+        yield key, subset, dense.get((model, task, split, metric))
 
 
 def _in_order(names: Iterable[str]) -> list[str]:

@@ -177,10 +177,11 @@ _SLOT_FIELDS = ("model", "label", "targets", "group", "ratio", "seed")
 
 def current(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The latest record of each place in the report (model, label, targets, group, ratio,
-    seed, task), in order of first appearance: a re-run supersedes earlier records."""
+    seed, task, split), in order of first appearance: a re-run supersedes earlier records."""
     latest: dict[str, dict[str, Any]] = {}
     for record in records:
         slot = [record["cell"].get(f) for f in _SLOT_FIELDS] + [record["task"]]
+        slot += [(record.get("settings") or {}).get("split")]  # failures have no "split"
         latest[json.dumps(slot)] = record
     return list(latest.values())
 
