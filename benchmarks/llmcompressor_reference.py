@@ -30,13 +30,14 @@ import re
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 STARTED = time.perf_counter()
-TARGETS = "up,gate,down"
+TARGETS = "up,gate,down"  # of SmolLM2-135M (the recipe's model), run from a plain fp32 copy
 # label -> (modifier, bits, group, the sweep's ratio column of that scheme)
 CONFIGS: dict[str, tuple[str, int, int, float]] = {
     "llm-compressor gptq g64 w4": ("GPTQModifier", 4, 64, 3.76),
@@ -132,6 +133,7 @@ def stored_ratio(model: Any, paths: list[str], bits: int, group: int) -> dict[st
 def run_one(name: str, recipe_path: Path, results: Path) -> None:
     """In a fresh process: quantize, evaluate the sweep's tasks, append the records."""
     import torch
+    from speed import copy_model  # benchmarks/speed.py, beside this file
 
     from aecompress.evaluation.tasks import run_task
     from aecompress.models import load_model
@@ -140,7 +142,9 @@ def run_one(name: str, recipe_path: Path, results: Path) -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     sweep = SweepRecipe.from_yaml(recipe_path)
     modifier, bits, group, _ = CONFIGS[name]
-    loaded = load_model(sweep.models[0])
+    # oneshot reads the model's config from its folder: a plain fp32 copy, not the GGUF file
+    copy = Path(tempfile.gettempdir()) / "aecompress-smollm2-fp32"
+    loaded = load_model(copy_model({"folder": str(copy)})["folder"])
     start = time.perf_counter()
     paths = quantize(loaded, modifier, bits, group)
     extra = {"compress_seconds": time.perf_counter() - start}
