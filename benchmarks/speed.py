@@ -62,6 +62,7 @@ PREFILL = ((1, 512), (8, 128))  # (batch, tokens)
 MODULE_TOKENS = (512, 1)
 PROMPT = 32  # tokens before the timed decode
 TARGET_RATIO, TARGET_SPEEDUP, TARGET_MEMORY = 2.0, 1.6, 0.55
+TARGET_QUANTIZED_MEMORY = 0.3  # issue 27: packed modules / their dense bf16 bytes
 MIB = 2**20
 
 
@@ -551,6 +552,19 @@ def notes(records: list[dict[str, Any]], ref: dict[str, float]) -> list[str]:
             "codes and the decoder on every forward pass, then multiplies with it: it saves "
             f"memory but costs time ({found}). `decode=True` serves the same artifact as "
             "dense matrices."
+        )
+    quantized = [r for r in records if "QuantizedLinear" in r.get("module_classes", [])]
+    for r in quantized:  # issue 27: against the matrices' bf16 bytes (dense here is fp32)
+        ratios = speedups(r, ref)
+        lines.append(
+            f"- {r['method']} at ratio {r['ratio']:g}, served packed (QuantizedLinear): its "
+            f"modules hold {r['modules_bytes'] / MIB:.1f} MiB, "
+            f"{2 * ratios['modules_bytes']:.3f}x the bf16 bytes of the dense matrices "
+            f"(target <= {TARGET_QUANTIZED_MEMORY}x: "
+            f"**{'met' if 2 * ratios['modules_bytes'] <= TARGET_QUANTIZED_MEMORY else 'not met'}"
+            f"**); against the fp32 dense model: prefill 1x512 {ratios['prefill_1x512']:.2f}x, "
+            f"8x128 {ratios['prefill_8x128']:.2f}x, decode {ratios['decode_per_token']:.2f}x "
+            "(speed-ups)."
         )
     lines.append(
         "- `decoded` rows hold full-size dense matrices (the control: dense speed and "

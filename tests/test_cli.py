@@ -436,7 +436,7 @@ def test_export_in_the_compressed_tensors_format_and_one_output_folder(
     "args,message",
     [
         (["--executor", "ray"], "--executor ray needs Ray: pip install 'aecompress[ray]'"),
-        (["--executor", "dask"], "--executor must be serial or ray (got 'dask')"),
+        (["--executor", "dask"], "--executor must be serial, process or ray (got 'dask')"),
         (["--address", "auto"], "--address needs --executor ray"),
     ],
 )

@@ -291,7 +291,11 @@ def sweep(
         str, typer.Option(help="I/N: run every N-th cell from the I-th (N parallel processes)")
     ] = "0/1",
     executor: Annotated[
-        str, typer.Option(help="serial (this process) | ray (one Ray task per cell)")
+        str,
+        typer.Option(
+            help="serial (this process) | process (a child process per cell, timed, peak RSS)"
+            " | ray (one Ray task per cell)"
+        ),
     ] = "serial",
     address: Annotated[
         str | None, typer.Option(help="ray: the cluster's address (default: local)")
@@ -319,15 +323,19 @@ def _given(ctx: typer.Context, field: str) -> bool:
 
 
 def _executor(name: str, address: str | None) -> Executor | None:
-    """None (serial) or a RayExecutor; one-line errors for a bad choice."""
+    """None (serial), a ProcessExecutor or a RayExecutor; one-line errors for a bad choice."""
     if name == "ray":
         from aecompress.cluster import RayExecutor
 
         return RayExecutor(address)
-    if name != "serial":
-        raise AecompressError(f"--executor must be serial or ray (got '{name}')")
+    if name not in ("serial", "process"):
+        raise AecompressError(f"--executor must be serial, process or ray (got '{name}')")
     if address is not None:
         raise AecompressError("--address needs --executor ray")
+    if name == "process":
+        from aecompress.cluster import ProcessExecutor
+
+        return ProcessExecutor()
     return None
 
 

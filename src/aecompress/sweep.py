@@ -6,8 +6,8 @@ settings. A failing cell is recorded with its error (once: a re-run that fails i
 same way appends nothing) and the sweep goes on. The
 dense model of each model is evaluated once per task; calibration statistics are cached
 on disk by the engine, so methods that share them compute them once. Cells run in this
-process, one after the other, or on an executor (cluster.py: Ray); either way only this
-process writes the results file.
+process, one after the other, or on an executor (cluster.py: a child process per cell,
+or Ray); either way only this process writes the results file.
 """
 
 from __future__ import annotations
@@ -201,10 +201,11 @@ _SLOT_FIELDS = ("model", "model_id", "label", "targets", "group", "ratio", "seed
 
 def current(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The latest record of each place in the report (model, label, targets, group, ratio,
-    seed, task), in order of first appearance: a re-run supersedes earlier records."""
+    seed, task, split), in order of first appearance: a re-run supersedes earlier records."""
     latest: dict[str, dict[str, Any]] = {}
     for record in records:
         slot = [record["cell"].get(f) for f in _SLOT_FIELDS] + [record["task"]]
+        slot += [(record.get("settings") or {}).get("split")]  # failures have no "split"
         latest[json.dumps(slot)] = record
     return list(latest.values())
 
