@@ -17,14 +17,16 @@ Resumable as a sweep: a task already recorded ok with the same settings is not r
         /tmp/llmc/bin/pip install llmcompressor -e '.[models]'
     /tmp/llmc/bin/python benchmarks/compensation.py \\
         --results benchmarks/results/smollm2-compensation/results.jsonl
-    PYTHONPATH=src python benchmarks/compensation.py --quick --results /tmp/c.jsonl  # smoke
+    /tmp/llmc/bin/python benchmarks/compensation.py --quick --results /tmp/c.jsonl  # smoke
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import re
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -232,5 +234,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def main() -> None:
+    args = parse_args()
+    if importlib.util.find_spec("llmcompressor") is None:
+        print(
+            "compensation.py: error: llmcompressor is not installed in this Python "
+            f"({sys.executable}); see this script's docstring",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+    run(args)
+
+
 if __name__ == "__main__":
-    run(parse_args())
+    main()

@@ -1,8 +1,12 @@
+import importlib.util
+
 import compensation
+import pytest
 import torch
 
 from aecompress.report import write_report
 from aecompress.sweep import read_results
+from tests.benchmarks.conftest import run_script
 
 
 def magnitude_prune(loaded, modifier, paths, sparsity, windows):
@@ -30,3 +34,12 @@ def test_quick_run_appends_sweep_records_once_and_the_report_tables_them(llama_f
     assert len(read_results(results)) == 2  # resumed: nothing ran again
     write_report([results], records)
     assert "llmcompressor:sparsegpt" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.skipif(bool(importlib.util.find_spec("llmcompressor")), reason="installed here")
+def test_without_llmcompressor_the_script_stops_before_any_work(tmp_path, capsys):
+    results = tmp_path / "results.jsonl"
+    with pytest.raises(SystemExit) as stop:
+        run_script("compensation", "--quick", "--results", str(results))
+    assert stop.value.code == 2 and not results.exists()
+    assert "error: llmcompressor is not installed" in capsys.readouterr().err
