@@ -94,9 +94,9 @@ def llmcompressor_prune(
     )
 
 
-def kept_per_member(planned: PlannedGroup) -> int:
-    """The most weights a member of the group keeps within its budget (values and
-    positions counted as the sparsegpt method counts them)."""
+def kept_within_budget(planned: PlannedGroup) -> int:
+    """The most weights the group (one matrix: grouping none) keeps within its budget,
+    values and positions counted as the sparsegpt method counts them."""
     low, high = 0, planned.spec.rows * planned.spec.cols
     while low < high:
         middle = (low + high + 1) // 2
@@ -164,7 +164,7 @@ def run_cell(
     try:
         planned = plan_groups(loaded.model, recipe)
         numel = sum(g.spec.rows * g.spec.cols for g in planned)
-        sparsity = 1 - sum(kept_per_member(g) for g in planned) / numel
+        sparsity = 1 - sum(kept_within_budget(g) for g in planned) / numel
         paths = [g.group.members[0].path for g in planned]
         assert loaded.tokenizer is not None
         windows = calibration_windows(loaded.tokenizer, calibration)

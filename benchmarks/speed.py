@@ -18,6 +18,9 @@ run (at its start and at its end: the mean of the two). Writes speed.json and sp
     PYTHONPATH=src python benchmarks/speed.py --out benchmarks/results/speed
     PYTHONPATH=src python benchmarks/speed.py --quick --threads 1 --ratios 2 --methods svd
 
+Not a sweep recipe: a sweep cell compresses and evaluates tasks in memory; this measures
+saved artifacts loaded in fresh processes, at run time.
+
 Compression settings are the cheapest valid ones (speed does not depend on quality): the
 AE trains one epoch, sparsegpt calibrates on few windows, every method runs the
 independent pipeline. The widths, and so the shapes timed, are those of any run at the
