@@ -137,19 +137,20 @@ def main() -> None:
 
     embeddings = []
     for ratio in ratios:
+        shown = f"{ratio:g}"  # 10, not 10.0
         svd = run(dense, "svd", {}, ratio, ["embed"], "none")
-        embeddings.append(row(ratio, "svd", "", result=svd))
+        embeddings.append(row(shown, "svd", "", result=svd))
         weighted = weighted_svd_embeddings(dense, ratio)
         embeddings.append(
-            row(ratio, "svd, rows x sqrt(count+1)", "inline reference", result=weighted)
+            row(shown, "svd, rows x sqrt(count+1)", "inline reference", result=weighted)
         )
         linear = run(dense, "ae", LINEAR_AE, ratio, ["embed"], "none")
-        embeddings.append(row(ratio, "ae linear", "encoder=[] decoder=[]", result=linear))
+        embeddings.append(row(shown, "ae linear", "encoder=[] decoder=[]", result=linear))
         default = run(dense, "ae", {}, ratio, ["embed"], "none")
-        embeddings.append(row(ratio, "ae (default)", "", result=default))
+        embeddings.append(row(shown, "ae (default)", "", result=default))
         if ratio == 10 and not args.no_paper:
             paper = run(dense, "ae", {"preset": "paper"}, ratio, ["embed"], "none")
-            embeddings.append(row(ratio, "ae paper", "preset=paper", result=paper))
+            embeddings.append(row(shown, "ae paper", "preset=paper", result=paper))
     families = [
         row(family, group, method, result=run(dense, method, {}, 10, [family], group))
         for family in ([] if args.no_families else ["k", "down"])
