@@ -176,6 +176,73 @@ def test_a_method_can_be_limited_to_some_targets(tmp_path):
         SweepRecipe.from_yaml(path)
 
 
+def test_a_method_can_be_limited_to_some_ratios_and_carry_its_calibration(tmp_path):
+    from aecompress.sweep import cell_recipe, cells
+
+    grid = {
+        "name": "g",
+        "models": ["m"],
+        "methods": [
+            {"method": "svd"},
+            {"method": "svdllm", "ratios": [2], "recipe": {"calibration": {"samples": 4}}},
+        ],
+        "ratios": [2, 4],
+        "targets": ["k"],
+        "calibration": {"samples": 8},
+        "tasks": [{"task": "stsb"}],
+    }
+    plan = SweepRecipe.model_validate(grid)
+    found = [(c["ratio"], c["label"]) for c in cells(plan)]
+    assert found == [(2, "svd"), (2, "svdllm"), (4, "svd")]
+    samples = [cell_recipe(plan, c).calibration.samples for c in cells(plan)]
+    assert samples == [8, 4, 8]  # a method's calibration replaces the sweep's
+    grid["methods"][1]["ratios"] = [3]
+    with pytest.raises(ValueError, match=r"svdllm: ratios \[3.0\] are not among"):
+        SweepRecipe.model_validate(grid)
+
+
+def test_a_task_can_be_limited_to_some_methods_and_the_dense_model_runs_it(tmp_path):
+    grid = SweepRecipe.model_validate(
+        {
+            "name": "g",
+            "models": ["m"],
+            "methods": [{"method": "svd"}, {"method": "prune"}],
+            "ratios": [2],
+            "targets": ["k"],
+            "tasks": [{"task": "wikitext2"}, {"task": "arc-easy", "labels": ["prune"]}],
+        }
+    )
+    jobs = []
+    run_sweep(grid, tmp_path / "results.jsonl", executor=lambda _, found, __: jobs.extend(found))
+    tasks = {job.cell["label"]: [t.task for t in job.tasks] for job in jobs}
+    assert tasks == {
+        "dense": ["wikitext2", "arc-easy"],
+        "svd": ["wikitext2"],
+        "prune": ["wikitext2", "arc-easy"],
+    }
+    with pytest.raises(ValueError, match=r"task piqa: labels \['svdd'\] name no method"):
+        SweepRecipe.model_validate(
+            {**grid.model_dump(), "tasks": [{"task": "piqa", "labels": ["svdd"]}]}
+        )
+
+
+def test_validation_and_test_splits_of_a_task_are_both_kept(tiny_folder, tmp_path, monkeypatch):
+    results = tmp_path / "results.jsonl"
+    options = {"windows": 1, "seq_len": 16}
+    splits = [
+        TaskSpec(task="wikitext2", options={**options, "split": split})
+        for split in ("validation", "test")
+    ]
+    plan = recipe(tiny_folder).model_copy(update={"ratios": [2], "tasks": splits})
+    run_sweep(plan, results, progress=False)
+    calls = counting_compress(monkeypatch)
+    records = run_sweep(plan, results, progress=False)
+    assert calls == [] and len(records) == 4  # nothing recomputed
+    write_report([results], records)
+    report = (tmp_path / "report.md").read_text()
+    assert "perplexity (validation)" in report and "perplexity (test)" in report
+
+
 def test_report_of_a_single_ratio_draws_bars(tmp_path):
     results = tmp_path / "results.jsonl"
     cell = {"model": "m", "targets": "k", "group": "none", "seed": 0, "ratio": 10}

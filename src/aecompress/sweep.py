@@ -49,7 +49,9 @@ class MethodSpec(BaseModel):
     label: str | None = None
     groups: list[str] | None = None  # overrides the sweep's groups for this method
     targets: list[str] | None = None  # only these of the sweep's targets (default: all)
-    # further recipe fields of this method's cells (e.g. pipeline: sequential, refine: 40)
+    ratios: list[float] | None = None  # only these of the sweep's ratios (default: all)
+    # further recipe fields of this method's cells (e.g. pipeline: sequential, refine: 40;
+    # calibration replaces the sweep's)
     recipe: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("recipe")
@@ -66,6 +68,7 @@ class MethodSpec(BaseModel):
 
 
 RECIPE_FIELDS = {
+    "calibration",
     "pipeline",
     "sequential",
     "refine",
@@ -78,13 +81,15 @@ RECIPE_FIELDS = {
 
 class TaskSpec(BaseModel):
     """One evaluation task, its options validated by the task's own model; `ratios`
-    restricts it to some ratios (e.g. fine-tuning)."""
+    restricts it to some ratios (e.g. fine-tuning), `labels` to some methods' cells (the
+    dense model runs every task)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     task: str
     options: dict[str, Any] = Field(default_factory=dict)
     ratios: list[float] | None = None
+    labels: list[str] | None = None
 
     @model_validator(mode="after")
     def _known_task_and_options(self) -> TaskSpec:
@@ -121,14 +126,23 @@ class SweepRecipe(BaseModel):
     resources: Resources = Resources()
 
     @model_validator(mode="after")
-    def _method_targets(self) -> SweepRecipe:
+    def _method_subsets(self) -> SweepRecipe:
         for spec in self.methods:
-            unknown = [t for t in spec.targets or [] if t not in self.targets]
+            for axis, values, allowed in (
+                ("targets", spec.targets, self.targets),
+                ("ratios", spec.ratios, self.ratios),
+            ):
+                unknown = [v for v in values or [] if v not in allowed]
+                if unknown:
+                    raise ValueError(
+                        f"method {spec.name}: {axis} {unknown} are not among the sweep's "
+                        f"{axis} {allowed}"
+                    )
+        labels = {spec.name for spec in self.methods}
+        for task in self.tasks:
+            unknown = sorted(set(task.labels or []) - labels)
             if unknown:
-                raise ValueError(
-                    f"method {spec.name}: targets {unknown} are not among the sweep's "
-                    f"targets {self.targets}"
-                )
+                raise ValueError(f"task {task.task}: labels {unknown} name no method")
         return self
 
     @classmethod
@@ -153,7 +167,9 @@ def cells(sweep: SweepRecipe) -> Iterator[dict[str, Any]]:
     for model, targets, ratio, spec, seed in itertools.product(
         sweep.models, sweep.targets, sweep.ratios, sweep.methods, sweep.seeds
     ):
-        if spec.targets is not None and targets not in spec.targets:
+        if (spec.targets is not None and targets not in spec.targets) or (
+            spec.ratios is not None and ratio not in spec.ratios
+        ):
             continue
         for group in spec.groups or sweep.groups:
             yield {
@@ -305,8 +321,17 @@ def _append(path: Path, record: dict[str, Any]) -> None:
         os.close(handle)
 
 
-def _tasks_for(sweep: SweepRecipe, ratio: float | None) -> list[TaskSpec]:
-    return [t for t in sweep.tasks if ratio is None or t.ratios is None or ratio in t.ratios]
+def _tasks_for(sweep: SweepRecipe, cell: dict[str, Any]) -> list[TaskSpec]:
+    """The tasks of a cell: every task for the dense model's, else those it is not excluded
+    from by their ratios and labels."""
+    if "method" not in cell:
+        return list(sweep.tasks)
+    return [
+        t
+        for t in sweep.tasks
+        if (t.ratios is None or cell["ratio"] in t.ratios)
+        and (t.labels is None or cell["label"] in t.labels)
+    ]
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -415,9 +440,9 @@ def pending_jobs(sweep: SweepRecipe, log: _Log, shard: tuple[int, int]) -> list[
     index, count = shard
     models = model_fields(sweep).values()
     dense = [{**m, "label": "dense", "ratio": 1.0} for m in models if index == 0]
-    jobs = [Job(cell, log.pending(cell, _tasks_for(sweep, None))) for cell in dense]
+    jobs = [Job(cell, log.pending(cell, _tasks_for(sweep, cell))) for cell in dense]
     jobs += [
-        Job(cell, log.pending(cell, _tasks_for(sweep, cell["ratio"])))
+        Job(cell, log.pending(cell, _tasks_for(sweep, cell)))
         for number, cell in enumerate(cells(sweep))
         if number % count == index
     ]
