@@ -11,7 +11,7 @@ from aecompress.budget import stored_bits
 from aecompress.calibration import TargetStatistics
 from aecompress.errors import AecompressError
 from aecompress.methods.pruning import obs_prune, pack_bits, unpack_bits
-from tests.methods.helpers import fit, spec_of
+from tests.methods.helpers import correlated_inputs, fit, output_error, spec_of
 
 
 @pytest.mark.parametrize("size", [1, 31, 32, 33, 100])
@@ -45,17 +45,6 @@ def test_prune_auto_prefers_the_bitmap_at_low_ratios():
     _, stored, _ = fit("prune", [torch.randn(8, 64)], ratio=1.25)
     assert stored.layout.index == "bitmap"
     assert stored.width == int(8 * 64 / 1.25) - 8 * 64 // 32
-
-
-def correlated_inputs(cols: int, tokens: int = 400, seed: int = 0) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    mixing = torch.randn(cols, cols, generator=generator, dtype=torch.float64)
-    scales = torch.linspace(0.2, 3.0, cols, dtype=torch.float64)
-    return torch.randn(tokens, cols, generator=generator, dtype=torch.float64) @ mixing * scales
-
-
-def output_error(weight: torch.Tensor, estimate: torch.Tensor, x: torch.Tensor) -> float:
-    return torch.linalg.matrix_norm((weight.double() - estimate.double()) @ x.T).item()
 
 
 def test_obs_pruning_with_white_inputs_is_magnitude_pruning_per_block():

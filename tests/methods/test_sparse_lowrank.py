@@ -9,8 +9,7 @@ import torch
 from aecompress.budget import stored_bits
 from aecompress.calibration import TargetStatistics
 from aecompress.errors import AecompressError
-from tests.methods.helpers import fit, spec_of
-from tests.methods.test_pruning import correlated_inputs, output_error
+from tests.methods.helpers import correlated_inputs, fit, output_error, spec_of
 
 
 def low_rank_plus_spikes(rows: int = 64, cols: int = 48, seed: int = 0) -> torch.Tensor:
