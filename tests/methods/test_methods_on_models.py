@@ -140,7 +140,9 @@ def test_every_quantizable_method_stores_codes_as_its_width_costs_and_round_trip
 
 def test_a_method_that_cannot_quantize_is_refused_before_any_work(tiny: LoadedModel):
     recipe = Recipe(method="ae", ratio=4, targets="q", quantize="int4:g16")
-    with pytest.raises(AecompressError, match=r"ae cannot quantize .*methods that can: .*sparsegpt"):
+    with pytest.raises(
+        AecompressError, match=r"ae cannot quantize .*methods that can: .*sparsegpt"
+    ):
         plan_groups(tiny.model, recipe)
 
 
