@@ -105,7 +105,7 @@ def test_every_quantizable_method_stores_codes_as_its_width_costs_and_round_trip
     that 16 does not divide leaves a shorter last group): stored bits == the declared
     cost <= budget, the width is tight, the stage is recorded, and the artifact loads
     back to the same logits."""
-    stage, ratio = "int3:g16:asym", 4.0
+    stage, ratio = "int3:g16:asym", 2.0
     for grouping in ("none", "layers"):
         tiny = LoadedModel(tiny_llama(), tokenizer, "tiny-llama", "AutoModelForCausalLM")
         try:

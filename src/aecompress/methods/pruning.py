@@ -200,13 +200,9 @@ class SparseMethod(Method):
         quantized = None
         if spec.quantize is not None:
             quantized = QuantizedLayout(stage=spec.quantize, cols={"values": spec.cols})
-            scale_dtype = STORAGE_DTYPES[spec.storage_dtype]
             for member, kept in zip(members, chosen, strict=True):
-                grid = kept.grid or Grid.of(
-                    kept.values * kept.mask, spec.quantize.scheme, scale_dtype
-                )
                 del member["values"]
-                member |= quantize_kept(kept, grid)
+                member |= quantize_kept(kept, spec)
         layout = SparseLayout(
             shape=(spec.rows, spec.cols), index=scheme, n_m=self.options.n_m, quantize=quantized
         )
@@ -238,9 +234,13 @@ def encode_sparse(
     return {"values": kept, "places": pack_bits(bits.reshape(-1))}
 
 
-def quantize_kept(kept: Kept, grid: Grid) -> dict[str, torch.Tensor]:
-    """The kept values' codes on `grid` (one packed row, row-major order) and the grid,
-    as stored under `values.` (module docstring)."""
+def quantize_kept(kept: Kept, spec: GroupSpec) -> dict[str, torch.Tensor]:
+    """The kept values' codes (one packed row, row-major order) on their grid (the one
+    they lie on, else RTN's on the kept values), as stored under `values.` (module
+    docstring)."""
+    assert spec.quantize is not None
+    scale_dtype = STORAGE_DTYPES[spec.storage_dtype]
+    grid = kept.grid or Grid.of(kept.values * kept.mask, spec.quantize.scheme, scale_dtype)
     quantized = grid.quantize(kept.values * kept.mask)
     codes = quantized.codes.reshape(-1)[kept.mask.reshape(-1)][None]
     return store_quantized("values", Quantized(codes, grid.scales, quantized.zeros, grid.scheme))
@@ -465,7 +465,7 @@ class SparseGPT(CalibratedSparseMethod):
         for index, (weight, count) in enumerate(
             zip(matrices, split_evenly(kept, len(matrices)), strict=True)
         ):
-            grid = self.grid(weight, context)
+            grid = joint_grid(weight, context.spec)
             mask, values = obs_prune(
                 weight,
                 context.statistic(index, "xtx"),
@@ -479,10 +479,12 @@ class SparseGPT(CalibratedSparseMethod):
             chosen.append(Kept(mask, values, grid))
         return chosen
 
-    def grid(self, weight: torch.Tensor, context: FitContext) -> Grid | None:
-        """The grid of the joint sweep (stage method gptq): RTN's on the dense weight;
-        None without a stage, or for RTN (kept values rounded after pruning)."""
-        stage = context.spec.quantize
-        if stage is None or stage.method != "gptq":
-            return None
-        return Grid.of(weight, stage.scheme, STORAGE_DTYPES[context.spec.storage_dtype])
+
+def joint_grid(weight: torch.Tensor, spec: GroupSpec) -> Grid | None:
+    """The grid of a joint OBS sweep (obs_prune) under the group's stage: RTN's on the
+    dense weight for a gptq stage; None without a stage or for an rtn one (the kept
+    values are then rounded after pruning)."""
+    stage = spec.quantize
+    if stage is None or stage.method != "gptq":
+        return None
+    return Grid.of(weight, stage.scheme, STORAGE_DTYPES[spec.storage_dtype])
