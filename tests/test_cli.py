@@ -75,6 +75,8 @@ def test_compress_inspect_evaluate(tiny_folder, tmp_path):
         (["--targets", "gate", "--group", "layerz"], "unknown grouping 'layerz'"),
         (["--method", "svd", "--option", "rank=3"], "rank: Extra inputs are not permitted"),
         (["--targets", ""], "targets: List should have at least 1 item"),
+        (["--quantize", "int4:x"], "'x' in 'int4:x': use gN, row, gptq, rtn, sym or asym"),
+        (["--method", "gptq", "--quantize", "int4"], "gptq cannot quantize its stored tensors"),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(tiny_folder, tmp_path, args, message):
@@ -717,3 +719,14 @@ def test_flags_beside_a_recipe_override_it_and_are_recorded(tiny_folder, tmp_pat
     assert manifest["recipe"]["targets"] == ["k"] and manifest["recipe"]["refine"]["lr"] == 0.01
     assert {g["method"] for g in manifest["groups"]} == {"prune"}
     assert manifest["base_model"] == str(tiny_folder.resolve())
+
+
+def test_compress_with_a_quantization_stage_and_inspect(tiny_folder, tmp_path):
+    out = tmp_path / "art"
+    args = ["--method", "sparsegpt", "--quantize", "int4:g16", "--ratio", "5", "--targets", "up"]
+    code, stdout, err = invoke("compress", str(tiny_folder), *args, "-o", str(out))
+    assert code == 0, err
+    assert "ratio 5.0" in stdout
+    code, stdout, err = invoke("inspect", str(out))
+    assert code == 0, err
+    assert "| up | 2 | 64x32 | sparsegpt + int4:g16:gptq |" in stdout

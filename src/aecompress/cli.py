@@ -68,6 +68,12 @@ def compress(
     ratio: Annotated[
         float, typer.Option(help="original / stored numbers of each group (> 1)")
     ] = 2.0,
+    quantize: Annotated[
+        str | None,
+        typer.Option(
+            help="quantize the stored matrices in the same budget: int4:g64, int3:row, ..."
+        ),
+    ] = None,
     targets: Annotated[
         str | None,
         typer.Option(help="families embed,q,k,v,o,up,gate,down or re:REGEX (default: embed)"),
@@ -113,6 +119,7 @@ def compress(
         "method": method,
         "options": _parse_options(option or []),
         "ratio": ratio,
+        "quantize": quantize,
         # with FAMILIES=METHOD rules, the rules' families by default
         "targets": targets if targets is not None else ([] if "=" in method else "embed"),
         "group": group,

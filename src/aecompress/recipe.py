@@ -12,17 +12,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from aecompress.calibration import CalibrationConfig, Seed
 from aecompress.errors import AecompressError, describe, first_line
 from aecompress.methods import make_method
+from aecompress.methods.stage import QuantStage
 from aecompress.targets import check_target, parse_grouping
 
 
 class MethodRule(BaseModel):
-    """One method for some target families (several rules: several methods, one budget)."""
+    """One method for some target families (several rules: several methods, one budget),
+    its options and its quantization stage (None: the recipe's)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     targets: list[str] = Field(min_length=1)
     method: str
     options: dict[str, Any] = Field(default_factory=dict)
+    quantize: QuantStage | None = None
 
     @field_validator("targets", mode="before")
     @classmethod
@@ -88,6 +91,8 @@ class Recipe(BaseModel):
     `method` is a method name (its options in `options`), rules
     'FAMILIES=METHOD;FAMILIES=METHOD' (each method's options under its name in `options`),
     or a list of MethodRule. With rules, `targets` defaults to the rules' families.
+    `quantize` (e.g. `int4:g64`, or a mapping of QuantStage's fields): the stored matrices
+    of every rule without its own stage are quantized, within the same budget.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -96,6 +101,7 @@ class Recipe(BaseModel):
     method: str | list[MethodRule] = "svd"
     options: dict[str, Any] = Field(default_factory=dict)
     ratio: float = Field(gt=1)
+    quantize: QuantStage | None = None
     targets: list[str] = Field(default_factory=list)
     group: str = "none"
     pipeline: Literal["auto", "independent", "sequential"] = "auto"
@@ -144,12 +150,21 @@ class Recipe(BaseModel):
 
     def rules(self) -> list[MethodRule]:
         """The method rules this recipe means, each with its targets and options."""
+        stage = self.quantize
         if isinstance(self.method, list):
-            return self.method
+            return [
+                r if r.quantize else r.model_copy(update={"quantize": stage}) for r in self.method
+            ]
         if "=" not in self.method:
-            return [MethodRule(targets=self.targets, method=self.method, options=self.options)]
+            return [
+                MethodRule(
+                    targets=self.targets, method=self.method, options=self.options, quantize=stage
+                )
+            ]
         return [
-            MethodRule(targets=families, method=name, options=self.options.get(name, {}))
+            MethodRule(
+                targets=families, method=name, options=self.options.get(name, {}), quantize=stage
+            )
             for families, name in parse_rules(self.method)
         ]
 

@@ -93,3 +93,28 @@ def test_a_manifest_that_is_a_list_or_missing_weights_is_refused(artifact):
     (artifact / MANIFEST).write_text("[1, 2]")
     with pytest.raises(AecompressError, match="not an aecompress artifact"):
         aecompress.load(artifact)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda q: q["stage"].update(bits=3), "width .* is not what it stores"),
+        (lambda q: q["stage"].update(group=32), "width .* is not what it stores"),
+        (lambda q: q["stage"].update(bits=12), "quantize.stage.bits"),
+        (lambda q: q.pop("cols"), "quantize.cols"),
+    ],
+)
+def test_a_forged_quantization_stage_is_one_clear_error(tmp_path, change, message):
+    """The stage recorded in a group's layout sets what its integer tensors must store."""
+    cm = aecompress.compress(
+        tiny_model("llama"),
+        method="svd",
+        ratio=2,
+        targets=["down"],
+        quantize="int4:g16",
+        progress=False,
+    )
+    cm.save_pretrained(str(tmp_path / "art"))
+    edit_manifest(tmp_path / "art", lambda m: change(m["groups"][0]["layout"]["quantize"]))
+    with pytest.raises(AecompressError, match=message):
+        aecompress.load(tmp_path / "art")

@@ -24,6 +24,8 @@ from torch import nn
 from aecompress.budget import float_bits, solve_width
 from aecompress.calibration import TargetStatistics
 from aecompress.errors import AecompressError, describe
+from aecompress.methods.quantize import stored_bits
+from aecompress.methods.stage import QuantizedLayout, QuantStage
 from aecompress.modules import dense_embedding, dense_linear
 
 # A width is one integer (rank, latent width, terms, kept weights) or, for methods sized
@@ -39,9 +41,12 @@ class MethodOptions(BaseModel):
 
 class MethodLayout(BaseModel):
     """What rebuilding a group needs beyond its tensors and shapes (per method; usually
-    nothing). Saved in the manifest and validated when read back: no defaults to guess."""
+    nothing). Saved in the manifest and validated when read back: no defaults to guess.
+    `quantize`: how the group's matrices were quantized (None: stored as floats)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    quantize: QuantizedLayout | None = None
 
 
 @dataclass(frozen=True)
@@ -50,7 +55,9 @@ class GroupSpec:
 
     `kind` says how the matrices are used (an embedding's rows are looked up by token),
     `head_dim` is the model's attention head size (None when the model has none),
-    `storage_dtype` the dtype of the artifact's floating tensors (float_bits: its width).
+    `storage_dtype` the dtype of the artifact's floating tensors (float_bits: its width),
+    `quantize` the quantization stage of its matrix-shaped stored tensors (stage.py; None:
+    floats).
     """
 
     name: str
@@ -61,6 +68,7 @@ class GroupSpec:
     cols: int
     head_dim: int | None = None
     storage_dtype: str = "float32"
+    quantize: QuantStage | None = None
 
     @property
     def float_bits(self) -> int:
@@ -80,6 +88,12 @@ class GroupSpec:
     def floats(self, numbers: int) -> int:
         """Bits of `numbers` floating numbers in the storage dtype."""
         return numbers * self.float_bits
+
+    def matrix_bits(self, rows: int, cols: int) -> int:
+        """Bits of a stored [rows, cols] matrix: floats, or quantized by the stage."""
+        if self.quantize is None:
+            return self.floats(rows * cols)
+        return stored_bits(self.quantize.scheme, rows, cols, self.float_bits)
 
 
 @dataclass
@@ -168,6 +182,7 @@ class Method(ABC):
     name: ClassVar[str]
     Options: ClassVar[type[MethodOptions]] = MethodOptions
     Layout: ClassVar[type[MethodLayout]] = MethodLayout
+    quantizable: ClassVar[bool] = False  # supports a quantization stage (stage.py)
 
     def __init__(self, options: MethodOptions) -> None:
         self.options = options
@@ -255,6 +270,16 @@ def register(cls: type[Method]) -> type[Method]:
     """Class decorator: make a method available by its `name`."""
     METHODS[cls.name] = cls
     return cls
+
+
+def check_stage(method: Method, spec: GroupSpec) -> None:
+    """Refuse a quantization stage for a method that stores no quantized tensors."""
+    if spec.quantize is not None and not method.quantizable:
+        able = ", ".join(sorted(name for name, cls in METHODS.items() if cls.quantizable))
+        raise AecompressError(
+            f"{spec.name}: {method.name} cannot quantize its stored tensors "
+            f"(quantize {spec.quantize}); methods that can: {able}"
+        )
 
 
 def make_method(name: str, options: dict[str, Any] | None = None) -> Method:

@@ -12,12 +12,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from aecompress.errors import AecompressError
-from aecompress.methods.base import FitContext
 from aecompress.numerics import all_finite
+
+if TYPE_CHECKING:  # (base imports this module's users: a type only)
+    from aecompress.methods.base import FitContext
 
 logger = logging.getLogger(__name__)
 
