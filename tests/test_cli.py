@@ -659,7 +659,7 @@ def test_hostile_compress_flags_are_one_line(monkeypatch, tiny_folder, tmp_path,
         (GRID + "seeds: [99999999999999999999999]\n", "less than 4294967296"),
         (
             GRID.replace("{task: wikitext2}", "{task: wikitext2, options: {split: [test]}}"),
-            "has no split '['test']'",
+            "split: Input should be a valid string",
         ),
         (GRID + "x: " + "[" * 40 + "1" + "]" * 40 + "\n", "x: Extra inputs are not permitted"),
     ],

@@ -55,9 +55,13 @@ class ProcessExecutor:
         child = subprocess.Popen([sys.executable, "-m", __name__, str(job_file), str(records_file)])
         _, status, usage = os.wait4(child.pid, 0)
         child.returncode = code = os.waitstatus_to_exitcode(status)
+        peak_file = records_file.with_suffix(".peak")
         measured = {
             "wall_seconds": time.perf_counter() - start,
-            "peak_rss_bytes": usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024),
+            # the child's own high-water mark; rusage's counts the parent's memory at fork
+            "peak_rss_bytes": int(peak_file.read_text())
+            if peak_file.exists()
+            else usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024),
         }
         records = read_results(records_file)
         recorded = {record_key(r) for r in records}
@@ -97,6 +101,22 @@ def run_child_job(job_file: Path, records_file: Path) -> None:
             handle.write(json.dumps(record, sort_keys=True) + "\n")
 
     run_job(sweep, job, load_model(job.cell["model"]), write, progress=data["progress"])
+    peak = own_peak_rss()
+    if peak is not None:
+        records_file.with_suffix(".peak").write_text(str(peak))
+
+
+def own_peak_rss() -> int | None:
+    """This process's peak resident memory in bytes (Linux: VmHWM, which belongs to the
+    address space exec made, unlike rusage's maxrss, which starts at the parent's memory
+    when it forked); None where /proc is missing."""
+    status = Path("/proc/self/status")
+    if not status.exists():
+        return None
+    for line in status.read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return None
 
 
 def _run_remotely(sweep: SweepRecipe, job: Job) -> list[dict[str, Any]]:

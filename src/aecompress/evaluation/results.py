@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +28,12 @@ class TaskResult:
 
     @classmethod
     def from_json(cls, text: str) -> TaskResult:
-        """The result `to_json` wrote: text that is not JSON is a JSONDecodeError, other
-        JSON (a metric that is a string, a missing field) a pydantic ValidationError."""
-        json.loads(text)
+        """The result `to_json` wrote: text that is not JSON is a JSONDecodeError, JSON of
+        another form (an older version, a missing field) a ValueError, wrong types (a metric
+        that is a string) a pydantic ValidationError."""
+        data = json.loads(text)
+        if not isinstance(data, dict) or set(data) != {f.name for f in fields(cls)}:
+            raise ValueError("not a task result of this version")
         return _TASK_RESULT.validate_json(text, strict=True)
 
 

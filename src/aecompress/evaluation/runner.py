@@ -79,6 +79,8 @@ def _read_dense_entry(path: Path, task: str) -> TaskResult:
         result = TaskResult.from_json(path.read_text())
     except ValidationError as error:
         raise InvalidEntry(describe(error, "its result")) from error
+    except ValueError as error:  # another form: an older version's
+        raise InvalidEntry(str(error)) from error
     if result.task != task:
         raise InvalidEntry(f"it holds a result of {result.task}, not {task}")
     folder = data_dir().resolve()

@@ -43,11 +43,11 @@ from aecompress.methods.base import (
     Stored,
     Width,
     register,
+    row_weights,
 )
 from aecompress.methods.linalg import (
     Scaling,
     refit_coefficients,
-    row_weights,
     summed,
     weighted_svd,
     whitening,
