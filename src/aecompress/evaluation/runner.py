@@ -79,6 +79,8 @@ def _read_dense_entry(path: Path, task: str) -> TaskResult:
         result = TaskResult.from_json(path.read_text())
     except ValidationError as error:
         raise InvalidEntry(describe(error, "its result")) from error
+    except json.JSONDecodeError:
+        raise  # unreadable: the cache says so itself
     except ValueError as error:  # another form: an older version's
         raise InvalidEntry(str(error)) from error
     if result.task != task:
