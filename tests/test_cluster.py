@@ -1,13 +1,15 @@
 import os
 import sys
+from pathlib import Path
 
+import psutil
 import pytest
 
 # the local Ray instance on the loopback address only (read when ray is imported)
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 import ray
 
-from aecompress.cluster import RayExecutor
+from aecompress.cluster import ProcessExecutor, RayExecutor
 from aecompress.errors import AecompressError
 from aecompress.sweep import SweepRecipe, run_sweep
 from tests import test_sweep
@@ -15,7 +17,7 @@ from tests.test_sweep import recipe
 
 tiny_folder = test_sweep.tiny_folder  # the fixture
 
-TIMING = {"seconds", "compress_seconds", "traceback"}
+TIMING = {"seconds", "compress_seconds", "traceback", "wall_seconds", "peak_rss_bytes"}
 
 
 @pytest.fixture(scope="module")
@@ -97,3 +99,61 @@ def test_each_task_asks_for_the_recipes_resources(tiny_folder, tmp_path, monkeyp
     records = run_sweep(plan, tmp_path / "results.jsonl", executor=RayExecutor())
     assert [r["status"] for r in records] == ["ok", "ok"]
     assert fake.asked == [{"num_cpus": 2, "num_gpus": 0.5, "max_retries": 0}]
+
+
+def test_a_process_sweep_records_what_the_serial_sweep_records_with_time_and_memory(
+    tiny_folder, tmp_path
+):
+    plan = recipe(tiny_folder).model_copy(update={"ratios": [2, 1e9]})  # 1e9 fails
+    serial = run_sweep(plan, tmp_path / "serial.jsonl", progress=False)
+    measured = run_sweep(plan, tmp_path / "process.jsonl", executor=ProcessExecutor(False))
+    assert without_timing(measured) == without_timing(serial)
+    for record in measured:  # a cell's process holds at least torch and the model
+        assert record["wall_seconds"] > record.get("seconds", 0.0)
+        assert 50e6 < record["peak_rss_bytes"] < psutil.virtual_memory().total
+
+
+def test_each_cells_process_is_measured_alone(tiny_folder, tmp_path, monkeypatch):
+    """A cell holding a large buffer shows it in its own peak RSS only (not cumulative)."""
+    plan = recipe(tiny_folder)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path), prepend=os.pathsep)
+    (tmp_path / "sitecustomize.py").write_text(  # runs in each child at start-up
+        "import os\nif os.environ.get('BALLAST'):\n"
+        "    ballast = bytearray(int(os.environ['BALLAST']))\n"
+        "    ballast[::4096] = b'x' * len(ballast[::4096])\n"
+    )
+    peaks = {}
+    for ballast, results in [("600000000", "heavy.jsonl"), ("", "light.jsonl")]:
+        monkeypatch.setenv("BALLAST", ballast)
+        records = run_sweep(plan, tmp_path / results, executor=ProcessExecutor(False))
+        peaks[results] = {r["peak_rss_bytes"] for r in records if r["cell"]["label"] != "dense"}
+    assert min(peaks["heavy.jsonl"]) > max(peaks["light.jsonl"]) + 500e6
+
+
+def test_a_cell_whose_process_dies_is_recorded_as_failed(tiny_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path), prepend=os.pathsep)
+    (tmp_path / "sitecustomize.py").write_text("import os\nos._exit(3)\n")
+    records = run_sweep(recipe(tiny_folder), tmp_path / "r.jsonl", executor=ProcessExecutor(False))
+    assert {r["status"] for r in records} == {"failed"}
+    assert {r["error"] for r in records} == {
+        "ChildProcessError: the cell's process ended with exit code 3 before this task"
+    }
+    assert len(records) == 3  # dense and two cells, one task each
+
+
+def test_a_worker_loads_a_relative_model_path_from_where_the_sweep_ran(
+    tiny_folder, tmp_path, monkeypatch
+):
+    from aecompress import cluster
+    from aecompress.sweep import Job, cells
+
+    folder = Path(tiny_folder)
+    monkeypatch.chdir(folder.parent)
+    sweep = recipe(folder.name)
+    cell = next(cells(sweep))
+    loaded = []
+    monkeypatch.setattr(cluster, "load_model", lambda name: loaded.append(name))
+    monkeypatch.setattr(cluster, "run_job", lambda *args, **kwargs: None)
+    monkeypatch.chdir(tmp_path)  # a Ray worker's own folder
+    cluster._run_remotely(sweep, Job(cell, []))
+    assert loaded == [str(folder.resolve())]

@@ -166,3 +166,13 @@ def test_mismatched_stored_tensors_are_refused():
         QuantizedLinear(packed, scales, None, 4, 200)
     with pytest.raises(AecompressError, match="zeros"):
         QuantizedLinear(packed, scales, pack(quantized.zeros, 4), 4, 256)
+
+
+def test_unpack_reads_words_whose_last_stride_is_not_one():
+    """A column of one word each (zero points of few rows, read back transposed) counts as
+    contiguous in torch with a last stride of 2: unpack still reads it."""
+    codes = torch.tensor([[1, 7, 3], [0, 5, 6]], dtype=torch.uint8)
+    words = pack(codes, 3)  # [2, 1]
+    strided = words.T.contiguous().as_strided((2, 1), (1, 2))
+    assert strided.is_contiguous() and strided.stride(-1) == 2
+    assert torch.equal(modules.unpack(strided, 3, 3), codes)

@@ -2,8 +2,10 @@
 recipes and command lines end with exit status 2, exactly one `aecompress: error:` line
 and nothing written, or in success with an artifact that loads and gives finite logits.
 Never a traceback. Output paths among random files, folders, artifacts, model folders and
-links are refused untouched, or are new places or earlier outputs of the same kind. The
-CLI runs in this process; model and artifact are built once."""
+links are refused untouched, or are new places or earlier outputs of the same kind.
+Damaged sweep result lines are skipped, damaged cache entries read as valid or rebuilt,
+and regex targets give distinct groups or one error line. The CLI runs in this process;
+model and artifact are built once."""
 
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from hypothesis import strategies as st
 import aecompress
 from aecompress.artifact import MANIFEST
 from aecompress.errors import AecompressError
+from aecompress.models import LoadedModel
 from aecompress.sweep import SweepRecipe, cells, current, read_results
 from tests.conftest import SMALL_VOCAB, make_tiny, tiny_tokenizer
 from tests.helpers import invoke, one_error, tree
@@ -257,7 +260,7 @@ FLAGS: dict[str, tuple[list[str], list[str]]] = {
     "--allocate": (["uniform"], ["x"]),
     "--storage-dtype": (["auto", "float16", "float32"], ["int8"]),
     "--device": (["cpu", "auto"], ["cuda", "tpu"]),
-    "--seed": (["0", "-1"], ["x"]),
+    "--seed": (["0", "4294967295"], ["x", "-1", "99999999999999999999999"]),
     "--rati": ([], ["2"]),
 }
 OUTPUTS = ["new", "new", "file", "foreign", "."]
@@ -461,3 +464,215 @@ def test_an_output_path_is_refused_untouched_or_is_new_or_ours(monkeypatch, scra
     assert tree(folder) == before  # the guard writes nothing, refused or not
     if accepted:
         assert acceptable(flag, overwrite, (folder / target).resolve(), kinds), command
+
+
+# --- sweep result lines -------------------------------------------------------------
+
+RECORDS = [
+    {
+        "cell": {"model": "m", "label": "dense", "ratio": 1.0},
+        "task": "wikitext2",
+        "status": "ok",
+        "split": "test",
+        "metrics": {"perplexity": 30.0},
+        "seconds": 1.0,
+    },
+    {
+        "cell": {
+            "model": "m",
+            "label": "svd",
+            "method": "svd",
+            "options": {},
+            "targets": "k",
+            "group": "none",
+            "ratio": 2,
+            "seed": 0,
+        },
+        "task": "wikitext2",
+        "status": "ok",
+        "split": "test",
+        "metrics": {"perplexity": 31.5},
+        "compress_seconds": 0.5,
+        "ratio": 2.0,
+    },
+    {
+        "cell": {"model": "m", "label": "svd", "targets": "k", "ratio": 1e9, "seed": 0},
+        "task": "wikitext2",
+        "status": "failed",
+        "error": "AecompressError: ratio is too large",
+    },
+]
+
+
+@fuzz(30)
+@given(data=st.data())
+def test_damaged_result_lines_are_skipped_by_sweep_and_report(scratch, data):
+    folder = fresh(scratch)
+    lines, kept = [], []
+    for record in RECORDS:
+        if data.draw(st.booleans()):
+            lines.append(json.dumps(record, sort_keys=True))
+            kept.append(record)
+        else:  # a damaged record, or a line of JSON written by something else
+            damaged = mutate(data, copy.deepcopy(record)) if data.draw(st.booleans()) else None
+            lines.append(json.dumps(damaged if damaged is not None else data.draw(JSON)))
+    results = folder / "results.jsonl"
+    results.write_text("\n".join(lines) + "\n")
+    records = read_results(results)
+    assert all(record in records for record in kept)  # no record is lost
+    code, _, err = invoke("report", str(results))
+    event(f"exit status {code}")
+    if code:
+        assert "holds no sweep records" in one_error(code, err)
+    else:
+        assert (folder / "report.md").is_file()
+
+
+# --- cache entries ------------------------------------------------------------------
+
+
+def damage_tensors(data: st.DataObject, tensors: dict[str, torch.Tensor]) -> None:
+    """A statistic removed, renamed, reshaped, made NaN, integer, or added."""
+    key = data.draw(st.sampled_from(sorted(tensors)))
+    action = data.draw(st.sampled_from(["pop", "rename", "shape", "nan", "int", "add"]))
+    if action == "pop":
+        tensors.pop(key)
+    elif action == "rename":
+        tensors[key.replace("::", data.draw(st.sampled_from([":", "::x", "::"])))] = tensors.pop(
+            key
+        )
+    elif action == "shape":
+        tensors[key] = torch.zeros(data.draw(st.lists(st.integers(0, 3), max_size=3)))
+    elif action == "nan":
+        tensors[key] = tensors[key].clone()
+        tensors[key].view(-1)[0] = torch.nan
+    elif action == "int":
+        tensors[key] = tensors[key].long()
+    else:
+        tensors[f"{key.partition('::')[0]}::{data.draw(st.text(max_size=4))}"] = torch.ones(2)
+
+
+@pytest.fixture(scope="module")
+def calibration_setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A tiny model, its targets, and a pristine cache holding their statistics."""
+    from aecompress.calibration import CalibrationConfig
+    from aecompress.targets import resolve_targets
+
+    model = make_tiny("llama")
+    setup = {
+        "model": model,
+        "tokenizer": tiny_tokenizer(),
+        "targets": resolve_targets(model, ["embed", "k", "down"]),
+        "needed": {"xtx", "fisher"},
+        "config": CalibrationConfig(**CALIBRATION),
+        "pristine": tmp_path_factory.mktemp("pristine-cache"),
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AECOMPRESS_CACHE", str(setup["pristine"]))
+        cached(setup)
+    return setup
+
+
+def cached(setup: dict[str, Any]) -> dict[str, Any]:
+    from aecompress.calibration import cached_statistics
+
+    keys = ("model", "tokenizer", "targets", "needed", "config")
+    return cached_statistics(*(setup[k] for k in keys), "h", progress=False)
+
+
+def with_pristine_cache(monkeypatch: pytest.MonkeyPatch, scratch: Path, pristine: Path) -> Path:
+    """A fresh copy of a pristine cache, in use from now on."""
+    folder = fresh(scratch) / "cache"
+    shutil.copytree(pristine, folder)
+    monkeypatch.setenv("AECOMPRESS_CACHE", str(folder))
+    return folder
+
+
+@fuzz(15)
+@given(data=st.data())
+def test_a_damaged_calibration_entry_is_read_valid_or_rebuilt(
+    monkeypatch, scratch, calibration_setup, data
+):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from aecompress.calibration import check_statistics
+
+    folder = with_pristine_cache(monkeypatch, scratch, calibration_setup["pristine"])
+    (entry,) = (folder / "calibration").iterdir()
+    with safe_open(str(entry), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(entry)
+    if data.draw(st.booleans()):
+        damage_tensors(data, tensors)
+    else:
+        metadata[data.draw(st.sampled_from(["tokens", "aliases"]))] = json.dumps(data.draw(JSON))
+    save_file(tensors, entry, metadata=metadata)
+    model, targets = calibration_setup["model"], calibration_setup["targets"]
+    full = calibration_setup["needed"] | {"abs_mean", "counts", "l1", "out_fisher"}
+    check_statistics(cached(calibration_setup), model, targets, full)  # valid, or rebuilt
+    check_statistics(cached(calibration_setup), model, targets, full)  # the entry is valid now
+
+
+@pytest.fixture(scope="module")
+def dense_setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A tiny model and a pristine cache holding its dense result."""
+    model = LoadedModel(make_tiny("llama"), tiny_tokenizer(), "tiny", "AutoModelForCausalLM")
+    setup = {"model": model, "pristine": tmp_path_factory.mktemp("pristine-dense")}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AECOMPRESS_CACHE", str(setup["pristine"]))
+        setup["truth"] = dense_result(setup)
+    return setup
+
+
+def dense_result(setup: dict[str, Any]) -> Any:
+    from aecompress.evaluation.runner import cached_dense_result
+
+    options = {"windows": 1, "seq_len": 8}
+    return cached_dense_result(lambda: setup["model"], "sha", "wikitext2", options, progress=False)
+
+
+@fuzz(15)
+@given(data=st.data())
+def test_a_damaged_dense_entry_is_read_valid_or_rebuilt(monkeypatch, scratch, dense_setup, data):
+    folder = with_pristine_cache(monkeypatch, scratch, dense_setup["pristine"])
+    (entry,) = (folder / "dense").iterdir()
+    entry.write_text(json.dumps(mutate(data, json.loads(entry.read_text()))))
+    found = dense_result(dense_setup)
+    assert found.task == "wikitext2" and all(type(v) is float for v in found.metrics.values())
+    event("same metrics" if found.metrics == dense_setup["truth"].metrics else "changed metrics")
+
+
+# --- regex targets ------------------------------------------------------------------
+
+MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "gate_proj", "down_proj"]
+
+
+@st.composite
+def target_lists(draw: st.DrawFn) -> str:
+    """Regexes over some of the tiny Llama's projections (in some layers), maybe beside
+    families that may select the same matrices."""
+    chosen = draw(st.lists(st.sampled_from(MODULES), min_size=1, max_size=4, unique=True))
+    layers = draw(st.sampled_from([r"\d+", "0", "1", "(0|1)"]))
+    targets = [rf"re:model\.layers\.{layers}\..*\.({'|'.join(chosen)})"]
+    if draw(st.booleans()):
+        targets.append(draw(st.sampled_from(["re:.*_proj", "re:lm_head", "re:.*norm", "k"])))
+    targets += draw(st.lists(st.sampled_from(["embed", "q", "up"]), max_size=2, unique=True))
+    return ",".join(targets)
+
+
+@fuzz(25)
+@given(targets=target_lists(), group=st.sampled_from(["none", "layers", "layers:1"]))
+def test_regex_targets_give_distinct_groups_or_one_error(model_folder, scratch, targets, group):
+    out = fresh(scratch) / "art"
+    args = ["--targets", targets, "--group", group, "--method", "svd", "-o", str(out)]
+    result = invoke("compress", str(model_folder), *args)
+    assert_outcome(result, out)
+    if result[0]:
+        return
+    manifest = json.loads((out / MANIFEST).read_text())
+    names = [g["name"] for g in manifest["groups"]]
+    members = [m["path"] for g in manifest["groups"] for m in g["members"]]
+    assert len(set(names)) == len(names) and len(set(members)) == len(members)
+    code, out_text, err = invoke("inspect", str(out), "--per-matrix")
+    assert code == 0 and all(name in out_text for name in names), err

@@ -1,7 +1,7 @@
 import pytest
 
 from aecompress.errors import AecompressError
-from aecompress.recipe import Recipe, parse_yaml
+from aecompress.recipe import MAX_YAML_BYTES, Recipe, parse_yaml, read_yaml
 
 
 @pytest.mark.parametrize(
@@ -12,6 +12,51 @@ def test_yaml_has_no_base_60_numbers(text, value):
     assert parse_yaml(text, "x") == value  # an N:M pattern stays a string
 
 
+def _alias_bomb(levels: int) -> str:
+    """Each anchor is a list of ten aliases of the one before: 10**levels values expanded."""
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, levels)]
+    return "\n".join(lines)
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("[" * 5000 + "]" * 5000, "nested deeper than 50 levels"),
+        ("".join(f"{' ' * i}k:\n" for i in range(200)), "nested deeper than 50 levels"),
+        (_alias_bomb(9), "values once aliases are expanded"),
+        (
+            "a: &a [[[[[[[[[[1]]]]]]]]]]\n"
+            + "".join(
+                f"b{i}: &b{i} [[[[[[[[[[*{'a' if i == 0 else f'b{i - 1}'}]]]]]]]]]]\n"
+                for i in range(5)
+            ),
+            "nested deeper than 50 levels once aliases are expanded",
+        ),
+        ("a: &a [1, *a]", "an alias refers to a node that contains it"),
+        ("[" + "1, " * 20_000 + "]", "more than 10000 values"),
+        ("x" * (MAX_YAML_BYTES + 1), "larger than 256 KiB"),
+    ],
+)
+def test_yaml_is_bounded_and_quotes_nothing(text, message):
+    with pytest.raises(AecompressError, match=message) as raised:
+        parse_yaml(text, "x")
+    assert len(str(raised.value)) < 200  # no expanded value in the message
+
+
+def test_yaml_aliases_within_bounds_are_read():
+    text = "d: &d {x: 1}\nb: *d\nc: {<<: *d, y: 2}\n" + _alias_bomb(3)
+    data = parse_yaml(text, "x")
+    assert data["c"] == {"x": 1, "y": 2} and len(data["a2"][0]) == 10
+
+
+def test_a_large_yaml_file_is_refused_before_it_is_parsed(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("ratios: [" + "1, " * 12_000_000 + "]")  # 36 MB
+    with pytest.raises(AecompressError, match=r"r\.yaml is larger than 256 KiB"):
+        read_yaml(path, "recipe")
+
+
 @pytest.mark.parametrize(
     "fields,message",
     [
@@ -20,8 +65,29 @@ def test_yaml_has_no_base_60_numbers(text, value):
         ({"targets": ["kk"]}, "unknown target family 'kk'"),
         ({"targets": ["re:("]}, "bad target regex"),
         ({"method": "k=svd;=prune", "targets": []}, "recipe: '=prune' is not FAMILIES=METHOD"),
+        ({"quantize": "int9"}, "quantize.bits: Input should be less than or equal to 8"),
+        ({"quantize": "fp4"}, "'fp4' is not a quantization like int4:g64"),
+        ({"quantize": {"bits": 4, "grup": 64}}, "grup: Extra inputs are not permitted"),
     ],
 )
 def test_methods_options_and_targets_are_checked_with_the_recipe(fields, message):
     with pytest.raises(AecompressError, match=message):
         Recipe.parse({"ratio": 2, "targets": ["k"], **fields})
+
+
+def test_a_quantization_stage_is_text_or_a_mapping_and_rules_inherit_it():
+    recipe = Recipe.parse(
+        {
+            "ratio": 4,
+            "quantize": "int3:row:rtn:asym",
+            "method": [
+                {"targets": ["k"], "method": "svd"},
+                {"targets": ["down"], "method": "prune", "quantize": {"bits": 4, "group": 32}},
+            ],
+        }
+    )
+    own, given = (rule.quantize for rule in recipe.rules())
+    assert (own.bits, own.group, own.method, own.symmetric) == (3, None, "rtn", False)
+    assert (given.bits, given.group, given.method, given.symmetric) == (4, 32, "gptq", True)
+    assert str(own) == "int3:row:rtn:asym" and str(given) == "int4:g32:gptq"
+    assert Recipe.parse({"ratio": 2, "targets": ["k"]}).rules()[0].quantize is None

@@ -1,6 +1,6 @@
 import matplotlib
 
-from aecompress.report import ratio_axis
+from aecompress.report import process_costs, ratio_axis, write_report
 
 matplotlib.use("Agg")
 
@@ -16,3 +16,42 @@ def test_ratio_axis_labels_the_grid_ratios_plainly():
     assert list(axes.get_xticks()) == [3, 10, 25]
     assert axes.get_xticklabels(minor=True) == []
     plt.close(figure)
+
+
+def _record(label, ratio, task, split="test", value=None, **measured):
+    cell = {"model": "m", "label": label, "ratio": ratio}
+    if label != "dense":
+        cell |= {"method": label, "targets": "up", "group": "none", "seed": 0}
+    metrics = {"perplexity": value or 10.0 * ratio}
+    record = {"cell": cell, "task": task, "split": split, "settings": {"split": split}}
+    record |= {"status": "ok", "metrics": metrics}
+    return record | measured
+
+
+def test_the_report_gives_each_process_cells_time_and_peak_memory(tmp_path):
+    records = [
+        _record("dense", 1.0, "wikitext2", wall_seconds=30.0, peak_rss_bytes=700 * 2**20),
+        _record("rtn", 4.0, "wikitext2", wall_seconds=12.0, peak_rss_bytes=900 * 2**20),
+        _record("rtn", 4.0, "piqa", wall_seconds=12.0, peak_rss_bytes=900 * 2**20),
+    ]
+    write_report([tmp_path / "results.jsonl"], records)
+    report = (tmp_path / "report.md").read_text()
+    rows = [line for line in report.splitlines() if line.startswith("| m |")]
+    assert rows == ["| m |  | dense | 1 | 0 | 30 | 700 |", "| m | up | rtn | 4 | 0 | 12 | 900 |"]
+
+
+def test_records_of_a_serial_sweep_have_no_process_table():
+    assert process_costs([_record("rtn", 4.0, "wikitext2")]) == ""
+
+
+def test_each_split_of_a_task_has_its_table_and_its_dense_value(tmp_path):
+    records = [
+        _record("dense", 1.0, "wikitext2", "validation", 20.0),
+        _record("dense", 1.0, "wikitext2", "test", 30.0),
+        _record("rtn", 4.0, "wikitext2", "validation", 25.0),
+        _record("rtn", 4.0, "wikitext2", "test", 33.0),
+    ]
+    write_report([tmp_path / "results.jsonl"], records)
+    report = (tmp_path / "report.md").read_text()
+    assert "(validation)\n\ndense: 20\n" in report and "| rtn | 25 (+5) |" in report
+    assert "(test)\n\ndense: 30\n" in report and "| rtn | 33 (+3) |" in report

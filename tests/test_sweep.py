@@ -176,6 +176,73 @@ def test_a_method_can_be_limited_to_some_targets(tmp_path):
         SweepRecipe.from_yaml(path)
 
 
+def test_a_method_can_be_limited_to_some_ratios_and_carry_its_calibration(tmp_path):
+    from aecompress.sweep import cell_recipe, cells
+
+    grid = {
+        "name": "g",
+        "models": ["m"],
+        "methods": [
+            {"method": "svd"},
+            {"method": "svdllm", "ratios": [2], "recipe": {"calibration": {"samples": 4}}},
+        ],
+        "ratios": [2, 4],
+        "targets": ["k"],
+        "calibration": {"samples": 8},
+        "tasks": [{"task": "stsb"}],
+    }
+    plan = SweepRecipe.model_validate(grid)
+    found = [(c["ratio"], c["label"]) for c in cells(plan)]
+    assert found == [(2, "svd"), (2, "svdllm"), (4, "svd")]
+    samples = [cell_recipe(plan, c).calibration.samples for c in cells(plan)]
+    assert samples == [8, 4, 8]  # a method's calibration replaces the sweep's
+    grid["methods"][1]["ratios"] = [3]
+    with pytest.raises(ValueError, match=r"svdllm: ratios \[3.0\] are not among"):
+        SweepRecipe.model_validate(grid)
+
+
+def test_a_task_can_be_limited_to_some_methods_and_the_dense_model_runs_it(tmp_path):
+    grid = SweepRecipe.model_validate(
+        {
+            "name": "g",
+            "models": ["m"],
+            "methods": [{"method": "svd"}, {"method": "prune"}],
+            "ratios": [2],
+            "targets": ["k"],
+            "tasks": [{"task": "wikitext2"}, {"task": "arc-easy", "labels": ["prune"]}],
+        }
+    )
+    jobs = []
+    run_sweep(grid, tmp_path / "results.jsonl", executor=lambda _, found, __: jobs.extend(found))
+    tasks = {job.cell["label"]: [t.task for t in job.tasks] for job in jobs}
+    assert tasks == {
+        "dense": ["wikitext2", "arc-easy"],
+        "svd": ["wikitext2"],
+        "prune": ["wikitext2", "arc-easy"],
+    }
+    with pytest.raises(ValueError, match=r"task piqa: labels \['svdd'\] name no method"):
+        SweepRecipe.model_validate(
+            {**grid.model_dump(), "tasks": [{"task": "piqa", "labels": ["svdd"]}]}
+        )
+
+
+def test_validation_and_test_splits_of_a_task_are_both_kept(tiny_folder, tmp_path, monkeypatch):
+    results = tmp_path / "results.jsonl"
+    options = {"windows": 1, "seq_len": 16}
+    splits = [
+        TaskSpec(task="wikitext2", options={**options, "split": split})
+        for split in ("validation", "test")
+    ]
+    plan = recipe(tiny_folder).model_copy(update={"ratios": [2], "tasks": splits})
+    run_sweep(plan, results, progress=False)
+    calls = counting_compress(monkeypatch)
+    records = run_sweep(plan, results, progress=False)
+    assert calls == [] and len(records) == 4  # nothing recomputed
+    write_report([results], records)
+    report = (tmp_path / "report.md").read_text()
+    assert "perplexity (validation)" in report and "perplexity (test)" in report
+
+
 def test_report_of_a_single_ratio_draws_bars(tmp_path):
     results = tmp_path / "results.jsonl"
     cell = {"model": "m", "targets": "k", "group": "none", "seed": 0, "ratio": 10}
@@ -236,7 +303,12 @@ def test_a_torn_last_line_loses_no_record(tiny_folder, tmp_path, monkeypatch):
 
 
 def test_a_record_glued_onto_a_torn_line_is_read(tmp_path):
-    record = {"cell": {"model": "m", "label": "dense", "ratio": 1.0}, "task": "t", "status": "ok"}
+    record = {
+        "cell": {"model": "m", "label": "dense", "ratio": 1.0},
+        "task": "t",
+        "status": "ok",
+        "metrics": {"m": 1.0},
+    }
     line = json.dumps(record, sort_keys=True)
     results = tmp_path / "results.jsonl"
     results.write_text(line[:30] + line + "\n" + line[:10])
@@ -338,3 +410,91 @@ def test_every_committed_sweep_recipe_builds_every_cell(path):
     grid = SweepRecipe.from_yaml(path)
     built = [cell_recipe(grid, cell) for cell in cells(grid)]
     assert built and all(r.targets for r in built)
+
+
+DENSE_RECORD = {
+    "cell": {"model": "m", "label": "dense", "ratio": 1.0},
+    "task": "wikitext2",
+    "status": "ok",
+    "split": "test",
+    "metrics": {"perplexity": 30.0},
+}
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        {"cell": []},
+        {"cell": [], "task": "wikitext2"},
+        {**DENSE_RECORD, "metrics": None},
+        {k: v for k, v in DENSE_RECORD.items() if k != "metrics"},
+        {**DENSE_RECORD, "metrics": {"perplexity": "30"}},
+        {**DENSE_RECORD, "cell": {"model": "m", "label": "dense"}},
+        {**DENSE_RECORD, "cell": {**DENSE_RECORD["cell"], "targets": ["k"]}},
+        {**DENSE_RECORD, "status": "maybe"},
+        {**DENSE_RECORD, "task": 3},
+        [1, 2],
+    ],
+)
+def test_lines_that_are_not_records_are_skipped_by_sweep_and_report(
+    tiny_folder, tmp_path, caplog, line
+):
+    results = tmp_path / "results.jsonl"
+    results.write_text(json.dumps(line) + "\n" + json.dumps(DENSE_RECORD) + "\n")
+    assert read_results(results) == [DENSE_RECORD]
+    assert "skipping 1 line(s) that are not sweep records" in caplog.text
+    write_report([results], read_results(results))
+    plan = recipe(tiny_folder).model_copy(update={"ratios": [1e9]})  # fails before any work
+    records = run_sweep(plan, results, progress=False)
+    assert records[0] == DENSE_RECORD and len(records) == 3  # the dense cell was measured
+
+
+def test_a_relative_model_path_from_another_folder_is_another_model(
+    tmp_path, tokenizer, monkeypatch
+):
+    from tests.conftest import tiny_model
+
+    for folder, seed in (("a", 0), ("b", 1)):
+        tiny_model("llama", seed).save_pretrained(tmp_path / folder / "models" / "tiny")
+        tokenizer.save_pretrained(tmp_path / folder / "models" / "tiny")
+    results = tmp_path / "results.jsonl"
+    plan = recipe("models/tiny").model_copy(update={"ratios": [2]})
+    calls = counting_compress(monkeypatch)
+    for folder in ("a", "b", "a"):
+        monkeypatch.chdir(tmp_path / folder)
+        run_sweep(plan, results, progress=False)
+    assert calls == [2, 2]  # b's model was measured; a's again was not
+    records = read_results(results)
+    by_model = {}
+    for record in records:
+        by_model.setdefault(record["cell"]["model_id"], []).append(record["metrics"])
+    assert len(records) == 4 and len(by_model) == 2
+    assert [path.rpartition("@")[0] for path in sorted(by_model)] == [
+        str((tmp_path / folder / "models" / "tiny").resolve()) for folder in "ab"
+    ]
+    first, second = by_model.values()
+    assert first != second  # each folder's own numbers
+    tiny_model("llama", 2).save_pretrained(tmp_path / "a" / "models" / "tiny")  # new weights
+    monkeypatch.chdir(tmp_path / "a")
+    run_sweep(plan, results, progress=False)
+    assert calls == [2, 2, 2]
+
+
+@pytest.mark.parametrize(
+    "task,problem",
+    [
+        ("{task: wikitext2, options: {full: 'false'}}", "full: Input should be a valid boolean"),
+        ("{task: piqa, options: {split: [test]}}", "split: Input should be a valid string"),
+        ("{task: piqa, options: {limt: 3}}", "task 'piqa' has no option limt"),
+        ("{task: wikitext3}", "unknown task 'wikitext3'"),
+    ],
+)
+def test_task_entries_are_validated_when_the_recipe_is_read(tmp_path, task, problem):
+    """By the task's own options model: a string "false" does not run every window."""
+    path = tmp_path / "grid.yaml"
+    path.write_text(
+        "name: g\nmodels: [m]\nmethods: [{method: svd}]\nratios: [2]\ntargets: [k]\n"
+        f"tasks: [{task}]\n"
+    )
+    with pytest.raises(AecompressError, match=f"sweep recipe {path}: tasks.0: .*{problem}"):
+        SweepRecipe.from_yaml(path)

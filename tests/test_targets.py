@@ -69,6 +69,37 @@ def test_grouping():
 
 def test_stacking_needs_equal_shapes():
     llama = tiny_model("llama")
-    targets = resolve_targets(llama, [r"re:model\.layers\.0\.self_attn\.(q|k)_proj"])
-    with pytest.raises(AecompressError, match="shapes differ"):
-        group_targets(llama, targets, "layers")
+    llama.model.layers[1].self_attn.k_proj = torch.nn.Linear(32, 8, bias=False)
+    for family in ["k", r"re:.*\.k_proj"]:
+        targets = resolve_targets(llama, [family])
+        with pytest.raises(AecompressError, match="shapes differ"):
+            group_targets(llama, targets, "layers")
+
+
+@pytest.mark.parametrize("grouping", ["none", "layers", "layers:1"])
+def test_a_regex_spanning_families_stacks_each_module_apart(grouping):
+    llama = tiny_model("llama")
+    targets = resolve_targets(llama, ["re:.*_proj"])
+    groups = group_targets(llama, targets, grouping)
+    names = [g.name for g in groups]
+    assert len(set(names)) == len(names) and sum(len(g.members) for g in groups) == 14
+    for group in groups:  # each group: one module of the blocks, in one or more layers
+        assert len({t.path.split(".")[-1] for t in group.members}) == 1
+    if grouping == "layers":
+        assert "model.layers.0-1.mlp.up_proj" in names and len(groups) == 7
+    else:
+        assert "model.layers.1.self_attn.v_proj" in names and len(groups) == 14
+
+
+@pytest.mark.parametrize(
+    "arch,targets,message",
+    [
+        ("llama", ["k", r"re:.*\.k_proj"], "'k' and 're:.*\\.k_proj' both select model.layers.0"),
+        ("llama", ["embed", "re:lm_head"], "both select lm_head .it shares model.embed_tokens"),
+        ("gpt2", ["v", r"re:.*c_attn"], "both select transformer.h.0.attn.c_attn"),
+        ("bert", ["k", "k"], "'k' and 'k' both select"),
+    ],
+)
+def test_a_matrix_selected_twice_is_refused(arch, targets, message):
+    with pytest.raises(AecompressError, match=message):
+        resolve_targets(tiny_model(arch), targets)

@@ -4,6 +4,7 @@ cm = aecompress.compress("minilm-l6", method="svd", ratio=10, targets=["embed"])
 cm.save_pretrained("out/")
 model = aecompress.load("out/")
 aecompress.export_dense("out/", "plain/")  # a plain transformers folder, every matrix decoded
+aecompress.export_compressed_tensors("out/", "ct/")  # gptq / rtn packed, as llm-compressor
 
 Names are imported on first use (PEP 562), so that `import aecompress` and the command
 line's `--help` do not wait for torch and transformers.
@@ -21,7 +22,7 @@ from aecompress.version import __version__
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-    from aecompress.artifact import export_dense, load_compressed
+    from aecompress.artifact import export_compressed_tensors, export_dense, load_compressed
     from aecompress.compressed import CompressedModel
     from aecompress.engine import compress
     from aecompress.evaluation.runner import evaluate
@@ -34,6 +35,7 @@ _LAZY = {
     "Recipe": "aecompress.recipe",
     "compress": "aecompress.engine",
     "evaluate": "aecompress.evaluation.runner",
+    "export_compressed_tensors": "aecompress.artifact",
     "export_dense": "aecompress.artifact",
     "load_compressed": "aecompress.artifact",
     "load_model": "aecompress.models",
@@ -46,6 +48,7 @@ __all__ = [
     "__version__",
     "compress",
     "evaluate",
+    "export_compressed_tensors",
     "export_dense",
     "load",
     "load_compressed",

@@ -18,9 +18,16 @@ from typing import TypeVar
 
 from safetensors import SafetensorError
 
+from aecompress.errors import first_line
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+class InvalidEntry(ValueError):
+    """A cache entry that was read but holds what its writer never writes."""
+
 
 # What reading a damaged entry raises: I/O, JSON / safetensors decoding, missing fields.
 _UNREADABLE = (OSError, ValueError, KeyError, TypeError, SafetensorError)
@@ -37,13 +44,15 @@ def cache_dir() -> Path:
 
 
 def read_entry(path: Path, read: Callable[[Path], T]) -> T | None:
-    """`read(path)`, or None when there is no entry or it is unreadable (then deleted)."""
+    """`read(path)`, or None when there is no entry or it is unreadable or invalid (then
+    deleted)."""
     if not path.is_file():
         return None
     try:
         return read(path)
     except _UNREADABLE as error:
-        logger.warning("discarding unreadable cache file %s (%s)", path, error)
+        state = "invalid" if isinstance(error, InvalidEntry) else "unreadable"
+        logger.warning("discarding %s cache file %s (%s)", state, path, first_line(error))
         path.unlink(missing_ok=True)
         return None
 

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from aecompress.cache import cache_dir, read_entry, write_entry
+from aecompress.cache import InvalidEntry, cache_dir, read_entry, write_entry
 from aecompress.data import local_text, wikitext2_text
 from aecompress.errors import AecompressError
 from aecompress.memory import trim_heap
@@ -47,10 +47,14 @@ from aecompress.models import (
 )
 from aecompress.numerics import all_finite
 from aecompress.progress import progress_bar
-from aecompress.targets import Target, dense_weight
+from aecompress.targets import Target, dense_weight, weight_matrix
 
 ACTIVATION_STATISTICS = frozenset({"xtx", "abs_mean", "counts"})
 GRADIENT_STATISTICS = frozenset({"fisher", "l1", "out_fisher"})
+
+
+# A seed of every random choice (torch generators take up to 64 bits; 32 leave room).
+Seed = Annotated[int, Field(ge=0, lt=1 << 32)]
 
 
 class CalibrationConfig(BaseModel):
@@ -64,7 +68,7 @@ class CalibrationConfig(BaseModel):
     split: Literal["train", "validation"] = "train"
     data: str | None = None
     batch_size: int = Field(8, ge=1)
-    seed: int = 0
+    seed: Seed = 0
 
     @field_validator("data")
     @classmethod
@@ -436,16 +440,78 @@ def save_statistics(stats: dict[str, TargetStatistics], path: Path) -> None:
 
 
 def load_statistics(path: Path) -> dict[str, TargetStatistics]:
+    """What save_statistics wrote; metadata or tensor names of another form: InvalidEntry."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata()
+        metadata = handle.metadata() or {}
     tokens, aliases = json.loads(metadata["tokens"]), json.loads(metadata.get("aliases", "{}"))
+    if not _mapping(tokens, int) or not _mapping(aliases, str):
+        raise InvalidEntry("its metadata is not a mapping of token counts and aliases")
     stats = {name: TargetStatistics(count) for name, count in tokens.items()}
     loaded = load_file(str(path))
+    for key, kept in aliases.items():
+        if kept not in loaded:
+            raise InvalidEntry(f"alias {key} -> {kept}: no such tensor")
     for key, tensor in [*loaded.items(), *((k, loaded[v]) for k, v in aliases.items())]:
         name, _, field = key.rpartition("::")
+        if name not in stats or field not in _TENSOR_FIELDS:
+            raise InvalidEntry(f"unknown statistic {key}")
         setattr(stats[name], field, tensor)
+    return stats
+
+
+def _mapping(value: object, kind: type) -> bool:
+    """Whether `value` is a dict of strings to `kind` (not bool for int)."""
+    return isinstance(value, dict) and all(
+        isinstance(k, str) and isinstance(v, kind) and not isinstance(v, bool)
+        for k, v in value.items()
+    )
+
+
+def _shapes(model: nn.Module, target: Target) -> dict[str, tuple[int, ...]]:
+    """The shape of each statistic of a target whose matrix is [rows, cols]."""
+    rows, cols = weight_matrix(model, target).shape
+    return {
+        "xtx": (cols, cols),
+        "abs_mean": (cols,),
+        "counts": (rows,),  # an embedding's rows are its tokens
+        "fisher": (rows, cols),
+        "l1": (rows, cols),
+        "out_fisher": (rows,),
+    }
+
+
+def _required(target: Target, needed: set[str]) -> set[str]:
+    """The statistics a pass collecting `needed` gives the target."""
+    embedding = target.kind == "embedding"
+    required = set()
+    if needed & ACTIVATION_STATISTICS:
+        required |= {"counts"} if embedding else {"xtx", "abs_mean"}
+    if needed & GRADIENT_STATISTICS:
+        required |= {"fisher", "l1"} | (set() if embedding else {"out_fisher"})
+    return required
+
+
+def check_statistics(
+    stats: dict[str, TargetStatistics], model: nn.Module, targets: list[Target], needed: set[str]
+) -> dict[str, TargetStatistics]:
+    """`stats` (read from a cache file), once each target has every statistic a pass gives
+    it, finite, of its shape; else InvalidEntry."""
+    for target in targets:
+        entry = stats.get(target.name)
+        if entry is None:
+            raise InvalidEntry(f"no statistics of {target.name}")
+        if missing := sorted(f for f in _required(target, needed) if getattr(entry, f) is None):
+            raise InvalidEntry(f"no {missing[0]} of {target.name}")
+        for field, shape in _shapes(model, target).items():
+            value = getattr(entry, field)
+            if value is None:
+                continue
+            if not value.is_floating_point() or tuple(value.shape) != shape:
+                raise InvalidEntry(f"{field} of {target.name} is not a {list(shape)} float tensor")
+            if not all_finite(value):
+                raise InvalidEntry(f"{field} of {target.name} is not finite")
     return stats
 
 
@@ -474,7 +540,9 @@ def cached_statistics(
         / "calibration"
         / f"{cache_key(base_sha256, targets, needed, config)}.safetensors"
     )
-    cached = read_entry(path, load_statistics)
+    cached = read_entry(
+        path, lambda p: check_statistics(load_statistics(p), model, targets, needed)
+    )
     if cached is not None:
         return cached
     stats = collect_statistics(model, tokenizer, targets, needed, config, progress=progress)

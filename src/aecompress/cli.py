@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
-from typer._click.exceptions import ClickException  # the click that typer bundles
+from typer._click.core import ParameterSource  # the click that typer bundles
+from typer._click.exceptions import ClickException
 
 from aecompress.errors import AecompressError, first_line
-from aecompress.evaluation.catalog import task_table
+from aecompress.evaluation.tasks import task_table
 from aecompress.memory import map_large_allocations
 from aecompress.outputs import check_artifact_folder, check_file, check_new_folder
 from aecompress.recommended import RECOMMENDED
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from aecompress.sweep import Executor
 
 INTERRUPTED = 130  # the exit status after Ctrl-C
+MAX_ERROR = 1000  # characters of an error line
 
 app = typer.Typer(
     add_completion=False,
@@ -37,24 +39,24 @@ def _starting(what: str) -> None:
     typer.echo(f"aecompress: {what} (loading torch and transformers)", err=True)
 
 
-def _parse_options(pairs: list[str]) -> dict[str, Any]:
-    """KEY=VALUE pairs; values are read as YAML (numbers, booleans, lists); a dotted key
-    sets a nested field (loss.rmse_weight=1, or sparsegpt.damp=0.1 for one of several
-    methods)."""
+def _parse_options(pairs: list[str], flag: str = "--option") -> dict[str, Any]:
+    """KEY=VALUE pairs (given with `flag`); values are read as YAML (numbers, booleans,
+    lists); a dotted key sets a nested field (loss.rmse_weight=1, or sparsegpt.damp=0.1 for
+    one of several methods)."""
     from aecompress.recipe import parse_yaml
 
     options: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise AecompressError(f"--option takes KEY=VALUE, got '{pair}'")
-        parsed = parse_yaml(value, f"--option '{pair}'")
+            raise AecompressError(f"{flag} takes KEY=VALUE, got '{pair}'")
+        parsed = parse_yaml(value, f"{flag} {key.strip()}")  # never quotes the value
         *parents, leaf = key.strip().split(".")
         node = options
         for parent in parents:
             child = node.setdefault(parent, {})
             if not isinstance(child, dict):
-                raise AecompressError(f"--option {key}: {parent} is already set to a value")
+                raise AecompressError(f"{flag} {key}: {parent} is already set to a value")
             node = child
         node[leaf] = parsed
     return options
@@ -62,6 +64,7 @@ def _parse_options(pairs: list[str]) -> dict[str, Any]:
 
 @app.command()
 def compress(
+    ctx: typer.Context,
     model: Annotated[
         str, typer.Argument(help="minilm-l6, smollm2-135m, a folder, a .gguf file or a hub id")
     ],
@@ -80,6 +83,12 @@ def compress(
             "default: the recommended method's"
         ),
     ] = None,
+    quantize: Annotated[
+        str | None,
+        typer.Option(
+            help="quantize the stored matrices in the same budget: int4:g64, int3:row, ..."
+        ),
+    ] = None,
     targets: Annotated[
         str | None,
         typer.Option(
@@ -94,7 +103,7 @@ def compress(
         list[str] | None, typer.Option(help="method option KEY=VALUE (repeatable)")
     ] = None,
     recipe: Annotated[
-        Path | None, typer.Option(help="YAML recipe; command-line flags are ignored")
+        Path | None, typer.Option(help="YAML recipe; flags given beside it override it")
     ] = None,
     untie_embeddings: Annotated[bool, typer.Option(help="keep a tied output head dense")] = False,
     pipeline: Annotated[
@@ -138,30 +147,36 @@ def compress(
     from aecompress.models import load_model
     from aecompress.recipe import Recipe
 
-    if recipe is not None:
-        plan = Recipe.from_yaml(recipe)
-        model = plan.model or model
-    else:
-        calibration = {
-            "samples": calibration_samples,
-            "seq_len": calibration_seq_len,
-            "data": calibration_data,
-        }
-        plan = Recipe.parse(
-            {
-                "model": model,
-                **_method_fields(model, method, ratio, targets, _parse_options(option or [])),
-                "calibration": {k: v for k, v in calibration.items() if v is not None},
-                "group": group,
-                "untie_embeddings": untie_embeddings,
-                "pipeline": pipeline,
-                "refine": refine,
-                "allocate": allocate,
-                "storage_dtype": storage_dtype,
-                "device": device,
-                "seed": seed,
-            }
-        )
+    options = _parse_options(option or [])
+    calibration = {
+        "samples": calibration_samples,
+        "seq_len": calibration_seq_len,
+        "data": calibration_data,
+    }
+    fields = {
+        "model": model,
+        "method": method,
+        "options": options,
+        "ratio": ratio,
+        "quantize": quantize,
+        "targets": targets,
+        "calibration": {k: v for k, v in calibration.items() if v is not None},
+        "group": group,
+        "untie_embeddings": untie_embeddings,
+        "pipeline": pipeline,
+        "refine": refine,
+        "allocate": allocate,
+        "storage_dtype": storage_dtype,
+        "device": device,
+        "seed": seed,
+    }
+    if recipe is None:
+        plan = Recipe.parse({**fields, **_method_fields(model, method, ratio, targets, options)})
+    else:  # flags given beside the recipe (and MODEL) override it
+        given = {k: v for k, v in fields.items() if k == "model" or _given(ctx, k)}
+        plan, changes = Recipe.from_yaml(recipe).override(given)
+        if changes:
+            typer.echo(f"the command line overrides {recipe}: {'; '.join(changes)}")
     plan.calibration.check()
     start = time.perf_counter()
     try:
@@ -186,22 +201,24 @@ def compress(
 def evaluate(
     model: Annotated[str, typer.Argument(help="an artifact folder or a model (as for compress)")],
     task: Annotated[list[str] | None, typer.Option(help="task to run (repeatable)")] = None,
-    split: Annotated[str | None, typer.Option(help="split, where a task has several")] = None,
-    windows: Annotated[int | None, typer.Option(help="wikitext2: first N windows")] = None,
-    seq_len: Annotated[int | None, typer.Option(help="wikitext2: window length")] = None,
-    full: Annotated[bool | None, typer.Option("--full", help="wikitext2: every window")] = None,
-    limit: Annotated[int | None, typer.Option(help="multiple choice / mlm: first N items")] = None,
-    train_fraction: Annotated[float | None, typer.Option(help="glue: train on a fraction")] = None,
+    task_option: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--task-option", "-O", help="KEY=VALUE for the tasks that take KEY (repeatable)"
+        ),
+    ] = None,
+    split: Annotated[str | None, typer.Option(help="= --task-option split=S")] = None,
+    windows: Annotated[int | None, typer.Option(help="= --task-option windows=N")] = None,
+    seq_len: Annotated[int | None, typer.Option(help="= --task-option seq_len=N")] = None,
+    limit: Annotated[int | None, typer.Option(help="= --task-option limit=N")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="= --task-option batch_size=N")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     probe: Annotated[
         bool,
         typer.Option(
             "--probe", help="glue: a frozen-feature probe (glue-*-probe) instead of fine-tuning"
         ),
     ] = False,
-    max_train: Annotated[
-        int | None, typer.Option(help="glue probe: at most N train examples (default 4000)")
-    ] = None,
-    seed: Annotated[int | None, typer.Option(help="seed of tasks that sample or train")] = None,
     dense: Annotated[bool, typer.Option(help="also report the artifact's base model")] = True,
     json_out: Annotated[Path | None, typer.Option("--json", help="write results here")] = None,
     overwrite: Annotated[
@@ -213,21 +230,26 @@ def evaluate(
     from aecompress.evaluation.results import format_table, is_records_file, write_records
     from aecompress.evaluation.runner import evaluate as run_evaluate
 
-    options = {
+    options = _parse_options(task_option or [], "--task-option")
+    shorthands = {
         "split": split,
         "windows": windows,
         "seq_len": seq_len,
-        "full": full,
         "limit": limit,
-        "train_fraction": train_fraction,
-        "max_train": max_train,
-        "seed": seed,
+        "batch_size": batch_size,
     }
+    for key, value in shorthands.items():
+        if value is not None:
+            if key in options:
+                raise AecompressError(f"{key} is given twice (--task-option and its own flag)")
+            options[key] = value
     if json_out is not None:
         what = f"--json {json_out}"
         check_file(json_out, what, "an evaluate --json file", is_records_file, overwrite)
     tasks = task or ["wikitext2"]
-    results, dense_results = run_evaluate(model, tasks, options, dense=dense, probe=probe)
+    results, dense_results = run_evaluate(
+        model, tasks, options, dense=dense, probe=probe, device=device
+    )
     typer.echo(format_table(results, dense_results if dense_results else None))
     if json_out is not None:
         write_records(json_out, model, results, dense_results)
@@ -256,25 +278,44 @@ def inspect(
 
 @app.command()
 def tasks() -> None:
-    """List the evaluation tasks: the model each needs, its metrics and splits."""
+    """List the evaluation tasks: the model each needs, its metrics, splits and options."""
+    from aecompress.evaluation.tasks import options_table
+
     typer.echo(task_table())
+    typer.echo(f"\nOptions (`evaluate --task-option KEY=VALUE`):\n\n{options_table()}")
 
 
 @app.command()
 def export(
     artifact: Annotated[Path, typer.Argument(help="artifact folder")],
+    output: Annotated[Path | None, typer.Argument(help="folder to write (new or empty)")] = None,
+    format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="dense (every matrix decoded) | compressed-tensors (gptq / rtn kept packed)",
+        ),
+    ] = "dense",
     dense: Annotated[
-        Path, typer.Option("--dense", help="folder to write: a plain transformers model")
-    ],
+        Path | None, typer.Option("--dense", help="folder to write: --format dense")
+    ] = None,
 ) -> None:
-    """Write an artifact's model, every matrix decoded, as a plain transformers folder
-    (safetensors, config, tokenizer) that loads without aecompress."""
+    """Write an artifact's model as a folder that loads in transformers without aecompress:
+    every matrix decoded (dense), or gptq / rtn groups in the compressed-tensors format
+    (the compressed-tensors package needed to load it; see docs/export.md)."""
     _starting(f"exporting {artifact}")
-    from aecompress.artifact import export_dense
+    from aecompress.artifact import EXPORTS
 
-    check_new_folder(dense, f"--dense {dense}")
-    export_dense(artifact, dense)
-    typer.echo(f"wrote {dense}")
+    if format not in EXPORTS:
+        raise AecompressError(f"--format must be {' or '.join(EXPORTS)} (got '{format}')")
+    if dense is not None and (output is not None or format != "dense"):
+        raise AecompressError("--dense OUT is --format dense OUT: give one output folder")
+    where = dense or output
+    if where is None:
+        raise AecompressError("export needs a folder to write: OUT or --dense OUT")
+    check_new_folder(where, f"--dense {where}" if dense else str(where))
+    EXPORTS[format](artifact, where)
+    typer.echo(f"wrote {where}")
 
 
 @app.command()
@@ -308,7 +349,11 @@ def sweep(
         str, typer.Option(help="I/N: run every N-th cell from the I-th (N parallel processes)")
     ] = "0/1",
     executor: Annotated[
-        str, typer.Option(help="serial (this process) | ray (one Ray task per cell)")
+        str,
+        typer.Option(
+            help="serial (this process) | process (a child process per cell, timed, peak RSS)"
+            " | ray (one Ray task per cell)"
+        ),
     ] = "serial",
     address: Annotated[
         str | None, typer.Option(help="ray: the cluster's address (default: local)")
@@ -366,16 +411,36 @@ def _method_fields(
     return {"method": method, "options": options, "ratio": ratio, "targets": targets or []}
 
 
+# recipe field -> the compress parameters that set it (default: the field's own name)
+_FIELD_FLAGS = {
+    "options": ("option",),
+    "calibration": ("calibration_samples", "calibration_seq_len", "calibration_data"),
+}
+
+
+def _given(ctx: typer.Context, field: str) -> bool:
+    """Whether a flag of the recipe field was given (not left at its default)."""
+    return any(
+        ctx.get_parameter_source(name)
+        not in (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
+        for name in _FIELD_FLAGS.get(field, (field,))
+    )
+
+
 def _executor(name: str, address: str | None) -> Executor | None:
-    """None (serial) or a RayExecutor; one-line errors for a bad choice."""
+    """None (serial), a ProcessExecutor or a RayExecutor; one-line errors for a bad choice."""
     if name == "ray":
         from aecompress.cluster import RayExecutor
 
         return RayExecutor(address)
-    if name != "serial":
-        raise AecompressError(f"--executor must be serial or ray (got '{name}')")
+    if name not in ("serial", "process"):
+        raise AecompressError(f"--executor must be serial, process or ray (got '{name}')")
     if address is not None:
         raise AecompressError("--address needs --executor ray")
+    if name == "process":
+        from aecompress.cluster import ProcessExecutor
+
+        return ProcessExecutor()
     return None
 
 
@@ -402,8 +467,11 @@ def report(
 
 
 def _fail(message: str) -> NoReturn:
-    """Print one `aecompress: error:` line (whatever the message's line breaks) and exit 2."""
-    typer.echo(f"aecompress: error: {' '.join(message.split())}", err=True)
+    """Print one `aecompress: error:` line (whatever the message's line breaks, at most
+    MAX_ERROR characters of it: a message never floods the terminal with a value) and exit 2."""
+    line = " ".join(message.split())
+    line = line if len(line) <= MAX_ERROR else f"{line[: MAX_ERROR - 3]}..."
+    typer.echo(f"aecompress: error: {line}", err=True)
     sys.exit(2)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -38,6 +39,48 @@ WIKITEXT2_FILES = {
     "train": "wikitext-2-raw/wiki.train.raw.partial.txt",
     "validation": "wikitext-2-raw/wiki.valid.raw",
     "test": "wikitext-2-raw/wiki.test.raw",
+}
+
+
+STSB_FILES = {
+    "train": "stsb/sts-train.csv",
+    "dev": "stsb/sts-dev.csv",
+    "test": "stsb/sts-test.csv",
+}
+
+# multiple-choice dataset -> split -> the files it reads (first split: the one lm-eval reports)
+CHOICE_FILES: dict[str, dict[str, tuple[str, ...]]] = {
+    "arc-easy": {
+        "test": ("arc_easy/ARC-Easy-Test.jsonl",),
+        "validation": ("arc_easy/ARC-Easy-Dev.jsonl",),
+    },
+    "piqa": {"validation": ("piqa/valid.jsonl", "piqa/valid-labels.lst")},
+    "hellaswag": {"validation": ("hellaswag/hellaswag_val_full.txt",)},
+}
+
+
+@dataclass(frozen=True)
+class GlueTask:
+    """Where a GLUE task's tsv files are and how their rows read."""
+
+    folder: str
+    text_columns: tuple[int, ...]
+    label_column: int
+    header: bool
+    labels: tuple[str, ...] | None  # class names in index order; None for regression
+    metrics: tuple[str, ...]
+
+    @property
+    def files(self) -> tuple[str, str]:
+        return f"glue/{self.folder}/train.tsv", f"glue/{self.folder}/dev.tsv"
+
+
+GLUE_TASKS: dict[str, GlueTask] = {
+    "mrpc": GlueTask("MRPC", (3, 4), 0, True, ("0", "1"), ("accuracy", "f1")),
+    "rte": GlueTask("RTE", (1, 2), 3, True, ("entailment", "not_entailment"), ("accuracy",)),
+    "stsb": GlueTask("STS-B", (7, 8), 9, True, None, ("pearson", "spearman")),
+    "sst2": GlueTask("SST-2", (0,), 1, True, ("0", "1"), ("accuracy",)),
+    "cola": GlueTask("CoLA", (3,), 1, False, ("0", "1"), ("matthews",)),
 }
 
 

@@ -35,8 +35,8 @@ def choose_pipeline(recipe: Recipe, planned: list[PlannedGroup], model: PreTrain
     """The recipe's pipeline; `auto` is sequential (on a model with transformer blocks) when
     refinement is asked for or a method measures output error and prefers it
     (`Method.sequential_by_default`: svdllm, sparsegpt, wanda, ae-data, ..., not gptq): on
-    SmolLM2's MLPs at ratio 1.25 that lowered WikiText-2 validation
-    perplexity from 68.6 to 64.6 (svdllm) and 23.87 to 23.82 (sparsegpt)."""
+    SmolLM2's MLPs that lowered WikiText-2 validation perplexity for svdllm and sparsegpt
+    (benchmarks/results/compensation/report.md)."""
     if recipe.pipeline != "auto":
         if recipe.pipeline == "independent" and recipe.refine.steps:
             raise AecompressError("block refinement (refine) needs the sequential pipeline")

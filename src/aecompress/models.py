@@ -10,6 +10,7 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -302,7 +303,46 @@ def load_model(name: str, auto_class: str | None = None) -> LoadedModel:
         raise AecompressError(f"cannot load model '{name}': {problem}")
     model.eval()
     _copy_out_of_mapped_files(model)
-    return LoadedModel(model, load_tokenizer(where, **kwargs), source, auto_name)
+    tokenizer = load_tokenizer(where, **kwargs)
+    check_vocabulary(model, tokenizer, name)
+    return LoadedModel(model, tokenizer, source, auto_name)
+
+
+def check_vocabulary(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, name: str
+) -> None:
+    """Refuse a tokenizer whose token ids reach beyond the rows of the model's embedding."""
+    embedding = model.get_input_embeddings()
+    rows = getattr(embedding, "num_embeddings", None)
+    if tokenizer is not None and isinstance(rows, int) and len(tokenizer) > rows:
+        raise AecompressError(
+            f"{name}: its tokenizer has {len(tokenizer)} tokens and its embedding only {rows} "
+            "rows (vocab_size in config.json is too small for the tokenizer)"
+        )
+
+
+def model_identity(name: str) -> str | None:
+    """What a local model folder or .gguf file is, wherever it is named from: its absolute
+    path and the sha256 of its weights files ('/abs/models/llama@3f2a...'); None for an
+    embedded model or a hub id (their names say what they are)."""
+    path = Path(name)
+    if name in EMBEDDED or not path.exists():
+        return None
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+    stamps = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    return f"{path.resolve()}@{_files_sha256(stamps)}"
+
+
+@cache
+def _files_sha256(stamps: tuple[tuple[str, int, int], ...]) -> str:
+    """sha256 of the files' contents in order (once per process for each path, size and
+    modification time)."""
+    digest = hashlib.sha256()
+    for name, _size, _mtime in stamps:
+        with open(name, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 MADV_DONTNEED = 4  # Linux

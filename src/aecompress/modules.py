@@ -288,7 +288,9 @@ def unpack(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     j*bits.. of its row's little-endian bit stream), on their device. Eight codes fill
     `bits` bytes: each such unit is widened to one int64 and shifted apart."""
     rows, units = packed.shape[0], -(-cols // 8)
-    raw = packed.contiguous().view(torch.uint8)[:, : units * bits]
+    if not packed.is_contiguous() or packed.stride(-1) != 1:  # (a column of one word may
+        packed = packed.clone(memory_format=torch.contiguous_format)  # count as contiguous)
+    raw = packed.view(torch.uint8)[:, : units * bits]
     wide = torch.zeros(rows, units, 8, dtype=torch.uint8, device=packed.device)
     wide[..., :bits] = F.pad(raw, (0, units * bits - raw.shape[1])).view(rows, units, bits)
     shifts = torch.arange(0, 8 * bits, bits, device=packed.device)
@@ -307,14 +309,21 @@ def zero_points(
 
 
 def dequantize_packed(
-    packed: torch.Tensor, scales: torch.Tensor, points: torch.Tensor, bits: int, cols: int
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    points: torch.Tensor,
+    bits: int,
+    cols: int,
+    group: int | None = None,
 ) -> torch.Tensor:
     """The weight rows [rows, cols], (code - zero) * scale, from packed codes [rows, words],
-    scales and zero points [rows, groups], in the scales' dtype (differentiable in them)."""
-    codes = unpack(packed, bits, cols).to(scales.dtype)
+    scales and zero points [rows, groups] of `group` consecutive columns (None: cols /
+    groups; the last group may be shorter), in the scales' dtype (differentiable in them)."""
     rows, groups = scales.shape
-    shifted = codes.view(rows, groups, -1) - points.to(scales.dtype)[..., None]
-    return (shifted * scales[..., None]).view(rows, cols)
+    size = group or cols // groups
+    codes = unpack(packed, bits, groups * size).to(scales.dtype).view(rows, groups, size)
+    shifted = codes - points.to(scales.dtype)[..., None]
+    return (shifted * scales[..., None]).view(rows, groups * size)[:, :cols]
 
 
 def choose_kernel(bits: int, rows: int, cols: int, group: int, device: torch.device) -> Kernel:

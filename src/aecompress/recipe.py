@@ -4,26 +4,29 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from aecompress.budget import ratio_problem
-from aecompress.calibration import CalibrationConfig
+from aecompress.calibration import CalibrationConfig, Seed
 from aecompress.errors import AecompressError, describe, first_line
 from aecompress.methods import make_method
+from aecompress.methods.stage import QuantStage
 from aecompress.targets import check_target, parse_grouping
 
 
 class MethodRule(BaseModel):
-    """One method for some target families (several rules: several methods, one budget)."""
+    """One method for some target families (several rules: several methods, one budget),
+    its options and its quantization stage (None: the recipe's)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     targets: list[str] = Field(min_length=1)
     method: str
     options: dict[str, Any] = Field(default_factory=dict)
+    quantize: QuantStage | None = None
 
     @field_validator("targets", mode="before")
     @classmethod
@@ -58,8 +61,8 @@ class SequentialConfig(BaseModel):
     last to first, each on a pass through uncompressed ones); `layer` calibrates each
     layer on the inputs that the layers before it in its block produce as already
     compressed (GPTQ's true sequential order). `block`
-    measured better or equal on WikiText-2 validation (SmolLM2 MLPs, ratios 1.25 / 1.67:
-    sparsegpt 23.82 / 30.33 against 23.82 / 30.50, svdllm 62.9 / 143.9 against 64.5 / 145.8)."""
+    measured better or equal on WikiText-2 validation (SmolLM2 MLPs,
+    benchmarks/results/compensation/report.md)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -89,6 +92,8 @@ class Recipe(BaseModel):
     `method` is a method name (its options in `options`), rules
     'FAMILIES=METHOD;FAMILIES=METHOD' (each method's options under its name in `options`),
     or a list of MethodRule. With rules, `targets` defaults to the rules' families.
+    `quantize` (e.g. `int4:g64`, or a mapping of QuantStage's fields): the stored matrices
+    of every rule without its own stage are quantized, within the same budget.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -97,6 +102,7 @@ class Recipe(BaseModel):
     method: str | list[MethodRule] = "svd"
     options: dict[str, Any] = Field(default_factory=dict)
     ratio: float
+    quantize: QuantStage | None = None
     targets: list[str] = Field(default_factory=list)
     group: str = "none"
     pipeline: Literal["auto", "independent", "sequential"] = "auto"
@@ -106,7 +112,7 @@ class Recipe(BaseModel):
     storage_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"  # auto (CUDA when there is one), cpu, cuda, cuda:N
     untie_embeddings: bool = False
-    seed: int = 0
+    seed: Seed = 0
     calibration: CalibrationConfig = CalibrationConfig()
 
     @field_validator("targets", mode="before")
@@ -152,12 +158,21 @@ class Recipe(BaseModel):
 
     def rules(self) -> list[MethodRule]:
         """The method rules this recipe means, each with its targets and options."""
+        stage = self.quantize
         if isinstance(self.method, list):
-            return self.method
+            return [
+                r if r.quantize else r.model_copy(update={"quantize": stage}) for r in self.method
+            ]
         if "=" not in self.method:
-            return [MethodRule(targets=self.targets, method=self.method, options=self.options)]
+            return [
+                MethodRule(
+                    targets=self.targets, method=self.method, options=self.options, quantize=stage
+                )
+            ]
         return [
-            MethodRule(targets=families, method=name, options=self.options.get(name, {}))
+            MethodRule(
+                targets=families, method=name, options=self.options.get(name, {}), quantize=stage
+            )
             for families, name in parse_rules(self.method)
         ]
 
@@ -167,6 +182,23 @@ class Recipe(BaseModel):
         for rule in self.rules():
             found += [t for t in rule.targets if t not in found]
         return found
+
+    def override(self, fields: dict[str, Any]) -> tuple[Recipe, list[str]]:
+        """This recipe with `fields` (flags given beside it) in place of its own, and what
+        changed ('ratio 4.0 -> 10.0'). A new method drops the recipe's options unless
+        options are given; refine steps keep the recipe's other refine settings, and the
+        calibration settings given keep the others."""
+        data = self.model_dump(mode="json")
+        if "method" in fields and "options" not in fields:
+            fields = {**fields, "options": {}}
+        if "refine" in fields:
+            fields = {**fields, "refine": {**data["refine"], "steps": fields["refine"]}}
+        if "calibration" in fields:
+            fields = {**fields, "calibration": {**data["calibration"], **fields["calibration"]}}
+        new = Recipe.parse({**data, **fields})
+        after = new.model_dump(mode="json")
+        changes = [f"{k} {data[k]} -> {after[k]}" for k in fields if after[k] != data[k]]
+        return new, changes
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Recipe:
@@ -184,9 +216,60 @@ class Recipe(BaseModel):
             raise AecompressError(describe(error, "recipe")) from error
 
 
+# Bounds of every YAML input (recipes, sweeps, --option values): a recipe is a few hundred
+# lines; anything far beyond is refused before it costs time or memory.
+MAX_YAML_BYTES = 1 << 18
+MAX_YAML_DEPTH = 50  # nesting of sequences and mappings
+MAX_YAML_NODES = 10_000  # values once aliases are expanded
+
+
 class _Loader(yaml.SafeLoader):
-    """yaml.SafeLoader without YAML 1.1's base-60 numbers: `2:4` (an N:M sparsity
-    pattern) stays the string it looks like instead of becoming 124."""
+    """yaml.SafeLoader without YAML 1.1's base-60 numbers (`2:4`, an N:M sparsity pattern,
+    stays the string it looks like instead of becoming 124), and bounded: nesting depth,
+    and the number of values with every alias expanded (an alias bomb is refused while it
+    is read, before anything expands it)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._composed = 0
+        self._sizes: dict[int, tuple[int, int]] = {}  # id(node) -> (values, depth) expanded
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            anchored = self.anchors.get(self.peek_event().anchor)
+            if anchored is not None and id(anchored) not in self._sizes:
+                self._refuse("an alias refers to a node that contains it")
+            return super().compose_node(parent, index)
+        self._depth += 1
+        self._composed += 1
+        if self._depth > MAX_YAML_DEPTH:
+            self._refuse(f"nested deeper than {MAX_YAML_DEPTH} levels")
+        if self._composed > MAX_YAML_NODES:
+            self._refuse(f"more than {MAX_YAML_NODES} values")
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        if node is not None:
+            self._sizes[id(node)] = self._expanded(node)
+        return node
+
+    def _expanded(self, node: yaml.Node) -> tuple[int, int]:
+        """(values, depth) of a node with its aliases expanded, from its children's."""
+        children = node.value if isinstance(node.value, list) else []  # scalars: a string
+        flat = [n for child in children for n in (child if isinstance(child, tuple) else [child])]
+        sizes = [self._sizes[id(child)] for child in flat]
+        values = 1 + sum(size for size, _ in sizes)
+        depth = 1 + max((d for _, d in sizes), default=0)
+        if values > MAX_YAML_NODES:
+            self._refuse(f"more than {MAX_YAML_NODES} values once aliases are expanded")
+        if depth > MAX_YAML_DEPTH:
+            self._refuse(f"nested deeper than {MAX_YAML_DEPTH} levels once aliases are expanded")
+        return values, depth
+
+    def _refuse(self, problem: str) -> NoReturn:
+        raise yaml.composer.ComposerError(None, None, problem, self.get_mark())
 
 
 _BASE_60 = re.compile(r"^[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?$")
@@ -199,7 +282,10 @@ _Loader.yaml_implicit_resolvers = {
 
 
 def parse_yaml(text: str, what: str) -> Any:
-    """YAML text (what: where it comes from); invalid YAML is a one-line AecompressError."""
+    """YAML text (what: where it comes from), bounded in size, depth and expanded values;
+    invalid or oversized YAML is a one-line AecompressError that quotes none of it."""
+    if len(text) > MAX_YAML_BYTES:
+        raise AecompressError(f"{what} is larger than {MAX_YAML_BYTES >> 10} KiB")
     try:
         return yaml.load(text, Loader=_Loader)  # a SafeLoader
     except yaml.YAMLError as error:
@@ -210,9 +296,14 @@ def parse_yaml(text: str, what: str) -> Any:
 
 
 def read_yaml(path: str | Path, what: str) -> Any:
-    """A YAML file's content; an unreadable file or invalid YAML is a one-line error."""
+    """A YAML file's content; an unreadable, oversized file or invalid YAML is a one-line
+    error."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with Path(path).open("rb") as handle:
+            data = handle.read(MAX_YAML_BYTES + 1)
+        if len(data) > MAX_YAML_BYTES:
+            raise AecompressError(f"{what} {path} is larger than {MAX_YAML_BYTES >> 10} KiB")
+        text = data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise AecompressError(f"cannot read {what} {path}: {error}") from error
     return parse_yaml(text, f"{what} {path}")

@@ -66,20 +66,22 @@ def _tables(
 ) -> Iterator[tuple[tuple[str, str, str, str, str], list[dict[str, Any]], float | None]]:
     """(model, targets, task, split, metric), its compressed rows, and the dense value."""
     dense = {
-        (r["model"], r["task"], r["metric"]): r["value"] for r in rows if r["label"] == "dense"
+        (r["model"], r["task"], r["split"], r["metric"]): r["value"]
+        for r in rows
+        if r["label"] == "dense"
     }
     compressed = [r for r in rows if r["label"] != "dense"]
     keys = sorted(
         {(r["model"], r["targets"], r["task"], r["split"], r["metric"]) for r in compressed}
     )
     for key in keys:
-        model, _targets, task, _split, metric = key
+        model, _targets, task, split, metric = key
         subset = [
             r
             for r in compressed
             if (r["model"], r["targets"], r["task"], r["split"], r["metric"]) == key
         ]
-        yield key, subset, dense.get((model, task, metric))
+        yield key, subset, dense.get((model, task, split, metric))
 
 
 def _in_order(names: Iterable[str]) -> list[str]:
@@ -119,6 +121,32 @@ def results_tables(rows: list[dict[str, Any]]) -> str:
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         sections.append("\n".join(lines))
     return "\n\n".join(sections) + "\n"
+
+
+def process_costs(records: list[dict[str, Any]]) -> str:
+    """Markdown: wall time and peak resident memory of each cell's process (records of
+    `--executor process`; a cell run in several processes shows its latest)."""
+    latest = {cell_id(r["cell"]): r for r in records if "peak_rss_bytes" in r}
+    if not latest:
+        return ""
+    lines = [
+        "### Time and peak memory of each cell's process",
+        "",
+        "Wall time of the cell's own process (loading the model, compressing, every task), "
+        "and its peak resident memory.",
+        "",
+        "| model | targets | method | ratio | compress s | wall s | peak RSS (MiB) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for record in latest.values():
+        cell = record["cell"]
+        row = {"label": cell["label"], "group": cell.get("group", "")}
+        lines.append(
+            f"| {cell['model']} | {cell.get('targets', '')} | {_method_name(row)} | "
+            f"{cell['ratio']:g} | {record.get('compress_seconds', 0.0):.0f} | "
+            f"{record['wall_seconds']:.0f} | {record['peak_rss_bytes'] / 2**20:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def ratio_axis(axes: Any, ratios: list[float]) -> None:
@@ -226,6 +254,8 @@ def write_report(results: list[Path], records: list[dict[str, Any]]) -> list[Pat
         f"compression + evaluation time of the cells: {seconds / 60:.1f} min. "
         "Values: mean over seeds; (difference to dense).\n\n"
     ) + results_tables(rows)
+    costs = process_costs(records)
+    text += f"\n{costs}" if costs else ""
     failed = [r for r in records if r.get("status") == "failed"]
     if failed:
         text += "\n### Failed cells\n\n" + "".join(

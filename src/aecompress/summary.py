@@ -22,6 +22,7 @@ from aecompress.artifact import (
     weights_header,
 )
 from aecompress.budget import float_bits
+from aecompress.methods.stage import QuantStage
 from aecompress.recipe import Recipe
 
 
@@ -69,6 +70,12 @@ def artifact_facts(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _method(group: dict[str, Any]) -> str:
+    """The group's method, with its quantization stage if any (e.g. sparsegpt + int4:g64:gptq)."""
+    quantized = group["layout"].get("quantize")
+    return group["method"] + (f" + {QuantStage(**quantized['stage'])}" if quantized else "")
+
+
 def _numel(shape: list[int]) -> int:
     count = 1
     for size in shape:
@@ -104,7 +111,7 @@ def _family_rows(data: dict[str, Any]) -> list[str]:
         stored = sum(g["stored_params"] for g in groups)
         bits = sum(g["stored_bits"] for g in groups)
         shapes = sorted({_shape(g["shape"]) for g in groups})
-        methods = sorted({g["method"] for g in groups})
+        methods = sorted({_method(g) for g in groups})
         matrices = sum(len(g["members"]) for g in groups)
         size = sum(g["stored_bytes"] for g in groups)
         rows.append(
@@ -124,7 +131,7 @@ def _group_rows(data: dict[str, Any]) -> list[str]:
     for g in data["groups"]:
         info = ", ".join(f"{k}={v}" for k, v in g["info"].items())
         rows.append(
-            f"| {g['name']} | {len(g['members'])} | {_shape(g['shape'])} | {g['method']} | "
+            f"| {g['name']} | {len(g['members'])} | {_shape(g['shape'])} | {_method(g)} | "
             f"{g['width']} | {_stored_shapes(g['tensors'])} | {g['original_params']:,} | "
             f"{g['stored_params']:,} | {g['stored_bits'] / g['original_params']:.3f} | "
             f"{g['ratio']:.3f} | {g['number_ratio']:.3f} | {info} |"

@@ -6,8 +6,8 @@ settings. A failing cell is recorded with its error (once: a re-run that fails i
 same way appends nothing) and the sweep goes on. The
 dense model of each model is evaluated once per task; calibration statistics are cached
 on disk by the engine, so methods that share them compute them once. Cells run in this
-process, one after the other, or on an executor (cluster.py: Ray); either way only this
-process writes the results file.
+process, one after the other, or on an executor (cluster.py: a child process per cell,
+or Ray); either way only this process writes the results file.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import logging
 import os
 import re
 import time
@@ -23,17 +24,19 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from aecompress.calibration import CalibrationConfig
+from aecompress.calibration import CalibrationConfig, Seed
 from aecompress.engine import compress
 from aecompress.errors import AecompressError, describe
 from aecompress.evaluation.tasks import TASKS, run_task, task_settings
-from aecompress.models import LoadedModel, load_model
+from aecompress.models import LoadedModel, load_model, model_identity
 from aecompress.outputs import PlainName
 from aecompress.recipe import Recipe, read_yaml
+
+logger = logging.getLogger(__name__)
 
 
 class MethodSpec(BaseModel):
@@ -46,7 +49,9 @@ class MethodSpec(BaseModel):
     label: str | None = None
     groups: list[str] | None = None  # overrides the sweep's groups for this method
     targets: list[str] | None = None  # only these of the sweep's targets (default: all)
-    # further recipe fields of this method's cells (e.g. pipeline: sequential, refine: 40)
+    ratios: list[float] | None = None  # only these of the sweep's ratios (default: all)
+    # further recipe fields of this method's cells (e.g. pipeline: sequential, refine: 40;
+    # calibration replaces the sweep's)
     recipe: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("recipe")
@@ -63,6 +68,7 @@ class MethodSpec(BaseModel):
 
 
 RECIPE_FIELDS = {
+    "calibration",
     "pipeline",
     "sequential",
     "refine",
@@ -74,13 +80,24 @@ RECIPE_FIELDS = {
 
 
 class TaskSpec(BaseModel):
-    """One evaluation task; `ratios` restricts it to some ratios (e.g. fine-tuning)."""
+    """One evaluation task, its options validated by the task's own model; `ratios`
+    restricts it to some ratios (e.g. fine-tuning), `labels` to some methods' cells (the
+    dense model runs every task)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     task: str
     options: dict[str, Any] = Field(default_factory=dict)
     ratios: list[float] | None = None
+    labels: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _known_task_and_options(self) -> TaskSpec:
+        try:
+            task_settings(self.task, self.options)
+        except AecompressError as error:
+            raise ValueError(str(error)) from error
+        return self
 
 
 class Resources(BaseModel):
@@ -103,20 +120,29 @@ class SweepRecipe(BaseModel):
     ratios: list[float] = Field(min_length=1)
     targets: list[str] = Field(min_length=1)
     groups: list[str] = Field(default_factory=lambda: ["none"])
-    seeds: list[int] = Field(default_factory=lambda: [0])
+    seeds: list[Seed] = Field(default_factory=lambda: [0])
     tasks: list[TaskSpec] = Field(min_length=1)
     calibration: CalibrationConfig = CalibrationConfig()
     resources: Resources = Resources()
 
     @model_validator(mode="after")
-    def _method_targets(self) -> SweepRecipe:
+    def _method_subsets(self) -> SweepRecipe:
         for spec in self.methods:
-            unknown = [t for t in spec.targets or [] if t not in self.targets]
+            for axis, values, allowed in (
+                ("targets", spec.targets, self.targets),
+                ("ratios", spec.ratios, self.ratios),
+            ):
+                unknown = [v for v in values or [] if v not in allowed]
+                if unknown:
+                    raise ValueError(
+                        f"method {spec.name}: {axis} {unknown} are not among the sweep's "
+                        f"{axis} {allowed}"
+                    )
+        labels = {spec.name for spec in self.methods}
+        for task in self.tasks:
+            unknown = sorted(set(task.labels or []) - labels)
             if unknown:
-                raise ValueError(
-                    f"method {spec.name}: targets {unknown} are not among the sweep's "
-                    f"targets {self.targets}"
-                )
+                raise ValueError(f"task {task.task}: labels {unknown} name no method")
         return self
 
     @classmethod
@@ -137,14 +163,17 @@ def cells(sweep: SweepRecipe) -> Iterator[dict[str, Any]]:
     # a calibration other than the default is part of every cell's identity
     calibration = sweep.calibration.model_dump()
     custom = {"calibration": calibration} if sweep.calibration != CalibrationConfig() else {}
+    models = model_fields(sweep)
     for model, targets, ratio, spec, seed in itertools.product(
         sweep.models, sweep.targets, sweep.ratios, sweep.methods, sweep.seeds
     ):
-        if spec.targets is not None and targets not in spec.targets:
+        if (spec.targets is not None and targets not in spec.targets) or (
+            spec.ratios is not None and ratio not in spec.ratios
+        ):
             continue
         for group in spec.groups or sweep.groups:
             yield {
-                "model": model,
+                **models[model],
                 "label": spec.name,
                 "method": spec.method,
                 "options": spec.options,
@@ -155,6 +184,24 @@ def cells(sweep: SweepRecipe) -> Iterator[dict[str, Any]]:
                 **({"recipe": spec.recipe} if spec.recipe else {}),
                 **custom,
             }
+
+
+def model_fields(sweep: SweepRecipe) -> dict[str, dict[str, str]]:
+    """Each model's fields in its cells: its name as written and, for a local folder or
+    file, `model_id` (absolute path and weights sha256): a relative path run from another
+    folder, or a folder whose weights changed, is another model with other cells."""
+    fields = {}
+    for model in sweep.models:
+        identity = model_identity(model)
+        fields[model] = {"model": model, **({"model_id": identity} if identity else {})}
+    return fields
+
+
+def cell_model(cell: dict[str, Any]) -> str:
+    """What a cell's model loads from: a local model's absolute path (a worker may run in
+    another folder than the sweep), else its name."""
+    identity = cell.get("model_id")
+    return identity.rpartition("@")[0] if identity else cell["model"]
 
 
 def cell_id(cell: dict[str, Any]) -> str:
@@ -172,36 +219,85 @@ def record_key(record: dict[str, Any]) -> str:
     return cell_key(record["cell"], record["task"], record.get("settings"))
 
 
-_SLOT_FIELDS = ("model", "label", "targets", "group", "ratio", "seed")
+_SLOT_FIELDS = ("model", "model_id", "label", "targets", "group", "ratio", "seed")
 
 
 def current(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The latest record of each place in the report (model, label, targets, group, ratio,
-    seed, task), in order of first appearance: a re-run supersedes earlier records."""
+    seed, task, split), in order of first appearance: a re-run supersedes earlier records."""
     latest: dict[str, dict[str, Any]] = {}
     for record in records:
         slot = [record["cell"].get(f) for f in _SLOT_FIELDS] + [record["task"]]
+        slot += [(record.get("settings") or {}).get("split")]  # failures have no "split"
         latest[json.dumps(slot)] = record
     return list(latest.values())
 
 
+class _CellFields(BaseModel):
+    """What the sweep and its report read of a record's cell (a dense cell has no more)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    model: str
+    label: str
+    ratio: float
+    targets: str = ""
+    group: str = "none"
+    seed: int = 0
+
+
+class _RecordFields(BaseModel):
+    """What the sweep and its report read of a record: a line of any other form (edited,
+    or from another tool) is not a record."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    cell: _CellFields
+    task: str
+    status: Literal["ok", "failed"]
+    metrics: dict[str, float] | None = None
+    error: str = ""
+    settings: dict[str, Any] | None = None
+    split: str = ""
+    seconds: float = 0.0
+    compress_seconds: float = 0.0
+    ratio: float = 1.0
+
+    @model_validator(mode="after")
+    def _ok_has_metrics(self) -> _RecordFields:
+        if self.status == "ok" and self.metrics is None:
+            raise ValueError("an ok record has metrics")
+        return self
+
+
+_NOT_A_RECORD: dict[str, Any] = {}  # what _parse returns for a whole line of another form
+
+
 def _parse(line: str) -> dict[str, Any] | None:
-    """A record, also when glued onto a torn line that an interrupted writer left."""
+    """A record, also when glued onto a torn line that an interrupted writer left; None for
+    a torn line, _NOT_A_RECORD for JSON that is not a record."""
     for start in [0, *(match.start() for match in re.finditer(r'(?<=.)\{"cell"', line))]:
         try:
             record = json.loads(line[start:])
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # torn, or nested too deep
             continue
-        if isinstance(record, dict) and "cell" in record and "task" in record:
-            return record
+        try:
+            _RecordFields.model_validate(record)
+        except ValidationError:
+            return _NOT_A_RECORD
+        return record
     return None
 
 
 def read_results(path: Path) -> list[dict[str, Any]]:
-    """Records of a results file; torn lines (interrupted writes) are skipped."""
+    """Records of a results file; torn lines (interrupted writes) are skipped, and so are
+    lines of another form (with a warning)."""
     if not path.is_file():
         return []
-    return [r for line in path.read_text().splitlines() if (r := _parse(line)) is not None]
+    parsed = [_parse(line) for line in path.read_text().splitlines()]
+    if skipped := sum(1 for record in parsed if record is _NOT_A_RECORD):
+        logger.warning("%s: skipping %d line(s) that are not sweep records", path, skipped)
+    return [record for record in parsed if record is not None and record is not _NOT_A_RECORD]
 
 
 _RECORD_START = '{"cell"'  # of every line written (keys sorted), torn lines included
@@ -232,8 +328,17 @@ def _append(path: Path, record: dict[str, Any]) -> None:
         os.close(handle)
 
 
-def _tasks_for(sweep: SweepRecipe, ratio: float | None) -> list[TaskSpec]:
-    return [t for t in sweep.tasks if ratio is None or t.ratios is None or ratio in t.ratios]
+def _tasks_for(sweep: SweepRecipe, cell: dict[str, Any]) -> list[TaskSpec]:
+    """The tasks of a cell: every task for the dense model's, else those it is not excluded
+    from by their ratios and labels."""
+    if "method" not in cell:
+        return list(sweep.tasks)
+    return [
+        t
+        for t in sweep.tasks
+        if (t.ratios is None or cell["ratio"] in t.ratios)
+        and (t.labels is None or cell["label"] in t.labels)
+    ]
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -315,9 +420,9 @@ def run_sweep(
     executor (default: this process, one job after the other) runs the jobs; only this
     process writes the results file.
     """
-    for spec in sweep.tasks:  # unknown tasks, options and splits fail before any work
-        _settings(spec)
-    for cell in cells(sweep):  # so do unknown methods, options, targets and bad ratios
+    # unknown tasks and task options failed when the recipe was read; unknown methods,
+    # options, targets and bad ratios fail here, before any work
+    for cell in cells(sweep):
         cell_recipe(sweep, cell)
     results.parent.mkdir(parents=True, exist_ok=True)
     log = _Log.read(results)
@@ -340,10 +445,11 @@ def cell_recipe(sweep: SweepRecipe, cell: dict[str, Any]) -> Recipe:
 def pending_jobs(sweep: SweepRecipe, log: _Log, shard: tuple[int, int]) -> list[Job]:
     """The shard's dense cells and cells, in grid order, with their tasks not yet done."""
     index, count = shard
-    dense = [{"model": m, "label": "dense", "ratio": 1.0} for m in sweep.models if index == 0]
-    jobs = [Job(cell, log.pending(cell, _tasks_for(sweep, None))) for cell in dense]
+    models = model_fields(sweep).values()
+    dense = [{**m, "label": "dense", "ratio": 1.0} for m in models if index == 0]
+    jobs = [Job(cell, log.pending(cell, _tasks_for(sweep, cell))) for cell in dense]
     jobs += [
-        Job(cell, log.pending(cell, _tasks_for(sweep, cell["ratio"])))
+        Job(cell, log.pending(cell, _tasks_for(sweep, cell)))
         for number, cell in enumerate(cells(sweep))
         if number % count == index
     ]
@@ -354,7 +460,7 @@ def run_serially(sweep: SweepRecipe, jobs: list[Job], record: Record, progress: 
     """Run the jobs in this process; each model is loaded once."""
     dense_models: dict[str, LoadedModel] = {}
     for job in jobs:
-        name = job.cell["model"]
+        name = cell_model(job.cell)
         dense = dense_models[name] = dense_models.get(name) or load_model(name)
         run_job(sweep, job, dense, record, progress)
 

@@ -229,9 +229,11 @@ def _custom_targets(model: nn.Module, pattern: str) -> list[Target]:
 
 
 def resolve_targets(model: PreTrainedModel, families: list[str]) -> list[Target]:
-    """Targets of the requested families (or `re:REGEX` over module paths), in model order."""
+    """Targets of the requested families (or `re:REGEX` over module paths), in model order;
+    a matrix that two of them select (a tied head counts as its embedding) is refused."""
     arch = architecture_for(model)
     targets: list[Target] = []
+    chosen: dict[int, list[tuple[Target, str]]] = {}  # id(weight) -> targets on it, by whom
     for family in families:
         check_target(family)
         if family.startswith(CUSTOM_PREFIX):
@@ -242,8 +244,25 @@ def resolve_targets(model: PreTrainedModel, families: list[str]) -> list[Target]
             raise AecompressError(
                 f"model type '{model.config.model_type}' has no '{family}' matrices"
             )
+        for target in found:
+            _choose(chosen, model, target, family)
         targets.extend(found)
     return targets
+
+
+def _choose(
+    chosen: dict[int, list[tuple[Target, str]]], model: nn.Module, target: Target, by: str
+) -> None:
+    """Record that `by` selects `target`, refusing a matrix (or part) selected before."""
+    on_weight = chosen.setdefault(id(model.get_submodule(target.path).weight), [])
+    for earlier, earlier_by in on_weight:
+        if None in (earlier.part, target.part) or earlier.part == target.part:
+            raise AecompressError(
+                f"targets '{earlier_by}' and '{by}' both select {target.name}"
+                + ("" if earlier.path == target.path else f" (it shares {earlier.name}'s weight)")
+                + ": each matrix is compressed once"
+            )
+    on_weight.append((target, by))
 
 
 def parse_grouping(grouping: str) -> int | None:
@@ -262,28 +281,47 @@ def group_targets(model: nn.Module, targets: list[Target], grouping: str) -> lis
     span = parse_grouping(grouping)
     families: dict[str, list[Target]] = {}
     for target in targets:
-        families.setdefault(target.family, []).append(target)
+        families.setdefault(_stack_key(target), []).append(target)
     groups = []
-    for family, members in families.items():
+    for key, members in families.items():
         chunk = len(members) if span is None else span
         for start in range(0, len(members), chunk):
             stack = tuple(members[start : start + chunk])
             shapes = {tuple(weight_matrix(model, t).shape) for t in stack}
             if len(shapes) > 1:
                 raise AecompressError(
-                    f"cannot stack '{family}' across layers: shapes differ {sorted(shapes)}"
+                    f"cannot stack '{key}' across layers: shapes differ {sorted(shapes)}"
                 )
-            groups.append(Group(_group_name(family, stack, len(members)), family, stack))
+            name = _group_name(stack, len(members))
+            groups.append(Group(name, stack[0].family, stack))
     return groups
 
 
-def _group_name(family: str, stack: tuple[Target, ...], family_size: int) -> str:
-    if len(stack) == family_size:
-        return family
+_LAYER_INDEX = re.compile(r"\.\d+\.")  # the first: a regex target's layer (_custom_targets)
+
+
+def _stack_key(target: Target) -> str:
+    """What a matrix stacks with across layers: its family, or for a regex's matrices the
+    same module in other layers (model.layers.#.mlp.up_proj): a regex spanning several
+    families (re:.*_proj) stacks each of them apart."""
+    if target.family != CUSTOM_FAMILY:
+        return target.family
+    return _LAYER_INDEX.sub(".#.", target.path, count=1)
+
+
+def _group_name(stack: tuple[Target, ...], stack_size: int) -> str:
+    """Family names (k, k.3, k.0-3) or, for a regex's matrices, module paths with the layer
+    range (model.layers.3.mlp.up_proj, model.layers.0-3.mlp.up_proj): distinct names."""
+    first, last = stack[0], stack[-1]
+    if first.family == CUSTOM_FAMILY:
+        if len(stack) == 1:
+            return first.name
+        return _stack_key(first).replace(".#.", f".{first.layer}-{last.layer}.", 1)
+    if len(stack) == stack_size:
+        return first.family
     if len(stack) == 1:
-        only = stack[0]
-        return f"{family}.{only.layer}" if only.layer is not None else only.path
-    return f"{family}.{stack[0].layer}-{stack[-1].layer}"
+        return f"{first.family}.{first.layer}" if first.layer is not None else first.path
+    return f"{first.family}.{first.layer}-{last.layer}"
 
 
 def output_head_path(model: PreTrainedModel) -> str | None:

@@ -1,9 +1,6 @@
 """export_dense: a plain transformers folder that loads without aecompress."""
 
-import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,17 +9,8 @@ import transformers
 import aecompress
 from aecompress.artifact import MANIFEST, read_manifest
 from aecompress.errors import AecompressError
+from tests.artifact.conftest import IDS, plain_logits
 from tests.conftest import FAMILIES, tiny_model
-
-# A fresh interpreter in which importing aecompress fails: prints the exported model's logits.
-PLAIN_LOAD = """
-import sys
-sys.modules["aecompress"] = None
-import torch, transformers
-model = getattr(transformers, sys.argv[2]).from_pretrained(sys.argv[1]).eval()
-ids = torch.tensor([[5, 17, 42, 7, 99, 3]])
-print(model(input_ids=ids).logits.flatten().tolist())
-"""
 
 
 @pytest.mark.parametrize("arch", ["llama", "bert", "gpt2"])
@@ -44,7 +32,7 @@ def test_export_dense_loads_with_plain_transformers(arch, tokenizer, tmp_path):
     auto = read_manifest(tmp_path / "art")["auto_class"]
     plain = getattr(transformers, auto).from_pretrained(tmp_path / "plain").eval()
     decoded = aecompress.load(tmp_path / "art", decode=True)
-    ids = torch.tensor([[5, 17, 42, 7, 99, 3]])
+    ids = torch.tensor(IDS)
     expected = decoded(input_ids=ids).logits
     # the same weights through other kernels (GPT-2's Conv1D is an addmm of the transposed
     # weight, the decoded model a Linear): equal up to float32 rounding, which differs
@@ -54,9 +42,7 @@ def test_export_dense_loads_with_plain_transformers(arch, tokenizer, tmp_path):
     assert torch.equal(head.weight, embed.weight)
     assert torch.equal(embed.weight, decoded.get_input_embeddings().weight)
     if arch == "llama":  # and without aecompress importable at all
-        script = [sys.executable, "-c", PLAIN_LOAD, str(tmp_path / "plain"), auto]
-        printed = subprocess.run(script, capture_output=True, text=True, check=True).stdout
-        torch.testing.assert_close(torch.tensor(json.loads(printed)), expected.flatten())
+        torch.testing.assert_close(plain_logits(tmp_path / "plain", auto), expected.flatten())
 
 
 def test_export_dense_refuses_a_folder_with_content(tokenizer, tmp_path):

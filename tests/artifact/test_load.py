@@ -68,3 +68,22 @@ def test_tie_weights_leaves_a_head_served_from_the_embeddings_factors(tokenizer,
     expected = model(input_ids=ids).logits
     model.tie_weights()  # lm-eval's HFLM and other tools call it
     assert torch.equal(model(input_ids=ids).logits, expected)
+
+
+@pytest.mark.parametrize("stored", [True, False])
+def test_non_finite_tensors_are_refused_with_a_consistent_sha256(artifact, stored):
+    """A weights file altered to hold a NaN, its size and sha256 made to match."""
+    from safetensors.torch import load_file, save_file
+
+    from aecompress.artifact.weights import _file_sha256
+
+    weights = artifact / WEIGHTS
+    tensors = load_file(weights)
+    key = next(k for k in sorted(tensors) if k.startswith("aecompress.") == stored)
+    tensors[key].view(-1)[0] = float("nan")
+    save_file(tensors, weights, metadata={"format": "pt"})
+    manifest = json.loads((artifact / MANIFEST).read_text())
+    manifest["weights_file"].update(bytes=weights.stat().st_size, sha256=_file_sha256(weights))
+    (artifact / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(AecompressError, match=f"the tensor {key} holds NaN or infinite values"):
+        aecompress.load(artifact)

@@ -72,6 +72,11 @@ def edit_manifest(folder, change) -> None:
         (lambda m: m["groups"][0].update(stored_bits=64), "counts are wrong"),
         (lambda m: m["groups"][0].update(number_ratio=99.0), "number_ratio is wrong"),
         (lambda m: m["groups"][0]["tensors"].update({"0.a": [1, 1]}), "tensors do not match"),
+        (lambda m: m["groups"].append(m["groups"][0]), r"groups k\.0 and k\.0 would share"),
+        (
+            lambda m: m["groups"].append({**m["groups"][0], "name": "k.0.a"}),
+            r"k\.0 and k\.0\.a would",
+        ),
     ],
 )
 def test_a_forged_or_damaged_manifest_is_one_clear_error(artifact, change, message):
@@ -93,3 +98,29 @@ def test_a_manifest_that_is_a_list_or_missing_weights_is_refused(artifact):
     (artifact / MANIFEST).write_text("[1, 2]")
     with pytest.raises(AecompressError, match="not an aecompress artifact"):
         aecompress.load(artifact)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda q: q["stage"].update(bits=3), "width .* is not what it stores"),
+        (lambda q: q["stage"].update(group=32), "width .* is not what it stores"),
+        (lambda q: q["stage"].update(bits=12), "quantize.stage.bits"),
+        (lambda q: q.pop("cols"), "quantize.cols"),
+    ],
+)
+def test_a_forged_quantization_stage_is_one_clear_error(tmp_path, tokenizer, change, message):
+    """The stage recorded in a group's layout sets what its integer tensors must store."""
+    cm = aecompress.compress(
+        tiny_model("llama"),
+        method="svd",
+        ratio=2,
+        targets=["down"],
+        quantize="int4:g16",
+        tokenizer=tokenizer,
+        progress=False,
+    )
+    cm.save_pretrained(str(tmp_path / "art"))
+    edit_manifest(tmp_path / "art", lambda m: change(m["groups"][0]["layout"]["quantize"]))
+    with pytest.raises(AecompressError, match=message):
+        aecompress.load(tmp_path / "art")

@@ -44,6 +44,30 @@ def test_a_corrupt_dense_cache_file_is_discarded_and_rebuilt(dense, tmp_path, ca
     assert len(calls) == 2  # rebuilt: read from now on
 
 
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda entry: entry["metrics"].update(perplexity="12.5"),  # a string
+        lambda entry: entry.pop("metrics"),
+        lambda entry: entry.update(task="sts-b"),
+        lambda entry: entry["data_sha256"].update({"wikitext-2-raw/missing.raw": "0" * 64}),
+        lambda entry: entry["data_sha256"].update({"../../etc/passwd": "0" * 64}),
+        lambda entry: entry.update(seconds=[]),
+    ],
+)
+def test_an_invalid_dense_cache_entry_is_discarded_and_rebuilt(dense, tmp_path, caplog, change):
+    calls = []
+    first = measure(dense, calls)
+    (path,) = (tmp_path / "dense").iterdir()
+    entry = json.loads(path.read_text())
+    change(entry)
+    path.write_text(json.dumps(entry))
+    assert measure(dense, calls).metrics == first.metrics
+    assert "discarding invalid cache file" in caplog.text and len(calls) == 2
+    measure(dense, calls)
+    assert len(calls) == 2  # rebuilt: read from now on
+
+
 def test_two_processes_writing_one_dense_entry_do_not_collide(dense, monkeypatch):
     """A second writer finishes the same entry while the first is writing it."""
     real_write, calls = Path.write_text, []

@@ -1,3 +1,8 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 import aecompress
@@ -36,3 +41,14 @@ def test_command_line_runs_the_aecompress_model_type(artifact, capsys):
     main(["--model_args", f"path={artifact}", "--tasks", "piqa_local", "--limit", "3"])
     out = capsys.readouterr().out
     assert "aecompress ({'path':" in out and "|piqa_local|" in out.replace(" ", "")
+
+
+def test_command_line_without_a_path_is_one_line_and_exit_2():
+    """As a user runs it: its own process (lm-eval sets up logging there)."""
+    source = Path(aecompress.__file__).parents[1]
+    env = {**os.environ, "PYTHONPATH": str(source)}
+    command = [sys.executable, "-m", "aecompress.integrations.lm_eval", "--tasks", "piqa_local"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("aecompress: error:")]
+    assert done.returncode == 2 and len(errors) == 1 and "path=" in errors[0], done.stderr
+    assert "Traceback" not in done.stderr

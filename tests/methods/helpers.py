@@ -11,6 +11,7 @@ import transformers
 
 from aecompress.calibration import TargetStatistics
 from aecompress.methods import FitContext, GroupSpec, Method, Stored, make_method
+from aecompress.methods.stage import QuantStage
 from tests.conftest import tiny_model
 
 
@@ -19,9 +20,11 @@ def spec_of(
     kind: Literal["linear", "embedding"] = "linear",
     family: str = "k",
     head_dim: int | None = None,
+    quantize: str | None = None,
 ) -> GroupSpec:
     rows, cols = matrices[0].shape
-    return GroupSpec("g", family, kind, len(matrices), rows, cols, head_dim)
+    stage = None if quantize is None else QuantStage.model_validate(quantize)
+    return GroupSpec("g", family, kind, len(matrices), rows, cols, head_dim, quantize=stage)
 
 
 def fit(
@@ -37,11 +40,13 @@ def fit(
     head_dim: int | None = None,
     seed: int = 0,
     validate: Callable[[list[torch.Tensor]], float] | None = None,
+    quantize: str | None = None,
 ) -> tuple[Method, Stored, float]:
-    """Fit method `name` on `matrices` at `ratio` (its solved width) or at `width`;
-    returns the method, what it stored, and the budget (bits, floats at 32)."""
+    """Fit method `name` on `matrices` at `ratio` (its solved width) or at `width`, with
+    a quantization stage (e.g. 'int4:g16') if given; returns the method, what it stored,
+    and the budget (bits, floats at 32)."""
     method = make_method(name, options)
-    spec = spec_of(matrices, kind, family, head_dim)
+    spec = spec_of(matrices, kind, family, head_dim, quantize)
     method.check(spec)
     budget = spec.dense_bits / ratio if ratio is not None else float("inf")
     if width is not None and ratio is None:
@@ -75,3 +80,15 @@ def embedding_statistics(vocab: int, seed: int = 0) -> TargetStatistics:
 def tiny_llama(seed: int = 0) -> transformers.PreTrainedModel:
     """Llama with GQA, tied embeddings, head_dim 8: every family, in a fraction of a second."""
     return tiny_model("llama", seed)
+
+
+def correlated_inputs(cols: int, tokens: int = 400, seed: int = 0) -> torch.Tensor:
+    """`tokens` inputs with correlated channels of unequal scales (float64)."""
+    generator = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(cols, cols, generator=generator, dtype=torch.float64)
+    scales = torch.linspace(0.2, 3.0, cols, dtype=torch.float64)
+    return torch.randn(tokens, cols, generator=generator, dtype=torch.float64) @ mixing * scales
+
+
+def output_error(weight: torch.Tensor, estimate: torch.Tensor, x: torch.Tensor) -> float:
+    return torch.linalg.matrix_norm((weight.double() - estimate.double()) @ x.T).item()

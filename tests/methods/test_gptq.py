@@ -11,7 +11,7 @@ from aecompress.errors import AecompressError
 from aecompress.methods import FitContext, GroupSpec, make_method
 from aecompress.methods.quantize import QuantScheme, dequantize, rtn
 from aecompress.modules import QuantizedLinear
-from tests.methods.test_pruning import correlated_inputs, output_error
+from tests.methods.helpers import correlated_inputs, output_error
 
 
 def bf16_spec(rows: int = 64, cols: int = 576, count: int = 1) -> GroupSpec:

@@ -94,6 +94,58 @@ def test_every_method_round_trips_through_the_artifact(
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
 
 
+QUANTIZABLE = sorted(name for name, cls in METHODS.items() if cls.quantizable)
+
+
+@pytest.mark.parametrize("method", QUANTIZABLE)
+def test_every_quantizable_method_stores_codes_as_its_width_costs_and_round_trips(
+    tokenizer, method: str, tmp_path: Path
+):
+    """With a quantization stage (asymmetric, groups of 16, so a rank or kept count
+    that 16 does not divide leaves a shorter last group): stored bits == the declared
+    cost <= budget, the width is tight, the stage is recorded, and the artifact loads
+    back to the same logits."""
+    stage, ratio = "int3:g16:asym", 2.0
+    for grouping in ("none", "layers"):
+        tiny = LoadedModel(tiny_llama(), tokenizer, "tiny-llama", "AutoModelForCausalLM")
+        try:
+            cm = compress(tiny, method, "q,up,down", ratio, group=grouping, quantize=stage)
+        except AecompressError as error:
+            assert grouping == "layers" and "--group" in str(error), error
+            continue
+        for fitted in cm.groups:
+            recorded = fitted.stored.layout.quantize
+            assert recorded is not None and str(recorded.stage) == "int3:g16:gptq:asym"
+            spec = group_spec(
+                cm.model, fitted.group, head_dim(cm.model), "bfloat16", recorded.stage
+            )
+            width, budget = fitted.stored.width, spec.dense_bits / ratio
+            assert fitted.stored_bits == fitted.method.cost(width, spec) <= budget
+            assert all(
+                fitted.method.cost(w, spec) > budget for w in fitted.method.larger(width, spec)
+            ), (grouping, fitted.group.name, width)
+            codes = [t for k, t in fitted.stored.tensors().items() if k.endswith(".codes")]
+            assert codes and all(t.dtype == torch.int32 for t in codes)
+        ids = torch.randint(0, 30522, (2, 10), generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            before = cm.model(input_ids=ids).logits
+        cm.save_pretrained(str(tmp_path / grouping))
+        loaded = aecompress.load_compressed(tmp_path / grouping)
+        for again, fitted in zip(loaded.groups, cm.groups, strict=True):
+            assert again.stored.layout == fitted.stored.layout
+        with torch.inference_mode():
+            after = loaded.model(input_ids=ids).logits
+        torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+
+
+def test_a_method_that_cannot_quantize_is_refused_before_any_work(tiny: LoadedModel):
+    recipe = Recipe(method="ae", ratio=4, targets="q", quantize="int4:g16")
+    with pytest.raises(
+        AecompressError, match=r"ae cannot quantize .*methods that can: .*sparsegpt"
+    ):
+        plan_groups(tiny.model, recipe)
+
+
 @pytest.mark.parametrize("method", ["svdllm", "asvd"])
 def test_activation_aware_embeddings_serve_the_tied_head(tiny: LoadedModel, method: str):
     cm = compress(tiny, method, "embed", 4.0)

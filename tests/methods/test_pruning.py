@@ -11,7 +11,7 @@ from aecompress.budget import stored_bits
 from aecompress.calibration import TargetStatistics
 from aecompress.errors import AecompressError
 from aecompress.methods.pruning import obs_prune, pack_bits, unpack_bits
-from tests.methods.helpers import fit, spec_of
+from tests.methods.helpers import correlated_inputs, fit, output_error, spec_of
 
 
 @pytest.mark.parametrize("size", [1, 31, 32, 33, 100])
@@ -45,17 +45,6 @@ def test_prune_auto_prefers_the_bitmap_at_low_ratios():
     _, stored, _ = fit("prune", [torch.randn(8, 64)], ratio=1.25)
     assert stored.layout.index == "bitmap"
     assert stored.width == int(8 * 64 / 1.25) - 8 * 64 // 32
-
-
-def correlated_inputs(cols: int, tokens: int = 400, seed: int = 0) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    mixing = torch.randn(cols, cols, generator=generator, dtype=torch.float64)
-    scales = torch.linspace(0.2, 3.0, cols, dtype=torch.float64)
-    return torch.randn(tokens, cols, generator=generator, dtype=torch.float64) @ mixing * scales
-
-
-def output_error(weight: torch.Tensor, estimate: torch.Tensor, x: torch.Tensor) -> float:
-    return torch.linalg.matrix_norm((weight.double() - estimate.double()) @ x.T).item()
 
 
 def test_obs_pruning_with_white_inputs_is_magnitude_pruning_per_block():
@@ -124,3 +113,38 @@ def test_n_m_keeps_n_of_every_m_and_counts_two_bits_per_kept_weight(name):
 def test_n_m_refuses_a_ratio_it_cannot_reach():
     with pytest.raises(AecompressError, match="2:4"):
         fit("prune", [torch.randn(8, 32)], ratio=2.5, options={"pattern": "2:4"})
+
+
+def test_sparsegpt_quantizing_inside_its_sweep_beats_rounding_after_it():
+    """Joint pruning + 3-bit quantization (each kept weight rounded to its group's grid as
+    the OBS sweep reaches it, the error spread on the columns not yet visited) against
+    pruning then rounding the kept values to nearest: the same width and stored bits,
+    less output error."""
+    weight = torch.randn(32, 64, generator=torch.Generator().manual_seed(3))
+    x = correlated_inputs(64, tokens=600, seed=3)
+    stats = [TargetStatistics(600, x.T @ x, x.abs().mean(0))]
+    errors, sizes = {}, set()
+    for stage in ("int3:g32:gptq", "int3:g32:rtn"):
+        method, stored, budget = fit(
+            "sparsegpt", [weight], ratio=8, statistics=stats, quantize=stage
+        )
+        sizes.add((stored.width, stored_bits(stored.tensors().values(), 32)))
+        errors[stage] = output_error(weight, method.reconstruct(stored, 0), x)
+    assert len(sizes) == 1 and sizes.pop()[1] <= budget
+    assert errors["int3:g32:gptq"] < 0.95 * errors["int3:g32:rtn"]
+
+
+@pytest.mark.parametrize("name", ["prune", "wanda"])
+def test_kept_values_are_rounded_to_nearest_on_their_own_grid(name: str):
+    weight = torch.randn(16, 32, generator=torch.Generator().manual_seed(4))
+    x = correlated_inputs(32, seed=4)
+    stats = [TargetStatistics(400, x.T @ x, x.abs().mean(0))]
+    method, stored, _ = fit(name, [weight], ratio=4, statistics=stats, quantize="int8:g16")
+    rebuilt, (floats, _) = (
+        method.reconstruct(stored, 0),
+        fit(name, [weight], width=stored.width, statistics=stats)[1:],
+    )
+    kept = rebuilt != 0
+    step = stored.members[0]["values.scales"].repeat_interleave(16, 1)
+    assert torch.equal(kept, method.reconstruct(floats, 0) != 0)
+    assert ((rebuilt - weight).abs()[kept] <= 0.5 * step[kept] + 1e-6).all()

@@ -9,12 +9,14 @@ import torch
 
 from aecompress.errors import AecompressError
 from aecompress.methods.quantize import (
+    Grid,
     Quantized,
     QuantScheme,
     bits_per_weight,
     dequantize,
     gptq,
     pack,
+    per_column,
     rtn,
     stored_bits,
 )
@@ -36,10 +38,11 @@ def test_scheme_refuses_bits_outside_2_to_8(bits):
 def test_scheme_counts_groups_and_names_a_group_that_divides():
     assert QuantScheme(4, None, True).groups(576) == 1
     assert QuantScheme(4, 64, True).groups(576) == 9
+    assert QuantScheme(4, 64, True).groups(600) == 10  # the last group shorter
     with pytest.raises(
         AecompressError, match="group 128 does not divide the 576 columns: 96 or 144"
     ):
-        QuantScheme(4, 128, True).groups(576)
+        QuantScheme(4, 128, True).check_divides(576)
     with pytest.raises(AecompressError, match="group"):
         QuantScheme(4, 0, True)
 
@@ -91,7 +94,7 @@ def test_rtn_rounds_scales_to_their_stored_dtype_first():
 def within(weight: torch.Tensor, quantized: Quantized, steps: float) -> bool:
     """Every weight within `steps` of its group's scale (float32 rounding aside) of its
     dequantized value."""
-    scale = quantized.scales.repeat_interleave(weight.shape[1] // quantized.scales.shape[1], 1)
+    scale = per_column(quantized.scales, quantized.scheme, weight.shape[1])
     error = (weight - dequantize(quantized)).abs()
     return bool((error <= steps * scale + 1e-6 * weight.abs()).all())
 
@@ -196,3 +199,24 @@ def test_bits_per_weight():
     assert bits_per_weight(QuantScheme(4, 128, True), 64, 256, 16) == 4.125
     assert bits_per_weight(QuantScheme(4, 128, False), 64, 256, 16) == 4 + 1 / 8 + 1 / 32
     assert stored_bits(QuantScheme(3, None, True), 1, 11, 16) == 2 * 32 + 16
+
+
+def test_a_shorter_last_group_has_its_own_scale_and_zero_costs_nothing_in_padding():
+    weight = torch.randn(6, 40, generator=generator())
+    weight[:, 32:] *= 10  # the last group (8 columns) holds the largest weights
+    scheme = QuantScheme(4, 16, True)
+    quantized = rtn(weight, scheme)
+    assert quantized.scales.shape == (6, 3)
+    expected = weight[:, 32:].abs().amax(1) / 7.5
+    torch.testing.assert_close(quantized.scales[:, 2], expected)
+    assert within(weight, quantized, 0.5)
+    assert stored_bits(scheme, 6, 40, 16) == 6 * 32 * 5 + 6 * 3 * 16
+
+
+def test_grid_snap_rounds_a_column_as_rtn_does():
+    weight = torch.randn(8, 24, generator=generator())
+    scheme = QuantScheme(3, 16, False)
+    grid = Grid.of(weight, scheme)
+    rounded = dequantize(rtn(weight, scheme))
+    for column in (0, 15, 16, 23):
+        torch.testing.assert_close(grid.snap(weight[:, column], column), rounded[:, column])

@@ -9,8 +9,9 @@ import torch
 from aecompress.budget import stored_bits
 from aecompress.calibration import TargetStatistics
 from aecompress.errors import AecompressError
-from tests.methods.helpers import fit, spec_of
-from tests.methods.test_pruning import correlated_inputs, output_error
+from aecompress.methods import GroupSpec, make_method
+from aecompress.methods.stage import QuantStage
+from tests.methods.helpers import correlated_inputs, fit, output_error, spec_of
 
 
 def low_rank_plus_spikes(rows: int = 64, cols: int = 48, seed: int = 0) -> torch.Tensor:
@@ -60,3 +61,26 @@ def test_a_stack_is_refused():
         fit("sparse-lowrank", [torch.randn(8, 8)] * 2, ratio=2)
     with pytest.raises(AecompressError, match="embeddings"):
         fit("sparse-lowrank", [torch.randn(8, 8)], ratio=2, kind="embedding")
+
+
+def test_a_low_rank_part_that_cannot_quantize_is_refused_with_a_stage():
+    method = make_method("sparse-lowrank", {"lowrank": "ae-data"})
+    spec = GroupSpec("g", "up", "linear", 1, 16, 32, quantize=QuantStage(bits=4))
+    with pytest.raises(AecompressError, match="low-rank part ae-data cannot quantize"):
+        method.check(spec)
+
+
+def test_both_parts_are_quantized_within_the_budget():
+    weight = torch.randn(64, 128, generator=torch.Generator().manual_seed(5))
+    x = correlated_inputs(128, seed=5)
+    stats = [TargetStatistics(400, x.T @ x, x.abs().mean(0), None, None, None)]
+    stage = "int4:g16"
+    method, stored, budget = fit(
+        "sparse-lowrank", [weight], ratio=4, statistics=stats, quantize=stage
+    )
+    cost = method.cost(stored.width, spec_of([weight], quantize=stage))
+    assert stored_bits(stored.tensors().values(), 32) == cost <= budget
+    codes = {k for k, t in stored.tensors().items() if t.dtype == torch.int32}
+    assert {"0.lowrank.a.codes", "shared.lowrank.b.codes", "0.values.codes"} <= codes
+    error = output_error(weight, method.reconstruct(stored, 0), x)
+    assert error < 0.5 * output_error(weight, torch.zeros_like(weight), x)

@@ -6,10 +6,11 @@ validated schema: unknown keys, wrong types and forged sizes are refused) says w
 method rebuilds each group and how; it is written last, and the folder appears atomically.
 
 manifest.py: the schema and its checks; weights.py: the weights file, written and read
-back verified; folder.py: atomic folder writes; save.py, load.py, export.py.
+back verified; folder.py: atomic folder writes; save.py, load.py, export.py;
+compressed_tensors.py: the compressed-tensors format an export may be written in.
 """
 
-from aecompress.artifact.export import export_dense
+from aecompress.artifact.export import EXPORTS, export_compressed_tensors, export_dense
 from aecompress.artifact.load import checked_skeleton, load_compressed
 from aecompress.artifact.manifest import (
     FORMAT,
@@ -28,6 +29,7 @@ from aecompress.artifact.save import round_to_storage, save_artifact
 from aecompress.artifact.weights import weights_header
 
 __all__ = [
+    "EXPORTS",
     "FORMAT",
     "FORMAT_VERSION",
     "MANIFEST",
@@ -37,6 +39,7 @@ __all__ = [
     "Manifest",
     "check_groups",
     "checked_skeleton",
+    "export_compressed_tensors",
     "export_dense",
     "is_artifact",
     "load_compressed",

@@ -25,9 +25,9 @@ from aecompress.artifact.weights import read_weights
 from aecompress.budget import float_bits
 from aecompress.compressed import CompressedGroup, CompressedModel
 from aecompress.errors import AecompressError, describe, first_line
-from aecompress.methods import Method, Stored, make_method
+from aecompress.methods import Method, MethodLayout, Stored, make_method
 from aecompress.methods.base import GroupSpec
-from aecompress.models import load_config, load_tokenizer
+from aecompress.models import check_vocabulary, load_config, load_tokenizer
 from aecompress.substitution import Serving, inject
 from aecompress.targets import (
     CUSTOM_FAMILY,
@@ -58,6 +58,8 @@ def load_compressed(path: str | Path, decode: bool = False) -> CompressedModel:
     check_groups(manifest, {k: (list(t.shape), 8 * t.element_size()) for k, t in tensors.items()})
     tensors = {k: t.float() if t.is_floating_point() else t for k, t in tensors.items()}
     model = checked_skeleton(path, manifest)
+    tokenizer = _load_tokenizer(path)
+    check_vocabulary(model, tokenizer, str(path))  # the embedding as the config makes it
     serving: Serving = "decoded" if decode else "runtime"
     groups = []
     for entry in manifest.groups:
@@ -78,7 +80,7 @@ def load_compressed(path: str | Path, decode: bool = False) -> CompressedModel:
         groups.append(fitted)
     cm = CompressedModel(
         model,
-        _load_tokenizer(path),
+        tokenizer,
         manifest.recipe,
         groups,
         base_model=manifest.base_model,
@@ -106,16 +108,21 @@ def _stored_from_entry(
     # clone: tensors read from the file may sit at unaligned offsets, and matmuls on
     # them can round differently from the same values in freshly allocated memory
     flat = {k[len(prefix) :]: tensors.pop(k).clone() for k in list(tensors) if k.startswith(prefix)}
-    try:
-        layout = method.Layout.model_validate(entry.layout)
-    except ValidationError as error:
-        raise AecompressError(describe(error, f"group {entry.name} layout")) from error
+    layout = _layout(entry, method)
     try:
         stored = Stored.from_tensors(flat, len(entry.members), _width(entry), layout)
     except (ValueError, IndexError) as error:
         raise AecompressError(f"group {entry.name}: malformed stored tensor names") from error
     stored.info = entry.info
     return stored.as_parameters()
+
+
+def _layout(entry: GroupEntry, method: Method) -> MethodLayout:
+    """The group's validated layout."""
+    try:
+        return method.Layout.model_validate(entry.layout)
+    except ValidationError as error:
+        raise AecompressError(describe(error, f"group {entry.name} layout")) from error
 
 
 def _width(entry: GroupEntry) -> int | tuple[int, ...]:
@@ -200,8 +207,17 @@ def _group_spec(entry: GroupEntry, model: PreTrainedModel, storage_dtype: str) -
         "embedding" if members[0].kind == "embedding" else "linear"
     )
     count, (rows, cols) = len(members), entry.shape
+    quantized = _layout(entry, make_method(entry.method, entry.options)).quantize
     return GroupSpec(
-        entry.name, entry.family, use, count, rows, cols, head_dim(model), storage_dtype
+        entry.name,
+        entry.family,
+        use,
+        count,
+        rows,
+        cols,
+        head_dim(model),
+        storage_dtype,
+        quantized.stage if quantized else None,
     )
 
 

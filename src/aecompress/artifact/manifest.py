@@ -81,11 +81,33 @@ class Manifest(_Strict):
     totals: dict[str, float]
     weights_file: WeightsFile
 
+    @field_validator("groups")
+    @classmethod
+    def _distinct_names(cls, groups: list[GroupEntry]) -> list[GroupEntry]:
+        if clash := clashing_names([entry.name for entry in groups]):
+            raise ValueError(f"groups {clash[0]} and {clash[1]} would share stored tensors")
+        return groups
+
     @field_validator("recipe")
     @classmethod
     def _a_recipe(cls, value: dict[str, Any]) -> dict[str, Any]:
         Recipe.model_validate(value)  # kept as given, but a valid recipe
         return value
+
+
+def clashing_names(names: list[str]) -> tuple[str, str] | None:
+    """Two group names whose tensors would mix (the same name, or a and a.b: a group's
+    tensors are the weights file's keys under `aecompress.<name>.`), or None."""
+    seen: set[str] = set()
+    for name in names:
+        parts = name.split(".")
+        leading = (".".join(parts[:end]) for end in range(1, len(parts) + 1))
+        if found := next((n for n in leading if n in seen), None):
+            return found, name
+        if found := next((n for n in seen if n.startswith(f"{name}.")), None):
+            return name, found
+        seen.add(name)
+    return None
 
 
 def load_manifest(path: str | Path) -> Manifest:

@@ -13,7 +13,13 @@ from aecompress.artifact.folder import (
     atomic_folder,
     copy_sentence_transformers_files,
 )
-from aecompress.artifact.manifest import FORMAT, FORMAT_VERSION, MANIFEST, PREFIX
+from aecompress.artifact.manifest import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    PREFIX,
+    clashing_names,
+)
 from aecompress.artifact.weights import write_weights
 from aecompress.budget import STORAGE_DTYPES
 from aecompress.compressed import CompressedGroup, CompressedModel, register_writer
@@ -36,6 +42,8 @@ def save_artifact(cm: CompressedModel, path: str | Path) -> Path:
             "tokenizer= to aecompress.compress (or compress a model name or folder)"
         )
     path = check_artifact_folder(Path(path))
+    if clash := clashing_names([fitted.group.name for fitted in cm.groups]):
+        raise AecompressError(f"groups {clash[0]} and {clash[1]} would share stored tensors")
     untouched, aliases = untouched_state(cm)
     cm.aliases = aliases
     tensors = dict(untouched)

@@ -74,12 +74,16 @@ def verify_weights(path: str | Path, manifest: Manifest) -> Path:
 
 
 def read_weights(path: str | Path, manifest: Manifest) -> dict[str, torch.Tensor]:
-    """The artifact's tensors (size and sha256 checked)."""
+    """The artifact's tensors (size and sha256 checked), every one finite."""
     weights = verify_weights(path, manifest)
     try:
-        return load_file(str(weights))
+        tensors = load_file(str(weights))
     except SafetensorError as error:
         raise AecompressError(f"cannot read {weights}: {error}") from error
+    for key, tensor in tensors.items():  # saving refuses them: a file holding them was altered
+        if not all_finite(tensor):
+            raise AecompressError(f"{weights}: the tensor {key} holds NaN or infinite values")
+    return tensors
 
 
 def weights_header(path: str | Path, manifest: Manifest) -> dict[str, tuple[list[int], int]]:

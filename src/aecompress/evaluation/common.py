@@ -28,9 +28,12 @@ def pad(sequences: Sequence[Sequence[int]], value: int) -> torch.Tensor:
     return out
 
 
-def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded input ids and their attention mask."""
-    return pad(sequences, pad_id), pad([[1] * len(s) for s in sequences], 0)
+def pad_batch(
+    sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded input ids and their attention mask (on `device`, default the CPU)."""
+    ids, mask = pad(sequences, pad_id), pad([[1] * len(s) for s in sequences], 0)
+    return ids.to(device), mask.to(device)
 
 
 def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:

@@ -35,10 +35,9 @@ from transformers import (
     get_linear_schedule_with_warmup,
 )
 
-from aecompress.data import data_file
+from aecompress.data import GLUE_TASKS, GlueTask, data_file
 from aecompress.errors import AecompressError
 from aecompress.evaluation import linear
-from aecompress.evaluation.catalog import GLUE_TASKS, GlueTask
 from aecompress.evaluation.common import (
     POOLING_MODES,
     length_batches,
@@ -48,8 +47,8 @@ from aecompress.evaluation.common import (
     pool,
 )
 from aecompress.evaluation.kinds import require
-from aecompress.evaluation.metrics import METRICS
-from aecompress.models import check_positions
+from aecompress.evaluation.metrics import METRICS, scores
+from aecompress.models import check_positions, model_device
 from aecompress.progress import progress_bar
 
 Batch = dict[str, torch.Tensor]
@@ -82,11 +81,14 @@ def read_examples(
     return Examples(features, np.array([spec.labels.index(y) for y in raw]))
 
 
-def collate(features: list[dict[str, list[int]]], pad_id: int) -> Batch:
-    input_ids, mask = pad_batch([f["input_ids"] for f in features], pad_id)
+def collate(
+    features: list[dict[str, list[int]]], pad_id: int, device: torch.device | None = None
+) -> Batch:
+    """The padded batch (on `device`, default the CPU)."""
+    input_ids, mask = pad_batch([f["input_ids"] for f in features], pad_id, device)
     batch = {"input_ids": input_ids, "attention_mask": mask}
     if "token_type_ids" in features[0]:
-        batch["token_type_ids"] = pad([f["token_type_ids"] for f in features], 0)
+        batch["token_type_ids"] = pad([f["token_type_ids"] for f in features], 0).to(device)
     return batch
 
 
@@ -154,13 +156,14 @@ def finetune(
         optimizer, round(warmup_ratio * total_steps), total_steps
     )
     generator = torch.Generator().manual_seed(seed)
+    device = model_device(classifier)
     bar = progress_bar(total=total_steps, desc="fine-tune", enabled=progress)
     for _ in range(epochs):
         order = torch.randperm(len(train.features), generator=generator).tolist()
         for number, start in enumerate(range(0, len(order), batch_size), start=1):
             chosen = order[start : start + batch_size]
-            logits = classifier(collate([train.features[i] for i in chosen], pad_id))
-            loss = _loss(logits, torch.as_tensor(train.labels[chosen]))
+            logits = classifier(collate([train.features[i] for i in chosen], pad_id, device))
+            loss = _loss(logits, torch.as_tensor(train.labels[chosen], device=device))
             (loss / grad_accum).backward()
             if number % grad_accum == 0 or number == batches_per_epoch:
                 nn.utils.clip_grad_norm_(classifier.parameters(), 1.0)
@@ -182,8 +185,10 @@ def predict(
     out = np.zeros(len(examples.features), dtype=examples.labels.dtype)
     lengths = [len(f["input_ids"]) for f in examples.features]
     for batch in length_batches(lengths, batch_size):
-        logits = classifier(collate([examples.features[i] for i in batch], pad_id))
-        out[batch] = (logits.squeeze(-1) if logits.shape[-1] == 1 else logits.argmax(-1)).numpy()
+        inputs = collate([examples.features[i] for i in batch], pad_id, model_device(classifier))
+        logits = classifier(inputs)
+        predicted = logits.squeeze(-1) if logits.shape[-1] == 1 else logits.argmax(-1)
+        out[batch] = predicted.cpu().numpy()
     return out
 
 
@@ -198,7 +203,7 @@ def _subset(examples: Examples, size: int) -> Examples:
 
 def _checked_spec(name: str, task: str, model: PreTrainedModel, max_length: int) -> GlueTask:
     """The spec of GLUE `task`, once `model` is known to run task `name` at max_length."""
-    require(name, model)
+    require("encoder", model, name)
     check_positions(model, max_length, "max_length")
     return GLUE_TASKS[task]
 
@@ -218,7 +223,7 @@ def _read_splits(
 
 
 def _score(spec: GlueTask, predicted: np.ndarray, dev: Examples) -> dict[str, float]:
-    return {name: METRICS[name](predicted, dev.labels) for name in spec.metrics}
+    return scores(spec.metrics, predicted, dev.labels)
 
 
 def glue(
@@ -250,7 +255,7 @@ def glue(
         outputs = 1 if spec.labels is None else len(spec.labels)
         classifier = SequenceClassifier(
             copy.deepcopy(model.base_model), model.config, outputs, pooling
-        )
+        ).to(model_device(model))
         finetune(
             classifier,
             train,
@@ -296,11 +301,11 @@ def features(
         for batch in progress_bar(
             length_batches(lengths, batch_size), desc="features", enabled=progress
         ):
-            inputs = collate([examples.features[i] for i in batch], pad_id)
+            inputs = collate([examples.features[i] for i in batch], pad_id, model_device(encoder))
             pooled = pooled_output(encoder(**inputs), inputs["attention_mask"], pooling)
             if out is None:
                 out = torch.empty(len(lengths), pooled.shape[-1], dtype=torch.float64)
-            out[batch] = pooled.double()
+            out[batch] = pooled.double().cpu()
     if out is None:
         raise AecompressError("no examples to encode")
     return out

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from torch import nn
-from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+from typing import TYPE_CHECKING
 
 from aecompress.errors import AecompressError
-from aecompress.evaluation.catalog import TASK_NEEDS
-from aecompress.models import is_causal_lm, is_masked_lm
+
+if TYPE_CHECKING:
+    from torch import nn
 
 KINDS: dict[str, str] = {
     "causal-lm": "a causal LM",
@@ -22,6 +22,10 @@ def model_kinds(model: nn.Module) -> frozenset[str]:
     A model whose family has a masked-LM class in transformers (BERT, RoBERTa, ...) and
     that is not a causal LM is an encoder, with or without its MLM head.
     """
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    from aecompress.models import is_causal_lm, is_masked_lm
+
     config = getattr(model, "config", None)
     kinds = set()
     if is_causal_lm(model):
@@ -37,18 +41,11 @@ def model_kinds(model: nn.Module) -> frozenset[str]:
     return frozenset(kinds)
 
 
-def runnable_tasks(model: nn.Module) -> list[str]:
-    kinds = model_kinds(model)
-    return [task for task, need in TASK_NEEDS.items() if need in kinds]
-
-
-def require(task: str, model: nn.Module) -> None:
-    """Raise a one-line error unless `model` is of the kind `task` needs."""
-    need = TASK_NEEDS[task]
+def require(need: str, model: nn.Module, task: str) -> None:
+    """Raise a one-line error naming `task` unless `model` is of the kind `need`."""
     if need in model_kinds(model):
         return
-    runnable = ", ".join(runnable_tasks(model)) or "none of the tasks"
+    kinds = " and ".join(KINDS[kind] for kind in sorted(model_kinds(model))) or "none of these"
     raise AecompressError(
-        f"task '{task}' needs {KINDS[need]}; this model ({type(model).__name__}) can run: "
-        f"{runnable}"
+        f"task '{task}' needs {KINDS[need]}; this model ({type(model).__name__}) is {kinds}"
     )

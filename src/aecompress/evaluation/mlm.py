@@ -23,7 +23,7 @@ from aecompress.data import WIKITEXT2_FILES, data_file
 from aecompress.errors import AecompressError
 from aecompress.evaluation.common import length_batches, pad, pad_batch, pad_token_id
 from aecompress.evaluation.kinds import require
-from aecompress.models import check_positions, tokenize_whole
+from aecompress.models import check_positions, model_device, tokenize_whole
 from aecompress.progress import progress_bar
 
 IGNORE = -100  # label of positions that are not predicted
@@ -132,16 +132,19 @@ def masked_lm_perplexity(
     progress: bool = True,
 ) -> dict[str, float]:
     """Masked-LM perplexity over the first `limit` (default all) non-empty rows of a split."""
-    require("mlm", model)
+    require("masked-lm", model, "mlm")
     check_positions(model, seq_len)  # not silently shortened: settings say what ran
     rows = wikitext2_rows(split)[:limit]
     sequences = masked_sequences(tokenizer, rows, seq_len=seq_len, mask_prob=mask_prob, seed=seed)
     model.eval()
     total_nll, total_tokens = 0.0, 0
+    device = model_device(model)
     batches = length_batches([len(s.input_ids) for s in sequences], batch_size)
     for batch in progress_bar(batches, desc=f"mlm ({split})", enabled=progress):
-        ids, mask = pad_batch([sequences[i].input_ids for i in batch], pad_token_id(tokenizer))
-        labels = pad([sequences[i].labels for i in batch], IGNORE)
+        ids, mask = pad_batch(
+            [sequences[i].input_ids for i in batch], pad_token_id(tokenizer), device
+        )
+        labels = pad([sequences[i].labels for i in batch], IGNORE).to(device)
         logits = model(input_ids=ids, attention_mask=mask).logits.float()
         total_nll += F.cross_entropy(
             logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum"

@@ -4,7 +4,8 @@ Each choice is scored by the sum of the log-probabilities of its continuation ("
 choice, lm-eval's target delimiter) tokens given the context. The continuation's tokens are
 those of tokenize(context + continuation) after the context's tokens; no special tokens are
 added. `acc` takes the best sum, `acc_norm` the best sum divided by the choice's length in
-characters, delimiter excluded (lm-eval's acc_norm), both in percent. Prompts follow
+characters, delimiter excluded (lm-eval's acc_norm), both in percent, each with its
+standard error (`acc_stderr`: lm-eval's mean_stderr of the items' 0/1 correctness). Prompts follow
 lm-eval: ARC and PIQA "Question: {q}\\nAnswer:" + " {choice}",
 HellaSwag "{activity}: {context}" + " {ending}" (the data file is already preprocessed the
 lm-eval way, except that ctx_b is not capitalised: see data/hellaswag/SOURCE.md).
@@ -22,11 +23,12 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from aecompress.data import data_file
+from aecompress.data import CHOICE_FILES, data_file
 from aecompress.errors import AecompressError
-from aecompress.evaluation.catalog import CHOICE_FILES
 from aecompress.evaluation.common import length_batches, pad_batch, pad_token_id
 from aecompress.evaluation.kinds import require
+from aecompress.evaluation.metrics import STDERR, mean_stderr
+from aecompress.models import model_device
 from aecompress.progress import progress_bar
 
 DELIMITER = " "  # between context and choice (lm-eval's target_delimiter)
@@ -131,18 +133,19 @@ def continuation_logprobs(
     keep = model.config.max_position_embeddings + 1
     sequences = [(context + cont)[-keep:] for context, cont in pairs]
     scores = [0.0] * len(pairs)
+    device = model_device(model)
     for batch in progress_bar(
         length_batches([len(s) for s in sequences], batch_size),
         desc="multiple choice",
         enabled=progress,
     ):
-        ids, mask = pad_batch([sequences[i][:-1] for i in batch], pad_id)
+        ids, mask = pad_batch([sequences[i][:-1] for i in batch], pad_id, device)
         starts = [len(sequences[i]) - 1 - len(pairs[i][1]) for i in batch]
         first = min(starts) if trim else 0
-        kept = {"logits_to_keep": torch.arange(first, ids.shape[1])} if trim else {}
+        kept = {"logits_to_keep": torch.arange(first, ids.shape[1], device=device)} if trim else {}
         logits = model(input_ids=ids, attention_mask=mask, **kept).logits
         for row, index in enumerate(batch):
-            targets = torch.as_tensor(pairs[index][1])
+            targets = torch.as_tensor(pairs[index][1], device=device)
             start = starts[row] - first
             window = logits[row, start : start + len(targets)].float().log_softmax(dim=-1)
             scores[index] = window.gather(1, targets[:, None]).sum().item()
@@ -161,7 +164,7 @@ def multiple_choice(
 ) -> dict[str, float]:
     """Accuracy and length-normalised accuracy on the first `limit` items of a split
     (default: see load_items)."""
-    require(dataset, model)
+    require("causal-lm", model, dataset)
     items = load_items(dataset, split)[:limit]
     scores = continuation_logprobs(
         model,
@@ -179,13 +182,20 @@ def choice_pairs(items: list[Item]) -> list[tuple[str, str]]:
 
 
 def accuracies(items: list[Item], scores: list[float]) -> dict[str, float]:
-    """acc and acc_norm (percent) from the log-likelihoods of choice_pairs(items)."""
-    correct = correct_norm = 0
+    """acc and acc_norm (percent) from the log-likelihoods of choice_pairs(items), and their
+    standard errors acc_stderr, acc_norm_stderr (lm-eval's; none for a single item)."""
+    correct, correct_norm = np.zeros(len(items)), np.zeros(len(items))
     start = 0
-    for item in items:
+    for number, item in enumerate(items):
         score = np.array(scores[start : start + len(item.choices)])
         chars = np.array([len(choice) for choice in item.choices])
-        correct += int(np.argmax(score)) == item.label
-        correct_norm += int(np.argmax(score / chars)) == item.label
+        correct[number] = int(np.argmax(score)) == item.label
+        correct_norm[number] = int(np.argmax(score / chars)) == item.label
         start += len(item.choices)
-    return {"acc": 100.0 * correct / len(items), "acc_norm": 100.0 * correct_norm / len(items)}
+    found = {}
+    for name, hits in (("acc", correct), ("acc_norm", correct_norm)):
+        found[name] = 100.0 * float(hits.sum()) / len(items)
+        stderr = mean_stderr(hits)
+        if stderr is not None:
+            found[name + STDERR] = 100.0 * stderr
+    return found

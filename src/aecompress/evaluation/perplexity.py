@@ -12,7 +12,7 @@ from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from aecompress.data import wikitext2_text
 from aecompress.errors import AecompressError
-from aecompress.models import check_positions, is_causal_lm, tokenize_whole
+from aecompress.models import check_positions, is_causal_lm, model_device, tokenize_whole
 from aecompress.progress import progress_bar
 
 
@@ -84,6 +84,7 @@ def windows_perplexity(
     total_nll = 0.0
     try:
         for batch in progress_bar(ids.split(batch_size), desc=desc, enabled=progress):
+            batch = batch.to(model_device(model))
             logits = model(input_ids=batch).logits[:, :-1].float()
             nll = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
             total_nll += nll.item()

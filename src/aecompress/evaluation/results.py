@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from pydantic import TypeAdapter
 
 from aecompress.outputs import head
 
@@ -19,13 +21,23 @@ class TaskResult:
     data_sha256: dict[str, str]  # data file (relative to the data folder) -> sha256
     settings: dict[str, Any]  # every option of the run, defaults included
     seconds: float  # wall time of the run
+    stderr: dict[str, float] = field(default_factory=dict)  # metric -> its standard error
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> TaskResult:
-        return cls(**json.loads(text))
+        """The result `to_json` wrote: text that is not JSON is a JSONDecodeError, JSON of
+        another form (an older version, a missing field) a ValueError, wrong types (a metric
+        that is a string) a pydantic ValidationError."""
+        data = json.loads(text)
+        if not isinstance(data, dict) or set(data) != {f.name for f in fields(cls)}:
+            raise ValueError("not a task result of this version")
+        return _TASK_RESULT.validate_json(text, strict=True)
+
+
+_TASK_RESULT = TypeAdapter(TaskResult)
 
 
 RECORD_KEYS = {"model", "role", "task", "metrics"}  # of every record `evaluate --json` writes
@@ -52,28 +64,30 @@ def is_records_file(path: Path) -> bool:
     )
 
 
-def _number(value: float) -> str:
-    return f"{value:.2f}"
+def _number(value: float, stderr: float | None = None) -> str:
+    return f"{value:.2f}" + ("" if stderr is None else f" ± {stderr:.2f}")
 
 
 def format_table(
     results: Sequence[TaskResult], dense_results: Sequence[TaskResult] | None = None
 ) -> str:
-    """Markdown table: task, split, metric, value (and the dense value and the difference)."""
+    """Markdown table: task, split, metric, value (and the dense value and the difference);
+    a value with a standard error is printed as value ± stderr."""
     header = ["task", "split", "metric", "value"]
-    dense = {(r.task, r.split): r.metrics for r in dense_results or []}
+    dense = {(r.task, r.split): r for r in dense_results or []}
     if dense_results is not None:
         header += ["dense", "difference"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 3 + "---:|" * (len(header) - 3)]
     for result in results:
         for metric, value in result.metrics.items():
-            cells = [result.task, result.split, metric, _number(value)]
+            cells = [result.task, result.split, metric, _number(value, result.stderr.get(metric))]
             if dense_results is not None:
-                reference = dense.get((result.task, result.split), {}).get(metric)
+                base = dense.get((result.task, result.split))
+                reference = None if base is None else base.metrics.get(metric)
                 cells += (
                     ["", ""]
-                    if reference is None
-                    else [_number(reference), f"{value - reference:+.2f}"]
+                    if base is None or reference is None
+                    else [_number(reference, base.stderr.get(metric)), f"{value - reference:+.2f}"]
                 )
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

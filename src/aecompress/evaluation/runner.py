@@ -5,45 +5,64 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
+
+import torch
+from pydantic import ValidationError
+from torch import nn
 
 from aecompress.artifact import is_artifact, load_compressed, read_manifest
-from aecompress.cache import cache_dir, read_entry, write_entry
-from aecompress.data import data_file, file_sha256
-from aecompress.errors import AecompressError
+from aecompress.cache import InvalidEntry, cache_dir, read_entry, write_entry
+from aecompress.data import data_dir, data_file, file_sha256
+from aecompress.errors import AecompressError, describe
 from aecompress.evaluation.results import TaskResult
-from aecompress.evaluation.tasks import TASKS, check_task, probe_tasks, run_task
-from aecompress.models import LoadedModel, load_model, weights_sha256
+from aecompress.evaluation.tasks import TASKS, check_task, known_task, run_task
+from aecompress.evaluation.tasks.glue import probe_tasks
+from aecompress.models import LoadedModel, load_model, resolve_device, weights_sha256
 
 
 def task_options(task: str, options: dict[str, Any]) -> dict[str, Any]:
-    """The subset of `options` that `task` accepts (shared flags reach only their tasks)."""
-    accepted = TASKS[task].defaults()
-    return {k: v for k, v in options.items() if k in accepted and v is not None}
+    """The subset of `options` that `task` accepts (options given for several tasks reach
+    only the tasks that take them)."""
+    accepted = TASKS[task].Options.model_fields
+    return {k: v for k, v in options.items() if k in accepted}
 
 
 def _check_options(tasks: list[str], options: dict[str, Any]) -> None:
-    accepted = set().union(*(TASKS[t].defaults() for t in tasks))
-    unused = sorted(k for k, v in options.items() if v is not None and k not in accepted)
+    """A one-line error for an option no task takes, or a value a task refuses."""
+    accepted = set().union(*(TASKS[t].Options.model_fields for t in tasks))
+    unused = sorted(str(k) for k in options if k not in accepted)
     if unused:
         raise AecompressError(f"no task of {', '.join(tasks)} takes the option {', '.join(unused)}")
+    for task in tasks:
+        TASKS[task].settings(task_options(task, options))
 
 
-def _dense_cache(base_sha256: str, task: str, options: dict[str, Any]) -> Path:
-    key = json.dumps({"weights": base_sha256, "task": task, "options": options}, sort_keys=True)
+def _dense_cache(base_sha256: str, task: str, options: dict[str, Any], device: str) -> Path:
+    fields = {"weights": base_sha256, "task": task, "options": options}
+    if device != "cpu":  # another device's kernels may round differently
+        fields["device"] = device
+    key = json.dumps(fields, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:24]
     return cache_dir() / "dense" / f"{digest}.json"
 
 
 def cached_dense_result(
-    load_dense: Any, base_sha256: str, task: str, options: dict[str, Any], progress: bool
+    load_dense: Any,
+    base_sha256: str,
+    task: str,
+    options: dict[str, Any],
+    progress: bool,
+    device: str = "cpu",
 ) -> TaskResult:
-    """The dense model's result, measured once per weights, task, options (and data hashes).
+    """The dense model's result, measured once per weights, task, options, device type (and
+    data hashes).
 
-    `load_dense()` returns the dense LoadedModel; it is called only on a cache miss.
+    `load_dense()` returns the dense LoadedModel (on the device); it is called only on a
+    cache miss.
     """
-    path = _dense_cache(base_sha256, task, options)
-    cached = read_entry(path, lambda p: TaskResult.from_json(p.read_text()))
+    path = _dense_cache(base_sha256, task, options, device)
+    cached = read_entry(path, lambda p: _read_dense_entry(p, task))
     if cached is not None:
         current = {f: file_sha256(data_file(f)) for f in cached.data_sha256}
         if current == cached.data_sha256:  # the data files are unchanged
@@ -51,6 +70,25 @@ def cached_dense_result(
     dense: LoadedModel = load_dense()
     result = run_task(task, dense.model, dense.tokenizer, progress=progress, **options)
     write_entry(path, lambda p: p.write_text(result.to_json()))
+    return result
+
+
+def _read_dense_entry(path: Path, task: str) -> TaskResult:
+    """A dense cache entry: a result of `task` whose data files exist; else InvalidEntry."""
+    try:
+        result = TaskResult.from_json(path.read_text())
+    except ValidationError as error:
+        raise InvalidEntry(describe(error, "its result")) from error
+    except json.JSONDecodeError:
+        raise  # unreadable: the cache says so itself
+    except ValueError as error:  # another form: an older version's
+        raise InvalidEntry(str(error)) from error
+    if result.task != task:
+        raise InvalidEntry(f"it holds a result of {result.task}, not {task}")
+    folder = data_dir().resolve()
+    for name in result.data_sha256:
+        if not (folder / name).resolve().is_relative_to(folder) or not (folder / name).is_file():
+            raise InvalidEntry(f"its data file {name} is not in {folder}")
     return result
 
 
@@ -86,6 +124,12 @@ def load_evaluated(model: str, decode: bool = False) -> LoadedModel:
     return LoadedModel(compressed.model, compressed.tokenizer, model, compressed.auto_class)
 
 
+def _on(device: torch.device, loaded: LoadedModel) -> LoadedModel:
+    """`loaded` with its model moved to `device`."""
+    cast(nn.Module, loaded.model).to(device)
+    return loaded
+
+
 def evaluate(
     model: str,
     tasks: list[str],
@@ -94,8 +138,10 @@ def evaluate(
     dense: bool = True,
     probe: bool = False,
     progress: bool = True,
+    device: str = "auto",
 ) -> tuple[list[TaskResult], list[TaskResult]]:
-    """Run `tasks` on a model (name, folder, .gguf) or an artifact folder.
+    """Run `tasks` on a model (name, folder, .gguf) or an artifact folder, with `options`
+    (each reaches the tasks that take it), on `device` (auto: CUDA when there is one).
 
     Returns (results, dense_results). For an artifact, dense_results are those of its base
     model (cached per base weights, task and options; empty with dense=False); for a plain
@@ -106,20 +152,23 @@ def evaluate(
     if probe:
         tasks = probe_tasks(tasks)
     for task in tasks:
-        if task not in TASKS:
-            raise AecompressError(f"unknown task '{task}': known tasks are {', '.join(TASKS)}")
+        known_task(task)
     _check_options(tasks, options)
+    where = resolve_device(device)
     if not is_artifact(model):
-        loaded = load_evaluated(model)
+        loaded = _on(where, load_evaluated(model))
         return [_run(loaded, t, options, None, progress) for t in tasks], []
     manifest = read_manifest(model)
-    dense_results = _dense_results(model, manifest, tasks, options, progress) if dense else []
-    loaded = load_evaluated(model)  # the base model is freed: one model at a time
+    dense_results = (
+        _dense_results(model, manifest, tasks, options, progress, where) if dense else []
+    )
+    loaded = _on(where, load_evaluated(model))  # the base model is freed: one at a time
     results = []
     for task in tasks:
         check_task(task, loaded.model)
-        # a task that compares with the dense model holds both (no such task is registered)
-        reference = load_base_model(model, manifest) if TASKS[task].needs_reference else None
+        # a task that compares with the dense model holds both
+        needs_base = TASKS[task].needs_reference
+        reference = _on(where, load_base_model(model, manifest)) if needs_base else None
         results.append(_run(loaded, task, options, reference, progress))
     return results, dense_results
 
@@ -130,6 +179,7 @@ def _dense_results(
     tasks: list[str],
     options: dict[str, Any],
     progress: bool,
+    device: torch.device,
 ) -> list[TaskResult]:
     """The base model's results of the tasks that do not compare with it (cached); the base
     model is loaded at most once, and freed when this returns."""
@@ -137,12 +187,14 @@ def _dense_results(
 
     def load_base() -> LoadedModel:
         if not base:
-            base.append(load_base_model(artifact, manifest))
+            base.append(_on(device, load_base_model(artifact, manifest)))
         return base[0]
 
     sha256 = manifest["base_weights_sha256"]
     return [
-        cached_dense_result(load_base, sha256, task, task_options(task, options), progress)
+        cached_dense_result(
+            load_base, sha256, task, task_options(task, options), progress, device.type
+        )
         for task in tasks
         if not TASKS[task].needs_reference
     ]

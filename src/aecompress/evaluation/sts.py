@@ -17,12 +17,12 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from aecompress.data import data_file
+from aecompress.data import STSB_FILES, data_file
 from aecompress.errors import AecompressError
-from aecompress.evaluation.catalog import STSB_FILES
 from aecompress.evaluation.common import length_batches, pad_batch, pad_token_id, pool
 from aecompress.evaluation.kinds import require
 from aecompress.evaluation.metrics import pearson, spearman
+from aecompress.models import model_device
 from aecompress.progress import progress_bar
 
 # sentence-transformers pooling flags -> our modes; mean/sqrt(len) has the cosines of mean.
@@ -96,17 +96,19 @@ def embed(
     batch_size: int = 64,
     progress: bool = True,
 ) -> torch.Tensor:
-    """Pooled sentence embeddings [len(sentences), hidden] from the model's encoder."""
+    """Pooled sentence embeddings [len(sentences), hidden] from the model's encoder, on the
+    CPU."""
     encoder = model.base_model
     encoder.eval()
     ids = tokenizer(sentences, truncation=True, max_length=pooling.max_length)["input_ids"]
     out: torch.Tensor | None = None
+    device = model_device(encoder)
     for batch in progress_bar(
         length_batches([len(i) for i in ids], batch_size), desc="embed", enabled=progress
     ):
-        input_ids, mask = pad_batch([ids[i] for i in batch], pad_token_id(tokenizer))
+        input_ids, mask = pad_batch([ids[i] for i in batch], pad_token_id(tokenizer), device)
         hidden = encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
-        pooled = pool(hidden.float(), mask, pooling.mode)
+        pooled = pool(hidden.float(), mask, pooling.mode).cpu()
         if out is None:
             out = pooled.new_empty(len(sentences), pooled.shape[-1])
         out[batch] = pooled
@@ -125,7 +127,7 @@ def stsb(
     progress: bool = True,
 ) -> dict[str, float]:
     """Spearman and Pearson (x100) of the cosine of the two sentences' embeddings vs gold."""
-    require("stsb", model)
+    require("encoder", model, "stsb")
     pairs = read_stsb(split)
     unique = sorted(set(pairs.first) | set(pairs.second))
     vectors = embed(
@@ -167,8 +169,8 @@ def fidelity(
 
     Both use the reference's pooling; the two models must share the tokenizer.
     """
-    require("fidelity", model)
-    require("fidelity", reference)
+    require("encoder", model, "fidelity")
+    require("encoder", reference, "fidelity")
     texts = fidelity_sentences(sentences)
     how = sentence_pooling(reference, tokenizer, pooling)
     ours, theirs = (

@@ -34,7 +34,7 @@ def validation_metric(
             tokenizer, wikitext2_text("validation"), VALIDATION_SEQ_LEN, VALIDATION_WINDOWS
         )
         return lambda: windows_perplexity(model, ids)
-    require("stsb", model)
+    require("encoder", model, "stsb")
 
     def sts_dev() -> float:
         was_training = model.training

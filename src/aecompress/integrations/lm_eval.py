@@ -9,7 +9,8 @@ data folder (YAML in lm_eval_tasks/):
 
 No special token is added to the text (`add_bos_token=False`, aecompress's own convention;
 `--model_args path=out/,add_bos_token=True` for lm-eval's default), so lm-eval's acc and
-acc_norm equal `aecompress evaluate --task arc-easy` on the same items.
+acc_norm (and their standard errors) equal `aecompress evaluate --task arc-easy` on the same
+items.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import sys
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from aecompress.errors import AecompressError
 from aecompress.evaluation.common import pad_token_id
@@ -48,7 +49,9 @@ def model_class() -> type:
         ) from error
 
     class AecompressLM(HFLM):
-        def __init__(self, path: str, decode: bool = False, **kwargs: Any) -> None:
+        def __init__(self, path: str | None = None, decode: bool = False, **kwargs: Any) -> None:
+            if path is None:
+                raise AecompressError("name the model: --model_args path=ARTIFACT_OR_MODEL")
             loaded = load_evaluated(path, decode=decode)
             if not is_causal_lm(loaded.model) or loaded.tokenizer is None:
                 raise AecompressError(f"lm-eval needs a causal LM with a tokenizer: {path}")
@@ -94,12 +97,15 @@ def _simple_evaluate(
     )
 
 
+REPORTED = ("acc", "acc_norm", "acc_stderr", "acc_norm_stderr")  # as percentages
+
+
 def compare(
     path: str, task: str = "arc-easy", *, limit: int | None = None, batch_size: int = 16
 ) -> dict[str, Any]:
     """Our `task` and lm-eval's local one on the first `limit` items, one model loaded once:
-    both accuracies (percent), whether the prompts are the same, and the largest difference
-    of a choice's log-likelihood."""
+    both accuracies and their standard errors (percent), whether the prompts are the same,
+    and the largest difference of a choice's log-likelihood."""
     model = model_class()(path, batch_size=batch_size)
     local = LOCAL_TASKS[task]
     found = _simple_evaluate(model, [local], limit, log_samples=True)
@@ -119,7 +125,7 @@ def compare(
     return {
         "items": len(items),
         "ours": accuracies(items, ours),
-        "lm_eval": {name: 100 * metrics[f"{name},none"] for name in ("acc", "acc_norm")},
+        "lm_eval": {name: 100 * metrics[f"{name},none"] for name in REPORTED},
         "same_prompts": [tuple(a) for s in samples for a in s["arguments"]] == pairs,
         "max_loglikelihood_difference": max(abs(a - b) for a, b in zip(ours, theirs, strict=True)),
     }
@@ -131,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         model = model_class()
     except AecompressError as error:
-        sys.exit(f"aecompress: error: {error}")
+        _fail(error)
     from lm_eval.api.registry import register_model
 
     register_model("aecompress")(model)
@@ -146,7 +152,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cli_evaluate()
     except AecompressError as error:
-        sys.exit(f"aecompress: error: {' '.join(str(error).split())}")
+        _fail(error)
+
+
+def _fail(error: AecompressError) -> NoReturn:
+    """One `aecompress: error:` line on stderr and exit status 2, as the aecompress CLI."""
+    print(f"aecompress: error: {' '.join(str(error).split())}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

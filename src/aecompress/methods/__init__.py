@@ -12,6 +12,7 @@ from aecompress.methods.base import (
     MethodOptions,
     Stored,
     Width,
+    check_stage,
     make_method,
     register,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "MethodOptions",
     "Stored",
     "Width",
+    "check_stage",
     "make_method",
     "register",
 ]

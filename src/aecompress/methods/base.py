@@ -24,7 +24,10 @@ from torch import nn
 from aecompress.budget import float_bits, solve_width
 from aecompress.calibration import TargetStatistics
 from aecompress.errors import AecompressError, describe
+from aecompress.methods.quantize import stored_bits
+from aecompress.methods.stage import QuantizedLayout, QuantStage
 from aecompress.modules import dense_embedding, dense_linear
+from aecompress.numerics import all_finite
 
 # A width is one integer (rank, latent width, terms, kept weights) or, for methods sized
 # along several axes (Tucker ranks, sparse + low-rank), a tuple of them.
@@ -39,9 +42,12 @@ class MethodOptions(BaseModel):
 
 class MethodLayout(BaseModel):
     """What rebuilding a group needs beyond its tensors and shapes (per method; usually
-    nothing). Saved in the manifest and validated when read back: no defaults to guess."""
+    nothing). Saved in the manifest and validated when read back: no defaults to guess.
+    `quantize`: how the group's matrices were quantized (None: stored as floats)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    quantize: QuantizedLayout | None = None
 
 
 @dataclass(frozen=True)
@@ -50,7 +56,9 @@ class GroupSpec:
 
     `kind` says how the matrices are used (an embedding's rows are looked up by token),
     `head_dim` is the model's attention head size (None when the model has none),
-    `storage_dtype` the dtype of the artifact's floating tensors (float_bits: its width).
+    `storage_dtype` the dtype of the artifact's floating tensors (float_bits: its width),
+    `quantize` the quantization stage of its matrix-shaped stored tensors (stage.py; None:
+    floats).
     """
 
     name: str
@@ -61,6 +69,7 @@ class GroupSpec:
     cols: int
     head_dim: int | None = None
     storage_dtype: str = "float32"
+    quantize: QuantStage | None = None
 
     @property
     def float_bits(self) -> int:
@@ -80,6 +89,12 @@ class GroupSpec:
     def floats(self, numbers: int) -> int:
         """Bits of `numbers` floating numbers in the storage dtype."""
         return numbers * self.float_bits
+
+    def matrix_bits(self, rows: int, cols: int) -> int:
+        """Bits of a stored [rows, cols] matrix: floats, or quantized by the stage."""
+        if self.quantize is None:
+            return self.floats(rows * cols)
+        return stored_bits(self.quantize.scheme, rows, cols, self.float_bits)
 
 
 @dataclass
@@ -110,6 +125,42 @@ class FitContext:
         if value is None:
             raise AecompressError(f"{self.spec.name}: calibration statistic '{name}' is missing")
         return value.double()
+
+
+ROW_WEIGHTS = ("counts", "fisher", "l1")
+
+
+def row_weights(kind: str, context: FitContext) -> torch.Tensor:
+    """Per-row importance c_i of every member, concatenated in stacking order (float64).
+
+    counts: sqrt(count + 1) of each token in calibration text (embedding rows);
+    fisher: sqrt(sum_j F_ij), F the summed squared gradients of the LM loss;
+    l1: sum_j |g_ij|, the summed absolute gradients.
+    """
+    spec = context.spec
+    if kind == "counts" and spec.kind != "embedding":
+        raise AecompressError(
+            f"{spec.name}: row weights 'counts' exist for embeddings only (token counts)"
+        )
+    parts = []
+    for index in range(spec.count):
+        value = context.statistic(index, kind)
+        if kind == "counts":
+            weight = (value + 1).sqrt()
+        elif kind == "fisher":
+            weight = value.sum(dim=1).clamp_min(0).sqrt()
+        else:
+            weight = value.abs().sum(dim=1)
+        if weight.shape != (spec.rows,):
+            raise AecompressError(
+                f"{spec.name}: '{kind}' statistics of member {index} cover {weight.shape[0]} "
+                f"rows, the matrix has {spec.rows}"
+            )
+        parts.append(weight)
+    weights = torch.cat(parts)
+    if not all_finite(weights) or not (weights > 0).any():
+        raise AecompressError(f"{spec.name}: '{kind}' row weights are not finite and positive")
+    return weights
 
 
 @dataclass
@@ -168,6 +219,7 @@ class Method(ABC):
     name: ClassVar[str]
     Options: ClassVar[type[MethodOptions]] = MethodOptions
     Layout: ClassVar[type[MethodLayout]] = MethodLayout
+    quantizable: ClassVar[bool] = False  # supports a quantization stage (stage.py)
 
     def __init__(self, options: MethodOptions) -> None:
         self.options = options
@@ -255,6 +307,16 @@ def register(cls: type[Method]) -> type[Method]:
     """Class decorator: make a method available by its `name`."""
     METHODS[cls.name] = cls
     return cls
+
+
+def check_stage(method: Method, spec: GroupSpec) -> None:
+    """Refuse a quantization stage for a method that stores no quantized tensors."""
+    if spec.quantize is not None and not method.quantizable:
+        able = ", ".join(sorted(name for name, cls in METHODS.items() if cls.quantizable))
+        raise AecompressError(
+            f"{spec.name}: {method.name} cannot quantize its stored tensors "
+            f"(quantize {spec.quantize}); methods that can: {able}"
+        )
 
 
 def make_method(name: str, options: dict[str, Any] | None = None) -> Method:

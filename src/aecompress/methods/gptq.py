@@ -31,15 +31,9 @@ from aecompress.methods.base import (
     Width,
     register,
 )
-from aecompress.methods.quantize import (
-    Quantized,
-    QuantScheme,
-    gptq,
-    pack,
-    rtn,
-    stored_bits,
-)
-from aecompress.modules import QuantizedLinear, dequantize_packed, zero_points
+from aecompress.methods.quantize import Quantized, QuantScheme, gptq, rtn, stored_bits
+from aecompress.methods.stage import rebuild_quantized, store_quantized
+from aecompress.modules import QuantizedLinear
 
 AUTO_GROUPS = (32, 64, 128, 0)  # the groups `group: auto` tries, smallest first; 0: a row
 
@@ -99,7 +93,7 @@ class RoundToNearest(Method):
 
     def check(self, spec: GroupSpec) -> None:
         for group in self.groups(spec):
-            QuantScheme(self.bit_choices()[0], group or None, True).groups(spec.cols)
+            QuantScheme(self.bit_choices()[0], group or None, True).check_divides(spec.cols)
 
     def cost(self, width: Width, spec: GroupSpec) -> int:
         scheme = scheme_of(width, self.options.symmetric)
@@ -142,10 +136,7 @@ class RoundToNearest(Method):
         members = []
         for index, matrix in enumerate(matrices):
             quantized = self.quantize(matrix.float(), index, scheme, context)
-            member = {"codes": pack(quantized.codes, scheme.bits), "scales": quantized.scales}
-            if not scheme.symmetric:
-                member["zeros"] = pack(quantized.zeros.T, scheme.bits).T.contiguous()
-            members.append(member)
+            members.append(store_quantized("", quantized))
         layout = QuantLayout(
             bits=scheme.bits, group=scheme.group, symmetric=scheme.symmetric, cols=context.spec.cols
         )
@@ -154,11 +145,8 @@ class RoundToNearest(Method):
     def reconstruct(self, stored: Stored, index: int) -> torch.Tensor:
         layout = stored.layout
         assert isinstance(layout, QuantLayout)
-        member = stored.members[index]
-        scales = member["scales"]
-        rows, groups = scales.shape
-        points = zero_points(member.get("zeros"), layout.bits, rows, groups, scales.device)
-        return dequantize_packed(member["codes"], scales, points, layout.bits, layout.cols)
+        scheme = QuantScheme(layout.bits, layout.group, layout.symmetric)
+        return rebuild_quantized(stored.members[index], "", scheme, layout.cols)
 
     def linear(
         self, stored: Stored, index: int, bias: torch.Tensor | None, *, prefill: bool = False

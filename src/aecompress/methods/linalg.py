@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import torch
 
 from aecompress.errors import AecompressError
-from aecompress.methods.base import FitContext
 from aecompress.numerics import all_finite
 
 logger = logging.getLogger(__name__)
@@ -265,39 +264,3 @@ def refit_coefficients(
     projected = basis @ gram  # [r, m]
     normal = projected @ basis.T  # B G B^T, [r, r]
     return torch.linalg.solve(normal, projected @ matrix.double().T).T.to(matrix.dtype)
-
-
-ROW_WEIGHTS = ("counts", "fisher", "l1")
-
-
-def row_weights(kind: str, context: FitContext) -> torch.Tensor:
-    """Per-row importance c_i of every member, concatenated in stacking order (float64).
-
-    counts: sqrt(count + 1) of each token in calibration text (embedding rows);
-    fisher: sqrt(sum_j F_ij), F the summed squared gradients of the LM loss;
-    l1: sum_j |g_ij|, the summed absolute gradients.
-    """
-    spec = context.spec
-    if kind == "counts" and spec.kind != "embedding":
-        raise AecompressError(
-            f"{spec.name}: row weights 'counts' exist for embeddings only (token counts)"
-        )
-    parts = []
-    for index in range(spec.count):
-        value = context.statistic(index, kind)
-        if kind == "counts":
-            weight = (value + 1).sqrt()
-        elif kind == "fisher":
-            weight = value.sum(dim=1).clamp_min(0).sqrt()
-        else:
-            weight = value.abs().sum(dim=1)
-        if weight.shape != (spec.rows,):
-            raise AecompressError(
-                f"{spec.name}: '{kind}' statistics of member {index} cover {weight.shape[0]} "
-                f"rows, the matrix has {spec.rows}"
-            )
-        parts.append(weight)
-    weights = torch.cat(parts)
-    if not all_finite(weights) or not (weights > 0).any():
-        raise AecompressError(f"{spec.name}: '{kind}' row weights are not finite and positive")
-    return weights

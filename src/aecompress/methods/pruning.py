@@ -8,6 +8,13 @@ kept values (row-major order, in the storage dtype) and their positions, in one 
   kept weight's place in its group in ceil(log2 M) bits, in int32 words.
 `auto` takes whichever of bitmap / int32 is cheaper for the kept count. Methods differ in
 which weights they keep and what values they give them (`select`).
+
+With a quantization stage (stage.py) the kept values are stored as codes instead
+(`values.codes`: one packed row of each member's kept codes, in their order) on a grid of
+the dense matrix's groups (`values.scales` [rows, groups] and, asymmetric, `values.zeros`):
+sparsegpt quantizes each kept weight inside its OBS sweep (joint pruning and quantization,
+the SparseGPT paper's), the others round the kept values to nearest. Members of a stack
+then keep equal counts (their codes are packed per member).
 """
 
 from __future__ import annotations
@@ -15,12 +22,13 @@ from __future__ import annotations
 import math
 from abc import abstractmethod
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
 from pydantic import Field, field_validator
 
+from aecompress.budget import STORAGE_DTYPES
 from aecompress.errors import AecompressError
 from aecompress.methods.base import (
     FitContext,
@@ -33,6 +41,8 @@ from aecompress.methods.base import (
     register,
 )
 from aecompress.methods.linalg import inverse_cholesky
+from aecompress.methods.quantize import Grid, Quantized, code_bits, grid_bits
+from aecompress.methods.stage import QuantizedLayout, rebuild_entries, store_quantized
 
 BITS = 32  # positions are packed into int32 words
 
@@ -103,6 +113,24 @@ def position_cost(scheme: str, kept: int, spec: GroupSpec, n_m: tuple[int, int] 
     return BITS * spec.count * words(per_member * math.ceil(math.log2(n_m[1])))
 
 
+def value_bits(kept: int, spec: GroupSpec) -> int:
+    """Bits of the group's `kept` values: floats, or codes on a grid (module docstring)."""
+    if spec.quantize is None:
+        return spec.floats(kept)
+    scheme = spec.quantize.scheme
+    codes = sum(code_bits(scheme.bits, k) for k in split_evenly(kept, spec.count))
+    return codes + spec.count * grid_bits(scheme, spec.rows, spec.cols, spec.float_bits)
+
+
+class Kept(NamedTuple):
+    """A member's kept weights: `mask` [n, m] bool, `values` [n, m] (read where kept), and
+    the grid the kept values already lie on (None: rounded to nearest after selection)."""
+
+    mask: torch.Tensor
+    values: torch.Tensor
+    grid: Grid | None = None
+
+
 class SparseMethod(Method):
     """Keeps `width` weights of the group; stores values + positions (module docstring).
     Subclasses choose the kept weights and their values (`select`). Served decoded."""
@@ -110,6 +138,7 @@ class SparseMethod(Method):
     Options = SparseOptions
     options: SparseOptions
     Layout = SparseLayout
+    quantizable = True
 
     def schemes(self) -> list[str]:
         if self.options.n_m is not None:
@@ -131,7 +160,7 @@ class SparseMethod(Method):
     def cost(self, width: Width, spec: GroupSpec) -> int:
         assert isinstance(width, int)
         positions = position_cost(self.scheme(width, spec), width, spec, self.options.n_m)
-        return spec.floats(width) + positions
+        return value_bits(width, spec) + positions
 
     def max_width(self, spec: GroupSpec) -> int:
         if self.options.n_m is not None:
@@ -157,20 +186,26 @@ class SparseMethod(Method):
     @abstractmethod
     def select(
         self, matrices: Sequence[torch.Tensor], kept: int, context: FitContext
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(mask [n, m] bool, values [n, m]) of each member, `kept` True entries in all."""
+    ) -> list[Kept]:
+        """The kept weights of each member, `kept` in all (split evenly under a stage)."""
 
     def fit(self, matrices: Sequence[torch.Tensor], width: Width, context: FitContext) -> Stored:
         assert isinstance(width, int)
         spec = context.spec
         scheme = self.scheme(width, spec)
-        members = [
-            encode_sparse(mask, values, scheme, self.options.n_m)
-            for mask, values in self.select(matrices, width, context)
-        ]
-        if sum(m["values"].numel() for m in members) != width:
+        chosen = self.select(matrices, width, context)
+        if sum(int(k.mask.sum()) for k in chosen) != width:
             raise RuntimeError(f"{self.name} kept the wrong number of weights for {spec.name}")
-        layout = SparseLayout(shape=(spec.rows, spec.cols), index=scheme, n_m=self.options.n_m)
+        members = [encode_sparse(k.mask, k.values, scheme, self.options.n_m) for k in chosen]
+        quantized = None
+        if spec.quantize is not None:
+            quantized = QuantizedLayout(stage=spec.quantize, cols={"values": spec.cols})
+            for member, kept in zip(members, chosen, strict=True):
+                del member["values"]
+                member |= quantize_kept(kept, spec)
+        layout = SparseLayout(
+            shape=(spec.rows, spec.cols), index=scheme, n_m=self.options.n_m, quantize=quantized
+        )
         info = {
             "density": width / spec.numel,
             "position_bits": position_cost(scheme, width, spec, self.options.n_m),
@@ -199,15 +234,32 @@ def encode_sparse(
     return {"values": kept, "places": pack_bits(bits.reshape(-1))}
 
 
+def quantize_kept(kept: Kept, spec: GroupSpec) -> dict[str, torch.Tensor]:
+    """The kept values' codes (one packed row, row-major order) on their grid (the one
+    they lie on, else RTN's on the kept values), as stored under `values.` (module
+    docstring)."""
+    assert spec.quantize is not None
+    scale_dtype = STORAGE_DTYPES[spec.storage_dtype]
+    grid = kept.grid or Grid.of(kept.values * kept.mask, spec.quantize.scheme, scale_dtype)
+    quantized = grid.quantize(kept.values * kept.mask)
+    codes = quantized.codes.reshape(-1)[kept.mask.reshape(-1)][None]
+    return store_quantized("values", Quantized(codes, grid.scales, quantized.zeros, grid.scheme))
+
+
 def decode_sparse(member: dict[str, torch.Tensor], layout: SparseLayout) -> torch.Tensor:
-    """The dense [rows, cols] matrix of a member's kept values (differentiable in them)."""
+    """The dense [rows, cols] matrix of a member's kept values (differentiable in them, or
+    in the scales of their grid when quantized)."""
     rows, cols = layout.shape
-    values = member["values"]
-    flat = positions(member, layout, values.numel())
+    flat = positions(member, layout)
+    if layout.quantize is None:
+        values = member["values"]
+    else:
+        scheme = layout.quantize.stage.scheme
+        values = rebuild_entries(member, "values", scheme, layout.shape, flat)
     return values.new_zeros(rows * cols).index_put((flat,), values).view(rows, cols)
 
 
-def positions(member: dict[str, torch.Tensor], layout: SparseLayout, kept: int) -> torch.Tensor:
+def positions(member: dict[str, torch.Tensor], layout: SparseLayout) -> torch.Tensor:
     """Flat positions (int64, row-major) of a member's kept values."""
     rows, cols = layout.shape
     if layout.index == "bitmap":
@@ -216,7 +268,7 @@ def positions(member: dict[str, torch.Tensor], layout: SparseLayout, kept: int) 
         return member["indices"].long()
     assert layout.n_m is not None
     n, m = layout.n_m
-    width = math.ceil(math.log2(m))
+    kept, width = rows * cols // m * n, math.ceil(math.log2(m))
     bits = unpack_bits(member["places"], kept * width).view(kept, width).long()
     places = (bits << torch.arange(width, device=bits.device)).sum(1)
     return torch.arange(kept, device=bits.device) // n * m + places
@@ -249,12 +301,16 @@ class MagnitudePruning(SparseMethod):
 
     def select(
         self, matrices: Sequence[torch.Tensor], kept: int, context: FitContext
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    ) -> list[Kept]:
         if self.options.n_m is not None:
-            return [(keep_largest_per_group(w.abs(), self.options.n_m), w) for w in matrices]
-        stacked = torch.stack(list(matrices))
-        masks = keep_largest(stacked.abs(), kept)
-        return list(zip(masks.unbind(0), matrices, strict=True))
+            return [Kept(keep_largest_per_group(w.abs(), self.options.n_m), w) for w in matrices]
+        if context.spec.quantize is not None:  # equal counts (module docstring)
+            counts = split_evenly(kept, len(matrices))
+            return [
+                Kept(keep_largest(w.abs(), c), w) for w, c in zip(matrices, counts, strict=True)
+            ]
+        masks = keep_largest(torch.stack(list(matrices)).abs(), kept)
+        return [Kept(mask, w) for mask, w in zip(masks.unbind(0), matrices, strict=True)]
 
 
 def split_evenly(total: int, parts: int) -> list[int]:
@@ -314,7 +370,7 @@ class Wanda(CalibratedSparseMethod):
 
     def select(
         self, matrices: Sequence[torch.Tensor], kept: int, context: FitContext
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    ) -> list[Kept]:
         chosen = []
         for index, (weight, count) in enumerate(
             zip(matrices, split_evenly(kept, len(matrices)), strict=True)
@@ -324,7 +380,7 @@ class Wanda(CalibratedSparseMethod):
                 mask = keep_largest_per_group(scores, self.options.n_m)
             else:
                 mask = keep_largest_per_row(scores, count)
-            chosen.append((mask, weight))
+            chosen.append(Kept(mask, weight))
         return chosen
 
 
@@ -343,13 +399,16 @@ def obs_prune(
     block_size: int = 128,
     n_m: tuple[int, int] | None = None,
     overwrite: bool = False,
+    grid: Grid | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SparseGPT's pruning of `weight` [n, m] to `kept` weights under inputs with Gram
     `xtx` [m, m]: column by column, the weights of least w^2 / [U]_jj^2 (U the upper
     Cholesky factor of (X^T X + damp)^-1) are zeroed and the error they make is spread
     onto the columns not yet visited (the optimal brain surgeon update), in blocks of
     columns with lazy updates. Each block prunes its share of the budget (unstructured),
-    or M - N of every M weights of a row (N:M). Returns (kept mask, updated values).
+    or M - N of every M weights of a row (N:M). With a `grid`, each kept weight is also
+    rounded to its group's nearest grid value as the sweep reaches it, and that error
+    spread too (joint pruning and quantization). Returns (kept mask, updated values).
     `overwrite`: `xtx` may be factorised in place (no one reads it after)."""
     rows, cols = weight.shape
     work = weight.detach().clone().float()
@@ -376,7 +435,8 @@ def obs_prune(
                 keep = keep_largest_per_group(scores, n_m)
                 pruned[:, start + column : start + column + n_m[1]] = ~keep
             values = block[:, column]
-            quantised = torch.where(pruned[:, start + column], 0.0, values)
+            rounded = values if grid is None else grid.snap(values, start + column)
+            quantised = torch.where(pruned[:, start + column], 0.0, rounded)
             error = (values - quantised) / factor[column, column]
             block[:, column:] -= error[:, None] * factor[column, column:][None, :]
             block[:, column] = quantised
@@ -391,7 +451,8 @@ class SparseGPT(CalibratedSparseMethod):
     """SparseGPT (Frantar & Alistarh 2023): OBS pruning that updates the kept weights to
     compensate what it removes, minimising the output error ||(W - W_hat) X^T|| column by
     column (obs_prune). A stack of layers: each member pruned under its own X^T X, the
-    kept weights shared equally. Stores values + positions (module docstring)."""
+    kept weights shared equally. Stores values + positions (module docstring); with a
+    gptq quantization stage, the kept weights are quantized in the same sweep."""
 
     name = "sparsegpt"
     Options = SparseGPTOptions
@@ -399,9 +460,13 @@ class SparseGPT(CalibratedSparseMethod):
 
     def select(
         self, matrices: Sequence[torch.Tensor], kept: int, context: FitContext
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [
-            obs_prune(
+    ) -> list[Kept]:
+        chosen = []
+        for index, (weight, count) in enumerate(
+            zip(matrices, split_evenly(kept, len(matrices)), strict=True)
+        ):
+            grid = joint_grid(weight, context.spec)
+            mask, values = obs_prune(
                 weight,
                 context.statistic(index, "xtx"),
                 count,
@@ -409,8 +474,17 @@ class SparseGPT(CalibratedSparseMethod):
                 block_size=self.options.block_size,
                 n_m=self.options.n_m,
                 overwrite=context.owns_statistics,
+                grid=grid,
             )
-            for index, (weight, count) in enumerate(
-                zip(matrices, split_evenly(kept, len(matrices)), strict=True)
-            )
-        ]
+            chosen.append(Kept(mask, values, grid))
+        return chosen
+
+
+def joint_grid(weight: torch.Tensor, spec: GroupSpec) -> Grid | None:
+    """The grid of a joint OBS sweep (obs_prune) under the group's stage: RTN's on the
+    dense weight for a gptq stage; None without a stage or for an rtn one (the kept
+    values are then rounded after pruning)."""
+    stage = spec.quantize
+    if stage is None or stage.method != "gptq":
+        return None
+    return Grid.of(weight, stage.scheme, STORAGE_DTYPES[spec.storage_dtype])

@@ -2,10 +2,12 @@
 compressed-tensors' `pack-quantized` format stores a `group` (or `channel`) strategy.
 
 A weight [out, in] is cut into groups of `group` consecutive columns of a row (the whole row
-when `group` is None). A group stores a scale and a zero point; each weight a code in
-0..2^bits-1, read back as (code - zero) * scale. The conventions are those of
-compressed-tensors 0.20.1 (`calculate_qparams`, `quantize`), written unsigned: a signed code
-c in [-2^(b-1), 2^(b-1) - 1] is stored as c + 2^(b-1), as its `pack_to_int32` does.
+when `group` is None; a shorter last group when `group` does not divide the columns, which
+compressed-tensors' form refuses: `QuantScheme.check_divides`). A group stores a scale and
+a zero point; each weight a code in 0..2^bits-1, read back as (code - zero) * scale. The
+conventions are those of compressed-tensors 0.20.1 (`calculate_qparams`, `quantize`),
+written unsigned: a signed code c in [-2^(b-1), 2^(b-1) - 1] is stored as c + 2^(b-1), as
+its `pack_to_int32` does.
 - The range of a group always holds 0: lo = min(min w, 0), hi = max(max w, 0).
 - symmetric: scale = max(-lo, hi) / ((2^b - 1) / 2), zero = 2^(b-1) (signed 0; the largest
   positive weight is clamped to code 2^b - 1, half a step below it).
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from aecompress.errors import AecompressError
 from aecompress.methods.linalg import inverse_cholesky
@@ -50,15 +53,22 @@ class QuantScheme:
             )
 
     def groups(self, cols: int) -> int:
-        """Groups per row of a matrix with `cols` columns."""
-        if self.group is None:
-            return 1
-        if cols % self.group:
+        """Groups per row of a matrix with `cols` columns (the last one shorter when the
+        group does not divide them)."""
+        return 1 if self.group is None else -(-cols // self.group)
+
+    def group_size(self, cols: int) -> int:
+        """Columns per group (all of them for one group per row)."""
+        return cols if self.group is None else self.group
+
+    def check_divides(self, cols: int) -> None:
+        """Refuse a group that does not divide `cols` (compressed-tensors' `group` strategy
+        needs equal groups; a method that stores its own form may have a shorter last one)."""
+        if self.group is not None and cols % self.group:
             raise AecompressError(
                 f"quantization group {self.group} does not divide the {cols} columns: "
                 f"{_nearest_divisors(cols, self.group)} would (or no group: one per row)"
             )
-        return cols // self.group
 
 
 def _nearest_divisors(cols: int, group: int) -> str:
@@ -87,10 +97,44 @@ class Quantized:
 
 def dequantize(quantized: Quantized) -> torch.Tensor:
     """The float32 weight [out, in]: (code - zero) * scale of each weight's group."""
-    rows, cols = quantized.codes.shape
-    groups = quantized.scales.shape[1]
-    shifted = quantized.codes.float().view(rows, groups, -1) - quantized.zeros.float()[..., None]
-    return (shifted * quantized.scales[..., None]).view(rows, cols)
+    cols, scheme = quantized.codes.shape[1], quantized.scheme
+    zeros = per_column(quantized.zeros.float(), scheme, cols)
+    return (quantized.codes.float() - zeros) * per_column(quantized.scales, scheme, cols)
+
+
+def per_column(params: torch.Tensor, scheme: QuantScheme, cols: int) -> torch.Tensor:
+    """Group parameters [rows, groups] repeated over each group's columns: [rows, cols]."""
+    return params.repeat_interleave(scheme.group_size(cols), dim=1)[:, :cols]
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The values a weight may take: each group's scale and signed zero point [out, groups]
+    (float32) under `scheme`, fixed before any code is chosen (static groups)."""
+
+    scheme: QuantScheme
+    scales: torch.Tensor
+    zeros: torch.Tensor
+
+    @classmethod
+    def of(
+        cls, weight: torch.Tensor, scheme: QuantScheme, scale_dtype: torch.dtype = torch.float32
+    ) -> Grid:
+        """The grid RTN puts on `weight` (module docstring)."""
+        return cls(scheme, *_qparams(weight.detach().float(), scheme, scale_dtype))
+
+    def snap(self, values: torch.Tensor, column: int) -> torch.Tensor:
+        """Column `column`'s `values` [out] rounded to their groups' nearest grid value."""
+        group = 0 if self.scheme.group is None else column // self.scheme.group
+        scale, zero = self.scales[:, group], self.zeros[:, group]
+        return (_round(values, scale, zero, self.scheme.bits) - zero) * scale
+
+    def quantize(self, weight: torch.Tensor) -> Quantized:
+        """Each weight's nearest code on this grid (exact for a weight on it)."""
+        cols, scheme = weight.shape[1], self.scheme
+        scales, zeros = per_column(self.scales, scheme, cols), per_column(self.zeros, scheme, cols)
+        codes = _round(weight.detach().float(), scales, zeros, scheme.bits)
+        return _package(codes, self.scales, self.zeros, scheme)
 
 
 def rtn(
@@ -99,12 +143,8 @@ def rtn(
     """Round to nearest: each weight's nearest code under its group's min/max (asymmetric)
     or absmax (symmetric) scale (module docstring). `scale_dtype`: the dtype the scales
     are stored in; they are rounded to it before the codes are chosen."""
-    rows, cols = _check(weight)
-    values = weight.detach().float()
-    scales, zeros = _qparams(values, scheme, scale_dtype)
-    grouped = values.view(rows, scales.shape[1], -1)
-    codes = _round(grouped, scales[..., None], zeros[..., None], scheme.bits)
-    return _package(codes.view(rows, cols), scales, zeros, scheme)
+    _check(weight)
+    return Grid.of(weight, scheme, scale_dtype).quantize(weight)
 
 
 def gptq(
@@ -139,7 +179,7 @@ def gptq(
     else:
         order = torch.arange(cols, device=weight.device)
         upper = inverse_cholesky(xtx, damp)
-    group_of = order // (cols // scales.shape[1])
+    group_of = order // scheme.group_size(cols)
     visited = _sweep(work, upper, scales, zeros, group_of, scheme.bits, block)
     codes = torch.empty_like(visited)
     codes[:, order] = visited
@@ -192,7 +232,8 @@ def _qparams(
     from the scales before their rounding to `scale_dtype`, as compressed-tensors),
     [out, groups], of `weight` (float32) under `scheme` (module docstring)."""
     rows, cols = weight.shape
-    grouped = weight.view(rows, scheme.groups(cols), -1)
+    groups, size = scheme.groups(cols), scheme.group_size(cols)
+    grouped = F.pad(weight, (0, groups * size - cols)).view(rows, groups, size)  # 0: neutral
     low, high = grouped.amin(dim=2).clamp_max(0), grouped.amax(dim=2).clamp_min(0)
     steps = 2**scheme.bits - 1
     if scheme.symmetric:
@@ -258,16 +299,24 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def stored_bits(scheme: QuantScheme, rows: int, cols: int, scale_bits: int) -> int:
     """Bits of a [rows, cols] weight in compressed-tensors' `pack-quantized` form:
-    `weight_packed` (the codes, `pack`: rows * ceil(cols * bits / 32) int32 words),
-    `weight_scale` (rows * groups scales of `scale_bits` each) and, asymmetric only,
-    `weight_zero_point` (packed along the rows: ceil(rows * bits / 32) * groups words).
-    The shape compressed-tensors also writes (`weight_shape`, two integers) is not
-    counted."""
+    `weight_packed` (the codes, `pack`: rows * ceil(cols * bits / 32) int32 words) and
+    its grid (`grid_bits`). The shape compressed-tensors also writes (`weight_shape`, two
+    integers) is not counted."""
+    return rows * code_bits(scheme.bits, cols) + grid_bits(scheme, rows, cols, scale_bits)
+
+
+def code_bits(bits: int, count: int) -> int:
+    """Bits of `count` codes packed into one row of int32 words (`pack`)."""
+    return math.ceil(count * bits / WORD) * WORD
+
+
+def grid_bits(scheme: QuantScheme, rows: int, cols: int, scale_bits: int) -> int:
+    """Bits of the grid of a [rows, cols] weight: `weight_scale` (rows * groups scales of
+    `scale_bits` each) and, asymmetric only, `weight_zero_point` (packed along the rows:
+    ceil(rows * bits / 32) * groups words)."""
     groups = scheme.groups(cols)
-    total = rows * math.ceil(cols * scheme.bits / WORD) * WORD + rows * groups * scale_bits
-    if not scheme.symmetric:
-        total += math.ceil(rows * scheme.bits / WORD) * groups * WORD
-    return total
+    zeros = 0 if scheme.symmetric else code_bits(scheme.bits, rows) * groups
+    return rows * groups * scale_bits + zeros
 
 
 def bits_per_weight(scheme: QuantScheme, rows: int, cols: int, scale_bits: int) -> float:

@@ -4,6 +4,9 @@ W ~ S + L: S sparse (kept values + positions, pruned by SparseGPT's OBS updates)
 rank (SVD-LLM's whitened truncation, or the data-aware AE starting from it). The two are
 alternated: L fits W - S, then S fits W - L, each minimising ||(W - S - L) X^T||; the
 low-rank part gets `share` of the budget, the sparse part the rest (positions counted).
+With a quantization stage both parts are stored as codes: the low-rank part as its method
+stores them (svdllm: GPTQ-compensated factors), the sparse part's kept values quantized
+inside its last OBS sweep (as sparsegpt's), on the residual of the quantized low-rank part.
 """
 
 from __future__ import annotations
@@ -30,12 +33,18 @@ from aecompress.methods.base import (
 )
 from aecompress.methods.linalg import Scaling, weighted_svd, whitening
 from aecompress.methods.pruning import (
+    Kept,
     SparseLayout,
     decode_sparse,
     encode_sparse,
+    joint_grid,
     obs_prune,
     position_cost,
+    quantize_kept,
+    value_bits,
 )
+from aecompress.methods.quantize import Grid
+from aecompress.methods.stage import QuantizedLayout
 
 
 class SparseLowRankOptions(MethodOptions):
@@ -73,6 +82,7 @@ class SparseLowRank(Method):
     Options = SparseLowRankOptions
     options: SparseLowRankOptions
     Layout = SparseLowRankLayout
+    quantizable = True
 
     def __init__(self, options: MethodOptions) -> None:
         super().__init__(options)
@@ -87,6 +97,11 @@ class SparseLowRank(Method):
                 f"{spec.name}: sparse-lowrank fits one layer's matrix under its inputs "
                 "(use --group none, and another method for embeddings)"
             )
+        if spec.quantize is not None and not self.lowrank.quantizable:
+            raise AecompressError(
+                f"{spec.name}: sparse-lowrank's low-rank part {self.options.lowrank} cannot "
+                "quantize its stored tensors (use lowrank: svdllm)"
+            )
         self.lowrank.check(spec)
 
     def _scheme(self, kept: int, spec: GroupSpec) -> Literal["bitmap", "int32"]:
@@ -99,7 +114,7 @@ class SparseLowRank(Method):
         assert isinstance(width, tuple)
         rank, kept = width
         positions = position_cost(self._scheme(kept, spec), kept, spec, None)
-        return self.lowrank.cost(rank, spec) + spec.floats(kept) + positions
+        return self.lowrank.cost(rank, spec) + value_bits(kept, spec) + positions
 
     def max_width(self, spec: GroupSpec) -> int:
         return spec.numel
@@ -130,18 +145,25 @@ class SparseLowRank(Method):
             mask, values = self._prune(weight - a @ b, xtx, kept)
             sparse = values * mask
         lowrank = self.lowrank.fit([weight - sparse], rank, replace(context, owns_statistics=False))
-        mask, values = self._prune(
-            weight - self.lowrank.reconstruct(lowrank, 0).detach(), xtx, kept
-        )
         spec = context.spec
+        residual = weight - self.lowrank.reconstruct(lowrank, 0).detach()
+        grid = joint_grid(residual, spec)
+        mask, values = self._prune(residual, xtx, kept, grid)
         scheme = self._scheme(kept, spec)
+        quantized = None
+        if spec.quantize is not None:
+            quantized = QuantizedLayout(stage=spec.quantize, cols={"values": spec.cols})
         layout = SparseLowRankLayout(
-            sparse=SparseLayout(shape=(spec.rows, spec.cols), index=scheme),
+            sparse=SparseLayout(shape=(spec.rows, spec.cols), index=scheme, quantize=quantized),
             lowrank_width=rank,
             lowrank_layout=lowrank.layout.model_dump(mode="json"),
+            quantize=quantized,
         )
         member = {f"lowrank.{k}": t for k, t in lowrank.members[0].items()}
         member |= encode_sparse(mask, values, scheme, None)
+        if spec.quantize is not None:
+            del member["values"]
+            member |= quantize_kept(Kept(mask, values, grid), spec)
         shared = {f"lowrank.{k}": t for k, t in lowrank.shared.items()}
         info = {
             "lowrank": self.options.lowrank,
@@ -151,10 +173,15 @@ class SparseLowRank(Method):
         return Stored(shared, [member], (rank, kept), layout, info)
 
     def _prune(
-        self, residual: torch.Tensor, xtx: torch.Tensor, kept: int
+        self, residual: torch.Tensor, xtx: torch.Tensor, kept: int, grid: Grid | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         mask, values = obs_prune(
-            residual, xtx, kept, damp=self.options.damp, block_size=self.options.block_size
+            residual,
+            xtx,
+            kept,
+            damp=self.options.damp,
+            block_size=self.options.block_size,
+            grid=grid,
         )
         return mask, values
 

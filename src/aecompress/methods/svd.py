@@ -15,33 +15,49 @@ minimise, i.e. in the scaling chosen before the SVD (see linalg.weighted_bases):
 Embeddings ([vocab, hidden], one row per token): the input of a lookup is one-hot, so its
 X^T X is diag(token counts) and an activation-aware scaling weights ROWS: svdllm by
 sqrt(counts + ridge), asvd by (counts + ridge)^alpha (the same for alpha 0.5).
+
+With a quantization stage (stage.py) both factors are stored as codes (`b.*` shared,
+`a.*` per member). With a gptq stage and the layer's inputs (svdllm, shared-basis), B is
+quantized by GPTQ under X^T X, each A_i refitted to its layer's output error given the
+quantized B, then quantized by GPTQ under the Gram of its own inputs B_q X (B_q X^T X B_q^T);
+otherwise (no input statistics, embeddings, or an rtn stage) both are rounded to nearest.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 from pydantic import Field
 from torch import nn
 
+from aecompress.budget import STORAGE_DTYPES
 from aecompress.errors import AecompressError
 from aecompress.methods.base import (
     FitContext,
     GroupSpec,
     Method,
+    MethodLayout,
     MethodOptions,
     Stored,
     Width,
     register,
+    row_weights,
 )
 from aecompress.methods.linalg import (
     Scaling,
     refit_coefficients,
-    row_weights,
     summed,
     weighted_svd,
     whitening,
+)
+from aecompress.methods.quantize import dequantize
+from aecompress.methods.stage import (
+    QuantizedLayout,
+    quantize_matrix,
+    store_quantized,
+    stored_matrix,
 )
 from aecompress.modules import LowRankEmbedding, LowRankLinear
 
@@ -62,10 +78,11 @@ class SVD(Method):
     """
 
     name = "svd"
+    quantizable = True
 
     def cost(self, width: Width, spec: GroupSpec) -> int:
         assert isinstance(width, int)
-        return spec.floats(spec.count * spec.rows * width + width * spec.cols)
+        return spec.count * spec.matrix_bits(spec.rows, width) + spec.matrix_bits(width, spec.cols)
 
     def max_width(self, spec: GroupSpec) -> int:
         return min(spec.count * spec.rows, spec.cols)
@@ -78,20 +95,89 @@ class SVD(Method):
 
     def fit(self, matrices: Sequence[torch.Tensor], width: Width, context: FitContext) -> Stored:
         assert isinstance(width, int)
+        if context.spec.quantize is not None:  # X^T X is read again after the scaling
+            context = replace(context, owns_statistics=False)
         row_scale, col_scaling = self.scaling(matrices, context)
         a, b = weighted_svd(torch.cat(list(matrices)), width, row_scale, col_scaling)
-        return Stored({"b": b}, [{"a": part} for part in a.split(context.spec.rows)], width)
+        parts = list(a.split(context.spec.rows))
+        if context.spec.quantize is not None:
+            return self.quantized(matrices, parts, b, context)
+        return Stored({"b": b}, [{"a": part} for part in parts], width)
+
+    def input_grams(
+        self, matrices: Sequence[torch.Tensor], context: FitContext
+    ) -> list[torch.Tensor] | None:
+        """Each member's X^T X when the stage compensates with GPTQ and the method read
+        them (module docstring), else None."""
+        stage = context.spec.quantize
+        if stage is None or stage.method != "gptq" or context.spec.kind == "embedding":
+            return None
+        if "xtx" not in self.statistics_needed():
+            return None
+        return [context.statistic(i, "xtx") for i in range(len(matrices))]
+
+    def quantized(
+        self,
+        matrices: Sequence[torch.Tensor],
+        parts: list[torch.Tensor],
+        basis: torch.Tensor,
+        context: FitContext,
+    ) -> Stored:
+        """The factors stored quantized: B, then each A_i on B_q's outputs (module docstring)."""
+        spec = context.spec
+        assert spec.quantize is not None
+        stage, scale_dtype = spec.quantize, STORAGE_DTYPES[spec.storage_dtype]
+        grams = self.input_grams(matrices, context)
+        pooled = summed(grams) if grams else None
+        basis_q = quantize_matrix(basis, stage, pooled, scale_dtype)
+        rebuilt = dequantize(basis_q).double()
+        members = []
+        for index, part in enumerate(parts):
+            gram = None
+            if grams is not None:
+                ridged = with_ridge(grams[index])
+                part = refit_coefficients(matrices[index].float(), rebuilt, ridged)
+                gram = rebuilt @ ridged @ rebuilt.T
+            members.append(store_quantized("a", quantize_matrix(part, stage, gram, scale_dtype)))
+        width = basis.shape[0]
+        layout = MethodLayout(
+            quantize=QuantizedLayout(stage=stage, cols={"a": width, "b": spec.cols})
+        )
+        return Stored(store_quantized("b", basis_q), members, width, layout)
+
+    def factors(self, stored: Stored, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A_index and B, the stored tensors or rebuilt from their codes."""
+        quantized = stored.layout.quantize
+        a = stored_matrix(stored.members[index], "a", quantized)
+        return a, stored_matrix(stored.shared, "b", quantized)
 
     def reconstruct(self, stored: Stored, index: int) -> torch.Tensor:
-        return stored.members[index]["a"] @ stored.shared["b"]
+        a, b = self.factors(stored, index)
+        return a @ b
 
     def linear(
         self, stored: Stored, index: int, bias: torch.Tensor | None, *, prefill: bool = False
     ) -> nn.Module:
-        return LowRankLinear(stored.members[index]["a"], stored.shared["b"], bias)
+        return LowRankLinear(*self.served_factors(stored, index), bias)
 
     def embedding(self, stored: Stored, index: int, padding_idx: int | None) -> nn.Module:
-        return LowRankEmbedding(stored.members[index]["a"], stored.shared["b"], padding_idx)
+        return LowRankEmbedding(*self.served_factors(stored, index), padding_idx)
+
+    def served_factors(self, stored: Stored, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The factors a runtime module holds: the stored ones, or decoded once from their
+        codes (frozen: training goes through `reconstruct`)."""
+        if stored.layout.quantize is None:
+            return self.factors(stored, index)
+        with torch.no_grad():
+            a, b = self.factors(stored, index)
+        return nn.Parameter(a, requires_grad=False), nn.Parameter(b, requires_grad=False)
+
+
+def with_ridge(xtx: torch.Tensor, ridge: float = 1e-4) -> torch.Tensor:
+    """X^T X + ridge * mean diagonal * I (a new float64 matrix), invertible for refits."""
+    return xtx.double() + ridge * xtx.diagonal().mean() * torch.eye(
+        xtx.shape[0], dtype=torch.float64, device=xtx.device
+    )
 
 
 @register
@@ -220,8 +306,14 @@ class SharedBasis(SVDLLM):
         """Any stack is fine."""
 
     def fit(self, matrices: Sequence[torch.Tensor], width: Width, context: FitContext) -> Stored:
-        stored = super().fit(matrices, width, context)
-        if self.options.refit and len(matrices) > 1 and context.spec.kind != "embedding":
+        stored = super().fit(matrices, width, context)  # quantized: refitted there
+        quantized = context.spec.quantize is not None
+        if (
+            self.options.refit
+            and len(matrices) > 1
+            and context.spec.kind != "embedding"
+            and not quantized
+        ):
             for index, matrix in enumerate(matrices):
                 factor = whitening(context.statistic(index, "xtx"), self.options.ridge)
                 gram = factor @ factor.T  # X_i^T X_i + ridge

@@ -15,7 +15,8 @@ from transformers import PreTrainedModel
 from aecompress.calibration import TargetStatistics
 from aecompress.compressed import CompressedGroup
 from aecompress.errors import AecompressError
-from aecompress.methods import FitContext, GroupSpec, Method, make_method
+from aecompress.methods import FitContext, GroupSpec, Method, check_stage, make_method
+from aecompress.methods.stage import QuantStage
 from aecompress.models import is_causal_lm
 from aecompress.numerics import all_finite
 from aecompress.recipe import Recipe
@@ -46,7 +47,13 @@ class PlannedGroup:
         return replace(self, budget=budget)
 
 
-def group_spec(model: nn.Module, group: Group, head: int | None, dtype: str) -> GroupSpec:
+def group_spec(
+    model: nn.Module,
+    group: Group,
+    head: int | None,
+    dtype: str,
+    quantize: QuantStage | None = None,
+) -> GroupSpec:
     rows, cols = weight_matrix(model, group.members[0]).shape
     embedding = group.members[0].kind == "embedding"
     return GroupSpec(
@@ -58,12 +65,14 @@ def group_spec(model: nn.Module, group: Group, head: int | None, dtype: str) -> 
         cols,
         head,
         dtype,
+        quantize,
     )
 
 
 def storage_dtype(recipe: Recipe, model: PreTrainedModel) -> str:
     """The recipe's storage dtype; `auto` is bfloat16 for causal LMs (measured to move
-    WikiText-2 validation perplexity by less than 0.5%), float32 otherwise."""
+    WikiText-2 validation perplexity very little against float32 on SmolLM2's MLPs,
+    benchmarks/results/compensation/report.md), float32 otherwise."""
     if recipe.storage_dtype != "auto":
         return recipe.storage_dtype
     return "bfloat16" if is_causal_lm(model) else "float32"
@@ -87,7 +96,8 @@ def plan_groups(model: PreTrainedModel, recipe: Recipe) -> list[PlannedGroup]:
                 )
             claimed[target.name] = rule.method
         for group in group_targets(model, targets, recipe.group):
-            spec = group_spec(model, group, head, dtype)
+            spec = group_spec(model, group, head, dtype, rule.quantize)
+            check_stage(method, spec)
             method.check(spec)
             planned.append(PlannedGroup(group, method, spec, spec.dense_bits / recipe.ratio))
     return planned

@@ -26,8 +26,8 @@ under X^T X = H: minimising its ||(W' - W_hat) L||, L L^T = H, is minimising
 the inputs never take), i.e. the error against the dense layer's output on the dense
 stream, including what the blocks before lost (lambda = `damp` times the mean diagonal of
 H). On SmolLM2's MLPs the dense target measured worse on WikiText-2 validation than the
-local one (sparsegpt at ratio 1.25: 24.31 against 23.82; svdllm with the dense target: 189,
-independent 68.6):
+local one, for svdllm even worse than the independent pipeline
+(benchmarks/results/compensation/report.md):
 regressing on the upstream error with 16k calibration tokens overfits them. Other methods
 fit the weights as they are; every method gets H itself as X^T X (the
 methods add their own ridge: a large one would flatten the metric of heavy-tailed

@@ -17,7 +17,8 @@ from aecompress.methods.autoencoder import (
     stored_cost,
 )
 from aecompress.methods.autoencoder.trainer import OutputMetric, starting_bases
-from aecompress.methods.linalg import row_weights, top_right_singular_vectors, whitening
+from aecompress.methods.base import row_weights
+from aecompress.methods.linalg import top_right_singular_vectors, whitening
 from aecompress.modules import DecodedEmbedding, DecodedLinear, DecoderSpec, decode_rows
 from tests.methods.helpers import fit as fit_method
 from tests.methods.helpers import spec_of

@@ -42,8 +42,9 @@ from aecompress.methods.base import (
     Width,
     make_method,
     register,
+    row_weights,
 )
-from aecompress.methods.linalg import row_weights, summed, whitening
+from aecompress.methods.linalg import summed, whitening
 from aecompress.modules import DecodedEmbedding, DecodedLinear, DecoderSpec, decode_rows
 
 

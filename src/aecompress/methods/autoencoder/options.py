@@ -43,17 +43,16 @@ PRESETS: dict[str, dict[str, Any]] = {"fast": {}, "paper": PAPER_PRESET}
 # The decoder of each kind of matrix when none is given, as (hidden sizes, sizes). Rows of a
 # tall embedding share the decoder, whose cost is nothing next to their codes; a layer's
 # matrix has few rows, so a wide decoder would eat its budget (WikiText-2 validation on
-# SmolLM2, benchmarks/results/compensation.md).
+# SmolLM2, benchmarks/results/compensation/report.md).
 Decoders = dict[str, tuple[list[float], Literal["relative", "absolute"]]]
 DEFAULT_DECODERS: Decoders = {
     "embedding": ([2.0, 4.0], "relative"),
     "linear": ([16.0], "absolute"),
 }
 # ae-data on a layer's matrix: a linear decoder, i.e. SVD-LLM's solution (the exact optimum
-# of the whitened loss at its width; training keeps it). SmolLM2's MLPs, WikiText-2
-# validation, sequential `block`: 16 hidden units 69.06 / 155.6 at ratio 1.25 / 1.67,
-# linear 62.87 / 143.9 (= svdllm): the hidden layer's numbers cost more rank than its
-# non-linearity gives back.
+# of the whitened loss at its width; training keeps it). On SmolLM2's MLPs (WikiText-2
+# validation, benchmarks/results/compensation/report.md) it beat 16 hidden units: the
+# hidden layer's numbers cost more rank than its non-linearity gives back.
 DATA_AWARE_DECODERS: Decoders = {**DEFAULT_DECODERS, "linear": ([], "absolute")}
 
 
