@@ -187,8 +187,9 @@ def compress(
     compressed.save_pretrained(str(output))
     totals = compressed.totals()
     typer.echo(
-        f"{len(compressed.groups)} groups, {totals['target_params']:,} -> "
-        f"{totals['stored_bits']:,} bits (ratio {totals['ratio']:.3f}; number ratio "
+        f"{len(compressed.groups)} groups of {totals['target_params']:,} weights: "
+        f"{totals['target_bits']:,} -> {totals['stored_bits']:,} bits (ratio "
+        f"{totals['ratio']:.3f}; number ratio "
         f"{totals['number_ratio']:.3f}) in {seconds:.1f} s"
     )
     if compressed.tied_output:
