@@ -85,6 +85,37 @@ def test_glue_is_seeded(tokenizer, tiny_bert) -> None:
     assert run() == run()
 
 
+def test_the_heldout_split_is_carved_from_train_and_never_reads_dev(
+    monkeypatch, tokenizer, tiny_bert
+) -> None:
+    read, scored = [], []
+    reader, scorer = glue_module.read_examples, glue_module._score
+    monkeypatch.setattr(
+        glue_module,
+        "read_examples",
+        lambda spec, path, *a: read.append(path) or reader(spec, path, *a),
+    )
+    monkeypatch.setattr(
+        glue_module, "_score", lambda spec, p, dev: scored.append(dev) or scorer(spec, p, dev)
+    )
+    options = {"epochs": 1, "batch_size": 8, "train_fraction": 0.05, "progress": False}
+    result = glue("rte", tiny_bert, tokenizer, split="heldout", heldout=0.02, **options)
+    assert_glue_metrics("rte", result)
+    assert read == [GLUE_TASKS["rte"].files[0]]
+    assert len(scored[0].labels) == round(0.02 * COUNTS["rte"][0])
+
+
+def test_held_out_is_a_seeded_partition() -> None:
+    from aecompress.evaluation.glue import Examples, held_out
+
+    examples = Examples([{"input_ids": [i]} for i in range(50)], np.arange(50))
+    rest, share = held_out(examples, 0.1, seed=3)
+    assert len(share.labels) == 5 and len(rest.labels) == 45
+    assert sorted([*rest.labels, *share.labels]) == list(range(50))
+    assert list(held_out(examples, 0.1, seed=3)[1].labels) == list(share.labels)
+    assert list(held_out(examples, 0.1, seed=4)[1].labels) != list(share.labels)
+
+
 class LowRankLinear(nn.Module):
     """A stand-in for a compressed module injected in place of an nn.Linear."""
 

@@ -201,6 +201,16 @@ def _subset(examples: Examples, size: int) -> Examples:
     return _take(examples, torch.randperm(len(examples.labels))[:size])
 
 
+def held_out(examples: Examples, share: float, seed: int) -> tuple[Examples, Examples]:
+    """The examples split in two by a seeded permutation: the rest, and a `share` of them
+    (at least one example in each part)."""
+    if not 0 < share < 1 or len(examples.labels) < 2:
+        raise AecompressError(f"cannot hold out a share {share} of {len(examples.labels)} examples")
+    order = torch.randperm(len(examples.labels), generator=torch.Generator().manual_seed(seed))
+    count = min(max(1, round(share * len(order))), len(order) - 1)
+    return _take(examples, order[count:]), _take(examples, order[:count])
+
+
 def _checked_spec(name: str, task: str, model: PreTrainedModel, max_length: int) -> GlueTask:
     """The spec of GLUE `task`, once `model` is known to run task `name` at max_length."""
     require("encoder", model, name)
@@ -240,14 +250,25 @@ def glue(
     train_fraction: float = 1.0,
     seed: int = 0,
     pooling: str = "auto",
+    split: str = "dev",
+    heldout: float = 0.1,
+    heldout_seed: int = 0,
     progress: bool = True,
 ) -> dict[str, float]:
     """Fine-tune a copy of the model on the train split (or a seeded random
-    `train_fraction` of it) and report the dev metrics."""
+    `train_fraction` of it) and report the dev metrics; with split "heldout", train on the
+    train split less a seeded `heldout` share of it and report that share's metrics."""
     if not 0 < train_fraction <= 1:
         raise AecompressError("train_fraction must be in (0, 1]")
     spec = _checked_spec(f"glue-{task}", task, model, max_length)
-    train, dev = _read_splits(spec, tokenizer, max_length)
+    if split not in ("dev", "heldout"):
+        raise AecompressError(f"glue-{task} has no split '{split}': dev, heldout")
+    train_path, dev_path = spec.files
+    train = read_examples(spec, train_path, tokenizer, max_length)
+    if split == "heldout":  # the dev file is not read
+        train, dev = held_out(train, heldout, heldout_seed)
+    else:
+        dev = read_examples(spec, dev_path, tokenizer, max_length)
     pad_id = pad_token_id(tokenizer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -9,11 +9,12 @@ from aecompress.evaluation.tasks.glue import probe_tasks
 def test_every_glue_task_has_a_probe_with_its_metrics_and_files() -> None:
     for name in GLUE_TASKS:
         tuned, probed = TASKS[f"glue-{name}"], TASKS[f"glue-{name}-probe"]
-        assert (probed.metrics, probed.files, probed.needs) == (
+        assert (probed.metrics, probed.files["dev"], probed.needs) == (
             tuned.metrics,
-            tuned.files,
+            tuned.files["dev"],
             tuned.needs,
         )
+        assert tuned.files["heldout"] == tuned.files["dev"][:1]  # train only
         assert {"max_train", "l2", "folds", "pooling", "pairs"} <= set(probed.defaults())
         assert "epochs" not in probed.defaults()
 
@@ -42,3 +43,10 @@ def test_a_probe_is_recorded_as_a_probe(tiny_bert, tokenizer) -> None:
     assert result.task == "glue-rte-probe" and result.split == "dev"
     assert result.settings["max_train"] == 20 and result.settings["pooling"] == "mean"
     assert set(result.data_sha256) == {"glue/RTE/train.tsv", "glue/RTE/dev.tsv"}
+
+
+def test_a_heldout_run_records_its_split_and_reads_only_train(tiny_bert, tokenizer) -> None:
+    options = {"epochs": 1, "batch_size": 8, "train_fraction": 0.02, "progress": False}
+    result = run_task("glue-rte", tiny_bert, tokenizer, split="heldout", heldout=0.02, **options)
+    assert result.split == "heldout" and result.settings["heldout_seed"] == 0
+    assert set(result.data_sha256) == {"glue/RTE/train.tsv"}

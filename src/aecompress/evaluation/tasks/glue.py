@@ -1,5 +1,6 @@
 """glue-NAME (fine-tuning) and glue-NAME-probe (a frozen-feature probe) for encoders, on the
-GLUE tasks of evaluation/glue.py: train split to fit, dev split reported."""
+GLUE tasks of evaluation/glue.py: train split to fit, dev split reported; fine-tuning also
+scores a held-out share of train (split `heldout`), on which settings are chosen."""
 
 from __future__ import annotations
 
@@ -16,6 +17,11 @@ if TYPE_CHECKING:
 
 
 class FinetuneOptions(TaskOptions):
+    # dev: train on the train split, score dev (reported); heldout: train on train less a
+    # seeded `heldout` share of it, score that share (for choosing settings; dev unseen)
+    split: Literal["dev", "heldout"] = "dev"
+    heldout: Real = Field(default=0.1, gt=0, lt=1)
+    heldout_seed: Seed = 0
     epochs: Count = 3
     lr: Real = Field(default=2e-5, gt=0)
     batch_size: Count = 32
@@ -42,9 +48,9 @@ class Finetune(Task):
         reference: PreTrainedModel | None,
         progress: bool,
     ) -> dict[str, float]:
-        name = self.name.removeprefix("glue-")
         from aecompress.evaluation import glue
 
+        name = self.name.removeprefix("glue-")
         return glue.glue(name, model, tokenizer, progress=progress, **settings)
 
 
@@ -100,6 +106,8 @@ def probe_tasks(names: list[str]) -> list[str]:
 
 
 for _name, _spec in GLUE_TASKS.items():
-    register(Finetune(f"glue-{_name}", _spec.metrics, {"dev": _spec.files}))
+    register(
+        Finetune(f"glue-{_name}", _spec.metrics, {"dev": _spec.files, "heldout": _spec.files[:1]})
+    )
 for _name, _spec in GLUE_TASKS.items():
     register(Probe(f"glue-{_name}-probe", _spec.metrics, {"dev": _spec.files}))
