@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import aecompress
+from aecompress.compressed import CompressedModel
 from tests.conftest import tiny_model
 
 IDS = [[5, 17, 42, 7, 99, 3]]
@@ -27,6 +28,13 @@ with torch.no_grad():
 """
 
 
+def compressed_tiny(tokenizer, arch: str = "bert", **recipe) -> CompressedModel:
+    """A tiny model of `arch` compressed with its tokenizer, by default svd on k at
+    ratio 2 (`recipe` replaces any of these or adds fields)."""
+    chosen = {"method": "svd", "ratio": 2, "targets": ["k"], **recipe}
+    return aecompress.compress(tiny_model(arch), tokenizer=tokenizer, progress=False, **chosen)
+
+
 def plain_logits(folder: Path, auto_class: str, dtype: str = "float32") -> torch.Tensor:
     """The flat logits of IDS through the exported model in `folder`, computed by plain
     transformers in a subprocess that cannot import aecompress."""
@@ -37,14 +45,7 @@ def plain_logits(folder: Path, auto_class: str, dtype: str = "float32") -> torch
 
 @pytest.fixture
 def artifact(tokenizer, tmp_path):
-    cm = aecompress.compress(
-        tiny_model("bert"),
-        method="svd",
-        ratio=2,
-        targets=["k"],
-        progress=False,
-        tokenizer=tokenizer,
-    )
+    cm = compressed_tiny(tokenizer)
     cm.save_pretrained(str(tmp_path / "art"))
     return tmp_path / "art"
 

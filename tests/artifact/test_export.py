@@ -9,21 +9,14 @@ import transformers
 import aecompress
 from aecompress.artifact import MANIFEST, read_manifest
 from aecompress.errors import AecompressError
-from tests.artifact.conftest import IDS, plain_logits
-from tests.conftest import FAMILIES, tiny_model
+from tests.artifact.conftest import IDS, compressed_tiny, plain_logits
+from tests.conftest import FAMILIES
 
 
 @pytest.mark.parametrize("arch", ["llama", "bert", "gpt2"])
 def test_export_dense_loads_with_plain_transformers(arch, tokenizer, tmp_path):
     targets = FAMILIES[arch]  # embed included: a tied head must follow the decoded embedding
-    cm = aecompress.compress(
-        tiny_model(arch),
-        method="svd",
-        ratio=2.5,
-        targets=targets,
-        tokenizer=tokenizer,
-        progress=False,
-    )
+    cm = compressed_tiny(tokenizer, arch, ratio=2.5, targets=targets)
     cm.save_pretrained(tmp_path / "art")
     aecompress.export_dense(tmp_path / "art", tmp_path / "plain")
     files = {p.name for p in (tmp_path / "plain").iterdir()}
@@ -46,14 +39,7 @@ def test_export_dense_loads_with_plain_transformers(arch, tokenizer, tmp_path):
 
 
 def test_export_dense_refuses_a_folder_with_content(tokenizer, tmp_path):
-    cm = aecompress.compress(
-        tiny_model("llama"),
-        method="svd",
-        ratio=2,
-        targets=["down"],
-        progress=False,
-        tokenizer=tokenizer,
-    )
+    cm = compressed_tiny(tokenizer, "llama", targets=["down"])
     cm.save_pretrained(tmp_path / "art")
     with pytest.raises(AecompressError, match="exists and is not an empty folder"):
         aecompress.export_dense(tmp_path / "art", tmp_path / "art")

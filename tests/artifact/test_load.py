@@ -8,6 +8,7 @@ import torch
 import aecompress
 from aecompress.artifact import MANIFEST, WEIGHTS
 from aecompress.errors import AecompressError
+from tests.artifact.conftest import compressed_tiny
 from tests.conftest import FAMILIES, tiny_model
 
 
@@ -32,14 +33,7 @@ def test_round_trip_gives_identical_logits(arch, grouping, tokenizer, tmp_path, 
 
 
 def test_truncated_or_foreign_artifacts_fail_clearly(tokenizer, tmp_path):
-    cm = aecompress.compress(
-        tiny_model("bert"),
-        method="svd",
-        ratio=2,
-        targets=["k"],
-        progress=False,
-        tokenizer=tokenizer,
-    )
+    cm = compressed_tiny(tokenizer)
     cm.save_pretrained(str(tmp_path / "art"))
     weights = tmp_path / "art" / WEIGHTS
     weights.write_bytes(weights.read_bytes()[:-100])
@@ -54,14 +48,7 @@ def test_truncated_or_foreign_artifacts_fail_clearly(tokenizer, tmp_path):
 
 
 def test_tie_weights_leaves_a_head_served_from_the_embeddings_factors(tokenizer, tmp_path):
-    cm = aecompress.compress(
-        tiny_model("llama"),
-        method="svd",
-        ratio=2,
-        targets=["embed"],
-        progress=False,
-        tokenizer=tokenizer,
-    )
+    cm = compressed_tiny(tokenizer, "llama", targets=["embed"])
     cm.save_pretrained(tmp_path / "art")
     model = aecompress.load(tmp_path / "art")
     ids = torch.tensor([[5, 17, 42]])

@@ -9,18 +9,11 @@ from safetensors import safe_open
 import aecompress
 from aecompress.artifact import MANIFEST, WEIGHTS, read_manifest
 from aecompress.errors import AecompressError
-from tests.conftest import tiny_model
+from tests.artifact.conftest import compressed_tiny
 
 
 def test_manifest_ratios_match_the_stored_tensors(tokenizer, tmp_path):
-    cm = aecompress.compress(
-        tiny_model("llama"),
-        method="svd",
-        ratio=2,
-        targets=["embed", "down"],
-        progress=False,
-        tokenizer=tokenizer,
-    )
+    cm = compressed_tiny(tokenizer, "llama", targets=["embed", "down"])
     cm.save_pretrained(str(tmp_path / "art"))
     manifest = read_manifest(tmp_path / "art")
     with safe_open(str(tmp_path / "art" / WEIGHTS), framework="pt") as handle:
@@ -111,15 +104,7 @@ def test_a_manifest_that_is_a_list_or_missing_weights_is_refused(artifact):
 )
 def test_a_forged_quantization_stage_is_one_clear_error(tmp_path, tokenizer, change, message):
     """The stage recorded in a group's layout sets what its integer tensors must store."""
-    cm = aecompress.compress(
-        tiny_model("llama"),
-        method="svd",
-        ratio=2,
-        targets=["down"],
-        quantize="int4:g16",
-        tokenizer=tokenizer,
-        progress=False,
-    )
+    cm = compressed_tiny(tokenizer, "llama", targets=["down"], quantize="int4:g16")
     cm.save_pretrained(str(tmp_path / "art"))
     edit_manifest(tmp_path / "art", lambda m: change(m["groups"][0]["layout"]["quantize"]))
     with pytest.raises(AecompressError, match=message):

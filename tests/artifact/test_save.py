@@ -6,18 +6,12 @@ import torch
 import aecompress
 from aecompress.artifact import read_manifest
 from aecompress.errors import AecompressError
+from tests.artifact.conftest import compressed_tiny
 from tests.conftest import tiny_model
 
 
 def test_writes_are_atomic_and_never_clobber_foreign_folders(tokenizer, tmp_path, monkeypatch):
-    cm = aecompress.compress(
-        tiny_model("bert"),
-        method="svd",
-        ratio=2,
-        targets=["k"],
-        progress=False,
-        tokenizer=tokenizer,
-    )
+    cm = compressed_tiny(tokenizer)
     (tmp_path / "keep").mkdir()
     (tmp_path / "keep" / "notes.txt").write_text("mine")
     with pytest.raises(AecompressError, match="not an aecompress artifact"):
@@ -34,14 +28,7 @@ def test_writes_are_atomic_and_never_clobber_foreign_folders(tokenizer, tmp_path
 
 def test_overwriting_an_artifact_replaces_it(tokenizer, tmp_path, input_ids):
     for ratio in (2, 4):
-        cm = aecompress.compress(
-            tiny_model("bert"),
-            method="svd",
-            ratio=ratio,
-            targets=["k"],
-            progress=False,
-            tokenizer=tokenizer,
-        )
+        cm = compressed_tiny(tokenizer, ratio=ratio)
         cm.save_pretrained(str(tmp_path / "art"))
     assert read_manifest(tmp_path / "art")["recipe"]["ratio"] == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
@@ -50,14 +37,7 @@ def test_overwriting_an_artifact_replaces_it(tokenizer, tmp_path, input_ids):
 def test_overwriting_refuses_a_folder_with_foreign_files_and_cleans_leftovers(
     tokenizer, artifact, tmp_path
 ):
-    cm = aecompress.compress(
-        tiny_model("bert"),
-        method="svd",
-        ratio=3,
-        targets=["k"],
-        progress=False,
-        tokenizer=tokenizer,
-    )
+    cm = compressed_tiny(tokenizer, ratio=3)
     (artifact / "notes.txt").write_text("mine")
     with pytest.raises(AecompressError, match=r"notes\.txt"):
         cm.save_pretrained(str(artifact))
