@@ -11,6 +11,8 @@ import pytest
 import torch
 import transformers
 
+import aecompress
+from aecompress.compressed import CompressedModel
 from aecompress.models import LoadedModel, load_model, resolve_embedded
 
 VOCAB = 30522  # the minilm-l6 (BERT uncased) tokenizer serves every tiny model
@@ -157,3 +159,10 @@ def tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
         sep_token="[SEP]",
         mask_token="[MASK]",
     )
+
+
+def compressed_tiny(tokenizer, arch: str = "bert", **recipe) -> CompressedModel:
+    """A tiny model of `arch` compressed with its tokenizer, by default svd on k at
+    ratio 2 (`recipe` replaces any of these or adds fields)."""
+    chosen = {"method": "svd", "ratio": 2, "targets": ["k"], **recipe}
+    return aecompress.compress(tiny_model(arch), tokenizer=tokenizer, progress=False, **chosen)

@@ -13,7 +13,7 @@ import transformers
 
 # imported before any test patches aecompress.models.load_model: the sweep binds its name
 import aecompress.sweep  # noqa: F401
-from tests.conftest import tiny_model
+from tests.conftest import compressed_tiny, tiny_model
 from tests.helpers import invoke, one_error, tree, unprivileged
 
 GRID = (
@@ -403,16 +403,8 @@ def test_tasks_and_evaluate_help_list_every_task(monkeypatch, capsys):
 
 
 def test_export_writes_a_plain_folder_and_checks_it_first(tokenizer, monkeypatch, capsys, tmp_path):
-    import aecompress
 
-    aecompress.compress(
-        tiny_model("llama"),
-        method="svd",
-        ratio=2,
-        targets=["down"],
-        progress=False,
-        tokenizer=tokenizer,
-    ).save_pretrained(tmp_path / "art")
+    compressed_tiny(tokenizer, "llama", targets=["down"]).save_pretrained(tmp_path / "art")
     monkeypatch.chdir(tmp_path)
     code, stdout, _ = invoke("export", "art", "--dense", "plain")
     assert code == 0 and "wrote plain" in stdout and (tmp_path / "plain" / "config.json").is_file()
@@ -426,16 +418,10 @@ def test_export_writes_a_plain_folder_and_checks_it_first(tokenizer, monkeypatch
 def test_export_in_the_compressed_tensors_format_and_one_output_folder(
     monkeypatch, capsys, tmp_path, tokenizer
 ):
-    import aecompress
 
-    aecompress.compress(
-        tiny_model("llama"),
-        method="rtn",
-        ratio=3,
-        targets=["down"],
-        tokenizer=tokenizer,
-        progress=False,
-    ).save_pretrained(tmp_path / "art")
+    compressed_tiny(tokenizer, "llama", method="rtn", ratio=3, targets=["down"]).save_pretrained(
+        tmp_path / "art"
+    )
     monkeypatch.chdir(tmp_path)
     code, stdout, _ = invoke("export", "art", "--format", "compressed-tensors", "ct")
     assert code == 0 and "wrote ct" in stdout

@@ -10,8 +10,7 @@ import pytest
 import torch
 
 import aecompress
-from aecompress.compressed import CompressedModel
-from tests.conftest import tiny_model
+from tests.conftest import compressed_tiny, tiny_model
 
 IDS = [[5, 17, 42, 7, 99, 3]]
 
@@ -26,13 +25,6 @@ model = auto.from_pretrained(sys.argv[1], dtype=getattr(torch, sys.argv[3])).eva
 with torch.no_grad():
     print(model(input_ids=torch.tensor({IDS})).logits.float().flatten().tolist())
 """
-
-
-def compressed_tiny(tokenizer, arch: str = "bert", **recipe) -> CompressedModel:
-    """A tiny model of `arch` compressed with its tokenizer, by default svd on k at
-    ratio 2 (`recipe` replaces any of these or adds fields)."""
-    chosen = {"method": "svd", "ratio": 2, "targets": ["k"], **recipe}
-    return aecompress.compress(tiny_model(arch), tokenizer=tokenizer, progress=False, **chosen)
 
 
 def plain_logits(folder: Path, auto_class: str, dtype: str = "float32") -> torch.Tensor:

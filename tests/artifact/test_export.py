@@ -9,8 +9,8 @@ import transformers
 import aecompress
 from aecompress.artifact import MANIFEST, read_manifest
 from aecompress.errors import AecompressError
-from tests.artifact.conftest import IDS, compressed_tiny, plain_logits
-from tests.conftest import FAMILIES
+from tests.artifact.conftest import IDS, plain_logits
+from tests.conftest import FAMILIES, compressed_tiny
 
 
 @pytest.mark.parametrize("arch", ["llama", "bert", "gpt2"])

@@ -8,8 +8,7 @@ import torch
 import aecompress
 from aecompress.artifact import MANIFEST, WEIGHTS
 from aecompress.errors import AecompressError
-from tests.artifact.conftest import compressed_tiny
-from tests.conftest import FAMILIES, tiny_model
+from tests.conftest import FAMILIES, compressed_tiny, tiny_model
 
 
 @pytest.mark.parametrize("grouping", ["none", "layers"])

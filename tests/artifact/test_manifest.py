@@ -9,7 +9,7 @@ from safetensors import safe_open
 import aecompress
 from aecompress.artifact import MANIFEST, WEIGHTS, read_manifest
 from aecompress.errors import AecompressError
-from tests.artifact.conftest import compressed_tiny
+from tests.conftest import compressed_tiny
 
 
 def test_manifest_ratios_match_the_stored_tensors(tokenizer, tmp_path):

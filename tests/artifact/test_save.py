@@ -6,8 +6,7 @@ import torch
 import aecompress
 from aecompress.artifact import read_manifest
 from aecompress.errors import AecompressError
-from tests.artifact.conftest import compressed_tiny
-from tests.conftest import tiny_model
+from tests.conftest import compressed_tiny, tiny_model
 
 
 def test_writes_are_atomic_and_never_clobber_foreign_folders(tokenizer, tmp_path, monkeypatch):
