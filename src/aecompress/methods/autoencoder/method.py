@@ -10,6 +10,11 @@ fits the budget (hidden sizes relative to x make the decoder's cost quadratic in
 Two trainers: `autoencoder` (the paper: encoder + decoder, codes = encoder output) and
 `autodecoder` (decoder only: the codes are parameters optimised directly, initialised
 from the SVD projection of the rows). Presets: `fast` (default) and `paper`.
+
+With a quantization stage the AE is a learned codec (codec.py): each member's codes are
+stored as integer codes (`codes.*`), the decoder's matrices too by default (`w0.*`,
+`skip.*`; `quantize_decoder: false` keeps them floats), biases and norms as floats, all in
+the same bit budget, so the latent width grows to fill it.
 """
 
 from __future__ import annotations
@@ -17,20 +22,22 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from aecompress.budget import STORAGE_DTYPES
 from aecompress.errors import AecompressError
+from aecompress.methods.autoencoder.codec import Codec
 from aecompress.methods.autoencoder.options import (
     AutoencoderOptions,
     DataAwareOptions,
     decoder_has_biases,
     decoder_widths,
     encoder_widths,
+    group_bits,
     layers_numel,
-    stored_cost,
 )
 from aecompress.methods.autoencoder.trainer import OutputMetric, Trainer, threads
 from aecompress.methods.base import (
@@ -45,7 +52,16 @@ from aecompress.methods.base import (
     row_weights,
 )
 from aecompress.methods.linalg import summed, whitening
+from aecompress.methods.quantize import Quantized, dequantize
+from aecompress.methods.stage import (
+    QuantizedLayout,
+    quantize_matrix,
+    store_quantized,
+    stored_matrix,
+)
 from aecompress.modules import DecodedEmbedding, DecodedLinear, DecoderSpec, decode_rows
+
+Tensors = dict[str, torch.Tensor]
 
 
 class DecoderLayout(MethodLayout):
@@ -66,6 +82,7 @@ class Autoencoder(Method):
     group rebuilding the rows; trained on cosine distance + RMSE of the rows."""
 
     name = "ae"
+    quantizable = True
     Options = AutoencoderOptions
     options: AutoencoderOptions
     Layout = DecoderLayout
@@ -77,16 +94,15 @@ class Autoencoder(Method):
 
     def cost(self, width: Width, spec: GroupSpec) -> int:
         assert isinstance(width, int)
-        return spec.floats(
-            stored_cost(self.options.for_kind(spec.kind), spec.count * spec.rows, spec.cols, width)
-        )
+        return group_bits(self.options.for_kind(spec.kind), spec, width)
 
     def allocation_proxy(self) -> Method:
         """Its starting point, the (row-weighted) SVD: training is too slow to score sizes."""
         return make_method("svd")
 
     def max_width(self, spec: GroupSpec) -> int:
-        return spec.cols
+        """A code no wider than a row or than the rows' count (the rank of the stack)."""
+        return min(spec.count * spec.rows, spec.cols)
 
     def budget_hint(self, spec: GroupSpec) -> str:
         """A non-linear decoder's hidden layers (and skip path) cost a fixed part that a
@@ -128,12 +144,11 @@ class Autoencoder(Method):
             trainer = Trainer(
                 options, stacked, x, weights, context, validate, self.output_metric(context)
             )
-            result = trainer.train()
-        best = result["best"]
+            best = trainer.train()["best"]
+            shared, codes, quantized, codec_info = self._stored_form(trainer, best, context)
         norms = trainer.norms.split(spec.rows) if trainer.norms is not None else None
         members: list[dict[str, torch.Tensor]] = []
-        for index, part in enumerate(best["codes"].split(spec.rows)):
-            member = {"codes": part.clone()}
+        for index, member in enumerate(codes):
             if norms is not None:
                 member["norms"] = norms[index].clone()
             members.append(member)
@@ -142,6 +157,7 @@ class Autoencoder(Method):
             negative_slope=options.negative_slope,
             output=options.output,
             norm=options.norm,
+            quantize=quantized,
         )
         info = {
             "encoder": encoder_widths(options, x, spec.cols),
@@ -151,9 +167,69 @@ class Autoencoder(Method):
             "epoch": best["epoch"],
             "selection": options.selection,
             "selection_value": None if math.isinf(best["score"]) else round(best["score"], 6),
+            **codec_info,
             "fit_seconds": round(time.perf_counter() - start, 2),
         }
-        return Stored(best["decoder"], members, x, layout, info)
+        return Stored(shared, members, x, layout, info)
+
+    def _stored_form(
+        self, trainer: Trainer, best: dict[str, Any], context: FitContext
+    ) -> tuple[Tensors, list[Tensors], QuantizedLayout | None, dict[str, Any]]:
+        """The decoder's tensors, each member's codes, the stage's record and report
+        figures: the float fit's best state, or with a stage the codec's (codec.py)."""
+        spec = context.spec
+        if spec.quantize is None:
+            return (
+                best["decoder"],
+                [{"codes": p.clone()} for p in best["codes"].split(spec.rows)],
+                None,
+                {},
+            )
+        options = self.options.for_kind(spec.kind)
+        codec = Codec(spec.quantize, STORAGE_DTYPES[spec.storage_dtype], options.quantize_decoder)
+        float_loss = trainer.stored_loss(best["codes"], best["decoder"])
+        best = trainer.finetune_quantized(best, codec)
+        shared: dict[str, torch.Tensor] = {}
+        decoder: dict[str, torch.Tensor] = {}  # as stored: its matrices rebuilt
+        cols = {"codes": best["codes"].shape[1]}
+        for name, tensor in best["decoder"].items():
+            if codec.decoder and tensor.dim() == 2:
+                quantized = codec.quantize(tensor)
+                shared |= store_quantized(name, quantized)
+                decoder[name], cols[name] = dequantize(quantized), tensor.shape[1]
+            else:
+                shared[name] = decoder[name] = tensor
+        codes, rounding = self._codes(trainer, best["codes"].split(spec.rows), decoder, codec)
+        info = {"float_loss": round(float_loss, 6), "codes_rounding": rounding}
+        info["quantized_loss"] = round(trainer.stored_loss(_joined(codes), decoder), 6)
+        layout = QuantizedLayout(stage=spec.quantize, cols=cols)
+        return shared, [store_quantized("codes", q) for q in codes], layout, info
+
+    def _codes(
+        self,
+        trainer: Trainer,
+        parts: Sequence[torch.Tensor],
+        decoder: dict[str, torch.Tensor],
+        codec: Codec,
+    ) -> tuple[list[Quantized], str]:
+        """Each member's codes rounded to nearest, or chosen by GPTQ under the Gram of their
+        inputs when that is known and lowers the loss: a linear decoder (rows = codes @
+        w0^T) measured in each member's output metric L_i (Gram w0^T L_i L_i^T w0)."""
+        rounded = [codec.quantize(part) for part in parts]
+        metric = trainer.metric
+        linear = set(decoder) == {"w0"} and trainer.norms is None
+        if codec.stage.method != "gptq" or metric is None or not linear:
+            return rounded, "rtn"
+        weight = decoder["w0"].double()
+        compensated = []
+        for part, factor in zip(parts, metric.factors, strict=True):
+            inputs = weight.T @ factor.double()  # [x, m]: the codes' inputs, whitened
+            gram = inputs @ inputs.T
+            compensated.append(quantize_matrix(part, codec.stage, gram, codec.scale_dtype))
+        gptq_loss = trainer.stored_loss(_joined(compensated), decoder)
+        if gptq_loss < trainer.stored_loss(_joined(rounded), decoder):
+            return compensated, "gptq"
+        return rounded, "rtn"
 
     def _validator(self, context: FitContext) -> Callable[[torch.Tensor], float] | None:
         """Turn the decoded stacked rows into the model's validation metric (if selected)."""
@@ -179,14 +255,22 @@ class Autoencoder(Method):
         assert isinstance(stored.layout, DecoderLayout)
         return stored.layout.spec()
 
+    @staticmethod
+    def _decoder(stored: Stored) -> dict[str, torch.Tensor]:
+        """The decoder's tensors, its matrices rebuilt from their codes when quantized."""
+        quantized = stored.layout.quantize
+        names = {key.partition(".")[0] for key in stored.shared}
+        return {name: stored_matrix(stored.shared, name, quantized) for name in names}
+
     def reconstruct(self, stored: Stored, index: int) -> torch.Tensor:
         member = stored.members[index]
-        return decode_rows(member["codes"], stored.shared, self._spec(stored), member.get("norms"))
+        codes = stored_matrix(member, "codes", stored.layout.quantize)
+        return decode_rows(codes, self._decoder(stored), self._spec(stored), member.get("norms"))
 
     def linear(
         self, stored: Stored, index: int, bias: torch.Tensor | None, *, prefill: bool = False
     ) -> nn.Module:
-        if self.options.runtime == "dense":
+        if self.options.runtime == "dense" or stored.layout.quantize is not None:
             return super().linear(stored, index, bias)
         member = stored.members[index]
         return DecodedLinear(
@@ -194,7 +278,7 @@ class Autoencoder(Method):
         )
 
     def embedding(self, stored: Stored, index: int, padding_idx: int | None) -> nn.Module:
-        if self.options.runtime == "dense":
+        if self.options.runtime == "dense" or stored.layout.quantize is not None:
             return super().embedding(stored, index, padding_idx)
         member = stored.members[index]
         return DecodedEmbedding(
@@ -204,6 +288,11 @@ class Autoencoder(Method):
             member.get("norms"),
             padding_idx,
         )
+
+
+def _joined(codes: Sequence[Quantized]) -> torch.Tensor:
+    """The members' rounded codes, stacked as the trainer's rows are."""
+    return torch.cat([dequantize(q) for q in codes])
 
 
 @register
