@@ -65,7 +65,7 @@ def test_a_stack_is_refused():
     ("lowrank", "factors"),
     [
         ("svdllm", {"0.lowrank.a.codes", "shared.lowrank.b.codes"}),
-        ("ae-data", {"0.lowrank.codes.codes", "shared.lowrank.w0.codes"}),
+        ("ae-data", {"0.lowrank.codes.codes", "shared.lowrank.w0t.codes"}),
     ],
 )
 def test_both_parts_are_quantized_within_the_budget(lowrank: str, factors: set[str]):

@@ -75,28 +75,32 @@ def test_quantization_aware_training_lowers_the_error_of_the_stored_codes():
     assert error(30) < 0.95 * error(0)
 
 
-def test_data_aware_codes_by_gptq_beat_rounding_the_float_fit():
-    """ae-data on a layer (a linear decoder): the decoder rounded, the codes refitted to it
-    in the output metric and chosen by GPTQ under their inputs' Gram: a lower output error
-    than rounding the float fit's codes and decoder to nearest."""
+def test_a_linear_decoder_and_its_codes_rounded_in_turn_beat_svdllm_at_equal_bits():
+    """ae-data on a layer (a linear decoder, stored as its basis w0^T): basis and codes
+    rounded by GPTQ in turn, each refitted to the other in the output metric: a lower
+    output error than svdllm with the same stage at the same ratio, and than rounding
+    the float fit's codes and decoder to nearest."""
     weight = torch.randn(96, 64, generator=torch.Generator().manual_seed(2))
     inputs = correlated_inputs(64, seed=2)
     xtx = (inputs.T @ inputs).double()
     stats = [TargetStatistics(inputs.shape[0], xtx)]
     factor = whitening(xtx / inputs.shape[0], 1e-4).float()
     stage = "int3:g16"
-    options = {"epochs": 5, "qat_epochs": 0}
-    method, stored, _ = fit(
-        "ae-data", [weight], ratio=4, options=options, statistics=stats, quantize=stage
-    )
-    assert stored.info["codes_rounding"] == "gptq"
-    codec = method.reconstruct(stored, 0)
-    _, floats, _ = fit("ae-data", [weight], width=stored.width, options=options, statistics=stats)
-    scheme = QuantStage.model_validate(stage).scheme
-    codes, decoder = floats.members[0]["codes"], floats.shared["w0"]
-    rounded = dequantize(rtn(codes, scheme)) @ dequantize(rtn(decoder, scheme)).T
 
     def output_error(estimate: torch.Tensor) -> float:
         return torch.linalg.matrix_norm((weight - estimate) @ factor).item()
 
-    assert output_error(codec) < 0.9 * output_error(rounded)
+    method, stored, _ = fit(
+        "ae-data", [weight], ratio=4, options={"epochs": 5}, statistics=stats, quantize=stage
+    )
+    assert stored.info["codes_rounding"] == "alternated" and "w0t.codes" in stored.shared
+    codec = output_error(method.reconstruct(stored, 0))
+    svdllm, factors, _ = fit("svdllm", [weight], ratio=4, statistics=stats, quantize=stage)
+    assert codec < 0.95 * output_error(svdllm.reconstruct(factors, 0))
+    _, floats, _ = fit(
+        "ae-data", [weight], width=stored.width, options={"epochs": 5}, statistics=stats
+    )
+    scheme = QuantStage.model_validate(stage).scheme
+    codes, decoder = floats.members[0]["codes"], floats.shared["w0"]
+    rounded = dequantize(rtn(codes, scheme)) @ dequantize(rtn(decoder, scheme)).T
+    assert codec < 0.9 * output_error(rounded)

@@ -1,13 +1,15 @@
 """The AE as a learned codec: with a quantization stage (methods/stage.py) its codes, and
 by default its decoder's matrices, are stored as integer codes on a grid.
 
-After the float fit, `qat_epochs` epochs of quantization-aware training go on from the
-best state: the decoded rows are computed from the tensors rounded to nearest on their
-grids, the gradient passing straight through the rounding (straight-through estimation),
-so codes and decoder learn to sit where rounding costs least. The best epoch by the
-trainer's signal measured on the rounded tensors (the start included) is stored rounded
-to nearest, or, for a linear decoder whose loss is an output error (ae-data on a layer),
-its codes chosen by GPTQ under the Gram of their inputs when that lowers the loss.
+A linear decoder (ae-data's on a layer: rows = codes @ B, B = w0^T) is stored as its basis
+B and rounded in turn with the codes, each refitted to the other in the output metric
+(method.py, `_alternated`). Otherwise, after the float fit, `qat_epochs` epochs of
+quantization-aware training go on from the best state: the decoded rows are computed from
+the tensors rounded to nearest on their grids, the gradient passing straight through the
+rounding (straight-through estimation), so codes and decoder learn to sit where rounding
+costs least; the best epoch by the trainer's signal measured on the rounded tensors (the
+start included) is stored rounded to nearest, or, for a linear decoder kept as floats
+whose loss is an output error, its codes chosen by GPTQ when that lowers the loss.
 """
 
 from __future__ import annotations

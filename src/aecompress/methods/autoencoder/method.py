@@ -38,6 +38,7 @@ from aecompress.methods.autoencoder.options import (
     encoder_widths,
     group_bits,
     layers_numel,
+    rounds_basis,
 )
 from aecompress.methods.autoencoder.trainer import OutputMetric, Trainer, threads
 from aecompress.methods.base import (
@@ -187,23 +188,76 @@ class Autoencoder(Method):
             )
         options = self.options.for_kind(spec.kind)
         codec = Codec(spec.quantize, STORAGE_DTYPES[spec.storage_dtype], options.quantize_decoder)
-        float_loss = trainer.stored_loss(best["codes"], best["decoder"])
-        best = trainer.finetune_quantized(best, codec)
-        shared: dict[str, torch.Tensor] = {}
-        decoder: dict[str, torch.Tensor] = {}  # as stored: its matrices rebuilt
-        cols = {"codes": best["codes"].shape[1]}
-        for name, tensor in best["decoder"].items():
+        info: dict[str, Any] = {"float_loss": trainer.stored_loss(best["codes"], best["decoder"])}
+        if rounds_basis(options, spec):
+            shared, decoder, codes = self._alternated(
+                trainer, best, codec, options.codec_rounds, spec.rows
+            )
+            info["codes_rounding"] = "alternated"
+            cols = {"w0t": spec.cols}
+        else:
+            best = trainer.finetune_quantized(best, codec)
+            shared, decoder = self._rounded_decoder(best["decoder"], codec)
+            codes, info["codes_rounding"] = self._codes(
+                trainer, best["codes"].split(spec.rows), decoder, codec
+            )
+            cols = {name: decoder[name].shape[1] for name in decoder if f"{name}.codes" in shared}
+        info["quantized_loss"] = trainer.stored_loss(_joined(codes), decoder)
+        info = {k: round(v, 6) if isinstance(v, float) else v for k, v in info.items()}
+        layout = QuantizedLayout(stage=spec.quantize, cols={"codes": best["codes"].shape[1]} | cols)
+        return shared, [store_quantized("codes", q) for q in codes], layout, info
+
+    @staticmethod
+    def _rounded_decoder(decoder: Tensors, codec: Codec) -> tuple[Tensors, Tensors]:
+        """The decoder's stored tensors (its matrices rounded to nearest when the codec
+        quantizes them) and the decoder they rebuild."""
+        shared: Tensors = {}
+        rebuilt: Tensors = {}
+        for name, tensor in decoder.items():
             if codec.decoder and tensor.dim() == 2:
                 quantized = codec.quantize(tensor)
                 shared |= store_quantized(name, quantized)
-                decoder[name], cols[name] = dequantize(quantized), tensor.shape[1]
+                rebuilt[name] = dequantize(quantized)
             else:
-                shared[name] = decoder[name] = tensor
-        codes, rounding = self._codes(trainer, best["codes"].split(spec.rows), decoder, codec)
-        info = {"float_loss": round(float_loss, 6), "codes_rounding": rounding}
-        info["quantized_loss"] = round(trainer.stored_loss(_joined(codes), decoder), 6)
-        layout = QuantizedLayout(stage=spec.quantize, cols=cols)
-        return shared, [store_quantized("codes", q) for q in codes], layout, info
+                shared[name] = rebuilt[name] = tensor
+        return shared, rebuilt
+
+    @staticmethod
+    def _alternated(
+        trainer: Trainer, best: dict[str, Any], codec: Codec, rounds: int, member_rows: int
+    ) -> tuple[Tensors, Tensors, list[Quantized]]:
+        """A linear decoder, rows ~ codes @ B with B = w0^T [x, m], rounded in turn with
+        its codes for `rounds` rounds: B by GPTQ under the members' pooled metric Gram
+        (grouped along a row's columns, as svdllm's basis), each member's codes refitted to
+        B_q in its own metric G_i and chosen by GPTQ under B_q G_i B_q^T, then B refitted
+        (least squares) to the rounded codes. Keeps the round of lowest loss; returns the
+        stored decoder (`w0t`), the decoder it rebuilds and each member's codes."""
+        rows, stage, scale_dtype = trainer.rows, codec.stage, codec.scale_dtype
+        parts = rows.split(member_rows)
+        grams = _metric_grams(trainer, len(parts), rows.shape[1])
+        pooled = summed(grams) if trainer.metric is not None else None
+        basis = best["decoder"]["w0"].T
+        kept: tuple[float, Quantized, list[Quantized]] | None = None
+        for _ in range(rounds):
+            basis_q = quantize_matrix(basis, stage, pooled, scale_dtype)
+            rebuilt = dequantize(basis_q).double()
+            codes = [
+                quantize_matrix(
+                    _refit(part, rebuilt, gram),
+                    stage,
+                    rebuilt @ gram @ rebuilt.T,
+                    scale_dtype,
+                )
+                for part, gram in zip(parts, grams, strict=True)
+            ]
+            joined = _joined(codes)
+            loss = trainer.stored_loss(joined, {"w0": rebuilt.T.float()})
+            if kept is None or loss < kept[0]:
+                kept = (loss, basis_q, codes)
+            basis = torch.linalg.lstsq(joined.double(), rows.double()).solution.float()
+        assert kept is not None
+        _, basis_q, codes = kept
+        return store_quantized("w0t", basis_q), {"w0": dequantize(basis_q).T}, codes
 
     def _codes(
         self,
@@ -257,10 +311,14 @@ class Autoencoder(Method):
 
     @staticmethod
     def _decoder(stored: Stored) -> dict[str, torch.Tensor]:
-        """The decoder's tensors, its matrices rebuilt from their codes when quantized."""
+        """The decoder's tensors, its matrices rebuilt from their codes when quantized (a
+        linear decoder's weight from its stored basis `w0t`)."""
         quantized = stored.layout.quantize
         names = {key.partition(".")[0] for key in stored.shared}
-        return {name: stored_matrix(stored.shared, name, quantized) for name in names}
+        decoder = {name: stored_matrix(stored.shared, name, quantized) for name in names}
+        if "w0t" in decoder:
+            decoder["w0"] = decoder.pop("w0t").T
+        return decoder
 
     def reconstruct(self, stored: Stored, index: int) -> torch.Tensor:
         member = stored.members[index]
@@ -288,6 +346,23 @@ class Autoencoder(Method):
             member.get("norms"),
             padding_idx,
         )
+
+
+def _refit(rows: torch.Tensor, basis: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """Codes [n, x] minimising ||(rows - codes @ basis) L||_F, gram = L L^T: the normal
+    equations solved by least squares, so that a basis whose rounding lost rank (few
+    bits) still gives codes (the minimum-norm ones)."""
+    projected = basis @ gram
+    solution = torch.linalg.lstsq(projected @ basis.T, projected @ rows.double().T, driver="gelsd")
+    return solution.solution.T.float()
+
+
+def _metric_grams(trainer: Trainer, count: int, cols: int) -> list[torch.Tensor]:
+    """Each of the `count` members' Gram G_i = L_i L_i^T of its output metric (float64;
+    the identity for the weights' own metric)."""
+    if trainer.metric is None:
+        return [torch.eye(cols, dtype=torch.float64, device=trainer.rows.device)] * count
+    return [f.double() @ f.double().T for f in trainer.metric.factors]
 
 
 def _joined(codes: Sequence[Quantized]) -> torch.Tensor:

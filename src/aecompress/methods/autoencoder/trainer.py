@@ -356,17 +356,15 @@ class Trainer:
 
     def finetune_quantized(self, best: dict[str, Any], codec: Codec) -> dict[str, Any]:
         """Quantization-aware training from the float fit's `best` state (codec.py): the
-        codes become parameters (an encoder is dropped), a linear decoder's codes are first
-        refitted to its rounded weight, then `qat_epochs` epochs at `qat_lr` through the
-        rounding; returns the best state by the signal measured on the rounded tensors."""
+        codes become parameters (an encoder is dropped), then `qat_epochs` epochs at
+        `qat_lr` through the rounding; returns the best state by the signal measured on
+        the rounded tensors."""
         with torch.no_grad():
             for name, tensor in self.decoder_tensors().items():
                 tensor.copy_(best["decoder"][name])
         self.encoder = None
         self.codes = nn.Parameter(best["codes"].clone())
         self.codec = codec
-        if codec.decoder and len(self.decoder) == 1 and self.norms is None:
-            self._refit_codes(codec)
         if self.options.qat_epochs == 0:
             return self._candidate(0, self.signal())
         options = self.options.model_copy(
@@ -378,21 +376,3 @@ class Trainer:
             }
         )
         return self.train(options, from_start=True)["best"]
-
-    @torch.no_grad()
-    def _refit_codes(self, codec: Codec) -> None:
-        """Each member's codes refitted (least squares, in its own metric) to the rounded
-        weight of a linear decoder: rows ~ codes @ basis, basis = rounded w0^T [x, m]."""
-        assert self.codes is not None
-        basis = codec.round(_linears(self.decoder)[0].weight).T
-        count = 1 if self.metric is None else len(self.metric.factors)
-        parts = self.rows.split(self.rows.shape[0] // count)
-        refitted = []
-        for member, part in enumerate(parts):
-            if self.metric is None:
-                gram = torch.eye(part.shape[1], dtype=torch.float64, device=part.device)
-            else:
-                factor = self.metric.factors[member].double()
-                gram = factor @ factor.T
-            refitted.append(refit_coefficients(part, basis, gram))
-        self.codes.copy_(torch.cat(refitted))
