@@ -104,3 +104,17 @@ def test_a_linear_decoder_and_its_codes_rounded_in_turn_beat_svdllm_at_equal_bit
     codes, decoder = floats.members[0]["codes"], floats.shared["w0"]
     rounded = dequantize(rtn(codes, scheme)) @ dequantize(rtn(decoder, scheme)).T
     assert codec < 0.9 * output_error(rounded)
+
+
+def test_a_stack_with_a_linear_decoder_keeps_each_members_codes():
+    """`ae` (the weights' own metric) on three stacked layers with one linear decoder:
+    one basis, each layer its own codes, the bits its width costs, each layer rebuilt."""
+    weights = [low_rank_plus_noise(seed=seed) for seed in range(3)]
+    options = {"decoder": [], "epochs": 2}
+    method, stored, budget = fit("ae", weights, ratio=4, options=options, quantize="int4:g16")
+    spec = spec_of(weights, quantize="int4:g16")
+    assert stored_bits(stored.tensors().values(), 32) == method.cost(stored.width, spec) <= budget
+    assert len(stored.members) == 3 and set(stored.shared) == {"w0t.codes", "w0t.scales"}
+    for index, weight in enumerate(weights):
+        error = torch.linalg.matrix_norm(weight - method.reconstruct(stored, index))
+        assert error < 0.5 * torch.linalg.matrix_norm(weight)
