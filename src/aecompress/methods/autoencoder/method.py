@@ -13,8 +13,9 @@ from the SVD projection of the rows). Presets: `fast` (default) and `paper`.
 
 With a quantization stage the AE is a learned codec (codec.py): each member's codes are
 stored as integer codes (`codes.*`), the decoder's matrices too by default (`w0.*`,
-`skip.*`; `quantize_decoder: false` keeps them floats), biases and norms as floats, all in
-the same bit budget, so the latent width grows to fill it.
+`skip.*`; a linear decoder as its basis `w0t.*` = w0^T; `quantize_decoder: false` keeps
+them floats), biases and norms as floats, all in the same bit budget, so the latent width
+grows to fill it. Loaded, a quantized group is decoded once into dense weights.
 """
 
 from __future__ import annotations
