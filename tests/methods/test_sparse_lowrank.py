@@ -9,8 +9,6 @@ import torch
 from aecompress.budget import stored_bits
 from aecompress.calibration import TargetStatistics
 from aecompress.errors import AecompressError
-from aecompress.methods import GroupSpec, make_method
-from aecompress.methods.stage import QuantStage
 from tests.methods.helpers import correlated_inputs, fit, output_error, spec_of
 
 
@@ -63,24 +61,25 @@ def test_a_stack_is_refused():
         fit("sparse-lowrank", [torch.randn(8, 8)], ratio=2, kind="embedding")
 
 
-def test_a_low_rank_part_that_cannot_quantize_is_refused_with_a_stage():
-    method = make_method("sparse-lowrank", {"lowrank": "ae-data"})
-    spec = GroupSpec("g", "up", "linear", 1, 16, 32, quantize=QuantStage(bits=4))
-    with pytest.raises(AecompressError, match="low-rank part ae-data cannot quantize"):
-        method.check(spec)
-
-
-def test_both_parts_are_quantized_within_the_budget():
+@pytest.mark.parametrize(
+    ("lowrank", "factors"),
+    [
+        ("svdllm", {"0.lowrank.a.codes", "shared.lowrank.b.codes"}),
+        ("ae-data", {"0.lowrank.codes.codes", "shared.lowrank.w0t.codes"}),
+    ],
+)
+def test_both_parts_are_quantized_within_the_budget(lowrank: str, factors: set[str]):
     weight = torch.randn(64, 128, generator=torch.Generator().manual_seed(5))
     x = correlated_inputs(128, seed=5)
     stats = [TargetStatistics(400, x.T @ x, x.abs().mean(0), None, None, None)]
     stage = "int4:g16"
+    options = {"lowrank": lowrank, "lowrank_options": {"epochs": 2} if lowrank == "ae-data" else {}}
     method, stored, budget = fit(
-        "sparse-lowrank", [weight], ratio=4, statistics=stats, quantize=stage
+        "sparse-lowrank", [weight], ratio=4, options=options, statistics=stats, quantize=stage
     )
     cost = method.cost(stored.width, spec_of([weight], quantize=stage))
     assert stored_bits(stored.tensors().values(), 32) == cost <= budget
     codes = {k for k, t in stored.tensors().items() if t.dtype == torch.int32}
-    assert {"0.lowrank.a.codes", "shared.lowrank.b.codes", "0.values.codes"} <= codes
+    assert factors | {"0.values.codes"} <= codes
     error = output_error(weight, method.reconstruct(stored, 0), x)
     assert error < 0.5 * output_error(weight, torch.zeros_like(weight), x)

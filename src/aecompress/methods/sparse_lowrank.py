@@ -5,8 +5,9 @@ rank (SVD-LLM's whitened truncation, or the data-aware AE starting from it). The
 alternated: L fits W - S, then S fits W - L, each minimising ||(W - S - L) X^T||; the
 low-rank part gets `share` of the budget, the sparse part the rest (positions counted).
 With a quantization stage both parts are stored as codes: the low-rank part as its method
-stores them (svdllm: GPTQ-compensated factors), the sparse part's kept values quantized
-inside its last OBS sweep (as sparsegpt's), on the residual of the quantized low-rank part.
+stores them (svdllm: GPTQ-compensated factors; ae-data: its codec's codes and decoder), the
+sparse part's kept values quantized inside its last OBS sweep (as sparsegpt's), on the
+residual of the quantized low-rank part.
 """
 
 from __future__ import annotations
@@ -96,11 +97,6 @@ class SparseLowRank(Method):
             raise AecompressError(
                 f"{spec.name}: sparse-lowrank fits one layer's matrix under its inputs "
                 "(use --group none, and another method for embeddings)"
-            )
-        if spec.quantize is not None and not self.lowrank.quantizable:
-            raise AecompressError(
-                f"{spec.name}: sparse-lowrank's low-rank part {self.options.lowrank} cannot "
-                "quantize its stored tensors (use lowrank: svdllm)"
             )
         self.lowrank.check(spec)
 

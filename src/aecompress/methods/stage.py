@@ -130,9 +130,10 @@ def rebuild_quantized(
 def stored_matrix(
     tensors: dict[str, torch.Tensor], name: str, quantized: QuantizedLayout | None
 ) -> torch.Tensor:
-    """Matrix `name` of a method's stored tensors: the float tensor itself, or rebuilt
-    from its codes when the group was quantized (`quantized`: its layout's record)."""
-    if quantized is None:
+    """Matrix `name` of a method's stored tensors: rebuilt from its codes when the group's
+    stage quantized it (`quantized`: its layout's record, which names each quantized
+    matrix), else the float tensor itself."""
+    if quantized is None or name not in quantized.cols:
         return tensors[name]
     return rebuild_quantized(tensors, name, quantized.stage.scheme, quantized.cols[name])
 

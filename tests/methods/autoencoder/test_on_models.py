@@ -108,6 +108,24 @@ def test_inspect_shows_width_decoder_and_ratio(tmp_path):
     assert f"{group['ratio']:.3f}" in text
 
 
+def test_a_quantized_embedding_codec_loads_back_and_inspect_names_its_stage(tmp_path):
+    """Token embeddings (a non-linear decoder with a skip path) stored as int4 codes."""
+    cm = aecompress.compress(
+        make_tiny("bert"),
+        method="ae",
+        options={**QUICK, "qat_epochs": 1},
+        ratio=4,
+        targets=["embed"],
+        quantize="int4:g16",
+    )
+    cm.save_pretrained(str(tmp_path / "art"))
+    loaded = load_compressed(tmp_path / "art")
+    ids = torch.arange(40).view(2, 20)
+    embed = cm.model.get_input_embeddings()
+    torch.testing.assert_close(loaded.model.get_input_embeddings()(ids), embed(ids))
+    assert "ae + int4:g16:gptq" in describe_artifact(tmp_path / "art")
+
+
 @pytest.mark.parametrize("pipeline", ["independent", "sequential"])
 def test_selection_by_validation_perplexity(tokenizer, pipeline):
     """Either pipeline hands the AE the validation metric the engine gives it."""

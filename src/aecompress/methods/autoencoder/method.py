@@ -10,6 +10,12 @@ fits the budget (hidden sizes relative to x make the decoder's cost quadratic in
 Two trainers: `autoencoder` (the paper: encoder + decoder, codes = encoder output) and
 `autodecoder` (decoder only: the codes are parameters optimised directly, initialised
 from the SVD projection of the rows). Presets: `fast` (default) and `paper`.
+
+With a quantization stage the AE is a learned codec (codec.py): each member's codes are
+stored as integer codes (`codes.*`), the decoder's matrices too by default (`w0.*`,
+`skip.*`; a linear decoder as its basis `w0t.*` = w0^T; `quantize_decoder: false` keeps
+them floats), biases and norms as floats, all in the same bit budget, so the latent width
+grows to fill it. Loaded, a quantized group is decoded once into dense weights.
 """
 
 from __future__ import annotations
@@ -17,20 +23,23 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from aecompress.budget import STORAGE_DTYPES
 from aecompress.errors import AecompressError
+from aecompress.methods.autoencoder.codec import Codec
 from aecompress.methods.autoencoder.options import (
     AutoencoderOptions,
     DataAwareOptions,
     decoder_has_biases,
     decoder_widths,
     encoder_widths,
+    group_bits,
     layers_numel,
-    stored_cost,
+    rounds_basis,
 )
 from aecompress.methods.autoencoder.trainer import OutputMetric, Trainer, threads
 from aecompress.methods.base import (
@@ -45,7 +54,16 @@ from aecompress.methods.base import (
     row_weights,
 )
 from aecompress.methods.linalg import summed, whitening
+from aecompress.methods.quantize import Quantized, dequantize
+from aecompress.methods.stage import (
+    QuantizedLayout,
+    quantize_matrix,
+    store_quantized,
+    stored_matrix,
+)
 from aecompress.modules import DecodedEmbedding, DecodedLinear, DecoderSpec, decode_rows
+
+Tensors = dict[str, torch.Tensor]
 
 
 class DecoderLayout(MethodLayout):
@@ -66,6 +84,7 @@ class Autoencoder(Method):
     group rebuilding the rows; trained on cosine distance + RMSE of the rows."""
 
     name = "ae"
+    quantizable = True
     Options = AutoencoderOptions
     options: AutoencoderOptions
     Layout = DecoderLayout
@@ -77,16 +96,15 @@ class Autoencoder(Method):
 
     def cost(self, width: Width, spec: GroupSpec) -> int:
         assert isinstance(width, int)
-        return spec.floats(
-            stored_cost(self.options.for_kind(spec.kind), spec.count * spec.rows, spec.cols, width)
-        )
+        return group_bits(self.options.for_kind(spec.kind), spec, width)
 
     def allocation_proxy(self) -> Method:
         """Its starting point, the (row-weighted) SVD: training is too slow to score sizes."""
         return make_method("svd")
 
     def max_width(self, spec: GroupSpec) -> int:
-        return spec.cols
+        """A code no wider than a row or than the rows' count (the rank of the stack)."""
+        return min(spec.count * spec.rows, spec.cols)
 
     def budget_hint(self, spec: GroupSpec) -> str:
         """A non-linear decoder's hidden layers (and skip path) cost a fixed part that a
@@ -128,12 +146,11 @@ class Autoencoder(Method):
             trainer = Trainer(
                 options, stacked, x, weights, context, validate, self.output_metric(context)
             )
-            result = trainer.train()
-        best = result["best"]
+            best = trainer.train()["best"]
+            shared, codes, quantized, codec_info = self._stored_form(trainer, best, context)
         norms = trainer.norms.split(spec.rows) if trainer.norms is not None else None
         members: list[dict[str, torch.Tensor]] = []
-        for index, part in enumerate(best["codes"].split(spec.rows)):
-            member = {"codes": part.clone()}
+        for index, member in enumerate(codes):
             if norms is not None:
                 member["norms"] = norms[index].clone()
             members.append(member)
@@ -142,6 +159,7 @@ class Autoencoder(Method):
             negative_slope=options.negative_slope,
             output=options.output,
             norm=options.norm,
+            quantize=quantized,
         )
         info = {
             "encoder": encoder_widths(options, x, spec.cols),
@@ -151,9 +169,122 @@ class Autoencoder(Method):
             "epoch": best["epoch"],
             "selection": options.selection,
             "selection_value": None if math.isinf(best["score"]) else round(best["score"], 6),
+            **codec_info,
             "fit_seconds": round(time.perf_counter() - start, 2),
         }
-        return Stored(best["decoder"], members, x, layout, info)
+        return Stored(shared, members, x, layout, info)
+
+    def _stored_form(
+        self, trainer: Trainer, best: dict[str, Any], context: FitContext
+    ) -> tuple[Tensors, list[Tensors], QuantizedLayout | None, dict[str, Any]]:
+        """The decoder's tensors, each member's codes, the stage's record and report
+        figures: the float fit's best state, or with a stage the codec's (codec.py)."""
+        spec = context.spec
+        if spec.quantize is None:
+            return (
+                best["decoder"],
+                [{"codes": p.clone()} for p in best["codes"].split(spec.rows)],
+                None,
+                {},
+            )
+        options = self.options.for_kind(spec.kind)
+        codec = Codec(spec.quantize, STORAGE_DTYPES[spec.storage_dtype], options.quantize_decoder)
+        info: dict[str, Any] = {"float_loss": trainer.stored_loss(best["codes"], best["decoder"])}
+        if rounds_basis(options, spec):
+            shared, decoder, codes = self._alternated(
+                trainer, best, codec, options.codec_rounds, spec.rows
+            )
+            info["codes_rounding"] = "alternated"
+            cols = {"w0t": spec.cols}
+        else:
+            best = trainer.finetune_quantized(best, codec)
+            shared, decoder = self._rounded_decoder(best["decoder"], codec)
+            codes, info["codes_rounding"] = self._codes(
+                trainer, best["codes"].split(spec.rows), decoder, codec
+            )
+            cols = {name: decoder[name].shape[1] for name in decoder if f"{name}.codes" in shared}
+        info["quantized_loss"] = trainer.stored_loss(_joined(codes), decoder)
+        info = {k: round(v, 6) if isinstance(v, float) else v for k, v in info.items()}
+        layout = QuantizedLayout(stage=spec.quantize, cols={"codes": best["codes"].shape[1]} | cols)
+        return shared, [store_quantized("codes", q) for q in codes], layout, info
+
+    @staticmethod
+    def _rounded_decoder(decoder: Tensors, codec: Codec) -> tuple[Tensors, Tensors]:
+        """The decoder's stored tensors (its matrices rounded to nearest when the codec
+        quantizes them) and the decoder they rebuild."""
+        shared: Tensors = {}
+        rebuilt: Tensors = {}
+        for name, tensor in decoder.items():
+            if codec.decoder and tensor.dim() == 2:
+                quantized = codec.quantize(tensor)
+                shared |= store_quantized(name, quantized)
+                rebuilt[name] = dequantize(quantized)
+            else:
+                shared[name] = rebuilt[name] = tensor
+        return shared, rebuilt
+
+    @staticmethod
+    def _alternated(
+        trainer: Trainer, best: dict[str, Any], codec: Codec, rounds: int, member_rows: int
+    ) -> tuple[Tensors, Tensors, list[Quantized]]:
+        """A linear decoder, rows ~ codes @ B with B = w0^T [x, m], rounded in turn with
+        its codes for `rounds` rounds: B by GPTQ under the members' pooled metric Gram
+        (grouped along a row's columns, as svdllm's basis), each member's codes refitted to
+        B_q in its own metric G_i and chosen by GPTQ under B_q G_i B_q^T, then B refitted
+        (least squares) to the rounded codes. Keeps the round of lowest loss; returns the
+        stored decoder (`w0t`), the decoder it rebuilds and each member's codes."""
+        rows, stage, scale_dtype = trainer.rows, codec.stage, codec.scale_dtype
+        parts = rows.split(member_rows)
+        grams = _metric_grams(trainer, len(parts), rows.shape[1])
+        pooled = summed(grams) if trainer.metric is not None else None
+        basis = best["decoder"]["w0"].T
+        kept: tuple[float, Quantized, list[Quantized]] | None = None
+        for _ in range(rounds):
+            basis_q = quantize_matrix(basis, stage, pooled, scale_dtype)
+            rebuilt = dequantize(basis_q).double()
+            codes = [
+                quantize_matrix(
+                    _refit(part, rebuilt, gram),
+                    stage,
+                    rebuilt @ gram @ rebuilt.T,
+                    scale_dtype,
+                )
+                for part, gram in zip(parts, grams, strict=True)
+            ]
+            joined = _joined(codes)
+            loss = trainer.stored_loss(joined, {"w0": rebuilt.T.float()})
+            if kept is None or loss < kept[0]:
+                kept = (loss, basis_q, codes)
+            basis = torch.linalg.lstsq(joined.double(), rows.double()).solution.float()
+        assert kept is not None
+        _, basis_q, codes = kept
+        return store_quantized("w0t", basis_q), {"w0": dequantize(basis_q).T}, codes
+
+    def _codes(
+        self,
+        trainer: Trainer,
+        parts: Sequence[torch.Tensor],
+        decoder: dict[str, torch.Tensor],
+        codec: Codec,
+    ) -> tuple[list[Quantized], str]:
+        """Each member's codes rounded to nearest, or chosen by GPTQ under the Gram of their
+        inputs when that is known and lowers the loss: a linear decoder (rows = codes @
+        w0^T) measured in each member's output metric L_i (Gram w0^T L_i L_i^T w0)."""
+        rounded = [codec.quantize(part) for part in parts]
+        metric = trainer.metric
+        linear = set(decoder) == {"w0"} and trainer.norms is None
+        if codec.stage.method != "gptq" or metric is None or not linear:
+            return rounded, "rtn"
+        weight = decoder["w0"].double()
+        compensated = []
+        for part, factor in zip(parts, metric.factors, strict=True):
+            inputs = weight.T @ factor.double()  # [x, m]: the codes' inputs, whitened
+            gram = inputs @ inputs.T
+            compensated.append(quantize_matrix(part, codec.stage, gram, codec.scale_dtype))
+        gptq_loss = trainer.stored_loss(_joined(compensated), decoder)
+        if gptq_loss < trainer.stored_loss(_joined(rounded), decoder):
+            return compensated, "gptq"
+        return rounded, "rtn"
 
     def _validator(self, context: FitContext) -> Callable[[torch.Tensor], float] | None:
         """Turn the decoded stacked rows into the model's validation metric (if selected)."""
@@ -179,14 +310,26 @@ class Autoencoder(Method):
         assert isinstance(stored.layout, DecoderLayout)
         return stored.layout.spec()
 
+    @staticmethod
+    def _decoder(stored: Stored) -> dict[str, torch.Tensor]:
+        """The decoder's tensors, its matrices rebuilt from their codes when quantized (a
+        linear decoder's weight from its stored basis `w0t`)."""
+        quantized = stored.layout.quantize
+        names = {key.partition(".")[0] for key in stored.shared}
+        decoder = {name: stored_matrix(stored.shared, name, quantized) for name in names}
+        if "w0t" in decoder:
+            decoder["w0"] = decoder.pop("w0t").T
+        return decoder
+
     def reconstruct(self, stored: Stored, index: int) -> torch.Tensor:
         member = stored.members[index]
-        return decode_rows(member["codes"], stored.shared, self._spec(stored), member.get("norms"))
+        codes = stored_matrix(member, "codes", stored.layout.quantize)
+        return decode_rows(codes, self._decoder(stored), self._spec(stored), member.get("norms"))
 
     def linear(
         self, stored: Stored, index: int, bias: torch.Tensor | None, *, prefill: bool = False
     ) -> nn.Module:
-        if self.options.runtime == "dense":
+        if self.options.runtime == "dense" or stored.layout.quantize is not None:
             return super().linear(stored, index, bias)
         member = stored.members[index]
         return DecodedLinear(
@@ -194,7 +337,7 @@ class Autoencoder(Method):
         )
 
     def embedding(self, stored: Stored, index: int, padding_idx: int | None) -> nn.Module:
-        if self.options.runtime == "dense":
+        if self.options.runtime == "dense" or stored.layout.quantize is not None:
             return super().embedding(stored, index, padding_idx)
         member = stored.members[index]
         return DecodedEmbedding(
@@ -204,6 +347,28 @@ class Autoencoder(Method):
             member.get("norms"),
             padding_idx,
         )
+
+
+def _refit(rows: torch.Tensor, basis: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """Codes [n, x] minimising ||(rows - codes @ basis) L||_F, gram = L L^T: the normal
+    equations solved by least squares, so that a basis whose rounding lost rank (few
+    bits) still gives codes (the minimum-norm ones)."""
+    projected = basis @ gram
+    solution = torch.linalg.lstsq(projected @ basis.T, projected @ rows.double().T, driver="gelsd")
+    return solution.solution.T.float()
+
+
+def _metric_grams(trainer: Trainer, count: int, cols: int) -> list[torch.Tensor]:
+    """Each of the `count` members' Gram G_i = L_i L_i^T of its output metric (float64;
+    the identity for the weights' own metric)."""
+    if trainer.metric is None:
+        return [torch.eye(cols, dtype=torch.float64, device=trainer.rows.device)] * count
+    return [f.double() @ f.double().T for f in trainer.metric.factors]
+
+
+def _joined(codes: Sequence[Quantized]) -> torch.Tensor:
+    """The members' rounded codes, stacked as the trainer's rows are."""
+    return torch.cat([dequantize(q) for q in codes])
 
 
 @register

@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from aecompress.budget import solve_width
-from aecompress.methods.base import MethodOptions
+from aecompress.methods.base import GroupSpec, MethodOptions
 from aecompress.methods.losses import LossConfig
 from aecompress.modules import DecoderSpec
 
@@ -103,6 +103,17 @@ class AutoencoderOptions(MethodOptions):
     select_from: float = Field(0.5, ge=0, lt=1)
     # Run time: decode once into a dense weight, or keep codes + decoder in the module.
     runtime: Literal["dense", "decoder"] = "dense"
+    # With a quantization stage (codec.py): the decoder's matrices are quantized as the
+    # codes are (False: kept at the storage dtype), and after the float fit `qat_epochs`
+    # epochs of quantization-aware training (straight-through rounding) at `qat_lr`. On
+    # SmolLM2's MLP matrices a float decoder measured worse, and training through the
+    # rounding no better than a linear decoder's alternation (benchmarks/results/ae-codec).
+    quantize_decoder: bool = True
+    qat_epochs: int = Field(0, ge=0)
+    qat_lr: float = Field(3e-4, gt=0)
+    # A quantized linear decoder: rounds of rounding its basis and the codes in turn, each
+    # refitted to the other (codec.py).
+    codec_rounds: int = Field(4, ge=1)
 
     @model_validator(mode="before")
     @classmethod
@@ -189,6 +200,42 @@ def stored_cost(options: AutoencoderOptions, rows: int, cols: int, x: int) -> in
     skip = x * cols if options.has_skip else 0
     widths = decoder_widths(options, x, cols)
     return rows * x + layers_numel(widths, decoder_has_biases(widths)) + skip + norms
+
+
+def rounds_basis(options: AutoencoderOptions, spec: GroupSpec) -> bool:
+    """Whether the decoder is a linear one quantized by the stage, stored as its basis
+    `w0t` = w0^T [x, cols] (grouped along a row's columns) and fitted by alternation."""
+    return spec.quantize is not None and options.quantize_decoder and not options.decoder
+
+
+def decoder_matrices(
+    options: AutoencoderOptions, x: int, cols: int, basis: bool = False
+) -> dict[str, tuple[int, int]]:
+    """The decoder's stored matrices by name, with their shapes: each layer's weight `wI`
+    [out, in] and the skip path [cols, x] (its biases are vectors); with `basis`, a linear
+    decoder's weight as its transpose `w0t` [x, cols] (`rounds_basis`)."""
+    if basis:
+        return {"w0t": (x, cols)}
+    widths = decoder_widths(options, x, cols)
+    shapes = {f"w{i}": (b, a) for i, (a, b) in enumerate(pairwise(widths))}
+    return shapes | ({"skip": (cols, x)} if options.has_skip else {})
+
+
+def group_bits(options: AutoencoderOptions, spec: GroupSpec, x: int) -> int:
+    """Bits stored for a group at latent width x: each member's codes [rows, x] and, with
+    `quantize_decoder`, the decoder's matrices as the group's stage stores a matrix (floats
+    without a stage); biases and norms as floats. Without a stage: stored_cost's floats."""
+    codes = spec.count * spec.matrix_bits(spec.rows, x)
+    matrices = decoder_matrices(options, x, spec.cols, rounds_basis(options, spec)).values()
+    if options.quantize_decoder:
+        decoder = sum(spec.matrix_bits(rows, cols) for rows, cols in matrices)
+    else:
+        decoder = spec.floats(sum(rows * cols for rows, cols in matrices))
+    vectors = (
+        stored_cost(options, spec.count * spec.rows, spec.cols, x) - spec.count * spec.rows * x
+    )
+    vectors -= sum(rows * cols for rows, cols in matrices)
+    return codes + decoder + spec.floats(vectors)
 
 
 def solve_latent_width(

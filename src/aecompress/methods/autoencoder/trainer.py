@@ -4,7 +4,8 @@ Rows of the group's stacked matrix [N, m] are the samples. The loss compares eac
 row with its original, either directly (the paper's AE) or after multiplying both by the
 whitening factor of the row's own member (`OutputMetric`: the output error of the data-
 aware AE). The best epoch by the selection signal is kept, the starting point included
-when training starts from an SVD.
+when training starts from an SVD. With a quantization stage, quantization-aware training
+follows (codec.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from aecompress.methods.autoencoder.codec import Codec
 from aecompress.methods.autoencoder.options import (
     AutoencoderOptions,
     decoder_has_biases,
@@ -129,6 +131,7 @@ class Trainer:
         self.options, self.rows, self.x, self.context = options, rows, x, context
         self.validate = validate
         self.metric = metric
+        self.codec: Codec | None = None  # set: decoded from rounded tensors (codec.py)
         count = 1 if metric is None else len(metric.factors)
         self.member_of_row = torch.arange(rows.shape[0], device=rows.device) // (
             rows.shape[0] // count
@@ -232,10 +235,29 @@ class Trainer:
         return self.codes.detach().clone()
 
     def decode(self, codes: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows (all, or those of `index`) decoded from `codes` by the current decoder,
+        both rounded first under a codec."""
+        decoder = self.decoder_tensors()
+        if self.codec is not None:
+            codes, decoder = self.codec.apply(codes, decoder)
+        return self.decode_with(codes, decoder, index)
+
+    def decode_with(
+        self,
+        codes: torch.Tensor,
+        decoder: dict[str, torch.Tensor],
+        index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         norms = None
         if self.norms is not None:
             norms = self.norms if index is None else self.norms[index]
-        return decode_rows(codes, self.decoder_tensors(), self.spec, norms)
+        return decode_rows(codes, decoder, self.spec, norms)
+
+    @torch.no_grad()
+    def stored_loss(self, codes: torch.Tensor, decoder: dict[str, torch.Tensor]) -> float:
+        """The loss of every row decoded from these codes by this decoder (as stored)."""
+        decoded = self.decode_with(codes, decoder)
+        return self.loss(decoded, None, self.options.loss.l1_alpha_end).item()
 
     def loss(self, decoded: torch.Tensor, index: torch.Tensor | None, alpha: float) -> torch.Tensor:
         """The loss of decoded rows (all rows, or those of `index`), in the trainer's metric."""
@@ -251,8 +273,16 @@ class Trainer:
     def full_loss(self, codes: torch.Tensor, alpha: float) -> float:
         return self.loss(self.decode(codes), None, alpha).item()
 
-    def train(self) -> dict[str, Any]:
-        options, rows = self.options, self.rows
+    def train(
+        self, options: AutoencoderOptions | None = None, from_start: bool | None = None
+    ) -> dict[str, Any]:
+        """Train for options.epochs (default: the trainer's options); the best epoch by the
+        selection signal, the starting state a candidate too when `from_start` (default:
+        when starting from an SVD)."""
+        options = options or self.options
+        if from_start is None:
+            from_start = options.init == "svd" and options.selection != "last"
+        rows = self.rows
         count = rows.shape[0]
         batch = min(options.batch_size, count)
         steps = math.ceil(count / batch)
@@ -265,7 +295,7 @@ class Trainer:
                 optimiser, max_lr=options.lr, total_steps=options.epochs * steps
             )
         best: dict[str, Any] = {"score": math.inf}
-        if options.init == "svd" and options.selection != "last":
+        if from_start:
             best = self._candidate(0, self.signal())  # training must beat its start
         history = []
         bar = progress_bar(
@@ -287,7 +317,7 @@ class Trainer:
                 total += loss.item() * index.numel()
             if options.schedule == "step" and scheduler is not None:
                 scheduler.step()
-            score = self.score(epoch)
+            score = self.score(epoch, options)
             history.append(round(score, 6))
             bar.set_postfix(loss=f"{total / count:.4f}", select=f"{score:.4f}")
             if options.selection == "last" or score < best["score"]:
@@ -303,10 +333,9 @@ class Trainer:
             "decoder": {k: v.detach().clone() for k, v in self.decoder_tensors().items()},
         }
 
-    def score(self, epoch: int) -> float:
-        """The selection signal after `epoch` (lower is better; the powered L1 term, if on,
-        at its final alpha so that epochs compare)."""
-        options = self.options
+    def score(self, epoch: int, options: AutoencoderOptions) -> float:
+        """The selection signal after `epoch` of training with `options` (lower is better;
+        the powered L1 term, if on, at its final alpha so that epochs compare)."""
         last = epoch == options.epochs - 1
         if options.selection == "last":
             return 0.0
@@ -323,3 +352,26 @@ class Trainer:
             with torch.no_grad():
                 return self.validate(self.decode(self.all_codes()))
         return self.full_loss(self.all_codes(), self.options.loss.l1_alpha_end)
+
+    def finetune_quantized(self, best: dict[str, Any], codec: Codec) -> dict[str, Any]:
+        """Quantization-aware training from the float fit's `best` state (codec.py): the
+        codes become parameters (an encoder is dropped), then `qat_epochs` epochs at
+        `qat_lr` through the rounding; returns the best state by the signal measured on
+        the rounded tensors."""
+        with torch.no_grad():
+            for name, tensor in self.decoder_tensors().items():
+                tensor.copy_(best["decoder"][name])
+        self.encoder = None
+        self.codes = nn.Parameter(best["codes"].clone())
+        self.codec = codec
+        if self.options.qat_epochs == 0:
+            return self._candidate(0, self.signal())
+        options = self.options.model_copy(
+            update={
+                "epochs": self.options.qat_epochs,
+                "lr": self.options.qat_lr,
+                "schedule": "constant",
+                "select_from": 0.0,
+            }
+        )
+        return self.train(options, from_start=True)["best"]
