@@ -10,8 +10,9 @@ import torch
 import aecompress
 from aecompress.calibration import TargetStatistics
 from aecompress.methods import GroupSpec
+from aecompress.methods.stage import QuantStage
 from aecompress.models import LoadedModel
-from aecompress.pipeline.allocate import Option, choose, predicted_increase
+from aecompress.pipeline.allocate import Option, candidate_specs, choose, predicted_increase
 from aecompress.summary import describe_artifact
 from tests.conftest import make_tiny
 
@@ -42,6 +43,15 @@ def test_choice_fits_the_budget_and_is_near_the_brute_force_optimum(seed):
     assert sum(o.budget for o in chosen) <= total
     best = brute_force(options, total)
     assert sum(o.score for o in chosen) <= best + 0.25 * abs(best) + 1e-9
+
+
+@pytest.mark.parametrize(("bits", "tried"), [(4, [3, 4, 5]), (2, [2, 3]), (8, [7, 8])])
+def test_a_stage_is_tried_at_its_bits_and_one_bit_either_side(bits, tried):
+    stage = QuantStage(bits=bits, group=16, damp=0.1)
+    specs = candidate_specs(GroupSpec("up", "up", "linear", 1, 4, 32, quantize=stage))
+    assert [s.quantize.bits for s in specs] == tried
+    assert {s.quantize.model_copy(update={"bits": bits}) for s in specs} == {stage}
+    assert candidate_specs(SPEC) == [SPEC]
 
 
 def test_predicted_increase_weighs_output_errors_by_the_loss_sensitivity():
