@@ -77,7 +77,7 @@ def test_compress_inspect_evaluate(tiny_folder, tmp_path):
         (["--targets", "gate", "--group", "layerz"], "unknown grouping 'layerz'"),
         (["--method", "svd", "--ratio", "2", "--option", "rank=3"], "rank: Extra inputs are"),
         (["--targets", ""], "targets: List should have at least 1 item"),
-        (["--quantize", "int4:x"], "'x' in 'int4:x': use gN, row, gptq, rtn, sym or asym"),
+        (["--quantize", "int4:x"], "'x' in 'int4:x': use gN, row, gptq, rtn, sym, asym, damp="),
         (["--method", "gptq", "--quantize", "int4"], "gptq cannot quantize its stored tensors"),
     ],
 )

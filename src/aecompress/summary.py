@@ -47,6 +47,7 @@ def artifact_facts(path: str | Path) -> dict[str, Any]:
     data = manifest.model_dump(mode="json")
     for entry, group in zip(manifest.groups, data["groups"], strict=True):
         group["stored_bytes"] = _group_bytes(entry, header)
+        group["code_bits"] = _code_bits(group)
     target = sum(g.original_params for g in manifest.groups)
     stored = sum(g.stored_params for g in manifest.groups)
     target_bits = target * float_bits(manifest.storage_dtype)
@@ -76,6 +77,28 @@ def _method(group: dict[str, Any]) -> str:
     return group["method"] + (f" + {QuantStage(**quantized['stage'])}" if quantized else "")
 
 
+def _code_bits(group: dict[str, Any]) -> int | None:
+    """Bits per integer code of a quantized group (gptq / rtn's own, or its quantization
+    stage's: budget allocation may give groups different bits); None for floats."""
+    layout = group["layout"]
+    if layout.get("quantize"):
+        return int(layout["quantize"]["stage"]["bits"])
+    return layout.get("bits")  # gptq / rtn's layout
+
+
+def _bits_column(groups: list[dict[str, Any]]) -> str:
+    """The code bits of groups, with how many groups have each: '2 (x3), 3 (x7)'."""
+    counts: dict[int, int] = defaultdict(int)
+    for group in groups:
+        if group["code_bits"] is not None:
+            counts[group["code_bits"]] += 1
+    if not counts:
+        return "-"
+    if len(counts) == 1:
+        return str(next(iter(counts)))
+    return ", ".join(f"{bits} (x{count})" for bits, count in sorted(counts.items()))
+
+
 def _numel(shape: list[int]) -> int:
     count = 1
     for size in shape:
@@ -101,9 +124,9 @@ def _family_rows(data: dict[str, Any]) -> list[str]:
     for group in data["groups"]:
         by_family[group["family"]].append(group)
     rows = [
-        "| family | matrices | shape | method | original | stored | bits/weight | stored bytes "
-        "| ratio | number ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| family | matrices | shape | method | code bits | original | stored | bits/weight "
+        "| stored bytes | ratio | number ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     dense_bits = float_bits(data["storage_dtype"])
     for family, groups in by_family.items():
@@ -116,7 +139,8 @@ def _family_rows(data: dict[str, Any]) -> list[str]:
         size = sum(g["stored_bytes"] for g in groups)
         rows.append(
             f"| {family} | {matrices} | {', '.join(shapes)} | {', '.join(methods)} | "
-            f"{original:,} | {stored:,} | {bits / original:.3f} | {size:,} | "
+            f"{_bits_column(groups)} | {original:,} | {stored:,} | {bits / original:.3f} | "
+            f"{size:,} | "
             f"{original * dense_bits / bits:.3f} | {original / stored:.3f} |"
         )
     return rows
@@ -124,15 +148,16 @@ def _family_rows(data: dict[str, Any]) -> list[str]:
 
 def _group_rows(data: dict[str, Any]) -> list[str]:
     rows = [
-        "| group | members | matrix | method | width | stored tensors | original | stored "
-        "| bits/weight | ratio | number ratio | info |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| group | members | matrix | method | code bits | width | stored tensors | original "
+        "| stored | bits/weight | ratio | number ratio | info |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for g in data["groups"]:
         info = ", ".join(f"{k}={v}" for k, v in g["info"].items())
         rows.append(
             f"| {g['name']} | {len(g['members'])} | {_shape(g['shape'])} | {_method(g)} | "
-            f"{g['width']} | {_stored_shapes(g['tensors'])} | {g['original_params']:,} | "
+            f"{_bits_column([g])} | {g['width']} | {_stored_shapes(g['tensors'])} | "
+            f"{g['original_params']:,} | "
             f"{g['stored_params']:,} | {g['stored_bits'] / g['original_params']:.3f} | "
             f"{g['ratio']:.3f} | {g['number_ratio']:.3f} | {info} |"
         )

@@ -42,6 +42,25 @@ def test_fixed_bits_and_group_are_kept_or_refused_when_they_do_not_fit():
         make_method("rtn", {"group": 128}).check(spec)
 
 
+@pytest.mark.parametrize(
+    ("options", "widths"),
+    [
+        # every bits at the uniform width's group (64), every group at its bits (3)
+        ({}, [(b, 64) for b in range(2, 9)] + [(3, 32), (3, 0)]),
+        ({"group": 64}, [(b, 64) for b in range(2, 9)]),
+        ({"bits": 3}, [(3, 32), (3, 64), (3, 0)]),
+    ],
+)
+def test_allocation_tries_each_bit_width_at_its_exact_stored_bits(options, widths):
+    method, spec = make_method("gptq", options), bf16_spec()
+    budgets = method.allocation_budgets(spec, spec.dense_bits / (16 / 3.25))
+    assert budgets == sorted(float(method.cost(w, spec)) for w in widths)
+    solved = [method.solve_width([], FitContext(spec, budget)) for budget in budgets]
+    assert sorted(solved, key=lambda w: method.cost(w, spec)) == sorted(
+        widths, key=lambda w: method.cost(w, spec)
+    )
+
+
 def test_stored_form_is_packed_codes_and_storage_dtype_scales():
     weight = torch.randn(64, 576, generator=torch.Generator().manual_seed(0))
     spec = bf16_spec()

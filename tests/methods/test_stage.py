@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from pydantic import ValidationError
 
-from aecompress.methods.quantize import Grid, QuantScheme, dequantize, rtn
+from aecompress.errors import AecompressError
+from aecompress.methods import GroupSpec, check_stage, make_method
+from aecompress.methods.quantize import Grid, QuantScheme, dequantize, gptq, rtn
 from aecompress.methods.stage import (
     QuantStage,
     parse_stage,
@@ -25,6 +28,10 @@ from tests.methods.helpers import synthetic_statistics
         ("int4:g64", {"bits": 4, "group": 64}),
         ("int3:row:rtn", {"bits": 3, "group": None, "method": "rtn"}),
         ("int2:g32:asym:gptq", {"bits": 2, "group": 32, "symmetric": False, "method": "gptq"}),
+        (
+            "int3:g64:damp=0.1:act_order=false:block=32",
+            {"bits": 3, "group": 64, "damp": "0.1", "act_order": "false", "block": "32"},
+        ),
     ],
 )
 def test_a_stage_is_written_as_text(text: str, fields: dict):
@@ -33,7 +40,7 @@ def test_a_stage_is_written_as_text(text: str, fields: dict):
     assert QuantStage.model_validate(str(stage)) == stage
 
 
-@pytest.mark.parametrize("text", ["4", "int", "intx:g64", "int4:g", "int4:fast"])
+@pytest.mark.parametrize("text", ["4", "int", "intx:g64", "int4:g", "int4:fast", "int4:ridge=0.1"])
 def test_bad_text_is_refused(text: str):
     with pytest.raises(ValueError, match=text.split(":")[-1]):
         parse_stage(text)
@@ -65,6 +72,46 @@ def test_sparse_entries_are_rebuilt_on_the_dense_grid():
     tensors = store_quantized("values", type(quantized)(kept, grid.scales, quantized.zeros, scheme))
     values = rebuild_entries(tensors, "values", scheme, (6, 40), flat)
     torch.testing.assert_close(values, dequantize(quantized).reshape(-1)[flat])
+
+
+def test_a_stage_takes_the_gptq_methods_settings_with_their_defaults_and_checks():
+    defaults = make_method("gptq").options
+    stage = QuantStage(bits=4)
+    assert stage.gptq_settings == {
+        "damp": defaults.damp,
+        "block": defaults.block,
+        "act_order": defaults.act_order,
+    }
+    assert str(stage) == "int4:g64:gptq"
+    custom = QuantStage.model_validate("int4:g64:damp=0.1:act_order=false")
+    assert (custom.damp, custom.act_order, custom.block) == (0.1, False, defaults.block)
+    assert str(custom) == "int4:g64:gptq:damp=0.1:act_order=false"
+    for bad in ({"damp": -1}, {"block": 0}, {"act_order": "maybe"}):
+        with pytest.raises(ValidationError, match=next(iter(bad))):
+            QuantStage(bits=4, **bad)
+        with pytest.raises(AecompressError, match=next(iter(bad))):
+            make_method("gptq", bad)
+    with pytest.raises(ValidationError, match="damp: GPTQ settings, not rtn's"):
+        QuantStage.model_validate("int4:rtn:damp=0.1")
+
+
+def test_a_stage_runs_gptq_with_its_settings():
+    weight = torch.randn(8, 32, generator=torch.Generator().manual_seed(3))
+    xtx = synthetic_statistics(32).xtx
+    stage = QuantStage(bits=3, group=16, damp=0.3, act_order=False, block=8)
+    expected = gptq(weight, xtx, stage.scheme, damp=0.3, act_order=False, block=8)
+    assert torch.equal(quantize_matrix(weight, stage, xtx).codes, expected.codes)
+    assert not torch.equal(expected.codes, gptq(weight, xtx, stage.scheme).codes)
+
+
+@pytest.mark.parametrize("method,runs", [("svdllm", True), ("sparsegpt", False), ("svd", False)])
+def test_gptq_settings_are_refused_where_the_stage_runs_no_gptq(method: str, runs: bool):
+    spec = GroupSpec("up", "up", "linear", 1, 8, 32, quantize=QuantStage(bits=4, damp=0.1))
+    if runs:
+        check_stage(make_method(method), spec)
+    else:
+        with pytest.raises(AecompressError, match="runs no GPTQ that damp would set"):
+            check_stage(make_method(method), spec)
 
 
 def test_gptq_only_with_input_statistics_and_a_gptq_stage():

@@ -29,6 +29,10 @@ from aecompress.methods.stage import QuantizedLayout, QuantStage
 from aecompress.modules import dense_embedding, dense_linear
 from aecompress.numerics import all_finite
 
+# The budgets, as multiples of a group's uniform one, at which budget allocation fits and
+# scores a group by default (Method.allocation_budgets).
+ALLOCATION_MULTIPLES = (0.5, 0.65, 0.8, 1.0, 1.2, 1.4, 1.6)
+
 # A width is one integer (rank, latent width, terms, kept weights) or, for methods sized
 # along several axes (Tucker ranks, sparse + low-rank), a tuple of them.
 Width = int | tuple[int, ...]
@@ -238,6 +242,17 @@ class Method(ABC):
         faster one whose errors follow it (e.g. the AE's SVD starting point)."""
         return self
 
+    def allocation_budgets(self, spec: GroupSpec, budget: float) -> list[float]:
+        """The budgets (stored bits) at which budget allocation fits and scores a group
+        planned at `budget`: multiples of it (ALLOCATION_MULTIPLES), or, for a method with
+        few discrete widths, the exact costs of some of them."""
+        return [budget * multiple for multiple in ALLOCATION_MULTIPLES]
+
+    def stage_runs_gptq(self) -> bool:
+        """Whether a gptq stage runs GPTQ on this method's stored matrices (quantize_matrix
+        under their input statistics), so that its GPTQ settings apply."""
+        return False
+
     def check(self, spec: GroupSpec) -> None:  # noqa: B027 (optional hook)
         """Raise a one-line AecompressError if the method cannot fit this group at all
         (called before any calibration or fitting work)."""
@@ -310,12 +325,23 @@ def register(cls: type[Method]) -> type[Method]:
 
 
 def check_stage(method: Method, spec: GroupSpec) -> None:
-    """Refuse a quantization stage for a method that stores no quantized tensors."""
-    if spec.quantize is not None and not method.quantizable:
+    """Refuse a quantization stage for a method that stores no quantized tensors, and GPTQ
+    settings for one whose stage runs no GPTQ they would set."""
+    stage = spec.quantize
+    if stage is not None and not method.quantizable:
         able = ", ".join(sorted(name for name, cls in METHODS.items() if cls.quantizable))
         raise AecompressError(
             f"{spec.name}: {method.name} cannot quantize its stored tensors "
-            f"(quantize {spec.quantize}); methods that can: {able}"
+            f"(quantize {stage}); methods that can: {able}"
+        )
+    if stage is not None and stage.custom_gptq_settings and not method.stage_runs_gptq():
+        able = ", ".join(
+            sorted(n for n, cls in METHODS.items() if make_method(n).stage_runs_gptq())
+        )
+        raise AecompressError(
+            f"{spec.name}: {method.name}'s quantization stage runs no GPTQ that "
+            f"{', '.join(stage.custom_gptq_settings)} would set; methods whose stage does: "
+            f"{able}"
         )
 
 

@@ -32,7 +32,7 @@ from aecompress.methods.base import (
     register,
 )
 from aecompress.methods.quantize import Quantized, QuantScheme, gptq, rtn, stored_bits
-from aecompress.methods.stage import rebuild_quantized, store_quantized
+from aecompress.methods.stage import GPTQSettings, rebuild_quantized, store_quantized
 from aecompress.modules import QuantizedLinear
 
 AUTO_GROUPS = (32, 64, 128, 0)  # the groups `group: auto` tries, smallest first; 0: a row
@@ -48,13 +48,9 @@ class QuantOptions(MethodOptions):
     symmetric: bool = True
 
 
-class GPTQOptions(QuantOptions):
-    """GPTQ's `damp` (ridge, times the mean diagonal of X^T X), `block` (columns per lazy
-    update) and `act_order` (columns visited by decreasing input energy)."""
-
-    damp: float = Field(0.01, ge=0)
-    block: int = Field(128, ge=1)
-    act_order: bool = True
+class GPTQOptions(QuantOptions, GPTQSettings):
+    """QuantOptions and GPTQ's settings (`damp`, `block`, `act_order`: GPTQSettings, which
+    a gptq quantization stage takes too)."""
 
 
 class QuantLayout(MethodLayout):
@@ -106,11 +102,23 @@ class RoundToNearest(Method):
         """Every (bits, group) allowed, best first: most bits, then smallest group."""
         return [(b, g) for b in reversed(self.bit_choices()) for g in self.groups(spec)]
 
+    def within(self, spec: GroupSpec, budget: float) -> tuple[int, int] | None:
+        """The best candidate whose stored bits fit `budget` (None: not even the cheapest)."""
+        return next((w for w in self.candidates(spec) if self.cost(w, spec) <= budget), None)
+
+    def allocation_budgets(self, spec: GroupSpec, budget: float) -> list[float]:
+        """The exact stored bits of each allowed bits at the group `budget` gives, and of
+        each allowed group at its bits: budget allocation gives sensitive groups more
+        bits, others fewer."""
+        bits, group = self.within(spec, budget) or self.candidates(spec)[-1]
+        widths = [(b, group) for b in self.bit_choices()] + [(bits, g) for g in self.groups(spec)]
+        return sorted({float(self.cost(w, spec)) for w in widths})
+
     def solve_width(self, matrices: Sequence[torch.Tensor], context: FitContext) -> Width:
         spec = context.spec
-        for width in self.candidates(spec):
-            if self.cost(width, spec) <= context.budget:
-                return width
+        width = self.within(spec, context.budget)
+        if width is not None:
+            return width
         cheapest = self.candidates(spec)[-1]
         raise AecompressError(
             f"{spec.name}: the ratio is too large, even {cheapest[0]} bits with "
@@ -198,8 +206,6 @@ class GPTQ(RoundToNearest):
             matrix,
             context.statistic(index, "xtx"),
             scheme,
-            damp=self.options.damp,
-            block=self.options.block,
-            act_order=self.options.act_order,
+            **self.options.gptq_settings,
             scale_dtype=STORAGE_DTYPES[context.spec.storage_dtype],
         )

@@ -92,6 +92,9 @@ class SparseLowRank(Method):
     def statistics_needed(self) -> set[str]:
         return {"xtx"} | self.lowrank.statistics_needed()
 
+    def stage_runs_gptq(self) -> bool:
+        return self.lowrank.stage_runs_gptq()
+
     def check(self, spec: GroupSpec) -> None:
         if spec.count > 1 or spec.kind == "embedding":
             raise AecompressError(

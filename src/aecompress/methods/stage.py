@@ -27,14 +27,30 @@ from aecompress.modules import dequantize_packed, unpack, zero_points
 STAGE_METHODS = ("gptq", "rtn")
 
 
-class QuantStage(BaseModel):
+class GPTQSettings(BaseModel):
+    """GPTQ's `damp` (ridge, times the mean diagonal of X^T X), `block` (columns per lazy
+    update) and `act_order` (columns visited by decreasing input energy): options of the
+    gptq method and of a gptq quantization stage, one definition for both."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    damp: float = Field(0.01, ge=0)
+    block: int = Field(128, ge=1)
+    act_order: bool = True
+
+    @property
+    def gptq_settings(self) -> dict[str, Any]:
+        """The keywords of quantize.gptq these settings give."""
+        return {name: getattr(self, name) for name in GPTQSettings.model_fields}
+
+
+class QuantStage(GPTQSettings):
     """`bits` per code (2..8); `group` consecutive columns of a row share a scale (None:
     the whole row); `symmetric`: no zero points stored; `method`: codes chosen by GPTQ
     (compensating each rounding on the columns not yet visited, where the method has its
-    matrix's input statistics; RTN otherwise) or by round to nearest. Written
-    `int4:g64`, `int3:row`, `int4:g64:rtn`, `int4:g128:asym`."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    matrix's input statistics; RTN otherwise) or by round to nearest; a gptq stage's
+    GPTQSettings as the gptq method's. Written `int4:g64`, `int3:row`, `int4:g64:rtn`,
+    `int4:g128:asym`, `int3:g64:damp=0.1:act_order=false`."""
 
     bits: int = Field(ge=2, le=8)
     group: int | None = Field(64, ge=1)
@@ -46,23 +62,46 @@ class QuantStage(BaseModel):
     def _from_text(cls, value: Any) -> Any:
         return parse_stage(value) if isinstance(value, str) else value
 
+    @model_validator(mode="after")
+    def _settings_for_gptq(self) -> QuantStage:
+        if self.method == "rtn" and self.custom_gptq_settings:
+            raise ValueError(f"{', '.join(self.custom_gptq_settings)}: GPTQ settings, not rtn's")
+        return self
+
+    @property
+    def custom_gptq_settings(self) -> dict[str, Any]:
+        """The GPTQ settings that differ from their defaults."""
+        return {
+            name: value
+            for name, value in self.gptq_settings.items()
+            if value != GPTQSettings.model_fields[name].default
+        }
+
     @property
     def scheme(self) -> QuantScheme:
         return QuantScheme(self.bits, self.group, self.symmetric)
 
     def __str__(self) -> str:
         group = "row" if self.group is None else f"g{self.group}"
-        return f"int{self.bits}:{group}:{self.method}" + ("" if self.symmetric else ":asym")
+        settings = "".join(
+            f":{name}={str(value).lower()}" for name, value in self.custom_gptq_settings.items()
+        )
+        asym = "" if self.symmetric else ":asym"
+        return f"int{self.bits}:{group}:{self.method}{asym}{settings}"
 
 
 def parse_stage(text: str) -> dict[str, Any]:
-    """'int4:g64' -> {'bits': 4, 'group': 64}; also ':row', ':rtn' / ':gptq', ':asym'."""
+    """'int4:g64' -> {'bits': 4, 'group': 64}; also ':row', ':rtn' / ':gptq', ':asym',
+    and GPTQ settings as ':damp=0.1', ':act_order=false', ':block=64'."""
     head, *parts = text.strip().split(":")
     if not (head.startswith("int") and head[3:].isdigit()):
         raise ValueError(f"'{text}' is not a quantization like int4:g64, int3:row or int4:g64:rtn")
     fields: dict[str, Any] = {"bits": int(head[3:])}
     for part in parts:
-        if part == "row":
+        name, equals, value = part.partition("=")
+        if equals and name in GPTQSettings.model_fields:
+            fields[name] = value
+        elif part == "row":
             fields["group"] = None
         elif part[:1] == "g" and part[1:].isdigit():
             fields["group"] = int(part[1:])
@@ -71,7 +110,8 @@ def parse_stage(text: str) -> dict[str, Any]:
         elif part in ("sym", "asym"):
             fields["symmetric"] = part == "sym"
         else:
-            raise ValueError(f"'{part}' in '{text}': use gN, row, gptq, rtn, sym or asym")
+            settings = ", ".join(f"{n}=" for n in GPTQSettings.model_fields)
+            raise ValueError(f"'{part}' in '{text}': use gN, row, gptq, rtn, sym, asym, {settings}")
     return fields
 
 
@@ -94,7 +134,9 @@ def quantize_matrix(
     """`matrix` [out, in] quantized as `stage` says: GPTQ under inputs of Gram `xtx`
     [in, in] (stage method gptq and statistics given), else round to nearest."""
     if stage.method == "gptq" and xtx is not None:
-        return gptq(matrix.float(), xtx, stage.scheme, scale_dtype=scale_dtype)
+        return gptq(
+            matrix.float(), xtx, stage.scheme, **stage.gptq_settings, scale_dtype=scale_dtype
+        )
     return rtn(matrix.float(), stage.scheme, scale_dtype=scale_dtype)
 
 

@@ -104,6 +104,10 @@ class SVD(Method):
             return self.quantized(matrices, parts, b, context)
         return Stored({"b": b}, [{"a": part} for part in parts], width)
 
+    def stage_runs_gptq(self) -> bool:
+        """With the layer's inputs (svdllm, shared-basis): see input_grams."""
+        return "xtx" in self.statistics_needed()
+
     def input_grams(
         self, matrices: Sequence[torch.Tensor], context: FitContext
     ) -> list[torch.Tensor] | None:

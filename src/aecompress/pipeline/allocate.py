@@ -1,40 +1,44 @@
-"""Budget allocation: each group's own ratio under the recipe's total budget, chosen from
-calibration data alone.
+"""Budget allocation: each group's own ratio, and its bits where it stores quantized
+codes, under the recipe's total budget, chosen from calibration data alone.
 
-Each layer group is fitted at a few sizes around the uniform one (multiples in
-CANDIDATES of its uniform budget) on the dense model's statistics, and each fit is scored
-by the loss increase it predicts,
+Each layer group is fitted at a few candidates around its uniform budget on the dense
+model's statistics: budgets from its method (Method.allocation_budgets: multiples of the
+uniform budget, or for gptq / rtn the exact stored bits of each allowed bit width), and
+with a quantization stage each of those at the stage's bits and one bit either side. Each
+fit is scored by the loss increase it predicts,
 
     e = sum_i s_i ((W - W_hat) H (W - W_hat)^T)_ii,
 
 with H = X^T X of the layer's calibration inputs and s_i the summed squared gradient of
 the LM loss with respect to output i (a Gauss-Newton estimate: an output error weighs what
-the loss reacts to it, so layers compare on one scale). The sizes minimising the summed
-score within the total budget are chosen by a Lagrangian sweep, the leftover filled
+the loss reacts to it, so layers compare on one scale). The candidates minimising the
+summed score within the total budget are chosen by a Lagrangian sweep, the leftover filled
 greedily. Embedding groups keep the uniform ratio. A method whose fits are slow (the AE)
 is scored through its cheaper starting point (Method.allocation_proxy).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from aecompress.calibration import CalibrationConfig, TargetStatistics, cached_statistics
 from aecompress.errors import AecompressError
-from aecompress.methods import FitContext
+from aecompress.methods import FitContext, GroupSpec
 from aecompress.pipeline.plan import PlannedGroup, finite_matrices
 from aecompress.progress import progress_bar
 
-CANDIDATES = (0.5, 0.65, 0.8, 1.0, 1.2, 1.4, 1.6)
+STAGE_BIT_STEPS = (-1, 0, 1)  # a stage's bits are also tried one bit lower and higher
 
 
 @dataclass(frozen=True)
 class Option:
-    """One candidate size of a group: its budget and predicted loss increase."""
+    """One candidate of a group: its spec (the quantization stage it stores with), its
+    budget of stored bits and its predicted loss increase."""
 
+    spec: GroupSpec
     budget: float
     score: float
 
@@ -52,25 +56,35 @@ def predicted_increase(
     return total
 
 
+def candidate_specs(spec: GroupSpec) -> list[GroupSpec]:
+    """The group's spec and, with a quantization stage, the same with the stage's bits
+    one step lower and higher (within 2..8)."""
+    stage = spec.quantize
+    if stage is None:
+        return [spec]
+    bits = sorted({min(8, max(2, stage.bits + step)) for step in STAGE_BIT_STEPS})
+    return [replace(spec, quantize=stage.model_copy(update={"bits": b})) for b in bits]
+
+
 def candidate_options(
     plan: PlannedGroup, matrices: list[torch.Tensor], stats: list[TargetStatistics], seed: int
 ) -> list[Option]:
-    """The group's candidate sizes that fit (ratio > 1), each fitted and scored."""
+    """The group's candidates that fit (ratio > 1), each fitted and scored."""
     method = plan.method.allocation_proxy()
     options = []
-    for multiple in CANDIDATES:
-        budget = plan.budget * multiple
-        if budget >= plan.spec.dense_bits:
-            continue
-        context = FitContext(plan.spec, budget, seed, stats, progress=False)
-        try:
-            width = method.solve_width(matrices, context)
-        except AecompressError:  # too small for this method
-            continue
-        stored = method.fit(matrices, width, context)
-        with torch.no_grad():
-            estimates = [method.reconstruct(stored, i) for i in range(plan.spec.count)]
-        options.append(Option(budget, predicted_increase(matrices, estimates, stats)))
+    for spec in candidate_specs(plan.spec):
+        for budget in plan.method.allocation_budgets(spec, plan.budget):
+            if budget >= spec.dense_bits:
+                continue
+            context = FitContext(spec, budget, seed, stats, progress=False)
+            try:
+                width = method.solve_width(matrices, context)
+            except AecompressError:  # too small for this method
+                continue
+            stored = method.fit(matrices, width, context)
+            with torch.no_grad():
+                estimates = [method.reconstruct(stored, i) for i in range(spec.count)]
+            options.append(Option(spec, budget, predicted_increase(matrices, estimates, stats)))
     if not options:
         raise AecompressError(f"{plan.spec.name}: no candidate size fits for allocation")
     return options
@@ -118,7 +132,8 @@ def allocate(
     seed: int,
     progress: bool = True,
 ) -> list[PlannedGroup]:
-    """The planned groups with budgets re-allocated by predicted loss (module docstring)."""
+    """The planned groups with budgets (and a stage's bits) re-allocated by predicted loss
+    (module docstring)."""
     layers = [p for p in planned if p.spec.kind == "linear"]
     if not layers:
         return planned
@@ -141,5 +156,7 @@ def allocate(
             )
         )
     chosen = choose(options, sum(p.budget for p in layers))
-    budgets = {id(p): o.budget for p, o in zip(layers, chosen, strict=True)}
-    return [p.with_budget(budgets[id(p)]) if id(p) in budgets else p for p in planned]
+    allocated = {
+        id(p): replace(p, spec=o.spec, budget=o.budget) for p, o in zip(layers, chosen, strict=True)
+    }
+    return [allocated.get(id(p), p) for p in planned]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
@@ -42,9 +42,6 @@ class PlannedGroup:
     @property
     def ratio(self) -> float:
         return self.spec.dense_bits / self.budget
-
-    def with_budget(self, budget: float) -> PlannedGroup:
-        return replace(self, budget=budget)
 
 
 def group_spec(
