@@ -26,6 +26,7 @@ from aecompress.targets import (
     group_targets,
     head_dim,
     resolve_targets,
+    spec_kind,
     weight_matrix,
 )
 
@@ -55,11 +56,10 @@ def group_spec(
     quantize: QuantStage | None = None,
 ) -> GroupSpec:
     rows, cols = weight_matrix(model, group.members[0]).shape
-    embedding = group.members[0].kind == "embedding"
     return GroupSpec(
         group.name,
         group.family,
-        "embedding" if embedding else "linear",
+        spec_kind(group.members[0]),
         len(group.members),
         rows,
         cols,
