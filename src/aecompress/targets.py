@@ -175,6 +175,13 @@ def ffn_path(target: Target) -> str:
     return target.path.rpartition(".")[0]
 
 
+def covered_names(target: Target) -> list[str]:
+    """Names of the matrices a target compresses (an ffn target: its up, gate and down)."""
+    if target.kind == "ffn":
+        return [f"{ffn_path(target)}.{name}" for name in FFN_PARTS]
+    return [target.name]
+
+
 def ffn_matrices(model: nn.Module, target: Target) -> tuple[torch.Tensor, ...]:
     """An `ffn` target's up [I, H], gate [I, H] and down [H, I] weights."""
     mlp = model.get_submodule(ffn_path(target))

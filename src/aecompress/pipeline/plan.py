@@ -23,6 +23,7 @@ from aecompress.recipe import Recipe
 from aecompress.targets import (
     Group,
     Target,
+    covered_names,
     group_targets,
     head_dim,
     resolve_targets,
@@ -89,12 +90,12 @@ def plan_groups(model: PreTrainedModel, recipe: Recipe) -> list[PlannedGroup]:
     for rule in recipe.rules():
         method = make_method(rule.method, rule.options)
         targets = resolve_targets(model, rule.targets)
-        for target in targets:
-            if target.name in claimed:
+        for name in (name for target in targets for name in covered_names(target)):
+            if name in claimed:
                 raise AecompressError(
-                    f"{target.name} is a target of both {claimed[target.name]} and {rule.method}"
+                    f"{name} is a target of both {claimed[name]} and {rule.method}"
                 )
-            claimed[target.name] = rule.method
+            claimed[name] = rule.method
         for group in group_targets(model, targets, recipe.group):
             spec = group_spec(model, group, head, dtype, rule.quantize)
             check_stage(method, spec)
