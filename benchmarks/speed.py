@@ -51,6 +51,10 @@ from common import command, fp32_copy, load_average, machine, run_process
 
 MODEL = "smollm2-135m"
 TARGETS = ["up", "gate", "down"]
+# Methods that compress the MLPs through other targets (whole neurons of up, gate and down
+# together): their artifact is also exported as a plain smaller model (`export --dense`),
+# timed as a dense model (`exported` rows).
+STRUCTURED_TARGETS: dict[str, list[str]] = {"ffn-neurons": ["ffn"]}
 METHODS = ("svd", "ae", "sparsegpt")
 RATIOS = (1.25, 2.0, 4.0)
 # Method options for this benchmark (cheapest valid; quality is not measured here). The
@@ -130,11 +134,13 @@ def compress(spec: dict[str, Any]) -> dict[str, Any]:
         method=spec["method"],
         options=spec["options"],
         ratio=spec["ratio"],
-        targets=TARGETS,
+        targets=STRUCTURED_TARGETS.get(spec["method"], TARGETS),
         pipeline="independent",
         calibration=spec["calibration"],
     )
     cm.save_pretrained(spec["artifact"])
+    if spec["method"] in STRUCTURED_TARGETS:
+        aecompress.export_dense(spec["artifact"], f"{spec['artifact']}-plain")
     return {"stored_ratio": cm.totals()["ratio"], "seconds": time.perf_counter() - start}
 
 
@@ -148,7 +154,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     import aecompress
     from aecompress.artifact import load_manifest
     from aecompress.models import load_model
-    from aecompress.targets import resolve_targets
+    from aecompress.targets import Target, covered_names, resolve_targets
 
     folder, runtime = spec["folder"], spec["runtime"]
     config = transformers.AutoConfig.from_pretrained(folder)
@@ -156,7 +162,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     floor = settled_rss()
     start = time.perf_counter()
     model: Any  # a transformers model
-    if runtime == "dense":
+    if runtime in ("dense", "exported"):  # exported: a plain model of smaller matrices
         model = load_model(folder).model
         paths = [t.path for t in resolve_targets(model, TARGETS)]
         with torch.no_grad():  # own memory, as an artifact's (not pages mapped from the file)
@@ -164,7 +170,12 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
                 tensor.data = tensor.data.clone()
     else:
         model = aecompress.load(folder, decode=runtime == "decoded")
-        paths = [m.path for g in load_manifest(folder).groups for m in g.members]
+        members = [
+            Target(m.path, g.family, m.layer, m.kind, m.part)
+            for g in load_manifest(folder).groups
+            for m in g.members
+        ]
+        paths = [name for member in members for name in covered_names(member)]
     load_seconds = time.perf_counter() - start
     loaded_rss = settled_rss() - floor
     model.eval()
@@ -382,8 +393,11 @@ def run(args: argparse.Namespace, device: str, work: Path) -> list[dict[str, Any
                 records.append({**base, "runtime": "decoded", "same_as": "runtime"})
             else:
                 measured(base, str(artifact), "decoded")
+            if method in STRUCTURED_TARGETS:
+                measured(base, f"{artifact}-plain", "exported")
             if args.work is None:
                 shutil.rmtree(artifact, ignore_errors=True)
+                shutil.rmtree(f"{artifact}-plain", ignore_errors=True)
     measured({"method": "dense", "ratio": None, "when": "end"}, model, "dense")
     return records
 

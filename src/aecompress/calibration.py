@@ -472,6 +472,8 @@ def _mapping(value: object, kind: type) -> bool:
 def _shapes(model: nn.Module, target: Target) -> dict[str, tuple[int, ...]]:
     """The shape of each statistic of a target whose matrix is [rows, cols]."""
     rows, cols = weight_matrix(model, target).shape
+    if target.kind == "ffn":  # measured at the down projection: [hidden, intermediate]
+        rows, cols = dense_weight(model.get_submodule(target.path), "linear").shape
     return {
         "xtx": (cols, cols),
         "abs_mean": (cols,),

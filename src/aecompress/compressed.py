@@ -21,7 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from aecompress.budget import stored_bits, stored_numel
 from aecompress.methods import Method, Stored
 from aecompress.substitution import inject, restore
-from aecompress.targets import Group, Target
+from aecompress.targets import Group, Target, ffn_path
 
 
 @dataclass
@@ -123,7 +123,10 @@ class CompressedModel:
 
 
 def member_path(target: Target) -> str:
-    """Path of the module that serves a target (a fused target's part lives inside)."""
+    """Path of the module that serves a target (a fused target's part lives inside; an
+    ffn target is served by its whole MLP)."""
+    if target.kind == "ffn":
+        return ffn_path(target)
     return target.path if target.part is None else f"{target.path}.parts.{target.part[0]}"
 
 

@@ -19,7 +19,7 @@ from transformers import PreTrainedModel
 
 from aecompress.methods import Method, Stored
 from aecompress.modules import FusedLinear, dense_embedding, dense_linear, plain_linear
-from aecompress.targets import Group, Target, dense_weight
+from aecompress.targets import Group, Target, dense_weight, ffn_path
 
 # How members are served: the method's runtime module, decoded once into a dense weight,
 # rebuilt from the stored tensors on every call (differentiable: refinement trains them),
@@ -148,6 +148,8 @@ def place(model: nn.Module, target: Target, build: Callable[[nn.Module], nn.Modu
 def restore(model: nn.Module, target: Target) -> None:
     """Undo `place` for a decoded target: its path holds a module of the base model's own
     class and layout again (a fused module made whole, a Conv1D transposed back)."""
+    if target.kind == "ffn":  # its MLP already is the base class's, with smaller matrices
+        return
     module = model.get_submodule(target.path)
     if isinstance(module, FusedLinear):
         weight, bias = module.merged()
@@ -170,6 +172,10 @@ def inject(
     """Put the group's serving modules in place of its targets (and of a tied output head,
     which then shares the embedding's stored tensors)."""
     for index, target in enumerate(group.members):
+        if target.kind == "ffn":  # the whole MLP, whatever the serving: a smaller one
+            path = ffn_path(target)
+            model.set_submodule(path, method.structured(stored, index, model.get_submodule(path)))
+            continue
         kind = "embedding" if target.kind == "embedding" else "linear"
         place(model, target, partial(_build, method, stored, index, kind, serving))
         if kind == "embedding" and tied_output is not None:

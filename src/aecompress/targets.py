@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field
+from typing import Literal, cast
 
 import torch
 from torch import nn
@@ -21,7 +22,12 @@ from aecompress.modules import FusedLinear
 
 logger = logging.getLogger(__name__)
 
-FAMILIES = ("embed", "q", "k", "v", "o", "up", "gate", "down")
+FAMILIES = ("embed", "q", "k", "v", "o", "up", "gate", "down", "ffn")
+# An `ffn` target is a gated MLP's up, gate and down of one layer taken together (structured
+# methods remove whole intermediate neurons): its path is the down projection's (whose
+# input, the intermediate activations, is what calibration measures), its matrix the
+# [3 * intermediate, hidden] stack of up, gate and down transposed (ffn_matrices).
+FFN_PARTS = ("up_proj", "gate_proj", "down_proj")
 CUSTOM_PREFIX = "re:"
 CUSTOM_FAMILY = "custom"  # family of the matrices a `re:REGEX` target selects
 _LAYER = r"(?P<layer>\d+)"
@@ -66,6 +72,7 @@ _LLAMA = Architecture(
                 ("up", "mlp", "up_proj"),
                 ("gate", "mlp", "gate_proj"),
                 ("down", "mlp", "down_proj"),
+                ("ffn", "mlp", "down_proj"),
             )
         },
     }
@@ -115,7 +122,7 @@ class Target:
     path: str
     family: str
     layer: int | None
-    kind: str  # "linear", "conv1d" or "embedding"
+    kind: str  # "linear", "conv1d", "embedding" or "ffn" (see FFN_PARTS)
     part: tuple[int, int] | None = None  # (index, count) of a fused module's output slice
 
     @property
@@ -130,6 +137,16 @@ class Group:
     name: str
     family: str
     members: tuple[Target, ...]
+
+
+SpecKind = Literal["linear", "embedding", "ffn"]
+
+
+def spec_kind(target: Target) -> SpecKind:
+    """How a method sees the target: an embedding, an ffn stack, or a linear matrix."""
+    if target.kind in ("embedding", "ffn"):
+        return cast(SpecKind, target.kind)
+    return "linear"
 
 
 def module_kind(module: nn.Module) -> str:
@@ -153,8 +170,30 @@ def dense_weight(module: nn.Module, kind: str) -> torch.Tensor:
     return weight.T if kind == "conv1d" else weight
 
 
+def ffn_path(target: Target) -> str:
+    """The MLP module of an `ffn` target (the parent of its down projection)."""
+    return target.path.rpartition(".")[0]
+
+
+def covered_names(target: Target) -> list[str]:
+    """Names of the matrices a target compresses (an ffn target: its up, gate and down)."""
+    if target.kind == "ffn":
+        return [f"{ffn_path(target)}.{name}" for name in FFN_PARTS]
+    return [target.name]
+
+
+def ffn_matrices(model: nn.Module, target: Target) -> tuple[torch.Tensor, ...]:
+    """An `ffn` target's up [I, H], gate [I, H] and down [H, I] weights."""
+    mlp = model.get_submodule(ffn_path(target))
+    return tuple(getattr(mlp, name).weight.detach() for name in FFN_PARTS)
+
+
 def weight_matrix(model: nn.Module, target: Target) -> torch.Tensor:
-    """The target's weight in [out, in] layout (a view or a copy; never modified)."""
+    """The target's weight in [out, in] layout (a view or a copy; never modified); an
+    `ffn` target's [up; gate; down^T] stack, [3 * intermediate, hidden]."""
+    if target.kind == "ffn":
+        up, gate, down = ffn_matrices(model, target)
+        return torch.cat([up, gate, down.T])
     module = model.get_submodule(target.path)
     if isinstance(module, FusedLinear) and target.part is not None:  # already split
         return dense_weight(module.parts[target.part[0]], "linear")
@@ -195,7 +234,8 @@ def _family_targets(model: nn.Module, arch: Architecture, family: str) -> list[T
         match = _match(pattern, path)
         if match:
             part = (index, count) if count else None
-            found.append(Target(path, family, _layer_of(match), module_kind(module), part))
+            kind = "ffn" if family == "ffn" else module_kind(module)
+            found.append(Target(path, family, _layer_of(match), kind, part))
     return found
 
 
@@ -253,16 +293,24 @@ def resolve_targets(model: PreTrainedModel, families: list[str]) -> list[Target]
 def _choose(
     chosen: dict[int, list[tuple[Target, str]]], model: nn.Module, target: Target, by: str
 ) -> None:
-    """Record that `by` selects `target`, refusing a matrix (or part) selected before."""
-    on_weight = chosen.setdefault(id(model.get_submodule(target.path).weight), [])
-    for earlier, earlier_by in on_weight:
-        if None in (earlier.part, target.part) or earlier.part == target.part:
-            raise AecompressError(
-                f"targets '{earlier_by}' and '{by}' both select {target.name}"
-                + ("" if earlier.path == target.path else f" (it shares {earlier.name}'s weight)")
-                + ": each matrix is compressed once"
-            )
-    on_weight.append((target, by))
+    """Record that `by` selects `target`, refusing a matrix (or part) selected before (an
+    `ffn` target selects its up, gate and down)."""
+    if target.kind == "ffn":
+        weights: list[object] = list(model.get_submodule(ffn_path(target)).parameters())
+    else:
+        weights = [model.get_submodule(target.path).weight]
+    for weight in weights:
+        on_weight = chosen.setdefault(id(weight), [])
+        for earlier, earlier_by in on_weight:
+            if None in (earlier.part, target.part) or earlier.part == target.part:
+                shares = (
+                    "" if earlier.path == target.path else f" (it shares {earlier.name}'s weight)"
+                )
+                raise AecompressError(
+                    f"targets '{earlier_by}' and '{by}' both select {target.name}{shares}"
+                    ": each matrix is compressed once"
+                )
+        on_weight.append((target, by))
 
 
 def parse_grouping(grouping: str) -> int | None:

@@ -1,5 +1,6 @@
 """export_dense: a plain transformers folder that loads without aecompress."""
 
+import json
 import shutil
 
 import pytest
@@ -10,7 +11,7 @@ import aecompress
 from aecompress.artifact import MANIFEST, read_manifest
 from aecompress.errors import AecompressError
 from tests.artifact.conftest import IDS, plain_logits
-from tests.conftest import FAMILIES, compressed_tiny
+from tests.conftest import FAMILIES, compressed_tiny, tiny_model
 
 
 @pytest.mark.parametrize("arch", ["llama", "bert", "gpt2"])
@@ -54,4 +55,40 @@ def test_a_folder_linked_out_of_an_artifact_is_refused(sentence_artifact, tmp_pa
     (art / "1_Pooling").symlink_to(tmp_path / "elsewhere")
     with pytest.raises(AecompressError, match="1_Pooling is a link out of the folder"):
         aecompress.export_dense(art, tmp_path / "plain")
+    assert not (tmp_path / "plain").exists()
+
+
+def pruned_mlps_artifact(tokenizer, path):
+    """A tiny Llama whose MLPs all keep the same number of neurons (ffn-neurons)."""
+    calibration = {"samples": 8, "seq_len": 32, "batch_size": 4}
+    cm = compressed_tiny(
+        tokenizer,
+        "llama",
+        method="ffn-neurons",
+        ratio=1.5,
+        targets=["ffn"],
+        calibration=calibration,
+    )
+    cm.save_pretrained(path)
+    return {g.stored.width for g in cm.groups}
+
+
+def test_export_dense_of_pruned_mlps_is_a_smaller_plain_model(tokenizer, tmp_path):
+    (width,) = pruned_mlps_artifact(tokenizer, tmp_path / "art")
+    aecompress.export_dense(tmp_path / "art", tmp_path / "plain")
+    config = transformers.AutoConfig.from_pretrained(tmp_path / "plain")
+    assert config.intermediate_size == width < tiny_model("llama").config.intermediate_size
+    expected = aecompress.load(tmp_path / "art")(input_ids=torch.tensor(IDS)).logits
+    logits = plain_logits(tmp_path / "plain", "LlamaForCausalLM")
+    torch.testing.assert_close(logits, expected.flatten(), rtol=1e-4, atol=1e-5)
+
+
+def test_export_dense_refuses_mlps_of_different_widths(tokenizer, tmp_path):
+    pruned_mlps_artifact(tokenizer, tmp_path / "art")
+    manifest_path = tmp_path / "art" / MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    manifest["groups"][1]["width"] -= 1
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(AecompressError, match="uniform widths"):
+        aecompress.export_dense(tmp_path / "art", tmp_path / "plain")
     assert not (tmp_path / "plain").exists()

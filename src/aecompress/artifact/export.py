@@ -24,6 +24,7 @@ from aecompress.artifact.manifest import WEIGHTS, load_manifest
 from aecompress.artifact.save import untouched_state
 from aecompress.budget import STORAGE_DTYPES
 from aecompress.compressed import CompressedModel
+from aecompress.errors import AecompressError
 from aecompress.outputs import check_new_folder
 from aecompress.tensorfile import write_safetensors
 
@@ -33,11 +34,34 @@ def export_dense(artifact: str | Path, output: str | Path) -> Path:
     an fp32 dense weight (safetensors), the base's config and tokenizer. It loads with
     `AutoModel*.from_pretrained(output)` without aecompress; `output` must be new or empty."""
     output = check_new_folder(Path(output))
+    intermediate = pruned_intermediate_size(artifact)
     cm = load_compressed(artifact, decode=True)
     model = cm.merge_and_unload()
+    if intermediate is not None:  # the MLPs are the smaller ones: say so in the config
+        model.config.intermediate_size = intermediate
     with _export_folder(output, cm, Path(artifact)) as work:
         model.save_pretrained(work)
     return output
+
+
+def pruned_intermediate_size(artifact: str | Path) -> int | None:
+    """The one intermediate size of an artifact whose MLPs (`ffn` targets) all keep the
+    same number of neurons; None without ffn groups; refused when some layers' MLPs are
+    not pruned or keep different numbers (a plain config has one intermediate_size)."""
+    manifest = load_manifest(artifact)
+    pruned = [e for e in manifest.groups if e.members[0].kind == "ffn"]
+    if not pruned:
+        return None
+    layers = {m.layer for e in pruned for m in e.members}
+    widths = {w for e in pruned for w in ([e.width] if isinstance(e.width, int) else e.width)}
+    config = json.loads((Path(artifact) / "config.json").read_text())
+    if len(widths) > 1 or layers != set(range(config.get("num_hidden_layers", -1))):
+        raise AecompressError(
+            f"{artifact}: its MLPs keep different numbers of neurons (or some layers are not "
+            "pruned), and a plain config has one intermediate_size: compress with --targets "
+            "ffn on every layer at one --ratio, without --allocate, for uniform widths"
+        )
+    return widths.pop()
 
 
 def export_compressed_tensors(artifact: str | Path, output: str | Path) -> Path:

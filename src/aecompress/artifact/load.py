@@ -5,7 +5,6 @@ the model its config describes (family, kind, shape, width)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 import torch
 import transformers
@@ -36,6 +35,7 @@ from aecompress.targets import (
     head_dim,
     module_kind,
     resolve_targets,
+    spec_kind,
     weight_matrix,
 )
 
@@ -203,15 +203,12 @@ def _group_spec(entry: GroupEntry, model: PreTrainedModel, storage_dtype: str) -
         _check_family(entry, members, model)
     for target in members:
         _check_member(entry, target, model)
-    use: Literal["linear", "embedding"] = (
-        "embedding" if members[0].kind == "embedding" else "linear"
-    )
     count, (rows, cols) = len(members), entry.shape
     quantized = _layout(entry, make_method(entry.method, entry.options)).quantize
     return GroupSpec(
         entry.name,
         entry.family,
-        use,
+        spec_kind(members[0]),
         count,
         rows,
         cols,
@@ -237,7 +234,12 @@ def _check_family(entry: GroupEntry, members: tuple[Target, ...], model: PreTrai
 def _check_member(entry: GroupEntry, target: Target, model: PreTrainedModel) -> None:
     """The member's module exists and has the recorded kind and the group's shape."""
     try:
-        kind = module_kind(model.get_submodule(target.path))
+        module = model.get_submodule(target.path)
+        kind = (
+            "ffn"
+            if target.kind == "ffn" and module_kind(module) == "linear"
+            else module_kind(module)
+        )
         shape = tuple(weight_matrix(model, target).shape)
     except (AttributeError, AecompressError, ValueError, ZeroDivisionError) as error:
         message = f"group {entry.name} does not fit this model: {first_line(error)}"

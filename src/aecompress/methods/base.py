@@ -58,7 +58,8 @@ class MethodLayout(BaseModel):
 class GroupSpec:
     """What a method fits: `count` matrices of [rows, cols] of one family, stacked row-wise.
 
-    `kind` says how the matrices are used (an embedding's rows are looked up by token),
+    `kind` says how the matrices are used (an embedding's rows are looked up by token; an
+    ffn member is a gated MLP's [up; gate; down^T], targets.FFN_PARTS),
     `head_dim` is the model's attention head size (None when the model has none),
     `storage_dtype` the dtype of the artifact's floating tensors (float_bits: its width),
     `quantize` the quantization stage of its matrix-shaped stored tensors (stage.py; None:
@@ -67,7 +68,7 @@ class GroupSpec:
 
     name: str
     family: str
-    kind: Literal["linear", "embedding"]
+    kind: Literal["linear", "embedding", "ffn"]
     count: int
     rows: int
     cols: int
@@ -308,6 +309,12 @@ class Method(ABC):
         a kernel made for short inputs)."""
         with torch.no_grad():
             return dense_linear(self.reconstruct(stored, index), bias)
+
+    def structured(self, stored: Stored, index: int, original: nn.Module) -> nn.Module:
+        """The module serving member `index` of a structured group (an ffn target: its
+        MLP) in place of `original`, sharing the stored tensors (so refinement trains
+        them). Only methods that fit such groups have one."""
+        raise AecompressError(f"{self.name} does not serve structured groups")
 
     def embedding(self, stored: Stored, index: int, padding_idx: int | None) -> nn.Module:
         """The runtime module serving member `index` as an Embedding (default: decoded once)."""

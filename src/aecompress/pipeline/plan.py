@@ -23,9 +23,11 @@ from aecompress.recipe import Recipe
 from aecompress.targets import (
     Group,
     Target,
+    covered_names,
     group_targets,
     head_dim,
     resolve_targets,
+    spec_kind,
     weight_matrix,
 )
 
@@ -52,11 +54,10 @@ def group_spec(
     quantize: QuantStage | None = None,
 ) -> GroupSpec:
     rows, cols = weight_matrix(model, group.members[0]).shape
-    embedding = group.members[0].kind == "embedding"
     return GroupSpec(
         group.name,
         group.family,
-        "embedding" if embedding else "linear",
+        spec_kind(group.members[0]),
         len(group.members),
         rows,
         cols,
@@ -86,12 +87,12 @@ def plan_groups(model: PreTrainedModel, recipe: Recipe) -> list[PlannedGroup]:
     for rule in recipe.rules():
         method = make_method(rule.method, rule.options)
         targets = resolve_targets(model, rule.targets)
-        for target in targets:
-            if target.name in claimed:
+        for name in (name for target in targets for name in covered_names(target)):
+            if name in claimed:
                 raise AecompressError(
-                    f"{target.name} is a target of both {claimed[target.name]} and {rule.method}"
+                    f"{name} is a target of both {claimed[name]} and {rule.method}"
                 )
-            claimed[target.name] = rule.method
+            claimed[name] = rule.method
         for group in group_targets(model, targets, recipe.group):
             spec = group_spec(model, group, head, dtype, rule.quantize)
             check_stage(method, spec)

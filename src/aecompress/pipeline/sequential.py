@@ -261,6 +261,11 @@ def fit_position(
                 stats.fisher, stats.l1 = gradients[target.name].fisher, gradients[target.name].l1
             statistics.append(stats)
             if compensates(plan) and config.target == "dense":
+                if plan.spec.kind == "ffn":
+                    raise AecompressError(
+                        f"{plan.group.name}: the dense sequential target is for linear "
+                        "layers; ffn targets refit down on the kept activations (target local)"
+                    )
                 matrices[index] = compensated(entry, matrices[index], config.damp)
         last_reader = _last_reader(plan, groups[position + 1 :], moments)
         group = fit_group(
