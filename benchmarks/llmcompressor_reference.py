@@ -19,6 +19,9 @@ venv of `make llmcompressor`:
     OMP_NUM_THREADS=1 PYTHONPATH=src .venv-llmcompressor/bin/python \\
         benchmarks/llmcompressor_reference.py benchmarks/recipes/quantization.yaml \\
         --results benchmarks/results/quantization/results.jsonl
+
+The frontier benchmark (issue 28) runs it the same way on benchmarks/recipes/frontier.yaml
+into benchmarks/results/frontier/results.jsonl.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ CONFIGS: dict[str, tuple[str, int, int, float]] = {
     "llm-compressor rtn g64 w4": ("QuantizationModifier", 4, 64, 3.76),
     "llm-compressor gptq g64 w3": ("GPTQModifier", 3, 64, 4.92),
     "llm-compressor rtn g64 w3": ("QuantizationModifier", 3, 64, 4.92),
+    "llm-compressor gptq g64 w2": ("GPTQModifier", 2, 64, 7.1),
+    "llm-compressor rtn g64 w2": ("QuantizationModifier", 2, 64, 7.1),
 }
 
 

@@ -372,6 +372,41 @@ def test_a_method_carries_its_own_recipe_fields(tiny_folder, tmp_path):
         )
 
 
+def test_a_quantization_stage_is_part_of_a_cell_and_of_its_default_label():
+    from aecompress.sweep import cell_id, cell_recipe, cells
+
+    stages = ["int4:g64", {"bits": 4, "group": 64, "method": "gptq"}, "int3:g64", None]
+    methods = [{"method": "sparsegpt"} | ({"recipe": {"quantize": s}} if s else {}) for s in stages]
+    plan = recipe("m").model_copy(
+        update={"ratios": [4.92], "methods": [MethodSpec.model_validate(m) for m in methods]}
+    )
+    grid = list(cells(plan))
+    labels = [cell["label"] for cell in grid]
+    assert labels == ["sparsegpt + int4:g64:gptq"] * 2 + ["sparsegpt + int3:g64:gptq", "sparsegpt"]
+    assert cell_id(grid[0]) == cell_id(grid[1])  # one stage spelled two ways is one cell
+    assert len({cell_id(cell) for cell in grid}) == 3
+    built = [cell_recipe(plan, cell).quantize for cell in grid]
+    assert [(q.bits, q.group) if q else None for q in built] == [(4, 64), (4, 64), (3, 64), None]
+    with pytest.raises(ValueError, match=r"recipe\.bits"):
+        MethodSpec.model_validate({"method": "sparsegpt", "recipe": {"quantize": "int9:g64"}})
+
+
+def test_validation_and_test_plots_of_a_task_are_separate_files(tmp_path):
+    cell = {"model": "m", "label": "svd", "targets": "k", "group": "none", "ratio": 2}
+    records = [
+        {"cell": cell, "status": "ok", "task": "wikitext2", "split": split}
+        | {"settings": {"split": split}, "metrics": {"perplexity": value}}
+        for split, value in [("validation", 20.0), ("test", 30.0)]
+    ]
+    results = tmp_path / "results.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in records))
+    written = write_report([results], read_results(results))
+    assert sorted(p.name for p in written if p.suffix == ".png") == [
+        "m_k_wikitext2_test_perplexity.png",
+        "m_k_wikitext2_validation_perplexity.png",
+    ]
+
+
 @pytest.mark.parametrize(
     "method,message",
     [

@@ -227,11 +227,20 @@ def check_report_files(folder: Path, plots: Sequence[Path] = ()) -> None:
         check_file(path, f"report file {path}", kind, ours)
 
 
-def _plot_path(folder: Path, key: tuple[str, str, str, str, str]) -> Path:
-    """The PNG of a table (model, targets, task, split, metric) in `folder`."""
-    model, targets, task, _split, metric = key
-    parts = (model, targets, task, metric)
+def _plot_path(folder: Path, key: tuple[str, str, str, str, str], splits: set[str]) -> Path:
+    """The PNG of a table (model, targets, task, split, metric) in `folder`; its name has
+    the split when the table's task is reported on several `splits` (validation, test)."""
+    model, targets, task, split, metric = key
+    parts = (model, targets, task, *([split] if len(splits) > 1 else []), metric)
     return folder / ("_".join(p.replace(",", "+").replace("/", "-") for p in parts) + ".png")
+
+
+def _splits(keys: list[tuple[str, str, str, str, str]]) -> dict[tuple[str, ...], set[str]]:
+    """The splits of each (model, targets, task, metric) among the tables' keys."""
+    splits: dict[tuple[str, ...], set[str]] = {}
+    for model, targets, task, split, metric in keys:
+        splits.setdefault((model, targets, task, metric), set()).add(split)
+    return splits
 
 
 def write_report(results: list[Path], records: list[dict[str, Any]]) -> list[Path]:
@@ -241,7 +250,12 @@ def write_report(results: list[Path], records: list[dict[str, Any]]) -> list[Pat
     records = current(records)
     rows = flatten_results(records)
     folder = results[0].parent
-    plots = [(_plot_path(folder, key), key, subset, ref) for key, subset, ref in _tables(rows)]
+    tables = list(_tables(rows))
+    splits = _splits([key for key, *_ in tables])
+    plots = [
+        (_plot_path(folder, key, splits[(*key[:3], key[4])]), key, subset, ref)
+        for key, subset, ref in tables
+    ]
     check_report_files(folder, [path for path, *_ in plots])
     # every task record of a cell repeats the cell's compression time: count it once
     compress = {cell_id(r["cell"]): r.get("compress_seconds", 0.0) for r in records}

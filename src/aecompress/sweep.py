@@ -32,6 +32,7 @@ from aecompress.calibration import CalibrationConfig, Seed
 from aecompress.engine import compress
 from aecompress.errors import AecompressError, describe
 from aecompress.evaluation.tasks import TASKS, run_task, task_settings
+from aecompress.methods.stage import QuantStage
 from aecompress.models import LoadedModel, load_model, model_identity
 from aecompress.outputs import PlainName
 from aecompress.recipe import Recipe, read_yaml
@@ -60,11 +61,16 @@ class MethodSpec(BaseModel):
         unknown = set(value) - RECIPE_FIELDS
         if unknown:
             raise ValueError(f"use {', '.join(sorted(RECIPE_FIELDS))} (got {sorted(unknown)})")
+        if "quantize" in value:  # one spelling per stage, so that it names one cell
+            value = {**value, "quantize": str(QuantStage.model_validate(value["quantize"]))}
         return value
 
     @property
     def name(self) -> str:
-        return self.label or self.method
+        """The label, by default the method and its quantization stage (`sparsegpt +
+        int4:g64:gptq`)."""
+        stage = self.recipe.get("quantize")
+        return self.label or (f"{self.method} + {stage}" if stage else self.method)
 
 
 RECIPE_FIELDS = {
@@ -74,6 +80,7 @@ RECIPE_FIELDS = {
     "refine",
     "allocate",
     "storage_dtype",
+    "quantize",
     "untie_embeddings",
     "device",
 }

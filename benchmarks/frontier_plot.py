@@ -1,0 +1,80 @@
+"""Perplexity against stored bits per weight, one curve per method (issue 28's frontier).
+
+Reads a sweep's results file (the latest record of each cell, as the report does) and
+draws one PNG per split of a perplexity task beside it: x is the cell's stored bits over
+its target weights (the dense matrices in bf16, 16 bits a weight: `target_bits / 16`),
+y its perplexity on a log axis, the dense model's as a dashed line.
+
+    PYTHONPATH=src python benchmarks/frontier_plot.py benchmarks/results/frontier/results.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+DENSE_BITS = 16  # bf16, the storage dtype of SmolLM2's matrices
+
+
+def bits_per_weight(record: dict[str, Any]) -> float:
+    """Stored bits over the target's weights."""
+    return DENSE_BITS * record["stored_bits"] / record["target_bits"]
+
+
+def curves(
+    records: list[dict[str, Any]], task: str, split: str
+) -> tuple[dict[str, list[tuple[float, float]]], float | None]:
+    """Each method's (bits per weight, perplexity) points, sorted by bits, and the dense
+    perplexity, from the ok records of `task` on `split`."""
+    points: dict[str, list[tuple[float, float]]] = {}
+    dense = None
+    for record in records:
+        if record["status"] != "ok" or record["task"] != task or record.get("split") != split:
+            continue
+        value = record["metrics"]["perplexity"]
+        if record["cell"]["label"] == "dense":
+            dense = value
+        else:
+            points.setdefault(record["cell"]["label"], []).append((bits_per_weight(record), value))
+    return {label: sorted(values) for label, values in points.items()}, dense
+
+
+def plot(results: Path, task: str, split: str) -> Path:
+    """Write `<task>_<split>_perplexity_vs_bits.png` beside the results file."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from aecompress.sweep import current, read_results
+
+    methods, dense = curves(current(read_results(results)), task, split)
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for number, (label, points) in enumerate(methods.items()):
+        axes.plot(*zip(*points, strict=True), marker="osD^vP*X"[number % 8], label=label)
+    if dense is not None:
+        axes.axhline(dense, color="black", linestyle="--", label=f"dense ({dense:.2f})")
+    axes.set_yscale("log")
+    axes.set_xlabel("stored bits per weight (dense bf16: 16)")
+    axes.set_ylabel(f"{task} perplexity ({split})")
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    path = results.parent / f"{task}_{split}_perplexity_vs_bits.png"
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", type=Path, help="a sweep's results JSONL")
+    parser.add_argument("--task", default="wikitext2")
+    parser.add_argument("--splits", nargs="+", default=["test", "validation"])
+    args = parser.parse_args()
+    for split in args.splits:
+        print(plot(args.results, args.task, split))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+import json
+
+from frontier_plot import curves
+
+from tests.benchmarks.conftest import run_script
+
+
+def record(label: str, split: str, perplexity: float, stored_bits: int) -> dict:
+    cell = {"model": "m", "label": label, "targets": "down", "group": "none", "ratio": 1.0}
+    return {"cell": cell, "status": "ok", "task": "wikitext2", "split": split} | {
+        "settings": {"split": split},
+        "metrics": {"perplexity": perplexity},
+        "stored_bits": stored_bits,
+        "target_bits": 1600,
+    }
+
+
+def test_each_method_is_a_curve_of_perplexity_against_bits_per_weight(tmp_path):
+    records = [
+        record("dense", "test", 10.0, 1600),
+        record("gptq", "test", 30.0, 325),
+        record("gptq", "test", 12.0, 425),
+        record("gptq", "validation", 9.0, 425),
+        record("sparsegpt", "test", 20.0, 325),
+    ]
+    methods, dense = curves(records, "wikitext2", "test")
+    assert dense == 10.0
+    assert methods == {"gptq": [(3.25, 30.0), (4.25, 12.0)], "sparsegpt": [(3.25, 20.0)]}
+    results = tmp_path / "results.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in records))
+    run_script("frontier_plot", str(results), "--splits", "test")
+    assert (tmp_path / "wikitext2_test_perplexity_vs_bits.png").read_bytes()[:4] == b"\x89PNG"
