@@ -68,11 +68,14 @@ class _Classes:
         return value
 
     def fields(self, class_name: str) -> list[str]:
-        """Pydantic fields of an options class: the bases' first, then its own new ones."""
+        """Pydantic fields of an options class: the bases' first (the last base's first, as
+        pydantic walks the method resolution order backwards), then its own new ones."""
         node = self.nodes.get(class_name)
         if node is None:
             return []
-        found = [name for base in _base_names(node) for name in self.fields(base)]
+        found: list[str] = []
+        for base in reversed(_base_names(node)):
+            found += [name for name in self.fields(base) if name not in found]
         for statement in node.body:
             if (
                 isinstance(statement, ast.AnnAssign)

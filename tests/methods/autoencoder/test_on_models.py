@@ -117,6 +117,7 @@ def test_a_quantized_embedding_codec_loads_back_and_inspect_names_its_stage(tmp_
         ratio=4,
         targets=["embed"],
         quantize="int4:g16",
+        tokenizer=tiny_tokenizer(),  # of the tiny model's vocabulary
     )
     cm.save_pretrained(str(tmp_path / "art"))
     loaded = load_compressed(tmp_path / "art")
