@@ -2,8 +2,8 @@
 
 Reads a sweep's results file (the latest record of each cell, as the report does) and
 draws one PNG per split of a perplexity task beside it: x is the cell's stored bits over
-its target weights (the dense matrices in bf16, 16 bits a weight: `target_bits / 16`),
-y its perplexity on a log axis, the dense model's as a dashed line.
+its target weights (`stored_bits / target_params`), y its perplexity on a log axis, the
+dense model's as a dashed line.
 
     PYTHONPATH=src python benchmarks/frontier_plot.py benchmarks/results/frontier/results.jsonl
 """
@@ -14,12 +14,10 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-DENSE_BITS = 16  # bf16, the storage dtype of SmolLM2's matrices
-
 
 def bits_per_weight(record: dict[str, Any]) -> float:
     """Stored bits over the target's weights."""
-    return DENSE_BITS * record["stored_bits"] / record["target_bits"]
+    return record["stored_bits"] / record["target_params"]
 
 
 def curves(
@@ -56,7 +54,7 @@ def plot(results: Path, task: str, split: str) -> Path:
     if dense is not None:
         axes.axhline(dense, color="black", linestyle="--", label=f"dense ({dense:.2f})")
     axes.set_yscale("log")
-    axes.set_xlabel("stored bits per weight (dense bf16: 16)")
+    axes.set_xlabel("stored bits per weight")
     axes.set_ylabel(f"{task} perplexity ({split})")
     axes.legend(fontsize=7)
     figure.tight_layout()

@@ -89,9 +89,10 @@ def main() -> None:
                 lr=lr,
                 train_fraction=args.train_fraction,
             )
+            line = result.to_json()
             with args.results.open("a") as handle:
-                handle.write(result.to_json() + "\n")
-            records[(task, lr)] = json.loads(result.to_json())
+                handle.write(line + "\n")
+            records[(task, lr)] = json.loads(line)
             print(task, lr, result.metrics, flush=True)
     write_text(args.results.with_name("selection.md"), report(records, args.tasks, started))
 

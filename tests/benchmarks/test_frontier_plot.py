@@ -12,6 +12,7 @@ def record(label: str, split: str, perplexity: float, stored_bits: int) -> dict:
         "metrics": {"perplexity": perplexity},
         "stored_bits": stored_bits,
         "target_bits": 1600,
+        "target_params": 100,  # in bf16
     }
 
 
