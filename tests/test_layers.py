@@ -31,6 +31,7 @@ LAYERS = [
     ],
     ["models", "modules", "budget"],
     ["targets"],
+    ["streaming"],  # a model's blocks filled from disk one at a time
     ["calibration"],
     ["methods"],
     ["recipe"],  # validates method names and options
