@@ -7,27 +7,49 @@ runs every batch, and is released; last, the model's own forward runs each batch
 with its blocks replaying the final hidden states, so the final norm and the head make
 the logits exactly as in memory. The tasks score those logits with their in-memory code
 (a `Forward`, evaluation/common.py).
+
+A dense safetensors checkpoint streams from its files (streaming.CheckpointBlocks), an
+artifact from its weights (artifact.blocks.ArtifactBlocks). By default a model streams
+when loading it whole would not fit the available memory (about IN_MEMORY_FACTOR times
+its float32 tensors); only the tasks that score logits can (Task.streams).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from aecompress.artifact import is_artifact
+from aecompress.artifact.blocks import ArtifactBlocks
+from aecompress.errors import AecompressError
 from aecompress.evaluation.common import Batch
 from aecompress.evaluation.perplexity import available_memory
+from aecompress.evaluation.tasks import TASKS, streaming_refused
+from aecompress.models import (
+    EMBEDDED,
+    auto_class_for,
+    check_vocabulary,
+    load_config,
+    load_tokenizer,
+    resolve_embedded,
+)
 from aecompress.pipeline.streams import BlockInputs, capture_inputs
 from aecompress.progress import progress_bar
+from aecompress.streaming import BlockSource, CheckpointBlocks, skeleton_from_checkpoint
+from aecompress.tensorfile import SafetensorsError, SafetensorsFiles
 
-if TYPE_CHECKING:
-    from aecompress.streaming import BlockSource
+logger = logging.getLogger(__name__)
 
 MEMORY_SHARE = 0.5  # of the available memory, for the hidden states of one chunk of batches
+IN_MEMORY_FACTOR = 1.3  # a model loaded whole takes about this times its float32 tensors
 
 
 @dataclass
@@ -63,6 +85,7 @@ class StreamedForward:
         returns_tuple = False
         for index in progress_bar(range(len(blocks)), desc="blocks", enabled=self.progress):
             self.source.load(index, self.device)
+            move_buffers(blocks[index], self.device)
             try:
                 for number, given in enumerate(inputs):
                     hidden[number], returns_tuple = run_block(blocks[index], hidden[number], given)
@@ -119,3 +142,114 @@ def replaying(blocks: nn.ModuleList, final: torch.Tensor, as_tuple: bool) -> Ite
     finally:
         for block in blocks:
             del block.forward
+
+
+def move_buffers(module: nn.Module, device: torch.device) -> None:
+    """Put the module's real buffers on `device` (a skeleton keeps its buffers real, and a
+    BlockSource moves the parameters it fills)."""
+    for owner in module.modules():
+        for name, buffer in owner._buffers.items():
+            if buffer is not None and not buffer.is_meta and buffer.device != device:
+                owner._buffers[name] = buffer.to(device)
+
+
+@dataclass
+class StreamedModel:
+    """A model evaluated block by block: its skeleton (the modules outside the blocks
+    filled, on the device), its tokenizer, and the forward that streams its blocks."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase | None
+    forward: StreamedForward
+    source: BlockSource
+    auto_class: str
+
+
+def open_streamed(
+    name: str, device: torch.device, progress: bool = False, auto_class: str | None = None
+) -> StreamedModel:
+    """`name` (an artifact folder, or a folder of safetensors weights loaded as
+    `auto_class`, default its config's head) ready to evaluate block by block on `device`."""
+    source: BlockSource
+    if is_artifact(name):
+        artifact = ArtifactBlocks(name)
+        source, tokenizer, auto_class = artifact, artifact.tokenizer, artifact.manifest.auto_class
+    else:
+        folder = checkpoint_folder(name)
+        auto_class = auto_class or auto_class_for(load_config(str(folder)))
+        source = CheckpointBlocks(skeleton_from_checkpoint(folder, auto_class), folder)
+        tokenizer = load_tokenizer(str(folder))
+        check_vocabulary(source.model, tokenizer, name)
+    source.load_outside(source.outside_paths(), device)
+    move_buffers(source.model, device)
+    forward = StreamedForward(source, device, progress=progress)
+    return StreamedModel(source.model, tokenizer, forward, source, auto_class)
+
+
+def checkpoint_folder(name: str) -> Path:
+    """The folder of safetensors weights `name` is (an embedded alias or a path); a GGUF
+    file or a hub id is refused in one line (streaming reads local safetensors files)."""
+    path = resolve_embedded(name) if name in EMBEDDED else Path(name)
+    if path.suffix == ".gguf":
+        raise AecompressError(
+            f"{name} is a GGUF file: it is loaded whole (streaming reads safetensors "
+            "checkpoints only): drop --stream"
+        )
+    if not path.is_dir():
+        raise AecompressError(f"{name}: streaming reads a local folder of safetensors weights")
+    return path
+
+
+def in_memory_bytes(name: str) -> int | None:
+    """About the memory `name` takes loaded whole (IN_MEMORY_FACTOR times its tensors in
+    float32); None when it cannot stream (a GGUF file, a hub id, no safetensors files)."""
+    try:
+        where = name if is_artifact(name) else checkpoint_folder(name)
+        files = SafetensorsFiles(Path(where))
+    except (AecompressError, SafetensorsError, OSError):
+        return None
+    numbers = sum(_numel(files.header(key)[1]) for key in files)
+    return int(IN_MEMORY_FACTOR * 4 * numbers)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+def choose_streaming(name: str, tasks: Sequence[str], stream: bool | None) -> bool:
+    """Whether to evaluate `name` block by block: `stream` True forces it (tasks that
+    cannot stream refused), False forbids it; None (auto) streams when loading it whole
+    would not fit the available memory and every task can stream (else a note)."""
+    whole = [task for task in tasks if not TASKS[task].streams]
+    if stream is True:
+        if whole:
+            raise streaming_refused(whole[0])
+        if not is_artifact(name):
+            checkpoint_folder(name)  # a one-line error for what cannot stream
+        return True
+    if stream is False:
+        return False
+    need, free = in_memory_bytes(name), available_memory()
+    if need is None or need <= free:
+        return False
+    if whole:
+        logger.warning(
+            "%s needs about %.1f GiB loaded whole, %.1f GiB are available; task %s cannot "
+            "stream: loading it whole",
+            name,
+            need / 2**30,
+            free / 2**30,
+            whole[0],
+        )
+        return False
+    logger.warning(
+        "%s needs about %.1f GiB loaded whole, %.1f GiB are available: evaluating it block "
+        "by block",
+        name,
+        need / 2**30,
+        free / 2**30,
+    )
+    return True

@@ -127,10 +127,7 @@ class Task(ABC):
     ) -> dict[str, float]:
         """As `run`, with the logits from `forward` (evaluation/streamed.py; None: the
         model in memory): tasks that score logits (`streams`) only."""
-        raise AecompressError(
-            f"task '{self.name}' cannot run streamed (block by block): "
-            f"{', '.join(streamed_tasks())} can"
-        )
+        raise streaming_refused(self.name)
 
 
 TASKS: dict[str, Task] = {}
@@ -156,6 +153,14 @@ def ordered_tasks() -> list[Task]:
 def streamed_tasks() -> list[str]:
     """The tasks that can run streamed, block by block."""
     return [task.name for task in ordered_tasks() if task.streams]
+
+
+def streaming_refused(name: str) -> AecompressError:
+    """The one-line error of task `name` asked to run streamed when it cannot."""
+    return AecompressError(
+        f"task '{name}' cannot run streamed (block by block): only {', '.join(streamed_tasks())} "
+        "can"
+    )
 
 
 def known_task(name: str) -> Task:
