@@ -76,3 +76,21 @@ def test_an_altered_weights_file_is_refused(tokenizer, tmp_path):
     weights.write_bytes(bytes(data))
     with pytest.raises(AecompressError, match="truncated or altered"):
         ArtifactBlocks(tmp_path / "art")
+
+
+@pytest.mark.real
+def test_a_smollm2_artifact_streams_to_its_in_memory_perplexity(smollm2, tmp_path):
+    import copy
+
+    model = copy.deepcopy(smollm2.model)
+    compressed = aecompress.compress(
+        model, method="svd", ratio=2, targets=["k", "v"], group="layers", progress=False
+    )
+    compressed.tokenizer = smollm2.tokenizer
+    compressed.save_pretrained(str(tmp_path / "art"))
+    del model, compressed
+    settings = {"windows": 2, "seq_len": 128, "batch_size": 1, "progress": False}
+    expected = perplexity(aecompress.load(tmp_path / "art"), smollm2.tokenizer, **settings)
+    source, forward = _streamed(tmp_path / "art")
+    found = perplexity(source.model, smollm2.tokenizer, forward=forward, **settings)
+    assert found.perplexity == pytest.approx(expected.perplexity, rel=1e-6)

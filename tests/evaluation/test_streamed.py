@@ -7,9 +7,16 @@ import pytest
 import torch
 from torch import nn
 
+from aecompress.engine import compress
+from aecompress.errors import AecompressError
+from aecompress.evaluation import runner
+from aecompress.evaluation import streamed as streamed_module
 from aecompress.evaluation.multiple_choice import multiple_choice
 from aecompress.evaluation.perplexity import perplexity
+from aecompress.evaluation.runner import evaluate
 from aecompress.evaluation.streamed import StreamedForward, chunks, replaying
+from aecompress.models import load_model
+from aecompress.streaming import CheckpointBlocks
 from aecompress.targets import transformer_blocks
 from tests.conftest import tiny_model
 
@@ -110,3 +117,118 @@ def test_streamed_smollm2_perplexity_equals_the_in_memory_one(smollm2):
     forward, _ = _streamed(model)
     streamed = perplexity(model, tokenizer, forward=forward, **settings).perplexity
     assert streamed == pytest.approx(expected, rel=1e-6)
+
+
+# --- evaluate: a safetensors folder or an artifact, streamed ------------------------------
+
+OPTIONS = {"windows": 2, "seq_len": 16, "batch_size": 1}
+
+
+def _folder(tmp_path, tokenizer, arch="llama"):
+    folder = tmp_path / "base"
+    tiny_model(arch).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def _metric(results):
+    return [value for result in results for value in result.metrics.values()]
+
+
+def test_a_checkpoint_folder_streams_to_the_in_memory_numbers(tokenizer, tmp_path):
+    folder = _folder(tmp_path, tokenizer)
+    tasks = ["wikitext2", "arc-easy"]
+    options = {**OPTIONS, "limit": 3}
+    whole, _ = evaluate(folder, tasks, options, progress=False, stream=False)
+    streamed, _ = evaluate(folder, tasks, options, progress=False, stream=True)
+    assert _metric(streamed) == pytest.approx(_metric(whole), rel=1e-6)
+
+
+def test_an_artifact_and_its_base_stream_to_the_in_memory_numbers(tokenizer, tmp_path):
+    folder = _folder(tmp_path, tokenizer)
+    compressed = compress(load_model(folder), method="svd", ratio=2, targets=["k"], progress=False)
+    compressed.save_pretrained(str(tmp_path / "art"))
+    art = str(tmp_path / "art")
+    whole, whole_dense = evaluate(art, ["wikitext2"], OPTIONS, progress=False, stream=False)
+    cache_dir = tmp_path / "cache-streamed"  # the dense number measured again, streamed
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AECOMPRESS_CACHE", str(cache_dir))
+        streamed, dense = evaluate(art, ["wikitext2"], OPTIONS, progress=False, stream=True)
+    assert _metric(streamed) == pytest.approx(_metric(whole), rel=1e-6)
+    assert _metric(dense) == pytest.approx(_metric(whole_dense), rel=1e-6)
+    assert _metric(streamed) != _metric(dense)
+
+
+def test_a_task_that_cannot_stream_is_refused_in_one_line(tokenizer, tmp_path):
+    folder = _folder(tmp_path, tokenizer)
+    with pytest.raises(AecompressError, match="task 'stsb' cannot run streamed") as error:
+        evaluate(folder, ["wikitext2", "stsb"], progress=False, stream=True)
+    assert "\n" not in str(error.value)
+
+
+def test_forcing_a_gguf_model_to_stream_is_refused():
+    with pytest.raises(AecompressError, match="GGUF file: it is loaded whole"):
+        evaluate("smollm2-135m", ["wikitext2"], progress=False, stream=True)
+
+
+def test_auto_streams_a_model_that_does_not_fit(tokenizer, tmp_path, monkeypatch, caplog):
+    folder = _folder(tmp_path, tokenizer)
+    whole, _ = evaluate(folder, ["wikitext2"], OPTIONS, progress=False)
+    opened = []
+    monkeypatch.setattr(streamed_module, "available_memory", lambda: 1000)
+    monkeypatch.setattr(runner, "open_streamed", _spy(runner.open_streamed, opened))
+    found, _ = evaluate(folder, ["wikitext2"], OPTIONS, progress=False)
+    assert opened and "evaluating it block by block" in caplog.text
+    assert _metric(found) == pytest.approx(_metric(whole), rel=1e-6)
+    # a task that cannot stream: loaded whole, with a note
+    assert not streamed_module.choose_streaming(folder, ["wikitext2", "stsb"], None)
+    assert "task stsb cannot stream: loading it whole" in caplog.text
+
+
+def _spy(function, calls):
+    def spy(*args, **kwargs):
+        calls.append(args)
+        return function(*args, **kwargs)
+
+    return spy
+
+
+# --- devices: one block at a time on the device ---------------------------------------
+
+
+def test_streaming_on_a_device_moves_one_block_at_a_time(tokenizer, tmp_path, monkeypatch):
+    """The CUDA path on the CPU: `cuda` resolves to a CPU device, and every block's
+    parameters are put on it when loaded and taken off (meta) when released."""
+    folder = _folder(tmp_path, tokenizer)
+    device = torch.device("cpu")
+    asked, events = [], []
+    monkeypatch.setattr(runner, "resolve_device", lambda name: asked.append(name) or device)
+    load, release = CheckpointBlocks.load, CheckpointBlocks.release
+
+    def loading(self, index, where):
+        load(self, index, where)
+        placed = {p.device for p in self.blocks[index].parameters()}
+        events.append(("load", index, where, placed))
+
+    def releasing(self, index):
+        release(self, index)
+        assert all(p.is_meta for p in self.blocks[index].parameters())
+        events.append(("release", index))
+
+    monkeypatch.setattr(CheckpointBlocks, "load", loading)
+    monkeypatch.setattr(CheckpointBlocks, "release", releasing)
+    evaluate(folder, ["wikitext2"], OPTIONS, progress=False, device="cuda", stream=True)
+    assert asked == ["cuda"]
+    layers = tiny_model("llama").config.num_hidden_layers
+    expected = []
+    for index in range(layers):
+        expected += [("load", index, device, {device}), ("release", index)]
+    assert events == expected
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_streaming_on_cuda_gives_the_cpu_numbers(tokenizer, tmp_path):
+    folder = _folder(tmp_path, tokenizer)
+    cpu, _ = evaluate(folder, ["wikitext2"], OPTIONS, progress=False, device="cpu")
+    cuda, _ = evaluate(folder, ["wikitext2"], OPTIONS, progress=False, device="cuda", stream=True)
+    assert _metric(cuda) == pytest.approx(_metric(cpu), rel=1e-4)  # other kernels
