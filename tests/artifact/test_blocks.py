@@ -45,6 +45,19 @@ def test_streamed_perplexity_equals_the_loaded_artifacts(case, tokenizer, tmp_pa
     assert streamed == pytest.approx(expected, rel=1e-6)
 
 
+def test_a_sharded_artifact_streams_to_the_loaded_artifacts_numbers(
+    tokenizer, tmp_path, monkeypatch
+):
+    monkeypatch.setattr("aecompress.artifact.save.SHARD_BYTES", 64 * 1024)
+    arch, recipe = RECIPES["llama-embed"]
+    compressed_tiny(tokenizer, arch, **recipe).save_pretrained(tmp_path / "art")
+    assert len(list((tmp_path / "art").glob("model-*-of-*.safetensors"))) > 2
+    expected = perplexity(aecompress.load(tmp_path / "art"), tokenizer, **SETTINGS)
+    source, forward = _streamed(tmp_path / "art")
+    found = perplexity(source.model, tokenizer, forward=forward, **SETTINGS)
+    assert found.perplexity == pytest.approx(expected.perplexity, rel=1e-6)
+
+
 def test_streamed_multiple_choice_equals_the_loaded_artifacts(tokenizer, tmp_path):
     arch, recipe = RECIPES["llama-shared"]
     compressed_tiny(tokenizer, arch, **recipe).save_pretrained(tmp_path / "art")

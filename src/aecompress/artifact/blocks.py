@@ -182,7 +182,7 @@ def checked_files(path: Path, manifest: Manifest) -> SafetensorsFiles:
     """The artifact's weights, size and sha256 verified, their headers checked against the
     manifest (storage dtype; each group's tensors, counts and bits)."""
     try:
-        files = SafetensorsFiles([verify_weights(path, manifest)])
+        files = SafetensorsFiles(verify_weights(path, manifest))
     except SafetensorsError as error:
         raise AecompressError(f"{path}: {first_line(error)}") from error
     headers = {key: files.header(key) for key in files}
