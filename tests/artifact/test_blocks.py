@@ -3,10 +3,15 @@ streamed outputs equal the in-memory artifact's."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import aecompress
+from aecompress.artifact import MANIFEST, WEIGHTS
 from aecompress.artifact.blocks import ArtifactBlocks
 from aecompress.errors import AecompressError
 from aecompress.evaluation.multiple_choice import multiple_choice
@@ -107,3 +112,18 @@ def test_a_smollm2_artifact_streams_to_its_in_memory_perplexity(smollm2, tmp_pat
     source, forward = _streamed(tmp_path / "art")
     found = perplexity(source.model, smollm2.tokenizer, forward=forward, **settings)
     assert found.perplexity == pytest.approx(expected.perplexity, rel=1e-6)
+
+
+def test_a_tensor_the_model_does_not_have_is_refused(tokenizer, tmp_path):
+    compressed_tiny(tokenizer, "llama").save_pretrained(tmp_path / "art")
+    weights = tmp_path / "art" / WEIGHTS
+    tensors = load_file(weights)
+    stranger = torch.zeros(2, dtype=torch.bfloat16)
+    save_file({**tensors, "stranger.weight": stranger}, weights, {"format": "pt"})
+    manifest = json.loads((tmp_path / "art" / MANIFEST).read_text())
+    (record,) = manifest["weights_files"]
+    record["bytes"] = weights.stat().st_size
+    record["sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
+    (tmp_path / "art" / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(AecompressError, match=r"unknown tensors: \['stranger.weight'\]"):
+        ArtifactBlocks(tmp_path / "art")

@@ -77,6 +77,9 @@ class ArtifactBlocks:
         # untouched tensors: the model's name -> the file's (a tied one: its kept twin)
         self._untouched = {k: k for k in self.files if not k.startswith(PREFIX)}
         self._untouched.update(self.manifest.aliases)
+        known = (f"{self.blocks_path}.", *(f"{p}." for p in self._empty_outside))
+        if strangers := [k for k in self._untouched if not k.startswith(known)]:
+            raise AecompressError(f"artifact holds unknown tensors: {strangers[:3]}")
 
     def load(self, index: int, device: torch.device) -> None:
         self.blocks[index] = copy.deepcopy(self._empty_blocks[index])
@@ -96,11 +99,10 @@ class ArtifactBlocks:
             self.model.set_submodule(path, self._empty_outside[path])
 
     def outside_paths(self) -> list[str]:
+        """Paths of the modules outside the blocks that own parameters or persistent
+        buffers, in model order."""
         inside = f"{self.blocks_path}."
-        owners = (
-            name.rpartition(".")[0]
-            for name, _ in self.model.named_parameters(remove_duplicate=False)
-        )
+        owners = (name.rpartition(".")[0] for name in self.model.state_dict(keep_vars=True))
         return list(dict.fromkeys(p for p in owners if not f"{p}.".startswith(inside)))
 
     def _fill(self, paths: Sequence[str], device: torch.device) -> None:
@@ -110,12 +112,13 @@ class ArtifactBlocks:
         prefixes = tuple(f"{path}." for path in paths)
         for members in self._members_under(prefixes):
             self._inject(members, device)
-        kept: dict[str, torch.Tensor] = {}  # tied tensors read once
-        values = {
-            name: kept.setdefault(key, self._read(key, device))
-            for name, key in self._untouched.items()
-            if name.startswith(prefixes)
-        }
+        values: dict[str, torch.Tensor] = {}
+        kept: dict[str, torch.Tensor] = {}  # by the file's key: tied tensors read once
+        for name, key in self._untouched.items():
+            if name.startswith(prefixes):
+                if key not in kept:
+                    kept[key] = self._read(key, device)
+                values[name] = kept[key]
         result = self.model.load_state_dict(values, strict=False, assign=True)
         if result.unexpected_keys:
             raise AecompressError(f"artifact holds unknown tensors: {result.unexpected_keys[:3]}")
