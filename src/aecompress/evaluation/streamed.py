@@ -17,6 +17,7 @@ its float32 tensors); only the tasks that score logits can (Task.streams).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -208,21 +209,14 @@ def in_memory_bytes(name: str) -> int | None:
         files = SafetensorsFiles(Path(where))
     except (AecompressError, SafetensorsError, OSError):
         return None
-    numbers = sum(_numel(files.header(key)[1]) for key in files)
+    numbers = sum(math.prod(files.header(key)[1]) for key in files)
     return int(IN_MEMORY_FACTOR * 4 * numbers)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
 
 
 def choose_streaming(name: str, tasks: Sequence[str], stream: bool | None) -> bool:
     """Whether to evaluate `name` block by block: `stream` True forces it (tasks that
     cannot stream refused), False forbids it; None (auto) streams when loading it whole
-    would not fit the available memory and every task can stream (else a note)."""
+    would not fit the available memory and every task can stream (a note either way)."""
     whole = [task for task in tasks if not TASKS[task].streams]
     if stream is True:
         if whole:
@@ -235,21 +229,12 @@ def choose_streaming(name: str, tasks: Sequence[str], stream: bool | None) -> bo
     need, free = in_memory_bytes(name), available_memory()
     if need is None or need <= free:
         return False
-    if whole:
-        logger.warning(
-            "%s needs about %.1f GiB loaded whole, %.1f GiB are available; task %s cannot "
-            "stream: loading it whole",
-            name,
-            need / 2**30,
-            free / 2**30,
-            whole[0],
-        )
-        return False
+    outcome = f"task {whole[0]} cannot stream: loading it whole" if whole else "streaming it"
     logger.warning(
-        "%s needs about %.1f GiB loaded whole, %.1f GiB are available: evaluating it block "
-        "by block",
+        "%s needs about %.1f GiB loaded whole, %.1f GiB are available: %s",
         name,
         need / 2**30,
         free / 2**30,
+        outcome,
     )
-    return True
+    return not whole
