@@ -119,6 +119,14 @@ def compress(
         str, typer.Option(help="auto | float32 | bfloat16 | float16 (stored floats)")
     ] = "auto",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    stream: Annotated[
+        bool | None,
+        typer.Option(
+            "--stream/--no-stream",
+            help="read the model from disk a block at a time, writing the artifact as it "
+            "goes (default: when loaded whole it would not fit in memory)",
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     calibration_samples: Annotated[
         int | None, typer.Option(help="calibration windows (default 64)")
@@ -143,9 +151,9 @@ def compress(
     _starting(f"compressing {model}")
     import torch
 
-    from aecompress.engine import compress as run_compress
-    from aecompress.models import load_model
+    from aecompress.artifact import read_manifest
     from aecompress.recipe import Recipe
+    from aecompress.streamed import compress_to_folder
 
     options = _parse_options(option or [])
     calibration = {
@@ -168,6 +176,7 @@ def compress(
         "allocate": allocate,
         "storage_dtype": storage_dtype,
         "device": device,
+        "stream": "auto" if stream is None else stream,
         "seed": seed,
     }
     if recipe is None:
@@ -180,20 +189,20 @@ def compress(
     plan.calibration.check()
     start = time.perf_counter()
     try:
-        compressed = run_compress(load_model(model), plan, build_modules=False)
+        compress_to_folder(model, output, plan)
     except torch.linalg.LinAlgError as error:
         raise AecompressError(f"{plan.method} failed numerically: {first_line(error)}") from error
     seconds = time.perf_counter() - start
-    compressed.save_pretrained(str(output))
-    totals = compressed.totals()
+    manifest = read_manifest(output)
+    totals = manifest["totals"]
     typer.echo(
-        f"{len(compressed.groups)} groups of {totals['target_params']:,} weights: "
-        f"{totals['target_bits']:,} -> {totals['stored_bits']:,} bits (ratio "
+        f"{len(manifest['groups'])} groups of {int(totals['target_params']):,} weights: "
+        f"{int(totals['target_bits']):,} -> {int(totals['stored_bits']):,} bits (ratio "
         f"{totals['ratio']:.3f}; number ratio "
         f"{totals['number_ratio']:.3f}) in {seconds:.1f} s"
     )
-    if compressed.tied_output:
-        typer.echo(f"tied output head {compressed.tied_output} shares the embedding's factors")
+    if manifest["tied_output"]:
+        typer.echo(f"tied output head {manifest['tied_output']} shares the embedding's factors")
     typer.echo(f"wrote {output}")
 
 

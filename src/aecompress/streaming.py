@@ -23,7 +23,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from aecompress.errors import AecompressError, first_line
-from aecompress.models import load_config
+from aecompress.models import EMBEDDED, load_config, resolve_embedded
 from aecompress.targets import transformer_blocks
 from aecompress.tensorfile import SafetensorsError, SafetensorsFiles
 
@@ -111,9 +111,13 @@ class CheckpointBlocks:
         return list(dict.fromkeys(p for p in owners if not f"{p}.".startswith(inside)))
 
     def read(self, name: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
-        """The checkpoint's tensor of the model's parameter or buffer `name`, floating
-        ones in `dtype` (None: the file's dtype)."""
-        return self.files.read(self.file_keys[name], dtype)
+        """The value of the model's parameter or persistent buffer `name` (any name of a
+        tied one) as the model loaded whole has it: the checkpoint's tensor, floating ones
+        in `dtype` (None: the file's dtype), or a buffer the model computes itself."""
+        canonical = self.aliases.get(name, [name])[0]
+        if canonical in self.file_keys:
+            return self.files.read(self.file_keys[canonical], dtype)
+        return _get(self.model, canonical)
 
     def _outside(self, paths: Iterable[str]) -> list[str]:
         paths = list(paths)
@@ -147,20 +151,27 @@ class CheckpointBlocks:
                 _set(self.model, alias, value)
 
     def _empty(self, names: list[str]) -> None:
+        """Parameters back on the meta device; buffers (small) stay, and so does what a
+        compressed module holds in a parameter's place (its stored tensors)."""
         for name in names:
-            current = _get(self.model, name)
-            if not isinstance(current, nn.Parameter):
-                continue  # buffers are small and stay
+            current = _parameter(self.model, name)
+            if current is None:
+                continue
             empty = nn.Parameter(
                 torch.empty_like(current, device="meta"), requires_grad=current.requires_grad
             )
             for alias in self.aliases.get(name, [name]):
-                _set(self.model, alias, empty)
+                if _parameter(self.model, alias) is current:
+                    _set(self.model, alias, empty)
 
     def _match_keys(self) -> dict[str, str]:
         """The checkpoint key of every parameter and persistent buffer (tied parameters
         under one name, the first the model lists), shapes checked."""
         prefix = getattr(self.model, "base_model_prefix", "")
+        head, embedding = (
+            _weight_name(self.model, module)
+            for module in (self.model.get_output_embeddings(), self.model.get_input_embeddings())
+        )
         found: dict[str, str] = {}
         state = self.model.state_dict(keep_vars=True)
         for name, tensor in state.items():
@@ -170,6 +181,8 @@ class CheckpointBlocks:
             candidates = [k for alias in group for k in (alias, f"{prefix}.{alias}")]
             candidates += [a.removeprefix(f"{prefix}.") for a in group]
             key = next((k for k in candidates if k in self.files), None)
+            if key is None and name == head and embedding:  # untied from a tied checkpoint
+                key = found.get(embedding)
             if key is None:
                 if isinstance(tensor, nn.Parameter):
                     raise AecompressError(f"the checkpoint lacks the tensor {name}")
@@ -197,15 +210,39 @@ def checkpoint_sha256(source: CheckpointBlocks) -> str:
     """models.weights_sha256 of the model loaded whole in float32, computed a tensor at a
     time from the checkpoint: the same names in the same order, tied tensors once."""
     digest, seen = hashlib.sha256(), set()
-    for name, tensor in sorted(source.model.state_dict(keep_vars=True).items()):
+    for name in sorted(source.model.state_dict(keep_vars=True)):
         canonical = source.aliases.get(name, [name])[0]
         if canonical in seen:
             continue
         seen.add(canonical)
-        value = source.read(canonical) if canonical in source.file_keys else tensor
+        value = source.read(canonical)
         digest.update(name.encode())
         digest.update(value.detach().contiguous().cpu().numpy().tobytes())
     return digest.hexdigest()
+
+
+def _weight_name(model: nn.Module, module: nn.Module | None) -> str | None:
+    """The name of `module`'s weight parameter in `model` (None without the module)."""
+    path = next((p for p, m in model.named_modules() if m is module), None)
+    return None if path is None else f"{path}.weight"
+
+
+def streamable_folder(name: str) -> Path | None:
+    """The safetensors checkpoint folder that the model `name` (as load_model takes it) is
+    read from, or None: a GGUF file, a hub id, a folder without safetensors files."""
+    if name in EMBEDDED:
+        return None if EMBEDDED[name].gguf else resolve_embedded(name)
+    path = Path(name)
+    return path.resolve() if path.is_dir() and any(path.glob("*.safetensors")) else None
+
+
+def _parameter(model: nn.Module, name: str) -> nn.Parameter | None:
+    """The parameter `name` of `model`, None when its module no longer has it."""
+    owner, _, attr = name.rpartition(".")
+    try:
+        return model.get_submodule(owner)._parameters.get(attr)
+    except AttributeError:
+        return None
 
 
 def _get(model: nn.Module, name: str) -> torch.Tensor:

@@ -41,7 +41,7 @@ def save_artifact(cm: CompressedModel, path: str | Path) -> Path:
     if cm.decoded:
         raise AecompressError("a model loaded with decode=True has no stored form to save")
     path = check_artifact_path(path, cm.tokenizer)
-    check_group_names(cm.groups)
+    check_group_names([fitted.group.name for fitted in cm.groups])
     untouched, cm.aliases = untouched_state(cm.model, cm.replaced_paths())
     tensors = {**untouched, **stored_state(cm.groups)}
     with atomic_folder(path) as work:
@@ -61,8 +61,9 @@ def check_artifact_path(path: str | Path, tokenizer: PreTrainedTokenizerBase | N
     return check_artifact_folder(Path(path))
 
 
-def check_group_names(groups: list[CompressedGroup]) -> None:
-    if clash := clashing_names([fitted.group.name for fitted in groups]):
+def check_group_names(names: list[str]) -> None:
+    """Refuse groups whose stored tensors would mix in the weights files."""
+    if clash := clashing_names(names):
         raise AecompressError(f"groups {clash[0]} and {clash[1]} would share stored tensors")
 
 
