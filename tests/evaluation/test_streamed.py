@@ -167,7 +167,7 @@ def test_a_task_that_cannot_stream_is_refused_in_one_line(tokenizer, tmp_path):
 
 
 def test_forcing_a_gguf_model_to_stream_is_refused():
-    with pytest.raises(AecompressError, match="GGUF file: it is loaded whole"):
+    with pytest.raises(AecompressError, match="GGUF file is de-quantised whole"):
         evaluate("smollm2-135m", ["wikitext2"], progress=False, stream=True)
 
 

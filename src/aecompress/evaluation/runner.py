@@ -18,7 +18,7 @@ from aecompress.data import data_dir, data_file, file_sha256
 from aecompress.errors import AecompressError, describe
 from aecompress.evaluation.common import Forward
 from aecompress.evaluation.results import TaskResult
-from aecompress.evaluation.streamed import choose_streaming, in_memory_bytes, open_streamed
+from aecompress.evaluation.streamed import choose_streaming, open_streamed, whole_bytes
 from aecompress.evaluation.tasks import TASKS, check_task, known_task, run_task
 from aecompress.evaluation.tasks.glue import probe_tasks
 from aecompress.models import LoadedModel, load_model, resolve_device, weights_sha256
@@ -252,7 +252,7 @@ def _dense_results(
     def load_base() -> LoadedModel:
         if not base:
             name = manifest["base_model"] or ""
-            can = stream is not True or in_memory_bytes(name) is not None
+            can = stream is not True or whole_bytes(name) is not None
             streamed = can and choose_streaming(name, dense_tasks, stream)
             base.append(load_base_model(artifact, manifest, streamed, device, progress))
         return base[0]

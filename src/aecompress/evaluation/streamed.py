@@ -10,14 +10,13 @@ the logits exactly as in memory. The tasks score those logits with their in-memo
 
 A dense safetensors checkpoint streams from its files (streaming.CheckpointBlocks), an
 artifact from its weights (artifact.blocks.ArtifactBlocks). By default a model streams
-when loading it whole would not fit the available memory (about IN_MEMORY_FACTOR times
-its float32 tensors); only the tasks that score logits can (Task.streams).
+when loading it whole would not fit the available memory (streaming.in_memory_bytes);
+only the tasks that score logits can (Task.streams).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,22 +34,26 @@ from aecompress.evaluation.common import Batch
 from aecompress.evaluation.perplexity import available_memory
 from aecompress.evaluation.tasks import TASKS, streaming_refused
 from aecompress.models import (
-    EMBEDDED,
     auto_class_for,
     check_vocabulary,
     load_config,
     load_tokenizer,
-    resolve_embedded,
 )
 from aecompress.pipeline.streams import BlockInputs, capture_inputs
 from aecompress.progress import progress_bar
-from aecompress.streaming import BlockSource, CheckpointBlocks, skeleton_from_checkpoint
-from aecompress.tensorfile import SafetensorsError, SafetensorsFiles
+from aecompress.streaming import (
+    BlockSource,
+    CheckpointBlocks,
+    in_memory_bytes,
+    skeleton_from_checkpoint,
+    streamable_folder,
+    why_not_streamable,
+)
+from aecompress.tensorfile import SafetensorsError
 
 logger = logging.getLogger(__name__)
 
 MEMORY_SHARE = 0.5  # of the available memory, for the hidden states of one chunk of batches
-IN_MEMORY_FACTOR = 1.3  # a model loaded whole takes about this times its float32 tensors
 
 
 @dataclass
@@ -188,29 +191,22 @@ def open_streamed(
 
 
 def checkpoint_folder(name: str) -> Path:
-    """The folder of safetensors weights `name` is (an embedded alias or a path); a GGUF
-    file or a hub id is refused in one line (streaming reads local safetensors files)."""
-    path = resolve_embedded(name) if name in EMBEDDED else Path(name)
-    if path.suffix == ".gguf":
-        raise AecompressError(
-            f"{name} is a GGUF file: it is loaded whole (streaming reads safetensors "
-            "checkpoints only): drop --stream"
-        )
-    if not path.is_dir():
-        raise AecompressError(f"{name}: streaming reads a local folder of safetensors weights")
-    return path
+    """The folder of safetensors weights `name` is (an embedded alias or a path); else a
+    one-line error (a GGUF file, a hub id)."""
+    folder = streamable_folder(name)
+    if folder is None:
+        raise AecompressError(f"cannot stream {name}: {why_not_streamable(name)}")
+    return folder
 
 
-def in_memory_bytes(name: str) -> int | None:
-    """About the memory `name` takes loaded whole (IN_MEMORY_FACTOR times its tensors in
-    float32); None when it cannot stream (a GGUF file, a hub id, no safetensors files)."""
+def whole_bytes(name: str) -> int | None:
+    """About the memory `name` (an artifact or a model) takes loaded whole; None when it
+    cannot stream."""
+    folder = name if is_artifact(name) else streamable_folder(name)
     try:
-        where = name if is_artifact(name) else checkpoint_folder(name)
-        files = SafetensorsFiles(Path(where))
-    except (AecompressError, SafetensorsError, OSError):
+        return None if folder is None else in_memory_bytes(folder)
+    except SafetensorsError:  # loading it reports what is wrong with its files
         return None
-    numbers = sum(math.prod(files.header(key)[1]) for key in files)
-    return int(IN_MEMORY_FACTOR * 4 * numbers)
 
 
 def choose_streaming(name: str, tasks: Sequence[str], stream: bool | None) -> bool:
@@ -226,7 +222,7 @@ def choose_streaming(name: str, tasks: Sequence[str], stream: bool | None) -> bo
         return True
     if stream is False:
         return False
-    need, free = in_memory_bytes(name), available_memory()
+    need, free = whole_bytes(name), available_memory()
     if need is None or need <= free:
         return False
     outcome = f"task {whole[0]} cannot stream: loading it whole" if whole else "streaming it"
