@@ -852,3 +852,30 @@ def test_compress_with_a_quantization_stage_and_inspect(tiny_folder, tmp_path):
     code, stdout, err = invoke("inspect", str(out))
     assert code == 0, err
     assert "| up | 2 | 64x32 | sparsegpt + int4:g16:gptq |" in stdout
+
+
+@pytest.mark.parametrize(
+    "flag,stream", [([], None), (["--stream"], True), (["--no-stream"], False)]
+)
+def test_evaluate_stream_flags_reach_evaluate(monkeypatch, flag, stream):
+    calls = []
+
+    def record(model, tasks, options, **kwargs):
+        calls.append(kwargs["stream"])
+        return [], []
+
+    monkeypatch.setattr("aecompress.evaluation.runner.evaluate", record)
+    code, _, err = invoke("evaluate", "m", *flag)
+    assert code == 0, err
+    assert calls == [stream]
+
+
+def test_evaluate_streamed_prints_the_in_memory_number(tiny_folder):
+    args = ["--task", "wikitext2", "--windows", "2", "--seq-len", "16", "--device", "cpu"]
+    code, whole, err = invoke("evaluate", str(tiny_folder), *args, "--no-stream")
+    assert code == 0, err
+    code, streamed, err = invoke("evaluate", str(tiny_folder), *args, "--stream")
+    assert code == 0, err
+    assert streamed == whole
+    code, _, err = invoke("evaluate", str(tiny_folder), "--task", "stsb", "--stream")
+    assert "task 'stsb' cannot run streamed" in one_error(code, err)

@@ -223,6 +223,15 @@ def evaluate(
     limit: Annotated[int | None, typer.Option(help="= --task-option limit=N")] = None,
     batch_size: Annotated[int | None, typer.Option(help="= --task-option batch_size=N")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    stream: Annotated[
+        bool | None,
+        typer.Option(
+            "--stream/--no-stream",
+            help="block by block, one block's weights in memory (perplexity and multiple "
+            "choice); default: when the model loaded whole would not fit",
+            show_default=False,
+        ),
+    ] = None,
     probe: Annotated[
         bool,
         typer.Option(
@@ -258,7 +267,7 @@ def evaluate(
         check_file(json_out, what, "an evaluate --json file", is_records_file, overwrite)
     tasks = task or ["wikitext2"]
     results, dense_results = run_evaluate(
-        model, tasks, options, dense=dense, probe=probe, device=device
+        model, tasks, options, dense=dense, probe=probe, device=device, stream=stream
     )
     typer.echo(format_table(results, dense_results if dense_results else None))
     if json_out is not None:

@@ -59,17 +59,14 @@ from aecompress.recipe import Recipe
 from aecompress.streaming import (
     CheckpointBlocks,
     checkpoint_sha256,
+    in_memory_bytes,
     skeleton_from_checkpoint,
     streamable_folder,
+    why_not_streamable,
 )
 from aecompress.targets import output_head_path, transformer_blocks, untie_embeddings
-from aecompress.tensorfile import SafetensorsFiles
 
 logger = logging.getLogger(__name__)
-
-# The in-memory path's peak over the model's float32 weights (the sequential pipeline on
-# the TinyLlama shape, benchmarks/results/scale.md), until a finer estimate replaces it.
-IN_MEMORY_PEAK = 1.3
 
 
 def compress_to_folder(
@@ -112,11 +109,11 @@ def _folder_to_stream(model: str, recipe: Recipe) -> tuple[Path | None, str]:
     folder = streamable_folder(model)
     if folder is None:
         if recipe.stream is True:
-            raise AecompressError(f"cannot stream {model}: {_why_not_streamable(model)}")
+            raise AecompressError(f"cannot stream {model}: {why_not_streamable(model)}")
         return None, ""
     if recipe.stream is True:
         return folder, ""
-    needed = IN_MEMORY_PEAK * 4 * _numel(SafetensorsFiles(folder))
+    needed = in_memory_bytes(folder)
     available = available_memory()
     if needed <= available:
         return None, ""
@@ -127,19 +124,6 @@ def _folder_to_stream(model: str, recipe: Recipe) -> tuple[Path | None, str]:
 def available_memory() -> int:
     """Bytes of memory the system can give this process now."""
     return int(psutil.virtual_memory().available)
-
-
-def _why_not_streamable(model: str) -> str:
-    if model.endswith(".gguf") or (model in EMBEDDED and EMBEDDED[model].gguf):
-        return (
-            "streaming reads safetensors checkpoints, and a GGUF file is de-quantised whole "
-            "when loaded: compress it without --stream"
-        )
-    return "streaming reads a local folder of safetensors files"
-
-
-def _numel(files: SafetensorsFiles) -> int:
-    return sum(torch.Size(files.header(key)[1]).numel() for key in files)
 
 
 def streaming_blockers(

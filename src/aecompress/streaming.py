@@ -12,6 +12,7 @@ Parameter: filled and emptied together.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -225,6 +226,28 @@ def _weight_name(model: nn.Module, module: nn.Module | None) -> str | None:
     """The name of `module`'s weight parameter in `model` (None without the module)."""
     path = next((p for p, m in model.named_modules() if m is module), None)
     return None if path is None else f"{path}.weight"
+
+
+# The in-memory path's peak over the model's float32 weights (the sequential pipeline on
+# the TinyLlama shape, benchmarks/results/scale.md), until a finer estimate replaces it.
+IN_MEMORY_PEAK = 1.3
+
+
+def in_memory_bytes(folder: str | Path) -> int:
+    """About the memory the checkpoint in `folder` (or an artifact) takes loaded whole:
+    IN_MEMORY_PEAK times its tensors in float32."""
+    files = SafetensorsFiles(folder)
+    return int(IN_MEMORY_PEAK * 4 * sum(math.prod(files.header(key)[1]) for key in files))
+
+
+def why_not_streamable(name: str) -> str:
+    """Why the model `name` cannot stream (streamable_folder found no folder for it)."""
+    if name.endswith(".gguf") or (name in EMBEDDED and EMBEDDED[name].gguf):
+        return (
+            "streaming reads safetensors checkpoints, and a GGUF file is de-quantised whole "
+            "when loaded: drop --stream"
+        )
+    return "streaming reads a local folder of safetensors files"
 
 
 def streamable_folder(name: str) -> Path | None:

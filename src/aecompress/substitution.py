@@ -8,7 +8,7 @@ is set at the target's path; a fused target (GPT-2's c_attn) is split into parts
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from functools import partial
 from typing import Any, Literal
 
@@ -168,10 +168,14 @@ def inject(
     stored: Stored,
     tied_output: str | None = None,
     serving: Serving = "runtime",
+    only: Collection[int] | None = None,
 ) -> None:
     """Put the group's serving modules in place of its targets (and of a tied output head,
-    which then shares the embedding's stored tensors)."""
+    which then shares the embedding's stored tensors); `only`: the members of these
+    indices alone (a model filled a block at a time)."""
     for index, target in enumerate(group.members):
+        if only is not None and index not in only:
+            continue
         if target.kind == "ffn":  # the whole MLP, whatever the serving: a smaller one
             path = ffn_path(target)
             model.set_submodule(path, method.structured(stored, index, model.get_submodule(path)))

@@ -1,15 +1,34 @@
-"""Helpers shared by the evaluation tasks: length-bucketed batches, padding, pooling."""
+"""Helpers shared by the evaluation tasks: length-bucketed batches, padding, pooling, and the
+forward pass that turns batches of inputs into logits (in memory, or streamed)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
+from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from aecompress.errors import AecompressError
 
 POOLING_MODES = ("mean", "cls", "max")
+
+# The model's keyword inputs of one batch (input_ids, attention_mask, ...).
+Batch = dict[str, Any]
+# The logits of each batch, in order: the model run on each in turn, or streamed block by
+# block (evaluation/streamed.py).
+Forward = Callable[[Sequence[Batch]], Iterator[torch.Tensor]]
+
+
+def model_logits(model: nn.Module) -> Forward:
+    """The in-memory forward: the whole model run on each batch in turn."""
+
+    def forward(batches: Sequence[Batch]) -> Iterator[torch.Tensor]:
+        for batch in batches:
+            yield model(**batch).logits
+
+    return forward
 
 
 def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:

@@ -25,7 +25,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from aecompress.data import CHOICE_FILES, data_file
 from aecompress.errors import AecompressError
-from aecompress.evaluation.common import length_batches, pad_batch, pad_token_id
+from aecompress.evaluation.common import (
+    Forward,
+    length_batches,
+    model_logits,
+    pad_batch,
+    pad_token_id,
+)
 from aecompress.evaluation.kinds import require
 from aecompress.evaluation.metrics import STDERR, mean_stderr
 from aecompress.models import model_device
@@ -121,8 +127,10 @@ def continuation_logprobs(
     pad_id: int,
     batch_size: int = 16,
     progress: bool = True,
+    forward: Forward | None = None,
 ) -> list[float]:
-    """Sum of log p(continuation token | previous tokens) for each (context, continuation).
+    """Sum of log p(continuation token | previous tokens) for each (context, continuation);
+    the logits come from `forward` (default: the model in memory, batch by batch).
 
     Sequences longer than the model's context keep their last tokens. When the model takes
     `logits_to_keep`, only the positions from the batch's first predicting one go through
@@ -134,19 +142,24 @@ def continuation_logprobs(
     sequences = [(context + cont)[-keep:] for context, cont in pairs]
     scores = [0.0] * len(pairs)
     device = model_device(model)
-    for batch in progress_bar(
-        length_batches([len(s) for s in sequences], batch_size),
+    order = length_batches([len(s) for s in sequences], batch_size)
+    batches, firsts = [], []
+    for batch in order:
+        ids, mask = pad_batch([sequences[i][:-1] for i in batch], pad_id, device)
+        first = min(len(sequences[i]) - 1 - len(pairs[i][1]) for i in batch) if trim else 0
+        kept = {"logits_to_keep": torch.arange(first, ids.shape[1], device=device)} if trim else {}
+        batches.append({"input_ids": ids, "attention_mask": mask, **kept})
+        firsts.append(first)
+    logits_of = forward or model_logits(model)
+    for batch, first, logits in progress_bar(
+        zip(order, firsts, logits_of(batches), strict=True),
         desc="multiple choice",
         enabled=progress,
+        total=len(order),
     ):
-        ids, mask = pad_batch([sequences[i][:-1] for i in batch], pad_id, device)
-        starts = [len(sequences[i]) - 1 - len(pairs[i][1]) for i in batch]
-        first = min(starts) if trim else 0
-        kept = {"logits_to_keep": torch.arange(first, ids.shape[1], device=device)} if trim else {}
-        logits = model(input_ids=ids, attention_mask=mask, **kept).logits
         for row, index in enumerate(batch):
             targets = torch.as_tensor(pairs[index][1], device=device)
-            start = starts[row] - first
+            start = len(sequences[index]) - 1 - len(targets) - first
             window = logits[row, start : start + len(targets)].float().log_softmax(dim=-1)
             scores[index] = window.gather(1, targets[:, None]).sum().item()
     return scores
@@ -161,9 +174,10 @@ def multiple_choice(
     limit: int | None = None,
     batch_size: int = 16,
     progress: bool = True,
+    forward: Forward | None = None,
 ) -> dict[str, float]:
     """Accuracy and length-normalised accuracy on the first `limit` items of a split
-    (default: see load_items)."""
+    (default: see load_items); the logits from `forward` (default: the model in memory)."""
     require("causal-lm", model, dataset)
     items = load_items(dataset, split)[:limit]
     scores = continuation_logprobs(
@@ -172,6 +186,7 @@ def multiple_choice(
         pad_id=pad_token_id(tokenizer),
         batch_size=batch_size,
         progress=progress,
+        forward=forward,
     )
     return accuracies(items, scores)
 

@@ -12,6 +12,7 @@ from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from aecompress.data import wikitext2_text
 from aecompress.errors import AecompressError
+from aecompress.evaluation.common import Forward, model_logits
 from aecompress.models import check_positions, is_causal_lm, model_device, tokenize_whole
 from aecompress.progress import progress_bar
 
@@ -77,16 +78,26 @@ def windows_perplexity(
     *,
     desc: str = "perplexity",
     progress: bool = False,
+    forward: Forward | None = None,
 ) -> float:
-    """exp(mean NLL) over every predicted token of the windows `ids` [count, seq_len]."""
+    """exp(mean NLL) over every predicted token of the windows `ids` [count, seq_len]; the
+    logits come from `forward` (default: the model in memory, batch by batch)."""
     was_training = model.training
     model.eval()
+    device = model_device(model)
+    batches = [{"input_ids": batch.to(device)} for batch in ids.split(batch_size)]
+    logits_of = forward or model_logits(model)
     total_nll = 0.0
     try:
-        for batch in progress_bar(ids.split(batch_size), desc=desc, enabled=progress):
-            batch = batch.to(model_device(model))
-            logits = model(input_ids=batch).logits[:, :-1].float()
-            nll = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
+        for batch, logits in progress_bar(
+            zip(batches, logits_of(batches), strict=True),
+            desc=desc,
+            enabled=progress,
+            total=len(batches),
+        ):
+            targets = batch["input_ids"][:, 1:]
+            shifted = logits[:, :-1].float()
+            nll = F.cross_entropy(shifted.flatten(0, 1), targets.flatten(), reduction="sum")
             total_nll += nll.item()
     finally:
         model.train(was_training)
@@ -102,8 +113,10 @@ def perplexity(
     windows: int | None = None,
     batch_size: int = 4,
     progress: bool = True,
+    forward: Forward | None = None,
 ) -> PerplexityResult:
-    """exp(mean NLL) over every predicted token of `windows` non-overlapping windows."""
+    """exp(mean NLL) over every predicted token of `windows` non-overlapping windows (the
+    logits from `forward`, default the model in memory)."""
     require_causal_lm(model)
     if seq_len < 2:
         raise AecompressError("seq_len must be at least 2")
@@ -111,6 +124,6 @@ def perplexity(
     check_memory(model, min(batch_size, windows or batch_size), seq_len)
     ids = window_ids(tokenizer, wikitext2_text(split), seq_len, windows)
     value = windows_perplexity(
-        model, ids, batch_size, desc=f"perplexity ({split})", progress=progress
+        model, ids, batch_size, desc=f"perplexity ({split})", progress=progress, forward=forward
     )
     return PerplexityResult(value, split, seq_len, ids.shape[0], ids[:, 1:].numel())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -15,10 +16,29 @@ from aecompress.artifact import is_artifact, load_compressed, read_manifest
 from aecompress.cache import InvalidEntry, cache_dir, read_entry, write_entry
 from aecompress.data import data_dir, data_file, file_sha256
 from aecompress.errors import AecompressError, describe
+from aecompress.evaluation.common import Forward
 from aecompress.evaluation.results import TaskResult
+from aecompress.evaluation.streamed import choose_streaming, open_streamed, whole_bytes
 from aecompress.evaluation.tasks import TASKS, check_task, known_task, run_task
 from aecompress.evaluation.tasks.glue import probe_tasks
 from aecompress.models import LoadedModel, load_model, resolve_device, weights_sha256
+from aecompress.streaming import BlockSource, CheckpointBlocks, checkpoint_sha256
+
+CPU = torch.device("cpu")
+
+
+@dataclass
+class StreamedLoaded(LoadedModel):
+    """A model evaluated block by block: `model` is its skeleton, `forward` its logits,
+    `blocks` where its blocks are read from."""
+
+    forward: Forward | None = None
+    blocks: BlockSource | None = None
+
+
+def _forward(loaded: LoadedModel) -> Forward | None:
+    """The streamed logits of `loaded` (None: it is in memory)."""
+    return loaded.forward if isinstance(loaded, StreamedLoaded) else None
 
 
 def task_options(task: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -58,8 +78,8 @@ def cached_dense_result(
     """The dense model's result, measured once per weights, task, options, device type (and
     data hashes).
 
-    `load_dense()` returns the dense LoadedModel (on the device); it is called only on a
-    cache miss.
+    `load_dense()` returns the dense LoadedModel (on the device, or a StreamedLoaded); it
+    is called only on a cache miss.
     """
     path = _dense_cache(base_sha256, task, options, device)
     cached = read_entry(path, lambda p: _read_dense_entry(p, task))
@@ -68,7 +88,9 @@ def cached_dense_result(
         if current == cached.data_sha256:  # the data files are unchanged
             return cached
     dense: LoadedModel = load_dense()
-    result = run_task(task, dense.model, dense.tokenizer, progress=progress, **options)
+    result = run_task(
+        task, dense.model, dense.tokenizer, progress=progress, forward=_forward(dense), **options
+    )
     write_entry(path, lambda p: p.write_text(result.to_json()))
     return result
 
@@ -92,8 +114,15 @@ def _read_dense_entry(path: Path, task: str) -> TaskResult:
     return result
 
 
-def load_base_model(artifact: str, manifest: dict[str, Any]) -> LoadedModel:
-    """The artifact's base model, refused unless its weights are the ones it was made from."""
+def load_base_model(
+    artifact: str,
+    manifest: dict[str, Any],
+    stream: bool = False,
+    device: torch.device = CPU,
+    progress: bool = False,
+) -> LoadedModel:
+    """The artifact's base model (in memory, or with `stream` a StreamedLoaded on `device`),
+    refused unless its weights are the ones it was made from."""
     name = manifest["base_model"]
     if not name:
         raise AecompressError(
@@ -101,12 +130,12 @@ def load_base_model(artifact: str, manifest: dict[str, Any]) -> LoadedModel:
             "use --no-dense"
         )
     try:
-        base = load_model(name, manifest["auto_class"])
+        base = _load(name, stream, device, progress, manifest["auto_class"])
     except AecompressError as error:
         raise AecompressError(
             f"the base model of {artifact}: {error} (restore it, or use --no-dense)"
         ) from error
-    if weights_sha256(base.model) != manifest["base_weights_sha256"]:
+    if _weights_sha256(base) != manifest["base_weights_sha256"]:
         raise AecompressError(
             f"base model '{name}' does not hold the weights {artifact} was compressed from "
             "(sha256 differs; a relative path is read from the current folder): "
@@ -130,6 +159,33 @@ def _on(device: torch.device, loaded: LoadedModel) -> LoadedModel:
     return loaded
 
 
+def _load(
+    model: str,
+    stream: bool,
+    device: torch.device,
+    progress: bool,
+    auto_class: str | None = None,
+) -> LoadedModel:
+    """`model` (as load_evaluated takes it) on `device`: in memory, or with `stream` its
+    skeleton and the forward that streams its blocks there (`auto_class`: the class a plain
+    model is loaded as)."""
+    if not stream:
+        if auto_class is not None and not is_artifact(model):
+            return _on(device, load_model(model, auto_class))
+        return _on(device, load_evaluated(model))
+    opened = open_streamed(model, device, progress, auto_class)
+    return StreamedLoaded(
+        opened.model, opened.tokenizer, model, opened.auto_class, opened.forward, opened.source
+    )
+
+
+def _weights_sha256(loaded: LoadedModel) -> str:
+    """models.weights_sha256 of the model, a tensor at a time when it is streamed."""
+    if isinstance(loaded, StreamedLoaded) and isinstance(loaded.blocks, CheckpointBlocks):
+        return checkpoint_sha256(loaded.blocks)
+    return weights_sha256(loaded.model)
+
+
 def evaluate(
     model: str,
     tasks: list[str],
@@ -139,9 +195,13 @@ def evaluate(
     probe: bool = False,
     progress: bool = True,
     device: str = "auto",
+    stream: bool | None = None,
 ) -> tuple[list[TaskResult], list[TaskResult]]:
     """Run `tasks` on a model (name, folder, .gguf) or an artifact folder, with `options`
     (each reaches the tasks that take it), on `device` (auto: CUDA when there is one).
+    `stream`: evaluate block by block, one block's weights on the device at a time (True),
+    never (False), or when the model loaded whole would not fit the memory (None); the
+    base model of an artifact streams too when it can (a safetensors folder).
 
     Returns (results, dense_results). For an artifact, dense_results are those of its base
     model (cached per base weights, task and options; empty with dense=False); for a plain
@@ -155,14 +215,15 @@ def evaluate(
         known_task(task)
     _check_options(tasks, options)
     where = resolve_device(device)
+    streamed = choose_streaming(model, tasks, stream)
     if not is_artifact(model):
-        loaded = _on(where, load_evaluated(model))
+        loaded = _load(model, streamed, where, progress)
         return [_run(loaded, t, options, None, progress) for t in tasks], []
     manifest = read_manifest(model)
     dense_results = (
-        _dense_results(model, manifest, tasks, options, progress, where) if dense else []
+        _dense_results(model, manifest, tasks, options, progress, where, stream) if dense else []
     )
-    loaded = _on(where, load_evaluated(model))  # the base model is freed: one at a time
+    loaded = _load(model, streamed, where, progress)  # the base model is freed: one at a time
     results = []
     for task in tasks:
         check_task(task, loaded.model)
@@ -180,14 +241,20 @@ def _dense_results(
     options: dict[str, Any],
     progress: bool,
     device: torch.device,
+    stream: bool | None,
 ) -> list[TaskResult]:
     """The base model's results of the tasks that do not compare with it (cached); the base
-    model is loaded at most once, and freed when this returns."""
+    model is loaded at most once, and freed when this returns. It streams as `stream`
+    says (see evaluate), and with `stream` True only when it can (else it is loaded whole)."""
     base: list[LoadedModel] = []
+    dense_tasks = [task for task in tasks if not TASKS[task].needs_reference]
 
     def load_base() -> LoadedModel:
         if not base:
-            base.append(_on(device, load_base_model(artifact, manifest)))
+            name = manifest["base_model"] or ""
+            can = stream is not True or whole_bytes(name) is not None
+            streamed = can and choose_streaming(name, dense_tasks, stream)
+            base.append(load_base_model(artifact, manifest, streamed, device, progress))
         return base[0]
 
     sha256 = manifest["base_weights_sha256"]
@@ -195,8 +262,7 @@ def _dense_results(
         cached_dense_result(
             load_base, sha256, task, task_options(task, options), progress, device.type
         )
-        for task in tasks
-        if not TASKS[task].needs_reference
+        for task in dense_tasks
     ]
 
 
@@ -213,5 +279,6 @@ def _run(
         loaded.tokenizer,
         reference=reference.model if reference else None,
         progress=progress,
+        forward=_forward(loaded),
         **task_options(task, options),
     )

@@ -4,7 +4,7 @@ calibration windows, running blocks on it, and capturing the inputs of modules i
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +48,16 @@ def capture_block_inputs(
     model: PreTrainedModel, first_block: nn.Module, windows: torch.Tensor, batch_size: int
 ) -> tuple[list[torch.Tensor], list[BlockInputs]]:
     """What the first block receives for each batch of windows (the model stops there)."""
+    device = model_device(model)
+    batches = ({"input_ids": batch.to(device)} for batch in windows.split(batch_size))
+    return capture_inputs(model, first_block, batches)
+
+
+def capture_inputs(
+    model: PreTrainedModel, first_block: nn.Module, batches: Iterable[dict[str, Any]]
+) -> tuple[list[torch.Tensor], list[BlockInputs]]:
+    """What the first block receives for each batch of the model's keyword inputs (the
+    model stops there)."""
     hidden: list[torch.Tensor] = []
     inputs: list[BlockInputs] = []
 
@@ -61,9 +71,9 @@ def capture_block_inputs(
     handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         with torch.no_grad():
-            for batch in windows.split(batch_size):
+            for batch in batches:
                 try:
-                    model(input_ids=batch.to(model_device(model)), use_cache=False)
+                    model(**batch, use_cache=False)
                 except _Stop:
                     continue
     finally:

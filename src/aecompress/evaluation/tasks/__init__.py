@@ -16,6 +16,8 @@ from aecompress.evaluation.tasks.base import (
     register,
     run_task,
     runnable_tasks,
+    streamed_tasks,
+    streaming_refused,
     task_settings,
     task_table,
 )
@@ -36,6 +38,8 @@ __all__ = [
     "register",
     "run_task",
     "runnable_tasks",
+    "streamed_tasks",
+    "streaming_refused",
     "task_settings",
     "task_table",
 ]

@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     from torch import nn
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from aecompress.evaluation.common import Forward
+
 # Something counted (windows, items, epochs, ...): a whole number >= 1.
 Count = Annotated[int, Field(ge=1)]
 Seed = Annotated[int, Field(ge=0, lt=2**63)]  # what torch.manual_seed takes
@@ -68,6 +70,7 @@ class Task(ABC):
     needs: ClassVar[str]  # one of KINDS: "causal-lm", "masked-lm", "encoder"
     Options: ClassVar[type[TaskOptions]] = TaskOptions
     needs_reference: ClassVar[bool] = False  # run also takes reference=<the dense model>
+    streams: ClassVar[bool] = False  # measure: can run streamed, block by block
     note: ClassVar[str] = ""  # a line under the task table (e.g. what a probe is)
 
     @property
@@ -113,6 +116,19 @@ class Task(ABC):
         """The metrics (and NAME_stderr of those that have one) of `model` with `settings`
         (as `settings` returns them); `reference` is the dense model when needs_reference."""
 
+    def measure(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        settings: dict[str, Any],
+        *,
+        forward: Forward | None,
+        progress: bool,
+    ) -> dict[str, float]:
+        """As `run`, with the logits from `forward` (evaluation/streamed.py; None: the
+        model in memory): tasks that score logits (`streams`) only."""
+        raise streaming_refused(self.name)
+
 
 TASKS: dict[str, Task] = {}
 
@@ -132,6 +148,19 @@ def ordered_tasks() -> list[Task]:
     """The registered tasks, grouped by the model kind they need (in KINDS' order)."""
     kinds = list(KINDS)
     return sorted(TASKS.values(), key=lambda task: kinds.index(task.needs))
+
+
+def streamed_tasks() -> list[str]:
+    """The tasks that can run streamed, block by block."""
+    return [task.name for task in ordered_tasks() if task.streams]
+
+
+def streaming_refused(name: str) -> AecompressError:
+    """The one-line error of task `name` asked to run streamed when it cannot."""
+    return AecompressError(
+        f"task '{name}' cannot run streamed (block by block): only {', '.join(streamed_tasks())} "
+        "can"
+    )
 
 
 def known_task(name: str) -> Task:
@@ -209,9 +238,11 @@ def run_task(
     *,
     reference: PreTrainedModel | None = None,
     progress: bool = True,
+    forward: Forward | None = None,
     **options: Any,
 ) -> TaskResult:
-    """Check, run and time one task; `reference` is the dense model for tasks that need it."""
+    """Check, run and time one task; `reference` is the dense model for tasks that need it,
+    `forward` the streamed logits of `model` (a skeleton) for tasks that stream."""
     task = check_task(name, model)
     if tokenizer is None:
         raise AecompressError(f"task '{name}' needs the model's tokenizer, and none was found")
@@ -221,7 +252,10 @@ def run_task(
     if task.needs_reference and reference is None:
         raise AecompressError(f"task '{name}' needs the dense reference model")
     start = time.perf_counter()
-    found = task.run(model, tokenizer, settings, reference=reference, progress=progress)
+    if forward is None:
+        found = task.run(model, tokenizer, settings, reference=reference, progress=progress)
+    else:
+        found = task.measure(model, tokenizer, settings, forward=forward, progress=progress)
     seconds = time.perf_counter() - start
     metrics = {metric: found[metric] for metric in task.metrics}
     stderr = {m: found[m + STDERR] for m in task.metrics if m + STDERR in found}

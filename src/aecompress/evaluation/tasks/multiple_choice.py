@@ -11,6 +11,8 @@ from aecompress.evaluation.tasks.base import Count, Task, TaskOptions, register
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from aecompress.evaluation.common import Forward
+
 
 class ChoiceOptions(TaskOptions):
     split: str | None = None  # None: the task's default split
@@ -23,6 +25,7 @@ class MultipleChoice(Task):
 
     needs = "causal-lm"
     Options = ChoiceOptions
+    streams = True
 
     def run(
         self,
@@ -33,10 +36,21 @@ class MultipleChoice(Task):
         reference: PreTrainedModel | None,
         progress: bool,
     ) -> dict[str, float]:
+        return self.measure(model, tokenizer, settings, forward=None, progress=progress)
+
+    def measure(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        settings: dict[str, Any],
+        *,
+        forward: Forward | None,
+        progress: bool,
+    ) -> dict[str, float]:
         from aecompress.evaluation import multiple_choice
 
         return multiple_choice.multiple_choice(
-            self.name, model, tokenizer, progress=progress, **settings
+            self.name, model, tokenizer, progress=progress, forward=forward, **settings
         )
 
 

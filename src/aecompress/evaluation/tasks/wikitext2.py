@@ -10,6 +10,8 @@ from aecompress.evaluation.tasks.base import Count, Task, TaskOptions, register
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from aecompress.evaluation.common import Forward
+
 
 class Wikitext2Options(TaskOptions):
     split: str = "test"
@@ -25,6 +27,7 @@ class Wikitext2(Task):
 
     needs = "causal-lm"
     Options = Wikitext2Options
+    streams = True
 
     def run(
         self,
@@ -33,6 +36,17 @@ class Wikitext2(Task):
         settings: dict[str, Any],
         *,
         reference: PreTrainedModel | None,
+        progress: bool,
+    ) -> dict[str, float]:
+        return self.measure(model, tokenizer, settings, forward=None, progress=progress)
+
+    def measure(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        settings: dict[str, Any],
+        *,
+        forward: Forward | None,
         progress: bool,
     ) -> dict[str, float]:
         from aecompress.evaluation.perplexity import perplexity
@@ -45,6 +59,7 @@ class Wikitext2(Task):
             windows=None if settings["full"] else settings["windows"],
             batch_size=settings["batch_size"],
             progress=progress,
+            forward=forward,
         )
         return {"perplexity": result.perplexity}
 
