@@ -850,3 +850,36 @@ def test_compress_with_a_quantization_stage_and_inspect(tiny_folder, tmp_path):
     code, stdout, err = invoke("inspect", str(out))
     assert code == 0, err
     assert "| up | 2 | 64x32 | sparsegpt + int4:g16:gptq |" in stdout
+
+
+def test_a_dry_run_prints_the_expected_peak_of_both_paths_and_does_no_work(
+    monkeypatch, tiny_folder, tmp_path
+):
+    forbid_loading(monkeypatch)
+    out = tmp_path / "art"
+    args = ["--method", "sparsegpt", "--ratio", "1.25", "--targets", "down", "-o", str(out)]
+    code, stdout, _ = invoke("compress", str(tiny_folder), *args, "--dry-run")
+    assert code == 0, stdout
+    assert "| part | in memory | streamed |" in stdout and "| **total** |" in stdout
+    assert not out.exists()
+
+
+def test_a_compress_beyond_the_available_memory_is_refused_before_loading(
+    monkeypatch, tiny_folder, tmp_path
+):
+    monkeypatch.setattr("aecompress.estimate.available_memory", lambda: 1 << 20)
+    args = ["--method", "sparsegpt", "--ratio", "1.25", "--targets", "down"]
+    args += ["--calibration-samples", "2", "--calibration-seq-len", "16"]
+    forbid = pytest.MonkeyPatch()
+    forbid_loading(forbid)
+    code, stdout, err = invoke("compress", str(tiny_folder), *args, "-o", str(tmp_path / "o"))
+    forbid.undo()
+    line = one_error(code, err)
+    assert "0.00 GiB is available" in line
+    assert "--ignore-memory-estimate" in line and "expected peak memory:" in stdout
+    out = tmp_path / "art"
+    code, stdout, err = invoke(
+        "compress", str(tiny_folder), *args, "-o", str(out), "--ignore-memory-estimate"
+    )
+    assert code == 0, err
+    assert out.is_dir()

@@ -37,6 +37,7 @@ LAYERS = [
     ["substitution"],
     ["compressed"],  # the result types; the artifact registers its writer with them
     ["pipeline"],  # the engine hands it the validation metric (evaluation)
+    ["estimate"],  # the peak memory a compress run expects, from a skeleton
     ["artifact"],
     ["evaluation"],
     ["summary"],

@@ -21,6 +21,8 @@ from aecompress.outputs import check_artifact_folder, check_file, check_new_fold
 from aecompress.recommended import RECOMMENDED
 
 if TYPE_CHECKING:
+    from aecompress.estimate import MemoryEstimate
+    from aecompress.recipe import Recipe
     from aecompress.sweep import Executor
 
 INTERRUPTED = 130  # the exit status after Ctrl-C
@@ -136,6 +138,19 @@ def compress(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="replace an existing artifact at -o")
     ] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run", help="print the expected peak memory (in memory, streamed) and stop"
+        ),
+    ] = False,
+    ignore_memory_estimate: Annotated[
+        bool,
+        typer.Option(
+            "--ignore-memory-estimate",
+            help="run even when the expected peak memory exceeds the available memory",
+        ),
+    ] = False,
 ) -> None:
     """Compress MODEL and write an artifact folder (by default with the setting recommended
     for its kind: `aecompress methods`)."""
@@ -144,6 +159,7 @@ def compress(
     import torch
 
     from aecompress.engine import compress as run_compress
+    from aecompress.estimate import available_memory, check_fits
     from aecompress.models import load_model
     from aecompress.recipe import Recipe
 
@@ -178,6 +194,11 @@ def compress(
         if changes:
             typer.echo(f"the command line overrides {recipe}: {'; '.join(changes)}")
     plan.calibration.check()
+    estimate = _memory_estimate(model, plan, dry_run)
+    if estimate is None:
+        return
+    if not ignore_memory_estimate:
+        check_fits(estimate, available_memory())
     start = time.perf_counter()
     try:
         compressed = run_compress(load_model(model), plan, build_modules=False)
@@ -374,6 +395,30 @@ def sweep(
     typer.echo(f"{len(records)} records in {path} ({time.perf_counter() - start:.0f} s this run)")
     for written in write_report([path], records):
         typer.echo(f"wrote {written}")
+
+
+def _memory_estimate(model: str, plan: Recipe, dry_run: bool) -> MemoryEstimate | None:
+    """The expected peak of the run's path, said in one line; with `dry_run` the table of
+    both paths instead, and None (nothing more to do)."""
+    from aecompress.engine import choose_pipeline
+    from aecompress.estimate import describe, estimate_memory
+    from aecompress.models import model_skeleton
+    from aecompress.pipeline.plan import plan_groups
+    from aecompress.targets import transformer_blocks
+
+    skeleton = model_skeleton(model)
+    pipeline = choose_pipeline(plan, plan_groups(skeleton, plan), skeleton)
+    paths = (False, True) if transformer_blocks(skeleton) is not None else (False,)
+    estimates = [
+        estimate_memory(skeleton, plan, pipeline=pipeline, streamed=streamed) for streamed in paths
+    ]
+    if dry_run:
+        typer.echo(f"expected peak memory of compressing {model} ({pipeline} pipeline):")
+        typer.echo(describe(estimates))
+        return None
+    chosen = estimates[0]
+    typer.echo(f"expected peak memory: {chosen.total / 2**30:.2f} GiB ({chosen.path})")
+    return chosen
 
 
 def _method_fields(

@@ -1,0 +1,310 @@
+"""The peak memory a compress run expects, from the model's shapes alone (a skeleton on the
+meta device, models.model_skeleton: no weight loaded) and the recipe, on the in-memory
+path (the whole model in fp32) or streamed (one stage's blocks at a time).
+
+The parts, in bytes, each at its largest while a stage is fitted (the peak: where they
+meet; every part but `weights` is the same on both paths):
+- runtime: the process's floor (torch, transformers and aecompress imported, the tokenizer,
+  the calibration text's token ids);
+- weights: the model in fp32 (in memory), or the stage's blocks in fp32 beside the modules
+  outside the blocks (streamed);
+- dense_copy: the stage's blocks copied for the dense stream (refinement, dense target);
+- hidden_states: the calibration windows' hidden states entering a block, per stream
+  kept (refinement also keeps the dense stage's outputs);
+- activations: one calibration batch through one block (each linear layer's output,
+  attention scores), with the backward pass's when refining;
+- statistics: the float64 X^T X (and cross moments, dense target) held at once: the
+  sequential pipeline's pass whose fit peaks (pipeline/sequential.py `passes`: a position
+  is the inputs one block reads once, q k v; o; up gate; down; an ffn target's is the
+  intermediate activations), or every target's at once (independent pipeline);
+- workspace: the fit beside them: float32 copies of the group's matrices and, for a
+  method that factorises X^T X (it asks for `xtx`: sparsegpt, gptq, svdllm...), a float64
+  factor when a later group reads the same X^T X (else it factorises in place);
+- stored: the stage's stored tensors before they are written.
+Methods with their own training (the AE family) or gradient statistics (Fisher, L1, the
+sensitivity allocation) need more than this counts; the estimate says so in `notes`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.pytorch_utils import Conv1D
+
+from aecompress.calibration import GRADIENT_STATISTICS
+from aecompress.errors import AecompressError
+from aecompress.pipeline.plan import PlannedGroup, plan_groups
+from aecompress.pipeline.sequential import Stage, compensates, passes, plan_stages
+from aecompress.recipe import Recipe
+from aecompress.targets import FAMILIES, Target, ffn_matrices, transformer_blocks, weight_matrix
+
+GIB = 2**30
+FLOAT32, FLOAT64 = 4, 8
+RUNTIME_BYTES = int(0.5 * GIB)  # calibrated: see benchmarks/results/scale.md
+MATRIX_COPIES = 3  # float32 copies of a group's matrices while it is fitted (calibrated)
+HIDDEN_COPIES = 4  # hidden-size activations of a block per token (residual, norms, ...)
+SHARED_INPUT = {"k": "q", "v": "q", "gate": "up"}  # families that read another's input
+ESCAPE_OPTION = "--ignore-memory-estimate"
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes of each part at the run's peak (module docstring); `total` is their sum."""
+
+    streamed: bool
+    runtime: int
+    weights: int
+    dense_copy: int
+    hidden_states: int
+    activations: int
+    statistics: int
+    workspace: int
+    stored: int
+    notes: tuple[str, ...] = ()
+
+    def parts(self) -> dict[str, int]:
+        skipped = {"streamed", "notes"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skipped}
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts().values())
+
+    @property
+    def path(self) -> str:
+        return "streamed" if self.streamed else "in memory"
+
+
+def estimate_memory(
+    model: PreTrainedModel, recipe: Recipe, *, pipeline: str, streamed: bool
+) -> MemoryEstimate:
+    """The peak of compressing `model` (a skeleton is enough: shapes only) as `recipe`
+    says with `pipeline` (sequential or independent; streaming is always sequential)."""
+    planned = plan_groups(model, recipe)
+    found = transformer_blocks(model)
+    sequential = streamed or pipeline == "sequential"
+    if sequential and found is None:
+        raise AecompressError(f"{type(model).__name__}: no transformer blocks to estimate")
+    blocks_path, blocks = found if found is not None else ("", nn.ModuleList())
+    outside, stages = plan_stages(planned, blocks_path, len(blocks)) if sequential else ([], [])
+    keep_dense = recipe.refine.steps > 0 or (
+        recipe.sequential.target == "dense" and any(compensates(p) for p in planned)
+    )
+    held, workspace = (
+        _sequential_peak(model, outside, stages, recipe, keep_dense)
+        if sequential
+        else _independent_peak(model, planned)
+    )
+    stage = max(stages, key=lambda s: _stage_bytes(blocks, s), default=None)
+    stage_bytes = 0 if stage is None else _stage_bytes(blocks, stage)
+    weights = _parameter_bytes(model)
+    if streamed:
+        inside = sum(_parameter_bytes(block) for block in blocks)
+        weights = weights - inside + stage_bytes + _largest_tensor_bytes(blocks)
+    windows = recipe.calibration.samples * recipe.calibration.seq_len
+    streams = 1 + keep_dense + (recipe.refine.steps > 0)
+    return MemoryEstimate(
+        streamed=streamed,
+        runtime=RUNTIME_BYTES,
+        weights=weights,
+        dense_copy=stage_bytes if keep_dense else 0,
+        hidden_states=streams * windows * _hidden_size(model) * FLOAT32,
+        activations=_activation_bytes(model, blocks, recipe),
+        statistics=held,
+        workspace=workspace,
+        stored=max((_stored_bytes(stage.groups) for stage in stages), default=0)
+        if sequential
+        else _stored_bytes(planned),
+        notes=_notes(planned, recipe),
+    )
+
+
+def _notes(planned: list[PlannedGroup], recipe: Recipe) -> tuple[str, ...]:
+    notes = []
+    if recipe.allocate == "sensitivity" or any(
+        p.method.statistics_needed() & GRADIENT_STATISTICS for p in planned
+    ):
+        notes.append("gradient statistics (Fisher / L1) hold the whole model's gradients too")
+    if any(p.method.name.startswith("ae") for p in planned):
+        notes.append("the AE's training workspace is not counted")
+    return tuple(notes)
+
+
+def _parameter_bytes(module: nn.Module) -> int:
+    """fp32 bytes of a module's parameters and buffers (shared tensors once)."""
+    tensors = {id(t): t for t in [*module.parameters(), *module.buffers()]}
+    return sum(t.numel() for t in tensors.values()) * FLOAT32
+
+
+def _largest_tensor_bytes(module: nn.Module) -> int:
+    """fp32 bytes of the largest parameter: a streamed block's tensors are read one at a
+    time (in the file's dtype, at most fp32) and upcast."""
+    return max((p.numel() for p in module.parameters()), default=0) * FLOAT32
+
+
+def _stage_bytes(blocks: nn.ModuleList, stage: Stage) -> int:
+    return sum(_parameter_bytes(blocks[i]) for i in range(stage.first, stage.last + 1))
+
+
+def _hidden_size(model: PreTrainedModel) -> int:
+    size = getattr(model.config, "hidden_size", None)
+    if not isinstance(size, int):
+        raise AecompressError(f"{type(model).__name__}: its config names no hidden_size")
+    return size
+
+
+def _activation_bytes(model: PreTrainedModel, blocks: nn.ModuleList, recipe: Recipe) -> int:
+    """One batch through the widest block: every linear layer's output and the hidden-size
+    tensors around them, attention scores and probabilities; twice that when refining
+    (a backward pass keeps them)."""
+    batch = min(recipe.calibration.batch_size, recipe.calibration.samples)
+    tokens = batch * recipe.calibration.seq_len
+    widths = [_linear_outputs(block) for block in blocks] or [0]
+    heads = getattr(model.config, "num_attention_heads", 0) or 0
+    scores = 2 * batch * heads * recipe.calibration.seq_len**2
+    numbers = tokens * (max(widths) + HIDDEN_COPIES * _hidden_size(model)) + scores
+    return numbers * FLOAT32 * (2 if recipe.refine.steps else 1)
+
+
+def _linear_outputs(block: nn.Module) -> int:
+    """Output features of every Linear / Conv1D of a block, summed."""
+    total = 0
+    for module in block.modules():
+        if isinstance(module, nn.Linear):
+            total += module.out_features
+        elif isinstance(module, Conv1D):
+            total += module.nf
+    return total
+
+
+def _input_width(model: nn.Module, target: Target) -> int:
+    """Columns of the target's X^T X: its module's input features (an ffn target's: the
+    down projection's, the intermediate activations)."""
+    if target.kind == "ffn":
+        return ffn_matrices(model, target)[2].shape[1]
+    return weight_matrix(model, target).shape[1]
+
+
+def _input_key(target: Target) -> tuple[int | None, str]:
+    """Which input a target reads: one per (layer, position) (q, k and v share one)."""
+    if target.family not in FAMILIES:
+        return target.layer, target.path
+    return target.layer, SHARED_INPUT.get(target.family, target.family)
+
+
+def _factorises(plan: PlannedGroup) -> bool:
+    return "xtx" in plan.method.statistics_needed() and plan.spec.kind != "embedding"
+
+
+def _matrix_bytes(plan: PlannedGroup) -> int:
+    return plan.spec.numel * FLOAT32 * MATRIX_COPIES
+
+
+def _stored_bytes(planned: list[PlannedGroup]) -> int:
+    return int(sum(plan.budget for plan in planned) / 8)
+
+
+def _gram_bytes(model: nn.Module, groups: list[PlannedGroup], cross: bool) -> dict[object, int]:
+    """Bytes of each X^T X the groups read, by input (float64; with the cross moment)."""
+    grams: dict[object, int] = {}
+    for plan in groups:
+        for target in plan.group.members:
+            width = _input_width(model, target)
+            grams[_input_key(target)] = width * width * FLOAT64 * (2 if cross else 1)
+    return grams
+
+
+def _positions(stage: Stage) -> list[list[PlannedGroup]]:
+    """The stage's groups by the input they read, in forward order (as the sequential
+    pipeline finds them by running the stage; here from the families)."""
+    by_input: dict[str, list[PlannedGroup]] = {}
+    for plan in stage.groups:
+        by_input.setdefault(_input_key(plan.group.members[0])[1], []).append(plan)
+    order = {family: index for index, family in enumerate(FAMILIES)}
+    return [by_input[key] for key in sorted(by_input, key=lambda k: order.get(k, len(order)))]
+
+
+def _sequential_peak(
+    model: nn.Module,
+    outside: list[PlannedGroup],
+    stages: list[Stage],
+    recipe: Recipe,
+    keep_dense: bool,
+) -> tuple[int, int]:
+    """(statistics, workspace) where their sum peaks: each pass holds its inputs' X^T X,
+    each freed after the last group that reads it; a fit adds its workspace."""
+    best = (0, max((_matrix_bytes(plan) for plan in outside), default=0))
+    cross = keep_dense and recipe.sequential.target == "dense"
+    for stage in stages:
+        if not stage.groups:
+            continue
+        for groups in passes(_positions(stage), recipe.sequential.granularity):
+            grams = _gram_bytes(model, groups, cross and any(compensates(g) for g in groups))
+            held = sum(grams.values())
+            for index, plan in enumerate(groups):
+                keys = {_input_key(t) for t in plan.group.members}
+                later = {_input_key(t) for p in groups[index + 1 :] for t in p.group.members}
+                factor = sum(grams[k] for k in keys & later) if _factorises(plan) else 0
+                work = _matrix_bytes(plan) + factor
+                if held + work > sum(best):
+                    best = (held, work)
+                held -= sum(grams[k] for k in keys - later)
+    return best
+
+
+def _independent_peak(model: nn.Module, planned: list[PlannedGroup]) -> tuple[int, int]:
+    """(statistics, workspace): every target's X^T X from one pass of the dense model, held
+    while each group is fitted on a copy."""
+    readers = [plan for plan in planned if "xtx" in plan.method.statistics_needed()]
+    held = sum(_gram_bytes(model, readers, cross=False).values())
+    factors = [
+        max(_gram_bytes(model, [plan], cross=False).values()) if _factorises(plan) else 0
+        for plan in planned
+    ]
+    work = max((_matrix_bytes(p) + f for p, f in zip(planned, factors, strict=True)), default=0)
+    return held, work
+
+
+def describe(estimates: list[MemoryEstimate]) -> str:
+    """A short table: one column per estimate, one row per part, GiB."""
+    header = "| part | " + " | ".join(e.path for e in estimates) + " |"
+    lines = [header, "|---|" + "---:|" * len(estimates)]
+    for name in estimates[0].parts():
+        lines.append(f"| {name} | " + " | ".join(_gib(e.parts()[name]) for e in estimates) + " |")
+    lines.append("| **total** | " + " | ".join(f"**{_gib(e.total)}**" for e in estimates) + " |")
+    notes = sorted({note for e in estimates for note in e.notes})
+    return "\n".join(lines + [f"not counted: {note}" for note in notes])
+
+
+def _gib(size: int) -> str:
+    return f"{size / GIB:.2f} GiB"
+
+
+def available_memory() -> int | None:
+    """Bytes the system can still give this process: MemAvailable of /proc/meminfo (Linux),
+    else psutil's `available` when psutil is installed; None when neither says."""
+    meminfo = Path("/proc/meminfo")
+    if meminfo.is_file():
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return int(psutil.virtual_memory().available)
+
+
+def check_fits(estimate: MemoryEstimate, available: int | None, hint: str = "") -> None:
+    """Refuse (one line) a run whose estimated peak exceeds the available memory; nothing
+    to check when the available memory is unknown."""
+    if available is None or estimate.total <= available:
+        return
+    raise AecompressError(
+        f"compressing {estimate.path} needs about {_gib(estimate.total)} at its peak and "
+        f"{_gib(available)} is available{hint}; see the parts with --dry-run, or pass "
+        f"{ESCAPE_OPTION} to run anyway"
+    )
