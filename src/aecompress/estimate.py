@@ -11,15 +11,16 @@ meet; every part but `weights` is the same on both paths):
 - dense_copy: the stage's blocks copied for the dense stream (refinement, dense target);
 - hidden_states: the calibration windows' hidden states entering a block, per stream
   kept (refinement also keeps the dense stage's outputs);
-- activations: one calibration batch through one block (each linear layer's output,
-  attention scores), with the backward pass's when refining;
 - statistics: the float64 X^T X (and cross moments, dense target) held at once: the
-  sequential pipeline's pass whose fit peaks (pipeline/sequential.py `passes`: a position
+  sequential pipeline's pass whose step peaks (pipeline/sequential.py `passes`: a position
   is the inputs one block reads once, q k v; o; up gate; down; an ffn target's is the
   intermediate activations), or every target's at once (independent pipeline);
-- workspace: the fit beside them: float32 copies of the group's matrices and, for a
-  method that factorises X^T X (it asks for `xtx`: sparsegpt, gptq, svdllm...), a float64
-  factor when a later group reads the same X^T X (else it factorises in place);
+- workspace: beside them, either one calibration batch through one block while a pass
+  collects them (each linear layer's output, attention scores; with the backward pass's
+  when refining), or a fit: float32 copies of the group's matrices and, for a method
+  that factorises X^T X (it asks for `xtx`: sparsegpt, gptq, svdllm...), a float64
+  factor when a later group reads the same X^T X (else it factorises in place); the two
+  never meet, the one that peaks with the statistics held then is counted;
 - stored: the stage's stored tensors before they are written.
 Methods with their own training (the AE family) or gradient statistics (Fisher, L1, the
 sensitivity allocation) need more than this counts; the estimate says so in `notes`.
@@ -43,7 +44,7 @@ from aecompress.targets import FAMILIES, Target, ffn_matrices, transformer_block
 
 GIB = 2**30
 FLOAT32, FLOAT64 = 4, 8
-RUNTIME_BYTES = int(0.5 * GIB)  # calibrated: see benchmarks/results/scale.md
+RUNTIME_BYTES = int(0.45 * GIB)  # calibrated: see benchmarks/results/scale.md
 MATRIX_COPIES = 3  # float32 copies of a group's matrices while it is fitted (calibrated)
 HIDDEN_COPIES = 4  # hidden-size activations of a block per token (residual, norms, ...)
 SHARED_INPUT = {"k": "q", "v": "q", "gate": "up"}  # families that read another's input
@@ -59,7 +60,6 @@ class MemoryEstimate:
     weights: int
     dense_copy: int
     hidden_states: int
-    activations: int
     statistics: int
     workspace: int
     stored: int
@@ -93,10 +93,11 @@ def estimate_memory(
     keep_dense = recipe.refine.steps > 0 or (
         recipe.sequential.target == "dense" and any(compensates(p) for p in planned)
     )
+    activations = _activation_bytes(model, blocks, recipe)
     held, workspace = (
-        _sequential_peak(model, outside, stages, recipe, keep_dense)
+        _sequential_peak(model, outside, stages, recipe, keep_dense, activations)
         if sequential
-        else _independent_peak(model, planned)
+        else _independent_peak(model, planned, activations)
     )
     stage = max(stages, key=lambda s: _stage_bytes(blocks, s), default=None)
     stage_bytes = 0 if stage is None else _stage_bytes(blocks, stage)
@@ -112,7 +113,6 @@ def estimate_memory(
         weights=weights,
         dense_copy=stage_bytes if keep_dense else 0,
         hidden_states=streams * windows * _hidden_size(model) * FLOAT32,
-        activations=_activation_bytes(model, blocks, recipe),
         statistics=held,
         workspace=workspace,
         stored=max((_stored_bytes(stage.groups) for stage in stages), default=0)
@@ -157,27 +157,23 @@ def _hidden_size(model: PreTrainedModel) -> int:
 
 
 def _activation_bytes(model: PreTrainedModel, blocks: nn.ModuleList, recipe: Recipe) -> int:
-    """One batch through the widest block: every linear layer's output and the hidden-size
-    tensors around them, attention scores and probabilities; twice that when refining
-    (a backward pass keeps them)."""
+    """One batch through the widest block: its widest linear output three times (a gated
+    MLP's up, gate and their product) and hidden-size tensors around them, attention
+    scores; twice that when refining (a backward pass keeps them)."""
     batch = min(recipe.calibration.batch_size, recipe.calibration.samples)
     tokens = batch * recipe.calibration.seq_len
-    widths = [_linear_outputs(block) for block in blocks] or [0]
+    widest = max((_widest_output(block) for block in blocks), default=0)
     heads = getattr(model.config, "num_attention_heads", 0) or 0
-    scores = 2 * batch * heads * recipe.calibration.seq_len**2
-    numbers = tokens * (max(widths) + HIDDEN_COPIES * _hidden_size(model)) + scores
+    scores = batch * heads * recipe.calibration.seq_len**2
+    numbers = tokens * (3 * widest + HIDDEN_COPIES * _hidden_size(model)) + scores
     return numbers * FLOAT32 * (2 if recipe.refine.steps else 1)
 
 
-def _linear_outputs(block: nn.Module) -> int:
-    """Output features of every Linear / Conv1D of a block, summed."""
-    total = 0
-    for module in block.modules():
-        if isinstance(module, nn.Linear):
-            total += module.out_features
-        elif isinstance(module, Conv1D):
-            total += module.nf
-    return total
+def _widest_output(block: nn.Module) -> int:
+    """The most output features of a Linear / Conv1D of the block."""
+    widths = [m.out_features for m in block.modules() if isinstance(m, nn.Linear)]
+    widths += [m.nf for m in block.modules() if isinstance(m, Conv1D)]
+    return max(widths, default=0)
 
 
 def _input_width(model: nn.Module, target: Target) -> int:
@@ -233,9 +229,11 @@ def _sequential_peak(
     stages: list[Stage],
     recipe: Recipe,
     keep_dense: bool,
+    activations: int,
 ) -> tuple[int, int]:
-    """(statistics, workspace) where their sum peaks: each pass holds its inputs' X^T X,
-    each freed after the last group that reads it; a fit adds its workspace."""
+    """(statistics, workspace) where their sum peaks: a pass collects its inputs' X^T X
+    with one batch's activations, then fits its groups in order, each X^T X freed after
+    the last group that reads it, each fit with its workspace."""
     best = (0, max((_matrix_bytes(plan) for plan in outside), default=0))
     cross = keep_dense and recipe.sequential.target == "dense"
     for stage in stages:
@@ -244,18 +242,20 @@ def _sequential_peak(
         for groups in passes(_positions(stage), recipe.sequential.granularity):
             grams = _gram_bytes(model, groups, cross and any(compensates(g) for g in groups))
             held = sum(grams.values())
+            steps = [(held, activations)]
             for index, plan in enumerate(groups):
                 keys = {_input_key(t) for t in plan.group.members}
                 later = {_input_key(t) for p in groups[index + 1 :] for t in p.group.members}
                 factor = sum(grams[k] for k in keys & later) if _factorises(plan) else 0
-                work = _matrix_bytes(plan) + factor
-                if held + work > sum(best):
-                    best = (held, work)
+                steps.append((held, _matrix_bytes(plan) + factor))
                 held -= sum(grams[k] for k in keys - later)
+            best = max([best, *steps], key=sum)
     return best
 
 
-def _independent_peak(model: nn.Module, planned: list[PlannedGroup]) -> tuple[int, int]:
+def _independent_peak(
+    model: nn.Module, planned: list[PlannedGroup], activations: int
+) -> tuple[int, int]:
     """(statistics, workspace): every target's X^T X from one pass of the dense model, held
     while each group is fitted on a copy."""
     readers = [plan for plan in planned if "xtx" in plan.method.statistics_needed()]
@@ -264,8 +264,8 @@ def _independent_peak(model: nn.Module, planned: list[PlannedGroup]) -> tuple[in
         max(_gram_bytes(model, [plan], cross=False).values()) if _factorises(plan) else 0
         for plan in planned
     ]
-    work = max((_matrix_bytes(p) + f for p, f in zip(planned, factors, strict=True)), default=0)
-    return held, work
+    fits = [_matrix_bytes(p) + f for p, f in zip(planned, factors, strict=True)]
+    return held, max([activations, *fits])
 
 
 def describe(estimates: list[MemoryEstimate]) -> str:
