@@ -48,7 +48,7 @@ def recipe(**fields) -> Recipe:
 
 
 def estimate(layers: int = 4, streamed: bool = False, pipeline: str = "sequential", **fields):
-    return estimate_memory(skeleton(layers), recipe(**fields), pipeline=pipeline, streamed=streamed)
+    return estimate_memory(skeleton(layers), recipe(pipeline=pipeline, **fields), streamed=streamed)
 
 
 def test_the_parts_add_up_to_the_total():
@@ -98,8 +98,9 @@ def test_the_table_has_one_column_per_path():
     table = describe([estimate(), estimate(streamed=True)])
     lines = table.splitlines()
     assert lines[0] == "| part | in memory | streamed |"
+    assert lines[2] == "| pipeline | sequential | sequential |"
     assert lines[-1].startswith("| **total** |") and "GiB" in lines[-1]
-    assert len(lines) == 2 + len(MemoryEstimate.__dataclass_fields__) - 2 + 1
+    assert len(lines) == 3 + len(MemoryEstimate.__dataclass_fields__) - 3 + 1
 
 
 def test_the_available_memory_is_known_here():

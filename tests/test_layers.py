@@ -37,11 +37,11 @@ LAYERS = [
     ["substitution"],
     ["compressed"],  # the result types; the artifact registers its writer with them
     ["pipeline"],  # the engine hands it the validation metric (evaluation)
-    ["estimate"],  # the peak memory a compress run expects, from a skeleton
     ["artifact"],
     ["evaluation"],
     ["summary"],
     ["engine"],
+    ["estimate"],  # the peak memory a compress run expects, from a skeleton
     ["sweep", "report", "cluster", "integrations"],
     ["cli", ""],  # "": the package's __init__
 ]

@@ -400,20 +400,15 @@ def sweep(
 def _memory_estimate(model: str, plan: Recipe, dry_run: bool) -> MemoryEstimate | None:
     """The expected peak of the run's path, said in one line; with `dry_run` the table of
     both paths instead, and None (nothing more to do)."""
-    from aecompress.engine import choose_pipeline
     from aecompress.estimate import describe, estimate_memory
     from aecompress.models import model_skeleton
-    from aecompress.pipeline.plan import plan_groups
     from aecompress.targets import transformer_blocks
 
     skeleton = model_skeleton(model)
-    pipeline = choose_pipeline(plan, plan_groups(skeleton, plan), skeleton)
     paths = (False, True) if transformer_blocks(skeleton) is not None else (False,)
-    estimates = [
-        estimate_memory(skeleton, plan, pipeline=pipeline, streamed=streamed) for streamed in paths
-    ]
+    estimates = [estimate_memory(skeleton, plan, streamed=streamed) for streamed in paths]
     if dry_run:
-        typer.echo(f"expected peak memory of compressing {model} ({pipeline} pipeline):")
+        typer.echo(f"expected peak memory of compressing {model}:")
         typer.echo(describe(estimates))
         return None
     chosen = estimates[0]

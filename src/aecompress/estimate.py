@@ -36,6 +36,7 @@ from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from aecompress.calibration import GRADIENT_STATISTICS
+from aecompress.engine import choose_pipeline
 from aecompress.errors import AecompressError
 from aecompress.pipeline.plan import PlannedGroup, plan_groups
 from aecompress.pipeline.sequential import Stage, compensates, passes, plan_stages
@@ -56,6 +57,7 @@ class MemoryEstimate:
     """Bytes of each part at the run's peak (module docstring); `total` is their sum."""
 
     streamed: bool
+    pipeline: str
     runtime: int
     weights: int
     dense_copy: int
@@ -66,7 +68,7 @@ class MemoryEstimate:
     notes: tuple[str, ...] = ()
 
     def parts(self) -> dict[str, int]:
-        skipped = {"streamed", "notes"}
+        skipped = {"streamed", "pipeline", "notes"}
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skipped}
 
     @property
@@ -78,14 +80,13 @@ class MemoryEstimate:
         return "streamed" if self.streamed else "in memory"
 
 
-def estimate_memory(
-    model: PreTrainedModel, recipe: Recipe, *, pipeline: str, streamed: bool
-) -> MemoryEstimate:
+def estimate_memory(model: PreTrainedModel, recipe: Recipe, *, streamed: bool) -> MemoryEstimate:
     """The peak of compressing `model` (a skeleton is enough: shapes only) as `recipe`
-    says with `pipeline` (sequential or independent; streaming is always sequential)."""
+    says, in the pipeline the run takes (streaming is always sequential)."""
     planned = plan_groups(model, recipe)
+    pipeline = "sequential" if streamed else choose_pipeline(recipe, planned, model)
     found = transformer_blocks(model)
-    sequential = streamed or pipeline == "sequential"
+    sequential = pipeline == "sequential"
     if sequential and found is None:
         raise AecompressError(f"{type(model).__name__}: no transformer blocks to estimate")
     blocks_path, blocks = found if found is not None else ("", nn.ModuleList())
@@ -109,6 +110,7 @@ def estimate_memory(
     streams = 1 + keep_dense + (recipe.refine.steps > 0)
     return MemoryEstimate(
         streamed=streamed,
+        pipeline=pipeline,
         runtime=RUNTIME_BYTES,
         weights=weights,
         dense_copy=stage_bytes if keep_dense else 0,
@@ -269,9 +271,11 @@ def _independent_peak(
 
 
 def describe(estimates: list[MemoryEstimate]) -> str:
-    """A short table: one column per estimate, one row per part, GiB."""
+    """A short table: one column per estimate (its path and pipeline), one row per part,
+    GiB."""
     header = "| part | " + " | ".join(e.path for e in estimates) + " |"
     lines = [header, "|---|" + "---:|" * len(estimates)]
+    lines.append("| pipeline | " + " | ".join(e.pipeline for e in estimates) + " |")
     for name in estimates[0].parts():
         lines.append(f"| {name} | " + " | ".join(_gib(e.parts()[name]) for e in estimates) + " |")
     lines.append("| **total** | " + " | ".join(f"**{_gib(e.total)}**" for e in estimates) + " |")
