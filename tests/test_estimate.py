@@ -106,3 +106,12 @@ def test_the_table_has_one_column_per_path():
 def test_the_available_memory_is_known_here():
     found = available_memory()
     assert found is None or found > 0
+
+
+def test_loading_a_bf16_checkpoint_whole_holds_its_pages_beside_the_fp32_model():
+    model = skeleton(4)
+    model.config.dtype = torch.bfloat16
+    whole = estimate_memory(model, recipe(), streamed=False)
+    assert whole.total >= whole.runtime + whole.weights * 3 // 2
+    assert estimate_memory(model, recipe(), streamed=True).loading == 0
+    assert estimate().loading < whole.loading  # fp32: one converted tensor only

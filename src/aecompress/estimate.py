@@ -21,7 +21,10 @@ meet; every part but `weights` is the same on both paths):
   that factorises X^T X (it asks for `xtx`: sparsegpt, gptq, svdllm...), a float64
   factor when a later group reads the same X^T X (else it factorises in place); the two
   never meet, the one that peaks with the statistics held then is counted;
-- stored: the stage's stored tensors before they are written.
+- stored: the stage's stored tensors before they are written;
+- loading (in memory): what loading the whole model holds beyond all of the above but
+  runtime and weights, when that is more: the checkpoint's pages while its tensors are
+  converted to fp32 (a bf16 checkpoint: half the fp32 bytes) and one converted tensor.
 Methods with their own training (the AE family) or gradient statistics (Fisher, L1, the
 sensitivity allocation) need more than this counts; the estimate says so in `notes`.
 """
@@ -31,6 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
@@ -65,6 +69,7 @@ class MemoryEstimate:
     statistics: int
     workspace: int
     stored: int
+    loading: int
     notes: tuple[str, ...] = ()
 
     def parts(self) -> dict[str, int]:
@@ -108,20 +113,35 @@ def estimate_memory(model: PreTrainedModel, recipe: Recipe, *, streamed: bool) -
         weights = weights - inside + stage_bytes + _largest_tensor_bytes(blocks)
     windows = recipe.calibration.samples * recipe.calibration.seq_len
     streams = 1 + keep_dense + (recipe.refine.steps > 0)
+    working = {
+        "dense_copy": stage_bytes if keep_dense else 0,
+        "hidden_states": streams * windows * _hidden_size(model) * FLOAT32,
+        "statistics": held,
+        "workspace": workspace,
+        "stored": max((_stored_bytes(stage.groups) for stage in stages), default=0)
+        if sequential
+        else _stored_bytes(planned),
+    }
+    loading = 0 if streamed else _loading_bytes(model) - sum(working.values())
     return MemoryEstimate(
         streamed=streamed,
         pipeline=pipeline,
         runtime=RUNTIME_BYTES,
         weights=weights,
-        dense_copy=stage_bytes if keep_dense else 0,
-        hidden_states=streams * windows * _hidden_size(model) * FLOAT32,
-        statistics=held,
-        workspace=workspace,
-        stored=max((_stored_bytes(stage.groups) for stage in stages), default=0)
-        if sequential
-        else _stored_bytes(planned),
+        **working,
+        loading=max(0, loading),
         notes=_notes(planned, recipe),
     )
+
+
+def _loading_bytes(model: PreTrainedModel) -> int:
+    """Beside the fp32 model while it is loaded whole: the pages of a checkpoint in another
+    dtype (mapped while every tensor is converted) and one converted tensor."""
+    stored = getattr(model.config, "dtype", None) or torch.float32
+    stored = getattr(torch, stored) if isinstance(stored, str) else stored
+    numbers = _parameter_bytes(model) // FLOAT32
+    pages = 0 if stored == torch.float32 else numbers * stored.itemsize
+    return pages + _largest_tensor_bytes(model)
 
 
 def _notes(planned: list[PlannedGroup], recipe: Recipe) -> tuple[str, ...]:
