@@ -235,11 +235,11 @@ def test_ctrl_c_is_one_line_and_exit_130(tiny_folder, tmp_path):
     """SIGINT while compressing (stood in for by a long sleep) in a real process."""
     script = (
         "import sys, time\n"
-        "import aecompress.engine\n"
+        "import aecompress.streamed\n"
         "def slow(*args, **kwargs):\n"
         "    print('compressing', flush=True)\n"
         "    time.sleep(120)\n"
-        "aecompress.engine.compress = slow\n"
+        "aecompress.streamed.compress = slow\n"
         "from aecompress.cli import main\n"
         f"sys.argv = ['aecompress', 'compress', {str(tiny_folder)!r}, '--method', 'svd', "
         f"'--ratio', '2', '--targets', 'k', '-o', {str(tmp_path / 'art')!r}]\n"
@@ -265,7 +265,7 @@ def test_a_numerical_failure_is_one_line(monkeypatch, tiny_folder, tmp_path):
     def fail(*args, **kwargs):
         raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
 
-    monkeypatch.setattr("aecompress.engine.compress", fail)
+    monkeypatch.setattr("aecompress.streamed.compress", fail)
     args = ["compress", str(tiny_folder), "--method", "asvd", "--ratio", "2"]
     args += ["-o", str(tmp_path / "o")]
     code, _, err = invoke(*args)

@@ -31,6 +31,7 @@ LAYERS = [
     ],
     ["models", "modules", "budget"],
     ["targets"],
+    ["streaming"],  # a model's blocks filled from disk one at a time
     ["calibration"],
     ["methods"],
     ["recipe"],  # validates method names and options
@@ -42,6 +43,7 @@ LAYERS = [
     ["summary"],
     ["engine"],
     ["estimate"],  # the peak memory a compress run expects, from a skeleton
+    ["streamed"],  # compressing into a folder, streamed from disk when too large
     ["sweep", "report", "cluster", "integrations"],
     ["cli", ""],  # "": the package's __init__
 ]

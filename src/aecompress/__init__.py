@@ -2,6 +2,7 @@
 
 cm = aecompress.compress("minilm-l6", method="svd", ratio=10, targets=["embed"])
 cm.save_pretrained("out/")
+aecompress.compress_to_folder("llama/", "out/", method="sparsegpt", ratio=1.25, targets=["up"])
 model = aecompress.load("out/")
 aecompress.export_dense("out/", "plain/")  # a plain transformers folder, every matrix decoded
 aecompress.export_compressed_tensors("out/", "ct/")  # gptq / rtn packed, as llm-compressor
@@ -28,12 +29,14 @@ if TYPE_CHECKING:
     from aecompress.evaluation.runner import evaluate
     from aecompress.models import load_model
     from aecompress.recipe import Recipe
+    from aecompress.streamed import compress_to_folder
 
 # public name -> the module defining it
 _LAZY = {
     "CompressedModel": "aecompress.compressed",
     "Recipe": "aecompress.recipe",
     "compress": "aecompress.engine",
+    "compress_to_folder": "aecompress.streamed",
     "evaluate": "aecompress.evaluation.runner",
     "export_compressed_tensors": "aecompress.artifact",
     "export_dense": "aecompress.artifact",
@@ -47,6 +50,7 @@ __all__ = [
     "Recipe",
     "__version__",
     "compress",
+    "compress_to_folder",
     "evaluate",
     "export_compressed_tensors",
     "export_dense",

@@ -121,6 +121,14 @@ def compress(
         str, typer.Option(help="auto | float32 | bfloat16 | float16 (stored floats)")
     ] = "auto",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    stream: Annotated[
+        bool | None,
+        typer.Option(
+            "--stream/--no-stream",
+            help="read the model from disk a block at a time, writing the artifact as it "
+            "goes (default: when loaded whole it would not fit in memory)",
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     calibration_samples: Annotated[
         int | None, typer.Option(help="calibration windows (default 64)")
@@ -158,10 +166,10 @@ def compress(
     _starting(f"compressing {model}")
     import torch
 
-    from aecompress.engine import compress as run_compress
+    from aecompress.artifact import read_manifest
     from aecompress.estimate import available_memory, check_fits
-    from aecompress.models import load_model
     from aecompress.recipe import Recipe
+    from aecompress.streamed import compress_to_folder
 
     options = _parse_options(option or [])
     calibration = {
@@ -184,6 +192,7 @@ def compress(
         "allocate": allocate,
         "storage_dtype": storage_dtype,
         "device": device,
+        "stream": "auto" if stream is None else stream,
         "seed": seed,
     }
     if recipe is None:
@@ -194,27 +203,28 @@ def compress(
         if changes:
             typer.echo(f"the command line overrides {recipe}: {'; '.join(changes)}")
     plan.calibration.check()
-    estimate = _memory_estimate(model, plan, dry_run)
+    available = available_memory()
+    estimate = _memory_estimate(model, plan, available, dry_run)
     if estimate is None:
         return
     if not ignore_memory_estimate:
-        check_fits(estimate, available_memory())
+        check_fits(estimate, available)
     start = time.perf_counter()
     try:
-        compressed = run_compress(load_model(model), plan, build_modules=False)
+        compress_to_folder(model, output, plan)
     except torch.linalg.LinAlgError as error:
         raise AecompressError(f"{plan.method} failed numerically: {first_line(error)}") from error
     seconds = time.perf_counter() - start
-    compressed.save_pretrained(str(output))
-    totals = compressed.totals()
+    manifest = read_manifest(output)
+    totals = manifest["totals"]
     typer.echo(
-        f"{len(compressed.groups)} groups of {totals['target_params']:,} weights: "
-        f"{totals['target_bits']:,} -> {totals['stored_bits']:,} bits (ratio "
+        f"{len(manifest['groups'])} groups of {int(totals['target_params']):,} weights: "
+        f"{int(totals['target_bits']):,} -> {int(totals['stored_bits']):,} bits (ratio "
         f"{totals['ratio']:.3f}; number ratio "
         f"{totals['number_ratio']:.3f}) in {seconds:.1f} s"
     )
-    if compressed.tied_output:
-        typer.echo(f"tied output head {compressed.tied_output} shares the embedding's factors")
+    if manifest["tied_output"]:
+        typer.echo(f"tied output head {manifest['tied_output']} shares the embedding's factors")
     typer.echo(f"wrote {output}")
 
 
@@ -397,11 +407,17 @@ def sweep(
         typer.echo(f"wrote {written}")
 
 
-def _memory_estimate(model: str, plan: Recipe, dry_run: bool) -> MemoryEstimate | None:
-    """The expected peak of the run's path, said in one line; with `dry_run` the table of
-    both paths instead, and None (nothing more to do)."""
+def _memory_estimate(
+    model: str, plan: Recipe, available: int | None, dry_run: bool
+) -> MemoryEstimate | None:
+    """The expected peak of the path the run takes (streamed or not, as
+    compress_to_folder chooses it), said in one line; with `dry_run` the table of both
+    paths instead, and None (nothing more to do)."""
     from aecompress.estimate import describe, estimate_memory
     from aecompress.models import model_skeleton
+    from aecompress.pipeline.plan import plan_groups
+    from aecompress.streamed import streaming_blockers
+    from aecompress.streaming import streamable_folder
     from aecompress.targets import transformer_blocks
 
     skeleton = model_skeleton(model)
@@ -411,7 +427,15 @@ def _memory_estimate(model: str, plan: Recipe, dry_run: bool) -> MemoryEstimate 
         typer.echo(f"expected peak memory of compressing {model}:")
         typer.echo(describe(estimates))
         return None
-    chosen = estimates[0]
+    whole = estimates[0]
+    fits = available is None or whole.total <= available
+    streams = plan.stream is True or (
+        plan.stream == "auto"
+        and not fits
+        and streamable_folder(model) is not None
+        and not streaming_blockers(plan, plan_groups(skeleton, plan), whole.pipeline, skeleton)
+    )
+    chosen = estimates[-1] if streams else whole
     typer.echo(f"expected peak memory: {chosen.total / 2**30:.2f} GiB ({chosen.path})")
     return chosen
 

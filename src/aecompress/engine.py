@@ -70,6 +70,11 @@ def compress(
     parameters): the least memory for a model that is only saved, as `aecompress compress`.
     """
     recipe = recipe or Recipe.parse(fields)
+    if recipe.stream is True:
+        raise AecompressError(
+            "stream: true writes the artifact as it goes: use aecompress.compress_to_folder "
+            "(or `aecompress compress --stream`)"
+        )
     check_ratio(recipe.ratio)
     recipe.calibration.check()
     source, auto_class = recipe.model or "", None

@@ -6,8 +6,9 @@ The parts, in bytes, each at its largest while a stage is fitted (the peak: wher
 meet; every part but `weights` is the same on both paths):
 - runtime: the process's floor (torch, transformers and aecompress imported, the tokenizer,
   the calibration text's token ids);
-- weights: the model in fp32 (in memory), or the stage's blocks in fp32 beside the modules
-  outside the blocks (streamed);
+- weights: the model in fp32 (in memory); streamed, the stage's blocks in fp32 or, while
+  the blocks' inputs are captured, the modules outside the blocks but an untouched output
+  head, whichever is larger, and one tensor being read;
 - dense_copy: the stage's blocks copied for the dense stream (refinement, dense target);
 - hidden_states: the calibration windows' hidden states entering a block, per stream
   kept (refinement also keeps the dense stage's outputs);
@@ -110,7 +111,8 @@ def estimate_memory(model: PreTrainedModel, recipe: Recipe, *, streamed: bool) -
     weights = _parameter_bytes(model)
     if streamed:
         inside = sum(_parameter_bytes(block) for block in blocks)
-        weights = weights - inside + stage_bytes + _largest_tensor_bytes(blocks)
+        outside_held = weights - inside - _untouched_head_bytes(model, planned)
+        weights = max(outside_held, stage_bytes) + _largest_tensor_bytes(blocks)
     windows = recipe.calibration.samples * recipe.calibration.seq_len
     streams = 1 + keep_dense + (recipe.refine.steps > 0)
     working = {
@@ -159,6 +161,18 @@ def _parameter_bytes(module: nn.Module) -> int:
     """fp32 bytes of a module's parameters and buffers (shared tensors once)."""
     tensors = {id(t): t for t in [*module.parameters(), *module.buffers()]}
     return sum(t.numel() for t in tensors.values()) * FLOAT32
+
+
+def _untouched_head_bytes(model: PreTrainedModel, planned: list[PlannedGroup]) -> int:
+    """fp32 bytes of an output head neither tied to the embedding nor targeted: streaming
+    never loads it (it runs after the blocks only)."""
+    head = model.get_output_embeddings()
+    embedding = model.get_input_embeddings()
+    if head is None or getattr(head, "weight", None) is getattr(embedding, "weight", None):
+        return 0
+    targeted = {t.path for plan in planned for t in plan.group.members}
+    path = next((p for p, m in model.named_modules() if m is head), None)
+    return 0 if path in targeted else _parameter_bytes(head)
 
 
 def _largest_tensor_bytes(module: nn.Module) -> int:

@@ -449,8 +449,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 def model_device(model: nn.Module) -> torch.device:
-    """Where the model's parameters are (the CPU for a model without any)."""
-    return next((p.device for p in model.parameters()), torch.device("cpu"))
+    """Where the model's parameters are: the first one's not on the meta device (a
+    streamed model holds the loaded ones only), else the CPU."""
+    return next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
 
 
 def max_positions(config: PretrainedConfig) -> int | None:

@@ -111,6 +111,9 @@ class Recipe(BaseModel):
     allocate: Literal["uniform", "sensitivity"] = "uniform"
     storage_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"  # auto (CUDA when there is one), cpu, cuda, cuda:N
+    # compress_to_folder: stream the model from disk a block at a time (True), load it
+    # whole (False), or stream when loaded whole it would not fit in memory (auto)
+    stream: bool | Literal["auto"] = "auto"
     untie_embeddings: bool = False
     seed: Seed = 0
     calibration: CalibrationConfig = CalibrationConfig()

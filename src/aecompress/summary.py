@@ -1,9 +1,9 @@
-"""What an artifact stores, as `inspect` prints it: checked against the weights file.
+"""What an artifact stores, as `inspect` prints it: checked against the weights files.
 
 By default one row per family (members, shapes, methods, stored numbers, bits per weight,
 bytes, the true ratio of bits and the paper's ratio of numbers); per matrix group on
 request; or the manifest with the verified figures as JSON. Sizes come from the weights
-file's header, never from the manifest alone.
+files' headers, never from the manifest alone.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def _group_bytes(entry: GroupEntry, header: dict[str, tuple[list[int], int]]) ->
 
 
 def artifact_facts(path: str | Path) -> dict[str, Any]:
-    """The manifest as JSON data, with each group's stored bytes from the weights file
+    """The manifest as JSON data, with each group's stored bytes from the weights files
     (raises if the file is missing, altered, or disagrees with the manifest)."""
     manifest = load_manifest(path)
     header = weights_header(path, manifest)
@@ -64,7 +64,7 @@ def artifact_facts(path: str | Path) -> dict[str, Any]:
         "number_ratio": target / stored if stored else None,
         "model_params_artifact": artifact,
         "model_params_dense": dense,
-        "artifact_bytes": manifest.weights_file.bytes,
+        "artifact_bytes": sum(record.bytes for record in manifest.weights_files),
         "dense_fp32_bytes": 4 * dense,
         "dense_storage_dtype_bytes": float_bits(manifest.storage_dtype) // 8 * dense,
     }
@@ -180,6 +180,12 @@ def _stored_shapes(tensors: dict[str, list[int]]) -> str:
     return ", ".join(shared + per_member)
 
 
+def _files(manifest: Manifest) -> str:
+    """The weights files: the one's name, or how many shards."""
+    files = manifest.weights_files
+    return files[0].name if len(files) == 1 else f"{len(files)} shards model-*.safetensors"
+
+
 def describe_artifact(path: str | Path, per_matrix: bool = False) -> str:
     """A Markdown summary of what the artifact stores, then whole-model totals."""
     manifest = load_manifest(path)
@@ -197,7 +203,7 @@ def describe_artifact(path: str | Path, per_matrix: bool = False) -> str:
         f"{t['number_ratio']:.3f}",
         f"whole model: {t['model_params_dense']:,} -> {t['model_params_artifact']:,} "
         f"parameters, ratio {t['model_params_dense'] / t['model_params_artifact']:.3f}",
-        f"bytes ({manifest.storage_dtype} stored): {manifest.weights_file.name} "
+        f"bytes ({manifest.storage_dtype} stored): {_files(manifest)} "
         f"{t['artifact_bytes']:,}; dense fp32 {t['dense_fp32_bytes']:,} (ratio "
         f"{t['dense_fp32_bytes'] / t['artifact_bytes']:.3f}); dense {manifest.storage_dtype} "
         f"{t['dense_storage_dtype_bytes']:,} (ratio "

@@ -69,7 +69,7 @@ def test_non_finite_tensors_are_refused_with_a_consistent_sha256(artifact, store
     tensors[key].view(-1)[0] = float("nan")
     save_file(tensors, weights, metadata={"format": "pt"})
     manifest = json.loads((artifact / MANIFEST).read_text())
-    manifest["weights_file"].update(bytes=weights.stat().st_size, sha256=_file_sha256(weights))
+    manifest["weights_files"][0].update(bytes=weights.stat().st_size, sha256=_file_sha256(weights))
     (artifact / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(AecompressError, match=f"the tensor {key} holds NaN or infinite values"):
         aecompress.load(artifact)

@@ -45,7 +45,7 @@ def edit_manifest(folder, change) -> None:
         (lambda m: m.pop("groups"), "groups"),
         (lambda m: m.update(format_version="2"), "format_version"),
         (lambda m: m.update(auto_class="AutoModelForSpeechSeq2Seq"), "auto_class"),
-        (lambda m: m["weights_file"].update(name="../elsewhere.safetensors"), "file name"),
+        (lambda m: m["weights_files"][0].update(name="../elsewhere.safetensors"), "file name"),
         (lambda m: m.update(colour="red"), "colour"),
         (lambda m: m["groups"][0]["members"][0].update(path="no.such.module"), "not a 'k' matrix"),
         (lambda m: m["groups"][0]["members"][0].update(kind="embedding"), "not a 'k' matrix"),

@@ -1,11 +1,12 @@
-"""The artifact: a folder with config, tokenizer, model.safetensors and a JSON manifest.
+"""The artifact: a folder with config, tokenizer, the weights and a JSON manifest.
 
-model.safetensors holds the untouched parameters under their usual names and each group's
-stored tensors under `aecompress.<group>.<shared|member index>.<name>`. The manifest (a
+The weights (model.safetensors, or HF-style shards with their index) hold the untouched
+parameters under their usual names and each group's stored tensors under
+`aecompress.<group>.<shared|member index>.<name>`. The manifest (a
 validated schema: unknown keys, wrong types and forged sizes are refused) says which
 method rebuilds each group and how; it is written last, and the folder appears atomically.
 
-manifest.py: the schema and its checks; weights.py: the weights file, written and read
+manifest.py: the schema and its checks; weights.py: the weights files, written and read
 back verified; folder.py: atomic folder writes; save.py, load.py, export.py;
 compressed_tensors.py: the compressed-tensors format an export may be written in.
 """

@@ -75,7 +75,7 @@ def export_compressed_tensors(artifact: str | Path, output: str | Path) -> Path:
     manifest = load_manifest(artifact)
     check_exportable(manifest)
     cm = load_compressed(artifact)
-    tensors, _ = untouched_state(cm)  # tied tensors once: transformers ties them again
+    tensors, _ = untouched_state(cm.model, cm.replaced_paths())  # tied ones once: HF ties them
     for fitted in cm.groups:
         for target, stored in zip(fitted.group.members, fitted.stored.members, strict=True):
             tensors.update(module_tensors(target.path, stored, fitted.shape[1]))

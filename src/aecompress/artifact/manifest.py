@@ -1,6 +1,6 @@
 """The manifest, aecompress.json: a validated schema (unknown keys, wrong types and forged
 sizes are refused) saying which method rebuilds each group and how, checked against what
-the weights file holds."""
+the weights files hold (each one's name, bytes and sha256 recorded)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ from aecompress.outputs import MANIFEST, InsidePath, check_contained
 from aecompress.recipe import Recipe
 
 FORMAT = "aecompress-artifact"
-FORMAT_VERSION = 3  # 3: sizes in bits (ratio of bits, number_ratio beside it)
-WEIGHTS = "model.safetensors"
+FORMAT_VERSION = 4  # 3: sizes in bits (ratio of bits, number_ratio beside it); 4: shards
+OLDEST_VERSION = 3  # read too: its single weights_file is weights_files' one entry
+WEIGHTS = "model.safetensors"  # the weights of an artifact in one file
 PREFIX = "aecompress."
 
 
@@ -79,7 +80,15 @@ class Manifest(_Strict):
     aliases: dict[str, str]
     groups: list[GroupEntry]
     totals: dict[str, float]
-    weights_file: WeightsFile
+    weights_files: list[WeightsFile] = Field(min_length=1)
+
+    @field_validator("weights_files")
+    @classmethod
+    def _distinct_files(cls, files: list[WeightsFile]) -> list[WeightsFile]:
+        names = [f.name for f in files]
+        if len(set(names)) != len(names):
+            raise ValueError("a weights file is listed twice")
+        return files
 
     @field_validator("groups")
     @classmethod
@@ -130,11 +139,13 @@ def load_manifest(path: str | Path) -> Manifest:
             f"{path} has format version {version}; this aecompress reads up to "
             f"{FORMAT_VERSION}: upgrade aecompress"
         )
-    if version < FORMAT_VERSION:
+    if version < OLDEST_VERSION:
         raise AecompressError(
             f"{path} has format version {version}, written by an older aecompress: "
             "compress the model again"
         )
+    if version == 3 and "weights_file" in data:  # one file: the list of one
+        data["weights_files"] = [data.pop("weights_file")]
     try:
         manifest = Manifest.model_validate(data)
     except ValidationError as error:
@@ -155,7 +166,7 @@ def is_artifact(path: str | Path) -> bool:
 
 
 def check_storage_dtype(manifest: Manifest, floating: set[str]) -> None:
-    """The weights file's floating tensors all have the manifest's storage dtype."""
+    """The weights files' floating tensors all have the manifest's storage dtype."""
     if floating - {manifest.storage_dtype}:
         raise AecompressError(
             f"the weights file holds {', '.join(sorted(floating))} tensors, the manifest "
@@ -164,8 +175,8 @@ def check_storage_dtype(manifest: Manifest, floating: set[str]) -> None:
 
 
 def check_groups(manifest: Manifest, header: dict[str, tuple[list[int], int]]) -> None:
-    """Every group's tensors, counts, bits and ratios as the weights file says (no forged
-    sizes); `header` gives each tensor's shape and bits per element in the file."""
+    """Every group's tensors, counts, bits and ratios as the weights files say (no forged
+    sizes); `header` gives each tensor's shape and bits per element in the files."""
     dense_bits = float_bits(manifest.storage_dtype)
     for entry in manifest.groups:
         prefix = f"{PREFIX}{entry.name}."

@@ -1,5 +1,6 @@
-"""Saving a CompressedModel as an artifact folder: config, tokenizer, the weights file and
-the manifest, written last; the folder appears atomically."""
+"""Saving a CompressedModel as an artifact folder: config, tokenizer, the weights files and
+the manifest, written last; the folder appears atomically. The pieces are shared with
+streamed compression, which writes the weights a block at a time as it goes."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from aecompress.artifact.folder import (
     atomic_folder,
@@ -20,7 +23,7 @@ from aecompress.artifact.manifest import (
     PREFIX,
     clashing_names,
 )
-from aecompress.artifact.weights import write_weights
+from aecompress.artifact.weights import SHARD_BYTES, ShardWriter
 from aecompress.budget import STORAGE_DTYPES
 from aecompress.compressed import CompressedGroup, CompressedModel, register_writer
 from aecompress.errors import AecompressError
@@ -31,67 +34,96 @@ from aecompress.version import __version__
 
 @register_writer  # what CompressedModel.save_pretrained calls
 def save_artifact(cm: CompressedModel, path: str | Path) -> Path:
-    """Write `cm` to the folder `path` atomically (a crash leaves no half artifact).
+    """Write `cm` to the folder `path` atomically (a crash leaves no half artifact): one
+    weights file, or shards of SHARD_BYTES when larger.
 
     An existing artifact there is replaced; a folder holding anything else is refused."""
     if cm.decoded:
         raise AecompressError("a model loaded with decode=True has no stored form to save")
-    if cm.tokenizer is None:
+    path = check_artifact_path(path, cm.tokenizer)
+    check_group_names([fitted.group.name for fitted in cm.groups])
+    untouched, cm.aliases = untouched_state(cm.model, cm.replaced_paths())
+    tensors = {**untouched, **stored_state(cm.groups)}
+    with atomic_folder(path) as work:
+        writer = ShardWriter(work, cm.storage_dtype)
+        writer.write_split(tensors, SHARD_BYTES)
+        finish_artifact(work, cm, writer.finish(), sum(t.numel() for t in untouched.values()))
+    return path
+
+
+def check_artifact_path(path: str | Path, tokenizer: PreTrainedTokenizerBase | None) -> Path:
+    """`path` once an artifact may be written there (checked before any work)."""
+    if tokenizer is None:
         raise AecompressError(
             "no tokenizer to save, and an artifact without one cannot be evaluated: pass "
             "tokenizer= to aecompress.compress (or compress a model name or folder)"
         )
-    path = check_artifact_folder(Path(path))
-    if clash := clashing_names([fitted.group.name for fitted in cm.groups]):
+    return check_artifact_folder(Path(path))
+
+
+def check_group_names(names: list[str]) -> None:
+    """Refuse groups whose stored tensors would mix in the weights files."""
+    if clash := clashing_names(names):
         raise AecompressError(f"groups {clash[0]} and {clash[1]} would share stored tensors")
-    untouched, aliases = untouched_state(cm)
-    cm.aliases = aliases
-    tensors = dict(untouched)
-    for fitted in cm.groups:
-        for key, tensor in fitted.stored.tensors().items():
-            tensors[f"{PREFIX}{fitted.group.name}.{key}"] = tensor.detach().contiguous()
+
+
+def stored_state(groups: list[CompressedGroup]) -> dict[str, torch.Tensor]:
+    """The groups' stored tensors under their names in the weights files."""
+    return {
+        f"{PREFIX}{fitted.group.name}.{key}": tensor.detach()
+        for fitted in groups
+        for key, tensor in fitted.stored.tensors().items()
+    }
+
+
+def finish_artifact(
+    work: Path, cm: CompressedModel, weights_files: list[dict[str, Any]], untouched_numel: int
+) -> None:
+    """Write beside the weights files (`weights_files`: their records) the config, the
+    tokenizer, a sentence encoder's files and, last, the manifest."""
+    manifest = build_manifest(cm, untouched_numel)
+    cm.model.config.save_pretrained(work)
+    _strip_quantization(work / "config.json")
+    if cm.tokenizer is not None:
+        cm.tokenizer.save_pretrained(work)
+    copy_sentence_transformers_files(Path(str(cm.model.name_or_path)), work)
+    manifest["weights_files"] = weights_files
+    totals = manifest["totals"]
+    totals["artifact_bytes"] = sum(record["bytes"] for record in weights_files)
+    totals["dense_fp32_bytes"] = 4 * totals["model_params_dense"]
     dtype = STORAGE_DTYPES[cm.storage_dtype]
-    manifest = build_manifest(cm, untouched)
-    with atomic_folder(path) as work:
-        cm.model.config.save_pretrained(work)
-        _strip_quantization(work / "config.json")
-        if cm.tokenizer is not None:
-            cm.tokenizer.save_pretrained(work)
-        copy_sentence_transformers_files(Path(str(cm.model.name_or_path)), work)
-        manifest["weights_file"] = write_weights(work, tensors, cm.storage_dtype)
-        totals = manifest["totals"]
-        totals["artifact_bytes"] = manifest["weights_file"]["bytes"]
-        totals["dense_fp32_bytes"] = 4 * totals["model_params_dense"]
-        totals["dense_storage_dtype_bytes"] = dtype.itemsize * totals["model_params_dense"]
-        manifest["files"] = sorted([*files_under(work), MANIFEST])
-        (work / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    return path
+    totals["dense_storage_dtype_bytes"] = dtype.itemsize * totals["model_params_dense"]
+    manifest["files"] = sorted([*files_under(work), MANIFEST])
+    (work / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
-def untouched_state(cm: CompressedModel) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Parameters and buffers not rebuilt from stored tensors; shared ones kept once.
+def untouched_state(
+    model: nn.Module, replaced_paths: list[str]
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Parameters and buffers not rebuilt from stored tensors (the modules at
+    `replaced_paths` but their biases); shared ones kept once. Parameters on the meta
+    device (a streamed model's) are shared when they are one object.
 
     Returns the tensors and the aliases (dropped key -> kept key) of tied tensors.
     """
-    replaced = [p + "." for p in cm.replaced_paths()]
+    replaced = [p + "." for p in replaced_paths]
     state: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
-    seen: dict[tuple[int, tuple[int, ...]], str] = {}
-    for key, tensor in cm.model.state_dict().items():
+    seen: dict[object, str] = {}
+    for key, tensor in model.state_dict(keep_vars=True).items():
         if any(key.startswith(p) for p in replaced) and not key.endswith(".bias"):
             continue
-        pointer = (tensor.data_ptr(), tuple(tensor.shape))
+        pointer = id(tensor) if tensor.is_meta else (tensor.data_ptr(), tuple(tensor.shape))
         if pointer in seen:
             aliases[key] = seen[pointer]
             continue
         seen[pointer] = key
-        state[key] = tensor.detach().contiguous()
+        state[key] = tensor.detach()
     return state, aliases
 
 
-def build_manifest(cm: CompressedModel, untouched: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """The manifest but for what writing the folder adds (weights file, files, bytes)."""
-    untouched_numel = sum(t.numel() for t in untouched.values())
+def build_manifest(cm: CompressedModel, untouched_numel: int) -> dict[str, Any]:
+    """The manifest but for what writing the folder adds (weights files, files, bytes)."""
     totals = cm.totals()
     return {
         "format": FORMAT,

@@ -1,12 +1,14 @@
-"""The weights file, model.safetensors: the untouched parameters under their usual names and
-each group's stored tensors under `aecompress.<group>.<shared|member index>.<name>`, written
-one tensor at a time in the storage dtype; read only after its size and sha256 match the
-manifest's record."""
+"""The weights files: the untouched parameters under their usual names and each group's
+stored tensors under `aecompress.<group>.<shared|member index>.<name>`, written one tensor
+at a time in the storage dtype, in one `model.safetensors` or in shards as HF shards a
+checkpoint (`model-0000i-of-0000N.safetensors` and `model.safetensors.index.json`); read
+only after each file's size and sha256 match the manifest's record."""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+import json
+from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,9 @@ from aecompress.artifact.manifest import (
 from aecompress.budget import STORAGE_DTYPES
 from aecompress.errors import AecompressError
 from aecompress.numerics import all_finite
-from aecompress.tensorfile import SAFETENSORS_DTYPES, write_safetensors
+from aecompress.tensorfile import INDEX, SAFETENSORS_DTYPES, write_safetensors
+
+SHARD_BYTES = 4 * 2**30  # the largest weights file a save writes before it shards
 
 # Bytes per element and the floating dtypes' names, by the dtype names of a file's header.
 _ITEMSIZE = {name: dtype.itemsize for dtype, name in SAFETENSORS_DTYPES.items()}
@@ -35,20 +39,78 @@ _FLOAT_NAMES = {
 }
 
 
-def write_weights(
-    folder: Path, tensors: Mapping[str, torch.Tensor], dtype_name: str
-) -> dict[str, Any]:
-    """Write the weights file into `folder`, floating tensors in `dtype_name`; returns the
-    manifest's record of it (name, bytes, sha256)."""
-    weights = folder / WEIGHTS
-    write_safetensors(
-        weights,
-        tensors,
-        STORAGE_DTYPES[dtype_name],
-        {"format": "pt", "producer": FORMAT},
-        check=partial(check_finite, dtype_name=dtype_name),
-    )
-    return {"name": WEIGHTS, "bytes": weights.stat().st_size, "sha256": _file_sha256(weights)}
+class ShardWriter:
+    """Writes an artifact's weights as they come, a safetensors file per `write` (under a
+    temporary name until `finish`): the untouched parameters under their usual names and
+    the groups' stored tensors under their prefix, floating ones in the storage dtype."""
+
+    def __init__(self, folder: Path, dtype_name: str) -> None:
+        self.folder, self.dtype_name = folder, dtype_name
+        self.written: list[tuple[Path, list[str]]] = []  # each shard and its keys
+        self.tensor_bytes = 0  # of every tensor written, as the index's total_size
+
+    def write(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        values: Callable[[str], torch.Tensor] | None = None,
+    ) -> None:
+        """One shard of `tensors` (see tensorfile.write_safetensors for `values`); NaN or
+        infinite numbers are refused."""
+        path = self.folder / f".shard-{len(self.written):05d}.tmp"
+        write_safetensors(
+            path,
+            tensors,
+            STORAGE_DTYPES[self.dtype_name],
+            {"format": "pt", "producer": FORMAT},
+            check=partial(check_finite, dtype_name=self.dtype_name),
+            values=values,
+        )
+        self.written.append((path, list(tensors)))
+        self.tensor_bytes += sum(t.numel() * self._itemsize(t) for t in tensors.values())
+
+    def write_split(self, tensors: Mapping[str, torch.Tensor], shard_bytes: int) -> None:
+        """`tensors` in shards of at most `shard_bytes` each (or a tensor alone)."""
+        shard: dict[str, torch.Tensor] = {}
+        size = 0
+        for key, tensor in tensors.items():
+            nbytes = tensor.numel() * self._itemsize(tensor)
+            if shard and size + nbytes > shard_bytes:
+                self.write(shard)
+                shard, size = {}, 0
+            shard[key] = tensor
+            size += nbytes
+        if shard or not self.written:
+            self.write(shard)
+
+    def finish(self) -> list[dict[str, Any]]:
+        """Name the shards: one is `model.safetensors`, several `model-0000i-of-0000N
+        .safetensors` with the index HF writes beside them (`model.safetensors.index
+        .json`); returns the manifest's records of the files (name, bytes, sha256)."""
+        count = len(self.written)
+        names = [WEIGHTS] if count == 1 else [shard_name(i, count) for i in range(count)]
+        records, weight_map = [], {}
+        for (path, keys), name in zip(self.written, names, strict=True):
+            path.rename(self.folder / name)
+            weights = self.folder / name
+            records.append(
+                {"name": name, "bytes": weights.stat().st_size, "sha256": _file_sha256(weights)}
+            )
+            weight_map.update(dict.fromkeys(keys, name))
+        if count > 1:
+            index = {
+                "metadata": {"total_size": self.tensor_bytes},
+                "weight_map": dict(sorted(weight_map.items())),
+            }
+            (self.folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        return records
+
+    def _itemsize(self, tensor: torch.Tensor) -> int:
+        dtype = STORAGE_DTYPES[self.dtype_name] if tensor.is_floating_point() else tensor.dtype
+        return dtype.itemsize
+
+
+def shard_name(index: int, count: int) -> str:
+    return f"model-{index + 1:05d}-of-{count:05d}.safetensors"
 
 
 def check_finite(key: str, tensor: torch.Tensor, dtype_name: str) -> None:
@@ -60,47 +122,53 @@ def check_finite(key: str, tensor: torch.Tensor, dtype_name: str) -> None:
         )
 
 
-def verify_weights(path: str | Path, manifest: Manifest) -> Path:
-    """The artifact's weights file, after checking its size and sha256 against the manifest."""
-    weights = Path(path) / manifest.weights_file.name
-    if not weights.is_file():
-        raise AecompressError(f"{path}: {weights.name} is missing")
-    if (
-        weights.stat().st_size != manifest.weights_file.bytes
-        or _file_sha256(weights) != manifest.weights_file.sha256
-    ):
-        raise AecompressError(f"{weights} is truncated or altered (size or sha256 mismatch)")
-    return weights
+def verify_weights(path: str | Path, manifest: Manifest) -> list[Path]:
+    """The artifact's weights files, after checking each one's size and sha256 against the
+    manifest."""
+    found = []
+    for record in manifest.weights_files:
+        weights = Path(path) / record.name
+        if not weights.is_file():
+            raise AecompressError(f"{path}: {weights.name} is missing")
+        if weights.stat().st_size != record.bytes or _file_sha256(weights) != record.sha256:
+            raise AecompressError(f"{weights} is truncated or altered (size or sha256 mismatch)")
+        found.append(weights)
+    return found
 
 
 def read_weights(path: str | Path, manifest: Manifest) -> dict[str, torch.Tensor]:
-    """The artifact's tensors (size and sha256 checked), every one finite."""
-    weights = verify_weights(path, manifest)
-    try:
-        tensors = load_file(str(weights))
-    except SafetensorError as error:
-        raise AecompressError(f"cannot read {weights}: {error}") from error
-    for key, tensor in tensors.items():  # saving refuses them: a file holding them was altered
-        if not all_finite(tensor):
-            raise AecompressError(f"{weights}: the tensor {key} holds NaN or infinite values")
+    """The artifact's tensors (sizes and sha256s checked), every one finite."""
+    tensors: dict[str, torch.Tensor] = {}
+    for weights in verify_weights(path, manifest):
+        try:
+            found = load_file(str(weights))
+        except SafetensorError as error:
+            raise AecompressError(f"cannot read {weights}: {error}") from error
+        for key, tensor in found.items():  # saving refuses them: such a file was altered
+            if not all_finite(tensor):
+                raise AecompressError(f"{weights}: the tensor {key} holds NaN or infinite values")
+            if key in tensors:
+                raise AecompressError(f"{weights}: the tensor {key} is in another file too")
+            tensors[key] = tensor
     return tensors
 
 
 def weights_header(path: str | Path, manifest: Manifest) -> dict[str, tuple[list[int], int]]:
-    """Shape and bytes per element of every tensor in the (verified) weights file, read
-    from its header without loading the tensors."""
-    weights = verify_weights(path, manifest)
-    try:
-        with safe_open(str(weights), framework="pt") as handle:
-            header, floating = {}, set()
-            for key in handle.keys():  # noqa: SIM118
-                view = handle.get_slice(key)
-                itemsize = _ITEMSIZE.get(view.get_dtype(), 4)
-                header[key] = (list(view.get_shape()), itemsize)
-                if view.get_dtype() in _FLOAT_NAMES:
-                    floating.add(_FLOAT_NAMES[view.get_dtype()])
-    except (SafetensorError, OSError) as error:
-        raise AecompressError(f"cannot read {weights}: {error}") from error
+    """Shape and bytes per element of every tensor in the (verified) weights files, read
+    from their headers without loading the tensors."""
+    header, floating = {}, set()
+    for weights in verify_weights(path, manifest):
+        try:
+            with safe_open(str(weights), framework="pt") as handle:
+                for key in handle.keys():  # noqa: SIM118
+                    view = handle.get_slice(key)
+                    if key in header:
+                        raise AecompressError(f"{weights}: the tensor {key} is in another file too")
+                    header[key] = (list(view.get_shape()), _ITEMSIZE.get(view.get_dtype(), 4))
+                    if view.get_dtype() in _FLOAT_NAMES:
+                        floating.add(_FLOAT_NAMES[view.get_dtype()])
+        except (SafetensorError, OSError) as error:
+            raise AecompressError(f"cannot read {weights}: {error}") from error
     check_storage_dtype(manifest, floating)
     return header
 

@@ -238,6 +238,10 @@ class Method(ABC):
         error (it asks for X^T X), chosen on validation for each such method."""
         return "xtx" in self.statistics_needed()
 
+    def selects_on_validation(self) -> bool:
+        """Whether fitting measures the whole model's validation metric (context.validate)."""
+        return False
+
     def allocation_proxy(self) -> Method:
         """The method that scores candidate sizes in budget allocation: itself, or a
         faster one whose errors follow it (e.g. the AE's SVD starting point)."""

@@ -35,6 +35,8 @@ activations towards the plain Frobenius norm). After a
 stage, optional block refinement trains its stored tensors on the stage's output error
 (pipeline/refine.py); then both streams move past it and its statistics are freed, so the
 working set is one stage's statistics (and its dense copy) and the streams' hidden states.
+Streamed (BlockStream), the model's weights are not in memory either: each stage's blocks
+are read from disk before it and freed after it, its tensors written out.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from aecompress.calibration import (
 )
 from aecompress.compressed import CompressedGroup
 from aecompress.errors import AecompressError
+from aecompress.memory import trim_heap
 from aecompress.pipeline.independent import dense_statistics, run_independent
 from aecompress.pipeline.plan import (
     Metric,
@@ -77,8 +80,9 @@ from aecompress.pipeline.streams import (
 )
 from aecompress.progress import progress_bar
 from aecompress.recipe import RefineConfig, SequentialConfig
+from aecompress.streaming import BlockSource
 from aecompress.substitution import inject
-from aecompress.targets import Target, transformer_blocks
+from aecompress.targets import Target, output_head_path, transformer_blocks
 
 
 def compensated(moments: InputMoments, weight: torch.Tensor, damp: float) -> torch.Tensor:
@@ -101,6 +105,33 @@ class Stage:
     first: int
     last: int
     groups: list[PlannedGroup] = field(default_factory=list)
+
+    @property
+    def indices(self) -> range:
+        return range(self.first, self.last + 1)
+
+
+@dataclass
+class BlockStream:
+    """Streamed compression: the model is a skeleton (streaming.py) whose modules outside
+    the blocks `source` fills before the blocks' inputs are captured (all but an output
+    head that nothing targets or ties) and empties after, and each stage's blocks before
+    the stage and after it. `finished(groups, stage)` takes the groups fitted outside the
+    blocks (stage None), then each stage's, once the streams have passed them and before
+    their blocks are emptied (to write their tensors and free the stored ones)."""
+
+    source: BlockSource
+    device: torch.device
+    finished: Callable[[list[CompressedGroup], Stage | None], None]
+
+    def outside_paths(self, model: PreTrainedModel, outside: list[PlannedGroup]) -> list[str]:
+        """The modules outside the blocks to fill: every one but the output head when it
+        is neither tied to the embedding nor targeted (it runs after the blocks only)."""
+        head = model.get_output_embeddings()
+        path = next((p for p, m in model.named_modules() if m is head and head), None)
+        targeted = {t.path for plan in outside for t in plan.group.members}
+        skip = path if output_head_path(model) is None and path not in targeted else None
+        return [p for p in self.source.outside_paths() if p != skip]
 
 
 def _layer(target: Target, blocks_path: str) -> int | None:
@@ -308,9 +339,11 @@ def run_sequential(
     seed: int,
     validation: Callable[[], Metric] | None = None,
     progress: bool = True,
+    stream: BlockStream | None = None,
 ) -> list[CompressedGroup]:
     """Fit every planned group block by block (see the module docstring); `validation`
-    prepares the metric a method may select by (see plan.make_validate)."""
+    prepares the metric a method may select by (see plan.make_validate); with `stream`
+    the model's weights come from disk a block at a time (see BlockStream)."""
     found = transformer_blocks(model)
     if found is None:
         raise AecompressError(
@@ -335,6 +368,9 @@ def run_sequential(
     keep_dense = refine.steps > 0 or (
         config.target == "dense" and any(compensates(plan) for plan in planned)
     )
+    outside_paths = stream.outside_paths(model, outside) if stream else []
+    if stream:
+        stream.source.load_outside(outside_paths, stream.device)
     dense_hidden = None
     if keep_dense:
         dense_hidden, _ = capture_block_inputs(model, blocks[0], windows, calibration.batch_size)
@@ -353,7 +389,13 @@ def run_sequential(
         model, blocks[0], windows, calibration.batch_size
     )
     streams = Streams(compressed_hidden, dense_hidden, inputs)
+    if stream:
+        stream.finished(fitted, None)
+        stream.source.release_outside(outside_paths)
     for stage in progress_bar(stages, desc="compress (sequential)", enabled=progress):
+        if stream:
+            for index in stage.indices:
+                stream.source.load(index, stream.device)
         live = list(blocks[stage.first : stage.last + 1])
         copied = keep_dense and stage.groups
         dense = [copy.deepcopy(block) for block in live] if copied else live
@@ -386,5 +428,11 @@ def run_sequential(
         for group in stage_groups:  # never run again while compressing: free decoded copies
             inject(model, group.group, group.method, group.stored, serving="deferred")
         fitted += stage_groups
+        del live, dense  # a dense copy of the stage: not beside the next one
+        if stream:
+            stream.finished(stage_groups, stage)
+            for index in stage.indices:
+                stream.source.release(index)
+            trim_heap()
     order = {id(plan.group): index for index, plan in enumerate(planned)}
     return sorted(fitted, key=lambda g: order[id(g.group)])

@@ -94,6 +94,9 @@ class Autoencoder(Method):
         kind = self.options.row_weights
         return set() if kind == "none" else {"counts" if kind == "auto" else kind}
 
+    def selects_on_validation(self) -> bool:
+        return self.options.selection == "validation"
+
     def cost(self, width: Width, spec: GroupSpec) -> int:
         assert isinstance(width, int)
         return group_bits(self.options.for_kind(spec.kind), spec, width)
