@@ -883,3 +883,26 @@ def test_a_compress_beyond_the_available_memory_is_refused_before_loading(
     )
     assert code == 0, err
     assert out.is_dir()
+
+
+def test_compress_streams_when_only_the_streamed_estimate_fits(monkeypatch, tiny_folder, tmp_path):
+    from aecompress.estimate import estimate_memory
+    from aecompress.models import model_skeleton
+    from aecompress.recipe import Recipe
+
+    fields = {"method": "sparsegpt", "ratio": 1.25, "targets": "down"}
+    fields |= {"calibration": {"samples": 2, "seq_len": 16}}
+    skeleton = model_skeleton(str(tiny_folder))
+    whole, streamed = (
+        estimate_memory(skeleton, Recipe.parse(fields), streamed=s).total for s in (False, True)
+    )
+    assert streamed < whole
+    between = (whole + streamed) // 2
+    for module in ("aecompress.estimate", "aecompress.streamed"):  # the check, the auto rule
+        monkeypatch.setattr(f"{module}.available_memory", lambda: between)
+    args = ["--method", "sparsegpt", "--ratio", "1.25", "--targets", "down"]
+    args += ["--calibration-samples", "2", "--calibration-seq-len", "16"]
+    code, stdout, err = invoke("compress", str(tiny_folder), *args, "-o", str(tmp_path / "a"))
+    assert code == 0, err
+    assert f"expected peak memory: {streamed / 2**30:.2f} GiB (streamed)" in stdout
+    assert (tmp_path / "a" / "model.safetensors.index.json").is_file()  # written as it went
