@@ -253,6 +253,7 @@ def test_ctrl_c_is_one_line_and_exit_130(tiny_folder, tmp_path):
         # a shell without job control starts background jobs with SIGINT ignored
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
+    assert process.stdout.readline().startswith("expected peak memory: ")
     assert process.stdout.readline() == "compressing\n"
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=60)
