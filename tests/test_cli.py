@@ -255,6 +255,7 @@ def test_ctrl_c_is_one_line_and_exit_130(tiny_folder, tmp_path):
         # a shell without job control starts background jobs with SIGINT ignored
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
+    assert process.stdout.readline().startswith("expected peak memory: ")
     assert process.stdout.readline() == "compressing\n"
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=60)
@@ -879,3 +880,59 @@ def test_evaluate_streamed_prints_the_in_memory_number(tiny_folder):
     assert streamed == whole
     code, _, err = invoke("evaluate", str(tiny_folder), "--task", "stsb", "--stream")
     assert "task 'stsb' cannot run streamed" in one_error(code, err)
+
+
+def test_a_dry_run_prints_the_expected_peak_of_both_paths_and_does_no_work(
+    monkeypatch, tiny_folder, tmp_path
+):
+    forbid_loading(monkeypatch)
+    out = tmp_path / "art"
+    args = ["--method", "sparsegpt", "--ratio", "1.25", "--targets", "down", "-o", str(out)]
+    code, stdout, _ = invoke("compress", str(tiny_folder), *args, "--dry-run")
+    assert code == 0, stdout
+    assert "| part | in memory | streamed |" in stdout and "| **total** |" in stdout
+    assert not out.exists()
+
+
+def test_a_compress_beyond_the_available_memory_is_refused_before_loading(
+    monkeypatch, tiny_folder, tmp_path
+):
+    monkeypatch.setattr("aecompress.memory.available_memory", lambda: 1 << 20)
+    args = ["--method", "sparsegpt", "--ratio", "1.25", "--targets", "down"]
+    args += ["--calibration-samples", "2", "--calibration-seq-len", "16"]
+    forbid = pytest.MonkeyPatch()
+    forbid_loading(forbid)
+    code, stdout, err = invoke("compress", str(tiny_folder), *args, "-o", str(tmp_path / "o"))
+    forbid.undo()
+    line = one_error(code, err)
+    assert "0.00 GiB is available" in line
+    assert "--ignore-memory-estimate" in line and "expected peak memory:" in stdout
+    out = tmp_path / "art"
+    code, stdout, err = invoke(
+        "compress", str(tiny_folder), *args, "-o", str(out), "--ignore-memory-estimate"
+    )
+    assert code == 0, err
+    assert out.is_dir()
+
+
+def test_compress_streams_when_only_the_streamed_estimate_fits(monkeypatch, tiny_folder, tmp_path):
+    from aecompress.estimate import estimate_memory
+    from aecompress.models import model_skeleton
+    from aecompress.recipe import Recipe
+
+    fields = {"method": "sparsegpt", "ratio": 1.25, "targets": "down"}
+    fields |= {"calibration": {"samples": 2, "seq_len": 16}}
+    skeleton = model_skeleton(str(tiny_folder))
+    whole, streamed = (
+        estimate_memory(skeleton, Recipe.parse(fields), streamed=s).total for s in (False, True)
+    )
+    assert streamed < whole
+    between = (whole + streamed) // 2
+    for module in ("aecompress.memory", "aecompress.streamed"):  # the check, the auto rule
+        monkeypatch.setattr(f"{module}.available_memory", lambda: between)
+    args = ["--method", "sparsegpt", "--ratio", "1.25", "--targets", "down"]
+    args += ["--calibration-samples", "2", "--calibration-seq-len", "16"]
+    code, stdout, err = invoke("compress", str(tiny_folder), *args, "-o", str(tmp_path / "a"))
+    assert code == 0, err
+    assert f"expected peak memory: {streamed / 2**30:.2f} GiB (streamed)" in stdout
+    assert (tmp_path / "a" / "model.safetensors.index.json").is_file()  # written as it went

@@ -42,6 +42,7 @@ LAYERS = [
     ["evaluation"],
     ["summary"],
     ["engine"],
+    ["estimate"],  # the peak memory a compress run expects, from a skeleton
     ["streamed"],  # compressing into a folder, streamed from disk when too large
     ["sweep", "report", "cluster", "integrations"],
     ["cli", ""],  # "": the package's __init__

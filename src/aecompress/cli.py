@@ -21,6 +21,8 @@ from aecompress.outputs import check_artifact_folder, check_file, check_new_fold
 from aecompress.recommended import RECOMMENDED
 
 if TYPE_CHECKING:
+    from aecompress.estimate import MemoryEstimate
+    from aecompress.recipe import Recipe
     from aecompress.sweep import Executor
 
 INTERRUPTED = 130  # the exit status after Ctrl-C
@@ -144,6 +146,19 @@ def compress(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="replace an existing artifact at -o")
     ] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run", help="print the expected peak memory (in memory, streamed) and stop"
+        ),
+    ] = False,
+    ignore_memory_estimate: Annotated[
+        bool,
+        typer.Option(
+            "--ignore-memory-estimate",
+            help="run even when the expected peak memory exceeds the available memory",
+        ),
+    ] = False,
 ) -> None:
     """Compress MODEL and write an artifact folder (by default with the setting recommended
     for its kind: `aecompress methods`)."""
@@ -152,6 +167,8 @@ def compress(
     import torch
 
     from aecompress.artifact import read_manifest
+    from aecompress.estimate import check_fits
+    from aecompress.memory import available_memory
     from aecompress.recipe import Recipe
     from aecompress.streamed import compress_to_folder
 
@@ -187,6 +204,12 @@ def compress(
         if changes:
             typer.echo(f"the command line overrides {recipe}: {'; '.join(changes)}")
     plan.calibration.check()
+    available = available_memory()
+    estimate = _memory_estimate(model, plan, available, dry_run)
+    if estimate is None:
+        return
+    if not ignore_memory_estimate:
+        check_fits(estimate, available)
     start = time.perf_counter()
     try:
         compress_to_folder(model, output, plan)
@@ -392,6 +415,39 @@ def sweep(
     typer.echo(f"{len(records)} records in {path} ({time.perf_counter() - start:.0f} s this run)")
     for written in write_report([path], records):
         typer.echo(f"wrote {written}")
+
+
+def _memory_estimate(
+    model: str, plan: Recipe, available: int | None, dry_run: bool
+) -> MemoryEstimate | None:
+    """The expected peak of the path the run takes (streamed or not, as
+    compress_to_folder chooses it), said in one line; with `dry_run` the table of both
+    paths instead, and None (nothing more to do)."""
+    from aecompress.estimate import describe, estimate_memory
+    from aecompress.models import model_skeleton
+    from aecompress.pipeline.plan import plan_groups
+    from aecompress.streamed import streaming_blockers
+    from aecompress.streaming import streamable_folder
+    from aecompress.targets import transformer_blocks
+
+    skeleton = model_skeleton(model)
+    paths = (False, True) if transformer_blocks(skeleton) is not None else (False,)
+    estimates = [estimate_memory(skeleton, plan, streamed=streamed) for streamed in paths]
+    if dry_run:
+        typer.echo(f"expected peak memory of compressing {model}:")
+        typer.echo(describe(estimates))
+        return None
+    whole = estimates[0]
+    fits = available is None or whole.total <= available
+    streams = plan.stream is True or (
+        plan.stream == "auto"
+        and not fits
+        and streamable_folder(model) is not None
+        and not streaming_blockers(plan, plan_groups(skeleton, plan), whole.pipeline, skeleton)
+    )
+    chosen = estimates[-1] if streams else whole
+    typer.echo(f"expected peak memory: {chosen.total / 2**30:.2f} GiB ({chosen.path})")
+    return chosen
 
 
 def _method_fields(

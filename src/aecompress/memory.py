@@ -10,6 +10,8 @@ from __future__ import annotations
 import ctypes
 import functools
 
+import psutil
+
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
 
@@ -39,3 +41,8 @@ def trim_heap() -> None:
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+def available_memory() -> int:
+    """Bytes the system can still give this process (MemAvailable on Linux)."""
+    return int(psutil.virtual_memory().available)

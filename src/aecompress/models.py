@@ -308,6 +308,22 @@ def load_model(name: str, auto_class: str | None = None) -> LoadedModel:
     return LoadedModel(model, tokenizer, source, auto_name)
 
 
+def model_skeleton(name: str) -> PreTrainedModel:
+    """The model `name` built from its config alone on the meta device: every shape, no
+    weight memory (for planning and memory estimates before any loading)."""
+    where, kwargs, _ = _locate(name)
+    try:
+        config = load_config(where, **kwargs)
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        raise AecompressError(f"cannot load model '{name}': {first_line(error)}") from error
+    auto = getattr(transformers, auto_class_for(config, gguf="gguf_file" in kwargs))
+    with torch.device("meta"):
+        model: PreTrainedModel = auto.from_config(
+            config, dtype=torch.float32, trust_remote_code=False
+        )
+    return model.eval()
+
+
 def check_vocabulary(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, name: str
 ) -> None:

@@ -24,7 +24,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -43,6 +42,8 @@ from aecompress.calibration import GRADIENT_STATISTICS
 from aecompress.compressed import CompressedGroup, CompressedModel, member_path
 from aecompress.engine import choose_pipeline, compress
 from aecompress.errors import AecompressError
+from aecompress.estimate import estimate_memory
+from aecompress.memory import available_memory
 from aecompress.methods import Stored
 from aecompress.models import (
     EMBEDDED,
@@ -51,6 +52,7 @@ from aecompress.models import (
     load_config,
     load_model,
     load_tokenizer,
+    model_skeleton,
     resolve_device,
 )
 from aecompress.pipeline.plan import PlannedGroup, plan_groups, storage_dtype
@@ -59,7 +61,6 @@ from aecompress.recipe import Recipe
 from aecompress.streaming import (
     CheckpointBlocks,
     checkpoint_sha256,
-    in_memory_bytes,
     skeleton_from_checkpoint,
     streamable_folder,
     why_not_streamable,
@@ -113,17 +114,12 @@ def _folder_to_stream(model: str, recipe: Recipe) -> tuple[Path | None, str]:
         return None, ""
     if recipe.stream is True:
         return folder, ""
-    needed = in_memory_bytes(folder)
+    needed = estimate_memory(model_skeleton(model), recipe, streamed=False).total
     available = available_memory()
-    if needed <= available:
+    if available is None or needed <= available:
         return None, ""
     gib = 2**30
     return folder, f"loaded whole it needs {needed / gib:.1f} GiB, {available / gib:.1f} free"
-
-
-def available_memory() -> int:
-    """Bytes of memory the system can give this process now."""
-    return int(psutil.virtual_memory().available)
 
 
 def streaming_blockers(

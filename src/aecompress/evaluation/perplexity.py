@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import psutil
 import torch
 import torch.nn.functional as F
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -13,6 +12,7 @@ from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerB
 from aecompress.data import wikitext2_text
 from aecompress.errors import AecompressError
 from aecompress.evaluation.common import Forward, model_logits
+from aecompress.memory import available_memory
 from aecompress.models import check_positions, is_causal_lm, model_device, tokenize_whole
 from aecompress.progress import progress_bar
 
@@ -40,11 +40,6 @@ def batch_bytes(config: PretrainedConfig, batch: int, seq_len: int) -> int:
     vocab = getattr(config, "vocab_size", 0) or 0
     heads = getattr(config, "num_attention_heads", 1) or 1
     return 4 * batch * seq_len * (3 * vocab + 2 * heads * seq_len)
-
-
-def available_memory() -> int:
-    """Bytes of memory available to a new allocation."""
-    return int(psutil.virtual_memory().available)
 
 
 def check_memory(model: PreTrainedModel, batch: int, seq_len: int) -> None:

@@ -31,8 +31,8 @@ from aecompress.artifact import is_artifact
 from aecompress.artifact.blocks import ArtifactBlocks
 from aecompress.errors import AecompressError
 from aecompress.evaluation.common import Batch
-from aecompress.evaluation.perplexity import available_memory
 from aecompress.evaluation.tasks import TASKS, streaming_refused
+from aecompress.memory import available_memory
 from aecompress.models import (
     auto_class_for,
     check_vocabulary,
