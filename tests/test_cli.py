@@ -11,8 +11,9 @@ import pytest
 import torch
 import transformers
 
-# imported before any test patches aecompress.models.load_model: the sweep binds its name
-import aecompress.sweep  # noqa: F401
+# imported before any test patches aecompress.models.load_model: they bind its name
+import aecompress.streamed
+import aecompress.sweep
 from tests.conftest import compressed_tiny, tiny_model
 from tests.helpers import invoke, one_error, tree, unprivileged
 
@@ -116,6 +117,7 @@ def forbid_loading(monkeypatch) -> None:
         raise AssertionError("a model was loaded")
 
     monkeypatch.setattr("aecompress.models.load_model", fail)
+    monkeypatch.setattr(aecompress.streamed, "load_model", fail)
 
 
 @pytest.mark.parametrize(
@@ -677,7 +679,7 @@ def test_flags_given_replace_their_part_of_the_recommendation(monkeypatch, tiny_
     assert "--method svd needs --ratio" in message and "gptq" in message
     code, stdout, err = invoke(*args, "--ratio", "0.8")
     assert "80% of the size is --ratio 1.25" in one_error(code, err)
-    monkeypatch.setattr("aecompress.models.load_model", lambda *a, **k: sys.exit(7))
+    monkeypatch.setattr(aecompress.streamed, "load_model", lambda *a, **k: sys.exit(7))
     code, stdout, _ = invoke(*args, "--ratio", "3", "--targets", "down")
     assert code == 7  # stopped at loading, after the recipe was made
     assert "using the recommended --method gptq for a causal LM" in stdout
