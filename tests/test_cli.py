@@ -601,8 +601,9 @@ def test_code_in_a_model_folder_is_never_run_nor_offered(
     for folder in (tiny_folder, tmp_path / "art"):
         add_custom_code(folder, config)
     monkeypatch.setattr("sys.stdin", io.StringIO("y\n" * 10))
+    flags = ["--method", "svd", "--ratio", "2", "--targets", "k"]  # planned before loading
     commands = [
-        ["compress", str(tiny_folder), "-o", str(tmp_path / "out")],
+        ["compress", str(tiny_folder), *flags, "-o", str(tmp_path / "out")],
         ["evaluate", str(tiny_folder)],
         ["evaluate", str(tmp_path / "art"), "--no-dense"],
     ]

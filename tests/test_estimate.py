@@ -109,3 +109,15 @@ def test_loading_a_bf16_checkpoint_whole_holds_its_pages_beside_the_fp32_model()
     assert whole.total >= whole.runtime + whole.weights * 3 // 2
     assert estimate_memory(model, recipe(), streamed=True).loading == 0
     assert estimate().loading < whole.loading  # fp32: one converted tensor only
+
+
+def test_the_skeleton_of_a_folder_keeps_its_checkpoint_dtype(tmp_path):
+    from aecompress.models import model_skeleton
+    from tests.conftest import make_tiny
+
+    for dtype in (torch.float32, torch.bfloat16):
+        make_tiny("llama").to(dtype).save_pretrained(tmp_path / str(dtype))
+        model = model_skeleton(str(tmp_path / str(dtype)))
+        assert all(p.is_meta for p in model.parameters())
+        assert model.config.dtype == dtype  # what the loading part reads
+        assert estimate_memory(model, recipe(), streamed=False).weights == fp32_bytes(model)

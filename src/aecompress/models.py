@@ -318,9 +318,8 @@ def model_skeleton(name: str) -> PreTrainedModel:
         raise AecompressError(f"cannot load model '{name}': {first_line(error)}") from error
     auto = getattr(transformers, auto_class_for(config, gguf="gguf_file" in kwargs))
     with torch.device("meta"):
-        model: PreTrainedModel = auto.from_config(
-            config, dtype=torch.float32, trust_remote_code=False
-        )
+        # in the checkpoint's dtype (config.dtype stays the file's: estimates read it)
+        model: PreTrainedModel = auto.from_config(config, trust_remote_code=False)
     return model.eval()
 
 
