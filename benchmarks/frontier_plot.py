@@ -17,8 +17,10 @@ from typing import Any
 
 
 def bits_per_weight(record: dict[str, Any]) -> float:
-    """Stored bits over the target's weights."""
-    return record["stored_bits"] / record["target_params"]
+    """Stored bits over the target's weights (llmcompressor_reference.py's records before
+    it wrote `target_params` count their targets' bits in bf16: 16 a weight)."""
+    weights = record.get("target_params") or record["target_bits"] / 16
+    return record["stored_bits"] / weights
 
 
 def curves(

@@ -133,7 +133,10 @@ def stored_ratio(model: Any, paths: list[str], bits: int, group: int) -> dict[st
     shapes = [tuple(model.get_submodule(p).weight.shape) for p in paths]
     stored = sum(stored_bits(scheme, rows, cols, 16) for rows, cols in shapes)
     dense = sum(16 * rows * cols for rows, cols in shapes)
-    return {"ratio": dense / stored, "stored_bits": stored, "target_bits": dense}
+    weights = sum(rows * cols for rows, cols in shapes)
+    return {"ratio": dense / stored, "stored_bits": stored, "target_bits": dense} | {
+        "target_params": weights
+    }
 
 
 def run_one(name: str, targets: str, recipe_path: Path, results: Path) -> None:

@@ -49,3 +49,10 @@ def test_targets_keeps_their_cells_and_the_dense_line(tmp_path):
     run_script("frontier_plot", str(results), "--splits", "test", "--targets", "q,up,down")
     png = tmp_path / "wikitext2_test_q+up+down_perplexity_vs_bits.png"
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_record_without_target_params_counts_its_target_bits_in_bf16():
+    older = record("llm-compressor gptq", "test", 13.0, 425)
+    del older["target_params"]
+    methods, _ = curves([older], "wikitext2", "test")
+    assert methods == {"llm-compressor gptq": [(4.25, 13.0)]}
