@@ -3,7 +3,8 @@
 Reads a sweep's results file (the latest record of each cell, as the report does) and
 draws one PNG per split of a perplexity task beside it: x is the cell's stored bits over
 its target weights (`stored_bits / target_params`), y its perplexity on a log axis, the
-dense model's as a dashed line.
+dense model's as a dashed line. `--targets` keeps the cells of those targets only (a
+sweep over several, e.g. the MLPs and every linear layer), named in the file.
 
     PYTHONPATH=src python benchmarks/frontier_plot.py benchmarks/results/frontier/results.jsonl
 """
@@ -16,15 +17,17 @@ from typing import Any
 
 
 def bits_per_weight(record: dict[str, Any]) -> float:
-    """Stored bits over the target's weights."""
-    return record["stored_bits"] / record["target_params"]
+    """Stored bits over the target's weights (llmcompressor_reference.py's records before
+    it wrote `target_params` count their targets' bits in bf16: 16 a weight)."""
+    weights = record.get("target_params") or record["target_bits"] / 16
+    return record["stored_bits"] / weights
 
 
 def curves(
-    records: list[dict[str, Any]], task: str, split: str
+    records: list[dict[str, Any]], task: str, split: str, targets: str | None = None
 ) -> tuple[dict[str, list[tuple[float, float]]], float | None]:
     """Each method's (bits per weight, perplexity) points, sorted by bits, and the dense
-    perplexity, from the ok records of `task` on `split`."""
+    perplexity, from the ok records of `task` on `split` (of `targets` only, if given)."""
     points: dict[str, list[tuple[float, float]]] = {}
     dense = None
     for record in records:
@@ -33,13 +36,14 @@ def curves(
         value = record["metrics"]["perplexity"]
         if record["cell"]["label"] == "dense":
             dense = value
-        else:
+        elif targets is None or record["cell"].get("targets") == targets:
             points.setdefault(record["cell"]["label"], []).append((bits_per_weight(record), value))
     return {label: sorted(values) for label, values in points.items()}, dense
 
 
-def plot(results: Path, task: str, split: str) -> Path:
-    """Write `<task>_<split>_perplexity_vs_bits.png` beside the results file."""
+def plot(results: Path, task: str, split: str, targets: str | None = None) -> Path:
+    """Write `<task>_<split>_perplexity_vs_bits.png` beside the results file
+    (`<task>_<split>_<targets>_...` with targets, `+` between their names)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -47,7 +51,7 @@ def plot(results: Path, task: str, split: str) -> Path:
 
     from aecompress.sweep import current, read_results
 
-    methods, dense = curves(current(read_results(results)), task, split)
+    methods, dense = curves(current(read_results(results)), task, split, targets)
     figure, axes = plt.subplots(figsize=(6, 4))
     for number, (label, points) in enumerate(methods.items()):
         axes.plot(*zip(*points, strict=True), marker="osD^vP*X"[number % 8], label=label)
@@ -58,7 +62,8 @@ def plot(results: Path, task: str, split: str) -> Path:
     axes.set_ylabel(f"{task} perplexity ({split})")
     axes.legend(fontsize=7)
     figure.tight_layout()
-    path = results.parent / f"{task}_{split}_perplexity_vs_bits.png"
+    named = f"{task}_{split}" + (f"_{targets.replace(',', '+')}" if targets else "")
+    path = results.parent / f"{named}_perplexity_vs_bits.png"
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
@@ -69,9 +74,10 @@ def main() -> None:
     parser.add_argument("results", type=Path, help="a sweep's results JSONL")
     parser.add_argument("--task", default="wikitext2")
     parser.add_argument("--splits", nargs="+", default=["test", "validation"])
+    parser.add_argument("--targets", help="only the cells of these targets (as the sweep's)")
     args = parser.parse_args()
     for split in args.splits:
-        print(plot(args.results, args.task, split))
+        print(plot(args.results, args.task, split, args.targets))
 
 
 if __name__ == "__main__":

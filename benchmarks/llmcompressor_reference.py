@@ -1,6 +1,7 @@
 """llm-compressor's one-shot GPTQ and round-to-nearest beside aecompress's gptq / rtn (issue 27).
 
-The same model, targets (SmolLM2-135M's MLPs: up, gate, down), calibration windows
+The same model, targets (SmolLM2-135M's MLPs: up, gate, down, or `--targets` such as
+q,k,v,o,up,gate,down for every linear layer of its blocks), calibration windows
 (aecompress's loader: 64 x 256 WikiText-2 train tokens) and evaluation (the sweep recipe's
 tasks, scored by aecompress's own evaluation on the same windows) as the quantization sweep;
 symmetric integer weights with one scale per group of 64 columns, GPTQ with damping 0.01,
@@ -40,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 STARTED = time.perf_counter()
-TARGETS = "up,gate,down"  # of SmolLM2-135M (the recipe's model), run from a plain fp32 copy
+MLPS = "up,gate,down"  # of SmolLM2-135M (the recipe's model), run from a plain fp32 copy
 # label -> (modifier, bits, group, the sweep's ratio column of that scheme)
 CONFIGS: dict[str, tuple[str, int, int, float]] = {
     "llm-compressor gptq g64 w4": ("GPTQModifier", 4, 64, 3.76),
@@ -52,7 +53,7 @@ CONFIGS: dict[str, tuple[str, int, int, float]] = {
 }
 
 
-def cell_of(name: str, model: str) -> dict[str, Any]:
+def cell_of(name: str, model: str, targets: str) -> dict[str, Any]:
     """The cell of a configuration, as the sweep's cells read (label without the bits:
     the ratio column says them)."""
     modifier, bits, group, ratio = CONFIGS[name]
@@ -64,14 +65,14 @@ def cell_of(name: str, model: str) -> dict[str, Any]:
         "label": name.rsplit(" ", 1)[0],
         "method": f"llmcompressor:{modifier}",
         "options": options,
-        "targets": TARGETS,
+        "targets": targets,
         "group": "none",
         "ratio": ratio,
         "seed": 0,
     }
 
 
-def quantize(loaded: Any, modifier: str, bits: int, group: int) -> list[str]:
+def quantize(loaded: Any, targets: str, modifier: str, bits: int, group: int) -> list[str]:
     """Quantize the targets in place with llm-compressor's one-shot `modifier`, calibrated
     on aecompress's calibration windows; returns the quantized modules' paths."""
     import datasets
@@ -83,7 +84,7 @@ def quantize(loaded: Any, modifier: str, bits: int, group: int) -> list[str]:
     from aecompress.calibration import CalibrationConfig, calibration_windows
     from aecompress.targets import resolve_targets
 
-    paths = [t.path for t in resolve_targets(loaded.model, TARGETS.split(","))]
+    paths = [t.path for t in resolve_targets(loaded.model, targets.split(","))]
     weights: dict[str, Any] = {
         "num_bits": bits,
         "type": "int",
@@ -132,10 +133,13 @@ def stored_ratio(model: Any, paths: list[str], bits: int, group: int) -> dict[st
     shapes = [tuple(model.get_submodule(p).weight.shape) for p in paths]
     stored = sum(stored_bits(scheme, rows, cols, 16) for rows, cols in shapes)
     dense = sum(16 * rows * cols for rows, cols in shapes)
-    return {"ratio": dense / stored, "stored_bits": stored, "target_bits": dense}
+    weights = sum(rows * cols for rows, cols in shapes)
+    return {"ratio": dense / stored, "stored_bits": stored, "target_bits": dense} | {
+        "target_params": weights
+    }
 
 
-def run_one(name: str, recipe_path: Path, results: Path) -> None:
+def run_one(name: str, targets: str, recipe_path: Path, results: Path) -> None:
     """In a fresh process: quantize, evaluate the sweep's tasks, append the records."""
     import torch
     from speed import copy_model  # benchmarks/speed.py, beside this file
@@ -151,10 +155,11 @@ def run_one(name: str, recipe_path: Path, results: Path) -> None:
     copy = Path(tempfile.gettempdir()) / "aecompress-smollm2-fp32"
     loaded = load_model(copy_model({"folder": str(copy)})["folder"])
     start = time.perf_counter()
-    paths = quantize(loaded, modifier, bits, group)
+    paths = quantize(loaded, targets, modifier, bits, group)
     extra = {"compress_seconds": time.perf_counter() - start}
     print(f"{name}: oneshot {extra['compress_seconds']:.0f} s", flush=True)
     extra |= stored_ratio(loaded.model, paths, bits, group)
+    cell = cell_of(name, sweep.models[0], targets)
     for spec in tasks_of(sweep, name):  # each recorded when done: time and peak RSS so far
         result = run_task(spec.task, loaded.model, loaded.tokenizer, progress=False, **spec.options)
         measured = {
@@ -162,7 +167,6 @@ def run_one(name: str, recipe_path: Path, results: Path) -> None:
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "torch_threads": torch.get_num_threads(),
         }
-        cell = cell_of(name, sweep.models[0])
         append(results, {"cell": cell, "status": "ok", **asdict(result), **extra, **measured})
 
 
@@ -177,16 +181,20 @@ def append(path: Path, record: dict[str, Any]) -> None:
 
 
 def tasks_of(sweep: Any, name: str) -> list[Any]:
-    """The sweep's tasks at the configuration's ratio."""
-    ratio = CONFIGS[name][3]
-    return [s for s in sweep.tasks if s.ratios is None or ratio in s.ratios]
+    """The sweep's tasks at the configuration's ratio and for its label."""
+    ratio, label = CONFIGS[name][3], name.rsplit(" ", 1)[0]
+    return [
+        s
+        for s in sweep.tasks
+        if (s.ratios is None or ratio in s.ratios) and (s.labels is None or label in s.labels)
+    ]
 
 
-def recorded(results: Path, name: str, sweep: Any) -> bool:
+def recorded(results: Path, name: str, targets: str, sweep: Any) -> bool:
     """Whether every task of the configuration is recorded ok."""
     from aecompress.sweep import cell_id, read_results
 
-    cell = cell_id(cell_of(name, sweep.models[0]))
+    cell = cell_id(cell_of(name, sweep.models[0], targets))
     done = {
         r["task"] + str(r.get("split"))
         for r in read_results(results)
@@ -200,19 +208,21 @@ def main() -> None:
     parser.add_argument("recipe", type=Path, help="the quantization sweep recipe (its tasks)")
     parser.add_argument("--results", type=Path, required=True, help="the sweep's results JSONL")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--targets", default=MLPS, help="layers quantized (default: %(default)s)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one configuration
     args = parser.parse_args()
     if args.one:
-        run_one(args.one, args.recipe, args.results)
+        run_one(args.one, args.targets, args.recipe, args.results)
         return
     from aecompress.sweep import SweepRecipe
 
     sweep = SweepRecipe.from_yaml(args.recipe)
     for name in args.configs:
-        if recorded(args.results, name, sweep):
+        if recorded(args.results, name, args.targets, sweep):
             print(f"{name}: recorded", flush=True)
             continue
         command = [sys.executable, __file__, str(args.recipe), "--results", str(args.results)]
+        command += ["--targets", args.targets]
         finished = subprocess.run([*command, "--one", name])
         print(f"{name}: exit status {finished.returncode}", flush=True)
 

@@ -5,8 +5,10 @@ from frontier_plot import curves
 from tests.benchmarks.conftest import run_script
 
 
-def record(label: str, split: str, perplexity: float, stored_bits: int) -> dict:
-    cell = {"model": "m", "label": label, "targets": "down", "group": "none", "ratio": 1.0}
+def record(
+    label: str, split: str, perplexity: float, stored_bits: int, targets: str = "down"
+) -> dict:
+    cell = {"model": "m", "label": label, "targets": targets, "group": "none", "ratio": 1.0}
     return {"cell": cell, "status": "ok", "task": "wikitext2", "split": split} | {
         "settings": {"split": split},
         "metrics": {"perplexity": perplexity},
@@ -31,3 +33,26 @@ def test_each_method_is_a_curve_of_perplexity_against_bits_per_weight(tmp_path):
     results.write_text("".join(json.dumps(r) + "\n" for r in records))
     run_script("frontier_plot", str(results), "--splits", "test")
     assert (tmp_path / "wikitext2_test_perplexity_vs_bits.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_targets_keeps_their_cells_and_the_dense_line(tmp_path):
+    records = [
+        record("dense", "test", 10.0, 1600, targets=""),
+        record("gptq", "test", 12.0, 425, targets="up,down"),
+        record("gptq", "test", 14.0, 425, targets="q,up,down"),
+    ]
+    methods, dense = curves(records, "wikitext2", "test", targets="q,up,down")
+    assert dense == 10.0
+    assert methods == {"gptq": [(4.25, 14.0)]}
+    results = tmp_path / "results.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in records))
+    run_script("frontier_plot", str(results), "--splits", "test", "--targets", "q,up,down")
+    png = tmp_path / "wikitext2_test_q+up+down_perplexity_vs_bits.png"
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_record_without_target_params_counts_its_target_bits_in_bf16():
+    older = record("llm-compressor gptq", "test", 13.0, 425)
+    del older["target_params"]
+    methods, _ = curves([older], "wikitext2", "test")
+    assert methods == {"llm-compressor gptq": [(4.25, 13.0)]}
