@@ -128,7 +128,7 @@ class BlockStream:
         """The modules outside the blocks to fill: every one but the output head when it
         is neither tied to the embedding nor targeted (it runs after the blocks only)."""
         head = model.get_output_embeddings()
-        path = next((p for p, m in model.named_modules() if m is head and head), None)
+        path = next((p for p, m in model.named_modules() if head is not None and m is head), None)
         targeted = {t.path for plan in outside for t in plan.group.members}
         skip = path if output_head_path(model) is None and path not in targeted else None
         return [p for p in self.source.outside_paths() if p != skip]
