@@ -30,9 +30,16 @@ class ModelBlocks:
         self.blocks_path, self.blocks = transformer_blocks(model)
         self.calls: list[tuple[str, int]] = []
         self.loaded: int | None = None
-        for index, block in enumerate(self.blocks):  # its parts compute only when it runs
-            for part in block.children():
-                part.register_forward_pre_hook(self._check_loaded(index))
+        self.handles = [  # its parts compute only when it runs
+            part.register_forward_pre_hook(self._check_loaded(index))
+            for index, block in enumerate(self.blocks)
+            for part in block.children()
+        ]
+
+    def remove_hooks(self) -> None:
+        """Leave the model as it was (a session fixture's model is shared)."""
+        for handle in self.handles:
+            handle.remove()
 
     def _check_loaded(self, index: int):
         def hook(_module: nn.Module, _args: object) -> None:
@@ -114,8 +121,11 @@ def test_streamed_smollm2_perplexity_equals_the_in_memory_one(smollm2):
     model, tokenizer = smollm2.model, smollm2.tokenizer
     settings = {"windows": 2, "seq_len": 128, "batch_size": 1, "progress": False}
     expected = perplexity(model, tokenizer, **settings).perplexity
-    forward, _ = _streamed(model)
-    streamed = perplexity(model, tokenizer, forward=forward, **settings).perplexity
+    forward, source = _streamed(model)
+    try:
+        streamed = perplexity(model, tokenizer, forward=forward, **settings).perplexity
+    finally:
+        source.remove_hooks()
     assert streamed == pytest.approx(expected, rel=1e-6)
 
 
