@@ -56,6 +56,13 @@ def test_refitting_down_lowers_the_output_error(select):
     assert errors[True] < 0.9 * errors[False]
 
 
+def test_an_ffn_member_reads_its_intermediate_activations():
+    # its X^T X is [intermediate, intermediate] (down's inputs), not [hidden, hidden]
+    spec = GroupSpec("ffn.0", "ffn", "ffn", 1, 3 * INTERMEDIATE, HIDDEN)
+    assert spec.input_width == INTERMEDIATE
+    assert GroupSpec("up", "up", "linear", 1, INTERMEDIATE, HIDDEN).input_width == HIDDEN
+
+
 def test_stored_are_the_kept_rows_and_their_bitmap():
     matrix, x = ffn_problem()
     method, spec, stored = fit_ffn(matrix, x, 10)

@@ -28,6 +28,7 @@ from aecompress.methods.quantize import stored_bits
 from aecompress.methods.stage import QuantizedLayout, QuantStage
 from aecompress.modules import dense_embedding, dense_linear
 from aecompress.numerics import all_finite
+from aecompress.targets import FFN_PARTS
 
 # The budgets, as multiples of a group's uniform one, at which budget allocation fits and
 # scores a group by default (Method.allocation_budgets).
@@ -85,6 +86,12 @@ class GroupSpec:
     def numel(self) -> int:
         """Numbers in the group's original matrices."""
         return self.count * self.rows * self.cols
+
+    @property
+    def input_width(self) -> int:
+        """Features of the inputs a member reads (the side of its X^T X): its columns, or
+        for an ffn member the intermediate activations its down projection reads."""
+        return self.rows // len(FFN_PARTS) if self.kind == "ffn" else self.cols
 
     @property
     def dense_bits(self) -> int:

@@ -110,11 +110,11 @@ class FfnNeurons(Method):
 
     def cost(self, width: Width, spec: GroupSpec) -> int:
         assert isinstance(width, int)
-        intermediate = spec.rows // 3
+        intermediate = spec.input_width
         return spec.count * (spec.floats(3 * width * spec.cols) + BITS * words(intermediate))
 
     def max_width(self, spec: GroupSpec) -> int:
-        return spec.rows // 3
+        return spec.input_width
 
     def kept(self, down: torch.Tensor, gram: torch.Tensor, width: int) -> torch.Tensor:
         """Indices of the `width` kept neurons, ascending."""
@@ -145,7 +145,7 @@ class FfnNeurons(Method):
                     "kept": pack_bits(mask),
                 }
             )
-        layout = FfnNeuronsLayout(intermediate=context.spec.rows // 3)
+        layout = FfnNeuronsLayout(intermediate=context.spec.input_width)
         return Stored({}, members, width, layout)
 
     def reconstruct(self, stored: Stored, index: int) -> torch.Tensor:

@@ -228,7 +228,7 @@ def passes(positions: list[list[PlannedGroup]], granularity: str) -> list[list[P
 def _statistics_numbers(groups: list[PlannedGroup]) -> int:
     """Numbers in a position's X^T X: one [in, in] per block it spans."""
     layers = {target.layer for plan in groups for target in plan.group.members}
-    return len(layers) * groups[0].spec.cols ** 2
+    return len(layers) * max(plan.spec.input_width for plan in groups) ** 2
 
 
 def collect_moments(
