@@ -21,10 +21,10 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from aecompress.artifact.load import (
-    _group_from_entry,
-    _load_tokenizer,
-    _stored_from_entry,
+    artifact_tokenizer,
     checked_skeleton,
+    group_from_entry,
+    stored_from_entry,
 )
 from aecompress.artifact.manifest import (
     PREFIX,
@@ -63,7 +63,7 @@ class ArtifactBlocks:
         self.manifest = load_manifest(self.path)
         self.files = checked_files(self.path, self.manifest)
         self.model: PreTrainedModel = checked_skeleton(self.path, self.manifest).eval()
-        self.tokenizer: PreTrainedTokenizerBase | None = _load_tokenizer(self.path)
+        self.tokenizer: PreTrainedTokenizerBase | None = artifact_tokenizer(self.path)
         check_vocabulary(self.model, self.tokenizer, str(self.path))
         found = transformer_blocks(self.model)
         if found is None:
@@ -132,7 +132,7 @@ class ArtifactBlocks:
         """Each group's members whose modules lie under one of `prefixes`."""
         found = []
         for entry in self.manifest.groups:
-            group = _group_from_entry(entry)
+            group = group_from_entry(entry)
             indices = tuple(
                 i for i, t in enumerate(group.members) if f"{t.path}.".startswith(prefixes)
             )
@@ -152,7 +152,7 @@ class ArtifactBlocks:
             for key in self.files
             if key.startswith(prefix) and key[len(prefix) :].startswith(heads)
         }
-        stored = _stored_from_entry(members.entry, members.method, tensors)
+        stored = stored_from_entry(members.entry, members.method, tensors)
         tied = self.manifest.tied_output if members.entry.family == "embed" else None
         try:
             inject(

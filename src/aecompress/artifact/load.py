@@ -58,15 +58,15 @@ def load_compressed(path: str | Path, decode: bool = False) -> CompressedModel:
     check_groups(manifest, {k: (list(t.shape), 8 * t.element_size()) for k, t in tensors.items()})
     tensors = {k: t.float() if t.is_floating_point() else t for k, t in tensors.items()}
     model = checked_skeleton(path, manifest)
-    tokenizer = _load_tokenizer(path)
+    tokenizer = artifact_tokenizer(path)
     check_vocabulary(model, tokenizer, str(path))  # the embedding as the config makes it
     serving: Serving = "decoded" if decode else "runtime"
     groups = []
     for entry in manifest.groups:
         method = make_method(entry.method, entry.options)
-        stored = _stored_from_entry(entry, method, tensors)
+        stored = stored_from_entry(entry, method, tensors)
         fitted = CompressedGroup(
-            _group_from_entry(entry),
+            group_from_entry(entry),
             method,
             stored,
             entry.shape,
@@ -96,14 +96,17 @@ def load_compressed(path: str | Path, decode: bool = False) -> CompressedModel:
     return cm
 
 
-def _group_from_entry(entry: GroupEntry) -> Group:
+def group_from_entry(entry: GroupEntry) -> Group:
+    """The group a manifest entry describes."""
     members = tuple(Target(m.path, entry.family, m.layer, m.kind, m.part) for m in entry.members)
     return Group(entry.name, entry.family, members)
 
 
-def _stored_from_entry(
+def stored_from_entry(
     entry: GroupEntry, method: Method, tensors: dict[str, torch.Tensor]
 ) -> Stored:
+    """The entry's stored tensors (taken out of `tensors`: the group's shared ones and its
+    members', all or some), as parameters under the method's validated layout."""
     prefix = f"{PREFIX}{entry.name}."
     # clone: tensors read from the file may sit at unaligned offsets, and matmuls on
     # them can round differently from the same values in freshly allocated memory
@@ -129,7 +132,7 @@ def _width(entry: GroupEntry) -> int | tuple[int, ...]:
     return tuple(entry.width) if isinstance(entry.width, list) else entry.width
 
 
-def _load_tokenizer(path: Path) -> PreTrainedTokenizerBase | None:
+def artifact_tokenizer(path: Path) -> PreTrainedTokenizerBase | None:
     """The artifact's tokenizer (None when it was saved without one)."""
     if not (path / "tokenizer_config.json").is_file():
         return None
@@ -198,7 +201,7 @@ def checked_skeleton(path: Path, manifest: Manifest) -> PreTrainedModel:
 
 def _group_spec(entry: GroupEntry, model: PreTrainedModel, storage_dtype: str) -> GroupSpec:
     """What the group's method fitted, after checking each member against the model."""
-    members = _group_from_entry(entry).members
+    members = group_from_entry(entry).members
     if entry.family != CUSTOM_FAMILY:  # a regex's matrices have no family to check
         _check_family(entry, members, model)
     for target in members:
