@@ -73,8 +73,10 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
 
-def load(path: str | Path, decode: bool = False) -> PreTrainedModel:
-    """A working transformers model rebuilt from an artifact folder."""
+def load(path: str | Path, decode: bool = False, lazy: bool | None = None) -> PreTrainedModel:
+    """A working transformers model rebuilt from an artifact folder (`decode`: every
+    matrix decoded once into a dense weight; `lazy`: sparse matrices kept stored and
+    decoded on each call, by default when decoded they would not fit in memory)."""
     from aecompress.artifact import load_compressed
 
-    return load_compressed(path, decode=decode).model
+    return load_compressed(path, decode=decode, lazy=lazy).model

@@ -23,8 +23,10 @@ from aecompress.targets import Group, Target, dense_weight, ffn_path
 
 # How members are served: the method's runtime module, decoded once into a dense weight,
 # rebuilt from the stored tensors on every call (differentiable: refinement trains them),
-# or the runtime module built on the first call (a model being compressed or saved).
-Serving = Literal["runtime", "decoded", "trainable", "deferred"]
+# the runtime module built on the first call (a model being compressed or saved), or
+# lazy: a Linear whose runtime module would be its decoded matrix rebuilt on every call
+# instead, so only the stored form stays in memory (a model too large to hold decoded).
+Serving = Literal["runtime", "decoded", "trainable", "deferred", "lazy"]
 
 
 class Deferred(nn.Module):
@@ -114,7 +116,7 @@ def serving_module(
             return Deferred(partial(method.embedding, stored, index, padding_idx), None)
         bias = bias_of(original)
         return Deferred(partial(method.linear, stored, index, bias, prefill=True), bias)
-    if kind == "embedding":
+    if kind == "embedding":  # lazy: held as at run time (one matrix, the outputs' dtype)
         padding_idx = getattr(original, "padding_idx", None)
         if serving == "trainable":
             return RebuiltEmbedding(method, stored, index, padding_idx)
@@ -123,7 +125,7 @@ def serving_module(
                 return dense_embedding(method.reconstruct(stored, index), padding_idx)
         return method.embedding(stored, index, padding_idx)
     bias = bias_of(original)
-    if serving == "trainable":
+    if serving == "trainable" or (serving == "lazy" and method.decodes_at_load):
         return RebuiltLinear(method, stored, index, bias)
     if serving == "decoded":
         with torch.no_grad():

@@ -73,3 +73,26 @@ def test_non_finite_tensors_are_refused_with_a_consistent_sha256(artifact, store
     (artifact / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(AecompressError, match=f"the tensor {key} holds NaN or infinite values"):
         aecompress.load(artifact)
+
+
+@pytest.mark.parametrize("storage", ["bfloat16", "float32"])
+def test_lazy_keeps_sparse_matrices_stored_and_computes_the_same(
+    tokenizer, tmp_path, storage, monkeypatch, caplog
+):
+    cm = compressed_tiny(
+        tokenizer, "llama", method="prune", targets=["up", "k"], storage_dtype=storage
+    )
+    cm.save_pretrained(tmp_path / "art")
+    ids = torch.tensor([[5, 17, 42, 7]])
+    runtime = aecompress.load(tmp_path / "art")  # decoded once: enough memory here
+    up = runtime.get_submodule("model.layers.0.mlp.up_proj")
+    assert isinstance(up, torch.nn.Linear) and up.weight.dtype == torch.float32
+    monkeypatch.setattr("aecompress.artifact.load.available_memory", lambda: 2**20)
+    lazy = aecompress.load(tmp_path / "art")
+    assert "decoded on each call" in caplog.text
+    up = lazy.get_submodule("model.layers.0.mlp.up_proj")
+    assert not isinstance(up, torch.nn.Linear)
+    held = {t.dtype for t in up.parameters() if t.is_floating_point()}
+    assert held == {getattr(torch, storage)}  # the stored values, in the artifact's dtype
+    with torch.no_grad():
+        assert torch.equal(lazy(input_ids=ids).logits, runtime(input_ids=ids).logits)

@@ -4,6 +4,7 @@ the model its config describes (family, kind, shape, width)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -24,9 +25,11 @@ from aecompress.artifact.weights import read_weights
 from aecompress.budget import float_bits
 from aecompress.compressed import CompressedGroup, CompressedModel
 from aecompress.errors import AecompressError, describe, first_line
+from aecompress.memory import available_memory
 from aecompress.methods import Method, MethodLayout, Stored, make_method
 from aecompress.methods.base import GroupSpec
 from aecompress.models import check_vocabulary, load_config, load_tokenizer
+from aecompress.streaming import IN_MEMORY_PEAK
 from aecompress.substitution import Serving, inject
 from aecompress.targets import (
     CUSTOM_FAMILY,
@@ -39,14 +42,22 @@ from aecompress.targets import (
     weight_matrix,
 )
 
+logger = logging.getLogger(__name__)
 
-def load_compressed(path: str | Path, decode: bool = False) -> CompressedModel:
+
+def load_compressed(
+    path: str | Path, decode: bool = False, lazy: bool | None = None
+) -> CompressedModel:
     """Rebuild the CompressedModel of an artifact folder.
 
     The model's skeleton is built without memory (meta device), each group's modules are
     rebuilt from its stored tensors, then the untouched tensors are assigned. With
     decode=True each matrix is decoded once into a dense weight (fastest to run, no longer
-    compressed in memory); otherwise the methods' own runtime modules are used.
+    compressed in memory); otherwise the methods' own runtime modules are used. `lazy`:
+    the matrices whose runtime module is their decoded matrix (sparse methods) are
+    rebuilt from the stored tensors, kept in the artifact's dtype, on every call instead
+    (memory: the artifact's bytes; time: a decode per call); None: when the model
+    decoded would not fit the available memory.
     """
     path = Path(path)
     manifest = load_manifest(path)
@@ -56,15 +67,17 @@ def load_compressed(path: str | Path, decode: bool = False) -> CompressedModel:
     }
     check_storage_dtype(manifest, floating)  # first: the bits of the groups depend on it
     check_groups(manifest, {k: (list(t.shape), 8 * t.element_size()) for k, t in tensors.items()})
-    tensors = {k: t.float() if t.is_floating_point() else t for k, t in tensors.items()}
     model = checked_skeleton(path, manifest)
     tokenizer = artifact_tokenizer(path)
     check_vocabulary(model, tokenizer, str(path))  # the embedding as the config makes it
-    serving: Serving = "decoded" if decode else "runtime"
+    if lazy is None:
+        lazy = not decode and _too_large_decoded(model, path)
+    serving: Serving = "decoded" if decode else "lazy" if lazy else "runtime"
     groups = []
     for entry in manifest.groups:
         method = make_method(entry.method, entry.options)
-        stored = stored_from_entry(entry, method, tensors)
+        as_stored = serving == "lazy" and method.decodes_at_load
+        stored = stored_from_entry(entry, method, tensors, None if as_stored else torch.float32)
         fitted = CompressedGroup(
             group_from_entry(entry),
             method,
@@ -91,9 +104,26 @@ def load_compressed(path: str | Path, decode: bool = False) -> CompressedModel:
         aliases=manifest.aliases,
         storage_dtype=manifest.storage_dtype,
     )
-    _load_untouched(cm, tensors)
+    _load_untouched(cm, {k: t.float() if t.is_floating_point() else t for k, t in tensors.items()})
     model.eval()
     return cm
+
+
+def _too_large_decoded(model: PreTrainedModel, path: Path) -> bool:
+    """Whether the model with every matrix decoded (float32) would not fit the available
+    memory, with the margin of loading (a note when so)."""
+    need = IN_MEMORY_PEAK * 4 * sum(p.numel() for p in model.parameters())
+    free = available_memory()
+    if need <= free:
+        return False
+    logger.warning(
+        "%s decoded would take about %.1f GiB, %.1f GiB are available: sparse matrices "
+        "are kept stored and decoded on each call (load with lazy=False to decode them once)",
+        path,
+        need / 2**30,
+        free / 2**30,
+    )
+    return True
 
 
 def group_from_entry(entry: GroupEntry) -> Group:
@@ -103,14 +133,24 @@ def group_from_entry(entry: GroupEntry) -> Group:
 
 
 def stored_from_entry(
-    entry: GroupEntry, method: Method, tensors: dict[str, torch.Tensor]
+    entry: GroupEntry,
+    method: Method,
+    tensors: dict[str, torch.Tensor],
+    dtype: torch.dtype | None = torch.float32,
 ) -> Stored:
     """The entry's stored tensors (taken out of `tensors`: the group's shared ones and its
-    members', all or some), as parameters under the method's validated layout."""
+    members', all or some), floating ones in `dtype` (None: as stored), as parameters
+    under the method's validated layout."""
     prefix = f"{PREFIX}{entry.name}."
-    # clone: tensors read from the file may sit at unaligned offsets, and matmuls on
-    # them can round differently from the same values in freshly allocated memory
-    flat = {k[len(prefix) :]: tensors.pop(k).clone() for k in list(tensors) if k.startswith(prefix)}
+
+    def copied(tensor: torch.Tensor) -> torch.Tensor:
+        # a copy: tensors read from the file may sit at unaligned offsets, and matmuls on
+        # them can round differently from the same values in freshly allocated memory
+        if dtype is None or not tensor.is_floating_point():
+            return tensor.clone()
+        return tensor.to(dtype, copy=True)
+
+    flat = {k[len(prefix) :]: copied(tensors.pop(k)) for k in list(tensors) if k.startswith(prefix)}
     layout = _layout(entry, method)
     try:
         stored = Stored.from_tensors(flat, len(entry.members), _width(entry), layout)

@@ -321,6 +321,12 @@ class Method(ABC):
         with torch.no_grad():
             return dense_linear(self.reconstruct(stored, index), bias)
 
+    @property
+    def decodes_at_load(self) -> bool:
+        """Whether its runtime Linear is the decoded dense matrix (the default `linear`):
+        larger in memory than the stored form."""
+        return type(self).linear is Method.linear
+
     def structured(self, stored: Stored, index: int, original: nn.Module) -> nn.Module:
         """The module serving member `index` of a structured group (an ffn target: its
         MLP) in place of `original`, sharing the stored tensors (so refinement trains
