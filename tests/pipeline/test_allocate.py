@@ -18,6 +18,8 @@ from tests.conftest import make_tiny
 
 SPEC = GroupSpec("up", "up", "linear", 1, 4, 4)
 CALIBRATION = {"samples": 4, "seq_len": 32, "batch_size": 4}
+# bf16 storage: 2-bit codes and a bf16 scale per 16 weights take 3 bits a weight (3 bits: 4)
+RATIO_AT_2_BITS = 5.3
 
 
 def brute_force(options: list[list[Option]], total: float) -> float:
@@ -132,3 +134,19 @@ def test_bit_allocation_keeps_the_total_varies_the_bits_and_round_trips(
     for name, group_bits in bits.items():
         row = next(line for line in lines if line.startswith(f"| {name} "))
         assert row.split("|")[column].strip() == str(group_bits)
+
+
+def test_allocating_at_the_fewest_bits_warns_that_nothing_can_be_traded(tokenizer, caplog):
+    """At 2 bits (the fewest) every group's smallest candidate is its whole share."""
+    cm = aecompress.compress(
+        tiny_llama(tokenizer),
+        method="rtn",
+        options={"group": 16},
+        ratio=RATIO_AT_2_BITS,
+        targets=["up", "down"],
+        allocate="sensitivity",
+        calibration=CALIBRATION,
+        progress=False,
+    )
+    assert {code_bits(g.stored.layout) for g in cm.groups} == {2}
+    assert "nothing can be traded" in caplog.text

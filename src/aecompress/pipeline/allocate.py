@@ -19,6 +19,7 @@ is scored through its cheaper starting point (Method.allocation_proxy).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 
 import torch
@@ -30,7 +31,10 @@ from aecompress.methods import FitContext, GroupSpec
 from aecompress.pipeline.plan import PlannedGroup, finite_matrices
 from aecompress.progress import progress_bar
 
+logger = logging.getLogger(__name__)
+
 STAGE_BIT_STEPS = (-1, 0, 1)  # a stage's bits are also tried one bit lower and higher
+NOTHING_TO_TRADE = 0.95  # the smallest candidates' share of the budget that leaves none
 
 
 @dataclass(frozen=True)
@@ -155,7 +159,17 @@ def allocate(
                 plan, finite_matrices(model, members), [stats[t.name] for t in members], seed
             )
         )
-    chosen = choose(options, sum(p.budget for p in layers))
+    total = sum(p.budget for p in layers)
+    smallest = sum(min(o.budget for o in group) for group in options)
+    if NOTHING_TO_TRADE * total < smallest <= total:
+        logger.warning(
+            "--allocate: the smallest candidate of every group takes %.0f%% of the budget "
+            "(with a quantization stage: its fewest bits), so almost nothing can be traded "
+            "between groups and the result is close to the uniform one; allocation pays "
+            "at larger budgets (3 bits a weight and up)",
+            100 * smallest / total,
+        )
+    chosen = choose(options, total)
     allocated = {
         id(p): replace(p, spec=o.spec, budget=o.budget) for p, o in zip(layers, chosen, strict=True)
     }
