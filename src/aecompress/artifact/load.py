@@ -138,19 +138,20 @@ def stored_from_entry(
     tensors: dict[str, torch.Tensor],
     dtype: torch.dtype | None = torch.float32,
 ) -> Stored:
-    """The entry's stored tensors (taken out of `tensors`: the group's shared ones and its
-    members', all or some), floating ones in `dtype` (None: as stored), as parameters
-    under the method's validated layout."""
+    """The entry's stored tensors (taken out of `tensors`, as read from the weights files
+    into memory of their own: the group's shared ones and its members', all or some),
+    floating ones in `dtype` (None: as stored), as parameters under the method's
+    validated layout."""
     prefix = f"{PREFIX}{entry.name}."
 
-    def copied(tensor: torch.Tensor) -> torch.Tensor:
-        # a copy: tensors read from the file may sit at unaligned offsets, and matmuls on
-        # them can round differently from the same values in freshly allocated memory
+    def converted(tensor: torch.Tensor) -> torch.Tensor:
         if dtype is None or not tensor.is_floating_point():
-            return tensor.clone()
-        return tensor.to(dtype, copy=True)
+            return tensor
+        return tensor.to(dtype)
 
-    flat = {k[len(prefix) :]: copied(tensors.pop(k)) for k in list(tensors) if k.startswith(prefix)}
+    flat = {
+        k[len(prefix) :]: converted(tensors.pop(k)) for k in list(tensors) if k.startswith(prefix)
+    }
     layout = _layout(entry, method)
     try:
         stored = Stored.from_tensors(flat, len(entry.members), _width(entry), layout)

@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
 
 from aecompress.artifact.manifest import (
     FORMAT,
@@ -26,7 +25,13 @@ from aecompress.artifact.manifest import (
 from aecompress.budget import STORAGE_DTYPES
 from aecompress.errors import AecompressError
 from aecompress.numerics import all_finite
-from aecompress.tensorfile import INDEX, SAFETENSORS_DTYPES, write_safetensors
+from aecompress.tensorfile import (
+    INDEX,
+    SAFETENSORS_DTYPES,
+    SafetensorsError,
+    SafetensorsFiles,
+    write_safetensors,
+)
 
 SHARD_BYTES = 4 * 2**30  # the largest weights file a save writes before it shards
 
@@ -137,14 +142,20 @@ def verify_weights(path: str | Path, manifest: Manifest) -> list[Path]:
 
 
 def read_weights(path: str | Path, manifest: Manifest) -> dict[str, torch.Tensor]:
-    """The artifact's tensors (sizes and sha256s checked), every one finite."""
+    """The artifact's tensors (sizes and sha256s checked), every one finite, each read
+    into memory of its own (no file mapped: the process holds the tensors once)."""
     tensors: dict[str, torch.Tensor] = {}
     for weights in verify_weights(path, manifest):
         try:
-            found = load_file(str(weights))
-        except SafetensorError as error:
+            found = SafetensorsFiles(weights)
+            keys = found.keys()
+        except SafetensorsError as error:
             raise AecompressError(f"cannot read {weights}: {error}") from error
-        for key, tensor in found.items():  # saving refuses them: such a file was altered
+        for key in keys:  # non-finite values: saving refuses them, such a file was altered
+            try:
+                tensor = found.read(key)
+            except SafetensorsError as error:
+                raise AecompressError(f"cannot read {weights}: {error}") from error
             if not all_finite(tensor):
                 raise AecompressError(f"{weights}: the tensor {key} holds NaN or infinite values")
             if key in tensors:
