@@ -125,7 +125,9 @@ def test_bad_recipe_values_are_clear():
         ({"method": "svdllm", "targets": ["embed"]}, "independent"),  # embeddings: no X^T X
         ({"method": "svd", "refine": {"steps": 5}}, "sequential"),
         ({"method": "svdllm", "pipeline": "independent"}, "independent"),
-        ({"method": "gptq"}, "independent"),  # measured better on the dense statistics
+        ({"method": "gptq"}, "independent"),  # 8 bits: measured better on the dense statistics
+        ({"method": "gptq", "options": {"bits": 3}}, "independent"),
+        ({"method": "gptq", "options": {"bits": 2}}, "sequential"),  # measured better there
         ({"method": "gptq", "pipeline": "sequential"}, "sequential"),
         ({"method": "gptq", "refine": {"steps": 5}}, "sequential"),
     ],

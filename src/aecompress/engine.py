@@ -34,9 +34,9 @@ from aecompress.targets import output_head_path, transformer_blocks, untie_embed
 def choose_pipeline(recipe: Recipe, planned: list[PlannedGroup], model: PreTrainedModel) -> str:
     """The recipe's pipeline; `auto` is sequential (on a model with transformer blocks) when
     refinement is asked for or a method measures output error and prefers it
-    (`Method.sequential_by_default`: svdllm, sparsegpt, wanda, ae-data, ..., not gptq): on
-    SmolLM2's MLPs that lowered WikiText-2 validation perplexity for svdllm and sparsegpt
-    (benchmarks/results/compensation/report.md)."""
+    (`Method.sequential_by_default`: svdllm, sparsegpt, wanda, ae-data, ..., gptq at 2 bits
+    only): on SmolLM2's MLPs that lowered WikiText-2 validation perplexity for svdllm and
+    sparsegpt (benchmarks/results/compensation/report.md)."""
     if recipe.pipeline != "auto":
         if recipe.pipeline == "independent" and recipe.refine.steps:
             raise AecompressError("block refinement (refine) needs the sequential pipeline")
@@ -44,7 +44,8 @@ def choose_pipeline(recipe: Recipe, planned: list[PlannedGroup], model: PreTrain
     if transformer_blocks(model) is None:
         return "independent"
     wanted = recipe.refine.steps or any(
-        compensates(plan) and plan.method.sequential_by_default() for plan in planned
+        compensates(plan) and plan.method.sequential_by_default(plan.spec, plan.budget)
+        for plan in planned
     )
     return "sequential" if wanted else "independent"
 

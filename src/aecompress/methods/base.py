@@ -240,9 +240,10 @@ class Method(ABC):
         """Calibration statistics `fit` reads from context.statistics (see calibration.py)."""
         return set()
 
-    def sequential_by_default(self) -> bool:
-        """Whether `--pipeline auto` runs it sequentially: by default when it measures output
-        error (it asks for X^T X), chosen on validation for each such method."""
+    def sequential_by_default(self, spec: GroupSpec, budget: float) -> bool:
+        """Whether `--pipeline auto` runs the group of `spec` at `budget` stored bits
+        sequentially: by default when the method measures output error (it asks for
+        X^T X), chosen on validation for each such method."""
         return "xtx" in self.statistics_needed()
 
     def selects_on_validation(self) -> bool:
