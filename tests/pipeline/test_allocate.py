@@ -8,7 +8,9 @@ import pytest
 import torch
 
 import aecompress
+from aecompress.artifact.export import pruned_intermediate_size
 from aecompress.calibration import TargetStatistics
+from aecompress.errors import AecompressError
 from aecompress.methods import GroupSpec
 from aecompress.methods.stage import QuantStage
 from aecompress.models import LoadedModel
@@ -64,6 +66,25 @@ def test_predicted_increase_weighs_output_errors_by_the_loss_sensitivity():
     assert predicted_increase([weight], [estimate], stats) == pytest.approx(66.0)
 
 
+def test_an_ffn_group_is_scored_by_its_mlp_output_error():
+    """Removing neurons and refitting down: the score is the MLP's output error on the
+    intermediate activations A, sum_i s_i ||A (down - down_hat)^T e_i||^2."""
+    generator = torch.Generator().manual_seed(0)
+    intermediate, hidden = 6, 3
+    activations = torch.randn(40, intermediate, generator=generator, dtype=torch.float64)
+    up, gate = torch.randn(2, intermediate, hidden, generator=generator)
+    down, down_hat = torch.randn(2, hidden, intermediate, generator=generator)
+    removed = torch.tensor([1, 4])
+    up_hat, gate_hat = up.clone(), gate.clone()
+    up_hat[removed], gate_hat[removed], down_hat[:, removed] = 0, 0, 0
+    weight, estimate = torch.cat([up, gate, down.T]), torch.cat([up_hat, gate_hat, down_hat.T])
+    sensitivity = torch.tensor([1.0, 3.0, 0.5], dtype=torch.float64)
+    stats = [TargetStatistics(40, xtx=activations.T @ activations, out_fisher=sensitivity)]
+    output_error = activations @ (down - down_hat).double().T  # [tokens, hidden]
+    expected = float((output_error.square().sum(0) * sensitivity).sum())
+    assert predicted_increase([weight], [estimate], stats, "ffn") == pytest.approx(expected)
+
+
 def tiny_llama(tokenizer) -> LoadedModel:
     model = make_tiny("llama", vocab=tokenizer.vocab_size)
     return LoadedModel(model, tokenizer, "tiny", "AutoModelForCausalLM")
@@ -83,6 +104,37 @@ def test_sensitivity_allocation_keeps_the_total_and_varies_the_ratios(tokenizer)
     totals = cm.totals()
     assert totals["stored_bits"] <= totals["target_bits"] / 2
     assert len({round(g.ratio, 3) for g in cm.groups}) > 1
+
+
+def test_sensitivity_allocation_gives_mlps_their_own_widths(tokenizer, tmp_path):
+    """ffn-neurons under --allocate: kept-neuron counts differ by layer within the total
+    budget; the artifact loads back as smaller MLPs, and a plain export is refused."""
+    cm = aecompress.compress(
+        tiny_llama(tokenizer),
+        method="ffn-neurons",
+        ratio=1.5,
+        targets=["ffn"],
+        allocate="sensitivity",
+        calibration=CALIBRATION,
+        progress=False,
+    )
+    totals = cm.totals()
+    assert totals["stored_bits"] <= totals["target_bits"] / 1.5
+    widths = [g.stored.width for g in cm.groups]
+    assert len(set(widths)) > 1
+    for fitted, width in zip(cm.groups, widths, strict=True):
+        mlp = cm.model.model.layers[fitted.group.members[0].layer].mlp
+        assert mlp.up_proj.weight.shape[0] == width
+    ids = torch.randint(
+        0, tokenizer.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0)
+    )
+    cm.save_pretrained(tmp_path / "art")
+    with torch.no_grad():
+        torch.testing.assert_close(
+            aecompress.load(tmp_path / "art")(ids).logits, cm.model(ids).logits
+        )
+    with pytest.raises(AecompressError, match="without --allocate"):
+        pruned_intermediate_size(tmp_path / "art")
 
 
 def code_bits(layout) -> int:

@@ -11,7 +11,12 @@ fit is scored by the loss increase it predicts,
 
 with H = X^T X of the layer's calibration inputs and s_i the summed squared gradient of
 the LM loss with respect to output i (a Gauss-Newton estimate: an output error weighs what
-the loss reacts to it, so layers compare on one scale). The candidates minimising the
+the loss reacts to it, so layers compare on one scale). An ffn group (whole MLP neurons
+removed, ffn-neurons) is scored through its down projection: its kept up and gate rows
+are exact, so the MLP's output error is that of down against the refitted down with the
+removed neurons' columns zero, on the intermediate activations whose Gram calibration
+measures there; its candidates are kept-neuron counts, linear and ffn groups compete for
+one budget. The candidates minimising the
 summed score within the total budget are chosen by a Lagrangian sweep, the leftover filled
 greedily. Embedding groups keep the uniform ratio. A method whose fits are slow (the AE)
 is scored through its cheaper starting point (Method.allocation_proxy).
@@ -28,6 +33,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from aecompress.calibration import CalibrationConfig, TargetStatistics, cached_statistics
 from aecompress.errors import AecompressError
 from aecompress.methods import FitContext, GroupSpec
+from aecompress.methods.structured import split_ffn
 from aecompress.pipeline.plan import PlannedGroup, finite_matrices
 from aecompress.progress import progress_bar
 
@@ -47,14 +53,26 @@ class Option:
     score: float
 
 
+ALLOCATED_KINDS = ("linear", "ffn")  # embedding groups keep the uniform ratio
+
+
+def scored_matrix(kind: str, matrix: torch.Tensor) -> torch.Tensor:
+    """The matrix W the score weighs: the layer's own, or an ffn member's down projection
+    [hidden, intermediate] (module docstring)."""
+    return split_ffn(matrix)[2] if kind == "ffn" else matrix
+
+
 def predicted_increase(
-    matrices: list[torch.Tensor], estimates: list[torch.Tensor], stats: list[TargetStatistics]
+    matrices: list[torch.Tensor],
+    estimates: list[torch.Tensor],
+    stats: list[TargetStatistics],
+    kind: str = "linear",
 ) -> float:
     """sum over members and outputs of s_i ((W - W_hat) H (W - W_hat)^T)_ii."""
     total = 0.0
     for weight, estimate, entry in zip(matrices, estimates, stats, strict=True):
         assert entry.xtx is not None and entry.out_fisher is not None
-        error = (weight - estimate).double()
+        error = (scored_matrix(kind, weight) - scored_matrix(kind, estimate)).double()
         per_output = ((error @ entry.xtx.double()) * error).sum(1)
         total += float((entry.out_fisher.double() * per_output).sum())
     return total
@@ -88,7 +106,8 @@ def candidate_options(
             stored = method.fit(matrices, width, context)
             with torch.no_grad():
                 estimates = [method.reconstruct(stored, i) for i in range(spec.count)]
-            options.append(Option(spec, budget, predicted_increase(matrices, estimates, stats)))
+            score = predicted_increase(matrices, estimates, stats, spec.kind)
+            options.append(Option(spec, budget, score))
     if not options:
         raise AecompressError(f"{plan.spec.name}: no candidate size fits for allocation")
     return options
@@ -138,7 +157,7 @@ def allocate(
 ) -> list[PlannedGroup]:
     """The planned groups with budgets (and a stage's bits) re-allocated by predicted loss
     (module docstring)."""
-    layers = [p for p in planned if p.spec.kind == "linear"]
+    layers = [p for p in planned if p.spec.kind in ALLOCATED_KINDS]
     if not layers:
         return planned
     targets = [t for p in layers for t in p.group.members]
