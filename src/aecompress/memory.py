@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 
 import psutil
+
+logger = logging.getLogger(__name__)
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
@@ -46,3 +49,19 @@ def trim_heap() -> None:
 def available_memory() -> int:
     """Bytes the system can still give this process (MemAvailable on Linux)."""
     return int(psutil.virtual_memory().available)
+
+
+def short_of_memory(name: str, need: int, consequence: str) -> bool:
+    """Whether `name` needing `need` bytes would not fit the available memory; a warning
+    naming both figures and the `consequence` when so."""
+    free = available_memory()
+    if need <= free:
+        return False
+    logger.warning(
+        "%s needs about %.1f GiB, %.1f GiB are available: %s",
+        name,
+        need / 2**30,
+        free / 2**30,
+        consequence,
+    )
+    return True

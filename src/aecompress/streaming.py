@@ -233,11 +233,17 @@ def _weight_name(model: nn.Module, module: nn.Module | None) -> str | None:
 IN_MEMORY_PEAK = 1.3
 
 
+def loaded_bytes(numbers: int) -> int:
+    """About the memory a model of `numbers` parameters takes loaded whole: IN_MEMORY_PEAK
+    times their float32 bytes."""
+    return int(IN_MEMORY_PEAK * 4 * numbers)
+
+
 def in_memory_bytes(folder: str | Path) -> int:
-    """About the memory the checkpoint in `folder` (or an artifact) takes loaded whole:
-    IN_MEMORY_PEAK times its tensors in float32."""
+    """About the memory the checkpoint in `folder` (or an artifact) takes loaded whole
+    (loaded_bytes of its tensors)."""
     files = SafetensorsFiles(folder)
-    return int(IN_MEMORY_PEAK * 4 * sum(math.prod(files.header(key)[1]) for key in files))
+    return loaded_bytes(sum(math.prod(files.header(key)[1]) for key in files))
 
 
 def why_not_streamable(name: str) -> str:

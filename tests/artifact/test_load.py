@@ -87,7 +87,7 @@ def test_lazy_keeps_sparse_matrices_stored_and_computes_the_same(
     runtime = aecompress.load(tmp_path / "art")  # decoded once: enough memory here
     up = runtime.get_submodule("model.layers.0.mlp.up_proj")
     assert isinstance(up, torch.nn.Linear) and up.weight.dtype == torch.float32
-    monkeypatch.setattr("aecompress.artifact.load.available_memory", lambda: 2**20)
+    monkeypatch.setattr("aecompress.memory.available_memory", lambda: 2**20)
     lazy = aecompress.load(tmp_path / "art")
     assert "decoded on each call" in caplog.text
     up = lazy.get_submodule("model.layers.0.mlp.up_proj")

@@ -185,7 +185,7 @@ def test_auto_streams_a_model_that_does_not_fit(tokenizer, tmp_path, monkeypatch
     folder = _folder(tmp_path, tokenizer)
     whole, _ = evaluate(folder, ["wikitext2"], OPTIONS, progress=False)
     opened = []
-    monkeypatch.setattr(streamed_module, "available_memory", lambda: 1000)
+    monkeypatch.setattr("aecompress.memory.available_memory", lambda: 1000)
     monkeypatch.setattr(runner, "open_streamed", _spy(runner.open_streamed, opened))
     found, _ = evaluate(folder, ["wikitext2"], OPTIONS, progress=False)
     assert opened and "available: streaming it" in caplog.text

@@ -4,7 +4,6 @@ the model its config describes (family, kind, shape, width)."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
@@ -25,11 +24,11 @@ from aecompress.artifact.weights import read_weights
 from aecompress.budget import float_bits
 from aecompress.compressed import CompressedGroup, CompressedModel
 from aecompress.errors import AecompressError, describe, first_line
-from aecompress.memory import available_memory
+from aecompress.memory import short_of_memory
 from aecompress.methods import Method, MethodLayout, Stored, make_method
 from aecompress.methods.base import GroupSpec
 from aecompress.models import check_vocabulary, load_config, load_tokenizer
-from aecompress.streaming import IN_MEMORY_PEAK
+from aecompress.streaming import loaded_bytes
 from aecompress.substitution import Serving, inject
 from aecompress.targets import (
     CUSTOM_FAMILY,
@@ -41,8 +40,6 @@ from aecompress.targets import (
     spec_kind,
     weight_matrix,
 )
-
-logger = logging.getLogger(__name__)
 
 
 def load_compressed(
@@ -112,18 +109,12 @@ def load_compressed(
 def _too_large_decoded(model: PreTrainedModel, path: Path) -> bool:
     """Whether the model with every matrix decoded (float32) would not fit the available
     memory, with the margin of loading (a note when so)."""
-    need = IN_MEMORY_PEAK * 4 * sum(p.numel() for p in model.parameters())
-    free = available_memory()
-    if need <= free:
-        return False
-    logger.warning(
-        "%s decoded would take about %.1f GiB, %.1f GiB are available: sparse matrices "
-        "are kept stored and decoded on each call (load with lazy=False to decode them once)",
-        path,
-        need / 2**30,
-        free / 2**30,
+    return short_of_memory(
+        f"{path} decoded",
+        loaded_bytes(sum(p.numel() for p in model.parameters())),
+        "sparse matrices are kept stored and decoded on each call (load with lazy=False "
+        "to decode them once)",
     )
-    return True
 
 
 def group_from_entry(entry: GroupEntry) -> Group:

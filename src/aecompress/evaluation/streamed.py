@@ -16,7 +16,6 @@ only the tasks that score logits can (Task.streams).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from aecompress.artifact.blocks import ArtifactBlocks
 from aecompress.errors import AecompressError
 from aecompress.evaluation.common import Batch
 from aecompress.evaluation.tasks import TASKS, streaming_refused
-from aecompress.memory import available_memory
+from aecompress.memory import available_memory, short_of_memory
 from aecompress.models import (
     auto_class_for,
     check_vocabulary,
@@ -50,8 +49,6 @@ from aecompress.streaming import (
     why_not_streamable,
 )
 from aecompress.tensorfile import SafetensorsError
-
-logger = logging.getLogger(__name__)
 
 MEMORY_SHARE = 0.5  # of the available memory, for the hidden states of one chunk of batches
 
@@ -222,15 +219,8 @@ def choose_streaming(name: str, tasks: Sequence[str], stream: bool | None) -> bo
         return True
     if stream is False:
         return False
-    need, free = whole_bytes(name), available_memory()
-    if need is None or need <= free:
-        return False
+    need = whole_bytes(name)
     outcome = f"task {whole[0]} cannot stream: loading it whole" if whole else "streaming it"
-    logger.warning(
-        "%s needs about %.1f GiB loaded whole, %.1f GiB are available: %s",
-        name,
-        need / 2**30,
-        free / 2**30,
-        outcome,
-    )
+    if need is None or not short_of_memory(f"{name} loaded whole", need, outcome):
+        return False
     return not whole
