@@ -156,3 +156,17 @@ def test_ffn_and_its_matrices_cannot_both_be_targets(tokenizer):
             ratio=1.5,
             progress=False,
         )
+
+
+def test_a_method_that_keeps_matrices_is_refused_for_ffn_targets_when_planned(tokenizer):
+    with pytest.raises(
+        AecompressError, match=r"svd does not remove whole MLP neurons.*ffn-neurons"
+    ):
+        aecompress.compress(
+            tiny_llama(),
+            tokenizer=tokenizer,
+            method="svd",
+            ratio=2,
+            targets=["ffn"],
+            progress=False,
+        )

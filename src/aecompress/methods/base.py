@@ -328,6 +328,11 @@ class Method(ABC):
         larger in memory than the stored form."""
         return type(self).linear is Method.linear
 
+    @classmethod
+    def serves_structured(cls) -> bool:
+        """Whether it fits structured groups (ffn targets), serving them with `structured`."""
+        return cls.structured is not Method.structured
+
     def structured(self, stored: Stored, index: int, original: nn.Module) -> nn.Module:
         """The module serving member `index` of a structured group (an ffn target: its
         MLP) in place of `original`, sharing the stored tensors (so refinement trains

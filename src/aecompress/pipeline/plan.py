@@ -15,7 +15,7 @@ from transformers import PreTrainedModel
 from aecompress.calibration import TargetStatistics
 from aecompress.compressed import CompressedGroup
 from aecompress.errors import AecompressError
-from aecompress.methods import FitContext, GroupSpec, Method, check_stage, make_method
+from aecompress.methods import METHODS, FitContext, GroupSpec, Method, check_stage, make_method
 from aecompress.methods.stage import QuantStage
 from aecompress.models import is_causal_lm
 from aecompress.numerics import all_finite
@@ -96,9 +96,21 @@ def plan_groups(model: PreTrainedModel, recipe: Recipe) -> list[PlannedGroup]:
         for group in group_targets(model, targets, recipe.group):
             spec = group_spec(model, group, head, dtype, rule.quantize)
             check_stage(method, spec)
+            check_structured(method, spec)
             method.check(spec)
             planned.append(PlannedGroup(group, method, spec, spec.dense_bits / recipe.ratio))
     return planned
+
+
+def check_structured(method: Method, spec: GroupSpec) -> None:
+    """Refuse a structured target (an ffn: a whole MLP) for a method that does not remove
+    whole structures (before any calibration or fitting)."""
+    if spec.kind == "ffn" and not method.serves_structured():
+        names = ", ".join(name for name, kind in METHODS.items() if kind.serves_structured())
+        raise AecompressError(
+            f"{spec.name}: {method.name} does not remove whole MLP neurons; --targets ffn "
+            f"takes {names} (or target up, gate, down as matrices)"
+        )
 
 
 def finite_matrices(model: nn.Module, targets: Sequence[Target]) -> list[torch.Tensor]:
