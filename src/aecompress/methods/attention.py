@@ -299,6 +299,7 @@ class AttnDims(Method):
         smaller = copy.copy(original)
         smaller._modules = dict(original._modules)
         smaller._buffers = dict(original._buffers)
+        smaller._non_persistent_buffers_set = set(original._non_persistent_buffers_set)
         for name, key in zip(ATTN_PARTS, STORED, strict=True):
             setattr(smaller, name, shared_linear(member[key]))
         smaller.__class__ = sliced_attention(type(original))
