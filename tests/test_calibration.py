@@ -339,3 +339,16 @@ def test_calibration_reads_a_local_text_and_keys_its_cache_by_its_content(tmp_pa
     key = cache_key("hash", [], {"xtx"}, config)
     path.write_text("other words entirely " * 40)
     assert cache_key("hash", [], {"xtx"}, config) != key
+
+
+def test_an_attn_target_measures_the_hidden_states_entering_q_k_and_v(tokenizer):
+    model = tiny_model("llama")
+    (attn,) = [t for t in resolve_targets(model, ["attn"]) if t.layer == 1]
+    (q,) = [t for t in resolve_targets(model, ["q"]) if t.layer == 1]
+    (k,) = [t for t in resolve_targets(model, ["k"]) if t.layer == 1]
+    stats = collect_statistics(model, tokenizer, [attn], {"xtx"}, CONFIG, progress=False)
+    plain = collect_statistics(model, tokenizer, [q, k], {"xtx"}, CONFIG, progress=False)
+    hidden = model.config.hidden_size
+    assert stats[attn.name].xtx.shape == (hidden, hidden)
+    torch.testing.assert_close(stats[attn.name].xtx, plain[q.name].xtx)
+    torch.testing.assert_close(stats[attn.name].xtx, plain[k.name].xtx)

@@ -72,6 +72,8 @@ def test_the_sequential_statistics_are_the_largest_input_gram():
     assert estimate().statistics == INTERMEDIATE**2 * FLOAT64
     ffn = estimate(method="ffn-neurons", targets="ffn")
     assert ffn.statistics == INTERMEDIATE**2 * FLOAT64  # an ffn target's input: down's
+    attn = estimate(method="attn-dims", targets="attn")
+    assert attn.statistics == HIDDEN**2 * FLOAT64  # an attn target's input: the hidden states
     # the independent pipeline holds every target's X^T X at once
     independent = estimate(pipeline="independent")
     assert independent.statistics == 4 * (INTERMEDIATE**2 + 3 * HIDDEN**2) * FLOAT64

@@ -47,7 +47,7 @@ from aecompress.models import (
 )
 from aecompress.numerics import all_finite
 from aecompress.progress import progress_bar
-from aecompress.targets import Target, dense_weight, weight_matrix
+from aecompress.targets import STRUCTURED_PARTS, Target, dense_weight, weight_matrix
 
 ACTIVATION_STATISTICS = frozenset({"xtx", "abs_mean", "counts"})
 GRADIENT_STATISTICS = frozenset({"fisher", "l1", "out_fisher"})
@@ -472,7 +472,7 @@ def _mapping(value: object, kind: type) -> bool:
 def _shapes(model: nn.Module, target: Target) -> dict[str, tuple[int, ...]]:
     """The shape of each statistic of a target whose matrix is [rows, cols]."""
     rows, cols = weight_matrix(model, target).shape
-    if target.kind == "ffn":  # measured at the down projection: [hidden, intermediate]
+    if target.kind in STRUCTURED_PARTS:  # measured at its path: ffn at down, attn at q
         rows, cols = dense_weight(model.get_submodule(target.path), "linear").shape
     return {
         "xtx": (cols, cols),

@@ -94,8 +94,9 @@ def compress(
     targets: Annotated[
         str | None,
         typer.Option(
-            help="families embed,q,k,v,o,up,gate,down or re:REGEX (default: the "
-            "recommended ones, or a FAMILIES=METHOD rule's)"
+            help="families embed,q,k,v,o,up,gate,down (ffn, attn: a layer's whole MLP or "
+            "attention, for ffn-neurons, attn-dims) or re:REGEX (default: the recommended "
+            "ones, or a FAMILIES=METHOD rule's)"
         ),
     ] = None,
     group: Annotated[

@@ -21,7 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from aecompress.budget import stored_bits, stored_numel
 from aecompress.methods import Method, Stored
 from aecompress.substitution import inject, restore
-from aecompress.targets import Group, Target, ffn_path
+from aecompress.targets import STRUCTURED_PARTS, Group, Target, structured_path
 
 
 @dataclass
@@ -124,9 +124,9 @@ class CompressedModel:
 
 def member_path(target: Target) -> str:
     """Path of the module that serves a target (a fused target's part lives inside; an
-    ffn target is served by its whole MLP)."""
-    if target.kind == "ffn":
-        return ffn_path(target)
+    structured target is served by its whole block: MLP or attention)."""
+    if target.kind in STRUCTURED_PARTS:
+        return structured_path(target)
     return target.path if target.part is None else f"{target.path}.parts.{target.part[0]}"
 
 

@@ -45,14 +45,20 @@ from aecompress.errors import AecompressError
 from aecompress.pipeline.plan import PlannedGroup, plan_groups
 from aecompress.pipeline.sequential import Stage, compensates, passes, plan_stages
 from aecompress.recipe import Recipe
-from aecompress.targets import FAMILIES, Target, ffn_matrices, transformer_blocks, weight_matrix
+from aecompress.targets import (
+    FAMILIES,
+    Target,
+    structured_matrices,
+    transformer_blocks,
+    weight_matrix,
+)
 
 GIB = 2**30
 FLOAT32, FLOAT64 = 4, 8
 RUNTIME_BYTES = int(0.45 * GIB)  # calibrated: see benchmarks/results/scale.md
 MATRIX_COPIES = 3  # float32 copies of a group's matrices while it is fitted (calibrated)
 HIDDEN_COPIES = 4  # hidden-size activations of a block per token (residual, norms, ...)
-SHARED_INPUT = {"k": "q", "v": "q", "gate": "up"}  # families that read another's input
+SHARED_INPUT = {"k": "q", "v": "q", "attn": "q", "gate": "up"}  # families that read another's input
 ESCAPE_OPTION = "--ignore-memory-estimate"
 
 
@@ -215,7 +221,7 @@ def _input_width(model: nn.Module, target: Target) -> int:
     """Columns of the target's X^T X: its module's input features (an ffn target's: the
     down projection's, the intermediate activations)."""
     if target.kind == "ffn":
-        return ffn_matrices(model, target)[2].shape[1]
+        return structured_matrices(model, target)[2].shape[1]
     return weight_matrix(model, target).shape[1]
 
 

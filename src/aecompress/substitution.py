@@ -19,7 +19,7 @@ from transformers import PreTrainedModel
 
 from aecompress.methods import Method, Stored
 from aecompress.modules import FusedLinear, dense_embedding, dense_linear, plain_linear
-from aecompress.targets import Group, Target, dense_weight, ffn_path
+from aecompress.targets import STRUCTURED_PARTS, Group, Target, dense_weight, structured_path
 
 # How members are served: the method's runtime module, decoded once into a dense weight,
 # rebuilt from the stored tensors on every call (differentiable: refinement trains them),
@@ -150,7 +150,7 @@ def place(model: nn.Module, target: Target, build: Callable[[nn.Module], nn.Modu
 def restore(model: nn.Module, target: Target) -> None:
     """Undo `place` for a decoded target: its path holds a module of the base model's own
     class and layout again (a fused module made whole, a Conv1D transposed back)."""
-    if target.kind == "ffn":  # its MLP already is the base class's, with smaller matrices
+    if target.kind in STRUCTURED_PARTS:  # its block already has the base's own matrices
         return
     module = model.get_submodule(target.path)
     if isinstance(module, FusedLinear):
@@ -178,8 +178,8 @@ def inject(
     for index, target in enumerate(group.members):
         if only is not None and index not in only:
             continue
-        if target.kind == "ffn":  # the whole MLP, whatever the serving: a smaller one
-            path = ffn_path(target)
+        if target.kind in STRUCTURED_PARTS:  # the whole block, whatever the serving: smaller
+            path = structured_path(target)
             model.set_submodule(path, method.structured(stored, index, model.get_submodule(path)))
             continue
         kind = "embedding" if target.kind == "embedding" else "linear"

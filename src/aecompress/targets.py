@@ -22,12 +22,18 @@ from aecompress.modules import FusedLinear
 
 logger = logging.getLogger(__name__)
 
-FAMILIES = ("embed", "q", "k", "v", "o", "up", "gate", "down", "ffn")
-# An `ffn` target is a gated MLP's up, gate and down of one layer taken together (structured
-# methods remove whole intermediate neurons): its path is the down projection's (whose
-# input, the intermediate activations, is what calibration measures), its matrix the
-# [3 * intermediate, hidden] stack of up, gate and down transposed (ffn_matrices).
+FAMILIES = ("embed", "q", "k", "v", "o", "up", "gate", "down", "ffn", "attn")
+# Structured targets take a block's matrices of one layer together (structured methods
+# remove whole neurons or head dimensions); their matrix stacks the block's matrices, the
+# last transposed (structured_matrices), and their path is the module whose input
+# calibration measures:
+# - `ffn`: a gated MLP's up, gate and down, [3 * intermediate, hidden]; its path is the
+#   down projection's (its input: the intermediate activations);
+# - `attn`: a Llama-style attention's q, k, v and o, [(2 * heads + 2 * kv_heads) *
+#   head_dim, hidden]; its path is q_proj's (its input: the hidden states entering q, k, v).
 FFN_PARTS = ("up_proj", "gate_proj", "down_proj")
+ATTN_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj")
+STRUCTURED_PARTS = {"ffn": FFN_PARTS, "attn": ATTN_PARTS}  # kind -> the block's matrices
 CUSTOM_PREFIX = "re:"
 CUSTOM_FAMILY = "custom"  # family of the matrices a `re:REGEX` target selects
 _LAYER = r"(?P<layer>\d+)"
@@ -73,6 +79,7 @@ _LLAMA = Architecture(
                 ("gate", "mlp", "gate_proj"),
                 ("down", "mlp", "down_proj"),
                 ("ffn", "mlp", "down_proj"),
+                ("attn", "self_attn", "q_proj"),
             )
         },
     }
@@ -122,7 +129,7 @@ class Target:
     path: str
     family: str
     layer: int | None
-    kind: str  # "linear", "conv1d", "embedding" or "ffn" (see FFN_PARTS)
+    kind: str  # "linear", "conv1d", "embedding", "ffn" or "attn" (see STRUCTURED_PARTS)
     part: tuple[int, int] | None = None  # (index, count) of a fused module's output slice
 
     @property
@@ -139,12 +146,12 @@ class Group:
     members: tuple[Target, ...]
 
 
-SpecKind = Literal["linear", "embedding", "ffn"]
+SpecKind = Literal["linear", "embedding", "ffn", "attn"]
 
 
 def spec_kind(target: Target) -> SpecKind:
-    """How a method sees the target: an embedding, an ffn stack, or a linear matrix."""
-    if target.kind in ("embedding", "ffn"):
+    """How a method sees the target: an embedding, a structured stack, or a linear matrix."""
+    if target.kind == "embedding" or target.kind in STRUCTURED_PARTS:
         return cast(SpecKind, target.kind)
     return "linear"
 
@@ -170,30 +177,33 @@ def dense_weight(module: nn.Module, kind: str) -> torch.Tensor:
     return weight.T if kind == "conv1d" else weight
 
 
-def ffn_path(target: Target) -> str:
-    """The MLP module of an `ffn` target (the parent of its down projection)."""
+def structured_path(target: Target) -> str:
+    """The block module of a structured target (its MLP or attention: the parent of the
+    module at its path)."""
     return target.path.rpartition(".")[0]
 
 
 def covered_names(target: Target) -> list[str]:
-    """Names of the matrices a target compresses (an ffn target: its up, gate and down)."""
-    if target.kind == "ffn":
-        return [f"{ffn_path(target)}.{name}" for name in FFN_PARTS]
+    """Names of the matrices a target compresses (a structured target: its block's)."""
+    if target.kind in STRUCTURED_PARTS:
+        return [f"{structured_path(target)}.{name}" for name in STRUCTURED_PARTS[target.kind]]
     return [target.name]
 
 
-def ffn_matrices(model: nn.Module, target: Target) -> tuple[torch.Tensor, ...]:
-    """An `ffn` target's up [I, H], gate [I, H] and down [H, I] weights."""
-    mlp = model.get_submodule(ffn_path(target))
-    return tuple(getattr(mlp, name).weight.detach() for name in FFN_PARTS)
+def structured_matrices(model: nn.Module, target: Target) -> tuple[torch.Tensor, ...]:
+    """A structured target's weights in its STRUCTURED_PARTS order: an ffn's up [I, H],
+    gate [I, H] and down [H, I]; an attention's q, k, v [heads * head_dim, H] and o."""
+    block = model.get_submodule(structured_path(target))
+    return tuple(getattr(block, name).weight.detach() for name in STRUCTURED_PARTS[target.kind])
 
 
 def weight_matrix(model: nn.Module, target: Target) -> torch.Tensor:
-    """The target's weight in [out, in] layout (a view or a copy; never modified); an
-    `ffn` target's [up; gate; down^T] stack, [3 * intermediate, hidden]."""
-    if target.kind == "ffn":
-        up, gate, down = ffn_matrices(model, target)
-        return torch.cat([up, gate, down.T])
+    """The target's weight in [out, in] layout (a view or a copy; never modified); a
+    structured target's stack with its last matrix transposed: an ffn's [up; gate; down^T]
+    [3 * intermediate, hidden], an attention's [q; k; v; o^T]."""
+    if target.kind in STRUCTURED_PARTS:
+        *first, last = structured_matrices(model, target)
+        return torch.cat([*first, last.T])
     module = model.get_submodule(target.path)
     if isinstance(module, FusedLinear) and target.part is not None:  # already split
         return dense_weight(module.parts[target.part[0]], "linear")
@@ -234,7 +244,9 @@ def _family_targets(model: nn.Module, arch: Architecture, family: str) -> list[T
         match = _match(pattern, path)
         if match:
             part = (index, count) if count else None
-            kind = "ffn" if family == "ffn" else module_kind(module)
+            kind = family if family in STRUCTURED_PARTS else module_kind(module)
+            if kind == "attn":
+                check_attention(model, path.rpartition(".")[0])
             found.append(Target(path, family, _layer_of(match), kind, part))
     return found
 
@@ -293,10 +305,10 @@ def resolve_targets(model: PreTrainedModel, families: list[str]) -> list[Target]
 def _choose(
     chosen: dict[int, list[tuple[Target, str]]], model: nn.Module, target: Target, by: str
 ) -> None:
-    """Record that `by` selects `target`, refusing a matrix (or part) selected before (an
-    `ffn` target selects its up, gate and down)."""
-    if target.kind == "ffn":
-        weights: list[object] = list(model.get_submodule(ffn_path(target)).parameters())
+    """Record that `by` selects `target`, refusing a matrix (or part) selected before (a
+    structured target selects its block's matrices)."""
+    if target.kind in STRUCTURED_PARTS:
+        weights: list[object] = list(model.get_submodule(structured_path(target)).parameters())
     else:
         weights = [model.get_submodule(target.path).weight]
     for weight in weights:
@@ -402,6 +414,43 @@ def head_dim(model: PreTrainedModel) -> int | None:
     if isinstance(hidden, int) and isinstance(heads, int) and heads > 0:
         return hidden // heads
     return None
+
+
+def kv_heads(model: nn.Module) -> int | None:
+    """The number of key / value heads of the model's attention (None when it names none)."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    heads = getattr(config, "num_key_value_heads", None)
+    heads = heads if isinstance(heads, int) else getattr(config, "num_attention_heads", None)
+    return heads if isinstance(heads, int) else None
+
+
+def check_attention(model: nn.Module, path: str) -> None:
+    """Refuse, in one line, an attention at `path` that is not Llama's layout (q, k, v, o
+    without biases, one head_dim, RoPE over all of it, no q / k norms): an `attn` target
+    removes rotary pairs of head dimensions and must know where they are."""
+    attention = model.get_submodule(path)
+    config = getattr(model, "config", None)
+    rope = getattr(config, "rope_parameters", None) or {}
+    problem = ""
+    if not all(isinstance(getattr(attention, n, None), nn.Linear) for n in ATTN_PARTS):
+        problem = "it has no q_proj, k_proj, v_proj and o_proj Linear modules"
+    elif any(getattr(attention, n).bias is not None for n in ATTN_PARTS):
+        problem = "its projections have biases"
+    elif any(hasattr(attention, n) for n in ("q_norm", "k_norm", "qk_norm")):
+        problem = "it normalises queries and keys (q_norm / k_norm)"
+    elif not isinstance(size := getattr(attention, "head_dim", None), int) or size % 2:
+        problem = "it has no even head_dim"
+    elif not isinstance(getattr(attention, "scaling", None), float):
+        problem = "it has no softmax scaling attribute"
+    elif isinstance(rope, dict) and rope.get("partial_rotary_factor", 1.0) != 1.0:
+        problem = "its RoPE rotates part of each head only (partial_rotary_factor)"
+    if problem:
+        raise AecompressError(
+            f"{path}: --targets attn needs a Llama-style attention (q, k, v, o without "
+            f"biases, RoPE over the whole head, no q/k norms): {problem}"
+        )
 
 
 def transformer_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:

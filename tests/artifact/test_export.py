@@ -9,7 +9,9 @@ import transformers
 
 import aecompress
 from aecompress.artifact import MANIFEST, read_manifest
+from aecompress.artifact.export import pruned_attention
 from aecompress.errors import AecompressError
+from aecompress.methods.pruning import pack_bits
 from tests.artifact.conftest import IDS, plain_logits
 from tests.conftest import FAMILIES, compressed_tiny, tiny_model
 
@@ -44,6 +46,65 @@ def test_export_dense_refuses_a_folder_with_content(tokenizer, tmp_path):
     cm.save_pretrained(tmp_path / "art")
     with pytest.raises(AecompressError, match="exists and is not an empty folder"):
         aecompress.export_dense(tmp_path / "art", tmp_path / "art")
+
+
+def pruned_attention_artifact(tokenizer, path, pairs: str = "low", method: str = "attn-dims"):
+    """A tiny Llama whose attentions all keep the same rotary pairs (attn-dims), with its
+    MLPs pruned too when `method` says so; returns the kept head dims."""
+    cm = compressed_tiny(
+        tokenizer,
+        "llama",
+        method=method,
+        ratio=1.5,
+        targets=["attn"],
+        options={"attn-dims": {"pairs": pairs}} if "=" in method else {"pairs": pairs},
+        calibration={"samples": 8, "seq_len": 32, "batch_size": 4},
+        storage_dtype="float32",
+    )
+    cm.save_pretrained(path)
+    return {g.stored.width for g in cm.groups if g.group.family == "attn"}
+
+
+@pytest.mark.parametrize(
+    ("pairs", "method"),
+    [("low", "attn-dims"), ("high", "attn-dims"), ("low", "attn=attn-dims;ffn=ffn-neurons")],
+)
+def test_export_dense_of_pruned_attentions_is_a_smaller_plain_model(
+    tokenizer, tmp_path, pairs, method
+):
+    (width,) = pruned_attention_artifact(tokenizer, tmp_path / "art", pairs, method)
+    aecompress.export_dense(tmp_path / "art", tmp_path / "plain")
+    config = transformers.AutoConfig.from_pretrained(tmp_path / "plain")
+    original = tiny_model("llama").config
+    assert config.head_dim == width < original.head_dim
+    if "ffn" in method:
+        assert config.intermediate_size < original.intermediate_size
+    rope = config.rope_parameters
+    assert rope["rope_type"] == ("linear" if pairs == "low" else "default")
+    expected = aecompress.load(tmp_path / "art")(input_ids=torch.tensor(IDS)).logits
+    logits = plain_logits(tmp_path / "plain", "LlamaForCausalLM")
+    torch.testing.assert_close(logits, expected.flatten(), rtol=1e-4, atol=1e-5)
+
+
+def test_export_dense_refuses_attentions_of_different_widths(tokenizer, tmp_path):
+    pruned_attention_artifact(tokenizer, tmp_path / "art")
+    manifest_path = tmp_path / "art" / MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    manifest["groups"][1]["width"] -= 2
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(AecompressError, match=r"different head dims.*pairs=low or pairs=high"):
+        aecompress.export_dense(tmp_path / "art", tmp_path / "plain")
+    assert not (tmp_path / "plain").exists()
+
+
+def test_attentions_keeping_other_pairs_have_no_plain_config(tokenizer, tmp_path):
+    pruned_attention_artifact(tokenizer, tmp_path / "art")
+    cm = aecompress.load_compressed(tmp_path / "art", decode=True)
+    member = cm.groups[1].stored.members[0]
+    member["kept"] = pack_bits(torch.tensor([True, False, False, True]))  # pairs 0 and 3
+    with pytest.raises(AecompressError, match=r"different rotary pairs.*pairs=low or pairs=high"):
+        pruned_attention(cm.model, cm, tmp_path / "art")
+    assert cm.model.config.head_dim == tiny_model("llama").config.head_dim  # left alone
 
 
 def test_a_folder_linked_out_of_an_artifact_is_refused(sentence_artifact, tmp_path):

@@ -24,7 +24,7 @@ from tests.methods.helpers import tiny_llama
 CALIBRATION = {"samples": 4, "seq_len": 32, "batch_size": 4}
 METHOD_NAMES = sorted(METHODS)  # every registered method: a new one is tested here as is
 # Methods that fit only a kind of target of their own (whole structures): their targets.
-OWN_TARGETS = {"ffn-neurons": "ffn"}
+OWN_TARGETS = {"ffn-neurons": "ffn", "attn-dims": "attn"}
 
 
 def quick(name: str) -> dict[str, Any]:

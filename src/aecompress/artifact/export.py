@@ -11,7 +11,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from aecompress.artifact.compressed_tensors import (
     check_exportable,
@@ -25,6 +27,8 @@ from aecompress.artifact.save import untouched_state
 from aecompress.budget import STORAGE_DTYPES
 from aecompress.compressed import CompressedModel
 from aecompress.errors import AecompressError
+from aecompress.methods.attention import AttnDimsLayout
+from aecompress.methods.pruning import unpack_bits
 from aecompress.outputs import check_new_folder
 from aecompress.tensorfile import write_safetensors
 
@@ -32,36 +36,121 @@ from aecompress.tensorfile import write_safetensors
 def export_dense(artifact: str | Path, output: str | Path) -> Path:
     """Write the artifact's model as a plain transformers folder: every matrix decoded into
     an fp32 dense weight (safetensors), the base's config and tokenizer. It loads with
-    `AutoModel*.from_pretrained(output)` without aecompress; `output` must be new or empty."""
+    `AutoModel*.from_pretrained(output)` without aecompress; `output` must be new or empty.
+    Pruned MLPs (ffn-neurons) and attentions (attn-dims) are written at their smaller
+    sizes, with the config that builds them (pruned_intermediate_size, pruned_attention)."""
     output = check_new_folder(Path(output))
     intermediate = pruned_intermediate_size(artifact)
+    head = pruned_head_dim(artifact)
     cm = load_compressed(artifact, decode=True)
     model = cm.merge_and_unload()
     if intermediate is not None:  # the MLPs are the smaller ones: say so in the config
         model.config.intermediate_size = intermediate
+    if head is not None:
+        pruned_attention(model, cm, Path(artifact))
     with _export_folder(output, cm, Path(artifact)) as work:
         model.save_pretrained(work)
     return output
+
+
+def _uniform_layers(artifact: str | Path, kind: str) -> tuple[int, bool] | None:
+    """(the width, whether it is one width on every layer) of the artifact's groups of
+    `kind`; None when it has none."""
+    manifest = load_manifest(artifact)
+    pruned = [e for e in manifest.groups if e.members[0].kind == kind]
+    if not pruned:
+        return None
+    layers = {m.layer for e in pruned for m in e.members}
+    widths = {w for e in pruned for w in ([e.width] if isinstance(e.width, int) else e.width)}
+    config = json.loads((Path(artifact) / "config.json").read_text())
+    uniform = len(widths) == 1 and layers == set(range(config.get("num_hidden_layers", -1)))
+    return min(widths), uniform
 
 
 def pruned_intermediate_size(artifact: str | Path) -> int | None:
     """The one intermediate size of an artifact whose MLPs (`ffn` targets) all keep the
     same number of neurons; None without ffn groups; refused when some layers' MLPs are
     not pruned or keep different numbers (a plain config has one intermediate_size)."""
-    manifest = load_manifest(artifact)
-    pruned = [e for e in manifest.groups if e.members[0].kind == "ffn"]
-    if not pruned:
+    found = _uniform_layers(artifact, "ffn")
+    if found is None:
         return None
-    layers = {m.layer for e in pruned for m in e.members}
-    widths = {w for e in pruned for w in ([e.width] if isinstance(e.width, int) else e.width)}
-    config = json.loads((Path(artifact) / "config.json").read_text())
-    if len(widths) > 1 or layers != set(range(config.get("num_hidden_layers", -1))):
+    if not found[1]:
         raise AecompressError(
             f"{artifact}: its MLPs keep different numbers of neurons (or some layers are not "
             "pruned), and a plain config has one intermediate_size: compress with --targets "
             "ffn on every layer at one --ratio, without --allocate, for uniform widths"
         )
-    return widths.pop()
+    return found[0]
+
+
+ATTENTION_EXPORT = (
+    "a plain config has one head_dim and one RoPE: compress with --targets attn on every "
+    "layer at one --ratio, without --allocate, with --option pairs=low or pairs=high (one "
+    "window of rotary pairs)"
+)
+
+
+def pruned_head_dim(artifact: str | Path) -> int | None:
+    """The one kept head dim of an artifact whose attentions (`attn` targets) all keep the
+    same number of dims; None without attn groups; refused otherwise."""
+    found = _uniform_layers(artifact, "attn")
+    if found is None:
+        return None
+    if not found[1]:
+        raise AecompressError(
+            f"{artifact}: its attentions keep different head dims (or some layers are not "
+            f"pruned), and {ATTENTION_EXPORT}"
+        )
+    return found[0]
+
+
+def pruned_attention(model: PreTrainedModel, cm: CompressedModel, artifact: Path) -> None:
+    """Make the decoded `model`'s attentions (attn-dims: head_dim d' of D, the same rotary
+    pairs [a, a + d'/2) kept in every layer) a plain config's: head_dim d', and RoPE
+    parameters giving exactly the kept frequencies. The original inv_freq_j = theta^(-2j/D);
+    the kept j = a + i, i < d'/2, are theta'^(-2i/d') * theta^(-2a/D) with theta' =
+    theta^(d'/D): rope_theta theta' and, for a > 0, rope_type "linear" (inv_freq divided
+    by `factor`) with factor theta^(2a/D) (times a linear model's own factor). transformers'
+    Llama scales the logits by head_dim^-0.5 with no config field for it, so the original
+    D^-0.5 is kept by folding sqrt(d'/D) into q's rows. Refused (nothing written) when the
+    layers keep different pairs, pairs that are no window, or the RoPE is not default or
+    linear."""
+    windows = set()
+    for fitted in (g for g in cm.groups if g.group.members[0].kind == "attn"):
+        layout = fitted.stored.layout
+        assert isinstance(layout, AttnDimsLayout)
+        for member in fitted.stored.members:
+            mask = unpack_bits(member["kept"], layout.head_dim // 2)
+            pairs = tuple(torch.nonzero(mask).flatten().tolist())
+            windows.add((pairs, layout.head_dim))
+    (pairs, size), *others = windows
+    start = pairs[0]
+    if others or pairs != tuple(range(start, start + len(pairs))):
+        raise AecompressError(
+            f"{artifact}: its attentions keep different rotary pairs (or not one window of "
+            f"them), and {ATTENTION_EXPORT}"
+        )
+    config = model.config
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    kind = rope.get("rope_type", "default")
+    if kind not in ("default", "linear") or "rope_theta" not in rope:
+        raise AecompressError(
+            f"{artifact}: RoPE of type '{kind}' has no plain config for a subset of its "
+            "frequencies: export --dense takes default or linear RoPE"
+        )
+    width, theta = 2 * len(pairs), float(rope["rope_theta"])
+    factor = float(rope.get("factor", 1.0)) * theta ** (2 * start / size)
+    rope["rope_theta"] = theta ** (width / size)
+    if factor != 1.0:
+        rope.update(rope_type="linear", factor=factor)
+    config.rope_parameters = rope
+    config.head_dim = width
+    scale = (width / size) ** 0.5
+    with torch.no_grad():
+        for fitted in (g for g in cm.groups if g.group.members[0].kind == "attn"):
+            for target in fitted.group.members:
+                q_proj = model.get_submodule(target.path)
+                q_proj.weight = nn.Parameter(q_proj.weight * scale, requires_grad=False)
 
 
 def export_compressed_tensors(artifact: str | Path, output: str | Path) -> Path:

@@ -32,9 +32,11 @@ from aecompress.streaming import loaded_bytes
 from aecompress.substitution import Serving, inject
 from aecompress.targets import (
     CUSTOM_FAMILY,
+    STRUCTURED_PARTS,
     Group,
     Target,
     head_dim,
+    kv_heads,
     module_kind,
     resolve_targets,
     spec_kind,
@@ -250,6 +252,7 @@ def _group_spec(entry: GroupEntry, model: PreTrainedModel, storage_dtype: str) -
         head_dim(model),
         storage_dtype,
         quantized.stage if quantized else None,
+        kv_heads(model),
     )
 
 
@@ -271,8 +274,8 @@ def _check_member(entry: GroupEntry, target: Target, model: PreTrainedModel) -> 
     try:
         module = model.get_submodule(target.path)
         kind = (
-            "ffn"
-            if target.kind == "ffn" and module_kind(module) == "linear"
+            target.kind
+            if target.kind in STRUCTURED_PARTS and module_kind(module) == "linear"
             else module_kind(module)
         )
         shape = tuple(weight_matrix(model, target).shape)

@@ -31,7 +31,7 @@ class _Strict(BaseModel):
 class MemberEntry(_Strict):
     path: str = Field(pattern=r"^[A-Za-z0-9_.]+$")
     layer: int | None
-    kind: Literal["linear", "conv1d", "embedding", "ffn"]
+    kind: Literal["linear", "conv1d", "embedding", "ffn", "attn"]
     part: tuple[int, int] | None
 
 

@@ -60,22 +60,24 @@ class GroupSpec:
     """What a method fits: `count` matrices of [rows, cols] of one family, stacked row-wise.
 
     `kind` says how the matrices are used (an embedding's rows are looked up by token; an
-    ffn member is a gated MLP's [up; gate; down^T], targets.FFN_PARTS),
+    ffn member is a gated MLP's [up; gate; down^T], an attn member an attention's
+    [q; k; v; o^T], targets.STRUCTURED_PARTS),
     `head_dim` is the model's attention head size (None when the model has none),
     `storage_dtype` the dtype of the artifact's floating tensors (float_bits: its width),
     `quantize` the quantization stage of its matrix-shaped stored tensors (stage.py; None:
-    floats).
+    floats), `kv_heads` the model's number of key / value heads (None: it has none).
     """
 
     name: str
     family: str
-    kind: Literal["linear", "embedding", "ffn"]
+    kind: Literal["linear", "embedding", "ffn", "attn"]
     count: int
     rows: int
     cols: int
     head_dim: int | None = None
     storage_dtype: str = "float32"
     quantize: QuantStage | None = None
+    kv_heads: int | None = None
 
     @property
     def float_bits(self) -> int:

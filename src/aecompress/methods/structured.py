@@ -64,6 +64,14 @@ class FfnNeuronsLayout(MethodLayout):
     intermediate: int
 
 
+def shared_linear(weight: torch.Tensor) -> nn.Linear:
+    """An nn.Linear without bias whose weight is `weight` itself (a stored parameter, or
+    wrapped as a frozen one): the serving module shares what is saved and trained."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    linear.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, False)
+    return linear
+
+
 def split_ffn(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """An ffn member [3I, H] as up [I, H], gate [I, H], down [H, I]."""
     up, gate, down_t = matrix.chunk(3)
@@ -166,12 +174,7 @@ class FfnNeurons(Method):
         smaller = copy.copy(original)
         smaller._modules = dict(original._modules)
         for name, key in zip(FFN_PARTS, ("up", "gate", "down"), strict=True):
-            weight = member[key]
-            linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
-            linear.weight = (
-                weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, False)
-            )
-            setattr(smaller, name, linear)
+            setattr(smaller, name, shared_linear(member[key]))
         if hasattr(smaller, "intermediate_size"):
             smaller.__dict__["intermediate_size"] = member["up"].shape[0]
         return smaller

@@ -18,7 +18,8 @@ removed neurons' columns zero, on the intermediate activations whose Gram calibr
 measures there; its candidates are kept-neuron counts, linear and ffn groups compete for
 one budget. The candidates minimising the
 summed score within the total budget are chosen by a Lagrangian sweep, the leftover filled
-greedily. Embedding groups keep the uniform ratio. A method whose fits are slow (the AE)
+greedily. Embedding and attn groups (attn-dims: no score through attention yet) keep the
+uniform ratio. A method whose fits are slow (the AE)
 is scored through its cheaper starting point (Method.allocation_proxy).
 """
 
@@ -53,7 +54,7 @@ class Option:
     score: float
 
 
-ALLOCATED_KINDS = ("linear", "ffn")  # embedding groups keep the uniform ratio
+ALLOCATED_KINDS = ("linear", "ffn")  # embedding and attn groups keep the uniform ratio
 
 
 def scored_matrix(kind: str, matrix: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ from aecompress.targets import (
     covered_names,
     group_targets,
     head_dim,
+    kv_heads,
     resolve_targets,
     spec_kind,
     weight_matrix,
@@ -64,6 +65,7 @@ def group_spec(
         head,
         dtype,
         quantize,
+        kv_heads(model),
     )
 
 

@@ -292,10 +292,10 @@ def fit_position(
                 stats.fisher, stats.l1 = gradients[target.name].fisher, gradients[target.name].l1
             statistics.append(stats)
             if compensates(plan) and config.target == "dense":
-                if plan.spec.kind == "ffn":
+                if plan.spec.kind in ("ffn", "attn"):
                     raise AecompressError(
                         f"{plan.group.name}: the dense sequential target is for linear "
-                        "layers; ffn targets refit down on the kept activations (target local)"
+                        f"layers; {plan.spec.kind} targets refit on their own (target local)"
                     )
                 matrices[index] = compensated(entry, matrices[index], config.damp)
         last_reader = _last_reader(plan, groups[position + 1 :], moments)
