@@ -158,15 +158,16 @@ def test_ffn_and_its_matrices_cannot_both_be_targets(tokenizer):
         )
 
 
-def test_a_method_that_keeps_matrices_is_refused_for_ffn_targets_when_planned(tokenizer):
-    with pytest.raises(
-        AecompressError, match=r"svd does not remove whole MLP neurons.*ffn-neurons"
-    ):
+@pytest.mark.parametrize("kind", ["ffn", "attn"])
+def test_a_method_that_keeps_matrices_is_refused_for_structured_targets_when_planned(
+    tokenizer, kind
+):
+    with pytest.raises(AecompressError, match=rf"svd does not .*--targets {kind} takes .*-"):
         aecompress.compress(
             tiny_llama(),
             tokenizer=tokenizer,
             method="svd",
             ratio=2,
-            targets=["ffn"],
+            targets=[kind],
             progress=False,
         )

@@ -332,7 +332,8 @@ class Method(ABC):
 
     @classmethod
     def serves_structured(cls) -> bool:
-        """Whether it fits structured groups (ffn targets), serving them with `structured`."""
+        """Whether it fits structured groups (ffn / attn targets), serving them with
+        `structured`."""
         return cls.structured is not Method.structured
 
     def structured(self, stored: Stored, index: int, original: nn.Module) -> nn.Module:

@@ -21,6 +21,7 @@ from aecompress.models import is_causal_lm
 from aecompress.numerics import all_finite
 from aecompress.recipe import Recipe
 from aecompress.targets import (
+    STRUCTURED_PARTS,
     Group,
     Target,
     covered_names,
@@ -105,13 +106,13 @@ def plan_groups(model: PreTrainedModel, recipe: Recipe) -> list[PlannedGroup]:
 
 
 def check_structured(method: Method, spec: GroupSpec) -> None:
-    """Refuse a structured target (an ffn: a whole MLP) for a method that does not remove
-    whole structures (before any calibration or fitting)."""
-    if spec.kind == "ffn" and not method.serves_structured():
+    """Refuse a structured target (ffn: a whole MLP, attn: a whole attention) for a method
+    that does not remove whole structures (before any calibration or fitting)."""
+    if spec.kind in STRUCTURED_PARTS and not method.serves_structured():
         names = ", ".join(name for name, kind in METHODS.items() if kind.serves_structured())
         raise AecompressError(
-            f"{spec.name}: {method.name} does not remove whole MLP neurons; --targets ffn "
-            f"takes {names} (or target up, gate, down as matrices)"
+            f"{spec.name}: {method.name} does not remove whole neurons or head dims; "
+            f"--targets {spec.kind} takes {names} (or target its matrices one by one)"
         )
 
 
