@@ -52,7 +52,6 @@ from aecompress.errors import AecompressError
 from aecompress.methods.base import (
     FitContext,
     GroupSpec,
-    Method,
     MethodLayout,
     MethodOptions,
     Stored,
@@ -61,7 +60,7 @@ from aecompress.methods.base import (
 )
 from aecompress.methods.linalg import whitening
 from aecompress.methods.pruning import BITS, pack_bits, unpack_bits, words
-from aecompress.methods.structured import shared_linear
+from aecompress.methods.structured import StructuredMethod, shared_linear
 from aecompress.targets import ATTN_PARTS
 
 STORED = ("q", "k", "v", "o")  # member tensors, in ATTN_PARTS order
@@ -182,7 +181,7 @@ def sliced_attention(cls: type[nn.Module]) -> type[nn.Module]:
 
 
 @register
-class AttnDims(Method):
+class AttnDims(StructuredMethod):
     """Keeps `width` dims of every attention head: rotary pairs of q / k, a whitened
     low-rank refit of v / o (module docstring)."""
 
@@ -190,18 +189,12 @@ class AttnDims(Method):
     Options = AttnDimsOptions
     options: AttnDimsOptions
     Layout = AttnDimsLayout
-
-    def statistics_needed(self) -> set[str]:
-        return {"xtx"}
+    kind = "attn"
+    removes = "head dims of whole attentions"
+    parts = "q, k, v and o"
 
     def check(self, spec: GroupSpec) -> None:
-        if spec.kind != "attn":
-            raise AecompressError(
-                f"{spec.name}: attn-dims removes head dims of whole attentions: use "
-                "--targets attn (q, k, v and o of each layer together)"
-            )
-        if spec.count > 1:
-            raise AecompressError(f"{spec.name}: attn-dims fits each layer alone: --group none")
+        super().check(spec)
         attention_shape(spec)
 
     def cost(self, width: Width, spec: GroupSpec) -> int:

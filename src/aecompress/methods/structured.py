@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
@@ -95,26 +95,39 @@ def refit_down(
     return torch.linalg.solve(inner, rhs).T.float()
 
 
+class StructuredMethod(Method):
+    """A method that removes whole structures of one `kind` of structured target (its
+    `removes`, of the block's `parts` fitted together), each layer alone, from the X^T X
+    of the block's inputs; served by `structured`."""
+
+    kind: ClassVar[str]
+    removes: ClassVar[str]
+    parts: ClassVar[str]
+
+    def statistics_needed(self) -> set[str]:
+        return {"xtx"}
+
+    def check(self, spec: GroupSpec) -> None:
+        if spec.kind != self.kind:
+            raise AecompressError(
+                f"{spec.name}: {self.name} removes {self.removes}: use --targets {self.kind} "
+                f"({self.parts} of each layer together)"
+            )
+        if spec.count > 1:
+            raise AecompressError(f"{spec.name}: {self.name} fits each layer alone: --group none")
+
+
 @register
-class FfnNeurons(Method):
+class FfnNeurons(StructuredMethod):
     """Keeps `width` intermediate neurons of each MLP and refits down (module docstring)."""
 
     name = "ffn-neurons"
     Options = FfnNeuronsOptions
     options: FfnNeuronsOptions
     Layout = FfnNeuronsLayout
-
-    def statistics_needed(self) -> set[str]:
-        return {"xtx"}
-
-    def check(self, spec: GroupSpec) -> None:
-        if spec.kind != "ffn":
-            raise AecompressError(
-                f"{spec.name}: ffn-neurons removes whole MLP neurons: use --targets ffn "
-                "(up, gate and down of each layer together)"
-            )
-        if spec.count > 1:
-            raise AecompressError(f"{spec.name}: ffn-neurons fits each layer alone: --group none")
+    kind = "ffn"
+    removes = "whole MLP neurons"
+    parts = "up, gate and down"
 
     def cost(self, width: Width, spec: GroupSpec) -> int:
         assert isinstance(width, int)
