@@ -86,17 +86,6 @@ def test_export_dense_of_pruned_attentions_is_a_smaller_plain_model(
     torch.testing.assert_close(logits, expected.flatten(), rtol=1e-4, atol=1e-5)
 
 
-def test_export_dense_refuses_attentions_of_different_widths(tokenizer, tmp_path):
-    pruned_attention_artifact(tokenizer, tmp_path / "art")
-    manifest_path = tmp_path / "art" / MANIFEST
-    manifest = json.loads(manifest_path.read_text())
-    manifest["groups"][1]["width"] -= 2
-    manifest_path.write_text(json.dumps(manifest))
-    with pytest.raises(AecompressError, match=r"different head dims.*pairs=low or pairs=high"):
-        aecompress.export_dense(tmp_path / "art", tmp_path / "plain")
-    assert not (tmp_path / "plain").exists()
-
-
 def test_attentions_keeping_other_pairs_have_no_plain_config(tokenizer, tmp_path):
     pruned_attention_artifact(tokenizer, tmp_path / "art")
     cm = aecompress.load_compressed(tmp_path / "art", decode=True)
@@ -144,12 +133,20 @@ def test_export_dense_of_pruned_mlps_is_a_smaller_plain_model(tokenizer, tmp_pat
     torch.testing.assert_close(logits, expected.flatten(), rtol=1e-4, atol=1e-5)
 
 
-def test_export_dense_refuses_mlps_of_different_widths(tokenizer, tmp_path):
-    pruned_mlps_artifact(tokenizer, tmp_path / "art")
+@pytest.mark.parametrize(
+    ("make", "step", "message"),
+    [
+        (pruned_mlps_artifact, 1, "uniform widths"),
+        (pruned_attention_artifact, 2, r"different head dims.*pairs=low or pairs=high"),
+    ],
+    ids=["mlps", "attentions"],
+)
+def test_export_dense_refuses_blocks_of_different_widths(tokenizer, tmp_path, make, step, message):
+    make(tokenizer, tmp_path / "art")
     manifest_path = tmp_path / "art" / MANIFEST
     manifest = json.loads(manifest_path.read_text())
-    manifest["groups"][1]["width"] -= 1
+    manifest["groups"][1]["width"] -= step
     manifest_path.write_text(json.dumps(manifest))
-    with pytest.raises(AecompressError, match="uniform widths"):
+    with pytest.raises(AecompressError, match=message):
         aecompress.export_dense(tmp_path / "art", tmp_path / "plain")
     assert not (tmp_path / "plain").exists()

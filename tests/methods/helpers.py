@@ -9,6 +9,7 @@ from typing import Any, Literal
 import torch
 import transformers
 
+import aecompress
 from aecompress.calibration import TargetStatistics
 from aecompress.methods import FitContext, GroupSpec, Method, Stored, make_method
 from aecompress.methods.stage import QuantStage
@@ -92,3 +93,21 @@ def correlated_inputs(cols: int, tokens: int = 400, seed: int = 0) -> torch.Tens
 
 def output_error(weight: torch.Tensor, estimate: torch.Tensor, x: torch.Tensor) -> float:
     return torch.linalg.matrix_norm((weight.double() - estimate.double()) @ x.T).item()
+
+
+STRUCTURED_CALIBRATION = {"samples": 8, "seq_len": 32, "batch_size": 4}
+
+
+def compress_structured(tokenizer, method: str, target: str, ratio: float = 1.5, **fields):
+    """A tiny Llama whose `target` blocks (ffn or attn) `method` compressed, float32 storage."""
+    return aecompress.compress(
+        tiny_llama(),
+        tokenizer=tokenizer,
+        method=method,
+        ratio=ratio,
+        targets=[target],
+        calibration=STRUCTURED_CALIBRATION,
+        storage_dtype="float32",
+        progress=False,
+        **fields,
+    )

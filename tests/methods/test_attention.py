@@ -15,9 +15,8 @@ from aecompress.methods.attention import split_attention
 from aecompress.methods.linalg import whitening
 from aecompress.methods.pruning import unpack_bits, words
 from aecompress.targets import ATTN_PARTS, resolve_targets
-from tests.methods.helpers import correlated_inputs, tiny_llama
+from tests.methods.helpers import compress_structured, correlated_inputs, tiny_llama
 
-CALIBRATION = {"samples": 8, "seq_len": 32, "batch_size": 4}
 HEADS, KV, SIZE, HIDDEN = 4, 2, 8, 32  # tiny_llama's attention
 ROWS = (2 * HEADS + 2 * KV) * SIZE
 
@@ -166,17 +165,7 @@ def test_other_targets_and_stacks_are_refused():
 
 
 def compress_attn(tokenizer, ratio: float = 1.5, **fields: object):
-    return aecompress.compress(
-        tiny_llama(),
-        tokenizer=tokenizer,
-        method="attn-dims",
-        ratio=ratio,
-        targets=["attn"],
-        calibration=CALIBRATION,
-        storage_dtype="float32",
-        progress=False,
-        **fields,
-    )
+    return compress_structured(tokenizer, "attn-dims", "attn", ratio, **fields)
 
 
 def test_a_compressed_attention_is_a_smaller_one_at_the_tightest_width(tokenizer):

@@ -11,9 +11,8 @@ from aecompress.errors import AecompressError
 from aecompress.methods import FitContext, GroupSpec, make_method
 from aecompress.methods.pruning import words
 from aecompress.methods.structured import split_ffn
-from tests.methods.helpers import tiny_llama
+from tests.methods.helpers import compress_structured, tiny_llama
 
-CALIBRATION = {"samples": 8, "seq_len": 32, "batch_size": 4}
 INTERMEDIATE, HIDDEN = 24, 8
 
 
@@ -99,17 +98,7 @@ def test_other_targets_are_refused():
 
 
 def compress_ffn(tokenizer, ratio: float = 1.5, **fields: object):
-    return aecompress.compress(
-        tiny_llama(),
-        tokenizer=tokenizer,
-        method="ffn-neurons",
-        ratio=ratio,
-        targets=["ffn"],
-        calibration=CALIBRATION,
-        storage_dtype="float32",
-        progress=False,
-        **fields,
-    )
+    return compress_structured(tokenizer, "ffn-neurons", "ffn", ratio, **fields)
 
 
 def test_a_compressed_mlp_is_a_smaller_mlp_at_the_tightest_width(tokenizer):
