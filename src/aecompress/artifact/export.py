@@ -53,9 +53,10 @@ def export_dense(artifact: str | Path, output: str | Path) -> Path:
     return output
 
 
-def _uniform_layers(artifact: str | Path, kind: str) -> tuple[int, bool] | None:
-    """(the width, whether it is one width on every layer) of the artifact's groups of
-    `kind`; None when it has none."""
+def _uniform_width(artifact: str | Path, kind: str, refusal: str) -> int | None:
+    """The one width of the artifact's groups of `kind` (structured targets), the same on
+    every layer; None when it has none; refused with `refusal` when some layers are not
+    compressed or keep other widths (a plain config has one size for all layers)."""
     manifest = load_manifest(artifact)
     pruned = [e for e in manifest.groups if e.members[0].kind == kind]
     if not pruned:
@@ -63,24 +64,21 @@ def _uniform_layers(artifact: str | Path, kind: str) -> tuple[int, bool] | None:
     layers = {m.layer for e in pruned for m in e.members}
     widths = {w for e in pruned for w in ([e.width] if isinstance(e.width, int) else e.width)}
     config = json.loads((Path(artifact) / "config.json").read_text())
-    uniform = len(widths) == 1 and layers == set(range(config.get("num_hidden_layers", -1)))
-    return min(widths), uniform
+    if len(widths) > 1 or layers != set(range(config.get("num_hidden_layers", -1))):
+        raise AecompressError(f"{artifact}: {refusal}")
+    return widths.pop()
 
 
 def pruned_intermediate_size(artifact: str | Path) -> int | None:
     """The one intermediate size of an artifact whose MLPs (`ffn` targets) all keep the
-    same number of neurons; None without ffn groups; refused when some layers' MLPs are
-    not pruned or keep different numbers (a plain config has one intermediate_size)."""
-    found = _uniform_layers(artifact, "ffn")
-    if found is None:
-        return None
-    if not found[1]:
-        raise AecompressError(
-            f"{artifact}: its MLPs keep different numbers of neurons (or some layers are not "
-            "pruned), and a plain config has one intermediate_size: compress with --targets "
-            "ffn on every layer at one --ratio, without --allocate, for uniform widths"
-        )
-    return found[0]
+    same number of neurons; None without ffn groups; refused otherwise."""
+    return _uniform_width(
+        artifact,
+        "ffn",
+        "its MLPs keep different numbers of neurons (or some layers are not pruned), and a "
+        "plain config has one intermediate_size: compress with --targets ffn on every layer "
+        "at one --ratio, without --allocate, for uniform widths",
+    )
 
 
 ATTENTION_EXPORT = (
@@ -93,15 +91,12 @@ ATTENTION_EXPORT = (
 def pruned_head_dim(artifact: str | Path) -> int | None:
     """The one kept head dim of an artifact whose attentions (`attn` targets) all keep the
     same number of dims; None without attn groups; refused otherwise."""
-    found = _uniform_layers(artifact, "attn")
-    if found is None:
-        return None
-    if not found[1]:
-        raise AecompressError(
-            f"{artifact}: its attentions keep different head dims (or some layers are not "
-            f"pruned), and {ATTENTION_EXPORT}"
-        )
-    return found[0]
+    return _uniform_width(
+        artifact,
+        "attn",
+        f"its attentions keep different head dims (or some layers are not pruned), and "
+        f"{ATTENTION_EXPORT}",
+    )
 
 
 def pruned_attention(model: PreTrainedModel, cm: CompressedModel, artifact: Path) -> None:
