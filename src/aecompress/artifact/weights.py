@@ -148,19 +148,17 @@ def read_weights(path: str | Path, manifest: Manifest) -> dict[str, torch.Tensor
     for weights in verify_weights(path, manifest):
         try:
             found = SafetensorsFiles(weights)
-            keys = found.keys()
+            for key in found:  # non-finite values: saving refuses them (file altered)
+                tensor = found.read(key)
+                if not all_finite(tensor):
+                    raise AecompressError(
+                        f"{weights}: the tensor {key} holds NaN or infinite values"
+                    )
+                if key in tensors:
+                    raise AecompressError(f"{weights}: the tensor {key} is in another file too")
+                tensors[key] = tensor
         except SafetensorsError as error:
             raise AecompressError(f"cannot read {weights}: {error}") from error
-        for key in keys:  # non-finite values: saving refuses them, such a file was altered
-            try:
-                tensor = found.read(key)
-            except SafetensorsError as error:
-                raise AecompressError(f"cannot read {weights}: {error}") from error
-            if not all_finite(tensor):
-                raise AecompressError(f"{weights}: the tensor {key} holds NaN or infinite values")
-            if key in tensors:
-                raise AecompressError(f"{weights}: the tensor {key} is in another file too")
-            tensors[key] = tensor
     return tensors
 
 
