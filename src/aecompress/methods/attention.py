@@ -199,9 +199,8 @@ class AttnDims(StructuredMethod):
 
     def cost(self, width: Width, spec: GroupSpec) -> int:
         assert isinstance(width, int)
-        size = spec.head_dim or 2
-        # q, k, v, o: heads + kv + kv + heads rows of width per D rows of the stack
-        numbers = width * spec.cols * (spec.rows // size)
+        size, heads, kv = attention_shape(spec)
+        numbers = width * spec.cols * (2 * heads + 2 * kv)  # q, k, v, o at head dim width
         return spec.count * (spec.floats(numbers) + BITS * words(size // 2))
 
     def max_width(self, spec: GroupSpec) -> int:

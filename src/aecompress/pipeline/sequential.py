@@ -82,7 +82,7 @@ from aecompress.progress import progress_bar
 from aecompress.recipe import RefineConfig, SequentialConfig
 from aecompress.streaming import BlockSource
 from aecompress.substitution import inject
-from aecompress.targets import Target, output_head_path, transformer_blocks
+from aecompress.targets import STRUCTURED_PARTS, Target, output_head_path, transformer_blocks
 
 
 def compensated(moments: InputMoments, weight: torch.Tensor, damp: float) -> torch.Tensor:
@@ -292,7 +292,7 @@ def fit_position(
                 stats.fisher, stats.l1 = gradients[target.name].fisher, gradients[target.name].l1
             statistics.append(stats)
             if compensates(plan) and config.target == "dense":
-                if plan.spec.kind in ("ffn", "attn"):
+                if plan.spec.kind in STRUCTURED_PARTS:
                     raise AecompressError(
                         f"{plan.group.name}: the dense sequential target is for linear "
                         f"layers; {plan.spec.kind} targets refit on their own (target local)"
