@@ -9,12 +9,17 @@ import torch
 
 import aecompress
 from aecompress.artifact.export import pruned_intermediate_size
-from aecompress.calibration import TargetStatistics
 from aecompress.errors import AecompressError
 from aecompress.methods import GroupSpec
 from aecompress.methods.stage import QuantStage
 from aecompress.models import LoadedModel
-from aecompress.pipeline.allocate import Option, candidate_specs, choose, predicted_increase
+from aecompress.pipeline.allocate import (
+    Option,
+    Sensitivity,
+    candidate_specs,
+    choose,
+    predicted_increase,
+)
 from aecompress.summary import describe_artifact
 from tests.conftest import make_tiny
 
@@ -61,9 +66,10 @@ def test_a_stage_is_tried_at_its_bits_and_one_bit_either_side(bits, tried):
 def test_predicted_increase_weighs_output_errors_by_the_loss_sensitivity():
     weight, estimate = torch.ones(2, 3), torch.zeros(2, 3)
     xtx = torch.eye(3, dtype=torch.float64) * 2
-    stats = [TargetStatistics(1, xtx=xtx, out_fisher=torch.tensor([1.0, 10.0]).double())]
+    weights = [Sensitivity(xtx, (torch.tensor([1.0, 10.0]).double(),))]
     # per output: error row [1,1,1] @ 2I @ row^T = 6; weighted 1*6 + 10*6
-    assert predicted_increase([weight], [estimate], stats) == pytest.approx(66.0)
+    spec = GroupSpec("up", "up", "linear", 1, 2, 3)
+    assert predicted_increase(spec, [weight], [estimate], weights) == pytest.approx(66.0)
 
 
 def test_an_ffn_group_is_scored_by_its_mlp_output_error():
@@ -79,10 +85,47 @@ def test_an_ffn_group_is_scored_by_its_mlp_output_error():
     up_hat[removed], gate_hat[removed], down_hat[:, removed] = 0, 0, 0
     weight, estimate = torch.cat([up, gate, down.T]), torch.cat([up_hat, gate_hat, down_hat.T])
     sensitivity = torch.tensor([1.0, 3.0, 0.5], dtype=torch.float64)
-    stats = [TargetStatistics(40, xtx=activations.T @ activations, out_fisher=sensitivity)]
+    weights = [Sensitivity(activations.T @ activations, (sensitivity,))]
     output_error = activations @ (down - down_hat).double().T  # [tokens, hidden]
     expected = float((output_error.square().sum(0) * sensitivity).sum())
-    assert predicted_increase([weight], [estimate], stats, "ffn") == pytest.approx(expected)
+    spec = GroupSpec("ffn", "ffn", "ffn", 1, 3 * intermediate, hidden)
+    assert predicted_increase(spec, [weight], [estimate], weights) == pytest.approx(expected)
+
+
+def test_an_attn_group_is_scored_by_its_dropped_logit_terms_and_value_output_error():
+    """attn-dims' estimate: q and k without a rotary pair, v / o refitted. The score is
+    the q_proj-weighted error of the dropped q dims (what dropping them from q and k
+    removes from the logits) plus the o_proj-weighted error of each head's output o_h v_g
+    x, every head attending to its own token."""
+    generator = torch.Generator().manual_seed(0)
+    hidden, size, heads, kv = 8, 4, 4, 2
+    inputs = torch.randn(30, hidden, generator=generator, dtype=torch.float64)
+    q = torch.randn(heads * size, hidden, generator=generator, dtype=torch.float64)
+    k, v = torch.randn(2, kv * size, hidden, generator=generator, dtype=torch.float64)
+    o = torch.randn(hidden, heads * size, generator=generator, dtype=torch.float64)
+    dropped = torch.tensor([1, 3])  # pair 1 of a head of 4 dims: dims 1 and 3
+    q_hat, k_hat = q.view(heads, size, -1).clone(), k.view(kv, size, -1).clone()
+    q_hat[:, dropped], k_hat[:, dropped] = 0, 0
+    v_hat, o_hat = v * 0.9, o * 1.1
+    weight = torch.cat([q, k, v, o.T])
+    estimate = torch.cat([q_hat.reshape_as(q), k_hat.reshape_as(k), v_hat, o_hat.T])
+    q_fisher = torch.rand(heads * size, generator=generator, dtype=torch.float64)
+    o_fisher = torch.rand(hidden, generator=generator, dtype=torch.float64)
+    logits_lost = (inputs @ (q - q_hat.reshape_as(q)).T).square().sum(0)
+    outputs = [
+        sum(
+            inputs @ v_[g * size : (g + 1) * size].T @ o_[:, h * size : (h + 1) * size].T
+            for h in range(heads)
+            for g in [h // (heads // kv)]
+        )
+        for v_, o_ in ((v, o), (v_hat, o_hat))
+    ]
+    expected = float((q_fisher * logits_lost).sum()) + float(
+        (o_fisher * (outputs[0] - outputs[1]).square().sum(0)).sum()
+    )
+    spec = GroupSpec("attn", "attn", "attn", 1, 2 * (heads + kv) * size, hidden, size, kv_heads=kv)
+    weights = [Sensitivity(inputs.T @ inputs, (q_fisher, o_fisher))]
+    assert predicted_increase(spec, [weight], [estimate], weights) == pytest.approx(expected)
 
 
 def tiny_llama(tokenizer) -> LoadedModel:
@@ -139,6 +182,30 @@ def test_sensitivity_allocation_gives_mlps_their_own_widths(tokenizer, tmp_path)
         )
     with pytest.raises(AecompressError, match="without --allocate"):
         pruned_intermediate_size(tmp_path / "art")
+
+
+def test_sensitivity_allocation_gives_attentions_their_own_head_dims(tokenizer):
+    """attn-dims under --allocate: the attention whose output weighs more (layer 0's o
+    scaled up) keeps more head dims, within the total budget, and is served at them."""
+    loaded = tiny_llama(tokenizer)
+    with torch.no_grad():
+        loaded.model.model.layers[0].self_attn.o_proj.weight.mul_(4)
+    cm = aecompress.compress(
+        loaded,
+        method="attn-dims",
+        ratio=1.5,
+        targets=["attn"],
+        allocate="sensitivity",
+        calibration=CALIBRATION,
+        progress=False,
+    )
+    totals = cm.totals()
+    assert totals["stored_bits"] <= totals["target_bits"] / 1.5
+    widths = [g.stored.width for g in cm.groups]
+    assert widths[0] > widths[1]
+    for fitted, width in zip(cm.groups, widths, strict=True):
+        attention = cm.model.model.layers[fitted.group.members[0].layer].self_attn
+        assert attention.head_dim == width
 
 
 def code_bits(layout) -> int:

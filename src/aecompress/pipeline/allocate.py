@@ -11,15 +11,25 @@ fit is scored by the loss increase it predicts,
 
 with H = X^T X of the layer's calibration inputs and s_i the summed squared gradient of
 the LM loss with respect to output i (a Gauss-Newton estimate: an output error weighs what
-the loss reacts to it, so layers compare on one scale). An ffn group (whole MLP neurons
-removed, ffn-neurons) is scored through its down projection: its kept up and gate rows
-are exact, so the MLP's output error is that of down against the refitted down with the
-removed neurons' columns zero, on the intermediate activations whose Gram calibration
-measures there; its candidates are kept-neuron counts, linear and ffn groups compete for
-one budget. The candidates minimising the
+the loss reacts to it, so layers compare on one scale). Structured groups are scored on
+the same scale through the matrices whose outputs their removal changes:
+
+- ffn (whole MLP neurons removed, ffn-neurons): its kept up and gate rows are exact, so
+  the MLP's output error is that of down against the refitted down with the removed
+  neurons' columns zero, on the intermediate activations whose Gram calibration measures
+  there (s: down's outputs); its candidates are kept-neuron counts.
+- attn (head dims removed, attn-dims): dropping rotary pair p (dims p and p + D/2) of q
+  and k removes its term of every attention logit (RoPE rotates within the pair), exactly
+  what zeroing those dims of q alone does, so the q / k error is that of q against q with
+  the dropped rows zero (s: q_proj's outputs); the v / o
+  error is that of the product o V (V: each query head's rows of v) against the refitted
+  one, the attention's output as if every head attended to its own token only
+  (softmax mixing ignored; s: o_proj's outputs), both on the hidden states entering q.
+  Its candidates are head dims.
+
+Linear and structured groups compete for one budget. The candidates minimising the
 summed score within the total budget are chosen by a Lagrangian sweep, the leftover filled
-greedily. Embedding and attn groups (attn-dims: no score through attention yet) keep the
-uniform ratio. A method whose fits are slow (the AE)
+greedily. Embedding groups keep the uniform ratio. A method whose fits are slow (the AE)
 is scored through its cheaper starting point (Method.allocation_proxy).
 """
 
@@ -34,9 +44,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from aecompress.calibration import CalibrationConfig, TargetStatistics, cached_statistics
 from aecompress.errors import AecompressError
 from aecompress.methods import FitContext, GroupSpec
+from aecompress.methods.attention import attention_shape, split_attention
 from aecompress.methods.structured import split_ffn
 from aecompress.pipeline.plan import PlannedGroup, finite_matrices
 from aecompress.progress import progress_bar
+from aecompress.targets import ATTN_PARTS, Target, structured_path
 
 logger = logging.getLogger(__name__)
 
@@ -54,29 +66,76 @@ class Option:
     score: float
 
 
-ALLOCATED_KINDS = ("linear", "ffn")  # embedding and attn groups keep the uniform ratio
+ALLOCATED_KINDS = ("linear", "ffn", "attn")  # embedding groups keep the uniform ratio
 
 
-def scored_matrix(kind: str, matrix: torch.Tensor) -> torch.Tensor:
-    """The matrix W the score weighs: the layer's own, or an ffn member's down projection
-    [hidden, intermediate] (module docstring)."""
-    return split_ffn(matrix)[2] if kind == "ffn" else matrix
+@dataclass(frozen=True)
+class Sensitivity:
+    """What a member's score weighs: the Gram H of its inputs and the output gradient
+    squares s of each of its error terms (weighed_errors), in their order."""
+
+    xtx: torch.Tensor
+    fishers: tuple[torch.Tensor, ...]
+
+
+def output_projection(target: Target) -> Target:
+    """An attn target's o_proj as a linear target: the outputs its v / o error changes."""
+    return Target(f"{structured_path(target)}.{ATTN_PARTS[-1]}", "o", target.layer, "linear")
+
+
+def value_output(o: torch.Tensor, v: torch.Tensor, heads: int, kv: int) -> torch.Tensor:
+    """o V [hidden, hidden]: each query head's o columns times its KV head's v rows."""
+    size = v.shape[0] // kv
+    per_head = v.view(kv, size, -1).repeat_interleave(heads // kv, dim=0)
+    return o @ per_head.reshape(heads * size, -1)
+
+
+def weighed_errors(
+    spec: GroupSpec, weight: torch.Tensor, estimate: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """The error matrices W - W_hat the score weighs (module docstring): the layer's own,
+    an ffn member's down projection, an attn member's q and its v / o product."""
+    if spec.kind == "ffn":
+        return (split_ffn(weight)[2] - split_ffn(estimate)[2],)
+    if spec.kind == "attn":
+        size, heads, kv = attention_shape(spec)
+        q, _, v, o = split_attention(weight, heads, kv, size)
+        q_hat, _, v_hat, o_hat = split_attention(estimate, heads, kv, size)
+        values = value_output(o, v, heads, kv) - value_output(o_hat, v_hat, heads, kv)
+        return q - q_hat, values
+    return (weight - estimate,)
 
 
 def predicted_increase(
+    spec: GroupSpec,
     matrices: list[torch.Tensor],
     estimates: list[torch.Tensor],
-    stats: list[TargetStatistics],
-    kind: str = "linear",
+    sensitivities: list[Sensitivity],
 ) -> float:
-    """sum over members and outputs of s_i ((W - W_hat) H (W - W_hat)^T)_ii."""
+    """sum over members, error terms and outputs of s_i ((W - W_hat) H (W - W_hat)^T)_ii."""
     total = 0.0
-    for weight, estimate, entry in zip(matrices, estimates, stats, strict=True):
-        assert entry.xtx is not None and entry.out_fisher is not None
-        error = (scored_matrix(kind, weight) - scored_matrix(kind, estimate)).double()
-        per_output = ((error @ entry.xtx.double()) * error).sum(1)
-        total += float((entry.out_fisher.double() * per_output).sum())
+    for weight, estimate, member in zip(matrices, estimates, sensitivities, strict=True):
+        errors = weighed_errors(spec, weight.double(), estimate.double())
+        for error, fisher in zip(errors, member.fishers, strict=True):
+            per_output = ((error @ member.xtx.double()) * error).sum(1)
+            total += float((fisher.double() * per_output).sum())
     return total
+
+
+def sensitivities(
+    members: tuple[Target, ...], stats: dict[str, TargetStatistics]
+) -> list[Sensitivity]:
+    """Each member's Sensitivity from the calibration statistics (an attn member's second
+    term weighs by its o_proj's outputs)."""
+    found = []
+    for target in members:
+        entry = stats[target.name]
+        fishers = [entry.out_fisher]
+        if target.kind == "attn":
+            fishers.append(stats[output_projection(target).name].out_fisher)
+        assert entry.xtx is not None and all(f is not None for f in fishers)
+        found.append(Sensitivity(entry.xtx, tuple(f for f in fishers if f is not None)))
+    return found
 
 
 def candidate_specs(spec: GroupSpec) -> list[GroupSpec]:
@@ -90,7 +149,11 @@ def candidate_specs(spec: GroupSpec) -> list[GroupSpec]:
 
 
 def candidate_options(
-    plan: PlannedGroup, matrices: list[torch.Tensor], stats: list[TargetStatistics], seed: int
+    plan: PlannedGroup,
+    matrices: list[torch.Tensor],
+    stats: list[TargetStatistics],
+    weights: list[Sensitivity],
+    seed: int,
 ) -> list[Option]:
     """The group's candidates that fit (ratio > 1), each fitted and scored."""
     method = plan.method.allocation_proxy()
@@ -107,7 +170,7 @@ def candidate_options(
             stored = method.fit(matrices, width, context)
             with torch.no_grad():
                 estimates = [method.reconstruct(stored, i) for i in range(spec.count)]
-            score = predicted_increase(matrices, estimates, stats, spec.kind)
+            score = predicted_increase(spec, matrices, estimates, weights)
             options.append(Option(spec, budget, score))
     if not options:
         raise AecompressError(f"{plan.spec.name}: no candidate size fits for allocation")
@@ -162,6 +225,7 @@ def allocate(
     if not layers:
         return planned
     targets = [t for p in layers for t in p.group.members]
+    targets += [output_projection(t) for t in targets if t.kind == "attn"]
     stats = cached_statistics(
         model,
         tokenizer,
@@ -176,7 +240,11 @@ def allocate(
         members = plan.group.members
         options.append(
             candidate_options(
-                plan, finite_matrices(model, members), [stats[t.name] for t in members], seed
+                plan,
+                finite_matrices(model, members),
+                [stats[t.name] for t in members],
+                sensitivities(members, stats),
+                seed,
             )
         )
     total = sum(p.budget for p in layers)
