@@ -9,7 +9,7 @@ import transformers
 
 import aecompress
 from aecompress.artifact import MANIFEST, read_manifest
-from aecompress.artifact.export import pruned_attention
+from aecompress.artifact.export import rotary_window
 from aecompress.errors import AecompressError
 from aecompress.methods.pruning import pack_bits
 from tests.artifact.conftest import IDS, plain_logits
@@ -88,12 +88,20 @@ def test_export_dense_of_pruned_attentions_is_a_smaller_plain_model(
 
 def test_attentions_keeping_other_pairs_have_no_plain_config(tokenizer, tmp_path):
     pruned_attention_artifact(tokenizer, tmp_path / "art")
-    cm = aecompress.load_compressed(tmp_path / "art", decode=True)
+    cm = aecompress.load_compressed(tmp_path / "art")
     member = cm.groups[1].stored.members[0]
     member["kept"] = pack_bits(torch.tensor([True, False, False, True]))  # pairs 0 and 3
     with pytest.raises(AecompressError, match=r"different rotary pairs.*pairs=low or pairs=high"):
-        pruned_attention(cm.model, cm, tmp_path / "art")
-    assert cm.model.config.head_dim == tiny_model("llama").config.head_dim  # left alone
+        rotary_window(cm, tmp_path / "art")
+
+
+def test_attentions_under_scaled_rope_have_no_plain_config(tokenizer, tmp_path):
+    pruned_attention_artifact(tokenizer, tmp_path / "art")
+    cm = aecompress.load_compressed(tmp_path / "art")
+    assert rotary_window(cm, tmp_path / "art").start > 0  # pairs=low: the last ones
+    cm.model.config.rope_parameters = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}
+    with pytest.raises(AecompressError, match="RoPE of type 'yarn' has no plain config"):
+        rotary_window(cm, tmp_path / "art")
 
 
 def test_a_folder_linked_out_of_an_artifact_is_refused(sentence_artifact, tmp_path):

@@ -10,6 +10,7 @@ import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -42,12 +43,13 @@ def export_dense(artifact: str | Path, output: str | Path) -> Path:
     output = check_new_folder(Path(output))
     intermediate = pruned_intermediate_size(artifact)
     head = pruned_head_dim(artifact)
-    cm = load_compressed(artifact, decode=True)
+    cm = load_compressed(artifact)
+    window = rotary_window(cm, Path(artifact)) if head is not None else None  # or refused
     model = cm.merge_and_unload()
     if intermediate is not None:  # the MLPs are the smaller ones: say so in the config
         model.config.intermediate_size = intermediate
-    if head is not None:
-        pruned_attention(model, cm, Path(artifact))
+    if window is not None:
+        pruned_attention(model, cm, window)
     with _export_folder(output, cm, Path(artifact)) as work:
         model.save_pretrained(work)
     return output
@@ -99,17 +101,18 @@ def pruned_head_dim(artifact: str | Path) -> int | None:
     )
 
 
-def pruned_attention(model: PreTrainedModel, cm: CompressedModel, artifact: Path) -> None:
-    """Make the decoded `model`'s attentions (attn-dims: head_dim d' of D, the same rotary
-    pairs [a, a + d'/2) kept in every layer) a plain config's: head_dim d', and RoPE
-    parameters giving exactly the kept frequencies. The original inv_freq_j = theta^(-2j/D);
-    the kept j = a + i, i < d'/2, are theta'^(-2i/d') * theta^(-2a/D) with theta' =
-    theta^(d'/D): rope_theta theta' and, for a > 0, rope_type "linear" (inv_freq divided
-    by `factor`) with factor theta^(2a/D) (times a linear model's own factor). transformers'
-    Llama scales the logits by head_dim^-0.5 with no config field for it, so the original
-    D^-0.5 is kept by folding sqrt(d'/D) into q's rows. Refused (nothing written) when the
-    layers keep different pairs, pairs that are no window, or the RoPE is not default or
-    linear."""
+class RotaryWindow(NamedTuple):
+    """The rotary pairs [start, start + pairs) every pruned attention keeps, of head_dim."""
+
+    start: int
+    pairs: int
+    head_dim: int
+
+
+def rotary_window(cm: CompressedModel, artifact: Path) -> RotaryWindow:
+    """The window of rotary pairs that the attentions pruned by attn-dims all keep, when
+    they do and the RoPE is default or linear (pruned_attention); refused otherwise,
+    before any decoding."""
     windows = set()
     for fitted in (g for g in cm.groups if g.group.members[0].kind == "attn"):
         layout = fitted.stored.layout
@@ -125,15 +128,29 @@ def pruned_attention(model: PreTrainedModel, cm: CompressedModel, artifact: Path
             f"{artifact}: its attentions keep different rotary pairs (or not one window of "
             f"them), and {ATTENTION_EXPORT}"
         )
-    config = model.config
-    rope = dict(getattr(config, "rope_parameters", None) or {})
+    rope = getattr(cm.model.config, "rope_parameters", None) or {}
     kind = rope.get("rope_type", "default")
     if kind not in ("default", "linear") or "rope_theta" not in rope:
         raise AecompressError(
             f"{artifact}: RoPE of type '{kind}' has no plain config for a subset of its "
             "frequencies: export --dense takes default or linear RoPE"
         )
-    width, theta = 2 * len(pairs), float(rope["rope_theta"])
+    return RotaryWindow(start, len(pairs), size)
+
+
+def pruned_attention(model: PreTrainedModel, cm: CompressedModel, window: RotaryWindow) -> None:
+    """Make the decoded `model`'s attentions (attn-dims: head_dim d' of D, the rotary pairs
+    [a, a + d'/2) of `window` kept in every layer) a plain config's: head_dim d', and
+    RoPE parameters giving exactly the kept frequencies. The original inv_freq_j =
+    theta^(-2j/D); the kept j = a + i, i < d'/2, are theta'^(-2i/d') * theta^(-2a/D) with
+    theta' = theta^(d'/D): rope_theta theta' and, for a > 0, rope_type "linear" (inv_freq
+    divided by `factor`) with factor theta^(2a/D) (times a linear model's own factor).
+    transformers' Llama scales the logits by head_dim^-0.5 with no config field for it, so
+    the original D^-0.5 is kept by folding sqrt(d'/D) into q's rows."""
+    start, size = window.start, window.head_dim
+    config = model.config
+    rope = dict(config.rope_parameters)  # default or linear, with rope_theta (rotary_window)
+    width, theta = 2 * window.pairs, float(rope["rope_theta"])
     factor = float(rope.get("factor", 1.0)) * theta ** (2 * start / size)
     rope["rope_theta"] = theta ** (width / size)
     if factor != 1.0:
