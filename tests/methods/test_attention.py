@@ -212,12 +212,22 @@ def test_round_trip(tokenizer, tmp_path):
         torch.testing.assert_close(loaded(input_ids=ids).logits, cm.model(input_ids=ids).logits)
 
 
-def test_generation_with_a_cache_follows_the_full_forward(tokenizer):
-    cm = compress_attn(tokenizer)
+@pytest.mark.parametrize(
+    ("cache", "allocate"), [(None, "uniform"), ("static", "uniform"), ("static", "sensitivity")]
+)
+def test_generation_with_a_cache_follows_the_full_forward(tokenizer, cache, allocate):
+    """The dynamic cache and the static one (its layers sized by their first keys: head
+    dims may differ by layer under --allocate)."""
+    cm = compress_structured(tokenizer, "attn-dims", "attn", allocate=allocate)
     ids = torch.randint(0, 90, (1, 6), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         out = cm.model.generate(
-            ids, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True
+            ids,
+            max_new_tokens=4,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            cache_implementation=cache,
         )
         logits = cm.model(input_ids=out.sequences[:, :-1]).logits
     # the cached steps' logits are the full forward's (two code paths: a tolerance)
