@@ -52,7 +52,12 @@ def read_entry(path: Path, read: Callable[[Path], T]) -> T | None:
         return read(path)
     except _UNREADABLE as error:
         state = "invalid" if isinstance(error, InvalidEntry) else "unreadable"
-        logger.warning("discarding %s cache file %s (%s)", state, path, first_line(error))
+        logger.warning(
+            "discarding %s cache file %s (%s); it is computed again, nothing else is lost",
+            state,
+            path,
+            first_line(error),
+        )
         path.unlink(missing_ok=True)
         return None
 
