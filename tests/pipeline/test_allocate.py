@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import aecompress
-from aecompress.artifact.export import pruned_intermediate_size
 from aecompress.errors import AecompressError
 from aecompress.methods import GroupSpec
 from aecompress.methods.stage import QuantStage
@@ -149,18 +148,28 @@ def test_sensitivity_allocation_keeps_the_total_and_varies_the_ratios(tokenizer)
     assert len({round(g.ratio, 3) for g in cm.groups}) > 1
 
 
-def test_sensitivity_allocation_gives_mlps_their_own_widths(tokenizer, tmp_path):
-    """ffn-neurons under --allocate: the MLP whose output weighs more (layer 0's down
-    scaled up) keeps more neurons, within the total budget; the artifact loads back as
-    smaller MLPs, and a plain export is refused."""
+@pytest.mark.parametrize(
+    ("method", "target", "block", "output", "width_of"),
+    [
+        ("ffn-neurons", "ffn", "mlp", "down_proj", lambda mlp: mlp.up_proj.weight.shape[0]),
+        ("attn-dims", "attn", "self_attn", "o_proj", lambda attention: attention.head_dim),
+    ],
+    ids=["mlps", "attentions"],
+)
+def test_sensitivity_allocation_gives_blocks_their_own_widths(
+    tokenizer, tmp_path, method, target, block, output, width_of
+):
+    """Structured groups under --allocate: the block whose output weighs more (layer 0's
+    output projection scaled up) keeps more neurons / head dims, within the total budget;
+    the artifact loads back with blocks of these sizes, and a plain export is refused."""
     loaded = tiny_llama(tokenizer)
     with torch.no_grad():
-        loaded.model.model.layers[0].mlp.down_proj.weight.mul_(4)
+        getattr(getattr(loaded.model.model.layers[0], block), output).weight.mul_(4)
     cm = aecompress.compress(
         loaded,
-        method="ffn-neurons",
+        method=method,
         ratio=1.5,
-        targets=["ffn"],
+        targets=[target],
         allocate="sensitivity",
         calibration=CALIBRATION,
         progress=False,
@@ -169,43 +178,18 @@ def test_sensitivity_allocation_gives_mlps_their_own_widths(tokenizer, tmp_path)
     assert totals["stored_bits"] <= totals["target_bits"] / 1.5
     widths = [g.stored.width for g in cm.groups]
     assert widths[0] > widths[1]
+    cm.save_pretrained(tmp_path / "art")
+    loaded = aecompress.load(tmp_path / "art")
     for fitted, width in zip(cm.groups, widths, strict=True):
-        mlp = cm.model.model.layers[fitted.group.members[0].layer].mlp
-        assert mlp.up_proj.weight.shape[0] == width
+        layer = fitted.group.members[0].layer
+        assert width_of(getattr(loaded.model.layers[layer], block)) == width
     ids = torch.randint(
         0, tokenizer.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0)
     )
-    cm.save_pretrained(tmp_path / "art")
     with torch.no_grad():
-        torch.testing.assert_close(
-            aecompress.load(tmp_path / "art")(ids).logits, cm.model(ids).logits
-        )
+        torch.testing.assert_close(loaded(ids).logits, cm.model(ids).logits)
     with pytest.raises(AecompressError, match="without --allocate"):
-        pruned_intermediate_size(tmp_path / "art")
-
-
-def test_sensitivity_allocation_gives_attentions_their_own_head_dims(tokenizer):
-    """attn-dims under --allocate: the attention whose output weighs more (layer 0's o
-    scaled up) keeps more head dims, within the total budget, and is served at them."""
-    loaded = tiny_llama(tokenizer)
-    with torch.no_grad():
-        loaded.model.model.layers[0].self_attn.o_proj.weight.mul_(4)
-    cm = aecompress.compress(
-        loaded,
-        method="attn-dims",
-        ratio=1.5,
-        targets=["attn"],
-        allocate="sensitivity",
-        calibration=CALIBRATION,
-        progress=False,
-    )
-    totals = cm.totals()
-    assert totals["stored_bits"] <= totals["target_bits"] / 1.5
-    widths = [g.stored.width for g in cm.groups]
-    assert widths[0] > widths[1]
-    for fitted, width in zip(cm.groups, widths, strict=True):
-        attention = cm.model.model.layers[fitted.group.members[0].layer].self_attn
-        assert attention.head_dim == width
+        aecompress.export_dense(tmp_path / "art", tmp_path / "plain")
 
 
 def code_bits(layout) -> int:
