@@ -5,7 +5,8 @@ sweep can express its cells. The scripts beside this module measure what a sweep
 not: run-time latency and memory of loaded artifacts (speed.py), a process's peak memory
 against a model built for it (scale.py), an external library's reference numbers
 (compensation.py), an inline reference that is not a method (ae_minilm.py), task
-timings and a cross-check against lm-eval (evaluate_tasks.py, lm_eval_check.py).
+timings and a cross-check against lm-eval (evaluate_tasks.py, lm_eval_check.py), a
+method's best case simulated before it is built (slicegpt_probe.py).
 """
 
 from __future__ import annotations
