@@ -86,7 +86,8 @@ def pruned_intermediate_size(artifact: str | Path) -> int | None:
 ATTENTION_EXPORT = (
     "a plain config has one head_dim and one RoPE: compress with --targets attn on every "
     "layer at one --ratio, without --allocate, with --option pairs=low or pairs=high (one "
-    "window of rotary pairs)"
+    "window of rotary pairs; on SmolLM2 these lose far more than the default pairs=score, "
+    "whose artifact aecompress.load serves with its smaller attentions)"
 )
 
 
