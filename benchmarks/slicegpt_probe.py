@@ -23,6 +23,7 @@ import argparse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from common import markdown_table, provenance, utc_now, write_text
@@ -34,9 +35,9 @@ from aecompress.evaluation.perplexity import window_ids, windows_perplexity
 from aecompress.models import load_model
 
 
-def principal_directions(model: nn.Module, windows: torch.Tensor) -> torch.Tensor:
-    """Q [d, d]: eigenvectors of sum n n^T over tokens and RMSNorm inputs, n = x / rms(x),
-    by decreasing eigenvalue."""
+def principal_directions(model: Any, windows: torch.Tensor) -> torch.Tensor:
+    """Q [d, d] of a Llama-style causal LM: eigenvectors of sum n n^T over tokens and
+    RMSNorm inputs, n = x / rms(x), by decreasing eigenvalue."""
     size = model.config.hidden_size
     gram = torch.zeros(size, size, dtype=torch.float64)
 
@@ -60,7 +61,7 @@ def principal_directions(model: nn.Module, windows: torch.Tensor) -> torch.Tenso
 
 
 @contextmanager
-def sliced_stream(model: nn.Module, basis: torch.Tensor) -> Iterator[None]:
+def sliced_stream(model: Any, basis: torch.Tensor) -> Iterator[None]:
     """The model with its residual stream kept in span(basis) (module docstring)."""
     projection = basis @ basis.T
 
@@ -90,6 +91,7 @@ def main() -> None:
     started = utc_now()
     loaded = load_model(args.model)
     model, tokenizer = loaded.model.eval(), loaded.tokenizer
+    assert tokenizer is not None, f"{args.model} has no tokenizer"
     basis = principal_directions(model, calibration_windows(tokenizer, CalibrationConfig()))
     splits = {
         s: window_ids(tokenizer, wikitext2_text(s), args.seq_len, args.windows)

@@ -895,6 +895,19 @@ def test_a_dry_run_prints_the_expected_peak_of_both_paths_and_does_no_work(
     assert not out.exists()
 
 
+@pytest.mark.parametrize(("flags", "said"), [([], True), (["--refine", "0"], False)])
+def test_compress_says_when_it_refines_by_the_methods_default(
+    monkeypatch, tiny_folder, tmp_path, flags, said
+):
+    forbid_loading(monkeypatch)
+    args = ["--method", "attn-dims", "--ratio", "1.5", "--targets", "attn", *flags]
+    code, stdout, _ = invoke(
+        "compress", str(tiny_folder), *args, "-o", str(tmp_path / "o"), "--dry-run"
+    )
+    assert code == 0, stdout
+    assert ("refining each block 40 steps, attn-dims's default" in stdout) == said
+
+
 def test_a_compress_beyond_the_available_memory_is_refused_before_loading(
     monkeypatch, tiny_folder, tmp_path
 ):

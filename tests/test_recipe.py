@@ -91,3 +91,26 @@ def test_a_quantization_stage_is_text_or_a_mapping_and_rules_inherit_it():
     assert (given.bits, given.group, given.method, given.symmetric) == (4, 32, "gptq", True)
     assert str(own) == "int3:row:rtn:asym" and str(given) == "int4:g32:gptq"
     assert Recipe.parse({"ratio": 2, "targets": ["k"]}).rules()[0].quantize is None
+
+
+@pytest.mark.parametrize(
+    ("fields", "steps"),
+    [
+        ({"method": "attn-dims", "targets": ["attn"]}, 40),
+        ({"method": "ffn=ffn-neurons;attn=attn-dims"}, 40),
+        ({"method": "ffn-neurons", "targets": ["ffn"]}, 0),
+        ({"method": "attn-dims", "targets": ["attn"], "refine": 0}, 0),
+        ({"method": "attn-dims", "targets": ["attn"], "pipeline": "independent"}, 0),
+    ],
+)
+def test_a_recipe_without_refine_takes_its_methods_own_steps(fields, steps):
+    assert Recipe.parse({"ratio": 1.25, **fields}).refine.steps == steps
+
+
+def test_a_new_method_beside_a_recipe_takes_its_own_refinement_unless_the_recipe_gave_one():
+    change = {"method": "ffn-neurons", "targets": ["ffn"]}
+    default = Recipe.parse({"ratio": 1.25, "method": "attn-dims", "targets": ["attn"]})
+    assert default.override(change)[0].refine.steps == 0
+    given = Recipe.parse({"ratio": 1.25, "method": "attn-dims", "targets": ["attn"], "refine": 40})
+    assert given.override(change)[0].refine.steps == 40
+    assert given.override({"refine": 5})[0].refine.steps == 5

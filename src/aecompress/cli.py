@@ -113,8 +113,12 @@ def compress(
         str, typer.Option(help="auto | independent | sequential (compensates upstream error)")
     ] = "auto",
     refine: Annotated[
-        int, typer.Option(help="Adam steps per block on its output error (sequential)")
-    ] = 0,
+        int | None,
+        typer.Option(
+            help="Adam steps per block on its output error (sequential; default: the "
+            "method's own, 40 for attn-dims, else 0)"
+        ),
+    ] = None,
     allocate: Annotated[
         str, typer.Option(help="uniform | sensitivity (per-matrix ratios, same total)")
     ] = "uniform",
@@ -197,6 +201,8 @@ def compress(
         "stream": "auto" if stream is None else stream,
         "seed": seed,
     }
+    if refine is None:  # the methods' own (Method.refine_steps)
+        del fields["refine"]
     if recipe is None:
         plan = Recipe.parse({**fields, **_method_fields(model, method, ratio, targets, options)})
     else:  # flags given beside the recipe (and MODEL) override it
@@ -204,6 +210,9 @@ def compress(
         plan, changes = Recipe.from_yaml(recipe).override(given)
         if changes:
             typer.echo(f"the command line overrides {recipe}: {'; '.join(changes)}")
+    if plan.refine.steps and "refine" not in plan.model_fields_set:
+        steps = plan.refine.steps
+        typer.echo(f"refining each block {steps} steps, {plan.method}'s default (--refine 0: none)")
     plan.calibration.check()
     available = available_memory()
     estimate = _memory_estimate(model, plan, available, dry_run)

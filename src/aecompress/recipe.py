@@ -72,10 +72,11 @@ class SequentialConfig(BaseModel):
 
 
 class RefineConfig(BaseModel):
-    """`steps` Adam steps per stage at `lr` (0: no refinement), one calibration batch a
-    step; every `eval_every` steps the held-out batches (`holdout`, a fraction of the
-    calibration batches, at least one) are scored, and training ends after `patience`
-    scores without improvement."""
+    """`steps` Adam steps per stage at `lr` (0: no refinement; a recipe without `refine`
+    takes its methods' own, Method.refine_steps: 40 with attn-dims, else 0), one
+    calibration batch a step; every `eval_every` steps the held-out batches (`holdout`, a
+    fraction of the calibration batches, at least one) are scored, and training ends after
+    `patience` scores without improvement."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -157,6 +158,9 @@ class Recipe(BaseModel):
                     f"options: with several methods, options go under a method's name "
                     f"(got {', '.join(sorted(unknown))})"
                 )
+        if "refine" not in self.model_fields_set and self.pipeline != "independent":
+            steps = max(make_method(r.method, r.options).refine_steps for r in rules)
+            object.__setattr__(self, "refine", RefineConfig(steps=steps))  # the methods' own
         return self
 
     def rules(self) -> list[MethodRule]:
@@ -192,10 +196,12 @@ class Recipe(BaseModel):
         options are given; refine steps keep the recipe's other refine settings, and the
         calibration settings given keep the others."""
         data = self.model_dump(mode="json")
+        if "refine" not in self.model_fields_set:  # the methods' own: theirs again
+            del data["refine"]
         if "method" in fields and "options" not in fields:
             fields = {**fields, "options": {}}
         if "refine" in fields:
-            fields = {**fields, "refine": {**data["refine"], "steps": fields["refine"]}}
+            fields = {**fields, "refine": {**data.get("refine", {}), "steps": fields["refine"]}}
         if "calibration" in fields:
             fields = {**fields, "calibration": {**data["calibration"], **fields["calibration"]}}
         new = Recipe.parse({**data, **fields})

@@ -234,6 +234,9 @@ class Method(ABC):
     Options: ClassVar[type[MethodOptions]] = MethodOptions
     Layout: ClassVar[type[MethodLayout]] = MethodLayout
     quantizable: ClassVar[bool] = False  # supports a quantization stage (stage.py)
+    # block refinement steps (recipe `refine`) when the recipe gives none, chosen on
+    # validation for the method; the most any method of a recipe asks for is run
+    refine_steps: ClassVar[int] = 0
 
     def __init__(self, options: MethodOptions) -> None:
         self.options = options
