@@ -147,8 +147,9 @@ class Recipe(BaseModel):
         rules = self.rules()
         if not rules or not all(r.targets for r in rules):
             raise ValueError("targets: give the target families (e.g. targets: [k, down])")
+        methods = []
         for rule in rules:  # before any work: names and options (one-line errors)
-            make_method(rule.method, rule.options)
+            methods.append(make_method(rule.method, rule.options))
             for target in rule.targets:
                 check_target(target)
         if isinstance(self.method, str) and "=" in self.method:
@@ -159,7 +160,7 @@ class Recipe(BaseModel):
                     f"(got {', '.join(sorted(unknown))})"
                 )
         if "refine" not in self.model_fields_set and self.pipeline != "independent":
-            steps = max(make_method(r.method, r.options).refine_steps for r in rules)
+            steps = max(method.refine_steps for method in methods)
             object.__setattr__(self, "refine", RefineConfig(steps=steps))  # the methods' own
         return self
 

@@ -129,12 +129,15 @@ def sensitivities(
     term weighs by its o_proj's outputs)."""
     found = []
     for target in members:
-        entry = stats[target.name]
-        fishers = [entry.out_fisher]
-        if target.kind == "attn":
-            fishers.append(stats[output_projection(target).name].out_fisher)
-        assert entry.xtx is not None and all(f is not None for f in fishers)
-        found.append(Sensitivity(entry.xtx, tuple(f for f in fishers if f is not None)))
+        weighed_by = [target] + ([output_projection(target)] if target.kind == "attn" else [])
+        fishers = []
+        for output in weighed_by:
+            fisher = stats[output.name].out_fisher
+            assert fisher is not None
+            fishers.append(fisher)
+        xtx = stats[target.name].xtx
+        assert xtx is not None
+        found.append(Sensitivity(xtx, tuple(fishers)))
     return found
 
 
