@@ -1,19 +1,20 @@
 """Speed and memory benchmark (issue 13): dense against compressed runtimes, at run time.
 
-SmolLM2-135M with its MLP matrices (up, gate, down: 90 matrices) compressed at each ratio
-by each method, saved as an artifact, then loaded in a fresh process per configuration:
-the dense base, the method's runtime modules (`aecompress.load(ART)`: LowRankLinear for
-svd, DecodedLinear for the AE with `runtime: decoder`, a dense nn.Linear for sparse
-methods) and the decoded model (`aecompress.load(ART, decode=True)`). Measured per
-configuration: the compressed modules alone (the same 90 modules, inputs of 512 tokens
-and of 1 token, summed over the modules) and their bytes; the whole model's prefill
-latency (1 x 512 and 8 x 128 tokens), greedy token-by-token decode latency with the KV
-cache (128 new tokens after a 32-token prompt), the bytes of its parameters and buffers,
-and the process's resident memory after loading minus that after the imports. Times are
-medians of --repeats runs after warm-up, under torch.inference_mode, with a fixed number
-of threads. Speed-ups and memory ratios are against the dense model measured in the same
-run (at its start and at its end: the mean of the two). Writes speed.json and speed.md
-(date, machine, load average, command) into --out.
+SmolLM2-135M with its MLP matrices (up, gate, down: 90 matrices; attn-dims: the attention
+matrices q, k, v, o) compressed at each ratio by each method, saved as an artifact, then
+loaded in a fresh process per configuration: the dense base, the method's runtime modules
+(`aecompress.load(ART)`: LowRankLinear for svd, DecodedLinear for the AE with `runtime:
+decoder`, a dense nn.Linear for sparse methods) and the decoded model
+(`aecompress.load(ART, decode=True)`). Measured per configuration: the compressed modules
+alone (inputs of 512 tokens and of 1 token, summed over the modules; the dense model's
+same modules beside them) and their bytes; the whole model's prefill latency (1 x 512 and
+8 x 128 tokens), greedy token-by-token decode latency with the KV cache (128 new tokens
+after a 32-token prompt), the bytes of its parameters and buffers, and the process's
+resident memory after loading minus that after the imports. Times are medians of
+--repeats runs after warm-up, under torch.inference_mode, with a fixed number of threads.
+Speed-ups and memory ratios are against the dense model measured in the same run (at its
+start and at its end: the mean of the two). Writes speed.json and speed.md (date,
+machine, load average, command) into --out.
 
     PYTHONPATH=src python benchmarks/speed.py --out benchmarks/results/speed
     PYTHONPATH=src python benchmarks/speed.py --quick --threads 1 --ratios 2 --methods svd
@@ -51,10 +52,11 @@ from common import command, fp32_copy, load_average, machine, run_process
 
 MODEL = "smollm2-135m"
 TARGETS = ["up", "gate", "down"]
-# Methods that compress the MLPs through other targets (whole neurons of up, gate and down
-# together): their artifact is also exported as a plain smaller model (`export --dense`),
-# timed as a dense model (`exported` rows).
-STRUCTURED_TARGETS: dict[str, list[str]] = {"ffn-neurons": ["ffn"]}
+# Structured methods (whole neurons of up, gate and down together; head dims of q, k, v, o):
+# their target, and the matrices timed as "modules alone". Their artifact is also exported
+# as a plain smaller model (`export --dense`), timed as a dense model (`exported` rows).
+STRUCTURED_TARGETS: dict[str, str] = {"ffn-neurons": "ffn", "attn-dims": "attn"}
+MATRICES: dict[str, list[str]] = {"ffn": TARGETS, "attn": ["q", "k", "v", "o"]}
 METHODS = ("svd", "ae", "sparsegpt")
 RATIOS = (1.25, 2.0, 4.0)
 # Method options for this benchmark (cheapest valid; quality is not measured here). The
@@ -63,6 +65,7 @@ RATIOS = (1.25, 2.0, 4.0)
 OPTIONS: dict[str, dict[str, Any]] = {
     "ae": {"epochs": 1, "selection": "last", "runtime": "decoder"},
     "ae-data": {"epochs": 1, "selection": "last", "runtime": "decoder"},
+    "attn-dims": {"pairs": "low"},  # one window of rotary pairs: a plain export, same shapes
 }
 SPARSE = ("sparsegpt", "wanda", "prune")  # served decoded: dense kernels
 PREFILL = ((1, 512), (8, 128))  # (batch, tokens)
@@ -134,7 +137,9 @@ def compress(spec: dict[str, Any]) -> dict[str, Any]:
         method=spec["method"],
         options=spec["options"],
         ratio=spec["ratio"],
-        targets=STRUCTURED_TARGETS.get(spec["method"], TARGETS),
+        targets=[STRUCTURED_TARGETS[spec["method"]]]
+        if spec["method"] in STRUCTURED_TARGETS
+        else TARGETS,
         pipeline="independent",
         calibration=spec["calibration"],
     )
@@ -164,7 +169,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     model: Any  # a transformers model
     if runtime in ("dense", "exported"):  # exported: a plain model of smaller matrices
         model = load_model(folder).model
-        paths = [t.path for t in resolve_targets(model, TARGETS)]
+        sets = {m: [t.path for t in resolve_targets(model, m.split(","))] for m in spec["matrices"]}
         with torch.no_grad():  # own memory, as an artifact's (not pages mapped from the file)
             for tensor in [*model.parameters(), *model.buffers()]:
                 tensor.data = tensor.data.clone()
@@ -175,7 +180,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             for g in load_manifest(folder).groups
             for m in g.members
         ]
-        paths = [name for member in members for name in covered_names(member)]
+        sets = {spec["matrices"][0]: [n for member in members for n in covered_names(member)]}
     load_seconds = time.perf_counter() - start
     loaded_rss = settled_rss() - floor
     model.eval()
@@ -190,25 +195,19 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         def sync() -> None:
             torch.cuda.synchronize(device)
 
-    modules: list[Any] = [model.get_submodule(p) for p in dict.fromkeys(paths)]
     repeats, warmup = spec["repeats"], spec["warmup"]
     generator = torch.Generator().manual_seed(0)
     figures: dict[str, Any] = {}
+    by_set: dict[str, Any] = {}
     with torch.inference_mode():
-        for tokens in MODULE_TOKENS:  # the compressed modules alone, summed
-            inputs: dict[int, torch.Tensor] = {}
-            calls = []
-            for module in modules:
-                width = int(module.in_features)
-                if width not in inputs:
-                    inputs[width] = torch.randn(1, tokens, width, generator=generator).to(device)
-                calls.append((module, inputs[width]))
-
-            def run_modules(calls: list = calls) -> None:
-                for module, x in calls:
-                    module(x)
-
-            figures[f"modules_{tokens}"] = summary(timed(run_modules, repeats, warmup, sync))
+        for name, paths in sets.items():
+            modules: list[Any] = [model.get_submodule(p) for p in dict.fromkeys(paths)]
+            by_set[name] = {
+                "paths": len(modules),
+                "module_classes": sorted({type(m).__name__ for m in modules}),
+                "modules_bytes": storage_bytes(module_tensors(modules)),
+                **time_modules(modules, generator, device, (repeats, warmup), sync),
+            }
         vocab = model.config.vocab_size
         keep = {} if spec["all_logits"] else {"logits_to_keep": 1}
         for batch, tokens in PREFILL:
@@ -225,9 +224,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         ]
         figures["decode_per_token"] = summary(per_token)
     return {
-        "paths": len(modules),
-        "module_classes": sorted({type(m).__name__ for m in modules}),
-        "modules_bytes": storage_bytes(module_tensors(modules)),
+        "modules": by_set,
         "model_bytes": storage_bytes([*model.parameters(), *model.buffers()]),
         "rss_bytes": loaded_rss,
         "rss_floor_bytes": floor,
@@ -237,6 +234,31 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "figures": figures,
     }
+
+
+def time_modules(
+    modules: list[Any], generator: Any, device: Any, runs: tuple[int, int], sync: Callable
+) -> dict[str, Any]:
+    """Wall times of the modules alone, called one after another on random inputs of each
+    of MODULE_TOKENS tokens, summed: {"modules_512": summary, "modules_1": summary}."""
+    import torch
+
+    figures = {}
+    for tokens in MODULE_TOKENS:
+        inputs: dict[int, torch.Tensor] = {}
+        calls = []
+        for module in modules:
+            width = int(module.in_features)
+            if width not in inputs:
+                inputs[width] = torch.randn(1, tokens, width, generator=generator).to(device)
+            calls.append((module, inputs[width]))
+
+        def run_modules(calls: list = calls) -> None:
+            for module, x in calls:
+                module(x)
+
+        figures[f"modules_{tokens}"] = summary(timed(run_modules, *runs, sync))
+    return figures
 
 
 def decode(model: Any, prompt: Any, new_tokens: int, sync: Callable[[], None]) -> float:
@@ -351,11 +373,8 @@ def run(args: argparse.Namespace, device: str, work: Path) -> list[dict[str, Any
     records: list[dict[str, Any]] = []
 
     def measured(record: dict[str, Any], folder: str, runtime: str) -> dict[str, Any]:
-        record = {
-            **record,
-            "runtime": runtime,
-            **child({**common, "folder": folder, "runtime": runtime}, env),
-        }
+        spec = {**common, "folder": folder, "runtime": runtime, "matrices": record["matrices"]}
+        record = {**record, "runtime": runtime, **child(spec, env)}
         records.append(record)
         shown = {k: record.get(k) for k in ("method", "ratio", "runtime", "error")}
         figures = record.get("figures", {})
@@ -363,7 +382,9 @@ def run(args: argparse.Namespace, device: str, work: Path) -> list[dict[str, Any
         print(json.dumps(shown), flush=True)
         return record
 
-    measured({"method": "dense", "ratio": None, "when": "start"}, model, "dense")
+    every = list(dict.fromkeys(matrices_of(m) for m in args.methods))
+    dense = {"method": "dense", "ratio": None, "matrices": every}
+    measured({**dense, "when": "start"}, model, "dense")
     calibration = {"samples": args.calibration_samples, "seq_len": 128 if args.quick else 256}
     for ratio in args.ratios:
         for method in args.methods:
@@ -378,7 +399,12 @@ def run(args: argparse.Namespace, device: str, work: Path) -> list[dict[str, Any
                 "artifact": str(artifact),
             }
             made = child(spec, env)
-            base = {"method": method, "ratio": ratio, "options": spec["options"]}
+            base = {
+                "method": method,
+                "ratio": ratio,
+                "options": spec["options"],
+                "matrices": [matrices_of(method)],
+            }
             if "error" in made:
                 records.append({**base, "runtime": "compress", **made})
                 print(json.dumps(records[-1]), flush=True)
@@ -389,7 +415,7 @@ def run(args: argparse.Namespace, device: str, work: Path) -> list[dict[str, Any
                 "compress_wall_seconds": made["wall_seconds"],
             }
             served = measured(base, str(artifact), "runtime")
-            if served.get("module_classes") == ["Linear"]:  # runtime modules are decoded ones
+            if module_classes(served) == ["Linear"]:  # runtime modules are decoded ones
                 records.append({**base, "runtime": "decoded", "same_as": "runtime"})
             else:
                 measured(base, str(artifact), "decoded")
@@ -398,23 +424,59 @@ def run(args: argparse.Namespace, device: str, work: Path) -> list[dict[str, Any
             if args.work is None:
                 shutil.rmtree(artifact, ignore_errors=True)
                 shutil.rmtree(f"{artifact}-plain", ignore_errors=True)
-    measured({"method": "dense", "ratio": None, "when": "end"}, model, "dense")
+    measured({**dense, "when": "end"}, model, "dense")
     return records
+
+
+def matrices_of(method: str) -> str:
+    """The matrices a method compresses here, comma-joined (its modules-alone set)."""
+    return ",".join(
+        MATRICES[STRUCTURED_TARGETS[method]] if method in STRUCTURED_TARGETS else TARGETS
+    )
+
+
+def module_classes(record: dict[str, Any]) -> list[str]:
+    """The classes of a compressed configuration's modules (none for a failed one)."""
+    return [c for found in record.get("modules", {}).values() for c in found["module_classes"]]
 
 
 # --- report ---------------------------------------------------------------------------
 
 TIMES = ("modules_512", "modules_1", "prefill_1x512", "prefill_8x128", "decode_per_token")
 SIZES = ("modules_bytes", "model_bytes", "rss_bytes")
+MODULE_TIMES = tuple(f"modules_{tokens}" for tokens in MODULE_TOKENS)
 
 
-def reference(records: list[dict[str, Any]]) -> dict[str, float]:
-    """The dense figures: mean over the dense measurements (start and end of the run)."""
-    dense = [r for r in records if r["method"] == "dense" and "error" not in r]
+def view(record: dict[str, Any], matrices: str | None = None) -> dict[str, Any]:
+    """A record as the report reads it: the modules-alone figures, bytes and classes of one
+    set of its matrices (default: its own, a dense record's first) beside its whole-model
+    figures."""
+    if "modules" not in record:  # failed, or not measured again
+        return record
+    found = dict(record["modules"][matrices or record["matrices"][0]])
+    times = {k: found.pop(k) for k in MODULE_TIMES}
+    return {**record, **found, "figures": {**record["figures"], **times}}
+
+
+def reference(records: list[dict[str, Any]], matrices: str) -> dict[str, float]:
+    """The dense figures, with the modules alone of `matrices`: mean over the dense
+    measurements (start and end of the run)."""
+    dense = [view(r, matrices) for r in records if r["method"] == "dense" and "error" not in r]
     if not dense:
         return {}
     ref = {k: statistics.mean(r["figures"][k]["median"] for r in dense) for k in TIMES}
     return ref | {k: statistics.mean(r[k] for r in dense) for k in SIZES}
+
+
+def references(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """reference() for each set of matrices of the run."""
+    sets = dict.fromkeys(m for r in records for m in r.get("matrices", []))
+    return {m: reference(records, m) for m in sets}
+
+
+def own(refs: dict[str, dict[str, float]], record: dict[str, Any]) -> dict[str, float]:
+    """The reference of a compressed record's own matrices."""
+    return refs[record["matrices"][0]]
 
 
 def speedups(record: dict[str, Any], ref: dict[str, float]) -> dict[str, float]:
@@ -449,16 +511,24 @@ def _size(record: dict[str, Any], key: str, ratios: dict[str, float]) -> str:
     return f"{record[key] / MIB:.1f} ({ratios[key]:.2f}x)"
 
 
-def tables(rows: list[dict[str, Any]], ref: dict[str, float]) -> list[str]:
-    modules = [
-        "Compressed modules alone (the MLP matrices, summed; ms, speed-up vs dense; MiB, "
-        "memory vs dense):",
-        "",
-        "| method | served as | stored ratio | 512 tokens ms | 1 token ms | MiB "
-        f"| target (ratio {TARGET_RATIO:g}) |",
-        "|---|---|---:|---:|---:|---:|---|",
-    ]
-    whole = [
+def tables(rows: list[dict[str, Any]], refs: dict[str, dict[str, float]]) -> list[str]:
+    """One ratio's tables: the modules alone of each set of matrices (dense: the same
+    modules), then the whole model."""
+    lines = []
+    for matrices, ref in refs.items():
+        lines += [
+            f"Compressed modules alone (the {matrices} matrices, summed; ms, speed-up vs dense; "
+            "MiB, memory vs dense):",
+            "",
+            "| method | served as | stored ratio | 512 tokens ms | 1 token ms | MiB "
+            f"| target (ratio {TARGET_RATIO:g}) |",
+            "|---|---|---:|---:|---:|---:|---|",
+        ]
+        for r in rows:
+            if matrices in r.get("matrices", []):
+                lines.append(modules_row(view(r, matrices), ref))
+        lines.append("")
+    lines += [
         "Whole model (ms, speed-up vs dense; MiB, memory vs dense):",
         "",
         "| method | served as | prefill 1x512 ms | prefill 8x128 ms | decode ms/token "
@@ -466,33 +536,43 @@ def tables(rows: list[dict[str, Any]], ref: dict[str, float]) -> list[str]:
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        label = f"| {r['method']} | {served_as(r)} |"
-        if "error" in r:
-            modules.append(f"{label} failed: {r['error']} | | | | |")
-            whole.append(f"{label} failed | | | | |")
-            continue
-        if "same_as" in r:
-            note = f"same modules as `{r['same_as']}` (not measured again)"
-            modules.append(f"{label} {r['stored_ratio']:.3f} | {note} | | | |")
-            whole.append(f"{label} {note} | | | | |")
-            continue
-        ratios = speedups(r, ref)
-        stored = f"{r['stored_ratio']:.3f}" if r.get("stored_ratio") else "-"
-        modules.append(
-            f"{label} {stored} | {_time(r, 'modules_512', ratios)} | "
-            f"{_time(r, 'modules_1', ratios)} | {_size(r, 'modules_bytes', ratios)} | "
-            f"{verdict(r, ref)} |"
-        )
-        whole.append(
-            f"{label} {_time(r, 'prefill_1x512', ratios)} | {_time(r, 'prefill_8x128', ratios)} | "
-            f"{_time(r, 'decode_per_token', ratios)} | {_size(r, 'model_bytes', ratios)} | "
-            f"{_size(r, 'rss_bytes', ratios)} |"
-        )
-    return [*modules, "", *whole, ""]
+        lines.append(whole_row(view(r), own(refs, r)))
+    return [*lines, ""]
 
 
-def notes(records: list[dict[str, Any]], ref: dict[str, float]) -> list[str]:
+def modules_row(r: dict[str, Any], ref: dict[str, float]) -> str:
+    label = f"| {r['method']} | {served_as(r)} |"
+    if "error" in r:
+        return f"{label} failed: {r['error']} | | | | |"
+    if "same_as" in r:
+        note = f"same modules as `{r['same_as']}` (not measured again)"
+        return f"{label} {r['stored_ratio']:.3f} | {note} | | | |"
+    ratios = speedups(r, ref)
+    stored = f"{r['stored_ratio']:.3f}" if r.get("stored_ratio") else "-"
+    return (
+        f"{label} {stored} | {_time(r, 'modules_512', ratios)} | "
+        f"{_time(r, 'modules_1', ratios)} | {_size(r, 'modules_bytes', ratios)} | "
+        f"{verdict(r, ref)} |"
+    )
+
+
+def whole_row(r: dict[str, Any], ref: dict[str, float]) -> str:
+    label = f"| {r['method']} | {served_as(r)} |"
+    if "error" in r:
+        return f"{label} failed | | | | |"
+    if "same_as" in r:
+        return f"{label} same modules as `{r['same_as']}` (not measured again) | | | | |"
+    ratios = speedups(r, ref)
+    return (
+        f"{label} {_time(r, 'prefill_1x512', ratios)} | {_time(r, 'prefill_8x128', ratios)} | "
+        f"{_time(r, 'decode_per_token', ratios)} | {_size(r, 'model_bytes', ratios)} | "
+        f"{_size(r, 'rss_bytes', ratios)} |"
+    )
+
+
+def notes(records: list[dict[str, Any]], refs: dict[str, dict[str, float]]) -> list[str]:
     """Targets and what the numbers say about each kind of runtime (from the data)."""
+    records = [view(r) for r in records]
     lines = [
         f"## Targets: compressed modules at ratio {TARGET_RATIO:g} >= {TARGET_SPEEDUP}x "
         f"faster (512 tokens) and <= {TARGET_MEMORY}x the memory of the dense matrices",
@@ -504,10 +584,10 @@ def notes(records: list[dict[str, Any]], ref: dict[str, float]) -> list[str]:
         if r["ratio"] == TARGET_RATIO and "figures" in r and r["runtime"] == "runtime"
     ]
     for r in at_target:
-        ratios = speedups(r, ref)
+        ratios = speedups(r, own(refs, r))
         lines.append(
-            f"- {r['method']}, {served_as(r)}: speed-up {ratios['modules_512']:.2f}x, "
-            f"memory {ratios['modules_bytes']:.2f}x: **{verdict(r, ref)}** (whole model: prefill "
+            f"- {r['method']}, {served_as(r)}: speed-up {ratios['modules_512']:.2f}x, memory "
+            f"{ratios['modules_bytes']:.2f}x: **{verdict(r, own(refs, r))}** (whole model: prefill "
             f"1x512 {ratios['prefill_1x512']:.2f}x, decode {ratios['decode_per_token']:.2f}x, "
             f"weights {ratios['model_bytes']:.2f}x)"
         )
@@ -521,8 +601,8 @@ def notes(records: list[dict[str, Any]], ref: dict[str, float]) -> list[str]:
     sparse = [r for r in records if r["method"] in SPARSE and "figures" in r]
     if sparse:
         found = ", ".join(
-            f"ratio {r['ratio']:g}: {speedups(r, ref)['modules_512']:.2f}x speed, "
-            f"{speedups(r, ref)['modules_bytes']:.2f}x memory"
+            f"ratio {r['ratio']:g}: {speedups(r, own(refs, r))['modules_512']:.2f}x speed, "
+            f"{speedups(r, own(refs, r))['modules_bytes']:.2f}x memory"
             for r in sparse
         )
         lines.append(
@@ -534,8 +614,8 @@ def notes(records: list[dict[str, Any]], ref: dict[str, float]) -> list[str]:
     decoder = [r for r in records if r.get("module_classes") == ["DecodedLinear"]]
     if decoder:
         found = ", ".join(
-            f"ratio {r['ratio']:g}: {speedups(r, ref)['modules_512']:.2f}x / "
-            f"decode {speedups(r, ref)['decode_per_token']:.2f}x"
+            f"ratio {r['ratio']:g}: {speedups(r, own(refs, r))['modules_512']:.2f}x / "
+            f"decode {speedups(r, own(refs, r))['decode_per_token']:.2f}x"
             for r in decoder
         )
         lines.append(
@@ -546,7 +626,7 @@ def notes(records: list[dict[str, Any]], ref: dict[str, float]) -> list[str]:
         )
     quantized = [r for r in records if "QuantizedLinear" in r.get("module_classes", [])]
     for r in quantized:  # issue 27: against the matrices' bf16 bytes (dense here is fp32)
-        ratios = speedups(r, ref)
+        ratios = speedups(r, own(refs, r))
         lines.append(
             f"- {r['method']} at ratio {r['ratio']:g}, served packed (QuantizedLinear): its "
             f"modules hold {r['modules_bytes'] / MIB:.1f} MiB, "
@@ -565,11 +645,13 @@ def notes(records: list[dict[str, Any]], ref: dict[str, float]) -> list[str]:
 
 
 def markdown(facts: dict[str, Any], records: list[dict[str, Any]]) -> str:
-    ref = reference(records)
+    refs = references(records)
     dense = [r for r in records if r["method"] == "dense"]
     settings = facts["settings"]
     lines = [
-        f"# Speed and memory: {facts['model']}, MLPs ({', '.join(TARGETS)}) compressed",
+        f"# Speed and memory: {facts['model']}, "
+        + " / ".join(f"{', '.join(t)}" for t in facts["matrices"])
+        + " compressed",
         "",
         f"- started {facts['date']}, {facts['minutes']:.1f} min; machine: {facts['machine']}",
         f"- load average at start {facts['load_start']}, at end {facts['load_end']} (1 / 5 / 15"
@@ -616,8 +698,10 @@ def markdown(facts: dict[str, Any], records: list[dict[str, Any]]) -> str:
     dense_rows = [r for r in records if r["method"] == "dense"]
     for ratio in facts["ratios"]:
         rows = dense_rows + [r for r in records if r["ratio"] == ratio]
-        lines += [f"## Ratio {ratio:g}", "", *tables(rows, ref)]
-    return "\n".join([*lines, *notes(records, ref)]) + "\n"
+        sets = {m for r in rows if r["method"] != "dense" for m in r["matrices"]}
+        shown = {m: ref for m, ref in refs.items() if m in sets}
+        lines += [f"## Ratio {ratio:g}", "", *tables(rows, shown or refs)]
+    return "\n".join([*lines, *notes(records, refs)]) + "\n"
 
 
 def main() -> None:
@@ -646,7 +730,7 @@ def main() -> None:
     }
     facts = {
         "model": args.model,
-        "targets": TARGETS,
+        "matrices": [matrices_of(m).split(",") for m in dict.fromkeys(args.methods)],
         "ratios": args.ratios,
         "methods": args.methods,
         "quick": args.quick,

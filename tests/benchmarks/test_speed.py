@@ -17,24 +17,34 @@ def test_quick_run_measures_dense_runtime_and_decoded_models(llama_folder, tmp_p
         ("dense", "dense"),
     ]
     assert not [r for r in records if "error" in r]
-    assert records[1]["module_classes"] == ["LowRankLinear"]
-    assert records[1]["modules_bytes"] < records[0]["modules_bytes"]  # factors: fewer bytes
+    mlp = "up,gate,down"
+    assert records[1]["modules"][mlp]["module_classes"] == ["LowRankLinear"]
+    dense_bytes = records[0]["modules"][mlp]["modules_bytes"]
+    assert records[1]["modules"][mlp]["modules_bytes"] < dense_bytes  # factors: fewer bytes
     assert "--quick: a smoke test" in (tmp_path / "speed.md").read_text()
 
 
+@pytest.mark.parametrize(
+    ("method", "matrices"), [("ffn-neurons", "up,gate,down"), ("attn-dims", "q,k,v,o")]
+)
 @pytest.mark.usefixtures("children_in_this_process")
-def test_a_structured_method_is_also_timed_as_its_exported_plain_model(llama_folder, tmp_path):
-    args = ["--quick", "--threads", "1", "--ratios", "1.5", "--methods", "ffn-neurons"]
+def test_a_structured_method_is_also_timed_as_its_exported_plain_model(
+    llama_folder, tmp_path, method, matrices
+):
+    args = ["--quick", "--threads", "1", "--ratios", "1.5", "--methods", method]
     run_script("speed", *args, "--model", llama_folder, "--out", str(tmp_path))
     records = json.loads((tmp_path / "speed.json").read_text())["records"]
     assert [(r["method"], r["runtime"]) for r in records] == [
         ("dense", "dense"),
-        ("ffn-neurons", "runtime"),
-        ("ffn-neurons", "decoded"),
-        ("ffn-neurons", "exported"),
+        (method, "runtime"),
+        (method, "decoded"),
+        (method, "exported"),
         ("dense", "dense"),
     ]
     assert not [r for r in records if "error" in r]
-    exported = records[3]
-    assert exported["paths"] == records[0]["paths"] == records[1]["paths"]  # up, gate, down
-    assert exported["modules_bytes"] < records[0]["modules_bytes"]  # smaller matrices
+    assert records[2]["same_as"] == "runtime"  # smaller nn.Linear modules: nothing to decode
+    dense, runtime, exported = (records[i]["modules"][matrices] for i in (0, 1, 3))
+    assert exported["paths"] == dense["paths"] == runtime["paths"]  # the same matrices
+    assert exported["modules_bytes"] < dense["modules_bytes"]  # smaller matrices
+    report = (tmp_path / "speed.md").read_text()
+    assert f"Compressed modules alone (the {matrices} matrices" in report
