@@ -908,6 +908,19 @@ def test_compress_says_when_it_refines_by_the_methods_default(
     assert ("refining each block 40 steps, attn-dims's default" in stdout) == said
 
 
+@pytest.mark.parametrize(("flags", "said"), [([], True), (["--calibration-samples", "8"], False)])
+def test_compress_says_when_it_calibrates_on_the_methods_default(
+    monkeypatch, tiny_folder, tmp_path, flags, said
+):
+    forbid_loading(monkeypatch)
+    args = ["--method", "ffn-neurons", "--ratio", "1.5", "--targets", "ffn", *flags]
+    code, stdout, _ = invoke(
+        "compress", str(tiny_folder), *args, "-o", str(tmp_path / "o"), "--dry-run"
+    )
+    assert code == 0, stdout
+    assert ("calibrating on 128 windows of 512 tokens, ffn-neurons's default" in stdout) == said
+
+
 def test_a_compress_beyond_the_available_memory_is_refused_before_loading(
     monkeypatch, tiny_folder, tmp_path
 ):

@@ -107,6 +107,33 @@ def test_a_recipe_without_refine_takes_its_methods_own_steps(fields, steps):
     assert Recipe.parse({"ratio": 1.25, **fields}).refine.steps == steps
 
 
+@pytest.mark.parametrize(
+    ("fields", "size"),
+    [
+        ({"method": "ffn-neurons", "targets": ["ffn"]}, (128, 512)),
+        ({"method": "ffn=ffn-neurons;attn=attn-dims"}, (128, 512)),
+        ({"method": "ffn-neurons", "targets": ["ffn"], "calibration": {"seed": 3}}, (128, 512)),
+        ({"method": "ffn-neurons", "targets": ["ffn"], "calibration": {"samples": 32}}, (32, 256)),
+        ({"method": "attn-dims", "targets": ["attn"]}, (64, 256)),
+    ],
+)
+def test_a_recipe_without_a_calibration_size_takes_its_methods_own(fields, size):
+    calibration = Recipe.parse({"ratio": 1.25, **fields}).calibration
+    assert (calibration.samples, calibration.seq_len) == size
+
+
+def test_a_new_method_beside_a_recipe_takes_its_own_calibration_unless_the_recipe_gave_one():
+    default = Recipe.parse({"ratio": 1.25, "method": "ffn-neurons", "targets": ["ffn"]})
+    assert default.methods_calibration()
+    other = default.override({"method": "svdllm", "targets": ["up"]})[0]
+    assert (other.calibration.samples, other.calibration.seq_len) == (64, 256)
+    assert not other.methods_calibration()
+    again = Recipe.parse(default.model_dump(mode="json"))  # as an artifact records it
+    assert (again.calibration.samples, again.calibration.seq_len) == (128, 512)
+    given = default.override({"calibration": {"seq_len": 128}})[0]
+    assert (given.calibration.samples, given.calibration.seq_len) == (64, 128)
+
+
 def test_a_new_method_beside_a_recipe_takes_its_own_refinement_unless_the_recipe_gave_one():
     change = {"method": "ffn-neurons", "targets": ["ffn"]}
     default = Recipe.parse({"ratio": 1.25, "method": "attn-dims", "targets": ["attn"]})

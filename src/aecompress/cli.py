@@ -136,10 +136,11 @@ def compress(
     ] = None,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     calibration_samples: Annotated[
-        int | None, typer.Option(help="calibration windows (default 64)")
+        int | None, typer.Option(help="calibration windows (default 64; ffn-neurons 128)")
     ] = None,
     calibration_seq_len: Annotated[
-        int | None, typer.Option(help="tokens per calibration window (default 256)")
+        int | None,
+        typer.Option(help="tokens per calibration window (default 256; ffn-neurons 512)"),
     ] = None,
     calibration_data: Annotated[
         str | None,
@@ -213,6 +214,12 @@ def compress(
     if plan.refine.steps and "refine" not in plan.model_fields_set:
         steps = plan.refine.steps
         typer.echo(f"refining each block {steps} steps, {plan.method}'s default (--refine 0: none)")
+    if plan.methods_calibration():
+        size = f"{plan.calibration.samples} windows of {plan.calibration.seq_len} tokens"
+        typer.echo(
+            f"calibrating on {size}, {plan.method}'s default "
+            "(--calibration-samples / --calibration-seq-len: others)"
+        )
     plan.calibration.check()
     available = available_memory()
     estimate = _memory_estimate(model, plan, available, dry_run)

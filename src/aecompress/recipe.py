@@ -13,6 +13,7 @@ from aecompress.budget import ratio_problem
 from aecompress.calibration import CalibrationConfig, Seed
 from aecompress.errors import AecompressError, describe, first_line
 from aecompress.methods import make_method
+from aecompress.methods.base import Method
 from aecompress.methods.stage import QuantStage
 from aecompress.targets import check_target, parse_grouping
 
@@ -162,7 +163,27 @@ class Recipe(BaseModel):
         if "refine" not in self.model_fields_set and self.pipeline != "independent":
             steps = max(method.refine_steps for method in methods)
             object.__setattr__(self, "refine", RefineConfig(steps=steps))  # the methods' own
+        object.__setattr__(self, "calibration", self._methods_calibration(methods))
         return self
+
+    def _methods_calibration(self, methods: list[Method]) -> CalibrationConfig:
+        """The calibration with the methods' own samples and seq_len (the most any asks
+        for, Method.calibration_size) where the recipe sets neither; still counted as
+        not given, so a recipe overridden with another method takes that one's."""
+        given = self.calibration.model_fields_set
+        sizes = [m.calibration_size for m in methods if m.calibration_size]
+        if not sizes or given & {"samples", "seq_len"}:
+            return self.calibration
+        own = {"samples": max(s for s, _ in sizes), "seq_len": max(t for _, t in sizes)}
+        values = {**self.calibration.model_dump(), **own}
+        return CalibrationConfig.model_construct(_fields_set=set(given), **values)
+
+    def methods_calibration(self) -> bool:
+        """Whether the calibration size is the methods' own (none given)."""
+        default = CalibrationConfig()
+        size = (self.calibration.samples, self.calibration.seq_len)
+        given = self.calibration.model_fields_set & {"samples", "seq_len"}
+        return not given and size != (default.samples, default.seq_len)
 
     def rules(self) -> list[MethodRule]:
         """The method rules this recipe means, each with its targets and options."""
@@ -199,6 +220,9 @@ class Recipe(BaseModel):
         data = self.model_dump(mode="json")
         if "refine" not in self.model_fields_set:  # the methods' own: theirs again
             del data["refine"]
+        data["calibration"] = self.calibration.model_dump(
+            mode="json", include=self.calibration.model_fields_set
+        )
         if "method" in fields and "options" not in fields:
             fields = {**fields, "options": {}}
         if "refine" in fields:

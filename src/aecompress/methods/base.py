@@ -237,6 +237,9 @@ class Method(ABC):
     # block refinement steps (recipe `refine`) when the recipe gives none, chosen on
     # validation for the method; the most any method of a recipe asks for is run
     refine_steps: ClassVar[int] = 0
+    # calibration windows (samples, tokens each) when the recipe sets neither, chosen on
+    # validation for the method; the most any method of a recipe asks for is used
+    calibration_size: ClassVar[tuple[int, int] | None] = None
 
     def __init__(self, options: MethodOptions) -> None:
         self.options = options

@@ -130,6 +130,7 @@ class FfnNeurons(StructuredMethod):
     kind = "ffn"
     removes = "whole MLP neurons"
     parts = "up, gate and down"
+    calibration_size = (128, 512)  # 4x the default tokens: chosen on validation
 
     def cost(self, width: Width, spec: GroupSpec) -> int:
         assert isinstance(width, int)
