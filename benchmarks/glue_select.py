@@ -4,7 +4,7 @@ For each task, the dense model is fine-tuned at each learning rate of a small gr
 training set less a seeded 10% (task option split=heldout) and scored on that 10%; the
 dev set is never read. The rate with the best first metric of the task (MRPC accuracy,
 RTE accuracy, STS-B Pearson) is chosen, once per task, and fixed for every cell of
-recipes/glue-finetune.yaml, which reports dev. One JSON line per (task, rate) in
+recipes/glue-selected.yaml, which reports dev. One JSON line per (task, rate) in
 `--results` (a re-run skips those done), then selection.md beside it.
 
     OMP_NUM_THREADS=1 python benchmarks/glue_select.py \
@@ -55,7 +55,7 @@ def report(records: dict[tuple[str, float], dict], tasks: list[str], started: st
         "all-MiniLM-L6-v2, fine-tuned on each task's training set less a seeded 10% "
         "(`split: heldout`, `heldout: 0.1`, `heldout_seed: 0`) and scored on that 10%; the "
         "dev set is never read here. The best first metric chooses the rate, which "
-        "recipes/glue-finetune.yaml then fixes for every cell (dense and compressed), "
+        "recipes/glue-selected.yaml then fixes for every cell (dense and compressed), "
         "reported on dev.",
         "",
         *markdown_table(("task", "lr", "held-out metrics", ""), rows),

@@ -182,8 +182,9 @@ def sliced_attention(cls: type[nn.Module]) -> type[nn.Module]:
 
 @register
 class AttnDims(StructuredMethod):
-    """Keeps `width` dims of every attention head: rotary pairs of q / k, a whitened
-    low-rank refit of v / o (module docstring)."""
+    """Keeps `width` dims of every attention head: whole rotary pairs of q / k by score,
+    a whitened low-rank refit of v / o per key-value group, then 40 steps of block
+    refinement by default."""
 
     name = "attn-dims"
     Options = AttnDimsOptions
