@@ -895,30 +895,30 @@ def test_a_dry_run_prints_the_expected_peak_of_both_paths_and_does_no_work(
     assert not out.exists()
 
 
-@pytest.mark.parametrize(("flags", "said"), [([], True), (["--refine", "0"], False)])
-def test_compress_says_when_it_refines_by_the_methods_default(
-    monkeypatch, tiny_folder, tmp_path, flags, said
+REFINES = ("attn-dims", "attn", "refining each block 40 steps, attn-dims's default")
+CALIBRATES = ("ffn-neurons", "ffn", "calibrating on 128 windows of 512 tokens, ffn-neurons's")
+
+
+@pytest.mark.parametrize(
+    ("default", "flags", "said"),
+    [
+        (REFINES, [], True),
+        (REFINES, ["--refine", "0"], False),
+        (CALIBRATES, [], True),
+        (CALIBRATES, ["--calibration-samples", "8"], False),
+    ],
+)
+def test_compress_says_when_it_takes_a_methods_own_default(
+    monkeypatch, tiny_folder, tmp_path, default, flags, said
 ):
     forbid_loading(monkeypatch)
-    args = ["--method", "attn-dims", "--ratio", "1.5", "--targets", "attn", *flags]
+    method, targets, line = default
+    args = ["--method", method, "--ratio", "1.5", "--targets", targets, *flags]
     code, stdout, _ = invoke(
         "compress", str(tiny_folder), *args, "-o", str(tmp_path / "o"), "--dry-run"
     )
     assert code == 0, stdout
-    assert ("refining each block 40 steps, attn-dims's default" in stdout) == said
-
-
-@pytest.mark.parametrize(("flags", "said"), [([], True), (["--calibration-samples", "8"], False)])
-def test_compress_says_when_it_calibrates_on_the_methods_default(
-    monkeypatch, tiny_folder, tmp_path, flags, said
-):
-    forbid_loading(monkeypatch)
-    args = ["--method", "ffn-neurons", "--ratio", "1.5", "--targets", "ffn", *flags]
-    code, stdout, _ = invoke(
-        "compress", str(tiny_folder), *args, "-o", str(tmp_path / "o"), "--dry-run"
-    )
-    assert code == 0, stdout
-    assert ("calibrating on 128 windows of 512 tokens, ffn-neurons's default" in stdout) == said
+    assert (line in stdout) == said
 
 
 def test_a_compress_beyond_the_available_memory_is_refused_before_loading(
