@@ -382,8 +382,7 @@ def run(args: argparse.Namespace, device: str, work: Path) -> list[dict[str, Any
         print(json.dumps(shown), flush=True)
         return record
 
-    every = list(dict.fromkeys(matrices_of(m) for m in args.methods))
-    dense = {"method": "dense", "ratio": None, "matrices": every}
+    dense = {"method": "dense", "ratio": None, "matrices": matrix_sets(args.methods)}
     measured({**dense, "when": "start"}, model, "dense")
     calibration = {"samples": args.calibration_samples, "seq_len": 128 if args.quick else 256}
     for ratio in args.ratios:
@@ -433,6 +432,11 @@ def matrices_of(method: str) -> str:
     return ",".join(
         MATRICES[STRUCTURED_TARGETS[method]] if method in STRUCTURED_TARGETS else TARGETS
     )
+
+
+def matrix_sets(methods: list[str]) -> list[str]:
+    """The distinct sets of matrices the methods compress, in order (matrices_of)."""
+    return list(dict.fromkeys(matrices_of(m) for m in methods))
 
 
 def module_classes(record: dict[str, Any]) -> list[str]:
@@ -730,7 +734,7 @@ def main() -> None:
     }
     facts = {
         "model": args.model,
-        "matrices": [matrices_of(m).split(",") for m in dict.fromkeys(args.methods)],
+        "matrices": [m.split(",") for m in matrix_sets(args.methods)],
         "ratios": args.ratios,
         "methods": args.methods,
         "quick": args.quick,

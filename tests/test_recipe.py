@@ -124,10 +124,10 @@ def test_a_recipe_without_a_calibration_size_takes_its_methods_own(fields, size)
 
 def test_a_new_method_beside_a_recipe_takes_its_own_calibration_unless_the_recipe_gave_one():
     default = Recipe.parse({"ratio": 1.25, "method": "ffn-neurons", "targets": ["ffn"]})
-    assert default.methods_calibration()
+    assert default.calibration_is_methods_own()
     other = default.override({"method": "svdllm", "targets": ["up"]})[0]
     assert (other.calibration.samples, other.calibration.seq_len) == (64, 256)
-    assert not other.methods_calibration()
+    assert not other.calibration_is_methods_own()
     again = Recipe.parse(default.model_dump(mode="json"))  # as an artifact records it
     assert (again.calibration.samples, again.calibration.seq_len) == (128, 512)
     given = default.override({"calibration": {"seq_len": 128}})[0]

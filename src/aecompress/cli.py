@@ -214,7 +214,7 @@ def compress(
     if plan.refine.steps and "refine" not in plan.model_fields_set:
         steps = plan.refine.steps
         typer.echo(f"refining each block {steps} steps, {plan.method}'s default (--refine 0: none)")
-    if plan.methods_calibration():
+    if plan.calibration_is_methods_own():
         size = f"{plan.calibration.samples} windows of {plan.calibration.seq_len} tokens"
         typer.echo(
             f"calibrating on {size}, {plan.method}'s default "

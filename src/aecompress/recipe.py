@@ -178,7 +178,7 @@ class Recipe(BaseModel):
         values = {**self.calibration.model_dump(), **own}
         return CalibrationConfig.model_construct(_fields_set=set(given), **values)
 
-    def methods_calibration(self) -> bool:
+    def calibration_is_methods_own(self) -> bool:
         """Whether the calibration size is the methods' own (none given)."""
         default = CalibrationConfig()
         size = (self.calibration.samples, self.calibration.seq_len)
