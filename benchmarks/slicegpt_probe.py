@@ -8,9 +8,11 @@ becomes [out, d'] or [d', in]. Both of its forms are simulated exactly in the de
 by projecting the residual stream onto the kept directions P wherever it is written (after
 the embedding and after each attention and MLP residual add), so every norm and matrix
 reading it lives there:
-- one rotation: one P for the whole stream, fitted on every RMSNorm's input. Nothing is
-  stored beyond the sliced matrices (plus a d x d' projection after the embedding and
-  before the final norm, which keeps a tied head tied): a plain config with hidden size d'.
+- one rotation: one P for the whole stream, fitted on every RMSNorm's input, as the
+  `slicegpt` method (aecompress.pipeline.slicing) fits it. Nothing is stored beyond the
+  sliced matrices (plus a d x d' projection after the embedding and before the final
+  norm, which keeps a tied head tied; the method unties the head instead, so that its
+  artifact is a plain config with hidden size d').
 - per block (SliceGPT as published): each residual point its own P, fitted in order on
   the stream of the model already sliced before it. Each of the 2L residual connections
   then stores a d' x d' shortcut (the change of basis between its two points), counted
@@ -43,41 +45,7 @@ from aecompress.calibration import CalibrationConfig, calibration_windows
 from aecompress.data import wikitext2_text
 from aecompress.evaluation.perplexity import window_ids, windows_perplexity
 from aecompress.models import load_model
-
-
-def normalised_gram(x: torch.Tensor) -> torch.Tensor:
-    """sum n n^T over the tokens of x [..., d], n = x / rms(x), in float64."""
-    x = x.detach().reshape(-1, x.shape[-1]).double()
-    normalised = x / x.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12)
-    return normalised.T @ normalised
-
-
-def leading(gram: torch.Tensor, width: int | None = None) -> torch.Tensor:
-    """The eigenvectors of a Gram matrix by decreasing eigenvalue, the first `width`."""
-    values, vectors = torch.linalg.eigh(gram)
-    return vectors[:, values.argsort(descending=True)[:width]].float()
-
-
-def principal_directions(model: Any, windows: torch.Tensor) -> torch.Tensor:
-    """Q [d, d] of a Llama-style causal LM: the principal directions of every RMSNorm's
-    input together (one rotation)."""
-    size = model.config.hidden_size
-    gram = torch.zeros(size, size, dtype=torch.float64)
-
-    def add(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        gram.add_(normalised_gram(args[0]))
-
-    layers = model.model.layers
-    norms = [m for layer in layers for m in (layer.input_layernorm, layer.post_attention_layernorm)]
-    handles = [m.register_forward_pre_hook(add) for m in [*norms, model.model.norm]]
-    try:
-        with torch.no_grad():
-            for batch in windows.split(8):
-                model(input_ids=batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return leading(gram)
+from aecompress.pipeline.slicing import leading, normalised_gram, stream_directions
 
 
 def residual_points(model: Any) -> int:
@@ -97,7 +65,7 @@ def sliced_stream(model: Any, bases: list[torch.Tensor], fit: int | None = None)
     def project(stream: torch.Tensor) -> torch.Tensor:
         i = next(point)
         if fit is not None:
-            bases.append(leading(normalised_gram(stream), fit))
+            bases.append(leading(normalised_gram(stream), fit).float())
         return stream @ (bases[i] @ bases[i].T)
 
     def embedded(_module: nn.Module, _args: object, output: torch.Tensor) -> torch.Tensor:
@@ -178,7 +146,7 @@ def main() -> None:
         return [f"{windows_perplexity(model, ids):.2f}" for ids in splits.values()]
 
     rows = [("dense", size, "1.000", *scores())]
-    rotation = principal_directions(model, windows)
+    rotation = stream_directions(model, windows, progress=False).float()
     for ratio in args.ratios:
         width = round(size / ratio)
         with sliced_stream(model, [rotation[:, :width]] * points):

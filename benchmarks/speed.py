@@ -1,10 +1,11 @@
 """Speed and memory benchmark (issue 13): dense against compressed runtimes, at run time.
 
 SmolLM2-135M with its MLP matrices (up, gate, down: 90 matrices; attn-dims: the attention
-matrices q, k, v, o) compressed at each ratio by each method, saved as an artifact, then
-loaded in a fresh process per configuration: the dense base, the method's runtime modules
-(`aecompress.load(ART)`: LowRankLinear for svd, DecodedLinear for the AE with `runtime:
-decoder`, a dense nn.Linear for sparse methods) and the decoded model
+matrices q, k, v, o; slicegpt: every linear layer of the blocks) compressed at each ratio
+by each method, saved as an artifact, then loaded in a fresh process per configuration:
+the dense base, the method's runtime modules (`aecompress.load(ART)`: LowRankLinear for
+svd, DecodedLinear for the AE with `runtime: decoder`, a dense nn.Linear for sparse
+methods, slicegpt's smaller model as it is) and the decoded model
 (`aecompress.load(ART, decode=True)`). Measured per configuration: the compressed modules
 alone (inputs of 512 tokens and of 1 token, summed over the modules; the dense model's
 same modules beside them) and their bytes; the whole model's prefill latency (1 x 512 and
@@ -52,11 +53,20 @@ from common import command, fp32_copy, load_average, machine, run_process
 
 MODEL = "smollm2-135m"
 TARGETS = ["up", "gate", "down"]
-# Structured methods (whole neurons of up, gate and down together; head dims of q, k, v, o):
-# their target, and the matrices timed as "modules alone". Their artifact is also exported
-# as a plain smaller model (`export --dense`), timed as a dense model (`exported` rows).
-STRUCTURED_TARGETS: dict[str, str] = {"ffn-neurons": "ffn", "attn-dims": "attn"}
-MATRICES: dict[str, list[str]] = {"ffn": TARGETS, "attn": ["q", "k", "v", "o"]}
+# Structured methods (whole neurons of up, gate and down together; head dims of q, k, v, o;
+# slicegpt: the residual stream every linear layer reads or writes): their targets, and
+# the matrices timed as "modules alone". Their artifact is also exported as a plain
+# smaller model (`export --dense`), timed as a dense model (`exported` rows).
+STRUCTURED_TARGETS: dict[str, list[str]] = {
+    "ffn-neurons": ["ffn"],
+    "attn-dims": ["attn"],
+    "slicegpt": [],  # its own: every linear layer of the blocks
+}
+MATRICES: dict[str, list[str]] = {
+    "ffn-neurons": TARGETS,
+    "attn-dims": ["q", "k", "v", "o"],
+    "slicegpt": ["q", "k", "v", "o", *TARGETS],
+}
 METHODS = ("svd", "ae", "sparsegpt")
 RATIOS = (1.25, 2.0, 4.0)
 # Method options for this benchmark (cheapest valid; quality is not measured here). The
@@ -137,9 +147,7 @@ def compress(spec: dict[str, Any]) -> dict[str, Any]:
         method=spec["method"],
         options=spec["options"],
         ratio=spec["ratio"],
-        targets=[STRUCTURED_TARGETS[spec["method"]]]
-        if spec["method"] in STRUCTURED_TARGETS
-        else TARGETS,
+        targets=STRUCTURED_TARGETS.get(spec["method"], TARGETS),
         pipeline="independent",
         calibration=spec["calibration"],
     )
@@ -175,12 +183,15 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
                 tensor.data = tensor.data.clone()
     else:
         model = aecompress.load(folder, decode=runtime == "decoded")
+        manifest = load_manifest(folder)
         members = [
             Target(m.path, g.family, m.layer, m.kind, m.part)
-            for g in load_manifest(folder).groups
+            for g in manifest.groups
             for m in g.members
         ]
         sets = {spec["matrices"][0]: [n for member in members for n in covered_names(member)]}
+        if manifest.sliced:  # no groups: the model's own smaller matrices
+            sets = {m: [t.path for t in resolve_targets(model, m.split(","))] for m in sets}
     load_seconds = time.perf_counter() - start
     loaded_rss = settled_rss() - floor
     model.eval()
@@ -317,10 +328,11 @@ def parse_args() -> argparse.Namespace:
     if args.child:
         return args
     from aecompress.methods import METHODS as REGISTERED
+    from aecompress.pipeline.slicing import SLICEGPT
 
-    unknown = set(args.methods) - set(REGISTERED)
-    if unknown:
-        parser.error(f"unknown methods {sorted(unknown)}: use {sorted(REGISTERED)}")
+    known = {*REGISTERED, SLICEGPT}
+    if unknown := set(args.methods) - known:
+        parser.error(f"unknown methods {sorted(unknown)}: use {sorted(known)}")
     if any(not r > 1 for r in args.ratios):
         parser.error("ratios must be greater than 1")
     if args.quick:
@@ -429,9 +441,7 @@ def run(args: argparse.Namespace, device: str, work: Path) -> list[dict[str, Any
 
 def matrices_of(method: str) -> str:
     """The matrices a method compresses here, comma-joined (its modules-alone set)."""
-    return ",".join(
-        MATRICES[STRUCTURED_TARGETS[method]] if method in STRUCTURED_TARGETS else TARGETS
-    )
+    return ",".join(MATRICES.get(method, TARGETS))
 
 
 def matrix_sets(methods: list[str]) -> list[str]:

@@ -6,8 +6,9 @@ import sys
 
 import pytest
 
-from aecompress.catalog import method_catalog, summary
+from aecompress.catalog import method_catalog, summary, whole_model_catalog
 from aecompress.methods import METHODS
+from aecompress.pipeline import slicing
 
 
 def test_catalog_equals_the_registry():
@@ -17,6 +18,12 @@ def test_catalog_equals_the_registry():
         entry = catalog[name]
         assert entry.summary == summary(cls.__doc__)
         assert entry.options == tuple(cls.Options.model_fields)
+
+
+def test_whole_model_methods_are_described_by_their_module():
+    (entry,) = whole_model_catalog().values()
+    assert entry.name == slicing.SLICEGPT and entry.summary == summary(slicing.__doc__)
+    assert entry.name not in METHODS  # it fits no groups
 
 
 def test_catalog_follows_inherited_options_and_names(tmp_path):

@@ -68,6 +68,21 @@ def test_compress_inspect_evaluate(tiny_folder, tmp_path):
     assert dense > 1 and compressed > 1
 
 
+def test_compress_slicegpt_says_what_the_whole_model_became(tiny_folder, tmp_path):
+    out = tmp_path / "art"
+    flags = ["--method", "slicegpt", "--ratio", "2", "--calibration-samples", "4"]
+    code, stdout, _ = invoke("compress", str(tiny_folder), *flags, "-o", str(out))
+    assert code == 0, stdout
+    assert "residual stream cut from 32 to 16 directions (the output head untied)" in stdout
+    assert "the blocks' linear layers, 18,432 weights" in stdout and "(ratio 2.000;" in stdout
+    code, stdout, _ = invoke("inspect", str(out))
+    assert code == 0 and "residual stream cut by slicegpt: 32 -> 16 directions" in stdout
+    code, _, err = invoke(
+        "export", str(out), str(tmp_path / "ct"), "--format", "compressed-tensors"
+    )
+    assert "a sliced model is plain): export it with --dense" in one_error(code, err)
+
+
 @pytest.mark.parametrize(
     "args,message",
     [

@@ -141,3 +141,25 @@ def test_a_new_method_beside_a_recipe_takes_its_own_refinement_unless_the_recipe
     given = Recipe.parse({"ratio": 1.25, "method": "attn-dims", "targets": ["attn"], "refine": 40})
     assert given.override(change)[0].refine.steps == 40
     assert given.override({"refine": 5})[0].refine.steps == 5
+
+
+def test_slicegpt_targets_every_linear_layer_of_the_blocks_and_fits_no_groups():
+    recipe = Recipe.parse({"method": "slicegpt", "ratio": 1.25})
+    assert recipe.slices_stream and recipe.rules() == []
+    assert recipe.targets == ["q", "k", "v", "o", "up", "gate", "down"]
+    assert recipe.refine.steps == 0
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"targets": ["up", "gate", "down"]}, "give those targets .or none., not up, gate, down"),
+        ({"quantize": "int4:g64"}, "takes no quantize"),
+        ({"refine": 10, "allocate": "sensitivity"}, "takes no refine, allocate"),
+        ({"options": {"select": "leverage"}, "group": "layers"}, "takes no options, group"),
+        ({"stream": True}, "takes no stream"),
+    ],
+)
+def test_slicegpt_refuses_the_matrix_methods_settings(fields, message):
+    with pytest.raises(AecompressError, match=message):
+        Recipe.parse({"method": "slicegpt", "ratio": 1.25, **fields})

@@ -15,6 +15,8 @@ from functools import cache
 from pathlib import Path
 
 METHODS_DIR = Path(__file__).parent / "methods"
+# methods that rewrite the whole model instead of fitting matrix groups: name -> module
+WHOLE_MODEL = {"slicegpt": Path(__file__).parent / "pipeline" / "slicing.py"}
 
 
 @dataclass(frozen=True)
@@ -111,3 +113,13 @@ def method_catalog(root: Path = METHODS_DIR) -> dict[str, MethodEntry]:
             tuple(classes.fields(option_class)),
         )
     return dict(sorted(entries.items()))
+
+
+@cache
+def whole_model_catalog() -> dict[str, MethodEntry]:
+    """The methods that rewrite the whole model (no options), described by the first
+    paragraph of their module's docstring."""
+    return {
+        name: MethodEntry(name, summary(ast.get_docstring(ast.parse(path.read_text()))), ())
+        for name, path in WHOLE_MODEL.items()
+    }

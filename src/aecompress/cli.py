@@ -235,8 +235,16 @@ def compress(
     seconds = time.perf_counter() - start
     manifest = read_manifest(output)
     totals = manifest["totals"]
+    what = f"{len(manifest['groups'])} groups"
+    if sliced := manifest.get("sliced"):
+        what = "the blocks' linear layers"
+        typer.echo(
+            f"residual stream cut from {sliced['hidden_size']} to {sliced['width']} directions "
+            f"(the output head untied); whole model {int(totals['model_params_dense']):,} -> "
+            f"{int(totals['model_params_artifact']):,} parameters"
+        )
     typer.echo(
-        f"{len(manifest['groups'])} groups of {int(totals['target_params']):,} weights: "
+        f"{what}, {int(totals['target_params']):,} weights: "
         f"{int(totals['target_bits']):,} -> {int(totals['stored_bits']):,} bits (ratio "
         f"{totals['ratio']:.3f}; number ratio "
         f"{totals['number_ratio']:.3f}) in {seconds:.1f} s"
@@ -381,11 +389,11 @@ def export(
 def methods() -> None:
     """List the compression methods: what each stores and minimises, its options, and which
     is recommended (the default of `compress`) for which kind of model."""
-    from aecompress.catalog import method_catalog
+    from aecompress.catalog import method_catalog, whole_model_catalog
 
     typer.echo("| method | what it stores and minimises | options | recommended for |")
     typer.echo("|---|---|---|---|")
-    for entry in method_catalog().values():
+    for entry in [*method_catalog().values(), *whole_model_catalog().values()]:
         summary = entry.summary.replace("|", "\\|")
         kinds = [r.label for r in RECOMMENDED.values() if r.method == entry.name]
         typer.echo(
@@ -477,6 +485,8 @@ def _method_fields(
     """The recipe's method, options, ratio and targets: those given, the rest from the
     setting recommended for the model's kind (recommended.py), said in one line."""
     rules = method is not None and "=" in method
+    if method == "slicegpt" and targets is None:
+        targets = ""  # the recipe's: every linear layer of the blocks
     if method is not None and ratio is not None and (targets is not None or rules):
         return {"method": method, "options": options, "ratio": ratio, "targets": targets or []}
     from aecompress.models import model_kind

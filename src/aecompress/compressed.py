@@ -18,7 +18,7 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from aecompress.budget import stored_bits, stored_numel
+from aecompress.budget import float_bits, stored_bits, stored_numel
 from aecompress.methods import Method, Stored
 from aecompress.substitution import inject, restore
 from aecompress.targets import STRUCTURED_PARTS, Group, Target, structured_path
@@ -63,6 +63,19 @@ class CompressedGroup:
         return self.original_numel / self.stored_numel
 
 
+@dataclass(frozen=True)
+class SlicedStream:
+    """A residual stream cut by slicegpt (pipeline/slicing.py) from `hidden_size` to
+    `width` directions: the numbers of the blocks' linear layers (its targets) before and
+    after, and of the whole base model. The sliced matrices are the model's own tensors."""
+
+    hidden_size: int
+    width: int
+    target_params: int
+    stored_params: int
+    model_params_dense: int
+
+
 @dataclass
 class CompressedModel:
     """A transformers model whose targets were replaced, and everything needed to save it."""
@@ -78,6 +91,7 @@ class CompressedModel:
     decoded: bool = False  # True when loaded with every matrix decoded to a dense weight
     aliases: dict[str, str] = field(default_factory=dict)  # tied untouched keys -> kept key
     storage_dtype: str = "float32"  # of the floating tensors in the file (integers stay)
+    sliced: SlicedStream | None = None  # the residual stream slicegpt cut (no groups then)
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write the artifact folder (atomically)."""
@@ -107,11 +121,17 @@ class CompressedModel:
         return paths + ([self.tied_output] if self.tied_output else [])
 
     def totals(self) -> dict[str, Any]:
-        """Numbers and bits of the compressed matrices, dense and stored, and both ratios."""
+        """Numbers and bits of the compressed matrices (the groups' and the sliced
+        stream's), dense and stored, and both ratios."""
         original = sum(g.original_numel for g in self.groups)
         stored = sum(g.stored_numel for g in self.groups)
         original_bits = sum(g.original_bits for g in self.groups)
         bits = sum(g.stored_bits for g in self.groups)
+        if self.sliced is not None:
+            original += self.sliced.target_params
+            stored += self.sliced.stored_params
+            original_bits += self.sliced.target_params * float_bits(self.storage_dtype)
+            bits += self.sliced.stored_params * float_bits(self.storage_dtype)
         return {
             "target_params": original,
             "stored_params": stored,

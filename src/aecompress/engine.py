@@ -11,7 +11,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from aecompress.artifact import round_to_storage
 from aecompress.budget import check_ratio
-from aecompress.compressed import CompressedModel
+from aecompress.compressed import CompressedGroup, CompressedModel
 from aecompress.errors import AecompressError
 from aecompress.evaluation.validation import validation_metric
 from aecompress.models import (
@@ -27,6 +27,7 @@ from aecompress.pipeline.allocate import allocate
 from aecompress.pipeline.independent import run_independent
 from aecompress.pipeline.plan import PlannedGroup, plan_groups, storage_dtype
 from aecompress.pipeline.sequential import compensates, run_sequential
+from aecompress.pipeline.slicing import slice_model
 from aecompress.recipe import Recipe
 from aecompress.targets import output_head_path, transformer_blocks, untie_embeddings
 
@@ -92,6 +93,38 @@ def compress(
     torch.manual_seed(recipe.seed)
     base_sha256 = weights_sha256(model)
     cast(nn.Module, model).to(device)
+    groups: list[CompressedGroup] = []
+    tied, sliced = None, None
+    if recipe.slices_stream:
+        sliced = slice_model(model, tokenizer, recipe.ratio, recipe.calibration, progress)
+    else:
+        groups, tied = _fitted_groups(model, tokenizer, recipe, base_sha256, progress)
+    compressed = CompressedModel(
+        model,
+        tokenizer,
+        recipe.model_dump(mode="json"),
+        groups,
+        base_model=source,
+        auto_class=auto_class or auto_class_for(model),
+        base_sha256=base_sha256,
+        tied_output=tied,
+        sliced=sliced,
+    )
+    round_to_storage(
+        compressed, storage_dtype(recipe, model), "runtime" if build_modules else "deferred"
+    )
+    return compressed
+
+
+def _fitted_groups(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase | None,
+    recipe: Recipe,
+    base_sha256: str,
+    progress: bool,
+) -> tuple[list[CompressedGroup], str | None]:
+    """Plan the recipe's groups and fit them on the pipeline it chooses; returns them and
+    the output head that shares a compressed embedding, if any."""
     if recipe.untie_embeddings:
         untie_embeddings(model)
     planned = plan_groups(model, recipe)
@@ -121,17 +154,4 @@ def compress(
         )
     else:
         groups = run_independent(model, tokenizer, planned, **common)
-    compressed = CompressedModel(
-        model,
-        tokenizer,
-        recipe.model_dump(mode="json"),
-        groups,
-        base_model=source,
-        auto_class=auto_class or auto_class_for(model),
-        base_sha256=base_sha256,
-        tied_output=tied,
-    )
-    round_to_storage(
-        compressed, storage_dtype(recipe, model), "runtime" if build_modules else "deferred"
-    )
-    return compressed
+    return groups, tied

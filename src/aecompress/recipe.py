@@ -15,6 +15,7 @@ from aecompress.errors import AecompressError, describe, first_line
 from aecompress.methods import make_method
 from aecompress.methods.base import Method
 from aecompress.methods.stage import QuantStage
+from aecompress.pipeline.slicing import SLICED_FAMILIES, SLICEGPT
 from aecompress.targets import check_target, parse_grouping
 
 
@@ -95,7 +96,9 @@ class Recipe(BaseModel):
     'FAMILIES=METHOD;FAMILIES=METHOD' (each method's options under its name in `options`),
     or a list of MethodRule. With rules, `targets` defaults to the rules' families.
     `quantize` (e.g. `int4:g64`, or a mapping of QuantStage's fields): the stored matrices
-    of every rule without its own stage are quantized, within the same budget.
+    of every rule without its own stage are quantized, within the same budget. `slicegpt`
+    is no matrix method: it cuts the whole residual stream (pipeline/slicing.py), its
+    targets every linear layer of the blocks.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -145,6 +148,8 @@ class Recipe(BaseModel):
 
     @model_validator(mode="after")
     def _check_rules(self) -> Recipe:
+        if self.slices_stream:
+            return self._check_slicing()
         rules = self.rules()
         if not rules or not all(r.targets for r in rules):
             raise ValueError("targets: give the target families (e.g. targets: [k, down])")
@@ -164,6 +169,38 @@ class Recipe(BaseModel):
             steps = max(method.refine_steps for method in methods)
             object.__setattr__(self, "refine", RefineConfig(steps=steps))  # the methods' own
         object.__setattr__(self, "calibration", self._methods_calibration(methods))
+        return self
+
+    @property
+    def slices_stream(self) -> bool:
+        """Whether this is slicegpt's recipe: the residual stream cut, no matrix groups."""
+        return self.method == SLICEGPT
+
+    def _check_slicing(self) -> Recipe:
+        """slicegpt's recipe: its targets are every linear layer of the blocks (the
+        default), and it takes none of the matrix methods' settings."""
+        if not self.targets:
+            object.__setattr__(self, "targets", list(SLICED_FAMILIES))
+        if sorted(self.targets) != sorted(SLICED_FAMILIES):
+            raise ValueError(
+                f"targets: slicegpt cuts the residual stream that every "
+                f"{', '.join(SLICED_FAMILIES)} of the blocks reads or writes: give those "
+                f"targets (or none), not {', '.join(self.targets)}"
+            )
+        given = {
+            "options": bool(self.options),
+            "quantize": self.quantize is not None,
+            "group": self.group != "none",
+            "pipeline": self.pipeline == "sequential",
+            "refine": bool(self.refine.steps),
+            "allocate": self.allocate != "uniform",
+            "stream": self.stream is True,
+        }
+        if unsupported := [name for name, present in given.items() if present]:
+            raise ValueError(
+                f"slicegpt rotates and cuts the whole model at once: it takes no "
+                f"{', '.join(unsupported)}"
+            )
         return self
 
     def _methods_calibration(self, methods: list[Method]) -> CalibrationConfig:
@@ -186,7 +223,10 @@ class Recipe(BaseModel):
         return not given and size != (default.samples, default.seq_len)
 
     def rules(self) -> list[MethodRule]:
-        """The method rules this recipe means, each with its targets and options."""
+        """The method rules this recipe means, each with its targets and options (none for
+        slicegpt: it fits no matrix groups)."""
+        if self.slices_stream:
+            return []
         stage = self.quantize
         if isinstance(self.method, list):
             return [

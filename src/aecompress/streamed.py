@@ -127,6 +127,8 @@ def streaming_blockers(
 ) -> list[str]:
     """Why compressing `model` as planned needs the whole model in memory, each naming
     the option; empty when it streams."""
+    if recipe.slices_stream:
+        return ["slicegpt rotates the whole model at once"]
     found = transformer_blocks(model)
     if found is None:
         return [f"{type(model).__name__} has no transformer blocks to stream"]

@@ -8,6 +8,7 @@ files' headers, never from the manifest alone.
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -16,12 +17,14 @@ from aecompress.artifact import (
     PREFIX,
     GroupEntry,
     Manifest,
+    SlicedEntry,
     check_groups,
     checked_skeleton,
     load_manifest,
     weights_header,
 )
 from aecompress.budget import float_bits
+from aecompress.errors import AecompressError
 from aecompress.methods.stage import QuantStage
 from aecompress.recipe import Recipe
 
@@ -50,10 +53,15 @@ def artifact_facts(path: str | Path) -> dict[str, Any]:
         group["code_bits"] = _code_bits(group)
     target = sum(g.original_params for g in manifest.groups)
     stored = sum(g.stored_params for g in manifest.groups)
-    target_bits = target * float_bits(manifest.storage_dtype)
     bits = sum(g.stored_bits for g in manifest.groups)
     artifact = sum(_numel(shape) for shape, _ in header.values())
     dense = artifact - stored + target
+    if manifest.sliced is not None:
+        sliced_target, sliced_stored = _sliced_numbers(path, manifest.sliced, header)
+        target, stored = target + sliced_target, stored + sliced_stored
+        bits += sliced_stored * float_bits(manifest.storage_dtype)
+        dense = manifest.sliced.model_params_dense  # the base's: not in the files
+    target_bits = target * float_bits(manifest.storage_dtype)
     data["totals"] = {
         "target_params": target,
         "stored_params": stored,
@@ -69,6 +77,27 @@ def artifact_facts(path: str | Path) -> dict[str, Any]:
         "dense_storage_dtype_bytes": float_bits(manifest.storage_dtype) // 8 * dense,
     }
     return data
+
+
+# the blocks' linear layers of a Llama-style model: a sliced stream's targets
+_SLICED_WEIGHT = re.compile(r"model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight")
+
+
+def _sliced_numbers(
+    path: str | Path, sliced: SlicedEntry, header: dict[str, tuple[list[int], int]]
+) -> tuple[int, int]:
+    """The numbers of the blocks' linear layers of a stream slicegpt cut, dense and
+    stored: the stored from the weights files (each matrix has one side of the stream's
+    width, so the dense is that times hidden_size / width)."""
+    stored = sum(
+        _numel(shape) for key, (shape, _) in header.items() if _SLICED_WEIGHT.fullmatch(key)
+    )
+    if stored != sliced.stored_params:
+        raise AecompressError(
+            f"{path}: its weights files hold {stored:,} numbers of the sliced matrices, its "
+            f"manifest {sliced.stored_params:,}"
+        )
+    return stored * sliced.hidden_size // sliced.width, stored
 
 
 def _method(group: dict[str, Any]) -> str:
@@ -117,6 +146,18 @@ def _header_lines(manifest: Manifest) -> list[str]:
     if manifest.tied_output:
         lines.append(f"tied output head {manifest.tied_output} shares the embedding's factors")
     return lines
+
+
+def _sliced_lines(manifest: Manifest) -> list[str]:
+    """What slicegpt stored: the stream's width, and the head it untied."""
+    sliced = manifest.sliced
+    if sliced is None:
+        return []
+    return [
+        f"residual stream cut by slicegpt: {sliced.hidden_size} -> {sliced.width} directions; "
+        "every linear layer of the blocks, the embedding and the output head (its own "
+        "matrix, no longer the embedding's) are the model's own, at the smaller width"
+    ]
 
 
 def _family_rows(data: dict[str, Any]) -> list[str]:
@@ -195,7 +236,7 @@ def describe_artifact(path: str | Path, per_matrix: bool = False) -> str:
     lines = [
         *_header_lines(manifest),
         "",
-        *rows,
+        *(rows if manifest.groups else _sliced_lines(manifest)),
         "",
         f"targets: {t['target_params']:,} weights -> {t['stored_bits']:,} bits "
         f"({t['bits_per_weight']:.3f} per weight), ratio {t['ratio']:.3f} against dense "

@@ -2,13 +2,13 @@ import torch
 from slicegpt_probe import (
     per_block_directions,
     per_block_width,
-    principal_directions,
     residual_points,
     sliced_stream,
     stream_numbers,
 )
 
 from aecompress.models import load_model
+from aecompress.pipeline.slicing import stream_directions
 from tests.benchmarks.conftest import run_script
 
 IDS = torch.randint(0, 90, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -27,7 +27,7 @@ def test_the_whole_basis_is_the_dense_model_and_a_cut_one_keeps_the_stream_in_it
     llama_folder,
 ):
     model = load_model(llama_folder).model.eval()
-    basis = principal_directions(model, IDS)
+    basis = stream_directions(model, IDS, progress=False).float()
     points = residual_points(model)
     torch.testing.assert_close(basis.T @ basis, torch.eye(basis.shape[0]), atol=1e-5, rtol=0)
     _, dense = final_norm_input(model, IDS)

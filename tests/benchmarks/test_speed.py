@@ -25,7 +25,12 @@ def test_quick_run_measures_dense_runtime_and_decoded_models(llama_folder, tmp_p
 
 
 @pytest.mark.parametrize(
-    ("method", "matrices"), [("ffn-neurons", "up,gate,down"), ("attn-dims", "q,k,v,o")]
+    ("method", "matrices"),
+    [
+        ("ffn-neurons", "up,gate,down"),
+        ("attn-dims", "q,k,v,o"),
+        ("slicegpt", "q,k,v,o,up,gate,down"),
+    ],
 )
 @pytest.mark.usefixtures("children_in_this_process")
 def test_a_structured_method_is_also_timed_as_its_exported_plain_model(

@@ -32,6 +32,11 @@ def check_exportable(manifest: Manifest) -> None:
     """Refuse, in one line naming them, groups without a compressed-tensors form: any
     method but gptq / rtn, and members that are not whole Linear matrices (embeddings,
     GPT-2's Conv1D, a part of a fused matrix)."""
+    if not manifest.groups:
+        raise AecompressError(
+            "compressed-tensors holds quantized Linear layers, and this artifact has none (a "
+            "sliced model is plain): export it with --dense"
+        )
     refused = [f"{entry.name} ({why})" for entry in manifest.groups if (why := _refusal(entry))]
     if refused:
         more = ", ..." if len(refused) > _SHOWN else ""

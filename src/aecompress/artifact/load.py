@@ -22,7 +22,7 @@ from aecompress.artifact.manifest import (
 )
 from aecompress.artifact.weights import read_weights
 from aecompress.budget import float_bits
-from aecompress.compressed import CompressedGroup, CompressedModel
+from aecompress.compressed import CompressedGroup, CompressedModel, SlicedStream
 from aecompress.errors import AecompressError, describe, first_line
 from aecompress.memory import short_of_memory
 from aecompress.methods import Method, MethodLayout, Stored, make_method
@@ -102,6 +102,7 @@ def load_compressed(
         decoded=decode,
         aliases=manifest.aliases,
         storage_dtype=manifest.storage_dtype,
+        sliced=SlicedStream(**manifest.sliced.model_dump()) if manifest.sliced else None,
     )
     _load_untouched(cm, {k: t.float() if t.is_floating_point() else t for k, t in tensors.items()})
     model.eval()

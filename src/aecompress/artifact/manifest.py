@@ -53,6 +53,17 @@ class GroupEntry(_Strict):
     number_ratio: float  # original numbers / stored numbers (the paper's)
 
 
+class SlicedEntry(_Strict):
+    """The residual stream slicegpt cut (compressed.SlicedStream): the model's own tensors
+    are the sliced ones, its config's hidden_size the width."""
+
+    hidden_size: int = Field(gt=0)
+    width: int = Field(gt=0)
+    target_params: int = Field(gt=0)
+    stored_params: int = Field(gt=0)
+    model_params_dense: int = Field(gt=0)
+
+
 class WeightsFile(_Strict):
     name: str
     bytes: int = Field(ge=0)
@@ -79,6 +90,7 @@ class Manifest(_Strict):
     tied_output: str | None
     aliases: dict[str, str]
     groups: list[GroupEntry]
+    sliced: SlicedEntry | None = None
     totals: dict[str, float]
     weights_files: list[WeightsFile] = Field(min_length=1)
 

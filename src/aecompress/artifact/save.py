@@ -4,6 +4,7 @@ streamed compression, which writes the weights a block at a time as it goes."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,10 @@ def untouched_state(
 def build_manifest(cm: CompressedModel, untouched_numel: int) -> dict[str, Any]:
     """The manifest but for what writing the folder adds (weights files, files, bytes)."""
     totals = cm.totals()
+    groups_original = sum(g.original_numel for g in cm.groups)
+    groups_stored = sum(g.stored_numel for g in cm.groups)
+    # a sliced stream's matrices are untouched tensors; its base model is counted apart
+    dense = cm.sliced.model_params_dense if cm.sliced else untouched_numel + groups_original
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -137,10 +142,11 @@ def build_manifest(cm: CompressedModel, untouched_numel: int) -> dict[str, Any]:
         "tied_output": cm.tied_output,
         "aliases": cm.aliases,
         "groups": [group_entry(g) for g in cm.groups],
+        "sliced": dataclasses.asdict(cm.sliced) if cm.sliced else None,
         "totals": {
             **totals,
-            "model_params_dense": untouched_numel + totals["target_params"],
-            "model_params_artifact": untouched_numel + totals["stored_params"],
+            "model_params_dense": dense,
+            "model_params_artifact": untouched_numel + groups_stored,
         },
     }
 
