@@ -327,10 +327,10 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if args.child:
         return args
+    from aecompress.catalog import WHOLE_MODEL
     from aecompress.methods import METHODS as REGISTERED
-    from aecompress.pipeline.slicing import SLICEGPT
 
-    known = {*REGISTERED, SLICEGPT}
+    known = {*REGISTERED, *WHOLE_MODEL}
     if unknown := set(args.methods) - known:
         parser.error(f"unknown methods {sorted(unknown)}: use {sorted(known)}")
     if any(not r > 1 for r in args.ratios):

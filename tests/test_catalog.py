@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from aecompress.catalog import method_catalog, summary, whole_model_catalog
+from aecompress.catalog import SLICEGPT, method_catalog, summary, whole_model_catalog
 from aecompress.methods import METHODS
 from aecompress.pipeline import slicing
 
@@ -22,7 +22,7 @@ def test_catalog_equals_the_registry():
 
 def test_whole_model_methods_are_described_by_their_module():
     (entry,) = whole_model_catalog().values()
-    assert entry.name == slicing.SLICEGPT and entry.summary == summary(slicing.__doc__)
+    assert entry.name == SLICEGPT and entry.summary == summary(slicing.__doc__)
     assert entry.name not in METHODS  # it fits no groups
 
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 METHODS_DIR = Path(__file__).parent / "methods"
 # methods that rewrite the whole model instead of fitting matrix groups: name -> module
-WHOLE_MODEL = {"slicegpt": Path(__file__).parent / "pipeline" / "slicing.py"}
+SLICEGPT = "slicegpt"
+WHOLE_MODEL = {SLICEGPT: Path(__file__).parent / "pipeline" / "slicing.py"}
 
 
 @dataclass(frozen=True)

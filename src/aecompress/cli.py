@@ -484,9 +484,11 @@ def _method_fields(
 ) -> dict[str, Any]:
     """The recipe's method, options, ratio and targets: those given, the rest from the
     setting recommended for the model's kind (recommended.py), said in one line."""
+    from aecompress.catalog import WHOLE_MODEL
+
     rules = method is not None and "=" in method
-    if method == "slicegpt" and targets is None:
-        targets = ""  # the recipe's: every linear layer of the blocks
+    if method in WHOLE_MODEL and targets is None:
+        targets = ""  # its own (slicegpt: every linear layer of the blocks)
     if method is not None and ratio is not None and (targets is not None or rules):
         return {"method": method, "options": options, "ratio": ratio, "targets": targets or []}
     from aecompress.models import model_kind

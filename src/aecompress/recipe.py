@@ -11,12 +11,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from aecompress.budget import ratio_problem
 from aecompress.calibration import CalibrationConfig, Seed
+from aecompress.catalog import SLICEGPT
 from aecompress.errors import AecompressError, describe, first_line
 from aecompress.methods import make_method
 from aecompress.methods.base import Method
 from aecompress.methods.stage import QuantStage
-from aecompress.pipeline.slicing import SLICED_FAMILIES, SLICEGPT
-from aecompress.targets import check_target, parse_grouping
+from aecompress.targets import STREAM_FAMILIES, check_target, parse_grouping
 
 
 class MethodRule(BaseModel):
@@ -180,11 +180,11 @@ class Recipe(BaseModel):
         """slicegpt's recipe: its targets are every linear layer of the blocks (the
         default), and it takes none of the matrix methods' settings."""
         if not self.targets:
-            object.__setattr__(self, "targets", list(SLICED_FAMILIES))
-        if sorted(self.targets) != sorted(SLICED_FAMILIES):
+            object.__setattr__(self, "targets", list(STREAM_FAMILIES))
+        if sorted(self.targets) != sorted(STREAM_FAMILIES):
             raise ValueError(
                 f"targets: slicegpt cuts the residual stream that every "
-                f"{', '.join(SLICED_FAMILIES)} of the blocks reads or writes: give those "
+                f"{', '.join(STREAM_FAMILIES)} of the blocks reads or writes: give those "
                 f"targets (or none), not {', '.join(self.targets)}"
             )
         given = {

@@ -34,6 +34,9 @@ FAMILIES = ("embed", "q", "k", "v", "o", "up", "gate", "down", "ffn", "attn")
 FFN_PARTS = ("up_proj", "gate_proj", "down_proj")
 ATTN_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj")
 STRUCTURED_PARTS = {"ffn": FFN_PARTS, "attn": ATTN_PARTS}  # kind -> the block's matrices
+# the families a Llama-style block reads the residual stream with or writes it with
+# (slicegpt's targets: cutting the stream shrinks all of them)
+STREAM_FAMILIES = ("q", "k", "v", "o", "up", "gate", "down")
 CUSTOM_PREFIX = "re:"
 CUSTOM_FAMILY = "custom"  # family of the matrices a `re:REGEX` target selects
 _LAYER = r"(?P<layer>\d+)"

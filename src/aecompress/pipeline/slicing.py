@@ -43,12 +43,10 @@ from aecompress.errors import AecompressError
 from aecompress.progress import progress_bar
 from aecompress.targets import untie_embeddings
 
-SLICEGPT = "slicegpt"
 # the families every block reads the stream with (after an RMSNorm) and writes it with
 READERS = {"self_attn": ("q_proj", "k_proj", "v_proj"), "mlp": ("up_proj", "gate_proj")}
 WRITERS = {"self_attn": "o_proj", "mlp": "down_proj"}
 NORMS = {"self_attn": "input_layernorm", "mlp": "post_attention_layernorm"}
-SLICED_FAMILIES = ("q", "k", "v", "o", "up", "gate", "down")
 SUPPORTED = ("llama",)  # model types whose blocks are exactly norm -> attention / MLP -> add
 
 
