@@ -140,3 +140,8 @@ def test_inspect_counts_the_sliced_matrices_from_the_weights_files(tokenizer, tm
     path.write_text(json.dumps(manifest))
     with pytest.raises(AecompressError, match="weights files hold 9,216 numbers of the sliced"):
         artifact_facts(tmp_path / "art")
+
+
+def test_only_a_sliced_artifact_has_the_sliced_entry(tokenizer, tmp_path):
+    compressed_tiny(tokenizer, "llama", targets=["down"]).save_pretrained(tmp_path / "art")
+    assert "sliced" not in json.loads((tmp_path / "art" / MANIFEST).read_text())

@@ -130,6 +130,8 @@ def build_manifest(cm: CompressedModel, untouched_numel: int) -> dict[str, Any]:
     groups_stored = sum(g.stored_numel for g in cm.groups)
     # a sliced stream's matrices are untouched tensors; its base model is counted apart
     dense = cm.sliced.model_params_dense if cm.sliced else untouched_numel + groups_original
+    # only a sliced model's manifest has the key: the others stay what earlier versions read
+    sliced = {"sliced": dataclasses.asdict(cm.sliced)} if cm.sliced else {}
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -142,7 +144,7 @@ def build_manifest(cm: CompressedModel, untouched_numel: int) -> dict[str, Any]:
         "tied_output": cm.tied_output,
         "aliases": cm.aliases,
         "groups": [group_entry(g) for g in cm.groups],
-        "sliced": dataclasses.asdict(cm.sliced) if cm.sliced else None,
+        **sliced,
         "totals": {
             **totals,
             "model_params_dense": dense,
