@@ -8,10 +8,11 @@ files' headers, never from the manifest alone.
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+
+from transformers import PreTrainedModel
 
 from aecompress.artifact import (
     PREFIX,
@@ -26,6 +27,7 @@ from aecompress.artifact import (
 from aecompress.budget import float_bits
 from aecompress.errors import AecompressError
 from aecompress.methods.stage import QuantStage
+from aecompress.pipeline.slicing import stream_weights
 from aecompress.recipe import Recipe
 
 
@@ -46,7 +48,7 @@ def artifact_facts(path: str | Path) -> dict[str, Any]:
     manifest = load_manifest(path)
     header = weights_header(path, manifest)
     check_groups(manifest, {k: (shape, 8 * size) for k, (shape, size) in header.items()})
-    checked_skeleton(Path(path), manifest)
+    skeleton = checked_skeleton(Path(path), manifest)
     data = manifest.model_dump(mode="json")
     for entry, group in zip(manifest.groups, data["groups"], strict=True):
         group["stored_bytes"] = _group_bytes(entry, header)
@@ -57,7 +59,7 @@ def artifact_facts(path: str | Path) -> dict[str, Any]:
     artifact = sum(_numel(shape) for shape, _ in header.values())
     dense = artifact - stored + target
     if manifest.sliced is not None:
-        sliced_target, sliced_stored = _sliced_numbers(path, manifest.sliced, header)
+        sliced_target, sliced_stored = _sliced_numbers(path, manifest.sliced, header, skeleton)
         target, stored = target + sliced_target, stored + sliced_stored
         bits += sliced_stored * float_bits(manifest.storage_dtype)
         dense = manifest.sliced.model_params_dense  # the base's: not in the files
@@ -79,19 +81,19 @@ def artifact_facts(path: str | Path) -> dict[str, Any]:
     return data
 
 
-# the blocks' linear layers of a Llama-style model: a sliced stream's targets
-_SLICED_WEIGHT = re.compile(r"model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight")
-
-
 def _sliced_numbers(
-    path: str | Path, sliced: SlicedEntry, header: dict[str, tuple[list[int], int]]
+    path: str | Path,
+    sliced: SlicedEntry,
+    header: dict[str, tuple[list[int], int]],
+    skeleton: PreTrainedModel,
 ) -> tuple[int, int]:
     """The numbers of the blocks' linear layers of a stream slicegpt cut, dense and
     stored: the stored from the weights files (each matrix has one side of the stream's
     width, so the dense is that times hidden_size / width)."""
-    stored = sum(
-        _numel(shape) for key, (shape, _) in header.items() if _SLICED_WEIGHT.fullmatch(key)
-    )
+    names = stream_weights(skeleton)
+    if missing := [name for name in names if name not in header]:
+        raise AecompressError(f"{path}: its weights files lack the sliced matrix {missing[0]}")
+    stored = sum(_numel(header[name][0]) for name in names)
     if stored != sliced.stored_params:
         raise AecompressError(
             f"{path}: its weights files hold {stored:,} numbers of the sliced matrices, its "

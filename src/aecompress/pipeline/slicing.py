@@ -41,7 +41,7 @@ from aecompress.calibration import CalibrationConfig, calibration_windows
 from aecompress.compressed import SlicedStream
 from aecompress.errors import AecompressError
 from aecompress.progress import progress_bar
-from aecompress.targets import untie_embeddings
+from aecompress.targets import STREAM_FAMILIES, resolve_targets, untie_embeddings
 
 # the families every block reads the stream with (after an RMSNorm) and writes it with
 READERS = {"self_attn": ("q_proj", "k_proj", "v_proj"), "mlp": ("up_proj", "gate_proj")}
@@ -173,14 +173,14 @@ def slice_stream(model: PreTrainedModel, basis: torch.Tensor) -> None:
     model.config.rms_norm_eps = epsilon
 
 
+def stream_weights(model: PreTrainedModel) -> list[str]:
+    """The names of the blocks' linear layers' weights (slicegpt's targets, STREAM_FAMILIES)."""
+    return [f"{target.path}.weight" for target in resolve_targets(model, list(STREAM_FAMILIES))]
+
+
 def blocks_linear_params(model: PreTrainedModel) -> int:
     """Numbers of the blocks' linear layers' weights (the targets slicegpt shrinks)."""
-    return sum(
-        module.weight.numel()
-        for layer in model.model.layers
-        for module in layer.modules()
-        if isinstance(module, nn.Linear)
-    )
+    return sum(model.get_parameter(name).numel() for name in stream_weights(model))
 
 
 def slice_model(
