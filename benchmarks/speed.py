@@ -13,9 +13,12 @@ same modules beside them) and their bytes; the whole model's prefill latency (1 
 after a 32-token prompt), the bytes of its parameters and buffers, and the process's
 resident memory after loading minus that after the imports. Times are medians of
 --repeats runs after warm-up, under torch.inference_mode, with a fixed number of threads.
-Speed-ups and memory ratios are against the dense model measured in the same run (at its
-start and at its end: the mean of the two). Writes speed.json and speed.md (date,
-machine, load average, command) into --out.
+Every configuration is measured --rounds times, in turn (the dense model first in each
+round), so that a slow minute of the machine does not land on one configuration: the
+report gives the median over rounds, and each whole-model speed-up against the dense
+model of its own round, lowest to highest. Speed-ups and memory ratios are against the
+mean of the dense model's measurements in the same run (one per round and one at the
+end). Writes speed.json and speed.md (date, machine, load average, command) into --out.
 
     PYTHONPATH=src python benchmarks/speed.py --out benchmarks/results/speed
     PYTHONPATH=src python benchmarks/speed.py --quick --threads 1 --ratios 2 --methods svd
@@ -39,7 +42,6 @@ import inspect
 import json
 import os
 import resource
-import shutil
 import statistics
 import sys
 import tempfile
@@ -313,6 +315,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--repeats", type=int, default=10, help="timed runs (prefill, modules)")
     parser.add_argument("--decode-repeats", type=int, default=3, help="timed decodes")
+    parser.add_argument(
+        "--rounds", type=int, help="times every configuration is measured, in turn (3; --quick 1)"
+    )
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs before timing")
     parser.add_argument("--new-tokens", type=int, default=128, help="decoded tokens")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -338,8 +343,12 @@ def parse_args() -> argparse.Namespace:
     if args.quick:
         args.repeats, args.decode_repeats, args.warmup = 1, 1, 1
         args.new_tokens, args.calibration_samples = 8, 4
-    if min(args.repeats, args.decode_repeats, args.new_tokens, args.threads) < 1:
-        parser.error("--repeats, --decode-repeats, --new-tokens and --threads must be >= 1")
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 3
+    if min(args.repeats, args.decode_repeats, args.new_tokens, args.threads, args.rounds) < 1:
+        parser.error(
+            "--repeats, --decode-repeats, --new-tokens, --threads and --rounds must be >= 1"
+        )
     return args
 
 
@@ -383,19 +392,22 @@ def run(args: argparse.Namespace, device: str, work: Path) -> list[dict[str, Any
         "all_logits": args.all_logits,
     }
     records: list[dict[str, Any]] = []
+    planned: list[tuple[dict[str, Any], str, str]] = []  # measured again in later rounds
 
-    def measured(record: dict[str, Any], folder: str, runtime: str) -> dict[str, Any]:
-        spec = {**common, "folder": folder, "runtime": runtime, "matrices": record["matrices"]}
-        record = {**record, "runtime": runtime, **child(spec, env)}
+    def measured(given: dict[str, Any], folder: str, runtime: str) -> dict[str, Any]:
+        spec = {**common, "folder": folder, "runtime": runtime, "matrices": given["matrices"]}
+        record = {**given, "runtime": runtime, **child(spec, env)}
         records.append(record)
-        shown = {k: record.get(k) for k in ("method", "ratio", "runtime", "error")}
+        shown = {k: record.get(k) for k in ("method", "ratio", "runtime", "round", "error")}
         figures = record.get("figures", {})
         shown |= {k: round(v["median"], 2) for k, v in figures.items()}
         print(json.dumps(shown), flush=True)
+        if given["method"] != "dense" and given["round"] == 1:
+            planned.append((given, folder, runtime))
         return record
 
     dense = {"method": "dense", "ratio": None, "matrices": matrix_sets(args.methods)}
-    measured({**dense, "when": "start"}, model, "dense")
+    measured({**dense, "when": "start", "round": 1}, model, "dense")
     calibration = {"samples": args.calibration_samples, "seq_len": 128 if args.quick else 256}
     for ratio in args.ratios:
         for method in args.methods:
@@ -415,6 +427,7 @@ def run(args: argparse.Namespace, device: str, work: Path) -> list[dict[str, Any
                 "ratio": ratio,
                 "options": spec["options"],
                 "matrices": [matrices_of(method)],
+                "round": 1,
             }
             if "error" in made:
                 records.append({**base, "runtime": "compress", **made})
@@ -432,10 +445,11 @@ def run(args: argparse.Namespace, device: str, work: Path) -> list[dict[str, Any
                 measured(base, str(artifact), "decoded")
             if method in STRUCTURED_TARGETS:
                 measured(base, f"{artifact}-plain", "exported")
-            if args.work is None:
-                shutil.rmtree(artifact, ignore_errors=True)
-                shutil.rmtree(f"{artifact}-plain", ignore_errors=True)
-    measured({**dense, "when": "end"}, model, "dense")
+    for number in range(2, args.rounds + 1):
+        measured({**dense, "when": f"round {number}", "round": number}, model, "dense")
+        for given, where, runtime in list(planned):
+            measured({**given, "round": number}, where, runtime)
+    measured({**dense, "when": "end", "round": args.rounds}, model, "dense")
     return records
 
 
@@ -461,6 +475,74 @@ SIZES = ("modules_bytes", "model_bytes", "rss_bytes")
 MODULE_TIMES = tuple(f"modules_{tokens}" for tokens in MODULE_TOKENS)
 
 
+def pooled(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records as the report reads them: the dense model's measurements as they are,
+    each compressed configuration once, in its first place."""
+    rows: list[dict[str, Any] | tuple[Any, ...]] = []
+    rounds: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in records:
+        if r["method"] == "dense":
+            rows.append(r)
+            continue
+        key = (r["method"], r["ratio"], r["runtime"])
+        if key not in rounds:
+            rows.append(key)
+        rounds.setdefault(key, []).append(r)
+    return [merged(rounds[row]) if isinstance(row, tuple) else row for row in rows]
+
+
+def merged(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One configuration's measurements in one record: each time the median over rounds of
+    each round's median; `rounds` keeps them."""
+    measured = [r for r in rounds if "figures" in r]
+    if len(measured) < 2:
+        return measured[0] if measured else rounds[0]
+
+    def over_rounds(found: list[dict[str, Any]], key: str) -> dict[str, float]:
+        return {"median": statistics.median(f[key]["median"] for f in found)}
+
+    first = measured[0]
+    figures = {k: over_rounds([r["figures"] for r in measured], k) for k in first["figures"]}
+    modules = {
+        name: {
+            **found,
+            **{k: over_rounds([r["modules"][name] for r in measured], k) for k in MODULE_TIMES},
+        }
+        for name, found in first["modules"].items()
+    }
+    return {**first, "figures": figures, "modules": modules, "rounds": measured}
+
+
+def round_speedups(records: list[dict[str, Any]]) -> list[str]:
+    """Each pooled configuration's whole-model speed-ups against the dense model measured
+    at the start of the same round, lowest to highest."""
+    dense: dict[int, dict[str, Any]] = {}
+    for r in records:
+        if r["method"] == "dense" and "figures" in r:
+            dense.setdefault(r.get("round", 1), r)
+    lines = []
+    for r in records:
+        if len(r.get("rounds", [])) < 2:
+            continue
+        spans = []
+        for key, name in (("prefill_1x512", "prefill 1x512"), ("decode_per_token", "decode")):
+            found = [
+                dense[m["round"]]["figures"][key]["median"] / m["figures"][key]["median"]
+                for m in r["rounds"]
+                if m["round"] in dense
+            ]
+            spans.append(f"{name} {min(found):.2f}x-{max(found):.2f}x")
+        lines.append(f"- {r['method']} at ratio {r['ratio']:g}, {served_as(r)}: {', '.join(spans)}")
+    if not lines:
+        return []
+    count = max(len(r.get("rounds", [])) for r in records)
+    return [
+        "- Whole-model speed-ups in each round against the dense model measured at the start "
+        f"of that round (up to {count} rounds), lowest to highest:",
+        *[f"  {line}" for line in lines],
+    ]
+
+
 def view(record: dict[str, Any], matrices: str | None = None) -> dict[str, Any]:
     """A record as the report reads it: the modules-alone figures, bytes and classes of one
     set of its matrices (default: its own, a dense record's first) beside its whole-model
@@ -474,7 +556,7 @@ def view(record: dict[str, Any], matrices: str | None = None) -> dict[str, Any]:
 
 def reference(records: list[dict[str, Any]], matrices: str) -> dict[str, float]:
     """The dense figures, with the modules alone of `matrices`: mean over the dense
-    measurements (start and end of the run)."""
+    measurements (the start of each round and the end of the run)."""
     dense = [view(r, matrices) for r in records if r["method"] == "dense" and "error" not in r]
     if not dense:
         return {}
@@ -655,10 +737,11 @@ def notes(records: list[dict[str, Any]], refs: dict[str, dict[str, float]]) -> l
         "- `decoded` rows hold full-size dense matrices (the control: dense speed and "
         "memory expected); `runtime` rows are what `aecompress.load(ART)` gives."
     )
-    return lines
+    return [*lines, *round_speedups(records)]
 
 
 def markdown(facts: dict[str, Any], records: list[dict[str, Any]]) -> str:
+    records = pooled(records)
     refs = references(records)
     dense = [r for r in records if r["method"] == "dense"]
     settings = facts["settings"]
@@ -672,7 +755,9 @@ def markdown(facts: dict[str, Any], records: list[dict[str, Any]]) -> str:
         " min; other processes may share the CPUs: times are upper bounds)",
         f"- {facts['device_line']}",
         f"- command: `{facts['command']}`",
-        f"- times: median of {settings['repeats']} runs after {settings['warmup']} warm-up "
+        f"- times: median over {settings['rounds']} rounds (every configuration measured "
+        "once per round, in turn, the dense model first) of the median of "
+        f"{settings['repeats']} runs after {settings['warmup']} warm-up "
         f"(decode: {settings['decode_repeats']} runs of {settings['new_tokens']} new tokens "
         f"after a {PROMPT}-token prompt, greedy, KV cache, ms per new token), "
         f"torch.inference_mode, {settings['threads']} torch threads; prefill computes "
@@ -686,8 +771,8 @@ def markdown(facts: dict[str, Any], records: list[dict[str, Any]]) -> str:
         "aecompress (garbage collected, malloc_trim); the dense model's weights, which "
         "transformers memory-maps from the safetensors file, are copied into the process's "
         "own memory after loading, as an artifact's are",
-        "- dense figures: mean of the dense model measured at the start and at the end of "
-        "the run: "
+        "- dense figures: mean of the dense model's measurements (at the start of each round "
+        "and at the end of the run): "
         + "; ".join(
             f"prefill 1x512 {r['figures']['prefill_1x512']['median']:.1f} ms, decode "
             f"{r['figures']['decode_per_token']['median']:.1f} ms/token"
@@ -761,6 +846,7 @@ def main() -> None:
         "settings": {
             "repeats": args.repeats,
             "decode_repeats": args.decode_repeats,
+            "rounds": args.rounds,
             "warmup": args.warmup,
             "new_tokens": args.new_tokens,
             "threads": args.threads,
