@@ -144,6 +144,15 @@ def load_average(digits: int = 1) -> str:
         return "n/a"
 
 
+def busy_cores(seconds: float = 2.0) -> float:
+    """How many cores the machine's processes kept busy over the next `seconds` (this
+    process waits meanwhile): what others take from a timing run, unlike the load average,
+    which lags by minutes."""
+    import psutil
+
+    return psutil.cpu_percent(interval=seconds) / 100 * (psutil.cpu_count() or 1)
+
+
 def utc_now() -> str:
     return f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC"
 

@@ -6,7 +6,10 @@ from tests.benchmarks.conftest import run_script
 
 
 @pytest.mark.usefixtures("children_in_this_process")
-def test_quick_run_measures_dense_runtime_and_decoded_models(llama_folder, tmp_path):
+def test_quick_run_measures_dense_runtime_and_decoded_models(llama_folder, tmp_path, monkeypatch):
+    import common
+
+    monkeypatch.setattr(common, "busy_cores", lambda: 0.0)  # an idle machine
     args = ["--quick", "--threads", "1", "--ratios", "2", "--methods", "svd"]
     run_script("speed", *args, "--model", llama_folder, "--out", str(tmp_path))
     records = json.loads((tmp_path / "speed.json").read_text())["records"]
@@ -21,7 +24,9 @@ def test_quick_run_measures_dense_runtime_and_decoded_models(llama_folder, tmp_p
     assert records[1]["modules"][mlp]["module_classes"] == ["LowRankLinear"]
     dense_bytes = records[0]["modules"][mlp]["modules_bytes"]
     assert records[1]["modules"][mlp]["modules_bytes"] < dense_bytes  # factors: fewer bytes
-    assert "--quick: a smoke test" in (tmp_path / "speed.md").read_text()
+    report = (tmp_path / "speed.md").read_text()
+    assert "--quick: a smoke test" in report
+    assert "the machine was not idle" not in report
 
 
 @pytest.mark.parametrize(
@@ -56,7 +61,12 @@ def test_a_structured_method_is_also_timed_as_its_exported_plain_model(
 
 
 @pytest.mark.usefixtures("children_in_this_process")
-def test_rounds_measure_every_configuration_again_after_the_dense_model(llama_folder, tmp_path):
+def test_rounds_measure_every_configuration_again_after_the_dense_model(
+    llama_folder, tmp_path, monkeypatch
+):
+    import common
+
+    monkeypatch.setattr(common, "busy_cores", lambda: 1.0)  # others hold a core throughout
     args = ["--quick", "--rounds", "2", "--threads", "1", "--ratios", "2", "--methods", "svd"]
     run_script("speed", *args, "--model", llama_folder, "--out", str(tmp_path))
     records = json.loads((tmp_path / "speed.json").read_text())["records"]
@@ -74,6 +84,7 @@ def test_rounds_measure_every_configuration_again_after_the_dense_model(llama_fo
     assert report.count("| svd | runtime (LowRankLinear) |") == 2  # once per table, not per round
     assert "median over 2 rounds" in report
     assert "svd at ratio 2, runtime (LowRankLinear): prefill 1x512" in report  # its spread
+    assert "**the machine was not idle** (other processes kept 1.0 of" in report
 
 
 def test_pooled_takes_the_median_over_rounds_of_each_configuration():
