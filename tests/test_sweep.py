@@ -57,6 +57,19 @@ def test_interrupted_sweep_resumes_without_recomputing(tiny_folder, tmp_path, mo
     assert all(r["status"] == "ok" for r in records)
 
 
+def test_each_record_names_the_environment_it_was_measured_in(tiny_folder, tmp_path):
+    import torch
+    import transformers
+
+    records = run_sweep(recipe(tiny_folder), tmp_path / "results.jsonl", progress=False)
+    for record in records:
+        found = record["environment"]
+        assert found["torch"] == torch.__version__
+        assert found["transformers"] == transformers.__version__
+        assert found["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+        assert found["cpu"]
+
+
 def test_a_failing_cell_is_recorded_and_the_sweep_goes_on(tiny_folder, tmp_path):
     plan = recipe(tiny_folder).model_copy(update={"ratios": [1e9, 2]})
     records = run_sweep(plan, tmp_path / "results.jsonl", progress=False)
