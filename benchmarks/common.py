@@ -106,19 +106,11 @@ def run_process(command: Sequence[str], env: dict[str, str], capture: bool = Tru
 # --- provenance ---------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine() -> str:
     """CPU, cores, architecture, torch and Python versions."""
     import torch
+
+    from aecompress.provenance import cpu_model
 
     return (
         f"{cpu_model()}, {os.cpu_count()} cores, {platform.machine()}, "

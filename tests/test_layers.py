@@ -19,6 +19,7 @@ LAYERS = [
     [
         "errors",
         "version",
+        "provenance",  # versions, CPU, host, commit (torch imported when asked)
         "data",
         "cache",
         "tensorfile",

@@ -17,14 +17,12 @@ import itertools
 import json
 import logging
 import os
-import platform
 import re
-import subprocess
 import time
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from functools import cache, partial
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,6 +35,7 @@ from aecompress.evaluation.tasks import TASKS, run_task, task_settings
 from aecompress.methods.stage import QuantStage
 from aecompress.models import LoadedModel, load_model, model_identity
 from aecompress.outputs import PlainName
+from aecompress.provenance import environment
 from aecompress.recipe import Recipe, read_yaml
 
 logger = logging.getLogger(__name__)
@@ -521,50 +520,3 @@ def _run_and_record(
         record(failure_record(cell, spec, error))
         return
     record({"cell": cell, "status": "ok", **extra, **asdict(result), "environment": environment()})
-
-
-@cache
-def environment() -> dict[str, str]:
-    """Where a record was measured: the same commit can give a compressed model a few
-    percent apart on another host or install (other CPU kernels), so each record names
-    them: library versions, torch's CPU kernel level, the CPU and, from a git checkout,
-    the commit."""
-    import torch
-    import transformers
-
-    from aecompress.version import __version__
-
-    found = {
-        "aecompress": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "cpu": _cpu_model(),
-        "host": platform.node(),
-    }
-    if commit := _source_commit():
-        found["commit"] = commit
-    return found
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _source_commit() -> str:
-    """The git commit of the checkout aecompress runs from ("" for an installed wheel),
-    with "+changes" when its files differ from it."""
-    here = Path(__file__).parent
-    try:
-        run = partial(subprocess.run, cwd=here, capture_output=True, text=True, timeout=10)
-        commit = run(["git", "rev-parse", "--short", "HEAD"]).stdout.strip()
-        changed = run(["git", "status", "--porcelain", "--", "."]).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    return f"{commit}+changes" if commit and changed else commit
