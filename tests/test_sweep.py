@@ -233,6 +233,27 @@ def test_a_task_can_be_limited_to_some_methods_and_the_dense_model_runs_it(tmp_p
         )
 
 
+def test_a_task_listed_for_several_cells_runs_once_for_a_cell_it_names_twice(tmp_path):
+    grid = SweepRecipe.model_validate(
+        {
+            "name": "g",
+            "models": ["m"],
+            "methods": [{"method": "svd"}, {"method": "prune"}],
+            "ratios": [2],
+            "targets": ["k"],
+            "tasks": [
+                {"task": "wikitext2", "options": {"seq_len": 64}, "labels": ["svd"]},
+                {"task": "wikitext2", "options": {"seq_len": 64}, "labels": ["prune"]},
+                {"task": "wikitext2", "options": {"seq_len": 32}, "labels": ["prune"]},
+            ],
+        }
+    )
+    jobs = []
+    run_sweep(grid, tmp_path / "results.jsonl", executor=lambda _, found, __: jobs.extend(found))
+    tasks = {job.cell["label"]: [t.options["seq_len"] for t in job.tasks] for job in jobs}
+    assert tasks == {"dense": [64, 32], "svd": [64], "prune": [64, 32]}
+
+
 def test_validation_and_test_splits_of_a_task_are_both_kept(tiny_folder, tmp_path, monkeypatch):
     results = tmp_path / "results.jsonl"
     options = {"windows": 1, "seq_len": 16}

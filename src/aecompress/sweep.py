@@ -338,15 +338,25 @@ def _append(path: Path, record: dict[str, Any]) -> None:
 
 def _tasks_for(sweep: SweepRecipe, cell: dict[str, Any]) -> list[TaskSpec]:
     """The tasks of a cell: every task for the dense model's, else those it is not excluded
-    from by their ratios and labels."""
-    if "method" not in cell:
-        return list(sweep.tasks)
-    return [
+    from by their ratios and labels; a task with the settings of an earlier one once (the
+    same task may be listed for different cells)."""
+    chosen = [
         t
         for t in sweep.tasks
-        if (t.ratios is None or cell["ratio"] in t.ratios)
-        and (t.labels is None or cell["label"] in t.labels)
+        if "method" not in cell
+        or (
+            (t.ratios is None or cell["ratio"] in t.ratios)
+            and (t.labels is None or cell["label"] in t.labels)
+        )
     ]
+    seen: set[tuple[str, str]] = set()
+    unique = []
+    for spec in chosen:
+        key = (spec.task, json.dumps(_settings(spec), sort_keys=True))
+        if key not in seen:
+            seen.add(key)
+            unique.append(spec)
+    return unique
 
 
 def parse_shard(text: str) -> tuple[int, int]:
