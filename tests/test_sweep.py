@@ -208,20 +208,31 @@ def test_a_method_can_be_limited_to_some_ratios_and_carry_its_calibration(tmp_pa
         SweepRecipe.model_validate(grid)
 
 
-def test_a_task_can_be_limited_to_some_methods_and_the_dense_model_runs_it(tmp_path):
-    grid = SweepRecipe.model_validate(
+def svd_and_prune(tasks: list[dict]) -> SweepRecipe:
+    """A one-ratio grid of svd and prune on k with these tasks."""
+    return SweepRecipe.model_validate(
         {
             "name": "g",
             "models": ["m"],
             "methods": [{"method": "svd"}, {"method": "prune"}],
             "ratios": [2],
             "targets": ["k"],
-            "tasks": [{"task": "wikitext2"}, {"task": "arc-easy", "labels": ["prune"]}],
+            "tasks": tasks,
         }
     )
+
+
+def planned_tasks(grid: SweepRecipe, results: Path) -> dict[str, list]:
+    """Each cell's label -> the task specs the sweep would run for it (nothing is run)."""
     jobs = []
-    run_sweep(grid, tmp_path / "results.jsonl", executor=lambda _, found, __: jobs.extend(found))
-    tasks = {job.cell["label"]: [t.task for t in job.tasks] for job in jobs}
+    run_sweep(grid, results, executor=lambda _, found, __: jobs.extend(found))
+    return {job.cell["label"]: job.tasks for job in jobs}
+
+
+def test_a_task_can_be_limited_to_some_methods_and_the_dense_model_runs_it(tmp_path):
+    grid = svd_and_prune([{"task": "wikitext2"}, {"task": "arc-easy", "labels": ["prune"]}])
+    planned = planned_tasks(grid, tmp_path / "results.jsonl")
+    tasks = {label: [t.task for t in specs] for label, specs in planned.items()}
     assert tasks == {
         "dense": ["wikitext2", "arc-easy"],
         "svd": ["wikitext2"],
@@ -234,23 +245,15 @@ def test_a_task_can_be_limited_to_some_methods_and_the_dense_model_runs_it(tmp_p
 
 
 def test_a_task_listed_for_several_cells_runs_once_for_a_cell_it_names_twice(tmp_path):
-    grid = SweepRecipe.model_validate(
-        {
-            "name": "g",
-            "models": ["m"],
-            "methods": [{"method": "svd"}, {"method": "prune"}],
-            "ratios": [2],
-            "targets": ["k"],
-            "tasks": [
-                {"task": "wikitext2", "options": {"seq_len": 64}, "labels": ["svd"]},
-                {"task": "wikitext2", "options": {"seq_len": 64}, "labels": ["prune"]},
-                {"task": "wikitext2", "options": {"seq_len": 32}, "labels": ["prune"]},
-            ],
-        }
+    grid = svd_and_prune(
+        [
+            {"task": "wikitext2", "options": {"seq_len": 64}, "labels": ["svd"]},
+            {"task": "wikitext2", "options": {"seq_len": 64}, "labels": ["prune"]},
+            {"task": "wikitext2", "options": {"seq_len": 32}, "labels": ["prune"]},
+        ]
     )
-    jobs = []
-    run_sweep(grid, tmp_path / "results.jsonl", executor=lambda _, found, __: jobs.extend(found))
-    tasks = {job.cell["label"]: [t.options["seq_len"] for t in job.tasks] for job in jobs}
+    planned = planned_tasks(grid, tmp_path / "results.jsonl")
+    tasks = {label: [t.options["seq_len"] for t in specs] for label, specs in planned.items()}
     assert tasks == {"dense": [64, 32], "svd": [64], "prune": [64, 32]}
 
 
