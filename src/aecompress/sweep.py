@@ -349,14 +349,10 @@ def _tasks_for(sweep: SweepRecipe, cell: dict[str, Any]) -> list[TaskSpec]:
             and (t.labels is None or cell["label"] in t.labels)
         )
     ]
-    seen: set[tuple[str, str]] = set()
-    unique = []
+    unique: dict[str, TaskSpec] = {}  # by the key a record of it has (cell_key)
     for spec in chosen:
-        key = (spec.task, json.dumps(_settings(spec), sort_keys=True))
-        if key not in seen:
-            seen.add(key)
-            unique.append(spec)
-    return unique
+        unique.setdefault(cell_key(cell, spec.task, _settings(spec)), spec)
+    return list(unique.values())
 
 
 def parse_shard(text: str) -> tuple[int, int]:
