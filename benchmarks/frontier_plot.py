@@ -12,6 +12,7 @@ sweep over several, e.g. the MLPs and every linear layer), named in the file.
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +28,19 @@ def curves(
     records: list[dict[str, Any]], task: str, split: str, targets: str | None = None
 ) -> tuple[dict[str, list[tuple[float, float]]], float | None]:
     """Each method's (bits per weight, perplexity) points, sorted by bits, and the dense
-    perplexity, from the ok records of `task` on `split` (of `targets` only, if given)."""
+    perplexity, from the ok records of `task` on `split` (of `targets` only, if given) with
+    the grid's settings: those of most records (a few best rows measured again on longer
+    windows are not on the curves)."""
+    from aecompress.report import measurement_settings
+
+    records = [
+        r for r in records if r["status"] == "ok" and r["task"] == task and r.get("split") == split
+    ]
+    grid = Counter(measurement_settings(r) for r in records).most_common(1)
     points: dict[str, list[tuple[float, float]]] = {}
     dense = None
     for record in records:
-        if record["status"] != "ok" or record["task"] != task or record.get("split") != split:
+        if measurement_settings(record) != grid[0][0]:
             continue
         value = record["metrics"]["perplexity"]
         if record["cell"]["label"] == "dense":

@@ -6,7 +6,15 @@ import pytest
 from aecompress.calibration import CalibrationConfig
 from aecompress.errors import AecompressError
 from aecompress.report import write_report
-from aecompress.sweep import MethodSpec, SweepRecipe, TaskSpec, parse_shard, read_results, run_sweep
+from aecompress.sweep import (
+    MethodSpec,
+    SweepRecipe,
+    TaskSpec,
+    current,
+    parse_shard,
+    read_results,
+    run_sweep,
+)
 
 
 @pytest.fixture
@@ -257,21 +265,30 @@ def test_a_task_listed_for_several_cells_runs_once_for_a_cell_it_names_twice(tmp
     assert tasks == {"dense": [64, 32], "svd": [64], "prune": [64, 32]}
 
 
-def test_validation_and_test_splits_of_a_task_are_both_kept(tiny_folder, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    ("variants", "titles"),
+    [
+        ([{"split": "validation"}, {"split": "test"}], ["(validation)", "(test)"]),
+        ([{"seq_len": 16}, {"seq_len": 8}], ["(test; seq_len 16)", "(test; seq_len 8)"]),
+    ],
+    ids=["splits", "settings"],
+)
+def test_a_task_run_twice_with_other_settings_keeps_both(
+    variants, titles, tiny_folder, tmp_path, monkeypatch
+):
     results = tmp_path / "results.jsonl"
-    options = {"windows": 1, "seq_len": 16}
-    splits = [
-        TaskSpec(task="wikitext2", options={**options, "split": split})
-        for split in ("validation", "test")
+    tasks = [
+        TaskSpec(task="wikitext2", options={"windows": 1, "seq_len": 16} | v) for v in variants
     ]
-    plan = recipe(tiny_folder).model_copy(update={"ratios": [2], "tasks": splits})
+    plan = recipe(tiny_folder).model_copy(update={"ratios": [2], "tasks": tasks})
     run_sweep(plan, results, progress=False)
     calls = counting_compress(monkeypatch)
     records = run_sweep(plan, results, progress=False)
     assert calls == [] and len(records) == 4  # nothing recomputed
+    assert len(current(records)) == 4
     write_report([results], records)
     report = (tmp_path / "report.md").read_text()
-    assert "perplexity (validation)" in report and "perplexity (test)" in report
+    assert all(f"perplexity {title}" in report for title in titles)
 
 
 def test_report_of_a_single_ratio_draws_bars(tmp_path):
@@ -361,9 +378,11 @@ def test_changed_task_options_or_calibration_are_recomputed(tiny_folder, tmp_pat
     assert calls == [2, 2]
     write_report([results], read_results(results))
     report = (tmp_path / "report.md").read_text()
-    old = first[1]["metrics"]["perplexity"]
+    one_window = first[1]["metrics"]["perplexity"]
     new = read_results(results)[-1]["metrics"]["perplexity"]
-    assert f"{new:.4g}" in report and f"{old:.4g}" not in report  # the latest only
+    assert "(test; windows 1)\n\ndense: " in report and f"{one_window:.4g}" in report
+    assert "(test; windows 2)\n\ndense: " in report and f"{new:.4g}" in report
+    assert len(current(read_results(results))) == 4  # the recalibrated cell replaced its own
 
 
 def test_a_failure_is_recorded_and_reported_once(tiny_folder, tmp_path):

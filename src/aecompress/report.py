@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import platform
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from aecompress.outputs import check_file, head
 from aecompress.sweep import cell_id, current
@@ -23,11 +24,32 @@ COLUMNS = (
     "seed",
     "task",
     "split",
+    "settings",
     "metric",
     "value",
     "compress_seconds",
     "achieved_ratio",
 )
+# settings that do not tell measurements apart in a table: the split has its own column,
+# the batch size does not change a metric, and values are averaged over seeds
+_SAME_MEASUREMENT = ("split", "batch_size", "seed")
+
+
+class TableKey(NamedTuple):
+    """One table of a report: a model's targets, a task's metric on a split, its settings."""
+
+    model: str
+    targets: str
+    task: str
+    split: str
+    settings: str
+    metric: str
+
+
+def measurement_settings(record: dict[str, Any]) -> str:
+    """The record's task settings that make it another measurement, as JSON."""
+    settings = record.get("settings") or {}
+    return json.dumps({k: v for k, v in sorted(settings.items()) if k not in _SAME_MEASUREMENT})
 
 
 def flatten_results(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -48,6 +70,7 @@ def flatten_results(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "seed": cell.get("seed", 0),
                     "task": record["task"],
                     "split": record.get("split", ""),
+                    "settings": measurement_settings(record),
                     "metric": metric,
                     "value": value,
                     "compress_seconds": record.get("compress_seconds", 0.0),
@@ -63,25 +86,45 @@ def _method_name(row: dict[str, Any]) -> str:
 
 def _tables(
     rows: list[dict[str, Any]],
-) -> Iterator[tuple[tuple[str, str, str, str, str], list[dict[str, Any]], float | None]]:
-    """(model, targets, task, split, metric), its compressed rows, and the dense value."""
-    dense = {
-        (r["model"], r["task"], r["split"], r["metric"]): r["value"]
-        for r in rows
-        if r["label"] == "dense"
-    }
+) -> Iterator[tuple[TableKey, list[dict[str, Any]], float | None]]:
+    """Each table's key, its compressed rows, and the dense value (mean over seeds)."""
+    dense: dict[tuple[str, ...], list[float]] = {}
+    for r in rows:
+        if r["label"] == "dense":
+            measured = (r["model"], r["task"], r["split"], r["settings"], r["metric"])
+            dense.setdefault(measured, []).append(r["value"])
     compressed = [r for r in rows if r["label"] != "dense"]
-    keys = sorted(
-        {(r["model"], r["targets"], r["task"], r["split"], r["metric"]) for r in compressed}
-    )
-    for key in keys:
-        model, _targets, task, split, metric = key
-        subset = [
-            r
-            for r in compressed
-            if (r["model"], r["targets"], r["task"], r["split"], r["metric"]) == key
-        ]
-        yield key, subset, dense.get((model, task, split, metric))
+    for key in sorted({_table_key(r) for r in compressed}):
+        subset = [r for r in compressed if _table_key(r) == key]
+        values = dense.get((key.model, key.task, key.split, key.settings, key.metric))
+        yield key, subset, _mean(values) if values else None
+
+
+def _table_key(row: dict[str, Any]) -> TableKey:
+    return TableKey(*(row[f] for f in TableKey._fields))
+
+
+def _distinct_settings(rows: list[dict[str, Any]]) -> dict[tuple[str, ...], str]:
+    """For each (model, task, split, metric, settings) of the rows, the settings that differ
+    from the same task's other settings ("seq_len 2048, full true"); "" when it has one."""
+    groups: dict[tuple[str, ...], set[str]] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["task"], r["split"], r["metric"]), set()).add(
+            r["settings"]
+        )
+    names = {}
+    for group, variants in groups.items():
+        parsed = {v: json.loads(v) for v in variants}
+        keys = sorted({k for p in parsed.values() for k in p})
+        differing = [k for k in keys if len({json.dumps(p.get(k)) for p in parsed.values()}) > 1]
+        for variant, settings in parsed.items():
+            shown = ", ".join(f"{k} {json.dumps(settings.get(k))}" for k in differing)
+            names[(*group, variant)] = shown
+    return names
+
+
+def _setting_name(key: TableKey, names: dict[tuple[str, ...], str]) -> str:
+    return names[(key.model, key.task, key.split, key.metric, key.settings)]
 
 
 def _in_order(names: Iterable[str]) -> list[str]:
@@ -96,10 +139,13 @@ def _mean(values: list[float]) -> float:
 def results_tables(rows: list[dict[str, Any]]) -> str:
     """Markdown: per model, target and task metric, methods x ratios (delta to dense)."""
     sections = []
-    for (model, targets, task, split, metric), subset, reference in _tables(rows):
+    names = _distinct_settings(rows)
+    for key, subset, reference in _tables(rows):
         ratios = sorted({r["ratio"] for r in subset})
+        shown = _setting_name(key, names)
         lines = [
-            f"### {model}: {targets}, {task} {metric} ({split})",
+            f"### {key.model}: {key.targets}, {key.task} {key.metric} ({key.split}"
+            + (f"; {shown})" if shown else ")"),
             "",
             f"dense: {reference:.4g}" if reference is not None else "dense: not measured",
             "",
@@ -209,7 +255,8 @@ def _is_report(path: Path) -> bool:
 
 def _is_table(path: Path) -> bool:
     header = head(path, 4096).decode(errors="replace").partition("\n")[0].rstrip("\r")
-    return header in (",".join(COLUMNS), "model")  # "model": of a table without rows
+    # an earlier version's table had no settings column; "model": a table without rows
+    return header in (",".join(COLUMNS), ",".join(c for c in COLUMNS if c != "settings"), "model")
 
 
 def _is_plot(path: Path) -> bool:
@@ -227,19 +274,20 @@ def check_report_files(folder: Path, plots: Sequence[Path] = ()) -> None:
         check_file(path, f"report file {path}", kind, ours)
 
 
-def _plot_path(folder: Path, key: tuple[str, str, str, str, str], splits: set[str]) -> Path:
-    """The PNG of a table (model, targets, task, split, metric) in `folder`; its name has
-    the split when the table's task is reported on several `splits` (validation, test)."""
-    model, targets, task, split, metric = key
-    parts = (model, targets, task, *([split] if len(splits) > 1 else []), metric)
+def _plot_path(folder: Path, key: TableKey, splits: set[str], shown: str) -> Path:
+    """The PNG of a table in `folder`; its name has the split when the table's task is
+    reported on several `splits` (validation, test), and the `shown` settings if any."""
+    split = [key.split] if len(splits) > 1 else []
+    settings = [re.sub(r"[^\w.]+", "-", shown)] if shown else []
+    parts = (key.model, key.targets, key.task, *split, *settings, key.metric)
     return folder / ("_".join(p.replace(",", "+").replace("/", "-") for p in parts) + ".png")
 
 
-def _splits(keys: list[tuple[str, str, str, str, str]]) -> dict[tuple[str, ...], set[str]]:
+def _splits(keys: list[TableKey]) -> dict[tuple[str, ...], set[str]]:
     """The splits of each (model, targets, task, metric) among the tables' keys."""
     splits: dict[tuple[str, ...], set[str]] = {}
-    for model, targets, task, split, metric in keys:
-        splits.setdefault((model, targets, task, metric), set()).add(split)
+    for key in keys:
+        splits.setdefault((key.model, key.targets, key.task, key.metric), set()).add(key.split)
     return splits
 
 
@@ -252,10 +300,12 @@ def write_report(results: list[Path], records: list[dict[str, Any]]) -> list[Pat
     folder = results[0].parent
     tables = list(_tables(rows))
     splits = _splits([key for key, *_ in tables])
-    plots = [
-        (_plot_path(folder, key, splits[(*key[:3], key[4])]), key, subset, ref)
-        for key, subset, ref in tables
+    names = _distinct_settings(rows)
+    paths = [
+        _plot_path(folder, key, splits[(*key[:3], key.metric)], _setting_name(key, names))
+        for key, *_ in tables
     ]
+    plots = [(path, *table) for path, table in zip(paths, tables, strict=True)]
     check_report_files(folder, [path for path, *_ in plots])
     # every task record of a cell repeats the cell's compression time: count it once
     compress = {cell_id(r["cell"]): r.get("compress_seconds", 0.0) for r in records}
@@ -283,7 +333,7 @@ def write_report(results: list[Path], records: list[dict[str, Any]]) -> list[Pat
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    for path, (model, targets, task, _split, metric), subset, reference in plots:
-        _plot(path, f"{model}: {targets}", f"{task} {metric}", subset, reference)
+    for path, key, subset, reference in plots:
+        _plot(path, f"{key.model}: {key.targets}", f"{key.task} {key.metric}", subset, reference)
         written.append(path)
     return written

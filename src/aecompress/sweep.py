@@ -231,13 +231,15 @@ _SLOT_FIELDS = ("model", "model_id", "label", "targets", "group", "ratio", "seed
 
 
 def current(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The latest record of each place in the report (model, label, targets, group, ratio,
-    seed, task, split), in order of first appearance: a re-run supersedes earlier records."""
+    """The latest record of each measurement (model, label, targets, group, ratio, seed,
+    task and its settings but the batch size), in order of first appearance: a re-run
+    supersedes earlier records; a task run with other settings (windows, split, its own
+    seed) is another measurement."""
     latest: dict[str, dict[str, Any]] = {}
     for record in records:
-        slot = [record["cell"].get(f) for f in _SLOT_FIELDS] + [record["task"]]
-        slot += [(record.get("settings") or {}).get("split")]  # failures have no "split"
-        latest[json.dumps(slot)] = record
+        settings = {k: v for k, v in (record.get("settings") or {}).items() if k != "batch_size"}
+        slot = [record["cell"].get(f) for f in _SLOT_FIELDS] + [record["task"], settings]
+        latest[json.dumps(slot, sort_keys=True)] = record
     return list(latest.values())
 
 

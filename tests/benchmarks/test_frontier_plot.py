@@ -6,11 +6,16 @@ from tests.benchmarks.conftest import run_script
 
 
 def record(
-    label: str, split: str, perplexity: float, stored_bits: int, targets: str = "down"
+    label: str,
+    split: str,
+    perplexity: float,
+    stored_bits: int,
+    targets: str = "down",
+    seq_len: int = 512,
 ) -> dict:
     cell = {"model": "m", "label": label, "targets": targets, "group": "none", "ratio": 1.0}
     return {"cell": cell, "status": "ok", "task": "wikitext2", "split": split} | {
-        "settings": {"split": split},
+        "settings": {"split": split, "seq_len": seq_len},
         "metrics": {"perplexity": perplexity},
         "stored_bits": stored_bits,
         "target_bits": 1600,
@@ -49,6 +54,19 @@ def test_targets_keeps_their_cells_and_the_dense_line(tmp_path):
     run_script("frontier_plot", str(results), "--splits", "test", "--targets", "q,up,down")
     png = tmp_path / "wikitext2_test_q+up+down_perplexity_vs_bits.png"
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_curves_are_the_grids_settings_not_a_best_rows_longer_windows():
+    records = [
+        record("dense", "test", 10.0, 1600),
+        record("gptq", "test", 12.0, 425),
+        record("sparsegpt", "test", 20.0, 325),
+        record("dense", "test", 8.0, 1600, seq_len=2048),
+        record("gptq", "test", 9.0, 425, seq_len=2048),
+    ]
+    methods, dense = curves(records, "wikitext2", "test")
+    assert dense == 10.0
+    assert methods == {"gptq": [(4.25, 12.0)], "sparsegpt": [(3.25, 20.0)]}
 
 
 def test_a_record_without_target_params_counts_its_target_bits_in_bf16():
