@@ -42,8 +42,13 @@ from typing import Any
 
 STARTED = time.perf_counter()
 MLPS = "up,gate,down"  # of SmolLM2-135M (the recipe's model), run from a plain fp32 copy
-# label -> (modifier, bits, group, the sweep's ratio column of that scheme)
+# label -> (modifier, bits, group, the sweep's ratio column of that scheme: the largest
+# ratio it fits within; at 1/6 of bf16 that is w2's, measured at 1/7.1)
 CONFIGS: dict[str, tuple[str, int, int, float]] = {
+    "llm-compressor gptq g64 w7": ("GPTQModifier", 7, 64, 2.0),
+    "llm-compressor rtn g64 w7": ("QuantizationModifier", 7, 64, 2.0),
+    "llm-compressor gptq g64 w5": ("GPTQModifier", 5, 64, 3.0),
+    "llm-compressor rtn g64 w5": ("QuantizationModifier", 5, 64, 3.0),
     "llm-compressor gptq g64 w4": ("GPTQModifier", 4, 64, 3.76),
     "llm-compressor rtn g64 w4": ("QuantizationModifier", 4, 64, 3.76),
     "llm-compressor gptq g64 w3": ("GPTQModifier", 3, 64, 4.92),
@@ -207,7 +212,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("recipe", type=Path, help="the quantization sweep recipe (its tasks)")
     parser.add_argument("--results", type=Path, required=True, help="the sweep's results JSONL")
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        choices=list(CONFIGS),
+        help="default: those whose ratio column is among the recipe's ratios",
+    )
     parser.add_argument("--targets", default=MLPS, help="layers quantized (default: %(default)s)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one configuration
     args = parser.parse_args()
@@ -217,7 +227,7 @@ def main() -> None:
     from aecompress.sweep import SweepRecipe
 
     sweep = SweepRecipe.from_yaml(args.recipe)
-    for name in args.configs:
+    for name in args.configs or [n for n in CONFIGS if CONFIGS[n][3] in sweep.ratios]:
         if recorded(args.results, name, args.targets, sweep):
             print(f"{name}: recorded", flush=True)
             continue
