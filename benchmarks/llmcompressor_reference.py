@@ -165,7 +165,7 @@ def run_one(name: str, targets: str, recipe_path: Path, results: Path) -> None:
     print(f"{name}: oneshot {extra['compress_seconds']:.0f} s", flush=True)
     extra |= stored_ratio(loaded.model, paths, bits, group)
     cell = cell_of(name, sweep.models[0], targets)
-    for spec in tasks_of(sweep, name):  # each recorded when done: time and peak RSS so far
+    for spec in tasks_of(sweep, cell):  # each recorded when done: time and peak RSS so far
         result = run_task(spec.task, loaded.model, loaded.tokenizer, progress=False, **spec.options)
         measured = {
             "wall_seconds": time.perf_counter() - STARTED,
@@ -185,27 +185,21 @@ def append(path: Path, record: dict[str, Any]) -> None:
         os.close(handle)
 
 
-def tasks_of(sweep: Any, name: str) -> list[Any]:
-    """The sweep's tasks at the configuration's ratio and for its label."""
-    ratio, label = CONFIGS[name][3], name.rsplit(" ", 1)[0]
-    return [
-        s
-        for s in sweep.tasks
-        if (s.ratios is None or ratio in s.ratios) and (s.labels is None or label in s.labels)
-    ]
+def tasks_of(sweep: Any, cell: dict[str, Any]) -> list[Any]:
+    """The sweep's tasks of a configuration's cell (its ratio, label and targets)."""
+    return [spec for spec in sweep.tasks if spec.runs_on(cell)]
 
 
-def recorded(results: Path, name: str, targets: str, sweep: Any) -> bool:
-    """Whether every task of the configuration is recorded ok."""
-    from aecompress.sweep import cell_id, read_results
+def recorded(results: Path, cell: dict[str, Any], sweep: Any) -> bool:
+    """Whether every task of the configuration's cell is recorded ok, with its settings."""
+    from aecompress.evaluation.tasks import task_settings
+    from aecompress.sweep import cell_key, read_results, record_key
 
-    cell = cell_id(cell_of(name, sweep.models[0], targets))
-    done = {
-        r["task"] + str(r.get("split"))
-        for r in read_results(results)
-        if cell_id(r["cell"]) == cell and r["status"] == "ok"
-    }
-    return len(done) >= len(tasks_of(sweep, name))
+    done = {record_key(r) for r in read_results(results) if r["status"] == "ok"}
+    return all(
+        cell_key(cell, spec.task, task_settings(spec.task, spec.options)) in done
+        for spec in tasks_of(sweep, cell)
+    )
 
 
 def main() -> None:
@@ -228,7 +222,7 @@ def main() -> None:
 
     sweep = SweepRecipe.from_yaml(args.recipe)
     for name in args.configs or [n for n in CONFIGS if CONFIGS[n][3] in sweep.ratios]:
-        if recorded(args.results, name, args.targets, sweep):
+        if recorded(args.results, cell_of(name, sweep.models[0], args.targets), sweep):
             print(f"{name}: recorded", flush=True)
             continue
         command = [sys.executable, __file__, str(args.recipe), "--results", str(args.results)]

@@ -216,25 +216,30 @@ def test_a_method_can_be_limited_to_some_ratios_and_carry_its_calibration(tmp_pa
         SweepRecipe.model_validate(grid)
 
 
-def svd_and_prune(tasks: list[dict]) -> SweepRecipe:
-    """A one-ratio grid of svd and prune on k with these tasks."""
+def svd_and_prune(tasks: list[dict], targets: tuple[str, ...] = ("k",)) -> SweepRecipe:
+    """A one-ratio grid of svd and prune on `targets` with these tasks."""
     return SweepRecipe.model_validate(
         {
             "name": "g",
             "models": ["m"],
             "methods": [{"method": "svd"}, {"method": "prune"}],
             "ratios": [2],
-            "targets": ["k"],
+            "targets": list(targets),
             "tasks": tasks,
         }
     )
 
 
-def planned_tasks(grid: SweepRecipe, results: Path) -> dict[str, list]:
-    """Each cell's label -> the task specs the sweep would run for it (nothing is run)."""
+def planned_jobs(grid: SweepRecipe, results: Path) -> list:
+    """The jobs the sweep would run (nothing is run)."""
     jobs = []
     run_sweep(grid, results, executor=lambda _, found, __: jobs.extend(found))
-    return {job.cell["label"]: job.tasks for job in jobs}
+    return jobs
+
+
+def planned_tasks(grid: SweepRecipe, results: Path) -> dict[str, list]:
+    """Each cell's label -> the task specs the sweep would run for it (nothing is run)."""
+    return {job.cell["label"]: job.tasks for job in planned_jobs(grid, results)}
 
 
 def test_a_task_can_be_limited_to_some_methods_and_the_dense_model_runs_it(tmp_path):
@@ -249,6 +254,24 @@ def test_a_task_can_be_limited_to_some_methods_and_the_dense_model_runs_it(tmp_p
     with pytest.raises(ValueError, match=r"task piqa: labels \['svdd'\] name no method"):
         SweepRecipe.model_validate(
             {**grid.model_dump(), "tasks": [{"task": "piqa", "labels": ["svdd"]}]}
+        )
+
+
+def test_a_task_can_be_limited_to_some_targets(tmp_path):
+    tasks = [{"task": "wikitext2"}, {"task": "arc-easy", "labels": ["svd"], "targets": ["q,k"]}]
+    grid = svd_and_prune(tasks, targets=("k", "q,k"))
+    jobs = planned_jobs(grid, tmp_path / "results.jsonl")
+    planned = {(j.cell["label"], j.cell.get("targets")): [t.task for t in j.tasks] for j in jobs}
+    assert planned == {
+        ("dense", None): ["wikitext2", "arc-easy"],
+        ("svd", "k"): ["wikitext2"],
+        ("prune", "k"): ["wikitext2"],
+        ("svd", "q,k"): ["wikitext2", "arc-easy"],
+        ("prune", "q,k"): ["wikitext2"],
+    }
+    with pytest.raises(ValueError, match=r"task piqa: targets \['v'\] are not among the sweep"):
+        SweepRecipe.model_validate(
+            {**grid.model_dump(), "tasks": [{"task": "piqa", "targets": ["v"]}]}
         )
 
 

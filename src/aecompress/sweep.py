@@ -89,8 +89,8 @@ RECIPE_FIELDS = {
 
 class TaskSpec(BaseModel):
     """One evaluation task, its options validated by the task's own model; `ratios`
-    restricts it to some ratios (e.g. fine-tuning), `labels` to some methods' cells (the
-    dense model runs every task)."""
+    restricts it to some ratios (e.g. fine-tuning), `labels` to some methods' cells and
+    `targets` to some targets' (the dense model runs every task)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -98,6 +98,18 @@ class TaskSpec(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict)
     ratios: list[float] | None = None
     labels: list[str] | None = None
+    targets: list[str] | None = None
+
+    def runs_on(self, cell: dict[str, Any]) -> bool:
+        """Whether a compressed cell (label, ratio, targets) is among this task's."""
+        return all(
+            allowed is None or cell[field] in allowed
+            for field, allowed in (
+                ("ratio", self.ratios),
+                ("label", self.labels),
+                ("targets", self.targets),
+            )
+        )
 
     @model_validator(mode="after")
     def _known_task_and_options(self) -> TaskSpec:
@@ -135,7 +147,9 @@ class SweepRecipe(BaseModel):
 
     @model_validator(mode="after")
     def _method_subsets(self) -> SweepRecipe:
-        for spec in self.methods:
+        for where, spec in [(f"method {m.name}", m) for m in self.methods] + [
+            (f"task {t.task}", t) for t in self.tasks
+        ]:
             for axis, values, allowed in (
                 ("targets", spec.targets, self.targets),
                 ("ratios", spec.ratios, self.ratios),
@@ -143,8 +157,7 @@ class SweepRecipe(BaseModel):
                 unknown = [v for v in values or [] if v not in allowed]
                 if unknown:
                     raise ValueError(
-                        f"method {spec.name}: {axis} {unknown} are not among the sweep's "
-                        f"{axis} {allowed}"
+                        f"{where}: {axis} {unknown} are not among the sweep's {axis} {allowed}"
                     )
         labels = {spec.name for spec in self.methods}
         for task in self.tasks:
@@ -340,17 +353,9 @@ def _append(path: Path, record: dict[str, Any]) -> None:
 
 def _tasks_for(sweep: SweepRecipe, cell: dict[str, Any]) -> list[TaskSpec]:
     """The tasks of a cell: every task for the dense model's, else those it is not excluded
-    from by their ratios and labels; a task with the settings of an earlier one once (the
-    same task may be listed for different cells)."""
-    chosen = [
-        t
-        for t in sweep.tasks
-        if "method" not in cell
-        or (
-            (t.ratios is None or cell["ratio"] in t.ratios)
-            and (t.labels is None or cell["label"] in t.labels)
-        )
-    ]
+    from by their ratios, labels and targets; a task with the settings of an earlier one
+    once (the same task may be listed for different cells)."""
+    chosen = [t for t in sweep.tasks if "method" not in cell or t.runs_on(cell)]
     unique: dict[str, TaskSpec] = {}  # by the key a record of it has (cell_key)
     for spec in chosen:
         unique.setdefault(cell_key(cell, spec.task, _settings(spec)), spec)
