@@ -1,5 +1,6 @@
 import io
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -893,7 +894,13 @@ def test_evaluate_streamed_prints_the_in_memory_number(tiny_folder):
     assert code == 0, err
     code, streamed, err = invoke("evaluate", str(tiny_folder), *args, "--stream")
     assert code == 0, err
-    assert streamed == whole
+    # the blocks run one at a time on captured inputs: the same weights, attention operands
+    # laid out otherwise (no KV cache), so last bits may differ on another CPU's kernels
+    number = r"\d+\.\d+"
+    assert re.sub(number, "N", streamed) == re.sub(number, "N", whole)
+    values = [float(v) for v in re.findall(number, streamed)]
+    assert values  # the perplexity is printed
+    assert values == pytest.approx([float(v) for v in re.findall(number, whole)], rel=1e-5)
     code, _, err = invoke("evaluate", str(tiny_folder), "--task", "stsb", "--stream")
     assert "task 'stsb' cannot run streamed" in one_error(code, err)
 
