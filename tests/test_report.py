@@ -79,7 +79,7 @@ def test_a_task_run_with_other_settings_has_its_own_table_and_dense_value(tmp_pa
     ]
 
 
-def test_values_of_a_tasks_seeds_are_averaged_dense_and_compressed(tmp_path):
+def test_values_of_a_tasks_seeds_are_averaged_with_their_spread_dense_and_compressed(tmp_path):
     records = [
         _record(label, ratio, "glue-rte", value=value, settings={"seed": seed, "lr": 1e-4})
         for label, ratio, seed, value in [
@@ -91,5 +91,5 @@ def test_values_of_a_tasks_seeds_are_averaged_dense_and_compressed(tmp_path):
     ]
     write_report([tmp_path / "results.jsonl"], records)
     report = (tmp_path / "report.md").read_text()
-    assert "glue-rte perplexity (test)\n\ndense: 59\n" in report
-    assert "| svd | 54.5 (-4.5) |" in report
+    assert "glue-rte perplexity (test)\n\ndense: 59 ± 1.4\n" in report
+    assert "| svd | 54.5 ± 0.71 (-4.5) |" in report

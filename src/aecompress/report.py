@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import re
+import statistics
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -86,8 +87,8 @@ def _method_name(row: dict[str, Any]) -> str:
 
 def _tables(
     rows: list[dict[str, Any]],
-) -> Iterator[tuple[TableKey, list[dict[str, Any]], float | None]]:
-    """Each table's key, its compressed rows, and the dense value (mean over seeds)."""
+) -> Iterator[tuple[TableKey, list[dict[str, Any]], list[float]]]:
+    """Each table's key, its compressed rows, and the dense values (one per seed)."""
     dense: dict[tuple[str, ...], list[float]] = {}
     for r in rows:
         if r["label"] == "dense":
@@ -97,7 +98,7 @@ def _tables(
     for key in sorted({_table_key(r) for r in compressed}):
         subset = [r for r in compressed if _table_key(r) == key]
         values = dense.get((key.model, key.task, key.split, key.settings, key.metric))
-        yield key, subset, _mean(values) if values else None
+        yield key, subset, values or []
 
 
 def _table_key(row: dict[str, Any]) -> TableKey:
@@ -136,6 +137,11 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
+def _spread(values: list[float]) -> str:
+    """' ± s' (the sample standard deviation) of values from several seeds, else ''."""
+    return f" ± {statistics.stdev(values):.2g}" if len(values) > 1 else ""
+
+
 def results_tables(rows: list[dict[str, Any]]) -> str:
     """Markdown: per model, target and task metric, methods x ratios (delta to dense)."""
     sections = []
@@ -147,7 +153,9 @@ def results_tables(rows: list[dict[str, Any]]) -> str:
             f"### {key.model}: {key.targets}, {key.task} {key.metric} ({key.split}"
             + (f"; {shown})" if shown else ")"),
             "",
-            f"dense: {reference:.4g}" if reference is not None else "dense: not measured",
+            f"dense: {_mean(reference):.4g}{_spread(reference)}"
+            if reference
+            else "dense: not measured",
             "",
             "| method | " + " | ".join(f"ratio {r:g}" for r in ratios) + " |",
             "|---" * (len(ratios) + 1) + "|",
@@ -158,12 +166,11 @@ def results_tables(rows: list[dict[str, Any]]) -> str:
                 values = [
                     r["value"] for r in subset if _method_name(r) == name and r["ratio"] == ratio
                 ]
-                delta = (
-                    ""
-                    if reference is None or not values
-                    else f" ({_mean(values) - reference:+.3g})"
-                )
-                cells.append(f"{_mean(values):.4g}{delta}" if values else "")
+                if not values:
+                    cells.append("")
+                    continue
+                delta = f" ({_mean(values) - _mean(reference):+.3g})" if reference else ""
+                cells.append(f"{_mean(values):.4g}{_spread(values)}{delta}")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         sections.append("\n".join(lines))
     return "\n\n".join(sections) + "\n"
@@ -316,7 +323,8 @@ def write_report(results: list[Path], records: list[dict[str, Any]]) -> list[Pat
         f"Written {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {platform.machine()}, "
         f"{os.cpu_count()} CPUs ({platform.platform()}), from {sources}; "
         f"compression + evaluation time of the cells: {seconds / 60:.1f} min. "
-        "Values: mean over seeds; (difference to dense).\n\n"
+        "Values: mean over seeds (± their standard deviation when several); "
+        "(difference to dense).\n\n"
     ) + results_tables(rows)
     costs = process_costs(records)
     text += f"\n{costs}" if costs else ""
@@ -334,6 +342,7 @@ def write_report(results: list[Path], records: list[dict[str, Any]]) -> list[Pat
         writer.writeheader()
         writer.writerows(rows)
     for path, key, subset, reference in plots:
-        _plot(path, f"{key.model}: {key.targets}", f"{key.task} {key.metric}", subset, reference)
+        dense = _mean(reference) if reference else None
+        _plot(path, f"{key.model}: {key.targets}", f"{key.task} {key.metric}", subset, dense)
         written.append(path)
     return written
