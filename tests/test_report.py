@@ -91,5 +91,5 @@ def test_values_of_a_tasks_seeds_are_averaged_with_their_spread_dense_and_compre
     ]
     write_report([tmp_path / "results.jsonl"], records)
     report = (tmp_path / "report.md").read_text()
-    assert "glue-rte perplexity (test)\n\ndense: 59 ± 1.4\n" in report
-    assert "| svd | 54.5 ± 0.71 (-4.5) |" in report
+    assert "glue-rte perplexity (test)\n\ndense: 59 ± 1.4 (2 seeds)\n" in report
+    assert "| svd | 54.5 ± 0.71 (2 seeds) (-4.5) |" in report

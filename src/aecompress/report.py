@@ -138,8 +138,9 @@ def _mean(values: list[float]) -> float:
 
 
 def _spread(values: list[float]) -> str:
-    """' ± s' (the sample standard deviation) of values from several seeds, else ''."""
-    return f" ± {statistics.stdev(values):.2g}" if len(values) > 1 else ""
+    """' ± s (n seeds)', the sample standard deviation of values from several seeds, else ''
+    (a value beside another with more seeds is from one)."""
+    return f" ± {statistics.stdev(values):.2g} ({len(values)} seeds)" if len(values) > 1 else ""
 
 
 def results_tables(rows: list[dict[str, Any]]) -> str:
