@@ -1,6 +1,6 @@
 import matplotlib
 
-from aecompress.report import process_costs, ratio_axis, write_report
+from aecompress.report import NOTES_MARKER, process_costs, ratio_axis, write_report
 
 matplotlib.use("Agg")
 
@@ -93,3 +93,14 @@ def test_values_of_a_tasks_seeds_are_averaged_with_their_spread_dense_and_compre
     report = (tmp_path / "report.md").read_text()
     assert "glue-rte perplexity (test)\n\ndense: 59 ± 1.4 (2 seeds)\n" in report
     assert "| svd | 54.5 ± 0.71 (2 seeds) (-4.5) |" in report
+
+
+def test_notes_below_the_marker_are_kept_when_the_report_is_rendered_again(tmp_path):
+    records = [_record("dense", 1.0, "wikitext2", value=30.0), _record("rtn", 4.0, "wikitext2")]
+    write_report([tmp_path / "results.jsonl"], records)
+    report = tmp_path / "report.md"
+    notes = f"{NOTES_MARKER}\n\n## How this was run\n\n- by hand\n"
+    report.write_text(report.read_text() + "\n" + notes)
+    write_report([tmp_path / "results.jsonl"], [*records, _record("gptq", 4.0, "wikitext2")])
+    text = report.read_text()
+    assert "| gptq | 40 (+10) |" in text and text.endswith(notes) and text.count(NOTES_MARKER) == 1

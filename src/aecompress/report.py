@@ -299,10 +299,23 @@ def _splits(keys: list[TableKey]) -> dict[tuple[str, ...], set[str]]:
     return splits
 
 
+NOTES_MARKER = "<!-- notes: kept when the report is re-rendered -->"
+
+
+def _kept_notes(report: Path) -> str:
+    """An earlier report's hand-written part: its text from NOTES_MARKER on, if any."""
+    if not report.is_file():
+        return ""
+    earlier = report.read_text()
+    start = earlier.find(NOTES_MARKER)
+    return "" if start < 0 else "\n" + earlier[start:]
+
+
 def write_report(results: list[Path], records: list[dict[str, Any]]) -> list[Path]:
     """Write report.md, results.csv and one PNG per table next to the first results file,
     from the latest record of each cell and task (a failure re-run successfully is gone);
-    each replaces only an earlier file of a report."""
+    each replaces only an earlier file of a report, and report.md keeps the earlier one's
+    notes (its text from a NOTES_MARKER line on)."""
     records = current(records)
     rows = flatten_results(records)
     folder = results[0].parent
@@ -337,7 +350,7 @@ def write_report(results: list[Path], records: list[dict[str, Any]]) -> list[Pat
             for r in failed
         )
     written = [folder / "report.md", folder / "results.csv"]
-    written[0].write_text(text)
+    written[0].write_text(text + _kept_notes(written[0]))
     with written[1].open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()
