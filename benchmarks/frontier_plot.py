@@ -4,7 +4,8 @@ Reads a sweep's results file (the latest record of each cell, as the report does
 draws one PNG per split of a perplexity task beside it: x is the cell's stored bits over
 its target weights (`stored_bits / target_params`), y its perplexity on a log axis, the
 dense model's as a dashed line. `--targets` keeps the cells of those targets only (a
-sweep over several, e.g. the MLPs and every linear layer), named in the file.
+sweep over several, e.g. the MLPs and every linear layer), named in the file; without it,
+the targets of most cells, unnamed.
 
     PYTHONPATH=src python benchmarks/frontier_plot.py benchmarks/results/frontier/results.jsonl
 """
@@ -28,15 +29,17 @@ def curves(
     records: list[dict[str, Any]], task: str, split: str, targets: str | None = None
 ) -> tuple[dict[str, list[tuple[float, float]]], float | None]:
     """Each method's (bits per weight, perplexity) points, sorted by bits, and the dense
-    perplexity, from the ok records of `task` on `split` (of `targets` only, if given) with
-    the grid's settings: those of most records (a few best rows measured again on longer
-    windows are not on the curves)."""
+    perplexity, from the ok records of `task` on `split` of `targets` (default: those of
+    most cells) with the grid's settings: those of most records (a few best rows measured
+    again on longer windows are not on the curves)."""
     from aecompress.report import measurement_settings
 
     records = [
         r for r in records if r["status"] == "ok" and r["task"] == task and r.get("split") == split
     ]
     grid = Counter(measurement_settings(r) for r in records).most_common(1)
+    cells = [r["cell"].get("targets") for r in records if r["cell"]["label"] != "dense"]
+    targets = targets or Counter(cells).most_common(1)[0][0]
     points: dict[str, list[tuple[float, float]]] = {}
     dense = None
     for record in records:
@@ -45,7 +48,7 @@ def curves(
         value = record["metrics"]["perplexity"]
         if record["cell"]["label"] == "dense":
             dense = value
-        elif targets is None or record["cell"].get("targets") == targets:
+        elif record["cell"].get("targets") == targets:
             points.setdefault(record["cell"]["label"], []).append((bits_per_weight(record), value))
     return {label: sorted(values) for label, values in points.items()}, dense
 

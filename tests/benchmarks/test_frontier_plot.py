@@ -69,6 +69,17 @@ def test_the_curves_are_the_grids_settings_not_a_best_rows_longer_windows():
     assert methods == {"gptq": [(4.25, 12.0)], "sparsegpt": [(3.25, 20.0)]}
 
 
+def test_without_targets_the_curves_are_those_of_most_cells():
+    records = [
+        record("dense", "test", 10.0, 1600, targets=""),
+        record("gptq", "test", 12.0, 425, targets="up,down"),
+        record("gptq", "test", 30.0, 325, targets="up,down"),
+        record("gptq", "test", 14.0, 425, targets="q,up,down"),
+    ]
+    methods, dense = curves(records, "wikitext2", "test")
+    assert dense == 10.0 and methods == {"gptq": [(3.25, 30.0), (4.25, 12.0)]}
+
+
 def test_a_record_without_target_params_counts_its_target_bits_in_bf16():
     older = record("llm-compressor gptq", "test", 13.0, 425)
     del older["target_params"]
