@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,12 @@ def bits_per_weight(record: dict[str, Any]) -> float:
     it wrote `target_params` count their targets' bits in bf16: 16 a weight)."""
     weights = record.get("target_params") or record["target_bits"] / 16
     return record["stored_bits"] / weights
+
+
+def _most_common(values: Iterable[Any]) -> Any:
+    """The value found most often (the first of those tied), None if there is none."""
+    found = Counter(values).most_common(1)
+    return found[0][0] if found else None
 
 
 def curves(
@@ -37,13 +44,13 @@ def curves(
     records = [
         r for r in records if r["status"] == "ok" and r["task"] == task and r.get("split") == split
     ]
-    grid = Counter(measurement_settings(r) for r in records).most_common(1)
+    grid = _most_common(measurement_settings(r) for r in records)
     cells = [r["cell"].get("targets") for r in records if r["cell"]["label"] != "dense"]
-    targets = targets or Counter(cells).most_common(1)[0][0]
+    targets = targets or _most_common(cells)
     points: dict[str, list[tuple[float, float]]] = {}
     dense = None
     for record in records:
-        if measurement_settings(record) != grid[0][0]:
+        if measurement_settings(record) != grid:
             continue
         value = record["metrics"]["perplexity"]
         if record["cell"]["label"] == "dense":

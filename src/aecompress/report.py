@@ -85,20 +85,23 @@ def _method_name(row: dict[str, Any]) -> str:
     return row["label"] if row["group"] in ("", "none") else f"{row['label']} ({row['group']})"
 
 
-def _tables(
-    rows: list[dict[str, Any]],
-) -> Iterator[tuple[TableKey, list[dict[str, Any]], list[float]]]:
-    """Each table's key, its compressed rows, and the dense values (one per seed)."""
+Table = tuple[TableKey, str, list[dict[str, Any]], list[float]]
+
+
+def _tables(rows: list[dict[str, Any]]) -> Iterator[Table]:
+    """Each table's key, the settings that set it apart from the same task's other tables
+    ("" if none), its compressed rows, and the dense values (one per seed)."""
+    names = _distinct_settings(rows)
     dense: dict[tuple[str, ...], list[float]] = {}
     for r in rows:
         if r["label"] == "dense":
-            measured = (r["model"], r["task"], r["split"], r["settings"], r["metric"])
+            measured = (r["model"], r["task"], r["split"], r["metric"], r["settings"])
             dense.setdefault(measured, []).append(r["value"])
     compressed = [r for r in rows if r["label"] != "dense"]
     for key in sorted({_table_key(r) for r in compressed}):
         subset = [r for r in compressed if _table_key(r) == key]
-        values = dense.get((key.model, key.task, key.split, key.settings, key.metric))
-        yield key, subset, values or []
+        measured = (key.model, key.task, key.split, key.metric, key.settings)
+        yield key, names[measured], subset, dense.get(measured, [])
 
 
 def _table_key(row: dict[str, Any]) -> TableKey:
@@ -124,10 +127,6 @@ def _distinct_settings(rows: list[dict[str, Any]]) -> dict[tuple[str, ...], str]
     return names
 
 
-def _setting_name(key: TableKey, names: dict[tuple[str, ...], str]) -> str:
-    return names[(key.model, key.task, key.split, key.metric, key.settings)]
-
-
 def _in_order(names: Iterable[str]) -> list[str]:
     """Distinct names in the order they first appear (a sweep's: the recipe's order)."""
     return list(dict.fromkeys(names))
@@ -143,13 +142,11 @@ def _spread(values: list[float]) -> str:
     return f" ± {statistics.stdev(values):.2g} ({len(values)} seeds)" if len(values) > 1 else ""
 
 
-def results_tables(rows: list[dict[str, Any]]) -> str:
+def results_tables(tables: list[Table]) -> str:
     """Markdown: per model, target and task metric, methods x ratios (delta to dense)."""
     sections = []
-    names = _distinct_settings(rows)
-    for key, subset, reference in _tables(rows):
+    for key, shown, subset, reference in tables:
         ratios = sorted({r["ratio"] for r in subset})
-        shown = _setting_name(key, names)
         lines = [
             f"### {key.model}: {key.targets}, {key.task} {key.metric} ({key.split}"
             + (f"; {shown})" if shown else ")"),
@@ -321,13 +318,10 @@ def write_report(results: list[Path], records: list[dict[str, Any]]) -> list[Pat
     folder = results[0].parent
     tables = list(_tables(rows))
     splits = _splits([key for key, *_ in tables])
-    names = _distinct_settings(rows)
     paths = [
-        _plot_path(folder, key, splits[(*key[:3], key.metric)], _setting_name(key, names))
-        for key, *_ in tables
+        _plot_path(folder, key, splits[(*key[:3], key.metric)], shown) for key, shown, *_ in tables
     ]
-    plots = [(path, *table) for path, table in zip(paths, tables, strict=True)]
-    check_report_files(folder, [path for path, *_ in plots])
+    check_report_files(folder, paths)
     # every task record of a cell repeats the cell's compression time: count it once
     compress = {cell_id(r["cell"]): r.get("compress_seconds", 0.0) for r in records}
     seconds = sum(compress.values()) + sum(r.get("seconds", 0.0) for r in records)
@@ -339,7 +333,7 @@ def write_report(results: list[Path], records: list[dict[str, Any]]) -> list[Pat
         f"compression + evaluation time of the cells: {seconds / 60:.1f} min. "
         "Values: mean over seeds (± their standard deviation when several); "
         "(difference to dense).\n\n"
-    ) + results_tables(rows)
+    ) + results_tables(tables)
     costs = process_costs(records)
     text += f"\n{costs}" if costs else ""
     failed = [r for r in records if r.get("status") == "failed"]
@@ -355,7 +349,7 @@ def write_report(results: list[Path], records: list[dict[str, Any]]) -> list[Pat
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    for path, key, subset, reference in plots:
+    for path, (key, _shown, subset, reference) in zip(paths, tables, strict=True):
         dense = _mean(reference) if reference else None
         _plot(path, f"{key.model}: {key.targets}", f"{key.task} {key.metric}", subset, dense)
         written.append(path)

@@ -85,3 +85,8 @@ def test_a_record_without_target_params_counts_its_target_bits_in_bf16():
     del older["target_params"]
     methods, _ = curves([older], "wikitext2", "test")
     assert methods == {"llm-compressor gptq": [(4.25, 13.0)]}
+
+
+def test_a_split_without_compressed_cells_has_no_curves():
+    assert curves([], "wikitext2", "test") == ({}, None)
+    assert curves([record("dense", "test", 10.0, 1600)], "wikitext2", "test") == ({}, 10.0)
