@@ -192,14 +192,9 @@ def tasks_of(sweep: Any, cell: dict[str, Any]) -> list[Any]:
 
 def recorded(results: Path, cell: dict[str, Any], sweep: Any) -> bool:
     """Whether every task of the configuration's cell is recorded ok, with its settings."""
-    from aecompress.evaluation.tasks import task_settings
-    from aecompress.sweep import cell_key, read_results, record_key
+    from aecompress.sweep import ResultsLog
 
-    done = {record_key(r) for r in read_results(results) if r["status"] == "ok"}
-    return all(
-        cell_key(cell, spec.task, task_settings(spec.task, spec.options)) in done
-        for spec in tasks_of(sweep, cell)
-    )
+    return not ResultsLog.read(results).pending(cell, tasks_of(sweep, cell))
 
 
 def main() -> None:

@@ -375,7 +375,7 @@ def _settings(spec: TaskSpec) -> dict[str, Any]:
 
 
 @dataclass
-class _Log:
+class ResultsLog:
     """The results file, and what the latest records say about each cell, task, settings."""
 
     path: Path
@@ -383,7 +383,7 @@ class _Log:
     failed: dict[str, str] = field(default_factory=dict)  # key -> error of its failure
 
     @classmethod
-    def read(cls, path: Path) -> _Log:
+    def read(cls, path: Path) -> ResultsLog:
         log = cls(path)
         for record in current(read_results(path)):
             if record.get("status") == "ok":
@@ -393,6 +393,7 @@ class _Log:
         return log
 
     def pending(self, cell: dict[str, Any], specs: list[TaskSpec]) -> list[TaskSpec]:
+        """The tasks of specs not yet recorded ok for the cell with their settings."""
         return [s for s in specs if cell_key(cell, s.task, _settings(s)) not in self.done]
 
     def write(self, record: dict[str, Any]) -> None:
@@ -446,7 +447,7 @@ def run_sweep(
     for cell in cells(sweep):
         cell_recipe(sweep, cell)
     results.parent.mkdir(parents=True, exist_ok=True)
-    log = _Log.read(results)
+    log = ResultsLog.read(results)
     run = executor or partial(run_serially, progress=progress)
     run(sweep, pending_jobs(sweep, log, shard), log.write)
     return read_results(results)
@@ -463,7 +464,7 @@ def cell_recipe(sweep: SweepRecipe, cell: dict[str, Any]) -> Recipe:
         raise AecompressError(f"sweep cell {where}: {error}") from error
 
 
-def pending_jobs(sweep: SweepRecipe, log: _Log, shard: tuple[int, int]) -> list[Job]:
+def pending_jobs(sweep: SweepRecipe, log: ResultsLog, shard: tuple[int, int]) -> list[Job]:
     """The shard's dense cells and cells, in grid order, with their tasks not yet done."""
     index, count = shard
     models = model_fields(sweep).values()
