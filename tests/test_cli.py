@@ -943,6 +943,19 @@ def test_compress_says_when_it_takes_a_methods_own_default(
     assert (line in stdout) == said
 
 
+def test_the_memory_line_names_what_the_estimate_does_not_count(monkeypatch, tiny_folder, tmp_path):
+    monkeypatch.setattr("aecompress.memory.available_memory", lambda: 1 << 20)
+    args = ["--method", "sparsegpt", "--ratio", "1.25", "--targets", "down"]
+    args += ["--allocate", "sensitivity"]
+    forbid = pytest.MonkeyPatch()
+    forbid_loading(forbid)
+    code, stdout, err = invoke("compress", str(tiny_folder), *args, "-o", str(tmp_path / "o"))
+    forbid.undo()
+    one_error(code, err)
+    line = next(line for line in stdout.splitlines() if line.startswith("expected peak"))
+    assert "GiB (in memory); not counted: the sensitivity allocation's" in line
+
+
 def test_a_compress_beyond_the_available_memory_is_refused_before_loading(
     monkeypatch, tiny_folder, tmp_path
 ):

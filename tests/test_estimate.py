@@ -104,6 +104,21 @@ def test_the_table_has_one_column_per_path():
     assert len(lines) == 3 + len(MemoryEstimate.__dataclass_fields__) - 3 + 1
 
 
+@pytest.mark.parametrize(
+    ("fields", "uncounted"),
+    [
+        ({}, []),
+        ({"allocate": "sensitivity"}, ["allocation"]),
+        ({"method": "fwsvd"}, ["Fisher"]),
+        ({"method": "ae"}, ["AE"]),
+    ],
+)
+def test_what_the_estimate_does_not_count_is_named(fields, uncounted):
+    notes = estimate(**fields).notes
+    assert len(notes) == len(uncounted)
+    assert all(word in note for word, note in zip(uncounted, notes, strict=True))
+
+
 def test_loading_a_bf16_checkpoint_whole_holds_its_pages_beside_the_fp32_model():
     model = skeleton(4)
     model.config.dtype = torch.bfloat16

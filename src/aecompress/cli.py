@@ -471,7 +471,8 @@ def _memory_estimate(
         and not streaming_blockers(plan, plan_groups(skeleton, plan), whole.pipeline, skeleton)
     )
     chosen = estimates[-1] if streams else whole
-    typer.echo(f"expected peak memory: {chosen.total / 2**30:.2f} GiB ({chosen.path})")
+    uncounted = "".join(f"; not counted: {note}" for note in chosen.notes)
+    typer.echo(f"expected peak memory: {chosen.total / 2**30:.2f} GiB ({chosen.path}){uncounted}")
     return chosen
 
 
