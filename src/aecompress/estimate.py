@@ -161,7 +161,7 @@ def _notes(planned: list[PlannedGroup], recipe: Recipe) -> tuple[str, ...]:
             "the sensitivity allocation's backward pass and every target's X^T X held at once"
         )
     if any(p.method.name.startswith("ae") for p in planned):
-        notes.append("the AE's training workspace is not counted")
+        notes.append("the AE's training workspace")
     return tuple(notes)
 
 
