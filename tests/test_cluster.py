@@ -1,3 +1,4 @@
+import json
 import os
 import sys
 from pathlib import Path
@@ -9,7 +10,7 @@ import pytest
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 import ray
 
-from aecompress.cluster import ProcessExecutor, RayExecutor
+from aecompress.cluster import ProcessExecutor, RayExecutor, _child_failure
 from aecompress.errors import AecompressError
 from aecompress.sweep import SweepRecipe, run_sweep
 from tests import test_sweep
@@ -157,3 +158,62 @@ def test_a_worker_loads_a_relative_model_path_from_where_the_sweep_ran(
     monkeypatch.chdir(tmp_path)  # a Ray worker's own folder
     cluster._run_remotely(sweep, Job(cell, []))
     assert loaded == [str(folder.resolve())]
+
+
+CHILD = """
+import json, pathlib, sys, time
+lines, seen, out = sys.argv[1:]
+first, second = pathlib.Path(lines).read_text().splitlines()
+with open(out, "a") as handle:
+    handle.write(first + "\\n")
+for _ in range(600):  # the driver records the first task before the second ends
+    if pathlib.Path(seen).exists():
+        break
+    time.sleep(0.05)
+else:
+    sys.exit(4)
+with open(out, "a") as handle:
+    handle.write(second[:10])  # a line being written waits for its end
+    handle.flush()
+    time.sleep(0.3)
+    handle.write(second[10:] + "\\n")
+"""
+
+
+@pytest.mark.skipif(
+    not Path("/proc/self/status").exists(), reason="no /proc: records wait for the child's end"
+)
+def test_a_process_job_records_each_task_as_its_child_writes_it(tiny_folder, tmp_path):
+    """A sweep stopped during a job keeps the tasks its child has done."""
+    from aecompress.sweep import Job, TaskSpec, cells
+
+    plan = recipe(tiny_folder)
+    tasks = [TaskSpec(task="wikitext2", options={"windows": n}) for n in (1, 2)]
+    job = Job(next(cells(plan)), tasks)
+    done = [{**_child_failure(job, spec, 0), "status": "ok"} for spec in tasks]
+    (tmp_path / "lines").write_text("\n".join(json.dumps(r) for r in done))
+    seen = tmp_path / "seen"
+
+    class Scripted(ProcessExecutor):
+        def command(self, job_file, records_file):
+            return [
+                sys.executable,
+                "-c",
+                CHILD,
+                str(tmp_path / "lines"),
+                str(seen),
+                str(records_file),
+            ]
+
+    recorded = []
+
+    def record(each):
+        recorded.append(each)
+        seen.touch()
+
+    Scripted(False).run_child(plan, job, tmp_path / "job0", record)
+    assert [r["status"] for r in recorded] == ["ok", "ok"]  # the child did not wait in vain
+    assert [r["settings"] for r in recorded] == [r["settings"] for r in done]
+    first, second = recorded
+    assert 0 < first["wall_seconds"] < second["wall_seconds"]
+    assert 1e6 < first["peak_rss_bytes"] <= second["peak_rss_bytes"]

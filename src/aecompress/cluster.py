@@ -2,7 +2,8 @@
 cluster; either way the driver writes every record.
 
 `ProcessExecutor` measures each job alone: its child's wall time and peak resident
-memory (the kernel's high-water mark of that process, read when it is reaped).
+memory (the kernel's high-water mark of that process). Each record the child writes is
+passed on as soon as it is whole, so a sweep stopped during a job keeps the tasks done.
 Ray is an optional dependency (`pip install 'aecompress[ray]'`); aecompress must be
 installed on every node, and the models and data must be readable there.
 """
@@ -27,7 +28,6 @@ from aecompress.sweep import (
     TaskSpec,
     cell_model,
     failure_record,
-    read_results,
     record_key,
     run_job,
 )
@@ -35,9 +35,13 @@ from aecompress.sweep import (
 
 class ProcessExecutor:
     """Run each job, one after the other, in a fresh Python process that loads the model,
-    compresses and evaluates; each of its records gets `wall_seconds` (the child's life)
-    and `peak_rss_bytes` (its peak resident memory). A child that dies leaves failure
-    records for the tasks it did not record."""
+    compresses and evaluates. Each record the child writes is recorded as it appears, with
+    `wall_seconds` (the child's time so far) and `peak_rss_bytes` (its peak resident memory
+    so far); where the child's memory cannot be read while it runs (no /proc), its records
+    wait for its end. A child that dies leaves failure records for the tasks it did not
+    record."""
+
+    poll_seconds = 1.0  # the longest wait between two looks at the child
 
     def __init__(self, progress: bool = True) -> None:
         self.progress = progress
@@ -45,32 +49,69 @@ class ProcessExecutor:
     def __call__(self, sweep: SweepRecipe, jobs: list[Job], record: Record) -> None:
         with tempfile.TemporaryDirectory(prefix="aecompress-sweep-") as folder:
             for number, job in enumerate(jobs):
-                for each in self.run_child(sweep, job, Path(folder) / f"job{number}"):
-                    record(each)
+                self.run_child(sweep, job, Path(folder) / f"job{number}", record)
 
-    def run_child(self, sweep: SweepRecipe, job: Job, stem: Path) -> list[dict[str, Any]]:
-        """The job's records from a child process, with the child's time and peak RSS."""
+    def command(self, job_file: Path, records_file: Path) -> list[str]:
+        """The child's command line."""
+        return [sys.executable, "-m", __name__, str(job_file), str(records_file)]
+
+    def run_child(self, sweep: SweepRecipe, job: Job, stem: Path, record: Record) -> None:
+        """Run `job` in a child process, recording each of its records as it appears."""
         job_file, records_file = stem.with_suffix(".json"), stem.with_suffix(".jsonl")
         job_file.write_text(json.dumps(_job_json(sweep, job, self.progress)))
         start = time.perf_counter()
-        child = subprocess.Popen([sys.executable, "-m", __name__, str(job_file), str(records_file)])
-        _, status, usage = os.wait4(child.pid, 0)
+        child = subprocess.Popen(self.command(job_file, records_file))
+        written = _AppendedLines(records_file)
+        recorded: set[str] = set()
+
+        def forward(records: list[dict[str, Any]], peak: int) -> None:
+            measured = {"wall_seconds": time.perf_counter() - start, "peak_rss_bytes": peak}
+            for each in records:
+                recorded.add(record_key(each))
+                record({**each, **measured})
+
+        waiting: list[dict[str, Any]] = []
+        delay = 0.05
+        while True:
+            pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+            if pid:
+                break
+            waiting += written.new()
+            peak = peak_rss(child.pid)
+            if waiting and peak is not None:
+                forward(waiting, peak)
+                waiting = []
+            time.sleep(delay)
+            delay = min(2 * delay, self.poll_seconds)
         child.returncode = code = os.waitstatus_to_exitcode(status)
         peak_file = records_file.with_suffix(".peak")
-        measured = {
-            "wall_seconds": time.perf_counter() - start,
-            # the child's own high-water mark; rusage's counts the parent's memory at fork
-            "peak_rss_bytes": int(peak_file.read_text())
-            if peak_file.exists()
-            else usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024),
-        }
-        records = read_results(records_file)
-        recorded = {record_key(r) for r in records}
-        for spec in job.tasks:
-            failure = _child_failure(job, spec, code)
-            if record_key(failure) not in recorded:
-                records.append(failure)
-        return [{**r, **measured} for r in records]
+        # the child's own high-water mark; rusage's counts the parent's memory at fork
+        final = int(peak_file.read_text()) if peak_file.exists() else usage.ru_maxrss * RSS_UNIT
+        failures = [_child_failure(job, spec, code) for spec in job.tasks]
+        records = waiting + written.new()
+        done = recorded | {record_key(r) for r in records}
+        forward(records + [f for f in failures if record_key(f) not in done], final)
+
+
+RSS_UNIT = 1 if sys.platform == "darwin" else 1024  # rusage's ru_maxrss: bytes or kB
+
+
+class _AppendedLines:
+    """The JSON lines appended to a file since the last call (a line still being written
+    waits for its newline)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.offset = path, 0
+
+    def new(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        with self.path.open("rb") as handle:
+            handle.seek(self.offset)
+            data = handle.read()
+        whole = data[: data.rfind(b"\n") + 1]
+        self.offset += len(whole)
+        return [json.loads(line) for line in whole.splitlines() if line.strip()]
 
 
 def _job_json(sweep: SweepRecipe, job: Job, progress: bool) -> dict[str, Any]:
@@ -102,19 +143,21 @@ def run_child_job(job_file: Path, records_file: Path) -> None:
             handle.write(json.dumps(record, sort_keys=True) + "\n")
 
     run_job(sweep, job, load_model(cell_model(job.cell)), write, progress=data["progress"])
-    peak = own_peak_rss()
+    peak = peak_rss()
     if peak is not None:
         records_file.with_suffix(".peak").write_text(str(peak))
 
 
-def own_peak_rss() -> int | None:
-    """This process's peak resident memory in bytes (Linux: VmHWM, which belongs to the
+def peak_rss(pid: int | str = "self") -> int | None:
+    """A process's peak resident memory in bytes (Linux: VmHWM, which belongs to the
     address space exec made, unlike rusage's maxrss, which starts at the parent's memory
     when it forked); None where /proc is missing."""
-    status = Path("/proc/self/status")
-    if not status.exists():
+    status = Path(f"/proc/{pid}/status")
+    try:
+        text = status.read_text()
+    except OSError:
         return None
-    for line in status.read_text().splitlines():
+    for line in text.splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     return None
