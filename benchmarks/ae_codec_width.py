@@ -76,8 +76,10 @@ def main() -> None:
             quantize=args.quantize,
         )
         seconds.append(f"1/{ratio:g} {time.perf_counter() - start:.0f} s")
-        rows += family_rows(ratio, cm)
-        print(*rows[-1], flush=True)
+        measured = family_rows(ratio, cm)
+        for row in measured:
+            print(*row, flush=True)
+        rows += measured
     header = ("ratio", "targets", "width", "float loss", "stored loss", "worst stored loss")
     lines = [
         f"# ae-data + {args.quantize}: latent width and loss per layer ({args.model})",

@@ -77,8 +77,7 @@ class ProcessExecutor:
             if pid:
                 break
             waiting += written.new()
-            peak = peak_rss(child.pid)
-            if waiting and peak is not None:
+            if waiting and (peak := peak_rss(child.pid)) is not None:
                 forward(waiting, peak)
                 waiting = []
             time.sleep(delay)
@@ -87,10 +86,9 @@ class ProcessExecutor:
         peak_file = records_file.with_suffix(".peak")
         # the child's own high-water mark; rusage's counts the parent's memory at fork
         final = int(peak_file.read_text()) if peak_file.exists() else usage.ru_maxrss * RSS_UNIT
+        forward(waiting + written.new(), final)
         failures = [_child_failure(job, spec, code) for spec in job.tasks]
-        records = waiting + written.new()
-        done = recorded | {record_key(r) for r in records}
-        forward(records + [f for f in failures if record_key(f) not in done], final)
+        forward([f for f in failures if record_key(f) not in recorded], final)
 
 
 RSS_UNIT = 1 if sys.platform == "darwin" else 1024  # rusage's ru_maxrss: bytes or kB
