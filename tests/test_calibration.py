@@ -92,6 +92,18 @@ def test_one_cached_pass_serves_every_statistic_it_collects(tokenizer, monkeypat
         assert entry.abs_mean is not None and torch.equal(entry.xtx, first[name].xtx)
 
 
+def test_a_cached_entry_of_token_counts_serves_linear_targets_too(tokenizer, monkeypatch):
+    """The AE asks for token counts whatever its targets; on linear layers the pass gives
+    them nothing, and its cache entry must still be read back, not discarded each run."""
+    model = tiny_model("bert").bert
+    targets = resolve_targets(model, ["k"])
+    cached_statistics(model, tokenizer, targets, {"counts"}, CONFIG, "hash", progress=False)
+
+    forbid_collection(monkeypatch)
+    again = cached_statistics(model, tokenizer, targets, {"counts"}, CONFIG, "hash", progress=False)
+    assert set(again) == {t.name for t in targets}
+
+
 def test_two_processes_building_one_entry_do_not_collide(tokenizer, monkeypatch):
     """A second writer finishes the same cache entry while the first is writing it."""
     import aecompress.calibration as calibration

@@ -485,11 +485,14 @@ def _shapes(model: nn.Module, target: Target) -> dict[str, tuple[int, ...]]:
 
 
 def _required(target: Target, needed: set[str]) -> set[str]:
-    """The statistics a pass collecting `needed` gives the target."""
+    """The statistics a pass collecting `needed` gives the target (collect_statistics:
+    counts only to an embedding, the input moments only when `needed` names one)."""
     embedding = target.kind == "embedding"
     required = set()
-    if needed & ACTIVATION_STATISTICS:
-        required |= {"counts"} if embedding else {"xtx", "abs_mean"}
+    if embedding and needed & ACTIVATION_STATISTICS:
+        required |= {"counts"}
+    if not embedding and needed & {"xtx", "abs_mean"}:
+        required |= {"xtx", "abs_mean"}
     if needed & GRADIENT_STATISTICS:
         required |= {"fisher", "l1"} | (set() if embedding else {"out_fisher"})
     return required
