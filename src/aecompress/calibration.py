@@ -49,7 +49,8 @@ from aecompress.numerics import all_finite
 from aecompress.progress import progress_bar
 from aecompress.targets import STRUCTURED_PARTS, Target, dense_weight, weight_matrix
 
-ACTIVATION_STATISTICS = frozenset({"xtx", "abs_mean", "counts"})
+INPUT_MOMENTS = frozenset({"xtx", "abs_mean"})  # of a linear layer's inputs: one forward pass
+ACTIVATION_STATISTICS = INPUT_MOMENTS | {"counts"}
 GRADIENT_STATISTICS = frozenset({"fisher", "l1", "out_fisher"})
 
 
@@ -382,7 +383,7 @@ def collect_statistics(
     ids = calibration_ids(tokenizer, config)
     windows = calibration_windows(tokenizer, config, ids)
     accumulator = InputAccumulator(_unique_paths(targets))
-    if needed & {"xtx", "abs_mean"} and accumulator.moments:  # counts need no pass
+    if needed & INPUT_MOMENTS and accumulator.moments:  # counts need no pass
         batches = windows.split(config.batch_size)
         with torch.inference_mode(), _input_hooks(model, accumulator):
             for batch in progress_bar(batches, desc="calibration activations", enabled=progress):
@@ -491,8 +492,8 @@ def _required(target: Target, needed: set[str]) -> set[str]:
     required = set()
     if embedding and needed & ACTIVATION_STATISTICS:
         required |= {"counts"}
-    if not embedding and needed & {"xtx", "abs_mean"}:
-        required |= {"xtx", "abs_mean"}
+    if not embedding and needed & INPUT_MOMENTS:
+        required |= INPUT_MOMENTS
     if needed & GRADIENT_STATISTICS:
         required |= {"fisher", "l1"} | (set() if embedding else {"out_fisher"})
     return required
@@ -536,7 +537,7 @@ def cached_statistics(
     share one file: an activation pass gives xtx, abs_mean and counts, a gradient pass
     Fisher and L1.
     """
-    if needed & {"xtx", "abs_mean"}:
+    if needed & INPUT_MOMENTS:
         needed = needed | ACTIVATION_STATISTICS
     if needed & GRADIENT_STATISTICS:
         needed = needed | GRADIENT_STATISTICS
