@@ -8,6 +8,7 @@ import torch
 
 from aecompress.budget import stored_bits
 from aecompress.calibration import TargetStatistics
+from aecompress.methods import Method, Stored
 from aecompress.methods.autoencoder.codec import Codec
 from aecompress.methods.linalg import whitening
 from aecompress.methods.quantize import dequantize, rtn
@@ -75,21 +76,29 @@ def test_quantization_aware_training_lowers_the_error_of_the_stored_codes():
     assert error(30) < 0.95 * error(0)
 
 
+class OutputErrorProblem:
+    """A random layer's weight [rows, 64] and the statistics of correlated inputs; the
+    output error ||(W - W_hat) L||, L L^T their second moment."""
+
+    def __init__(self, rows: int, seed: int) -> None:
+        self.weight = torch.randn(rows, 64, generator=torch.Generator().manual_seed(seed))
+        inputs = correlated_inputs(64, seed=seed)
+        xtx = (inputs.T @ inputs).double()
+        self.statistics = [TargetStatistics(inputs.shape[0], xtx)]
+        self.factor = whitening(xtx / inputs.shape[0], 1e-4).float()
+
+    def output_error(self, estimate: torch.Tensor) -> float:
+        return torch.linalg.matrix_norm((self.weight - estimate) @ self.factor).item()
+
+
 def test_a_linear_decoder_and_its_codes_rounded_in_turn_beat_svdllm_at_equal_bits():
     """ae-data on a layer (a linear decoder, stored as its basis w0^T): basis and codes
     rounded by GPTQ in turn, each refitted to the other in the output metric: a lower
     output error than svdllm with the same stage at the same ratio, and than rounding
     the float fit's codes and decoder to nearest."""
-    weight = torch.randn(96, 64, generator=torch.Generator().manual_seed(2))
-    inputs = correlated_inputs(64, seed=2)
-    xtx = (inputs.T @ inputs).double()
-    stats = [TargetStatistics(inputs.shape[0], xtx)]
-    factor = whitening(xtx / inputs.shape[0], 1e-4).float()
+    problem = OutputErrorProblem(96, seed=2)
+    weight, stats, output_error = problem.weight, problem.statistics, problem.output_error
     stage = "int3:g16"
-
-    def output_error(estimate: torch.Tensor) -> float:
-        return torch.linalg.matrix_norm((weight - estimate) @ factor).item()
-
     method, stored, _ = fit(
         "ae-data", [weight], ratio=4, options={"epochs": 5}, statistics=stats, quantize=stage
     )
@@ -104,6 +113,31 @@ def test_a_linear_decoder_and_its_codes_rounded_in_turn_beat_svdllm_at_equal_bit
     codes, decoder = floats.members[0]["codes"], floats.shared["w0"]
     rounded = dequantize(rtn(codes, scheme)) @ dequantize(rtn(decoder, scheme)).T
     assert codec < 0.9 * output_error(rounded)
+
+
+def test_a_quantized_linear_decoder_stores_a_narrower_code_when_that_loses_less():
+    """A budget of full rank (64) at 3 bits: full-rank factors round worse than narrower
+    ones, so the codec tries narrower widths and stores the one of lowest loss, in fewer
+    bits than the budget; `narrow_codec: false` keeps the budget's width."""
+    problem = OutputErrorProblem(64, seed=0)
+    stats, stage = problem.statistics, "int3:g16"
+
+    def fitted(narrow: bool) -> tuple[Method, Stored, float]:
+        options = {"epochs": 2, "narrow_codec": narrow}
+        return fit(
+            "ae-data", [problem.weight], ratio=3, options=options, statistics=stats, quantize=stage
+        )
+
+    method, narrowed, budget = fitted(True)
+    _, full, _ = fitted(False)
+    assert full.width == 64 and narrowed.width < 64
+    tried = dict(narrowed.info["codec_widths"])
+    assert 64 in tried and tried[narrowed.width] == min(tried.values())
+    spec = spec_of([problem.weight], quantize=stage)
+    assert stored_bits(narrowed.tensors().values(), 32) == method.cost(narrowed.width, spec)
+    assert method.cost(narrowed.width, spec) < method.cost(full.width, spec) <= budget
+    narrowed_error = problem.output_error(method.reconstruct(narrowed, 0))
+    assert narrowed_error < 0.9 * problem.output_error(method.reconstruct(full, 0))
 
 
 def test_a_stack_with_a_linear_decoder_keeps_each_members_codes():

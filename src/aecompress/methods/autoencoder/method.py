@@ -151,6 +151,8 @@ class Autoencoder(Method):
             )
             best = trainer.train()["best"]
             shared, codes, quantized, codec_info = self._stored_form(trainer, best, context)
+        if quantized is not None:  # the codec may store a narrower code than the budget's
+            x = quantized.cols["codes"]
         norms = trainer.norms.split(spec.rows) if trainer.norms is not None else None
         members: list[dict[str, torch.Tensor]] = []
         for index, member in enumerate(codes):
@@ -194,8 +196,8 @@ class Autoencoder(Method):
         codec = Codec(spec.quantize, STORAGE_DTYPES[spec.storage_dtype], options.quantize_decoder)
         info: dict[str, Any] = {"float_loss": trainer.stored_loss(best["codes"], best["decoder"])}
         if rounds_basis(options, spec):
-            shared, decoder, codes = self._alternated(
-                trainer, best, codec, options.codec_rounds, spec.rows
+            shared, decoder, codes, info["codec_widths"] = self._alternated(
+                trainer, best["decoder"]["w0"].T, codec, options, spec.rows
             )
             info["codes_rounding"] = "alternated"
             cols = {"w0t": spec.cols}
@@ -208,7 +210,8 @@ class Autoencoder(Method):
             cols = {name: decoder[name].shape[1] for name in decoder if f"{name}.codes" in shared}
         info["quantized_loss"] = trainer.stored_loss(_joined(codes), decoder)
         info = {k: round(v, 6) if isinstance(v, float) else v for k, v in info.items()}
-        layout = QuantizedLayout(stage=spec.quantize, cols={"codes": best["codes"].shape[1]} | cols)
+        width = codes[0].codes.shape[1]
+        layout = QuantizedLayout(stage=spec.quantize, cols={"codes": width} | cols)
         return shared, [store_quantized("codes", q) for q in codes], layout, info
 
     @staticmethod
@@ -226,21 +229,50 @@ class Autoencoder(Method):
                 shared[name] = rebuilt[name] = tensor
         return shared, rebuilt
 
-    @staticmethod
+    @classmethod
     def _alternated(
-        trainer: Trainer, best: dict[str, Any], codec: Codec, rounds: int, member_rows: int
-    ) -> tuple[Tensors, Tensors, list[Quantized]]:
-        """A linear decoder, rows ~ codes @ B with B = w0^T [x, m], rounded in turn with
-        its codes for `rounds` rounds: B by GPTQ under the members' pooled metric Gram
-        (grouped along a row's columns, as svdllm's basis), each member's codes refitted to
-        B_q in its own metric G_i and chosen by GPTQ under B_q G_i B_q^T, then B refitted
-        (least squares) to the rounded codes. Keeps the round of lowest loss; returns the
-        stored decoder (`w0t`), the decoder it rebuilds and each member's codes."""
+        cls,
+        trainer: Trainer,
+        basis: torch.Tensor,
+        codec: Codec,
+        options: AutoencoderOptions,
+        member_rows: int,
+    ) -> tuple[Tensors, Tensors, list[Quantized], list[tuple[int, float]]]:
+        """A linear decoder, rows ~ codes @ B with B = w0^T [x, m], fitted by alternation
+        (`_alternation`) from the float fit's basis and, with `narrow_codec`, from the
+        linear optimum at narrower widths (x - x/10, x - 2x/10, ...) while that lowers the
+        loss. Returns the stored decoder (`w0t`) of the lowest loss, the decoder it
+        rebuilds, each member's codes, and each width tried with its loss."""
+        rounds = options.codec_rounds
+        kept = cls._alternation(trainer, basis, codec, rounds, member_rows)
+        x = basis.shape[0]
+        losses = [(x, kept[0])]
+        if options.narrow_codec:
+            optimum = trainer.linear_bases(x)[1]  # [m, x], nested: the first r are rank r's
+            step = max(1, round(x / 10))
+            for width in range(x - step, 0, -step):
+                tried = cls._alternation(trainer, optimum[:, :width].T, codec, rounds, member_rows)
+                losses.append((width, tried[0]))
+                if tried[0] >= kept[0]:
+                    break
+                kept = tried
+        _, basis_q, codes = kept
+        tried_widths = [(width, round(loss, 6)) for width, loss in losses]
+        return store_quantized("w0t", basis_q), {"w0": dequantize(basis_q).T}, codes, tried_widths
+
+    @staticmethod
+    def _alternation(
+        trainer: Trainer, basis: torch.Tensor, codec: Codec, rounds: int, member_rows: int
+    ) -> tuple[float, Quantized, list[Quantized]]:
+        """Basis B [x, m] and codes rounded in turn for `rounds` rounds: B by GPTQ under
+        the members' pooled metric Gram (grouped along a row's columns, as svdllm's basis),
+        each member's codes refitted to B_q in its own metric G_i and chosen by GPTQ under
+        B_q G_i B_q^T, then B refitted (least squares) to the rounded codes. Returns the
+        round of lowest loss: its loss, rounded basis and each member's codes."""
         rows, stage, scale_dtype = trainer.rows, codec.stage, codec.scale_dtype
         parts = rows.split(member_rows)
         grams = _metric_grams(trainer, len(parts), rows.shape[1])
         pooled = summed(grams) if trainer.metric is not None else None
-        basis = best["decoder"]["w0"].T
         kept: tuple[float, Quantized, list[Quantized]] | None = None
         for _ in range(rounds):
             basis_q = quantize_matrix(basis, stage, pooled, scale_dtype)
@@ -260,8 +292,7 @@ class Autoencoder(Method):
                 kept = (loss, basis_q, codes)
             basis = torch.linalg.lstsq(joined.double(), rows.double()).solution.float()
         assert kept is not None
-        _, basis_q, codes = kept
-        return store_quantized("w0t", basis_q), {"w0": dequantize(basis_q).T}, codes
+        return kept
 
     def _codes(
         self,

@@ -114,6 +114,10 @@ class AutoencoderOptions(MethodOptions):
     # A quantized linear decoder: rounds of rounding its basis and the codes in turn, each
     # refitted to the other (codec.py).
     codec_rounds: int = Field(4, ge=1)
+    # A quantized linear decoder stores the width of lower loss: the budget's, or narrower
+    # (tried in steps of a tenth of it while the loss falls). Near full rank, low-bit
+    # factors round worse than narrower ones (benchmarks/results/ae-codec/width.md).
+    narrow_codec: bool = True
 
     @model_validator(mode="before")
     @classmethod

@@ -152,10 +152,7 @@ class Trainer:
             bound = 1 / math.sqrt(x)
             skip = (torch.rand(cols, x, generator=self.generator) * 2 - 1).to(rows.device) * bound
             self.skip = nn.Parameter(skip)
-        bases = None
-        if options.init == "svd":
-            scale = None if self.loss_weights is None else self.loss_weights.sqrt()
-            bases = starting_bases(rows, x, metric, None if scale is None else scale.to(rows.dtype))
+        bases = self.linear_bases(x) if options.init == "svd" else None
         if options.trainer == "autoencoder":
             self.encoder = _linear_stack(encoder_widths(options, x, cols))
             if bases is not None:  # a linear AE from the SVD
@@ -168,6 +165,14 @@ class Trainer:
         else:
             codes = self._start(*bases)
         self.codes = nn.Parameter(codes.contiguous())
+
+    def linear_bases(self, x: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode and decoder-weight bases [m, x] of the linear optimum at width x in the
+        trainer's metric (starting_bases; its first columns are the optimum at any
+        narrower width)."""
+        scale = None if self.loss_weights is None else self.loss_weights.sqrt()
+        scale = None if scale is None else scale.to(self.rows.dtype)
+        return starting_bases(self.rows, x, self.metric, scale)
 
     def _start(self, encode: torch.Tensor, decode: torch.Tensor) -> torch.Tensor:
         """Put the decoder at the linear start and return the starting codes."""
