@@ -28,23 +28,32 @@ from aecompress.compressed import CompressedModel
 from aecompress.models import load_model
 
 
+def span(values: list[int]) -> str:
+    """'a' when all equal, else 'lowest-highest'."""
+    low, high = min(values), max(values)
+    return str(low) if low == high else f"{low}-{high}"
+
+
 def family_rows(ratio: float, cm: CompressedModel) -> list[tuple[str, ...]]:
-    """One row per family of targets: width, median float loss, median and worst stored
-    loss (with its layer)."""
-    families: dict[str, list[tuple[float, float, str, object]]] = {}
+    """One row per family of targets: the budget's width and the stored one (narrower
+    when that stores a lower loss, `narrow_codec`), median float loss (at the budget's
+    width), median and worst stored loss (with its layer)."""
+    families: dict[str, list[tuple[float, float, str, int, int]]] = {}
     for group in cm.groups:
-        info, name = group.stored.info, group.group.name
-        entry = (info["quantized_loss"], info["float_loss"], name, group.stored.width)
+        info, name, width = group.stored.info, group.group.name, group.stored.width
+        assert isinstance(width, int)  # the AE's latent width
+        budget_width = info["codec_widths"][0][0] if "codec_widths" in info else width
+        entry = (info["quantized_loss"], info["float_loss"], name, budget_width, width)
         families.setdefault(name.split(".")[0], []).append(entry)
     rows: list[tuple[str, ...]] = []
     for family, entries in families.items():
         worst = max(entries)
-        widths = sorted({str(e[3]) for e in entries})
         rows.append(
             (
                 f"1/{ratio:g}",
                 family,
-                ", ".join(widths),
+                span([e[3] for e in entries]),
+                span([e[4] for e in entries]),
                 f"{statistics.median(e[1] for e in entries):.5f}",
                 f"{statistics.median(e[0] for e in entries):.5f}",
                 f"{worst[0]:.5f} ({worst[2]})",
@@ -80,11 +89,21 @@ def main() -> None:
         for row in measured:
             print(*row, flush=True)
         rows += measured
-    header = ("ratio", "targets", "width", "float loss", "stored loss", "worst stored loss")
+    header = (
+        "ratio",
+        "targets",
+        "budget's width",
+        "stored width",
+        "float loss",
+        "stored loss",
+        "worst stored loss",
+    )
     lines = [
         f"# ae-data + {args.quantize}: latent width and loss per layer ({args.model})",
         "",
-        f"Float fit: {args.epochs} epoch(s). Losses: each layer's RMSE of its whitened output "
+        f"Float fit: {args.epochs} epoch(s), at the budget's width; the codec stores that "
+        "width or a narrower one, whichever loses less (`narrow_codec`, on by default). "
+        "Losses: each layer's RMSE of its whitened output "
         "error (W - W_hat) L, L L^T the mean X^T X of the calibration inputs (train text); "
         "median and worst over the layers of a family. No evaluation split is read.",
         "",
