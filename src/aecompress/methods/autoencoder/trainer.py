@@ -170,8 +170,8 @@ class Trainer:
         """Encode and decoder-weight bases [m, x] of the linear optimum at width x in the
         trainer's metric (starting_bases; its first columns are the optimum at any
         narrower width)."""
-        scale = None if self.loss_weights is None else self.loss_weights.sqrt()
-        scale = None if scale is None else scale.to(self.rows.dtype)
+        weights = self.loss_weights
+        scale = None if weights is None else weights.sqrt().to(self.rows.dtype)
         return starting_bases(self.rows, x, self.metric, scale)
 
     def _start(self, encode: torch.Tensor, decode: torch.Tensor) -> torch.Tensor:
